@@ -1,0 +1,1 @@
+//! Attacks (see issue: attack suite). Nothing here yet.

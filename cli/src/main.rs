@@ -1,0 +1,47 @@
+//! `dynrobust` — the command-line front end. No logic of its own: it parses arguments and
+//! calls the library crates. Human text goes to stderr; `--json` prints one JSON object on
+//! stdout.
+
+mod bench;
+mod common;
+mod eval;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+/// Robustness evaluation of dynamic (early-exit, gated) neural networks against energy and
+/// accuracy attacks, side by side with their static twins.
+#[derive(Parser)]
+#[command(name = "dynrobust", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model and write a checkpoint directory (weights + sidecar).
+    Train(train::TrainArgs),
+    /// Evaluate a checkpoint: accuracy, cost, exits/gates, latency.
+    Eval(eval::EvalArgs),
+    /// Print a model's units and their MACs.
+    Info(eval::InfoArgs),
+    /// Benchmarks (sparse-pass speed vs cost).
+    Bench(bench::BenchArgs),
+    /// List what dynrobust knows: models, attacks, defenses.
+    List {
+        /// models | attacks | defenses
+        what: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Info(a) => eval::info(a),
+        Command::Bench(a) => bench::run(a),
+        Command::List { what } => common::list(&what),
+    }
+}

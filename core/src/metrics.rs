@@ -1,0 +1,40 @@
+//! Metrics shared by eval, attacks and reports: accuracy, cost, recovery, exit histograms,
+//! gate rates.
+//!
+//! cost = MACs / static MACs; recovery = (adv cost − clean cost) / (1 − clean cost)
+//! (GradMDM's "recovery", the share of the saved compute an attacker claws back).
+
+use tch::{Kind, Tensor};
+
+/// Fraction of rows whose arg-max of `logits` equals `labels`.
+pub fn accuracy(logits: &Tensor, labels: &Tensor) -> f64 {
+    correct(logits, labels).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+}
+
+/// `[B]` bool: arg-max of `logits` equals `labels`.
+pub fn correct(logits: &Tensor, labels: &Tensor) -> Tensor {
+    logits.argmax(-1, false).eq_tensor(labels)
+}
+
+/// Share of the saved compute the attacker recovered; 0 when the clean cost is already 1.
+pub fn recovery(clean_cost: f64, adv_cost: f64) -> f64 {
+    if clean_cost >= 1.0 {
+        0.0
+    } else {
+        (adv_cost - clean_cost) / (1.0 - clean_cost)
+    }
+}
+
+/// Counts of samples per exit index (`exits + 1` bins, the last is the final head).
+pub fn exit_histogram(exit_index: &Tensor, exits: usize) -> Vec<i64> {
+    let counts = exit_index.to_kind(Kind::Int64).bincount::<Tensor>(None, exits as i64 + 1);
+    Vec::<i64>::try_from(&counts).unwrap_or_default()
+}
+
+/// Fraction of samples for which each gate opened (hard decision p > 0.5).
+pub fn gate_rates(gate_probs: &[Tensor]) -> Vec<f64> {
+    gate_probs
+        .iter()
+        .map(|p| p.gt(0.5).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]))
+        .collect()
+}

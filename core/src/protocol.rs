@@ -1,0 +1,133 @@
+//! The dynamic-model protocol: what every model (static, early-exit, gated, defended,
+//! TorchScript) shows to attacks, defenses and metrics.
+//!
+//! A model runs in one of two [`Pass`]es. `Dense` computes every unit for every sample and is
+//! differentiable end to end (hard gates pass their gradient straight through); it is what
+//! attacks differentiate. `Sparse` really skips: gated blocks run only on the rows whose gate is
+//! on, and samples leave the batch at their exit; it is what a deployment runs and what
+//! wall-clock timings measure. Both passes must agree exactly on predictions, on the executed
+//! mask and on MACs.
+
+use tch::{Kind, Tensor};
+
+use crate::error::Result;
+
+/// Which forward pass to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pass {
+    /// Every unit computed for every sample; differentiable (for attacks and training).
+    Dense,
+    /// Real skipping and early exit (for deployment and timing).
+    Sparse,
+}
+
+/// What a unit of computation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitKind {
+    /// The input stem (always runs).
+    Stem,
+    /// The projection shortcut of a downsampling block (always runs, even when the block is skipped).
+    Shortcut,
+    /// The residual branch of a block (may be skipped, or cut off by an early exit).
+    Block,
+    /// The final classifier.
+    Head,
+    /// A gate deciding whether a block runs.
+    Gate,
+    /// An internal classifier (early exit).
+    Exit,
+}
+
+impl UnitKind {
+    /// Units that belong to the static twin (the backbone); their MACs sum to the static cost.
+    pub fn is_backbone(self) -> bool {
+        matches!(self, UnitKind::Stem | UnitKind::Shortcut | UnitKind::Block | UnitKind::Head)
+    }
+}
+
+/// One unit of computation with its analytic cost.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Unit {
+    /// Stable name, e.g. `stage2.block0.residual`, `gate3`, `exit5`.
+    pub name: String,
+    /// What it is.
+    pub kind: UnitKind,
+    /// Multiply-accumulates of one execution for one sample (convs and linears).
+    pub macs: u64,
+}
+
+/// Everything an attack, a defense or a metric may read from one forward pass.
+#[derive(Debug)]
+pub struct Trace {
+    /// `[B,K]` the prediction the deployed model returns (after its exit/skip rule).
+    pub logits: Tensor,
+    /// `[B,K]` per internal classifier, in order (empty for models without exits).
+    pub exit_logits: Vec<Tensor>,
+    /// `[B]` soft execute-probability per gated unit (empty for models without gates).
+    pub gate_probs: Vec<Tensor>,
+    /// `[B,U]` float, 1.0 where unit `u` ran for sample `b` (hard decision).
+    pub executed: Tensor,
+    /// `[B]` float64 multiply-accumulates actually spent per sample.
+    pub macs: Tensor,
+    /// `[B]` int64 index of the exit that produced `logits` (exit models only; the final head
+    /// is index `exit_logits.len()`).
+    pub exit_index: Option<Tensor>,
+}
+
+/// The kind of dynamic mechanism a model has.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Family {
+    /// No dynamic mechanism: every unit always runs.
+    Static,
+    /// Early exit at the first internal classifier with max-softmax ≥ `threshold`.
+    EarlyExit { threshold: f64, exits: usize },
+    /// Blocks skipped by gates (`recurrent`: SkipNet's shared-LSTM gate; else ConvNet-AIG's).
+    Gated { gates: usize, recurrent: bool },
+}
+
+impl Family {
+    /// True for models with gates.
+    pub fn has_gates(&self) -> bool {
+        matches!(self, Family::Gated { .. })
+    }
+    /// True for models with early exits.
+    pub fn has_exits(&self) -> bool {
+        matches!(self, Family::EarlyExit { .. })
+    }
+}
+
+/// The protocol every model implements.
+pub trait DynamicModel {
+    /// A short name for reports, e.g. `sdn` or `gated(twin)`.
+    fn name(&self) -> String;
+    /// Runs the model on images in [0,1] (`[B,C,H,W]`) and reports what ran.
+    fn forward_trace(&self, x: &Tensor, pass: Pass) -> Result<Trace>;
+    /// Every unit the model may run, in the column order of `Trace::executed`.
+    fn units(&self) -> &[Unit];
+    /// The dynamic mechanism.
+    fn family(&self) -> Family;
+    /// MACs of the static twin: the backbone units run once.
+    fn static_macs(&self) -> u64 {
+        static_macs(self.units())
+    }
+}
+
+/// Sum of the MACs of the backbone units.
+pub fn static_macs(units: &[Unit]) -> u64 {
+    units.iter().filter(|u| u.kind.is_backbone()).map(|u| u.macs).sum()
+}
+
+/// Per-sample MACs `[B]` (float64) from an executed mask `[B,U]`: `executed · unit_macs`.
+pub fn macs_from_executed(executed: &Tensor, units: &[Unit]) -> Tensor {
+    let unit_macs: Vec<f64> = units.iter().map(|u| u.macs as f64).collect();
+    let unit_macs = Tensor::from_slice(&unit_macs).to_device(executed.device());
+    executed.to_kind(Kind::Double).matmul(&unit_macs)
+}
+
+/// Per-sample cost `[B]`: MACs over the static twin's MACs.
+pub fn cost_of(trace: &Trace, model: &(impl DynamicModel + ?Sized)) -> Tensor {
+    trace.macs.shallow_clone() / model.static_macs() as f64
+}

@@ -1,0 +1,1 @@
+//! Defenses (see issue: defenses). Nothing here yet.

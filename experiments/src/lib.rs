@@ -1,0 +1,1 @@
+//! Study files, runner, store and report (see issue: experiment runner). Nothing here yet.

@@ -1,0 +1,190 @@
+//! Checkpoints: weights in safetensors plus a JSON sidecar that says what the network is, how
+//! it was trained and what it scores. Loading checks every tensor's name and shape, so a
+//! checkpoint loaded into the wrong architecture fails naming the mismatched tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use dynrobust_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::net::Net;
+
+/// File name of the weights inside a checkpoint directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// File name of the sidecar inside a checkpoint directory.
+pub const SIDECAR_FILE: &str = "model.json";
+
+/// How a checkpoint was trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainRecord {
+    /// Data set the model was trained on.
+    pub data: String,
+    /// Training samples used.
+    pub train_samples: i64,
+    /// RNG seed.
+    pub seed: u64,
+    /// Epochs.
+    pub epochs: i64,
+    /// Mini-batch size.
+    pub batch_size: i64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Optimiser and schedule.
+    pub optimizer: String,
+    /// What was optimised, in words.
+    pub loss: String,
+    /// Checkpoint the weights were initialised from, if any.
+    pub init_from: Option<String>,
+    /// Wall time of training in seconds.
+    pub seconds: f64,
+    /// Mean training loss of the last epoch.
+    pub final_loss: f64,
+    /// The command that produced it.
+    pub command: String,
+    /// dynrobust version.
+    pub dynrobust_version: String,
+}
+
+/// What a checkpoint scores on a test set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalRecord {
+    /// Data set and split.
+    pub data: String,
+    /// Samples evaluated.
+    pub n: i64,
+    /// Top-1 accuracy in [0,1].
+    pub accuracy: f64,
+    /// Mean cost (MACs / static MACs).
+    pub mean_cost: f64,
+    /// Samples per exit (exit models).
+    pub exit_histogram: Option<Vec<i64>>,
+    /// Execution rate per gate (gated models).
+    pub gate_rates: Option<Vec<f64>>,
+}
+
+/// The sidecar `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sidecar {
+    /// The architecture, enough to rebuild the network.
+    pub architecture: ModelConfig,
+    /// How it was trained.
+    pub training: TrainRecord,
+    /// What it scores.
+    pub evaluation: EvalRecord,
+}
+
+/// Writes `dir/model.safetensors` and `dir/model.json`.
+pub fn save(net: &Net, sidecar: &Sidecar, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    net.vs.save(dir.join(WEIGHTS_FILE))?;
+    let json = serde_json::to_string_pretty(sidecar)?;
+    let path = dir.join(SIDECAR_FILE);
+    std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))
+}
+
+/// Reads and validates a sidecar.
+pub fn read_sidecar(dir: &Path) -> Result<Sidecar> {
+    let path = dir.join(SIDECAR_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::checkpoint(
+            &path,
+            "sidecar not found: a checkpoint is a directory holding model.safetensors and model.json",
+        ),
+        _ => Error::io(&path, e),
+    })?;
+    let sidecar: Sidecar = serde_json::from_str(&text).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+    sidecar.architecture.clone().validated().map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+    Ok(sidecar)
+}
+
+/// Loads a checkpoint directory: rebuilds the architecture from the sidecar, then loads the
+/// weights strictly.
+pub fn load(dir: &Path, device: Device) -> Result<(Net, Sidecar)> {
+    let sidecar = read_sidecar(dir)?;
+    let mut net = Net::new(sidecar.architecture.clone(), device)?;
+    load_weights(&mut net, &dir.join(WEIGHTS_FILE))?;
+    Ok((net, sidecar))
+}
+
+fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        return Err(Error::checkpoint(path, "weights file not found"));
+    }
+    let tensors = Tensor::read_safetensors(path).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    Ok(tensors.into_iter().collect())
+}
+
+/// Loads every variable of `net` from a safetensors file; every name must be present with the
+/// same shape and the file must hold no other tensors.
+pub fn load_weights(net: &mut Net, path: &Path) -> Result<()> {
+    let tensors = read_tensors(path)?;
+    let missing = copy_matching(net, &tensors, path)?;
+    if let Some(name) = missing.first() {
+        return Err(Error::checkpoint(path, format!("tensor `{name}` required by the architecture is missing from the file")));
+    }
+    let wanted = net.vs.variables();
+    let mut extra: Vec<&String> = tensors.keys().filter(|k| !wanted.contains_key(*k)).collect();
+    extra.sort();
+    if let Some(name) = extra.first() {
+        return Err(Error::checkpoint(path, format!("tensor `{name}` in the file has no place in the architecture `{}`", net.config().mechanism.kind_name())));
+    }
+    Ok(())
+}
+
+/// Initialises the variables of `net` that `path` holds (same name and shape required);
+/// returns the names of the variables left at their initial values.
+pub fn init_from(net: &mut Net, path: &Path) -> Result<Vec<String>> {
+    let tensors = read_tensors(path)?;
+    copy_matching(net, &tensors, path)
+}
+
+fn copy_matching(net: &mut Net, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    let mut vars: Vec<(String, Tensor)> = net.vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, mut var) in vars {
+        let Some(src) = tensors.get(&name) else {
+            missing.push(name);
+            continue;
+        };
+        if src.size() != var.size() {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor `{name}` has shape {:?} in the file but the architecture expects {:?}", src.size(), var.size()),
+            ));
+        }
+        tch::no_grad(|| var.copy_(&src.to_kind(var.kind()).to_device(var.device())));
+    }
+    Ok(missing)
+}
+
+/// The directory of a committed checkpoint by name (`static`, `sdn`, `gated`, `skipnet`).
+pub fn committed_dir(name: &str) -> PathBuf {
+    dynrobust_core::data::project_root().join("models").join("checkpoints").join(name)
+}
+
+/// Resolves `--model`: a committed checkpoint name or a checkpoint directory path.
+pub fn resolve(model: &str) -> Result<PathBuf> {
+    let as_path = PathBuf::from(model);
+    if as_path.join(SIDECAR_FILE).is_file() {
+        return Ok(as_path);
+    }
+    let committed = committed_dir(model);
+    if committed.join(SIDECAR_FILE).is_file() {
+        return Ok(committed);
+    }
+    Err(Error::checkpoint(
+        &as_path,
+        format!(
+            "no checkpoint `{model}`: expected a committed model name (static, sdn, gated, skipnet, in {}) \
+             or a directory holding model.safetensors and model.json",
+            committed_dir("").display()
+        ),
+    ))
+}

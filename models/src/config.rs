@@ -1,0 +1,124 @@
+//! Typed, validated architecture configs. A config is saved in every checkpoint's sidecar, so a
+//! checkpoint rebuilds exactly the network it was trained as.
+
+use dynrobust_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// The dynamic mechanism and its parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Mechanism {
+    /// Every block, final head only.
+    Static,
+    /// SDN-style internal classifier after every block; exit at the first IC with
+    /// max-softmax ≥ `threshold` (Kaya et al., ICML 2019; DeepSloth's exit rule).
+    Sdn {
+        /// Confidence threshold q in (0, 1]; values above 1 never exit early.
+        threshold: f64,
+    },
+    /// ConvNet-AIG gate per block, computed from the block input (Veit & Belongie, ECCV 2018).
+    Gated {
+        /// Target execution rate t of the AIG loss used in training.
+        target_rate: f64,
+    },
+    /// SkipNet recurrent gate: a shared LSTM over per-block embeddings decides whether the next
+    /// block runs; block 0 always runs (Wang et al., ECCV 2018).
+    Skipnet {
+        /// Target execution rate used by the supervised (SP + target-rate) training.
+        target_rate: f64,
+    },
+}
+
+impl Mechanism {
+    /// The CLI name of the family.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Mechanism::Static => "static",
+            Mechanism::Sdn { .. } => "sdn",
+            Mechanism::Gated { .. } => "gated",
+            Mechanism::Skipnet { .. } => "skipnet",
+        }
+    }
+}
+
+/// A ResNet backbone plus its dynamic mechanism.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The dynamic mechanism.
+    pub mechanism: Mechanism,
+    /// Channel width of each stage (the stem has the first width).
+    pub widths: Vec<i64>,
+    /// BasicBlocks per stage.
+    pub blocks_per_stage: i64,
+    /// Input channels.
+    pub in_channels: i64,
+    /// Input height = width.
+    pub image_size: i64,
+    /// Number of classes.
+    pub classes: i64,
+    /// Per-channel normalisation mean, applied inside the model.
+    pub mean: Vec<f64>,
+    /// Per-channel normalisation std, applied inside the model.
+    pub std: Vec<f64>,
+}
+
+impl ModelConfig {
+    /// ResNet-14n for 28×28×1 inputs (stem 1→8; stages 8/16/32 with 2 BasicBlocks each).
+    pub fn resnet14n(mechanism: Mechanism, mean: f64, std: f64) -> Result<Self> {
+        ModelConfig {
+            mechanism,
+            widths: vec![8, 16, 32],
+            blocks_per_stage: 2,
+            in_channels: 1,
+            image_size: 28,
+            classes: 10,
+            mean: vec![mean],
+            std: vec![std],
+        }
+        .validated()
+    }
+
+    /// Checks every field; the error names the field.
+    pub fn validated(self) -> Result<Self> {
+        if self.widths.is_empty() || self.widths.iter().any(|&w| w < 1) {
+            return Err(Error::config("widths", format!("{:?}: expected one or more positive widths", self.widths)));
+        }
+        let positive = [
+            ("blocks_per_stage", self.blocks_per_stage),
+            ("in_channels", self.in_channels),
+            ("image_size", self.image_size),
+            ("classes", self.classes),
+        ];
+        if let Some((field, v)) = positive.iter().find(|(_, v)| *v < 1) {
+            return Err(Error::config(*field, format!("{v}: expected ≥ 1")));
+        }
+        if self.classes < 2 {
+            return Err(Error::config("classes", format!("{}: expected ≥ 2", self.classes)));
+        }
+        for (field, v) in [("mean", &self.mean), ("std", &self.std)] {
+            if v.len() != self.in_channels as usize || v.iter().any(|x| !x.is_finite()) {
+                return Err(Error::config(field, format!("{v:?}: expected {} finite values", self.in_channels)));
+            }
+        }
+        if self.std.iter().any(|&s| s <= 0.0) {
+            return Err(Error::config("std", "expected positive values"));
+        }
+        match self.mechanism {
+            Mechanism::Sdn { threshold } if !(threshold > 0.0 && threshold.is_finite()) => {
+                Err(Error::config("mechanism.threshold", format!("{threshold}: expected a finite value > 0")))
+            }
+            Mechanism::Gated { target_rate } | Mechanism::Skipnet { target_rate }
+                if !(0.0..=1.0).contains(&target_rate) =>
+            {
+                Err(Error::config("mechanism.target_rate", format!("{target_rate}: expected 0 ≤ t ≤ 1")))
+            }
+            _ => Ok(self),
+        }
+    }
+
+    /// Total residual blocks.
+    pub fn blocks(&self) -> usize {
+        (self.widths.len() as i64 * self.blocks_per_stage) as usize
+    }
+}

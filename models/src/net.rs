@@ -1,0 +1,457 @@
+//! One network type for all four families: a ResNet backbone plus its dynamic mechanism
+//! (none, SDN exits, AIG gates, SkipNet recurrent gate), implementing [`DynamicModel`] with a
+//! differentiable dense pass and a really-skipping sparse pass.
+
+use dynrobust_core::{macs_from_executed, DynamicModel, Error, Family, Pass, Result, Trace, Unit, UnitKind};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{Mechanism, ModelConfig};
+use crate::layers::{gap, linear_macs, AigGate, BasicBlock, ConvBn, InternalClassifier, RecurrentGate};
+
+enum Mech {
+    None,
+    Exits(Vec<InternalClassifier>),
+    Aig(Vec<AigGate>),
+    Recurrent(RecurrentGate),
+}
+
+/// Column indices of the units in `Trace::executed`.
+#[derive(Debug, Clone)]
+struct UnitIndex {
+    stem: usize,
+    shortcut: Vec<Option<usize>>,
+    block: Vec<usize>,
+    head: usize,
+    /// gate or exit units, in order
+    mech: Vec<usize>,
+}
+
+/// What a training step needs beyond the deployed prediction.
+#[derive(Debug)]
+pub struct TrainOutput {
+    /// Final-head logits.
+    pub logits: Tensor,
+    /// Internal-classifier logits (SDN).
+    pub exit_logits: Vec<Tensor>,
+    /// Straight-through gate decisions (value hard, gradient soft), one `[B]` per gate.
+    pub gates: Vec<Tensor>,
+}
+
+/// A ResNet with an optional dynamic mechanism.
+pub struct Net {
+    config: ModelConfig,
+    /// The weights.
+    pub vs: nn::VarStore,
+    stem: ConvBn,
+    blocks: Vec<BasicBlock>,
+    head: nn::Linear,
+    mech: Mech,
+    units: Vec<Unit>,
+    index: UnitIndex,
+    mean: Tensor,
+    std: Tensor,
+    threshold: f64,
+    twin: bool,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net").field("config", &self.config).field("twin", &self.twin).finish()
+    }
+}
+
+impl Net {
+    /// Builds a freshly initialised network on `device`.
+    pub fn new(config: ModelConfig, device: Device) -> Result<Self> {
+        let config = config.validated()?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let w0 = config.widths[0];
+        let stem = ConvBn::new(&root / "stem", config.in_channels, w0, 3, 1, config.image_size);
+        let mut blocks = Vec::new();
+        let (mut cin, mut size) = (w0, config.image_size);
+        for (stage, &w) in config.widths.iter().enumerate() {
+            for j in 0..config.blocks_per_stage {
+                let stride = if stage > 0 && j == 0 { 2 } else { 1 };
+                let block = BasicBlock::new(&root / "blocks" / blocks.len(), cin, w, stride, size);
+                (cin, size) = (w, block.out_size);
+                blocks.push(block);
+            }
+        }
+        let head = nn::linear(&root / "head", cin, config.classes, Default::default());
+        let mech = match config.mechanism {
+            Mechanism::Static => Mech::None,
+            Mechanism::Sdn { .. } => Mech::Exits(
+                blocks.iter().enumerate().map(|(i, b)| InternalClassifier::new(&root / "exits" / i, b.cout, b.out_size, config.classes)).collect(),
+            ),
+            Mechanism::Gated { .. } => Mech::Aig(blocks.iter().enumerate().map(|(i, b)| AigGate::new(&root / "gates" / i, b.cin)).collect()),
+            Mechanism::Skipnet { .. } => {
+                let channels: Vec<i64> = blocks[..blocks.len() - 1].iter().map(|b| b.cout).collect();
+                Mech::Recurrent(RecurrentGate::new(&root / "rnn_gate", &channels))
+            }
+        };
+        let (units, index) = layout(&stem, &blocks, cin, config.classes, &mech);
+        let threshold = match config.mechanism {
+            Mechanism::Sdn { threshold } => threshold,
+            _ => f64::INFINITY,
+        };
+        let mean = Tensor::from_slice(&config.mean).to_kind(Kind::Float).view([1, -1, 1, 1]).to_device(device);
+        let std = Tensor::from_slice(&config.std).to_kind(Kind::Float).view([1, -1, 1, 1]).to_device(device);
+        Ok(Net { config, vs, stem, blocks, head, mech, units, index, mean, std, threshold, twin: false })
+    }
+
+    /// The architecture config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Overrides the SDN exit threshold q (error for models without exits).
+    pub fn set_threshold(&mut self, q: f64) -> Result<()> {
+        if !matches!(self.mech, Mech::Exits(_)) {
+            return Err(Error::Model { model: self.name(), problem: "--threshold applies only to early-exit (sdn) models".into() });
+        }
+        if !(q > 0.0) || q.is_nan() {
+            return Err(Error::config("threshold", format!("{q}: expected a value > 0")));
+        }
+        self.threshold = q;
+        Ok(())
+    }
+
+    /// The SDN exit threshold in force (infinite for other families).
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+
+    /// Static-twin mode: gates forced open / no early exit; gates and exits are not computed,
+    /// so the cost is exactly 1.
+    pub fn set_twin(&mut self, twin: bool) {
+        self.twin = twin;
+    }
+
+    /// True in static-twin mode.
+    pub fn is_twin(&self) -> bool {
+        self.twin
+    }
+
+    fn stem_forward(&self, x: &Tensor, train: bool) -> Tensor {
+        self.stem.forward(&((x - &self.mean) / &self.std), train).relu()
+    }
+
+    fn head_forward(&self, h: &Tensor) -> Tensor {
+        gap(h).apply(&self.head)
+    }
+
+    /// Training-mode forward (BN in batch mode when `train`; Gumbel noise on AIG gates when
+    /// `gumbel`). Gates are hard in value and pass their gradient straight through.
+    pub fn forward_train(&self, x: &Tensor, train: bool, gumbel: bool) -> TrainOutput {
+        let dense = self.dense(x, train, gumbel);
+        TrainOutput { logits: dense.final_logits, exit_logits: dense.exit_logits, gates: dense.gates_st }
+    }
+
+    /// The dense pass shared by inference and training.
+    fn dense(&self, x: &Tensor, train: bool, gumbel: bool) -> Dense {
+        let mut h = self.stem_forward(x, train);
+        let mut out = Dense::default();
+        let mut rnn_state = None;
+        for (b, block) in self.blocks.iter().enumerate() {
+            let gate = match (&self.mech, self.twin) {
+                (Mech::Aig(gates), false) => Some(aig_decision(&gates[b], &h, train, gumbel)),
+                (Mech::Recurrent(_), false) if b == 0 => None,
+                (Mech::Recurrent(rg), false) => {
+                    let (p, state) = rg.step(b - 1, &h, rnn_state.take());
+                    rnn_state = Some(state);
+                    Some(GateDecision::from_soft(p))
+                }
+                _ => None,
+            };
+            let s = block.shortcut(&h, train);
+            let f = block.residual(&h, train);
+            h = match &gate {
+                Some(g) => (s + g.st.view([-1, 1, 1, 1]) * f).relu(),
+                None => (s + f).relu(),
+            };
+            if let Some(g) = gate {
+                out.hard.push(g.hard);
+                out.gate_probs.push(g.soft);
+                out.gates_st.push(g.st);
+            }
+            if let (Mech::Exits(ics), false) = (&self.mech, self.twin) {
+                out.exit_logits.push(ics[b].forward(&h));
+            }
+        }
+        out.final_logits = self.head_forward(&h);
+        out
+    }
+
+    fn dense_trace(&self, x: &Tensor) -> Trace {
+        let dense = self.dense(x, false, false);
+        let batch = x.size()[0];
+        let (logits, executed, exit_index) = match (&self.mech, self.twin) {
+            (Mech::Exits(_), false) => {
+                let exit_index = exit_rule(&dense.exit_logits, self.threshold);
+                let mut all: Vec<&Tensor> = dense.exit_logits.iter().collect();
+                all.push(&dense.final_logits);
+                let stacked = Tensor::stack(&all, 1); // [B, E+1, K]
+                let k = stacked.size()[2];
+                let logits = stacked.gather(1, &exit_index.view([-1, 1, 1]).expand([batch, 1, k], false), false).squeeze_dim(1);
+                (logits, self.executed_for_exits(&exit_index), Some(exit_index))
+            }
+            _ => (dense.final_logits.shallow_clone(), self.executed_for_gates(batch, &dense.hard, x.device()), None),
+        };
+        self.finish(logits, dense.exit_logits, dense.gate_probs, executed, exit_index)
+    }
+
+    fn finish(&self, logits: Tensor, exit_logits: Vec<Tensor>, gate_probs: Vec<Tensor>, executed: Tensor, exit_index: Option<Tensor>) -> Trace {
+        let macs = macs_from_executed(&executed, &self.units);
+        Trace { logits, exit_logits, gate_probs, executed, macs, exit_index }
+    }
+
+    /// Executed mask `[B,U]` of a gated (or static) pass from the hard gate decisions.
+    fn executed_for_gates(&self, batch: i64, hard: &[Tensor], device: Device) -> Tensor {
+        let ones = Tensor::ones([batch], (Kind::Float, device));
+        let mut cols: Vec<Tensor> = (0..self.units.len()).map(|_| ones.zeros_like()).collect();
+        cols[self.index.stem] = ones.shallow_clone();
+        cols[self.index.head] = ones.shallow_clone();
+        let first_gated = self.blocks.len() - hard.len();
+        for b in 0..self.blocks.len() {
+            if let Some(s) = self.index.shortcut[b] {
+                cols[s] = ones.shallow_clone();
+            }
+            cols[self.index.block[b]] = if b < first_gated { ones.shallow_clone() } else { hard[b - first_gated].to_kind(Kind::Float) };
+        }
+        if !hard.is_empty() {
+            for &g in &self.index.mech {
+                cols[g] = ones.shallow_clone();
+            }
+        }
+        Tensor::stack(&cols, 1)
+    }
+
+    /// Executed mask `[B,U]` of an early-exit pass from the exit index (E = final head).
+    fn executed_for_exits(&self, exit_index: &Tensor) -> Tensor {
+        let exits = self.index.mech.len() as i64;
+        let mut cols: Vec<Tensor> = (0..self.units.len()).map(|_| exit_index.zeros_like().to_kind(Kind::Float)).collect();
+        let ones = exit_index.ones_like().to_kind(Kind::Float);
+        cols[self.index.stem] = ones;
+        cols[self.index.head] = exit_index.eq(exits).to_kind(Kind::Float);
+        for b in 0..self.blocks.len() {
+            let ran = exit_index.ge(b as i64).to_kind(Kind::Float);
+            if let Some(s) = self.index.shortcut[b] {
+                cols[s] = ran.shallow_clone();
+            }
+            cols[self.index.block[b]] = ran.shallow_clone();
+            cols[self.index.mech[b]] = ran;
+        }
+        Tensor::stack(&cols, 1)
+    }
+
+    fn sparse_trace(&self, x: &Tensor) -> Trace {
+        match (&self.mech, self.twin) {
+            (Mech::Exits(ics), false) => self.sparse_exits(x, ics),
+            _ => self.sparse_gated(x),
+        }
+    }
+
+    /// Real skipping: a gated block's residual branch runs only on the rows whose gate is on.
+    fn sparse_gated(&self, x: &Tensor) -> Trace {
+        let mut h = self.stem_forward(x, false);
+        let (mut hard, mut probs) = (Vec::new(), Vec::new());
+        let mut rnn_state = None;
+        for (b, block) in self.blocks.iter().enumerate() {
+            let p = match (&self.mech, self.twin) {
+                (Mech::Aig(gates), false) => Some(aig_decision(&gates[b], &h, false, false).soft),
+                (Mech::Recurrent(rg), false) if b > 0 => {
+                    let (p, state) = rg.step(b - 1, &h, rnn_state.take());
+                    rnn_state = Some(state);
+                    Some(p)
+                }
+                _ => None,
+            };
+            let s = block.shortcut(&h, false);
+            h = match p {
+                None => (s + block.residual(&h, false)).relu(),
+                Some(p) => {
+                    let on = p.gt(0.5);
+                    let rows = on.nonzero().squeeze_dim(1);
+                    let out = if rows.size()[0] > 0 {
+                        let f = block.residual(&h.index_select(0, &rows), false);
+                        s.index_add(0, &rows, &f)
+                    } else {
+                        s
+                    };
+                    hard.push(on);
+                    probs.push(p);
+                    out.relu()
+                }
+            };
+        }
+        let logits = self.head_forward(&h);
+        let executed = self.executed_for_gates(x.size()[0], &hard, x.device());
+        self.finish(logits, Vec::new(), probs, executed, None)
+    }
+
+    /// Real early exit: samples leave the batch at the first IC whose confidence reaches q.
+    fn sparse_exits(&self, x: &Tensor, ics: &[InternalClassifier]) -> Trace {
+        let batch = x.size()[0];
+        let device = x.device();
+        let mut h = self.stem_forward(x, false);
+        let mut rows = Tensor::arange(batch, (Kind::Int64, device));
+        let mut logits = Tensor::zeros([batch, self.config.classes], (Kind::Float, device));
+        let mut exit_index = Tensor::full([batch], ics.len() as i64, (Kind::Int64, device));
+        for (b, (block, ic)) in self.blocks.iter().zip(ics).enumerate() {
+            h = (block.shortcut(&h, false) + block.residual(&h, false)).relu();
+            let z = ic.forward(&h);
+            let fire = confidence(&z).ge(self.threshold);
+            let fired = fire.nonzero().squeeze_dim(1);
+            if fired.size()[0] > 0 {
+                let orig = rows.index_select(0, &fired);
+                logits = logits.index_copy(0, &orig, &z.index_select(0, &fired));
+                let _ = exit_index.index_fill_(0, &orig, b as i64);
+                let keep = fire.logical_not().nonzero().squeeze_dim(1);
+                h = h.index_select(0, &keep);
+                rows = rows.index_select(0, &keep);
+            }
+            if rows.size()[0] == 0 {
+                break;
+            }
+        }
+        if rows.size()[0] > 0 {
+            logits = logits.index_copy(0, &rows, &self.head_forward(&h));
+        }
+        let executed = self.executed_for_exits(&exit_index);
+        self.finish(logits, Vec::new(), Vec::new(), executed, Some(exit_index))
+    }
+}
+
+#[derive(Default)]
+struct Dense {
+    final_logits: Tensor,
+    exit_logits: Vec<Tensor>,
+    gate_probs: Vec<Tensor>,
+    hard: Vec<Tensor>,
+    gates_st: Vec<Tensor>,
+}
+
+struct GateDecision {
+    soft: Tensor,
+    hard: Tensor,
+    /// hard in value, gradient of soft: hard + (soft − soft.detach()), exact in value.
+    st: Tensor,
+}
+
+impl GateDecision {
+    fn from_soft(soft: Tensor) -> Self {
+        let hard = soft.gt(0.5);
+        GateDecision::new(soft, hard)
+    }
+    fn new(soft: Tensor, hard: Tensor) -> Self {
+        let st = hard.to_kind(Kind::Float) + (&soft - soft.detach());
+        GateDecision { soft, hard, st }
+    }
+}
+
+/// AIG decision: p = softmax(w)\[on\], execute iff p > 0.5; with `gumbel`, ConvNet-AIG's
+/// straight-through Gumbel-softmax (τ = 1) as in its training code.
+fn aig_decision(gate: &AigGate, h: &Tensor, train: bool, gumbel: bool) -> GateDecision {
+    let w = gate.logits(h, train);
+    if gumbel {
+        let u = w.rand_like().clamp(1e-10, 1.0 - 1e-7);
+        let noisy = &w - (-(u.log())).log();
+        let soft = noisy.softmax(1, Kind::Float).select(1, 1);
+        let hard = soft.gt(0.5);
+        GateDecision::new(soft, hard)
+    } else {
+        GateDecision::from_soft(w.softmax(1, Kind::Float).select(1, 1))
+    }
+}
+
+/// Max-softmax confidence `[B]`.
+pub fn confidence(logits: &Tensor) -> Tensor {
+    logits.softmax(-1, Kind::Float).amax(&[-1i64][..], false)
+}
+
+/// DeepSloth's exit rule: index of the first IC with confidence ≥ q, else the final head
+/// (index = number of ICs).
+pub fn exit_rule(exit_logits: &[Tensor], threshold: f64) -> Tensor {
+    let exits = exit_logits.len() as i64;
+    let fires: Vec<Tensor> = exit_logits.iter().map(|z| confidence(z).ge(threshold)).collect();
+    let fires = Tensor::stack(&fires, 1).to_kind(Kind::Int64); // [B,E]
+    let batch = fires.size()[0];
+    let any = fires.sum_dim_intlist(&[1i64][..], false, Kind::Int64).gt(0);
+    let first = fires.argmax(1, false); // first max = first 1 (argmax returns the first)
+    first.where_self(&any, &Tensor::full([batch], exits, (Kind::Int64, fires.device())))
+}
+
+fn layout(stem: &ConvBn, blocks: &[BasicBlock], final_channels: i64, classes: i64, mech: &Mech) -> (Vec<Unit>, UnitIndex) {
+    let mut units = Vec::new();
+    let mut push = |name: String, kind: UnitKind, macs: u64| {
+        units.push(Unit { name, kind, macs });
+        units.len() - 1
+    };
+    let stem_i = push("stem".into(), UnitKind::Stem, stem.macs);
+    let mut shortcut = Vec::new();
+    let mut block = Vec::new();
+    for (b, blk) in blocks.iter().enumerate() {
+        shortcut.push(blk.has_projection().then(|| push(format!("block{b}.shortcut"), UnitKind::Shortcut, blk.shortcut_macs())));
+        block.push(push(format!("block{b}.residual"), UnitKind::Block, blk.residual_macs()));
+    }
+    let head = push("head".into(), UnitKind::Head, linear_macs(final_channels, classes));
+    let mech_units = match mech {
+        Mech::None => Vec::new(),
+        Mech::Exits(ics) => ics.iter().enumerate().map(|(i, ic)| push(format!("exit{i}"), UnitKind::Exit, ic.macs)).collect(),
+        Mech::Aig(gates) => gates.iter().enumerate().map(|(i, g)| push(format!("gate{i}"), UnitKind::Gate, g.macs)).collect(),
+        Mech::Recurrent(rg) => rg.macs.iter().enumerate().map(|(i, &m)| push(format!("gate{}", i + 1), UnitKind::Gate, m)).collect(),
+    };
+    (units, UnitIndex { stem: stem_i, shortcut, block, head, mech: mech_units })
+}
+
+impl DynamicModel for Net {
+    fn name(&self) -> String {
+        let base = self.config.mechanism.kind_name();
+        if self.twin {
+            format!("{base}(twin)")
+        } else {
+            base.to_string()
+        }
+    }
+
+    fn forward_trace(&self, x: &Tensor, pass: Pass) -> Result<Trace> {
+        let dims = x.size();
+        let c = &self.config;
+        if dims.len() != 4 || dims[1] != c.in_channels || dims[2] != c.image_size || dims[3] != c.image_size {
+            return Err(Error::Model {
+                model: self.name(),
+                problem: format!("input shape {dims:?}: expected [B,{},{},{}]", c.in_channels, c.image_size, c.image_size),
+            });
+        }
+        Ok(match pass {
+            Pass::Dense => self.dense_trace(x),
+            Pass::Sparse => tch::no_grad(|| self.sparse_trace(x)),
+        })
+    }
+
+    fn units(&self) -> &[Unit] {
+        &self.units
+    }
+
+    fn family(&self) -> Family {
+        match (&self.mech, self.twin) {
+            (_, true) | (Mech::None, _) => Family::Static,
+            (Mech::Exits(ics), false) => Family::EarlyExit { threshold: self.threshold, exits: ics.len() },
+            (Mech::Aig(g), false) => Family::Gated { gates: g.len(), recurrent: false },
+            (Mech::Recurrent(rg), false) => Family::Gated { gates: rg.macs.len(), recurrent: true },
+        }
+    }
+}
+
+impl Module for Net {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.dense_trace(xs).logits
+    }
+}

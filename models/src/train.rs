@@ -1,0 +1,225 @@
+//! Training and evaluation of the model families (deterministic on CPU under a seed).
+//!
+//! - `static`: cross-entropy, Adam with a one-cycle schedule.
+//! - `sdn`: IC-only training as in SDN/DeepSloth — the backbone frozen (BN in eval mode),
+//!   loss Σ_i CE(IC_i).
+//! - `gated` / `skipnet`: fine-tuned from the static weights with CE + λ·(1/L)·Σ_l (t − mean_b z_l)²,
+//!   ConvNet-AIG's target-rate loss, z the straight-through hard gate (Gumbel noise on AIG
+//!   gates while training, as in the AIG code). SkipNet's own second stage is REINFORCE; the
+//!   supervised target-rate loss gives the same property the attacks need (a differentiable
+//!   execute-probability) and is documented as such in the sidecar.
+
+use std::time::Instant;
+
+use dynrobust_core::data::Dataset;
+use dynrobust_core::metrics::{exit_histogram, gate_rates};
+use dynrobust_core::{cost_of, DynamicModel, Error, Pass, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use tch::nn::{self, OptimizerConfig};
+use tch::{Kind, Tensor};
+
+use crate::checkpoint::EvalRecord;
+use crate::config::Mechanism;
+use crate::net::Net;
+
+/// Training hyper-parameters (validated by [`TrainConfig::validated`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Epochs over the training set.
+    pub epochs: i64,
+    /// Mini-batch size.
+    pub batch_size: i64,
+    /// Peak learning rate (Adam, one-cycle).
+    pub lr: f64,
+    /// RNG seed (weights init is seeded by the caller before building the net).
+    pub seed: u64,
+    /// Weight λ of the target-rate loss (gated families).
+    pub cost_weight: f64,
+}
+
+impl TrainConfig {
+    /// Defaults per family (the settings the committed checkpoints were trained with).
+    pub fn default_for(mechanism: &Mechanism) -> Self {
+        let (epochs, lr) = match mechanism {
+            Mechanism::Static => (3, 3e-3),
+            Mechanism::Sdn { .. } => (2, 2e-3),
+            Mechanism::Gated { .. } | Mechanism::Skipnet { .. } => (3, 1e-3),
+        };
+        TrainConfig { epochs, batch_size: 128, lr, seed: 0, cost_weight: 5.0 }
+    }
+
+    /// Checks every field; errors name the field.
+    pub fn validated(self) -> Result<Self> {
+        if self.epochs < 1 {
+            return Err(Error::config("epochs", format!("{}: expected ≥ 1", self.epochs)));
+        }
+        if self.batch_size < 1 {
+            return Err(Error::config("batch_size", format!("{}: expected ≥ 1", self.batch_size)));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::config("lr", format!("{}: expected a finite value > 0", self.lr)));
+        }
+        if !(self.cost_weight >= 0.0 && self.cost_weight.is_finite()) {
+            return Err(Error::config("cost_weight", format!("{}: expected a finite value ≥ 0", self.cost_weight)));
+        }
+        Ok(self)
+    }
+}
+
+/// What training did.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    /// Mean loss of each epoch.
+    pub epoch_losses: Vec<f64>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// One-cycle learning rate: linear warm-up over the first 25 % from lr/25, cosine decay after.
+pub fn one_cycle_lr(peak: f64, step: i64, total: i64) -> f64 {
+    let warm = (total as f64 * 0.25).max(1.0);
+    let s = step as f64;
+    if s < warm {
+        peak / 25.0 + (peak - peak / 25.0) * s / warm
+    } else {
+        let t = ((s - warm) / (total as f64 - warm).max(1.0)).min(1.0);
+        peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()) + 1e-6
+    }
+}
+
+/// Words describing the loss of `mechanism`, for the sidecar.
+pub fn loss_description(mechanism: &Mechanism, cfg: &TrainConfig) -> String {
+    match mechanism {
+        Mechanism::Static => "cross-entropy on the final head".into(),
+        Mechanism::Sdn { .. } => "IC-only: sum over internal classifiers of cross-entropy; backbone frozen, BN in eval mode".into(),
+        Mechanism::Gated { target_rate } => format!(
+            "CE + {}·mean_l (t − mean_b z_l)², t = {target_rate}, z straight-through hard gates with Gumbel noise (ConvNet-AIG)",
+            cfg.cost_weight
+        ),
+        Mechanism::Skipnet { target_rate } => format!(
+            "CE + {}·mean_l (t − mean_b z_l)², t = {target_rate}, z straight-through hard recurrent gates (SkipNet SP stage plus AIG target-rate loss instead of REINFORCE)",
+            cfg.cost_weight
+        ),
+    }
+}
+
+/// Trains `net` in place on `data`.
+pub fn train(net: &mut Net, data: &Dataset, cfg: &TrainConfig) -> Result<TrainReport> {
+    let cfg = cfg.clone().validated()?;
+    tch::manual_seed(cfg.seed as i64);
+    let mechanism = net.config().mechanism.clone();
+    let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
+    if ic_only {
+        freeze_all_but(net, "exits.");
+    }
+    let mut opt = nn::Adam::default().build(&net.vs, cfg.lr)?;
+    let n = data.len();
+    let steps_per_epoch = (n + cfg.batch_size - 1) / cfg.batch_size;
+    let total = steps_per_epoch * cfg.epochs;
+    let bar = progress_bar(total as u64, &format!("train {}", mechanism.kind_name()));
+    let start = Instant::now();
+    let mut epoch_losses = Vec::new();
+    let mut step = 0;
+    for _epoch in 0..cfg.epochs {
+        let order = Tensor::randperm(n, (Kind::Int64, data.images.device()));
+        let mut loss_sum = 0.0;
+        for b in 0..steps_per_epoch {
+            let idx = order.narrow(0, b * cfg.batch_size, cfg.batch_size.min(n - b * cfg.batch_size));
+            let x = data.images.index_select(0, &idx).to_device(net.device());
+            let y = data.labels.index_select(0, &idx).to_device(net.device());
+            opt.set_lr(one_cycle_lr(cfg.lr, step, total));
+            let loss = step_loss(net, &mechanism, &x, &y, &cfg, ic_only);
+            opt.backward_step(&loss);
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                bar.abandon();
+                return Err(Error::Model { model: mechanism.kind_name().into(), problem: format!("training diverged: loss {l} at step {step}") });
+            }
+            loss_sum += l;
+            step += 1;
+            bar.inc(1);
+            bar.set_message(format!("loss {l:.4}"));
+        }
+        epoch_losses.push(loss_sum / steps_per_epoch as f64);
+    }
+    bar.finish_and_clear();
+    if ic_only {
+        for (_, v) in net.vs.variables() {
+            let _ = v.set_requires_grad(true);
+        }
+    }
+    Ok(TrainReport { epoch_losses, seconds: start.elapsed().as_secs_f64() })
+}
+
+fn step_loss(net: &Net, mechanism: &Mechanism, x: &Tensor, y: &Tensor, cfg: &TrainConfig, ic_only: bool) -> Tensor {
+    let gumbel = matches!(mechanism, Mechanism::Gated { .. });
+    let out = net.forward_train(x, !ic_only, gumbel);
+    match mechanism {
+        Mechanism::Static => out.logits.cross_entropy_for_logits(y),
+        Mechanism::Sdn { .. } => out.exit_logits.iter().map(|z| z.cross_entropy_for_logits(y)).sum::<Tensor>(),
+        Mechanism::Gated { target_rate } | Mechanism::Skipnet { target_rate } => {
+            let ce = out.logits.cross_entropy_for_logits(y);
+            let rate_loss = target_rate_loss(&out.gates, *target_rate);
+            ce + rate_loss * cfg.cost_weight
+        }
+    }
+}
+
+/// ConvNet-AIG's target-rate loss (1/L)·Σ_l (t − mean_b z_l)².
+pub fn target_rate_loss(gates: &[Tensor], target: f64) -> Tensor {
+    let terms: Vec<Tensor> = gates.iter().map(|z| (z.mean(Kind::Float) - target).square()).collect();
+    Tensor::stack(&terms, 0).mean(Kind::Float)
+}
+
+fn freeze_all_but(net: &mut Net, prefix: &str) {
+    for (name, v) in net.vs.variables() {
+        let _ = v.set_requires_grad(name.starts_with(prefix));
+    }
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} eta {eta} {msg}")
+            .expect("valid template"),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+/// Evaluates on the sparse (deployed) pass: accuracy, mean cost, exit histogram or gate rates.
+pub fn evaluate(model: &dyn DynamicModel, data: &Dataset, batch: i64) -> Result<EvalRecord> {
+    let (mut correct, mut cost_sum) = (0i64, 0.0);
+    let mut exits: Vec<Tensor> = Vec::new();
+    let mut gates: Vec<Vec<Tensor>> = Vec::new();
+    for (x, y) in data.batches(batch) {
+        let trace = model.forward_trace(&x, Pass::Sparse)?;
+        correct += trace.logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+        cost_sum += cost_of(&trace, model).sum(Kind::Double).double_value(&[]);
+        if let Some(e) = trace.exit_index {
+            exits.push(e);
+        }
+        if !trace.gate_probs.is_empty() {
+            gates.push(trace.gate_probs);
+        }
+    }
+    let n = data.len();
+    let exit_histogram = match model.family() {
+        dynrobust_core::Family::EarlyExit { exits: count, .. } => Some(exit_histogram(&Tensor::cat(&exits, 0), count)),
+        _ => None,
+    };
+    let gate_rates = (!gates.is_empty()).then(|| {
+        let per_gate: Vec<Tensor> = (0..gates[0].len()).map(|g| Tensor::cat(&gates.iter().map(|b| b[g].shallow_clone()).collect::<Vec<_>>(), 0)).collect();
+        gate_rates(&per_gate)
+    });
+    Ok(EvalRecord {
+        data: data.name.clone(),
+        n,
+        accuracy: correct as f64 / n as f64,
+        mean_cost: cost_sum / n as f64,
+        exit_histogram,
+        gate_rates,
+    })
+}
