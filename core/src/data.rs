@@ -261,7 +261,10 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
     if rank == 3 && (dims[1] == 0 || dims[2] == 0) {
         return Err(Error::data(path, format!("image dims {}x{} must be positive", dims[1], dims[2])));
     }
-    let payload: usize = dims.iter().product();
+    let payload = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&p| p <= i64::MAX as usize);
+    let Some(payload) = payload else {
+        return Err(Error::data(path, format!("dims {dims:?} overflow: not a valid IDX file")));
+    };
     let have = bytes.len() - header;
     if have != payload {
         let what = if have < payload { "truncated" } else { "trailing bytes" };
@@ -277,7 +280,7 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
+        flate2::read::MultiGzDecoder::new(&raw[..])
             .read_to_end(&mut out)
             .map_err(|e| Error::data(path, format!("corrupt gzip stream: {e}")))?;
         Ok(out)

@@ -1,0 +1,132 @@
+//! Checkpoint round trip, strict loading, and the committed checkpoints' sidecars.
+
+mod common;
+
+use dynrobust_core::{DynamicModel, Pass};
+use dynrobust_models::checkpoint::{self, EvalRecord, Sidecar, TrainRecord};
+use dynrobust_models::{Mechanism, ModelConfig, Net};
+use tch::{Device, Kind, Tensor};
+
+fn sidecar(config: ModelConfig) -> Sidecar {
+    Sidecar {
+        architecture: config,
+        training: TrainRecord {
+            data: "none".into(),
+            train_samples: 0,
+            seed: 7,
+            epochs: 0,
+            batch_size: 1,
+            lr: 1.0,
+            optimizer: "none".into(),
+            loss: "none".into(),
+            init_from: None,
+            seconds: 0.0,
+            final_loss: 0.0,
+            command: "test".into(),
+            dynrobust_version: "test".into(),
+        },
+        evaluation: EvalRecord { data: "none".into(), n: 0, accuracy: 0.0, mean_cost: 0.0, exit_histogram: None, gate_rates: None },
+    }
+}
+
+fn config(mechanism: Mechanism) -> ModelConfig {
+    ModelConfig::resnet14n(mechanism, 0.286, 0.353).unwrap()
+}
+
+#[test]
+fn round_trip_gives_identical_outputs_and_sidecar() {
+    for mechanism in [Mechanism::Static, Mechanism::Sdn { threshold: 0.3 }, Mechanism::Gated { target_rate: 0.5 }, Mechanism::Skipnet { target_rate: 0.5 }] {
+        tch::manual_seed(3);
+        let net = Net::new(config(mechanism.clone()), Device::Cpu).unwrap();
+        let side = sidecar(config(mechanism.clone()));
+        let dir = common::scratch(&format!("roundtrip-{}", mechanism.kind_name()));
+        checkpoint::save(&net, &side, &dir).unwrap();
+        tch::manual_seed(99); // a different init, overwritten by the load
+        let (loaded, loaded_side) = checkpoint::load(&dir, Device::Cpu).unwrap();
+        assert_eq!(loaded_side, side);
+        let x = Tensor::rand([8, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let a = net.forward_trace(&x, Pass::Dense).unwrap();
+        let b = loaded.forward_trace(&x, Pass::Dense).unwrap();
+        assert!(a.logits.equal(&b.logits), "{}: logits differ after reload", mechanism.kind_name());
+        assert!(a.executed.equal(&b.executed));
+        let vars = loaded.vs.variables();
+        for (name, t) in net.vs.variables() {
+            assert!(t.equal(&vars[&name]), "tensor {name} differs after reload");
+        }
+    }
+}
+
+#[test]
+fn loading_into_the_wrong_architecture_names_the_tensor() {
+    let gated = Net::new(config(Mechanism::Gated { target_rate: 0.5 }), Device::Cpu).unwrap();
+    let dir = common::scratch("wrong-arch");
+    checkpoint::save(&gated, &sidecar(config(Mechanism::Gated { target_rate: 0.5 })), &dir).unwrap();
+    let weights = dir.join(checkpoint::WEIGHTS_FILE);
+
+    // an SDN needs exit tensors the gated file lacks
+    let mut sdn = Net::new(config(Mechanism::Sdn { threshold: 0.9 }), Device::Cpu).unwrap();
+    let err = checkpoint::load_weights(&mut sdn, &weights).unwrap_err().to_string();
+    assert!(err.contains("exits.") && err.contains("missing"), "{err}");
+    assert!(err.contains("model.safetensors"), "the file is named: {err}");
+
+    // a static net has no place for the gate tensors
+    let mut stat = Net::new(config(Mechanism::Static), Device::Cpu).unwrap();
+    let err = checkpoint::load_weights(&mut stat, &weights).unwrap_err().to_string();
+    assert!(err.contains("gates.") && err.contains("no place"), "{err}");
+
+    // a wider network: same names, other shapes
+    let mut wide_cfg = config(Mechanism::Gated { target_rate: 0.5 });
+    wide_cfg.widths = vec![8, 16, 64];
+    let mut wide = Net::new(wide_cfg, Device::Cpu).unwrap();
+    let err = checkpoint::load_weights(&mut wide, &weights).unwrap_err().to_string();
+    assert!(err.contains("shape") && err.contains("blocks.4"), "{err}");
+}
+
+#[test]
+fn bad_sidecars_are_refused_with_the_file_named() {
+    let dir = common::scratch("bad-sidecar");
+    let err = checkpoint::load(&dir, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("model.json") && err.contains("not found"), "{err}");
+
+    std::fs::write(dir.join(checkpoint::SIDECAR_FILE), "{\"architecture\": 3}").unwrap();
+    let err = checkpoint::load(&dir, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("model.json"), "{err}");
+
+    let mut side = serde_json::to_value(sidecar(config(Mechanism::Static))).unwrap();
+    side["architecture"]["depth"] = serde_json::json!(3);
+    std::fs::write(dir.join(checkpoint::SIDECAR_FILE), side.to_string()).unwrap();
+    let err = checkpoint::load(&dir, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("unknown field") && err.contains("depth"), "{err}");
+
+    let mut side = serde_json::to_value(sidecar(config(Mechanism::Static))).unwrap();
+    side["architecture"]["widths"] = serde_json::json!([]);
+    std::fs::write(dir.join(checkpoint::SIDECAR_FILE), side.to_string()).unwrap();
+    let err = checkpoint::load(&dir, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("widths"), "{err}");
+}
+
+#[test]
+fn committed_checkpoints_score_what_their_sidecars_say() {
+    let data = common::test_images(10_000);
+    for name in ["static", "sdn", "gated", "skipnet"] {
+        let net = common::committed(name);
+        let side = checkpoint::read_sidecar(&checkpoint::committed_dir(name)).unwrap();
+        assert_eq!(side.evaluation.n, 10_000, "{name}: sidecar evaluated on the full test set");
+        let eval = dynrobust_models::train::evaluate(&net, &data, 256).unwrap();
+        assert_eq!(eval.accuracy, side.evaluation.accuracy, "{name}: accuracy");
+        assert!((eval.mean_cost - side.evaluation.mean_cost).abs() < 1e-9, "{name}: cost");
+        assert_eq!(eval.exit_histogram, side.evaluation.exit_histogram, "{name}: exits");
+    }
+}
+
+/// The foundation issue's targets on the full Fashion-MNIST test set.
+#[test]
+fn committed_checkpoints_meet_the_accuracy_and_cost_targets() {
+    let data = common::test_images(10_000);
+    // (model, minimum accuracy, maximum mean cost)
+    for (name, min_acc, max_cost) in [("static", 0.890, 1.0), ("sdn", 0.885, 0.55), ("gated", 0.86, 0.75), ("skipnet", 0.86, 0.80)] {
+        let eval = dynrobust_models::train::evaluate(&common::committed(name), &data, 256).unwrap();
+        assert!(eval.accuracy >= min_acc, "{name}: accuracy {:.4} < {min_acc}", eval.accuracy);
+        assert!(eval.mean_cost <= max_cost, "{name}: mean cost {:.4} > {max_cost}", eval.mean_cost);
+    }
+}

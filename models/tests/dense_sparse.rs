@@ -1,0 +1,81 @@
+//! Dense and Sparse passes agree exactly — predictions, executed mask, MACs, exit index — on
+//! 512 Fashion-MNIST test images for every committed model, its static twin and several SDN
+//! thresholds; and on random inputs (proptest).
+
+mod common;
+
+use dynrobust_core::{DynamicModel, Pass};
+use dynrobust_models::{Mechanism, ModelConfig, Net};
+use proptest::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+fn assert_passes_agree(model: &dyn DynamicModel, x: &Tensor, what: &str) {
+    let dense = model.forward_trace(x, Pass::Dense).unwrap();
+    let sparse = model.forward_trace(x, Pass::Sparse).unwrap();
+    let pred_d = dense.logits.argmax(-1, false);
+    let pred_s = sparse.logits.argmax(-1, false);
+    let differing = pred_d.ne_tensor(&pred_s).sum(Kind::Int64).int64_value(&[]);
+    assert_eq!(differing, 0, "{what}: {differing} predictions differ");
+    assert!(dense.executed.equal(&sparse.executed), "{what}: executed masks differ");
+    assert!(dense.macs.equal(&sparse.macs), "{what}: MACs differ");
+    match (&dense.exit_index, &sparse.exit_index) {
+        (Some(a), Some(b)) => assert!(a.equal(b), "{what}: exit indices differ"),
+        (None, None) => {}
+        _ => panic!("{what}: exit index present in one pass only"),
+    }
+    let max_diff = (&dense.logits - &sparse.logits).abs().max().double_value(&[]);
+    assert!(max_diff < 1e-4, "{what}: logits differ by {max_diff}");
+    assert_eq!(dense.executed.size(), vec![x.size()[0], model.units().len() as i64]);
+}
+
+#[test]
+fn passes_agree_on_512_test_images_for_every_committed_model() {
+    let data = common::test_images(512);
+    for name in ["static", "sdn", "gated", "skipnet"] {
+        let mut net = common::committed(name);
+        assert_passes_agree(&net, &data.images, name);
+        net.set_twin(true);
+        assert_passes_agree(&net, &data.images, &format!("{name} twin"));
+        let twin = net.forward_trace(&data.images, Pass::Sparse).unwrap();
+        let cost = (twin.macs / net.static_macs() as f64).mean(Kind::Double).double_value(&[]);
+        assert_eq!(cost, 1.0, "{name}: the static twin costs exactly the static MACs");
+    }
+}
+
+#[test]
+fn sdn_passes_agree_at_every_threshold() {
+    let data = common::test_images(512);
+    let mut sdn = common::committed("sdn");
+    for q in [0.5, 0.8, 0.9, 0.99, 1.5] {
+        sdn.set_threshold(q).unwrap();
+        assert_passes_agree(&sdn, &data.images, &format!("sdn q={q}"));
+    }
+}
+
+#[test]
+fn passes_agree_at_batch_one() {
+    let data = common::test_images(16);
+    for name in ["sdn", "gated", "skipnet"] {
+        let net = common::committed(name);
+        for i in 0..16 {
+            assert_passes_agree(&net, &data.images.narrow(0, i, 1), &format!("{name} image {i}"));
+        }
+    }
+}
+
+fn random_net(mechanism: Mechanism, seed: i64) -> Net {
+    tch::manual_seed(seed);
+    Net::new(ModelConfig::resnet14n(mechanism, 0.286, 0.353).unwrap(), Device::Cpu).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+    #[test]
+    fn passes_agree_on_random_inputs(seed in 0i64..1000, batch in 1i64..24, family in 0usize..3) {
+        let mechanism = [Mechanism::Sdn { threshold: 0.2 }, Mechanism::Gated { target_rate: 0.5 }, Mechanism::Skipnet { target_rate: 0.5 }][family].clone();
+        let net = random_net(mechanism, seed);
+        tch::manual_seed(seed + 1);
+        let x = Tensor::rand([batch, 1, 28, 28], (Kind::Float, Device::Cpu));
+        assert_passes_agree(&net, &x, "random");
+    }
+}

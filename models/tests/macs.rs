@@ -1,0 +1,72 @@
+//! MAC counts equal hand-computed values (conv: k·k·cin·cout·H_out·W_out; linear: in·out).
+
+use dynrobust_core::{DynamicModel, UnitKind};
+use dynrobust_models::{Mechanism, ModelConfig, Net};
+use tch::Device;
+
+fn net(mechanism: Mechanism) -> Net {
+    Net::new(ModelConfig::resnet14n(mechanism, 0.286, 0.353).unwrap(), Device::Cpu).unwrap()
+}
+
+fn macs_of(net: &Net, name: &str) -> u64 {
+    net.units().iter().find(|u| u.name == name).unwrap_or_else(|| panic!("no unit {name}")).macs
+}
+
+#[test]
+fn backbone_macs_match_hand_computation() {
+    let n = net(Mechanism::Static);
+    // stem: 3·3·1·8 at 28×28
+    assert_eq!(macs_of(&n, "stem"), 9 * 8 * 28 * 28);
+    assert_eq!(macs_of(&n, "stem"), 56_448);
+    // stage 1 blocks: two 3×3 8→8 convs at 28×28
+    assert_eq!(macs_of(&n, "block0.residual"), 2 * 9 * 8 * 8 * 28 * 28);
+    assert_eq!(macs_of(&n, "block1.residual"), 903_168);
+    // stage 2 block 0: 3×3 8→16 stride 2 (14×14 out) + 3×3 16→16 at 14×14; shortcut 1×1 8→16
+    assert_eq!(macs_of(&n, "block2.residual"), 9 * 8 * 16 * 196 + 9 * 16 * 16 * 196);
+    assert_eq!(macs_of(&n, "block2.shortcut"), 8 * 16 * 196);
+    assert_eq!(macs_of(&n, "block2.residual") + macs_of(&n, "block2.shortcut"), 702_464);
+    assert_eq!(macs_of(&n, "block3.residual"), 903_168);
+    // stage 3 block 0: 3×3 16→32 stride 2 (7×7) + 3×3 32→32 at 7×7; shortcut 1×1 16→32
+    assert_eq!(macs_of(&n, "block4.residual") + macs_of(&n, "block4.shortcut"), 9 * 16 * 32 * 49 + 9 * 32 * 32 * 49 + 16 * 32 * 49);
+    assert_eq!(macs_of(&n, "block5.residual"), 903_168);
+    assert_eq!(macs_of(&n, "head"), 32 * 10);
+    assert_eq!(n.static_macs(), 5_074_368);
+    assert_eq!(n.units().len(), 1 + 6 + 2 + 1);
+}
+
+#[test]
+fn aig_gate_macs_match_hand_computation() {
+    let n = net(Mechanism::Gated { target_rate: 0.6 });
+    // GAP → FC(C→16, no bias) → BN → ReLU → FC(16→2): C·16 + 16·2, C = the block's input channels
+    let expected = [8 * 16 + 32, 8 * 16 + 32, 8 * 16 + 32, 16 * 16 + 32, 16 * 16 + 32, 32 * 16 + 32];
+    for (g, want) in expected.iter().enumerate() {
+        assert_eq!(macs_of(&n, &format!("gate{g}")), *want as u64, "gate{g}");
+    }
+    assert_eq!(macs_of(&n, "gate0"), 160);
+    assert_eq!(macs_of(&n, "gate5"), 544);
+    // gates do not count towards the static twin
+    assert_eq!(n.static_macs(), 5_074_368);
+}
+
+#[test]
+fn recurrent_gate_macs_match_hand_computation() {
+    let n = net(Mechanism::Skipnet { target_rate: 0.6 });
+    // embedding C→10, LSTM cell 4·(10·10 + 10·10), projection 10→1; C = channels of the block it reads
+    let lstm = 4 * (10 * 10 + 10 * 10);
+    let expected = [(1, 8), (2, 8), (3, 16), (4, 16), (5, 32)];
+    for (g, c) in expected {
+        assert_eq!(macs_of(&n, &format!("gate{g}")), (c * 10 + lstm + 10) as u64, "gate{g}");
+    }
+    assert!(n.units().iter().all(|u| u.name != "gate0"), "block 0 always runs: no gate for it");
+}
+
+#[test]
+fn internal_classifier_macs_match_hand_computation() {
+    let n = net(Mechanism::Sdn { threshold: 0.9 });
+    // 28×28×8: pool 7 → 4×4; 14×14×16: pool 3 → 4×4; 7×7×32: pool 2 → 3×3; then Linear(·→10)
+    let expected = [8 * 16 * 10, 8 * 16 * 10, 16 * 16 * 10, 16 * 16 * 10, 32 * 9 * 10, 32 * 9 * 10];
+    for (i, want) in expected.iter().enumerate() {
+        assert_eq!(macs_of(&n, &format!("exit{i}")), *want as u64, "exit{i}");
+    }
+    assert_eq!(n.units().iter().filter(|u| u.kind == UnitKind::Exit).count(), 6);
+}
