@@ -1,1 +1,18 @@
-//! Attacks (see issue: attack suite). Nothing here yet.
+//! # dynrobust-attacks
+//!
+//! One file per attack family, each opening with its paper:
+//! [`deepsloth`] (Hong et al., ICLR 2021), [`gradmdm`] (Pan et al., TPAMI 2023, and GradAuto,
+//! ECCV 2022), [`ilfo`] (Haque et al., CVPR 2020), [`pgd`] (FGSM, PGD-L∞/L2, MI-FGSM).
+//! Attacks see only [`dynrobust_core::DynamicModel`], so they run unchanged on every model
+//! family and on defended models.
+
+pub mod deepsloth;
+pub mod evaluate;
+pub mod gradmdm;
+pub mod ilfo;
+pub mod losses;
+pub mod pgd;
+pub mod tanh_box;
+pub mod mechanism;
+pub mod registry;
+pub mod transfer;

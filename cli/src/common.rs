@@ -55,7 +55,12 @@ pub fn list(what: &str) -> Result<()> {
                 println!("{name:<8} {about} [{status}]");
             }
         }
-        "attacks" | "defenses" => println!("(no {what} yet: see the attack and defense issues)"),
+        "attacks" => {
+            for (name, goal, about) in dynrobust_attacks::registry::ATTACKS {
+                println!("{name:<20} {goal:<8} {about}");
+            }
+        }
+        "defenses" => println!("(no defenses yet: see the defense issue)"),
         other => bail!("unknown list `{other}`: expected models, attacks or defenses"),
     }
     Ok(())

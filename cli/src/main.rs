@@ -2,6 +2,7 @@
 //! calls the library crates. Human text goes to stderr; `--json` prints one JSON object on
 //! stdout.
 
+mod attack;
 mod bench;
 mod common;
 mod eval;
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Train a model and write a checkpoint directory (weights + sidecar).
     Train(train::TrainArgs),
+    /// Attack a model and measure accuracy, cost, recovery, perturbation size, energy.
+    Attack(attack::AttackArgs),
     /// Evaluate a checkpoint: accuracy, cost, exits/gates, latency.
     Eval(eval::EvalArgs),
     /// Print a model's units and their MACs.
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(a) => train::run(a),
+        Command::Attack(a) => attack::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => eval::info(a),
         Command::Bench(a) => bench::run(a),

@@ -134,5 +134,7 @@ fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism) -> Resul
     let dir = checkpoint::resolve(&args.init).with_context(|| format!("--init {}: the {} model starts from static weights; train `static` first", args.init, args.model))?;
     let fresh = checkpoint::init_from(net, &dir.join(checkpoint::WEIGHTS_FILE))?;
     eprintln!("initialised from {} ({} new tensors)", dir.display(), fresh.len());
-    Ok(Some(dir.display().to_string()))
+    let root = dynrobust_core::data::project_root();
+    let shown = dir.strip_prefix(&root).unwrap_or(&dir);
+    Ok(Some(shown.display().to_string()))
 }

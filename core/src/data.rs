@@ -137,6 +137,10 @@ impl DataSource {
             DataSource::FashionMnist => load_idx_dir(&dir, split)?,
             DataSource::Mnist => load_mnist_csv(&dir.join(format!("mnist_{}.csv", split.label())))?,
         };
+        let dims = set.images.size();
+        if dims[1..] != [1, 28, 28] {
+            return Err(Error::data(&dir, format!("{} images are {:?}: expected 1x28x28", self.name(), &dims[1..])));
+        }
         set.name = format!("{}/{}", self.name(), split.label());
         Ok(set)
     }

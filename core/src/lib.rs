@@ -4,10 +4,12 @@
 //! [`Trace`], [`Unit`]s and [`Pass`]es; data sets; cost and accuracy metrics; the one
 //! [`Error`] type.
 
+pub mod attack;
 pub mod data;
+pub mod energy;
 pub mod error;
 pub mod metrics;
 pub mod protocol;
 
 pub use error::{Error, Result};
-pub use protocol::{cost_of, macs_from_executed, static_macs, DynamicModel, Family, Pass, Trace, Unit, UnitKind};
+pub use protocol::{cost_of, CutTrace, macs_from_executed, static_macs, DynamicModel, Family, Pass, Trace, Unit, UnitKind};

@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::Result;
 
+
 /// Which forward pass to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -56,6 +57,10 @@ pub struct Unit {
     pub kind: UnitKind,
     /// Multiply-accumulates of one execution for one sample (convs and linears).
     pub macs: u64,
+    /// Parameters the unit reads (weights, biases, BN affine).
+    pub params: u64,
+    /// Activation elements the unit writes for one sample.
+    pub activations: u64,
 }
 
 /// Everything an attack, a defense or a metric may read from one forward pass.
@@ -63,6 +68,9 @@ pub struct Unit {
 pub struct Trace {
     /// `[B,K]` the prediction the deployed model returns (after its exit/skip rule).
     pub logits: Tensor,
+    /// `[B,K]` the final head's logits (equal to `logits` for models without exits; computed
+    /// for every sample in the dense pass, only for those that reach it in the sparse pass).
+    pub final_logits: Tensor,
     /// `[B,K]` per internal classifier, in order (empty for models without exits).
     pub exit_logits: Vec<Tensor>,
     /// `[B]` soft execute-probability per gated unit (empty for models without gates).
@@ -113,6 +121,42 @@ pub trait DynamicModel {
     fn static_macs(&self) -> u64 {
         static_macs(self.units())
     }
+    /// Cost (MACs / static MACs) of a sample that leaves at each exit, the final head last
+    /// (exit models only; used by DeepSloth's efficacy metric).
+    fn exit_costs(&self) -> Option<Vec<f64>> {
+        None
+    }
+    /// Intermediate feature maps of the dense pass (block outputs), for feature-level
+    /// transfer losses. Empty when the model does not expose them.
+    fn features(&self, _x: &Tensor) -> Result<Vec<Tensor>> {
+        Ok(Vec::new())
+    }
+    /// A dense pass cut at every gate position, for attacks that rewrite gradients between
+    /// segments (GradMDM's `backwardNorm`). `None` for models that cannot be cut (no gates).
+    fn forward_cut(&self, _x: &Tensor) -> Result<Option<CutTrace>> {
+        Ok(None)
+    }
+}
+
+/// A dense pass cut into segments at the G gate positions.
+///
+/// At position j the feature `h_j` (the tensor gate j reads) is replaced by two detached
+/// leaves: `branch[j]` feeds gate j only, `main[j]` feeds everything downstream (the next
+/// block, its shortcut). `feature[j]` is `h_j` as computed from the previous segment
+/// (from `main[j-1]`, or from the input for j = 0), so the vector–Jacobian product of a
+/// segment is `∂(feature[j+1]·G).sum()/∂main[j]`, and of the input segment
+/// `∂(feature[0]·G).sum()/∂x`. The recurrent state of SkipNet's LSTM passes from gate to
+/// gate without crossing the cuts.
+#[derive(Debug)]
+pub struct CutTrace {
+    /// The trace of the pass (gate probabilities are functions of the branch leaves).
+    pub trace: Trace,
+    /// `h_j` as computed by the previous segment (in the graph of `main[j-1]` or `x`).
+    pub feature: Vec<Tensor>,
+    /// Leaves feeding the downstream computation at each position.
+    pub main: Vec<Tensor>,
+    /// Leaves feeding gate j at each position.
+    pub branch: Vec<Tensor>,
 }
 
 /// Sum of the MACs of the backbone units.

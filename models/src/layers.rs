@@ -27,6 +27,10 @@ pub struct ConvBn {
     bn: nn::BatchNorm,
     /// MACs of the convolution.
     pub macs: u64,
+    /// Parameters (conv weights + BN affine).
+    pub params: u64,
+    /// Output elements per sample.
+    pub out_elems: u64,
 }
 
 impl ConvBn {
@@ -38,6 +42,8 @@ impl ConvBn {
             conv: nn::conv2d(&p / "conv", cin, cout, k, cfg),
             bn: nn::batch_norm2d(&p / "bn", cout, Default::default()),
             macs: conv_macs(k, cin, cout, out),
+            params: (k * k * cin * cout + 2 * cout) as u64,
+            out_elems: (cout * out * out) as u64,
         }
     }
     /// conv → BN.
@@ -98,6 +104,14 @@ impl BasicBlock {
     pub fn shortcut_macs(&self) -> u64 {
         self.shortcut.as_ref().map_or(0, |s| s.macs)
     }
+    /// (parameters, output elements) of the residual branch.
+    pub fn residual_traffic(&self) -> (u64, u64) {
+        (self.conv1.params + self.conv2.params, self.conv1.out_elems + self.conv2.out_elems)
+    }
+    /// (parameters, output elements) of the shortcut.
+    pub fn shortcut_traffic(&self) -> (u64, u64) {
+        self.shortcut.as_ref().map_or((0, 0), |s| (s.params, s.out_elems))
+    }
 }
 
 /// Global average pooling `[B,C,H,W] → [B,C]`.
@@ -114,6 +128,8 @@ pub struct AigGate {
     fc2: nn::Linear,
     /// MACs of the two linears.
     pub macs: u64,
+    /// (parameters, output elements).
+    pub traffic: (u64, u64),
 }
 
 /// Hidden width of an AIG gate.
@@ -139,6 +155,7 @@ impl AigGate {
             bn: nn::batch_norm1d(&p / "bn", AIG_HIDDEN, Default::default()),
             fc2,
             macs: linear_macs(channels, AIG_HIDDEN) + linear_macs(AIG_HIDDEN, 2),
+            traffic: ((channels * AIG_HIDDEN + 2 * AIG_HIDDEN + AIG_HIDDEN * 2 + 2) as u64, (AIG_HIDDEN + 2) as u64),
         }
     }
     /// The two gate logits `[B,2]` (off, on).
@@ -160,6 +177,8 @@ pub struct RecurrentGate {
     proj: nn::Linear,
     /// MACs of each position's gate (embedding + LSTM cell + projection).
     pub macs: Vec<u64>,
+    /// (parameters, output elements) of each position's gate.
+    pub traffic: Vec<(u64, u64)>,
 }
 
 impl RecurrentGate {
@@ -174,6 +193,10 @@ impl RecurrentGate {
             w_hh: nn::linear(&p / "lstm_hh", RNN_DIM, 4 * RNN_DIM, Default::default()),
             proj: nn::linear(&p / "proj", RNN_DIM, 1, proj_cfg),
             macs: channels.iter().map(|&c| linear_macs(c, RNN_DIM) + lstm_macs + linear_macs(RNN_DIM, 1)).collect(),
+            traffic: channels
+                .iter()
+                .map(|&c| ((c * RNN_DIM + RNN_DIM + 2 * (RNN_DIM * 4 * RNN_DIM + 4 * RNN_DIM) + RNN_DIM + 1) as u64, (RNN_DIM + 4 * RNN_DIM + 2 * RNN_DIM + 1) as u64))
+                .collect(),
         }
     }
     /// One recurrent step at gate position `pos`: returns the execute-probability `[B]` and
@@ -210,6 +233,8 @@ pub struct InternalClassifier {
     kernel: i64,
     /// MACs of the linear layer.
     pub macs: u64,
+    /// (parameters, output elements).
+    pub traffic: (u64, u64),
 }
 
 impl InternalClassifier {
@@ -223,6 +248,7 @@ impl InternalClassifier {
             linear: nn::linear(&p / "linear", features, classes, Default::default()),
             kernel,
             macs: linear_macs(features, classes),
+            traffic: ((features * classes + classes + 1) as u64, (features + classes) as u64),
         }
     }
     /// Logits `[B,K]`.

@@ -2,7 +2,7 @@
 //! (none, SDN exits, AIG gates, SkipNet recurrent gate), implementing [`DynamicModel`] with a
 //! differentiable dense pass and a really-skipping sparse pass.
 
-use dynrobust_core::{macs_from_executed, DynamicModel, Error, Family, Pass, Result, Trace, Unit, UnitKind};
+use dynrobust_core::{macs_from_executed, CutTrace, DynamicModel, Error, Family, Pass, Result, Trace, Unit, UnitKind};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -150,21 +150,36 @@ impl Net {
     /// Training-mode forward (BN in batch mode when `train`; Gumbel noise on AIG gates when
     /// `gumbel`). Gates are hard in value and pass their gradient straight through.
     pub fn forward_train(&self, x: &Tensor, train: bool, gumbel: bool) -> TrainOutput {
-        let dense = self.dense(x, train, gumbel);
+        let dense = self.dense(x, train, gumbel, false);
         TrainOutput { logits: dense.final_logits, exit_logits: dense.exit_logits, gates: dense.gates_st }
     }
 
     /// The dense pass shared by inference and training.
-    fn dense(&self, x: &Tensor, train: bool, gumbel: bool) -> Dense {
+    /// With `cut`, the gate inputs are cut into main/branch leaves (see [`CutTrace`]).
+    fn dense(&self, x: &Tensor, train: bool, gumbel: bool, cut: bool) -> Dense {
         let mut h = self.stem_forward(x, train);
         let mut out = Dense::default();
         let mut rnn_state = None;
         for (b, block) in self.blocks.iter().enumerate() {
-            let gate = match (&self.mech, self.twin) {
-                (Mech::Aig(gates), false) => Some(aig_decision(&gates[b], &h, train, gumbel)),
-                (Mech::Recurrent(_), false) if b == 0 => None,
-                (Mech::Recurrent(rg), false) => {
-                    let (p, state) = rg.step(b - 1, &h, rnn_state.take());
+            let gated = match (&self.mech, self.twin) {
+                (Mech::Aig(_), false) => true,
+                (Mech::Recurrent(_), false) => b > 0,
+                _ => false,
+            };
+            let branch = if gated && cut {
+                let main = h.detach().set_requires_grad(true);
+                let branch = h.detach().set_requires_grad(true);
+                out.cut_feature.push(std::mem::replace(&mut h, main.shallow_clone()));
+                out.cut_main.push(main);
+                out.cut_branch.push(branch.shallow_clone());
+                branch
+            } else {
+                h.shallow_clone()
+            };
+            let gate = match (&self.mech, gated) {
+                (Mech::Aig(gates), true) => Some(aig_decision(&gates[b], &branch, train, gumbel)),
+                (Mech::Recurrent(rg), true) => {
+                    let (p, state) = rg.step(b - 1, &branch, rnn_state.take());
                     rnn_state = Some(state);
                     Some(GateDecision::from_soft(p))
                 }
@@ -190,7 +205,10 @@ impl Net {
     }
 
     fn dense_trace(&self, x: &Tensor) -> Trace {
-        let dense = self.dense(x, false, false);
+        self.trace_of(self.dense(x, false, false, false), x)
+    }
+
+    fn trace_of(&self, dense: Dense, x: &Tensor) -> Trace {
         let batch = x.size()[0];
         let (logits, executed, exit_index) = match (&self.mech, self.twin) {
             (Mech::Exits(_), false) => {
@@ -204,12 +222,13 @@ impl Net {
             }
             _ => (dense.final_logits.shallow_clone(), self.executed_for_gates(batch, &dense.hard, x.device()), None),
         };
-        self.finish(logits, dense.exit_logits, dense.gate_probs, executed, exit_index)
+        self.finish(logits, dense.final_logits, dense.exit_logits, dense.gate_probs, executed, exit_index)
     }
 
-    fn finish(&self, logits: Tensor, exit_logits: Vec<Tensor>, gate_probs: Vec<Tensor>, executed: Tensor, exit_index: Option<Tensor>) -> Trace {
+    #[allow(clippy::too_many_arguments)]
+    fn finish(&self, logits: Tensor, final_logits: Tensor, exit_logits: Vec<Tensor>, gate_probs: Vec<Tensor>, executed: Tensor, exit_index: Option<Tensor>) -> Trace {
         let macs = macs_from_executed(&executed, &self.units);
-        Trace { logits, exit_logits, gate_probs, executed, macs, exit_index }
+        Trace { logits, final_logits, exit_logits, gate_probs, executed, macs, exit_index }
     }
 
     /// Executed mask `[B,U]` of a gated (or static) pass from the hard gate decisions.
@@ -293,7 +312,7 @@ impl Net {
         }
         let logits = self.head_forward(&h);
         let executed = self.executed_for_gates(x.size()[0], &hard, x.device());
-        self.finish(logits, Vec::new(), probs, executed, None)
+        self.finish(logits.shallow_clone(), logits, Vec::new(), probs, executed, None)
     }
 
     /// Real early exit: samples leave the batch at the first IC whose confidence reaches q.
@@ -321,16 +340,22 @@ impl Net {
                 break;
             }
         }
+        let mut final_logits = Tensor::full([batch, self.config.classes], f64::NAN, (Kind::Float, device));
         if rows.size()[0] > 0 {
-            logits = logits.index_copy(0, &rows, &self.head_forward(&h));
+            let head = self.head_forward(&h);
+            logits = logits.index_copy(0, &rows, &head);
+            final_logits = final_logits.index_copy(0, &rows, &head);
         }
         let executed = self.executed_for_exits(&exit_index);
-        self.finish(logits, Vec::new(), Vec::new(), executed, Some(exit_index))
+        self.finish(logits, final_logits, Vec::new(), Vec::new(), executed, Some(exit_index))
     }
 }
 
 #[derive(Default)]
 struct Dense {
+    cut_feature: Vec<Tensor>,
+    cut_main: Vec<Tensor>,
+    cut_branch: Vec<Tensor>,
     final_logits: Tensor,
     exit_logits: Vec<Tensor>,
     gate_probs: Vec<Tensor>,
@@ -390,23 +415,24 @@ pub fn exit_rule(exit_logits: &[Tensor], threshold: f64) -> Tensor {
 
 fn layout(stem: &ConvBn, blocks: &[BasicBlock], final_channels: i64, classes: i64, mech: &Mech) -> (Vec<Unit>, UnitIndex) {
     let mut units = Vec::new();
-    let mut push = |name: String, kind: UnitKind, macs: u64| {
-        units.push(Unit { name, kind, macs });
+    let mut push = |name: String, kind: UnitKind, macs: u64, (params, activations): (u64, u64)| {
+        units.push(Unit { name, kind, macs, params, activations });
         units.len() - 1
     };
-    let stem_i = push("stem".into(), UnitKind::Stem, stem.macs);
+    let stem_i = push("stem".into(), UnitKind::Stem, stem.macs, (stem.params, stem.out_elems));
     let mut shortcut = Vec::new();
     let mut block = Vec::new();
     for (b, blk) in blocks.iter().enumerate() {
-        shortcut.push(blk.has_projection().then(|| push(format!("block{b}.shortcut"), UnitKind::Shortcut, blk.shortcut_macs())));
-        block.push(push(format!("block{b}.residual"), UnitKind::Block, blk.residual_macs()));
+        shortcut.push(blk.has_projection().then(|| push(format!("block{b}.shortcut"), UnitKind::Shortcut, blk.shortcut_macs(), blk.shortcut_traffic())));
+        block.push(push(format!("block{b}.residual"), UnitKind::Block, blk.residual_macs(), blk.residual_traffic()));
     }
-    let head = push("head".into(), UnitKind::Head, linear_macs(final_channels, classes));
+    let head_traffic = ((final_channels * classes + classes) as u64, classes as u64);
+    let head = push("head".into(), UnitKind::Head, linear_macs(final_channels, classes), head_traffic);
     let mech_units = match mech {
         Mech::None => Vec::new(),
-        Mech::Exits(ics) => ics.iter().enumerate().map(|(i, ic)| push(format!("exit{i}"), UnitKind::Exit, ic.macs)).collect(),
-        Mech::Aig(gates) => gates.iter().enumerate().map(|(i, g)| push(format!("gate{i}"), UnitKind::Gate, g.macs)).collect(),
-        Mech::Recurrent(rg) => rg.macs.iter().enumerate().map(|(i, &m)| push(format!("gate{}", i + 1), UnitKind::Gate, m)).collect(),
+        Mech::Exits(ics) => ics.iter().enumerate().map(|(i, ic)| push(format!("exit{i}"), UnitKind::Exit, ic.macs, ic.traffic)).collect(),
+        Mech::Aig(gates) => gates.iter().enumerate().map(|(i, g)| push(format!("gate{i}"), UnitKind::Gate, g.macs, g.traffic)).collect(),
+        Mech::Recurrent(rg) => rg.macs.iter().zip(&rg.traffic).enumerate().map(|(i, (&m, &t))| push(format!("gate{}", i + 1), UnitKind::Gate, m, t)).collect(),
     };
     (units, UnitIndex { stem: stem_i, shortcut, block, head, mech: mech_units })
 }
@@ -438,6 +464,37 @@ impl DynamicModel for Net {
 
     fn units(&self) -> &[Unit] {
         &self.units
+    }
+
+    fn exit_costs(&self) -> Option<Vec<f64>> {
+        let Mech::Exits(ics) = &self.mech else { return None };
+        if self.twin {
+            return None;
+        }
+        let exits = Tensor::arange(ics.len() as i64 + 1, (Kind::Int64, self.device()));
+        let macs = macs_from_executed(&self.executed_for_exits(&exits), &self.units);
+        let stat = self.static_macs() as f64;
+        Some(Vec::<f64>::try_from(&macs).ok()?.into_iter().map(|m| m / stat).collect())
+    }
+
+    fn features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut h = self.stem_forward(x, false);
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            h = (block.shortcut(&h, false) + block.residual(&h, false)).relu();
+            out.push(h.shallow_clone());
+        }
+        Ok(out)
+    }
+
+    fn forward_cut(&self, x: &Tensor) -> Result<Option<CutTrace>> {
+        if !matches!((&self.mech, self.twin), (Mech::Aig(_) | Mech::Recurrent(_), false)) {
+            return Ok(None);
+        }
+        let mut dense = self.dense(x, false, false, true);
+        let (feature, main, branch) =
+            (std::mem::take(&mut dense.cut_feature), std::mem::take(&mut dense.cut_main), std::mem::take(&mut dense.cut_branch));
+        Ok(Some(CutTrace { trace: self.trace_of(dense, x), feature, main, branch }))
     }
 
     fn family(&self) -> Family {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use dynrobust_core::{DynamicModel, Pass};
 use dynrobust_models::train::{train, TrainConfig};
 use dynrobust_models::{Mechanism, ModelConfig, Net};
 use tch::{Device, Kind, Tensor};
@@ -21,20 +22,22 @@ fn training_on_1k_images_lowers_the_loss() {
     let data = common::test_images(1024);
     let mut net = fresh(Mechanism::Static, 1);
     let before = mean_loss(&net, &data.images, &data.labels);
-    let cfg = TrainConfig { epochs: 2, batch_size: 64, lr: 3e-3, seed: 1, cost_weight: 0.0 };
+    let cfg = TrainConfig { epochs: 4, batch_size: 64, lr: 3e-3, seed: 1, cost_weight: 0.0 };
     let report = train(&mut net, &data, &cfg).unwrap();
     let after = mean_loss(&net, &data.images, &data.labels);
     assert!(after < before * 0.7, "loss {before:.4} → {after:.4}");
-    assert!(report.epoch_losses[1] < report.epoch_losses[0], "epoch losses {:?}", report.epoch_losses);
+    let first = report.epoch_losses[0];
+    assert!(report.epoch_losses[1..].iter().all(|&l| l < first), "epoch losses {:?}", report.epoch_losses);
 }
 
 #[test]
 fn gated_training_moves_gate_rates_towards_the_target() {
     let data = common::test_images(1024);
     let mut net = fresh(Mechanism::Gated { target_rate: 0.3 }, 2);
+    // mean soft execute-probability: it moves continuously, the hard rate only once a gate flips
     let rates = |net: &Net| -> f64 {
-        let out = tch::no_grad(|| net.forward_train(&data.images, false, false));
-        Tensor::stack(&out.gates, 0).mean(Kind::Float).double_value(&[])
+        let trace = tch::no_grad(|| net.forward_trace(&data.images, Pass::Dense).unwrap());
+        Tensor::stack(&trace.gate_probs, 0).mean(Kind::Float).double_value(&[])
     };
     let before = rates(&net);
     let cfg = TrainConfig { epochs: 2, batch_size: 64, lr: 3e-3, seed: 2, cost_weight: 5.0 };

@@ -1,0 +1,238 @@
+//! DeepSloth — Hong, Kaya, Modoranu, Dumitraş, "A Panda? No, It's a Sloth: Slowdown Attacks on
+//! Adaptive Multi-Exit Neural Network Inference", ICLR 2021 (code: Sanghyun-Hong/DeepSloth).
+//!
+//! Minimises `Σ_{i<N} CE(softmax(z_i), uniform)` over the internal classifiers so no exit is
+//! confident enough to fire. Variants (spec §4.3): per-sample L∞ (sign descent, step 0.002,
+//! 30 iterations, ε = 8/256, init `x + U(−step, step)` — the code's quirk — in faithful mode;
+//! fixed mode starts at `U(−ε, ε)` with step 2.5·ε/steps so larger budgets are reachable),
+//! per-sample L2 (DDN-style, radius 1 decayed ×(1−γ) every 50 of 550 iterations, SGD lr 1 with
+//! cosine schedule on unit-L2 gradients), and the L∞ universal perturbation (one δ for a data
+//! set: `δ ← clip(δ − 0.005·sign(∇_δ L), −ε, ε)`, 20 iterations per batch).
+
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, per_sample_norm, project, Attack, Goal, Norm, Requirements};
+use dynrobust_core::{DynamicModel, Error, Pass, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::losses::deepsloth_uniform_ce;
+use crate::tanh_box::Mode;
+
+/// Which DeepSloth variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// Per-sample L∞.
+    Linf,
+    /// Per-sample L2 (DDN-style decaying radius).
+    L2,
+    /// One L∞ perturbation for the whole input set.
+    Universal,
+}
+
+/// DeepSloth's config; defaults are the authors' per-sample L∞ settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeepSlothConfig {
+    /// linf, l2 or universal.
+    pub variant: Variant,
+    /// faithful (code's init and step) or fixed (init in the full ball, step 2.5·ε/steps).
+    pub mode: Mode,
+    /// L∞ budget (linf, universal) or starting radius (l2).
+    pub eps: f64,
+    /// Iterations (linf 30, universal 20 per batch, l2 550).
+    pub steps: Option<usize>,
+    /// Step size (linf 0.002, universal 0.005); fixed-mode default 2.5·ε/steps.
+    pub step_size: Option<f64>,
+    /// l2: radius decay γ applied every 50 iterations.
+    pub l2_decay: f64,
+    /// universal: batch size and number of batches used to fit δ (the code: 250 and 1).
+    pub universal_batch: i64,
+    /// universal: batches used (0 = all).
+    pub universal_batches: usize,
+    /// RNG seed.
+    pub seed: u64,
+}
+
+impl Default for DeepSlothConfig {
+    fn default() -> Self {
+        DeepSlothConfig {
+            variant: Variant::Linf,
+            mode: Mode::Faithful,
+            eps: 0.03125,
+            steps: None,
+            step_size: None,
+            l2_decay: 0.1,
+            universal_batch: 250,
+            universal_batches: 1,
+            seed: 1221,
+        }
+    }
+}
+
+impl DeepSlothConfig {
+    fn validated(self) -> Result<Self> {
+        check_eps("eps", self.eps)?;
+        if let Some(s) = self.steps {
+            check_steps("steps", s)?;
+        }
+        if let Some(a) = self.step_size {
+            check_positive("step_size", a)?;
+        }
+        if !(0.0..1.0).contains(&self.l2_decay) {
+            return Err(Error::config("l2_decay", format!("{}: expected 0 ≤ γ < 1", self.l2_decay)));
+        }
+        if self.universal_batch < 1 {
+            return Err(Error::config("universal_batch", format!("{}: expected ≥ 1", self.universal_batch)));
+        }
+        Ok(self)
+    }
+    /// Iterations in force.
+    pub fn steps(&self) -> usize {
+        self.steps.unwrap_or(match self.variant {
+            Variant::Linf => 30,
+            Variant::Universal => 20,
+            Variant::L2 => 550,
+        })
+    }
+    /// Step size in force.
+    pub fn step_size(&self) -> f64 {
+        self.step_size.unwrap_or(match (self.mode, self.variant) {
+            (Mode::Fixed, Variant::Linf | Variant::Universal) => 2.5 * self.eps / self.steps() as f64,
+            (_, Variant::Universal) => 0.005,
+            (_, Variant::Linf) => 0.002,
+            (_, Variant::L2) => 1.0,
+        })
+    }
+    /// L2: the radius after all decays (the final budget).
+    pub fn final_radius(&self) -> f64 {
+        let decays = (self.steps().saturating_sub(1) / 50) as i32;
+        self.eps * (1.0 - self.l2_decay).powi(decays)
+    }
+}
+
+/// The DeepSloth attack.
+#[derive(Debug, Clone)]
+pub struct DeepSloth {
+    cfg: DeepSlothConfig,
+}
+
+impl DeepSloth {
+    /// DeepSloth with a validated config.
+    pub fn new(cfg: DeepSlothConfig) -> Result<Self> {
+        Ok(DeepSloth { cfg: cfg.validated()? })
+    }
+
+    /// Summed DeepSloth loss of the model on `x` (per-sample losses are independent).
+    fn loss(model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
+        let trace = model.forward_trace(x, Pass::Dense)?;
+        if trace.exit_logits.is_empty() {
+            return Err(Error::config("model", format!("DeepSloth needs internal classifiers; `{}` has none", model.name())));
+        }
+        let b = x.size()[0] as f64;
+        Ok(deepsloth_uniform_ce(&trace.exit_logits) * b)
+    }
+
+    fn grad(model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
+        let x = x.detach().set_requires_grad(true);
+        let l = Self::loss(model, &x)?;
+        Ok(Tensor::f_run_backward(&[&l], &[&x], false, false)?.remove(0))
+    }
+
+    fn linf(&self, model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let a = c.step_size();
+        let init = match c.mode {
+            Mode::Faithful => a,
+            Mode::Fixed => c.eps,
+        };
+        let mut x_adv = project(&(x + x.rand_like() * (2.0 * init) - init), x, c.eps, Norm::Linf);
+        for _ in 0..c.steps() {
+            let g = Self::grad(model, &x_adv)?;
+            x_adv = tch::no_grad(|| project(&(&x_adv - g.sign() * a), x, c.eps, Norm::Linf));
+        }
+        Ok(x_adv)
+    }
+
+    fn l2(&self, model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let steps = c.steps();
+        let view = [-1i64, 1, 1, 1];
+        let r = x.randn_like();
+        let mut delta = &r / per_sample_norm(&r, 2.0).clamp_min(1e-12).view(view) * c.eps;
+        let mut radius = c.eps;
+        let (lr0, lr_min) = (c.step_size(), 0.01);
+        for t in 0..steps {
+            if t > 0 && t % 50 == 0 {
+                radius *= 1.0 - c.l2_decay;
+            }
+            let lr = lr_min + (lr0 - lr_min) * (1.0 + (std::f64::consts::PI * t as f64 / steps as f64).cos()) / 2.0;
+            let g = Self::grad(model, &(x + &delta).clamp(0.0, 1.0))?;
+            delta = tch::no_grad(|| {
+                let g = &g / per_sample_norm(&g, 2.0).clamp_min(1e-12).view(view);
+                let d = &delta - g * lr;
+                let n = per_sample_norm(&d, 2.0).clamp_min(1e-12);
+                &d * (n.reciprocal() * radius).clamp_max(1.0).view(view)
+            });
+        }
+        Ok((x + delta).clamp(0.0, 1.0))
+    }
+
+    /// Fits one L∞ perturbation `[1,C,H,W]` on `x` (the code: `universal_batches` batches of
+    /// `universal_batch`, `steps` sign steps each).
+    pub fn fit_universal(&self, model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let a = c.step_size();
+        let shape: Vec<i64> = std::iter::once(1).chain(x.size()[1..].iter().copied()).collect();
+        let mut delta = Tensor::rand(&shape[..], (Kind::Float, x.device())) * (2.0 * c.eps) - c.eps;
+        let n = x.size()[0];
+        let batches = (n + c.universal_batch - 1) / c.universal_batch;
+        let used = if c.universal_batches == 0 { batches } else { (c.universal_batches as i64).min(batches) };
+        for b in 0..used {
+            let xb = x.narrow(0, b * c.universal_batch, c.universal_batch.min(n - b * c.universal_batch));
+            for _ in 0..c.steps() {
+                let d = delta.detach().set_requires_grad(true);
+                let l = Self::loss(model, &(&xb + &d).clamp(0.0, 1.0))? / xb.size()[0] as f64;
+                let g = Tensor::f_run_backward(&[&l], &[&d], false, false)?.remove(0);
+                delta = tch::no_grad(|| (&delta - g.sign() * a).clamp(-c.eps, c.eps));
+            }
+        }
+        Ok(delta)
+    }
+}
+
+impl Attack for DeepSloth {
+    fn name(&self) -> &'static str {
+        match self.cfg.variant {
+            Variant::Linf => "deepsloth",
+            Variant::L2 => "deepsloth-l2",
+            Variant::Universal => "deepsloth-universal",
+        }
+    }
+    fn goal(&self) -> Goal {
+        Goal::Energy
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements { exits: true, ..Default::default() }
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).expect("serialisable")
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        Some(match self.cfg.variant {
+            Variant::L2 => (self.cfg.eps, Norm::L2),
+            _ => (self.cfg.eps, Norm::Linf),
+        })
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
+        self.check_model(model)?;
+        tch::manual_seed(self.cfg.seed as i64);
+        match self.cfg.variant {
+            Variant::Linf => self.linf(model, x),
+            Variant::L2 => self.l2(model, x),
+            Variant::Universal => {
+                let delta = self.fit_universal(model, x)?;
+                Ok((x + delta).clamp(0.0, 1.0))
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Running an attack over a data set and measuring it in the one metrics schema: clean and
+//! adversarial accuracy and cost, recovery, DeepSloth efficacy, exit histograms or gate rates,
+//! perturbation size (L2, L∞, MSE), wall time, and energy (estimated; RAPL where available).
+
+use std::time::Instant;
+
+use dynrobust_core::attack::{per_sample_norm, Attack};
+use dynrobust_core::energy::{measure_rapl, EnergyModel};
+use dynrobust_core::metrics::{exit_histogram, gate_rates, recovery};
+use dynrobust_core::{cost_of, DynamicModel, Pass, Result, Trace};
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use crate::losses::efficacy_auc;
+
+/// One attack run, in the schema every dynrobust result uses.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttackRecord {
+    pub model: String,
+    pub attack: String,
+    pub goal: dynrobust_core::attack::Goal,
+    pub eps: Option<f64>,
+    pub norm: Option<dynrobust_core::attack::Norm>,
+    pub n: i64,
+    pub clean_acc: f64,
+    pub adv_acc: f64,
+    pub clean_cost: f64,
+    pub adv_cost: f64,
+    pub recovery: f64,
+    pub l2_mean: f64,
+    pub linf_max: f64,
+    pub mse: f64,
+    pub seconds: f64,
+    pub clean_exit_hist: Option<Vec<i64>>,
+    pub adv_exit_hist: Option<Vec<i64>>,
+    pub clean_efficacy: Option<f64>,
+    pub adv_efficacy: Option<f64>,
+    pub clean_gate_rates: Option<Vec<f64>>,
+    pub adv_gate_rates: Option<Vec<f64>>,
+    /// Estimated inference energy per image (J), clean and adversarial ([`EnergyModel`]).
+    pub clean_energy_j: f64,
+    pub adv_energy_j: f64,
+    /// Measured package energy of crafting (J), when RAPL is readable.
+    pub rapl_attack_j: Option<f64>,
+    /// Why RAPL is not reported, when it is not.
+    pub rapl_note: Option<String>,
+    pub config: serde_json::Value,
+}
+
+/// Per-sample results, for CSV export and recomputation.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PerSample {
+    pub clean_cost: Vec<f64>,
+    pub adv_cost: Vec<f64>,
+    pub clean_correct: Vec<bool>,
+    pub adv_correct: Vec<bool>,
+    pub clean_exit: Vec<i64>,
+    pub adv_exit: Vec<i64>,
+}
+
+/// A finished run: the record, the per-sample results and the adversarial images.
+#[derive(Debug)]
+pub struct AttackOutcome {
+    pub record: AttackRecord,
+    pub per_sample: PerSample,
+    pub x_adv: Tensor,
+}
+
+#[derive(Default)]
+struct Acc {
+    traces: Vec<(Trace, Trace)>,
+    labels: Vec<Tensor>,
+    l2: Vec<Tensor>,
+    linf: f64,
+    sq_sum: f64,
+    elems: f64,
+}
+
+/// Runs `attack` on `model` over `images`/`labels` in batches; `on_batch(done)` reports progress.
+pub fn run_attack(
+    model: &dyn DynamicModel,
+    attack: &dyn Attack,
+    images: &Tensor,
+    labels: &Tensor,
+    batch: i64,
+    on_batch: &mut dyn FnMut(i64),
+) -> Result<AttackOutcome> {
+    attack.check_model(model)?;
+    let n = images.size()[0];
+    let mut acc = Acc::default();
+    let mut advs = Vec::new();
+    let mut seconds = 0.0;
+    let mut rapl: std::result::Result<f64, String> = Ok(0.0);
+    for start in (0..n).step_by(batch.max(1) as usize) {
+        let len = batch.min(n - start);
+        let (x, y) = (images.narrow(0, start, len), labels.narrow(0, start, len));
+        let t0 = Instant::now();
+        let (x_adv, joules) = measure_rapl(|| attack.perturb(model, &x, &y));
+        let x_adv = x_adv?.detach();
+        seconds += t0.elapsed().as_secs_f64();
+        rapl = match (rapl, joules) {
+            (Ok(a), Ok(b)) => Ok(a + b),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let delta = &x_adv - &x;
+        acc.l2.push(per_sample_norm(&delta, 2.0));
+        acc.linf = acc.linf.max(delta.abs().max().double_value(&[]));
+        acc.sq_sum += delta.square().sum(Kind::Double).double_value(&[]);
+        acc.elems += delta.numel() as f64;
+        let clean = model.forward_trace(&x, Pass::Sparse)?;
+        let adv = model.forward_trace(&x_adv, Pass::Sparse)?;
+        acc.traces.push((clean, adv));
+        acc.labels.push(y);
+        advs.push(x_adv);
+        on_batch(start + len);
+    }
+    let (record, per_sample) = summarise(model, attack, &acc, n, seconds, rapl);
+    Ok(AttackOutcome { record, per_sample, x_adv: Tensor::cat(&advs, 0) })
+}
+
+fn cat(ts: impl Iterator<Item = Tensor>) -> Tensor {
+    Tensor::cat(&ts.collect::<Vec<_>>(), 0)
+}
+
+fn to_vec<T: tch::kind::Element>(t: &Tensor) -> Vec<T> {
+    let flat = t.flatten(0, -1).to_kind(T::KIND);
+    let mut out = vec![T::ZERO; flat.numel()];
+    let len = out.len();
+    flat.copy_data(&mut out, len);
+    out
+}
+
+fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, seconds: f64, rapl: std::result::Result<f64, String>) -> (AttackRecord, PerSample) {
+    let labels = cat(acc.labels.iter().map(|t| t.shallow_clone()));
+    let side = |pick: fn(&(Trace, Trace)) -> &Trace| {
+        let logits = cat(acc.traces.iter().map(|p| pick(p).logits.shallow_clone()));
+        let cost = cat(acc.traces.iter().map(|p| cost_of(pick(p), model)));
+        let executed = cat(acc.traces.iter().map(|p| pick(p).executed.shallow_clone()));
+        let exits = acc.traces[0].0.exit_index.as_ref().map(|_| cat(acc.traces.iter().map(|p| pick(p).exit_index.as_ref().expect("exit index").shallow_clone())));
+        let gates: Vec<Tensor> = (0..pick(&acc.traces[0]).gate_probs.len()).map(|g| cat(acc.traces.iter().map(|p| pick(p).gate_probs[g].shallow_clone()))).collect();
+        (logits.argmax(-1, false).eq_tensor(&labels), cost, executed, exits, gates)
+    };
+    let (clean_ok, clean_cost, clean_exec, clean_exits, clean_gates) = side(|p| &p.0);
+    let (adv_ok, adv_cost, adv_exec, adv_exits, adv_gates) = side(|p| &p.1);
+    let mean = |t: &Tensor| t.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    let energy = EnergyModel::default();
+    let exits_of = |e: &Option<Tensor>| match (e, model.family()) {
+        (Some(e), dynrobust_core::Family::EarlyExit { exits, .. }) => Some(exit_histogram(e, exits)),
+        _ => None,
+    };
+    let (clean_hist, adv_hist) = (exits_of(&clean_exits), exits_of(&adv_exits));
+    let efficacy = |h: &Option<Vec<i64>>| Some(efficacy_auc(h.as_ref()?, &model.exit_costs()?));
+    let (clean_cost_mean, adv_cost_mean) = (mean(&clean_cost), mean(&adv_cost));
+    let budget = attack.budget();
+    let record = AttackRecord {
+        model: model.name(),
+        attack: attack.name().to_string(),
+        goal: attack.goal(),
+        eps: budget.map(|b| b.0),
+        norm: budget.map(|b| b.1),
+        n,
+        clean_acc: mean(&clean_ok),
+        adv_acc: mean(&adv_ok),
+        clean_cost: clean_cost_mean,
+        adv_cost: adv_cost_mean,
+        recovery: recovery(clean_cost_mean, adv_cost_mean),
+        l2_mean: mean(&cat(acc.l2.iter().map(|t| t.shallow_clone()))),
+        linf_max: acc.linf,
+        mse: acc.sq_sum / acc.elems.max(1.0),
+        seconds,
+        clean_efficacy: efficacy(&clean_hist),
+        adv_efficacy: efficacy(&adv_hist),
+        clean_exit_hist: clean_hist,
+        adv_exit_hist: adv_hist,
+        clean_gate_rates: (!clean_gates.is_empty()).then(|| gate_rates(&clean_gates)),
+        adv_gate_rates: (!adv_gates.is_empty()).then(|| gate_rates(&adv_gates)),
+        clean_energy_j: mean(&energy.joules(&clean_exec, model.units())),
+        adv_energy_j: mean(&energy.joules(&adv_exec, model.units())),
+        rapl_attack_j: rapl.as_ref().ok().copied(),
+        rapl_note: rapl.err(),
+        config: attack.config_json(),
+    };
+    let per_sample = PerSample {
+        clean_cost: to_vec(&clean_cost),
+        adv_cost: to_vec(&adv_cost),
+        clean_correct: to_vec::<bool>(&clean_ok),
+        adv_correct: to_vec::<bool>(&adv_ok),
+        clean_exit: clean_exits.map(|e| to_vec(&e)).unwrap_or_default(),
+        adv_exit: adv_exits.map(|e| to_vec(&e)).unwrap_or_default(),
+    };
+    (record, per_sample)
+}

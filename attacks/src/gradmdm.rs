@@ -1,0 +1,378 @@
+//! GradMDM — Pan, Foo, Zheng, Fan, Rahmani, Ke, Liu, "GradMDM: Adversarial Attack on Dynamic
+//! Networks", IEEE TPAMI 45(9):11374–11381, 2023 (code: lingengfoo/GradMDM) — and its
+//! predecessor GradAuto (Pan et al., ECCV 2022).
+//!
+//! GradMDM minimises `Lneg = −Σ_b ||min(g_b, .5)||_{p_neg}` (switch inactive gates on) with
+//! Adam on a tanh-space modifier, the update being `1.5e5·∇̃Lneg + γ·∇L2`. ∇̃ is the gradient
+//! after `backwardNorm` surgery at every gate position j (spec §2.4): per sample, the
+//! downstream gradient is rescaled to `C_j·unit(g_main)` (C_j = number of counted gates at or
+//! after j), the gate's own branch gradient to `unit(g_br)`, their sum is the node's gradient;
+//! the first (reference) pass — `Lpos` with counts 1 − masks — stores it as `r_j`, and the
+//! `Lneg` pass (counts = masks) removes the component conflicting with `r_j`
+//! (`g ← g − min(<g, r̂_j>, 0)·r̂_j`). Without custom autograd functions in tch, the surgery is
+//! reproduced exactly with segment-wise vector–Jacobian products over a pass cut at every
+//! gate position ([`dynrobust_core::CutTrace`]).
+
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, per_sample_norm, project, Attack, Goal, Norm, Requirements};
+use dynrobust_core::{CutTrace, DynamicModel, Error, Pass, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::losses::{gate_matrix, gradauto_lneg, gradauto_lpos, gradmdm_lneg, gradmdm_lpos};
+use crate::tanh_box::{Adam, Mode, TanhBox};
+
+/// The CIFAR-normalised bounds of [0,1] that GradMDM's code uses for every data set (quirk).
+pub const GRADMDM_FAITHFUL_BOUNDS: (f64, f64) = (-2.4291, 2.5141);
+
+/// GradMDM's config; defaults are the authors' (SkipNet SP exponents).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GradMdmConfig {
+    /// faithful (authors' box and bounds) or fixed (true bounds, w₀ = R⁻¹(x)).
+    pub mode: Mode,
+    /// Adam iterations.
+    pub iterations: usize,
+    /// Warm-up iterations: no gradient adjustment and p = (1, 1).
+    pub warmup: usize,
+    /// Adam learning rate on the modifier.
+    pub lr: f64,
+    /// Weight γ of the L2 term.
+    pub gamma: f64,
+    /// Scale of the energy gradient.
+    pub energy_scale: f64,
+    /// Exponent of Lpos (0.35 for SkipNet-SP models, 50 for RL models).
+    pub p_pos: f64,
+    /// Exponent of Lneg.
+    pub p_neg: f64,
+    /// Apply the backwardNorm gradient adjustment after the warm-up (false: plain gradient).
+    pub adjust: bool,
+    /// Accuracy-maintaining variant: L2 + acc_weight·Σ(logits − clean logits)².
+    pub acc_maintain: bool,
+    /// Weight of the logits term of the accuracy-maintaining variant.
+    pub acc_weight: f64,
+    /// Fixed mode only: project onto this ε-ball after every step (equal-budget comparisons).
+    pub eps: Option<f64>,
+    /// Norm of `eps`.
+    pub norm: Norm,
+    /// The attacked model's input normalisation mean (the box lives in normalised units).
+    pub mean: f64,
+    /// The attacked model's input normalisation std.
+    pub std: f64,
+}
+
+impl Default for GradMdmConfig {
+    fn default() -> Self {
+        GradMdmConfig {
+            mode: Mode::Faithful,
+            iterations: 100,
+            warmup: 10,
+            lr: 0.01,
+            gamma: 100.0,
+            energy_scale: 1.5e5,
+            p_pos: 0.35,
+            p_neg: 3.5,
+            adjust: true,
+            acc_maintain: false,
+            acc_weight: 1e5,
+            eps: None,
+            norm: Norm::Linf,
+            mean: 0.2860,
+            std: 0.3530,
+        }
+    }
+}
+
+impl GradMdmConfig {
+    fn validated(self) -> Result<Self> {
+        check_steps("iterations", self.iterations)?;
+        for (f, v) in [("lr", self.lr), ("p_pos", self.p_pos), ("p_neg", self.p_neg), ("std", self.std), ("energy_scale", self.energy_scale)] {
+            check_positive(f, v)?;
+        }
+        for (f, v) in [("gamma", self.gamma), ("acc_weight", self.acc_weight)] {
+            check_eps(f, v)?;
+        }
+        if !self.mean.is_finite() {
+            return Err(Error::config("mean", "expected a finite value"));
+        }
+        if let Some(eps) = self.eps {
+            check_eps("eps", eps)?;
+            if self.mode == Mode::Faithful {
+                return Err(Error::config("eps", "the faithful mode has no ε-ball (the authors' code has none); set mode = \"fixed\""));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// The GradMDM attack.
+#[derive(Debug, Clone)]
+pub struct GradMdm {
+    cfg: GradMdmConfig,
+}
+
+impl GradMdm {
+    /// GradMDM with a validated config.
+    pub fn new(cfg: GradMdmConfig) -> Result<Self> {
+        Ok(GradMdm { cfg: cfg.validated()? })
+    }
+}
+
+/// `g / (‖g‖₂ + 1e-20)` per sample (norm over C·H·W), zero for undefined gradients.
+pub fn unit(g: &Tensor) -> Tensor {
+    g / (per_sample_norm(g, 2.0) + 1e-20).view(&view_shape(g)[..])
+}
+
+fn view_shape(g: &Tensor) -> Vec<i64> {
+    let mut shape = vec![-1i64];
+    shape.extend(std::iter::repeat_n(1, g.dim() - 1));
+    shape
+}
+
+fn or_zeros(g: &Tensor, like: &Tensor) -> Tensor {
+    if g.defined() {
+        g.shallow_clone()
+    } else {
+        like.zeros_like()
+    }
+}
+
+/// One backward pass of `loss` through the cut graph with GradMDM's node rule.
+///
+/// `counts` is the `[B,G]` table (1 − masks for the reference pass, masks after); with
+/// `reference`, the node gradients are projected away from the stored reference directions.
+/// Returns the gradient with respect to `x` (the leaf the cut pass started from) and the node
+/// gradients (the reference directions when this is the reference pass).
+pub fn backward_norm(cut: &CutTrace, x: &Tensor, loss: &Tensor, counts: &Tensor, reference: Option<&[Tensor]>) -> Result<(Tensor, Vec<Tensor>)> {
+    let positions = cut.main.len();
+    let inputs: Vec<&Tensor> = cut.branch.iter().chain(cut.main.iter()).collect();
+    let direct = Tensor::f_run_backward(&[loss], &inputs, true, false)?;
+    let mut node_grads: Vec<Tensor> = Vec::with_capacity(positions);
+    let mut upstream: Option<Tensor> = None;
+    for j in (0..positions).rev() {
+        let mut g_br = or_zeros(&direct[j], &cut.branch[j]);
+        let mut g_main = or_zeros(&direct[positions + j], &cut.main[j]);
+        if let Some(up) = &upstream {
+            let s = (&cut.feature[j + 1] * up).sum(Kind::Float);
+            let vjp = Tensor::f_run_backward(&[&s], &[&cut.main[j], &cut.branch[j]], true, false)?;
+            g_main = g_main + or_zeros(&vjp[0], &cut.main[j]);
+            g_br = g_br + or_zeros(&vjp[1], &cut.branch[j]);
+        }
+        let c_j = counts.narrow(1, j as i64, (positions - j) as i64).sum_dim_intlist(&[1i64][..], false, Kind::Float);
+        let mut g = unit(&g_main) * c_j.view(&view_shape(&g_main)[..]) + unit(&g_br);
+        if let Some(refs) = reference {
+            let d = unit(&refs[j]);
+            let pi = (&g * &d).flatten(1, -1).sum_dim_intlist(&[1i64][..], false, Kind::Float).clamp_max(0.0);
+            g = &g - pi.view(&view_shape(&g)[..]) * d;
+        }
+        node_grads.push(g.shallow_clone());
+        upstream = Some(g);
+    }
+    node_grads.reverse();
+    let up = upstream.ok_or_else(|| Error::config("model", "GradMDM needs at least one gate position"))?;
+    let s = (&cut.feature[0] * &up).sum(Kind::Float);
+    let gx = Tensor::f_run_backward(&[&s], &[x], true, false)?.remove(0);
+    Ok((or_zeros(&gx, x), node_grads))
+}
+
+impl GradMdm {
+    /// Energy (and, with acc_maintain, reference) gradient with respect to the pixel input
+    /// `x_leaf` for iteration `t`: `(g_neg, g_ref_model_part)`.
+    fn energy_grads(&self, model: &dyn DynamicModel, x_leaf: &Tensor, clean_logits: Option<&Tensor>, t: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let c = &self.cfg;
+        let warm = t < c.warmup;
+        let (p_pos, p_neg) = if warm { (1.0, 1.0) } else { (c.p_pos, c.p_neg) };
+        let acc_term = |logits: &Tensor| clean_logits.map(|cl| (logits - cl).square().sum(Kind::Float) * c.acc_weight);
+        if warm || !c.adjust {
+            let trace = model.forward_trace(x_leaf, Pass::Dense)?;
+            let lneg = gradmdm_lneg(&gate_matrix(&trace)?, p_neg);
+            let acc = acc_term(&trace.logits);
+            let g_neg = Tensor::f_run_backward(&[&lneg], &[x_leaf], acc.is_some(), false)?.remove(0);
+            let g_acc = match acc {
+                Some(a) => Some(Tensor::f_run_backward(&[&a], &[x_leaf], false, false)?.remove(0)),
+                None => None,
+            };
+            return Ok((g_neg, g_acc));
+        }
+        let cut = model.forward_cut(x_leaf)?.ok_or_else(|| Error::config("model", format!("GradMDM's gradient adjustment needs a model cut at its gates; `{}` has none", model.name())))?;
+        let gates = gate_matrix(&cut.trace)?;
+        let masks = gates.gt(0.5).to_kind(Kind::Float).detach();
+        let inactive = 1.0 - &masks;
+        let lneg = gradmdm_lneg(&gates, p_neg);
+        match acc_term(&cut.trace.logits) {
+            None => {
+                let lpos = gradmdm_lpos(&gates, p_pos);
+                let (_, refs) = backward_norm(&cut, x_leaf, &lpos, &inactive, None)?;
+                let (g, _) = backward_norm(&cut, x_leaf, &lneg, &masks, Some(&refs))?;
+                Ok((g, None))
+            }
+            Some(acc) => {
+                // L2_acc is the reference (counts 1 − masks); Lpos consumes the mask table;
+                // faithful: the Lneg pass then sees only the total count C_0 at every node.
+                let (g_ref, refs) = backward_norm(&cut, x_leaf, &acc, &inactive, None)?;
+                let neg_counts = match c.mode {
+                    Mode::Faithful => {
+                        let total = masks.sum_dim_intlist(&[1i64][..], true, Kind::Float);
+                        let g = masks.size()[1];
+                        Tensor::cat(&[total, masks.zeros_like().narrow(1, 0, g - 1)], 1)
+                    }
+                    Mode::Fixed => masks.shallow_clone(),
+                };
+                let (g, _) = backward_norm(&cut, x_leaf, &lneg, &neg_counts, Some(&refs))?;
+                Ok((g, Some(g_ref)))
+            }
+        }
+    }
+}
+
+impl Attack for GradMdm {
+    fn name(&self) -> &'static str {
+        "gradmdm"
+    }
+    fn goal(&self) -> Goal {
+        Goal::Energy
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements { gates: true, ..Default::default() }
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).expect("serialisable")
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        self.cfg.eps.map(|e| (e, self.cfg.norm))
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
+        self.check_model(model)?;
+        let c = &self.cfg;
+        let bx = TanhBox::new(0.8, GRADMDM_FAITHFUL_BOUNDS, c.mean, c.std, c.mode);
+        let x_n = bx.normalise(x);
+        let clean_logits = if c.acc_maintain { Some(tch::no_grad(|| model.forward_trace(x, Pass::Dense)).map(|t| t.logits)?) } else { None };
+        let mut w = bx.init(x);
+        let mut adam = Adam::new(&w, c.lr);
+        let mut last = x.copy();
+        for t in 0..c.iterations {
+            let w_leaf = w.detach().set_requires_grad(true);
+            let x_adv = bx.x_adv(&w_leaf, &x_n);
+            let x_leaf = x_adv.detach().set_requires_grad(true);
+            last = x_adv.detach();
+            let (g_neg, g_ref) = self.energy_grads(model, &x_leaf, clean_logits.as_ref(), t)?;
+            // ∂L2/∂x_adv with L2 = Σ((x_adv − x)/σ)² (normalised units, as the code)
+            let g_l2 = (&last - x) * (2.0 / (c.std * c.std)) + g_ref.unwrap_or_else(|| x.zeros_like());
+            let g_x = g_neg * c.energy_scale + g_l2 * c.gamma;
+            let s = (&x_adv * g_x.detach()).sum(Kind::Float);
+            let g_w = Tensor::f_run_backward(&[&s], &[&w_leaf], false, false)?.remove(0);
+            w = tch::no_grad(|| adam.step(&w, &g_w));
+            if let Some(eps) = c.eps {
+                w = tch::no_grad(|| bx.encode(&project(&bx.x_adv(&w, &x_n), x, eps, c.norm), &x_n));
+            }
+        }
+        Ok(match c.eps {
+            Some(eps) => project(&last, x, eps, c.norm),
+            None => last,
+        })
+    }
+}
+
+/// GradAuto's config (Pan et al., ECCV 2022); defaults are the authors'.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GradAutoConfig {
+    /// faithful or fixed box (as GradMDM).
+    pub mode: Mode,
+    /// Adam iterations.
+    pub iterations: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Energy weight K (the energy gradient is scaled by K·C·H·W).
+    pub k: f64,
+    /// Fixed mode only: ε-ball projection.
+    pub eps: Option<f64>,
+    /// Norm of `eps`.
+    pub norm: Norm,
+    /// Input normalisation mean of the model.
+    pub mean: f64,
+    /// Input normalisation std of the model.
+    pub std: f64,
+}
+
+impl Default for GradAutoConfig {
+    fn default() -> Self {
+        GradAutoConfig { mode: Mode::Faithful, iterations: 300, lr: 0.01, k: 1.0, eps: None, norm: Norm::Linf, mean: 0.2860, std: 0.3530 }
+    }
+}
+
+/// GradAuto: `u = unit(∇Lpos)`, `∇Lneg ← unit(∇Lneg − min(<∇Lneg,u>,0)·u)`,
+/// update `K·CHW·∇Lneg + ∇L2`, all with respect to the modifier.
+#[derive(Debug, Clone)]
+pub struct GradAuto {
+    cfg: GradAutoConfig,
+}
+
+impl GradAuto {
+    /// GradAuto with a validated config.
+    pub fn new(cfg: GradAutoConfig) -> Result<Self> {
+        check_steps("iterations", cfg.iterations)?;
+        check_positive("lr", cfg.lr)?;
+        check_positive("k", cfg.k)?;
+        check_positive("std", cfg.std)?;
+        if let Some(eps) = cfg.eps {
+            check_eps("eps", eps)?;
+            if cfg.mode == Mode::Faithful {
+                return Err(Error::config("eps", "the faithful mode has no ε-ball; set mode = \"fixed\""));
+            }
+        }
+        Ok(GradAuto { cfg })
+    }
+}
+
+impl Attack for GradAuto {
+    fn name(&self) -> &'static str {
+        "gradauto"
+    }
+    fn goal(&self) -> Goal {
+        Goal::Energy
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements { gates: true, ..Default::default() }
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).expect("serialisable")
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        self.cfg.eps.map(|e| (e, self.cfg.norm))
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
+        self.check_model(model)?;
+        let c = &self.cfg;
+        let bx = TanhBox::new(0.8, GRADMDM_FAITHFUL_BOUNDS, c.mean, c.std, c.mode);
+        let x_n = bx.normalise(x);
+        let chw = (x.numel() as i64 / x.size()[0]) as f64;
+        let mut w = bx.init(x);
+        let mut adam = Adam::new(&w, c.lr);
+        let mut last = x.copy();
+        for _ in 0..c.iterations {
+            let w_leaf = w.detach().set_requires_grad(true);
+            let x_adv = bx.x_adv(&w_leaf, &x_n);
+            last = x_adv.detach();
+            let gates = gate_matrix(&model.forward_trace(&x_adv, Pass::Dense)?)?;
+            let (lpos, lneg) = (gradauto_lpos(&gates), gradauto_lneg(&gates));
+            let l2 = ((&x_adv - x) / c.std).square().sum(Kind::Float);
+            let g_pos = Tensor::f_run_backward(&[&lpos], &[&w_leaf], true, false)?.remove(0);
+            let g_neg = Tensor::f_run_backward(&[&lneg], &[&w_leaf], true, false)?.remove(0);
+            let g_l2 = Tensor::f_run_backward(&[&l2], &[&w_leaf], false, false)?.remove(0);
+            let g = tch::no_grad(|| {
+                let u = unit(&g_pos);
+                let pi = (&g_neg * &u).flatten(1, -1).sum_dim_intlist(&[1i64][..], false, Kind::Float).clamp_max(0.0);
+                let g_neg = unit(&(&g_neg - pi.view(&view_shape(&u)[..]) * &u));
+                g_neg * (c.k * chw) + g_l2
+            });
+            w = tch::no_grad(|| adam.step(&w, &g));
+            if let Some(eps) = c.eps {
+                w = tch::no_grad(|| bx.encode(&project(&bx.x_adv(&w, &x_n), x, eps, c.norm), &x_n));
+            }
+        }
+        Ok(match c.eps {
+            Some(eps) => project(&last, x, eps, c.norm),
+            None => last,
+        })
+    }
+}

@@ -1,0 +1,114 @@
+//! Loss functions of the attacks, each as its authors' code computes it (see
+//! `shared/spec/attacks.md`), on `[B,K]` logits and `[B]` gate probabilities.
+
+use dynrobust_core::{Error, Result, Trace};
+use tch::{Kind, Reduction, Tensor};
+
+/// DeepSloth (Hong et al., ICLR 2021), `utils.CrossEntropyLogitsWithUniform`, summed over the
+/// internal classifiers (all exits but the final head): Σ_i mean_b [−(1/K) Σ_k log(softmax(z_i)_k + 1e-9)].
+/// Minimised: every IC is pushed to the uniform distribution (no confident early exit).
+pub fn deepsloth_uniform_ce(exit_logits: &[Tensor]) -> Tensor {
+    exit_logits.iter().map(uniform_ce_per_sample).map(|l| l.mean(Kind::Float)).sum::<Tensor>()
+}
+
+/// `[B]` cross-entropy of softmax(z) against the uniform distribution (with DeepSloth's 1e-9).
+pub fn uniform_ce_per_sample(z: &Tensor) -> Tensor {
+    let k = z.size()[1] as f64;
+    -(z.softmax(1, Kind::Float) + 1e-9).log().sum_dim_intlist(&[1i64][..], false, Kind::Float) / k
+}
+
+/// ILFO (Haque et al., CVPR 2020) energy term c·Σ_i relu(0.5 − p_i), summed over gates and
+/// the batch (`[G]` of `[B]` probabilities); `faithful` multiplies by the number of gates G,
+/// the effect of the authors' `(target[G] − output[G,1])` broadcast.
+pub fn ilfo_energy(gate_probs: &[Tensor], c: f64, faithful: bool) -> Tensor {
+    let g = gate_probs.len() as f64;
+    let sum: Tensor = gate_probs.iter().map(|p| (-p + 0.5).relu().sum(Kind::Float)).sum();
+    let scale = if faithful { c * g } else { c };
+    sum * scale
+}
+
+/// `||v||_p = (Σ_j |v_j|^p)^{1/p}` over the gate dimension of `[B,G]`, per sample (used even
+/// for p < 1, as `Tensor.norm(p, dim=1)` in GradMDM's code).
+pub fn p_norm_rows(v: &Tensor, p: f64) -> Tensor {
+    v.abs().pow_tensor_scalar(p).sum_dim_intlist(&[1i64][..], false, Kind::Float).pow_tensor_scalar(1.0 / p)
+}
+
+/// GradMDM `Lpos = Σ_b ||1 − max(g_b, τ)||_{p_pos}` ("keep active gates active"), τ = 0.5.
+pub fn gradmdm_lpos(gates: &Tensor, p_pos: f64) -> Tensor {
+    p_norm_rows(&(1.0 - gates.clamp_min(0.5)), p_pos).sum(Kind::Float)
+}
+
+/// GradMDM `Lneg = −Σ_b ||min(g_b, τ)||_{p_neg}` ("switch inactive gates on"), τ = 0.5.
+pub fn gradmdm_lneg(gates: &Tensor, p_neg: f64) -> Tensor {
+    -p_norm_rows(&gates.clamp_max(0.5), p_neg).sum(Kind::Float)
+}
+
+/// GradAuto `Lpos = −Σ relu(g − 0.5)`.
+pub fn gradauto_lpos(gates: &Tensor) -> Tensor {
+    -(gates - 0.5).relu().sum(Kind::Float)
+}
+
+/// GradAuto `Lneg = Σ relu(0.5 − g)`.
+pub fn gradauto_lneg(gates: &Tensor) -> Tensor {
+    (-gates + 0.5).relu().sum(Kind::Float)
+}
+
+/// Stacks a trace's gate probabilities into `[B,G]`.
+pub fn gate_matrix(trace: &Trace) -> Result<Tensor> {
+    if trace.gate_probs.is_empty() {
+        return Err(Error::config("model", "this attack needs gate probabilities; the model has no gates"));
+    }
+    Ok(Tensor::stack(&trace.gate_probs, 1))
+}
+
+/// Which output an accuracy loss reads (DeepSloth's PGD, PGD-avg, PGD-max).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExitLoss {
+    /// The final head (DeepSloth's PGD).
+    Final,
+    /// The deployed prediction (the exit the rule chose; the final head for non-exit models).
+    Deployed,
+    /// Cross-entropy averaged over every exit and the final head (PGD-avg).
+    Avg,
+    /// Per sample the largest cross-entropy over the exits and the final head (a one-pass
+    /// form of PGD-max's worst exit).
+    Max,
+}
+
+/// Cross-entropy `[B]` (per sample) of the output chosen by `which`.
+pub fn accuracy_loss_per_sample(trace: &Trace, y: &Tensor, which: ExitLoss) -> Tensor {
+    let ce = |z: &Tensor| z.log_softmax(1, Kind::Float).nll_loss_nd::<Tensor>(y, None, Reduction::None, -100);
+    match which {
+        ExitLoss::Deployed => return ce(&trace.logits),
+        _ if trace.exit_logits.is_empty() || which == ExitLoss::Final => return ce(&trace.final_logits),
+        _ => {}
+    }
+    // every internal classifier plus the final head
+    let per_exit: Vec<Tensor> = trace.exit_logits.iter().chain(std::iter::once(&trace.final_logits)).map(ce).collect();
+    let stacked = Tensor::stack(&per_exit, 1);
+    match which {
+        ExitLoss::Avg => stacked.mean_dim(&[1i64][..], false, Kind::Float),
+        _ => stacked.amax(&[1i64][..], false),
+    }
+}
+
+/// DeepSloth's efficacy: the area under (cumulative exit fraction) vs (normalised cumulative
+/// cost) with points `[0, c_1 … c_N]`, `[0, F_1 … F_N]` (trapezoid rule). `exit_costs[i]` is
+/// the cost of a sample leaving at exit i (the last is the final head, normalised to 1 here);
+/// `histogram[i]` the samples that left there.
+pub fn efficacy_auc(histogram: &[i64], exit_costs: &[f64]) -> f64 {
+    let n: i64 = histogram.iter().sum();
+    if n == 0 || histogram.len() != exit_costs.len() {
+        return f64::NAN;
+    }
+    let last = *exit_costs.last().unwrap();
+    let (mut xs, mut ys) = (vec![0.0], vec![0.0]);
+    let mut cum = 0;
+    for (i, (&h, &c)) in histogram.iter().zip(exit_costs).enumerate() {
+        cum += h;
+        xs.push(c / last);
+        ys.push(if i + 1 == histogram.len() { 1.0 } else { cum as f64 / n as f64 });
+    }
+    xs.windows(2).zip(ys.windows(2)).map(|(x, y)| (x[1] - x[0]) * (y[0] + y[1]) / 2.0).sum()
+}

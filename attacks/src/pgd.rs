@@ -1,0 +1,197 @@
+//! Accuracy attacks: FGSM (Goodfellow, Shlens, Szegedy, ICLR 2015), PGD-L∞ / PGD-L2 (Madry,
+//! Makelov, Schmidt, Tsipras, Vladu, ICLR 2018) and MI-FGSM (Dong et al., CVPR 2018), with the
+//! loss on the final head, the deployed exit, averaged over exits or the worst exit
+//! (DeepSloth's PGD / PGD-avg / PGD-max, Hong et al., ICLR 2021).
+
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
+use dynrobust_core::{DynamicModel, Pass, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::losses::{accuracy_loss_per_sample, ExitLoss};
+
+/// Config of PGD (L∞ or L2) and its one-step special case FGSM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgdConfig {
+    /// Budget ε (pixel units, images in [0,1]).
+    pub eps: f64,
+    /// Norm of the budget.
+    pub norm: Norm,
+    /// Iterations.
+    pub steps: usize,
+    /// Step size α; default 2.5·ε/steps (Madry et al.).
+    pub step_size: Option<f64>,
+    /// Start from a uniform random point of the ball.
+    pub random_start: bool,
+    /// Which output the cross-entropy reads.
+    pub loss: ExitLoss,
+    /// RNG seed of the random start.
+    pub seed: u64,
+}
+
+impl Default for PgdConfig {
+    fn default() -> Self {
+        PgdConfig { eps: 8.0 / 255.0, norm: Norm::Linf, steps: 20, step_size: None, random_start: true, loss: ExitLoss::Final, seed: 0 }
+    }
+}
+
+impl PgdConfig {
+    fn validated(self) -> Result<Self> {
+        check_eps("eps", self.eps)?;
+        check_steps("steps", self.steps)?;
+        if let Some(a) = self.step_size {
+            check_positive("step_size", a)?;
+        }
+        Ok(self)
+    }
+    fn alpha(&self) -> f64 {
+        self.step_size.unwrap_or(2.5 * self.eps / self.steps as f64)
+    }
+}
+
+/// Projected gradient descent on the cross-entropy.
+#[derive(Debug, Clone)]
+pub struct Pgd {
+    cfg: PgdConfig,
+    name: &'static str,
+}
+
+impl Pgd {
+    /// PGD with a validated config.
+    pub fn new(cfg: PgdConfig) -> Result<Self> {
+        let name = match cfg.norm {
+            Norm::Linf => "pgd-linf",
+            Norm::L2 => "pgd-l2",
+        };
+        Ok(Pgd { cfg: cfg.validated()?, name })
+    }
+    /// FGSM: one step of size ε from the clean point.
+    pub fn fgsm(eps: f64, loss: ExitLoss) -> Result<Self> {
+        let cfg = PgdConfig { eps, norm: Norm::Linf, steps: 1, step_size: Some(eps.max(f64::MIN_POSITIVE)), random_start: false, loss, seed: 0 };
+        check_eps("eps", eps)?;
+        Ok(Pgd { cfg: cfg.validated()?, name: "fgsm" })
+    }
+    /// The config.
+    pub fn config(&self) -> &PgdConfig {
+        &self.cfg
+    }
+}
+
+/// A uniform random start in the ε-ball of `norm` (L2: random direction, radius ε·U(0,1)).
+pub fn random_start(x: &Tensor, eps: f64, norm: Norm) -> Tensor {
+    let delta = match norm {
+        Norm::Linf => x.rand_like() * (2.0 * eps) - eps,
+        Norm::L2 => {
+            let r = x.randn_like();
+            let u = Tensor::rand([x.size()[0]], (Kind::Float, x.device())) * eps;
+            &r / per_sample_norm(&r, 2.0).clamp_min(1e-12).view([-1, 1, 1, 1]) * u.view([-1, 1, 1, 1])
+        }
+    };
+    (x + delta).clamp(0.0, 1.0)
+}
+
+/// Summed cross-entropy of the chosen output: the ascent objective.
+pub fn ce_objective(model: &dyn DynamicModel, x: &Tensor, y: &Tensor, which: ExitLoss) -> Result<Tensor> {
+    let trace = model.forward_trace(x, Pass::Dense)?;
+    Ok(accuracy_loss_per_sample(&trace, y, which).sum(Kind::Float))
+}
+
+impl Attack for Pgd {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn goal(&self) -> Goal {
+        Goal::Accuracy
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements::default()
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).expect("serialisable")
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        Some((self.cfg.eps, self.cfg.norm))
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        tch::manual_seed(self.cfg.seed as i64);
+        let c = &self.cfg;
+        let mut x_adv = if c.random_start { random_start(x, c.eps, c.norm) } else { x.copy() };
+        for _ in 0..c.steps {
+            let (g, _) = input_grad(&x_adv, |xa| ce_objective(model, xa, y, c.loss))?;
+            x_adv = tch::no_grad(|| project(&(&x_adv + steepest(&g, c.norm) * c.alpha()), x, c.eps, c.norm));
+        }
+        Ok(x_adv.detach())
+    }
+}
+
+/// Config of MI-FGSM (momentum iterative FGSM, L∞).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MiFgsmConfig {
+    /// L∞ budget ε.
+    pub eps: f64,
+    /// Iterations; the step is ε/steps.
+    pub steps: usize,
+    /// Momentum μ.
+    pub momentum: f64,
+    /// Which output the cross-entropy reads.
+    pub loss: ExitLoss,
+}
+
+impl Default for MiFgsmConfig {
+    fn default() -> Self {
+        MiFgsmConfig { eps: 8.0 / 255.0, steps: 10, momentum: 1.0, loss: ExitLoss::Final }
+    }
+}
+
+/// MI-FGSM: g ← μ·g + ∇/‖∇‖₁; x ← Π(x + (ε/steps)·sign(g)).
+#[derive(Debug, Clone)]
+pub struct MiFgsm {
+    cfg: MiFgsmConfig,
+}
+
+impl MiFgsm {
+    /// MI-FGSM with a validated config.
+    pub fn new(cfg: MiFgsmConfig) -> Result<Self> {
+        check_eps("eps", cfg.eps)?;
+        check_steps("steps", cfg.steps)?;
+        if !(cfg.momentum.is_finite() && cfg.momentum >= 0.0) {
+            return Err(dynrobust_core::Error::config("momentum", format!("{}: expected a finite value ≥ 0", cfg.momentum)));
+        }
+        Ok(MiFgsm { cfg })
+    }
+}
+
+impl Attack for MiFgsm {
+    fn name(&self) -> &'static str {
+        "mi-fgsm"
+    }
+    fn goal(&self) -> Goal {
+        Goal::Accuracy
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements::default()
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).expect("serialisable")
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        Some((self.cfg.eps, Norm::Linf))
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let alpha = c.eps / c.steps as f64;
+        let mut x_adv = x.copy();
+        let mut momentum = x.zeros_like();
+        for _ in 0..c.steps {
+            let (g, _) = input_grad(&x_adv, |xa| ce_objective(model, xa, y, c.loss))?;
+            tch::no_grad(|| {
+                let l1 = per_sample_norm(&g, 1.0).clamp_min(1e-12).view([-1, 1, 1, 1]);
+                momentum = &momentum * c.momentum + g / l1;
+                x_adv = project(&(&x_adv + momentum.sign() * alpha), x, c.eps, Norm::Linf);
+            });
+        }
+        Ok(x_adv.detach())
+    }
+}

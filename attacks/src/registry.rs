@@ -1,0 +1,98 @@
+//! Attacks by name: the list `dynrobust list attacks` prints, and construction from a name
+//! plus JSON overrides of the authors' defaults (unknown fields are refused by serde with the
+//! field named; values are validated by each attack's constructor).
+
+use dynrobust_core::attack::Attack;
+use dynrobust_core::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::deepsloth::{DeepSloth, DeepSlothConfig, Variant};
+use crate::gradmdm::{GradAuto, GradAutoConfig, GradMdm, GradMdmConfig};
+use crate::ilfo::{Ilfo, IlfoConfig};
+use crate::losses::ExitLoss;
+use crate::mechanism::{Mechanism, MechanismConfig, MechanismVariant};
+use crate::pgd::{MiFgsm, MiFgsmConfig, Pgd, PgdConfig};
+use crate::transfer::{FeaturePgd, FeaturePgdConfig};
+
+/// Name, goal and one-line description of every attack.
+pub const ATTACKS: &[(&str, &str, &str)] = [
+    ("deepsloth", "energy", "DeepSloth per-sample L∞ (Hong et al., ICLR 2021): push every internal classifier to uniform"),
+    ("deepsloth-l2", "energy", "DeepSloth per-sample L2, DDN-style decaying radius"),
+    ("deepsloth-universal", "energy", "DeepSloth universal L∞: one perturbation for the whole input set"),
+    ("gradmdm", "energy", "GradMDM (Pan et al., TPAMI 2023): p-norm gate losses with per-gate gradient direction+magnitude surgery"),
+    ("gradauto", "energy", "GradAuto (Pan et al., ECCV 2022): PCGrad-projected gate gradient at the input"),
+    ("ilfo", "energy", "ILFO (Haque et al., CVPR 2020): c·Σ relu(0.5 − p) + L2, Adam in tanh space, best iterate"),
+    ("fgsm", "accuracy", "FGSM (Goodfellow et al., ICLR 2015): one signed-gradient step of size ε"),
+    ("pgd-linf", "accuracy", "PGD L∞ (Madry et al., ICLR 2018); loss on final head / deployed exit / avg / max over exits"),
+    ("pgd-l2", "accuracy", "PGD L2 (Madry et al., ICLR 2018)"),
+    ("mi-fgsm", "accuracy", "MI-FGSM (Dong et al., CVPR 2018): momentum iterative FGSM, for transfer"),
+    ("feature-pgd", "accuracy", "PGD on an early feature map of a (surrogate) model, for lightweight black-box transfer"),
+    ("mechanism", "both", "dynamic-mechanism attack: misclassify and maximise compute (joint objective)"),
+    ("mechanism-stealthy", "energy", "dynamic-mechanism attack, stealthy: keep the prediction, maximise compute"),
+]
+.as_slice();
+
+/// Names of every attack.
+pub fn names() -> Vec<&'static str> {
+    ATTACKS.iter().map(|a| a.0).collect()
+}
+
+fn merged<C: Serialize + DeserializeOwned>(defaults: C, overrides: &serde_json::Value) -> Result<C> {
+    let mut value = serde_json::to_value(defaults)?;
+    if let (Some(base), Some(over)) = (value.as_object_mut(), overrides.as_object()) {
+        for (k, v) in over {
+            base.insert(k.clone(), v.clone());
+        }
+    } else if !overrides.is_null() {
+        return Err(Error::config("attack", "overrides must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| Error::config(field_of(&e.to_string()), e.to_string()))
+}
+
+/// The field a serde error is about (`unknown field `x`` → x), for the error's `field`.
+fn field_of(msg: &str) -> String {
+    msg.split('`').nth(1).unwrap_or("attack").to_string()
+}
+
+/// Builds attack `name` with `overrides` (a JSON object of config fields) over its defaults.
+pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack>> {
+    let with_variant = |v: Variant| -> Result<Box<dyn Attack>> {
+        let mut cfg: DeepSlothConfig = merged(DeepSlothConfig { variant: v, ..Default::default() }, overrides)?;
+        cfg.variant = v;
+        Ok(Box::new(DeepSloth::new(cfg)?))
+    };
+    Ok(match name {
+        "deepsloth" => with_variant(Variant::Linf)?,
+        "deepsloth-l2" => with_variant(Variant::L2)?,
+        "deepsloth-universal" => with_variant(Variant::Universal)?,
+        "gradmdm" => Box::new(GradMdm::new(merged(GradMdmConfig::default(), overrides)?)?),
+        "gradauto" => Box::new(GradAuto::new(merged(GradAutoConfig::default(), overrides)?)?),
+        "ilfo" => Box::new(Ilfo::new(merged(IlfoConfig::default(), overrides)?)?),
+        "fgsm" => {
+            let cfg: PgdConfig = merged(PgdConfig { steps: 1, random_start: false, ..Default::default() }, overrides)?;
+            if cfg.steps != 1 || cfg.random_start {
+                return Err(Error::config("steps", "FGSM is one step from the clean point; use pgd-linf for more"));
+            }
+            Box::new(Pgd::fgsm(cfg.eps, cfg.loss)?)
+        }
+        "pgd-linf" => Box::new(Pgd::new(merged(PgdConfig::default(), overrides)?)?),
+        "pgd-l2" => Box::new(Pgd::new(merged(PgdConfig { norm: dynrobust_core::attack::Norm::L2, eps: 1.0, ..Default::default() }, overrides)?)?),
+        "mi-fgsm" => Box::new(MiFgsm::new(merged(MiFgsmConfig::default(), overrides)?)?),
+        "feature-pgd" => Box::new(FeaturePgd::new(merged(FeaturePgdConfig::default(), overrides)?)?),
+        "mechanism" | "mechanism-stealthy" => {
+            let variant = if name == "mechanism" { MechanismVariant::Joint } else { MechanismVariant::Stealthy };
+            let mut cfg: MechanismConfig = merged(MechanismConfig { variant, ..Default::default() }, overrides)?;
+            cfg.variant = variant;
+            Box::new(Mechanism::new(cfg)?)
+        }
+        other => {
+            return Err(Error::config("attack", format!("unknown attack `{other}`; expected one of: {}", names().join(", "))));
+        }
+    })
+}
+
+/// Convenience: the accuracy-loss choice from a CLI string.
+pub fn exit_loss(s: &str) -> Result<ExitLoss> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| Error::config("loss", format!("`{s}`: expected final, deployed, avg or max")))
+}

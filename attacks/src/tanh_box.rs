@@ -1,0 +1,119 @@
+//! The tanh change of variables of GradMDM, GradAuto and ILFO, and a hand-written Adam that
+//! matches PyTorch's (so the gradient fed to it can be a composite one).
+//!
+//! The authors optimise a modifier w in the model's *normalised* input space:
+//! `x_adv_n = R(w + x_n)`, `R(z) = (tanh(k·z) + 1)/2 · (hi − lo) + lo`, w starting at 0 —
+//! so the first iterate is already squashed (`R(x) ≠ x`) and the L2 term pulls it back; the
+//! bounds are CIFAR's (a quirk on ImageNet and here). *Faithful* mode keeps all that; *fixed*
+//! mode uses the true bounds of [0,1] pixels, starts at `w = R⁻¹(x)` (so `x_adv = x` at step 0)
+//! and optimises `x_adv = R(w)`. Either way the result is mapped back to pixels and clipped to
+//! [0,1], the one contract every dynrobust attack keeps.
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+/// Faithful (authors' code, quirks included) or fixed (correct bounds and initialisation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// As the authors' code does it.
+    Faithful,
+    /// Bugs fixed: true bounds, `w₀ = R⁻¹(x)`.
+    Fixed,
+}
+
+/// The box map `R` and its use in one mode.
+#[derive(Debug, Clone)]
+pub struct TanhBox {
+    /// tanh slope k (0.8 for GradMDM/GradAuto, 1 for ILFO).
+    pub slope: f64,
+    /// Normalised-space lower bound.
+    pub lo: f64,
+    /// Normalised-space upper bound.
+    pub hi: f64,
+    /// Input normalisation mean (of the model the attack targets).
+    pub mean: f64,
+    /// Input normalisation std.
+    pub std: f64,
+    /// Faithful or fixed.
+    pub mode: Mode,
+}
+
+impl TanhBox {
+    /// A box; in fixed mode `lo/hi` are replaced by the true normalised range of [0,1].
+    pub fn new(slope: f64, faithful_bounds: (f64, f64), mean: f64, std: f64, mode: Mode) -> Self {
+        let (lo, hi) = match mode {
+            Mode::Faithful => faithful_bounds,
+            Mode::Fixed => (-mean / std, (1.0 - mean) / std),
+        };
+        TanhBox { slope, lo, hi, mean, std, mode }
+    }
+    /// Pixels → normalised units.
+    pub fn normalise(&self, x: &Tensor) -> Tensor {
+        (x - self.mean) / self.std
+    }
+    /// `R(z)`.
+    pub fn r(&self, z: &Tensor) -> Tensor {
+        ((z * self.slope).tanh() + 1.0) * (0.5 * (self.hi - self.lo)) + self.lo
+    }
+    /// `R⁻¹(v)` with the argument of atanh clipped to ±(1 − 1e-6).
+    pub fn r_inv(&self, v: &Tensor) -> Tensor {
+        let u = ((v - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0).clamp(-1.0 + 1e-6, 1.0 - 1e-6);
+        u.atanh() / self.slope
+    }
+    /// The modifier w at step 0.
+    pub fn init(&self, x: &Tensor) -> Tensor {
+        match self.mode {
+            Mode::Faithful => x.zeros_like(),
+            Mode::Fixed => self.r_inv(&self.normalise(x)),
+        }
+    }
+    /// Normalised adversarial input for modifier `w` (differentiable in w).
+    pub fn x_adv_normalised(&self, w: &Tensor, x_n: &Tensor) -> Tensor {
+        match self.mode {
+            Mode::Faithful => self.r(&(w + x_n)),
+            Mode::Fixed => self.r(w),
+        }
+    }
+    /// Pixel-space adversarial input (differentiable in w), clipped to [0,1].
+    pub fn x_adv(&self, w: &Tensor, x_n: &Tensor) -> Tensor {
+        (self.x_adv_normalised(w, x_n) * self.std + self.mean).clamp(0.0, 1.0)
+    }
+    /// The modifier that yields pixel image `x_adv` (used after a projection).
+    pub fn encode(&self, x_adv: &Tensor, x_n: &Tensor) -> Tensor {
+        let w = self.r_inv(&self.normalise(x_adv));
+        match self.mode {
+            Mode::Faithful => w - x_n,
+            Mode::Fixed => w,
+        }
+    }
+}
+
+/// Adam exactly as PyTorch: m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
+/// w ← w − lr·(m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε).
+#[derive(Debug)]
+pub struct Adam {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    m: Tensor,
+    v: Tensor,
+    t: i32,
+}
+
+impl Adam {
+    /// PyTorch's defaults (β = (0.9, 0.999), ε = 1e-8) for a parameter shaped like `w`.
+    pub fn new(w: &Tensor, lr: f64) -> Self {
+        Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, m: w.zeros_like(), v: w.zeros_like(), t: 0 }
+    }
+    /// One step: returns the updated parameter.
+    pub fn step(&mut self, w: &Tensor, g: &Tensor) -> Tensor {
+        self.t += 1;
+        self.m = &self.m * self.beta1 + g * (1.0 - self.beta1);
+        self.v = &self.v * self.beta2 + g.square() * (1.0 - self.beta2);
+        let m_hat = &self.m / (1.0 - self.beta1.powi(self.t));
+        let v_hat = &self.v / (1.0 - self.beta2.powi(self.t));
+        w - m_hat * self.lr / (v_hat.sqrt() + self.eps)
+    }
+}

@@ -1,0 +1,128 @@
+//! Transfer (black-box) attacks: an attack crafted on a surrogate model and applied to the
+//! victim, which contributes nothing but its predictions (Papernot et al. 2016; DeepSloth's
+//! black-box scenarios; the seed study's DyNN↔SDNN transfer). Surrogates may be weak — trained
+//! on k samples per class (the "lightweight black-box" setting of Sun et al., ECCV 2022, where
+//! perturbing a surrogate's shallow features transfers best, hence [`FeaturePgd`]) or on
+//! another data set.
+
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, project, Attack, Goal, Norm, Requirements};
+use dynrobust_core::{DynamicModel, Error, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::pgd::random_start;
+
+/// Any attack crafted on `surrogate`, applied to whatever victim `perturb` is given.
+pub struct Transfer {
+    inner: Box<dyn Attack>,
+    surrogate: Box<dyn DynamicModel>,
+}
+
+impl Transfer {
+    /// Wraps `inner`; the surrogate must satisfy `inner`'s requirements.
+    pub fn new(inner: Box<dyn Attack>, surrogate: Box<dyn DynamicModel>) -> Result<Self> {
+        inner.check_model(&*surrogate)?;
+        Ok(Transfer { inner, surrogate })
+    }
+}
+
+impl Attack for Transfer {
+    fn name(&self) -> &'static str {
+        "transfer"
+    }
+    fn goal(&self) -> Goal {
+        self.inner.goal()
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements::default()
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::json!({"inner": self.inner.name(), "inner_config": self.inner.config_json(), "surrogate": self.surrogate.name()})
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        self.inner.budget()
+    }
+    fn perturb(&self, _victim: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.inner.perturb(&*self.surrogate, x, y)
+    }
+}
+
+/// Config of the feature-level PGD.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeaturePgdConfig {
+    /// L∞ budget.
+    pub eps: f64,
+    /// Iterations.
+    pub steps: usize,
+    /// Step size; default 2.5·ε/steps.
+    pub step_size: Option<f64>,
+    /// Index of the block whose output is perturbed (0 = the first, shallowest).
+    pub layer: usize,
+    /// RNG seed of the random start.
+    pub seed: u64,
+}
+
+impl Default for FeaturePgdConfig {
+    fn default() -> Self {
+        FeaturePgdConfig { eps: 8.0 / 255.0, steps: 20, step_size: None, layer: 0, seed: 0 }
+    }
+}
+
+/// PGD-L∞ that maximises `||f_l(x_adv) − f_l(x)||²` at an early layer l of the model it is
+/// given (meant for surrogates, inside [`Transfer`]).
+#[derive(Debug, Clone)]
+pub struct FeaturePgd {
+    cfg: FeaturePgdConfig,
+}
+
+impl FeaturePgd {
+    /// With a validated config.
+    pub fn new(cfg: FeaturePgdConfig) -> Result<Self> {
+        check_eps("eps", cfg.eps)?;
+        check_steps("steps", cfg.steps)?;
+        if let Some(a) = cfg.step_size {
+            check_positive("step_size", a)?;
+        }
+        Ok(FeaturePgd { cfg })
+    }
+}
+
+impl Attack for FeaturePgd {
+    fn name(&self) -> &'static str {
+        "feature-pgd"
+    }
+    fn goal(&self) -> Goal {
+        Goal::Accuracy
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements::default()
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).expect("serialisable")
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        Some((self.cfg.eps, Norm::Linf))
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        tch::manual_seed(c.seed as i64);
+        let layer_of = |t: &Tensor| -> Result<Tensor> {
+            let mut f = model.features(t)?;
+            if c.layer >= f.len() {
+                return Err(Error::config("layer", format!("{}: model `{}` exposes {} feature layers", c.layer, model.name(), f.len())));
+            }
+            Ok(f.swap_remove(c.layer))
+        };
+        let clean = tch::no_grad(|| layer_of(x))?.detach();
+        let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
+        let mut x_adv = random_start(x, c.eps, Norm::Linf);
+        for _ in 0..c.steps {
+            let leaf = x_adv.detach().set_requires_grad(true);
+            let loss = (layer_of(&leaf)? - &clean).square().sum(Kind::Float);
+            let g = Tensor::f_run_backward(&[&loss], &[&leaf], false, false)?.remove(0);
+            x_adv = tch::no_grad(|| project(&(&x_adv + g.sign() * alpha), x, c.eps, Norm::Linf));
+        }
+        Ok(x_adv)
+    }
+}

@@ -1,0 +1,168 @@
+//! The attack plugin protocol.
+//!
+//! An [`Attack`] takes a model (possibly a defended one — it only sees [`DynamicModel`]),
+//! clean inputs in [0,1] and labels, and returns adversarial inputs in [0,1] of the same shape.
+//! Its config is a serde struct that rejects unknown fields and is validated on construction.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::protocol::{DynamicModel, Family};
+
+/// What an attack is after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Goal {
+    /// Raise the compute the model spends (slowdown / energy attacks).
+    Energy,
+    /// Make the model misclassify.
+    Accuracy,
+    /// Both at once (the dynamic-mechanism attack).
+    Both,
+}
+
+/// What an attack requires of the model it attacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Requirements {
+    /// Needs early exits (internal classifiers).
+    pub exits: bool,
+    /// Needs gates.
+    pub gates: bool,
+    /// Needs gates or exits (any dynamic mechanism).
+    pub dynamic: bool,
+}
+
+/// Lp norm of a perturbation budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// L∞ (max absolute pixel change).
+    Linf,
+    /// L2 (Euclidean norm per sample).
+    L2,
+}
+
+impl Norm {
+    /// Parses `linf` / `l2`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "linf" | "l_inf" | "inf" => Ok(Norm::Linf),
+            "l2" => Ok(Norm::L2),
+            other => Err(Error::config("norm", format!("`{other}`: expected linf or l2"))),
+        }
+    }
+}
+
+/// A white-box or transfer attack.
+pub trait Attack {
+    /// The registry name, e.g. `deepsloth`.
+    fn name(&self) -> &'static str;
+    /// What it is after.
+    fn goal(&self) -> Goal;
+    /// What it needs from the model.
+    fn requirements(&self) -> Requirements;
+    /// The full (validated) config, saved beside every result.
+    fn config_json(&self) -> serde_json::Value;
+    /// The budget (ε and its norm), if the attack has a hard one.
+    fn budget(&self) -> Option<(f64, Norm)>;
+    /// Crafts adversarial examples for a whole batch; output in [0,1], same shape as `x`.
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor>;
+
+    /// Refuses models that lack what the attack needs, naming both.
+    fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
+        let req = self.requirements();
+        let family = model.family();
+        let problem = if req.exits && !family.has_exits() {
+            Some("needs early exits")
+        } else if req.gates && !family.has_gates() {
+            Some("needs gates")
+        } else if req.dynamic && family == Family::Static {
+            Some("needs a dynamic mechanism (gates or exits)")
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => Err(Error::config(
+                "model",
+                format!("attack `{}` {p}, but model `{}` is {}", self.name(), model.name(), family_words(&family)),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+fn family_words(f: &Family) -> &'static str {
+    match f {
+        Family::Static => "static (no gates, no exits)",
+        Family::EarlyExit { .. } => "an early-exit model (no gates)",
+        Family::Gated { .. } => "a gated model (no exits)",
+    }
+}
+
+/// Validates a perturbation budget ε: finite and ≥ 0.
+pub fn check_eps(field: &str, eps: f64) -> Result<()> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::config(field, format!("{eps}: expected a finite value ≥ 0")))
+    }
+}
+
+/// Validates a positive finite number.
+pub fn check_positive(field: &str, v: f64) -> Result<()> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::config(field, format!("{v}: expected a finite value > 0")))
+    }
+}
+
+/// Validates a step count ≥ 1.
+pub fn check_steps(field: &str, steps: usize) -> Result<()> {
+    if steps >= 1 {
+        Ok(())
+    } else {
+        Err(Error::config(field, "0: expected ≥ 1"))
+    }
+}
+
+/// Per-sample Lp norm `[B]` of a `[B,…]` tensor.
+pub fn per_sample_norm(t: &Tensor, p: f64) -> Tensor {
+    t.flatten(1, -1).norm_scalaropt_dim(p, &[1i64][..], false)
+}
+
+/// Projects `x_adv` onto the ε-ball around `x` in `norm` and onto the [0,1] box.
+pub fn project(x_adv: &Tensor, x: &Tensor, eps: f64, norm: Norm) -> Tensor {
+    let delta = x_adv - x;
+    let delta = match norm {
+        Norm::Linf => delta.clamp(-eps, eps),
+        Norm::L2 => {
+            let n = per_sample_norm(&delta, 2.0).clamp_min(1e-12);
+            let factor = (n.reciprocal() * eps).clamp_max(1.0);
+            delta * factor.view([-1, 1, 1, 1])
+        }
+    };
+    (x + delta).clamp(0.0, 1.0)
+}
+
+/// Gradient of the scalar `loss(x)` with respect to `x` (x is detached first).
+pub fn input_grad(x: &Tensor, loss: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, f64)> {
+    let x = x.detach().set_requires_grad(true);
+    let l = loss(&x)?;
+    let value = l.double_value(&[]);
+    let g = Tensor::f_run_backward(&[&l], &[&x], false, false)?.remove(0);
+    Ok((g, value))
+}
+
+/// Unit-norm direction per sample in `norm` (sign for L∞, g/‖g‖₂ for L2).
+pub fn steepest(g: &Tensor, norm: Norm) -> Tensor {
+    match norm {
+        Norm::Linf => g.sign(),
+        Norm::L2 => g / per_sample_norm(g, 2.0).clamp_min(1e-12).view([-1, 1, 1, 1]),
+    }
+}
+
+/// Mean over the batch of a `[B]` tensor as f64.
+pub fn mean_f64(t: &Tensor) -> f64 {
+    t.to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+}
