@@ -47,12 +47,14 @@ fn merged<C: Serialize + DeserializeOwned>(defaults: C, overrides: &serde_json::
     } else if !overrides.is_null() {
         return Err(Error::config("attack", "overrides must be a JSON object"));
     }
-    serde_json::from_value(value).map_err(|e| Error::config(field_of(&e.to_string()), e.to_string()))
-}
-
-/// The field a serde error is about (`unknown field `x`` → x), for the error's `field`.
-fn field_of(msg: &str) -> String {
-    msg.split('`').nth(1).unwrap_or("attack").to_string()
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let msg = e.inner().to_string();
+        let field = match msg.strip_prefix("unknown field `") {
+            Some(rest) => rest.split('`').next().unwrap_or("attack").to_string(),
+            None => e.path().to_string(),
+        };
+        Error::config(field, msg)
+    })
 }
 
 /// Builds attack `name` with `overrides` (a JSON object of config fields) over its defaults.

@@ -8,6 +8,11 @@
 //! mode uses the true bounds of [0,1] pixels, starts at `w = R⁻¹(x)` (so `x_adv = x` at step 0)
 //! and optimises `x_adv = R(w)`. Either way the result is mapped back to pixels and clipped to
 //! [0,1], the one contract every dynrobust attack keeps.
+//!
+//! Fixed mode with an L∞ budget ε uses the ball form `x_adv = clip(x + ε·tanh(w), 0, 1)`,
+//! w₀ = 0, instead: in the box form, a pixel at exactly 0 or 1 (most of a Fashion-MNIST image)
+//! starts at the saturated end of tanh (`w₀ = R⁻¹(0) ≈ −9`), and Adam, whose steps are about
+//! `lr` in w whatever the gradient, cannot move it within a few hundred iterations.
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -37,6 +42,8 @@ pub struct TanhBox {
     pub std: f64,
     /// Faithful or fixed.
     pub mode: Mode,
+    /// Fixed mode with an L∞ budget: the ball form `x + ε·tanh(w)`.
+    pub ball: Option<f64>,
 }
 
 impl TanhBox {
@@ -46,7 +53,17 @@ impl TanhBox {
             Mode::Faithful => faithful_bounds,
             Mode::Fixed => (-mean / std, (1.0 - mean) / std),
         };
-        TanhBox { slope, lo, hi, mean, std, mode }
+        TanhBox { slope, lo, hi, mean, std, mode, ball: None }
+    }
+    /// Switches a fixed-mode box to the L∞ ball form of radius `eps`.
+    pub fn with_linf_ball(mut self, eps: f64) -> Self {
+        if self.mode == Mode::Fixed {
+            self.ball = Some(eps);
+        }
+        self
+    }
+    fn pixels(&self, x_n: &Tensor) -> Tensor {
+        x_n * self.std + self.mean
     }
     /// Pixels → normalised units.
     pub fn normalise(&self, x: &Tensor) -> Tensor {
@@ -63,6 +80,9 @@ impl TanhBox {
     }
     /// The modifier w at step 0.
     pub fn init(&self, x: &Tensor) -> Tensor {
+        if self.ball.is_some() {
+            return x.zeros_like();
+        }
         match self.mode {
             Mode::Faithful => x.zeros_like(),
             Mode::Fixed => self.r_inv(&self.normalise(x)),
@@ -70,6 +90,9 @@ impl TanhBox {
     }
     /// Normalised adversarial input for modifier `w` (differentiable in w).
     pub fn x_adv_normalised(&self, w: &Tensor, x_n: &Tensor) -> Tensor {
+        if let Some(eps) = self.ball {
+            return self.normalise(&(self.pixels(x_n) + w.tanh() * eps).clamp(0.0, 1.0));
+        }
         match self.mode {
             Mode::Faithful => self.r(&(w + x_n)),
             Mode::Fixed => self.r(w),
@@ -81,6 +104,9 @@ impl TanhBox {
     }
     /// The modifier that yields pixel image `x_adv` (used after a projection).
     pub fn encode(&self, x_adv: &Tensor, x_n: &Tensor) -> Tensor {
+        if let Some(eps) = self.ball {
+            return ((x_adv - self.pixels(x_n)) / eps.max(1e-12)).clamp(-1.0 + 1e-6, 1.0 - 1e-6).atanh();
+        }
         let w = self.r_inv(&self.normalise(x_adv));
         match self.mode {
             Mode::Faithful => w - x_n,

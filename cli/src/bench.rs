@@ -13,7 +13,8 @@ use crate::common::{load_model, DataArgs};
 /// Options of `dynrobust bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to measure: `sparse` (sparse-pass time vs cost against the static model).
+    /// What to measure: `sparse` (sparse-pass time vs cost against the static model) or
+    /// `attacks` (time per attack iteration vs one bare forward+backward).
     what: String,
     /// Models to compare with `static`.
     #[arg(long, value_delimiter = ',', default_value = "sdn,gated,skipnet")]
@@ -32,7 +33,14 @@ pub struct BenchArgs {
 /// each model and for `static`, over the same images, and the ratio time/static time next to
 /// the mean cost on those images.
 pub fn run(args: BenchArgs) -> Result<()> {
-    anyhow::ensure!(args.what == "sparse", "bench `{}`: expected `sparse`", args.what);
+    match args.what.as_str() {
+        "sparse" => sparse(&args),
+        "attacks" => attacks(&args),
+        other => anyhow::bail!("bench `{other}`: expected `sparse` or `attacks`"),
+    }
+}
+
+fn sparse(args: &BenchArgs) -> Result<()> {
     let data = args.data.load(Split::Test, Some(args.n))?;
     let (static_net, _, _) = load_model("static")?;
     let b1 = data.images.narrow(0, 0, data.len().min(256));
@@ -55,6 +63,58 @@ pub fn run(args: BenchArgs) -> Result<()> {
                    "static_ms_per_image_b1": static_b1 * 1e3, "static_ms_per_image_b128": static_b128 * 1e3,
                    "ratio_b1": r1, "ratio_b128": r128, "ratio_b1_over_cost": r1 / cost_b1, "ratio_b128_over_cost": r128 / cost})
         );
+    }
+    Ok(())
+}
+
+/// Median seconds of `f` over `reps` runs after one warm-up.
+fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let s = std::time::Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// `dynrobust bench attacks`: each attack's time per iteration against one bare dense
+/// forward + backward to the input of the same model and batch.
+pub fn attacks(args: &BenchArgs) -> Result<()> {
+    use dynrobust_core::Pass;
+    use tch::Kind;
+    let data = args.data.load(Split::Test, Some(128))?;
+    // (attack, model, overrides with the iteration count, iterations)
+    let cases: [(&str, &str, serde_json::Value, usize); 6] = [
+        ("pgd-linf", "static", json!({"steps": 10}), 10),
+        ("pgd-linf", "sdn", json!({"steps": 10}), 10),
+        ("deepsloth", "sdn", json!({"steps": 10}), 10),
+        ("ilfo", "skipnet", json!({"steps": 10}), 10),
+        ("gradauto", "gated", json!({"iterations": 10}), 10),
+        ("gradmdm", "skipnet", json!({"iterations": 10, "warmup": 0, "mode": "fixed", "eps": 8.0 / 255.0}), 10),
+    ];
+    eprintln!("{:<10} {:<8} {:>5} {:>12} {:>12} {:>8}", "attack", "model", "batch", "fwd+bwd ms", "attack ms/it", "ratio");
+    for (attack, model, overrides, iters) in cases {
+        let (net, _, _) = load_model(model)?;
+        let atk = dynrobust_attacks::registry::build(attack, &overrides)?;
+        for batch in [1i64, 8, 128] {
+            let x = data.images.narrow(0, 0, batch);
+            let y = data.labels.narrow(0, 0, batch);
+            let fb = median_secs(args.reps, || {
+                let leaf = x.detach().set_requires_grad(true);
+                let t = net.forward_trace(&leaf, Pass::Dense)?;
+                let loss = t.logits.cross_entropy_for_logits(&y) + t.exit_logits.iter().map(|z| z.sum(Kind::Float)).sum::<tch::Tensor>() * 0.0;
+                let _ = tch::Tensor::run_backward(&[&loss], &[&leaf], false, false);
+                Ok(())
+            })?;
+            let at = median_secs(args.reps.min(3), || atk.perturb(&net, &x, &y).map(|_| ()).map_err(Into::into))?;
+            let per_it = at / iters as f64;
+            eprintln!("{:<10} {:<8} {:>5} {:>12.3} {:>12.3} {:>8.2}", attack, model, batch, fb * 1e3, per_it * 1e3, per_it / fb);
+            println!("{}", json!({"attack": attack, "model": model, "batch": batch, "iterations": iters,
+                "fwd_bwd_ms": fb * 1e3, "attack_ms_per_iteration": per_it * 1e3, "ratio": per_it / fb}));
+        }
     }
     Ok(())
 }

@@ -36,6 +36,9 @@ pub struct TrainArgs {
     /// Use only the first N training images.
     #[arg(long)]
     train_samples: Option<i64>,
+    /// Use only the first K training images of each class (weak surrogates: 1, 10, 100).
+    #[arg(long)]
+    per_class: Option<i64>,
     /// Evaluate on the first N test images (default: all).
     #[arg(long)]
     eval_samples: Option<i64>,
@@ -87,7 +90,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cost_weight: args.cost_weight,
     }
     .validated()?;
-    let train_set = args.data.load(Split::Train, args.train_samples)?;
+    let mut train_set = args.data.load(Split::Train, args.train_samples)?;
+    if let Some(k) = args.per_class {
+        anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");
+        train_set = train_set.per_class(k)?;
+    }
     let test_set = args.data.load(Split::Test, args.eval_samples)?;
     tch::manual_seed(args.seed as i64);
     let mut net = Net::new(config.clone(), Device::Cpu)?;

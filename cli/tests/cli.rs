@@ -100,3 +100,61 @@ fn info_lists_units_with_macs() {
     assert!(text.contains("static MACs 5074368"), "{text}");
     assert!(text.contains("gate5") && text.contains("block2.shortcut"), "{text}");
 }
+
+#[test]
+fn attack_json_has_the_schema_fields_and_saves_examples() {
+    let dir = std::env::temp_dir().join(format!("dynrobust-cli-attack-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dynrobust(&["attack", "--model", "sdn", "--attack", "deepsloth", "--eps", "8/255", "--n", "32", "--json", "--save-examples", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.trim().lines().count(), 1, "one JSON object: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    for field in ["model", "attack", "eps", "norm", "n", "clean_acc", "adv_acc", "clean_cost", "adv_cost", "recovery", "l2_mean", "linf_max", "mse", "seconds"] {
+        assert!(v.get(field).is_some(), "field {field} missing in {v}");
+    }
+    assert_eq!(v["n"], 32);
+    assert!((v["eps"].as_f64().unwrap() - 8.0 / 255.0).abs() < 1e-12);
+    assert!(v["linf_max"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6);
+    assert!(v["adv_cost"].as_f64().unwrap() > v["clean_cost"].as_f64().unwrap(), "DeepSloth raises cost: {v}");
+    for f in ["examples.png", "x_adv.npy", "x_clean.npy"] {
+        assert!(dir.join(f).is_file(), "{f} written");
+    }
+    let png = std::fs::read(dir.join("examples.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+}
+
+#[test]
+fn attack_errors_name_the_problem() {
+    let out = dynrobust(&["attack", "--model", "static", "--attack", "deepsloth", "--n", "8"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("deepsloth") && err.contains("exits") && err.contains("static"), "{err}");
+
+    let out = dynrobust(&["attack", "--model", "static", "--attack", "pgd-linf", "--set", "bogus=1", "--n", "8"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("bogus"), "{}", stderr(&out));
+
+    let out = dynrobust(&["attack", "--model", "static", "--attack", "pgd-linf", "--eps", "-1", "--n", "8"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("eps"), "{}", stderr(&out));
+
+    let out = dynrobust(&["attack", "--model", "static", "--attack", "nosuch", "--n", "8"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("nosuch") && err.contains("gradmdm") && err.contains("deepsloth"), "{err}");
+
+    let out = dynrobust(&["attack", "--model", "static", "--attack", "pgd-linf", "--steps", "0", "--n", "8"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("steps"), "{}", stderr(&out));
+}
+
+#[test]
+fn list_attacks_prints_every_attack_with_a_description() {
+    let out = dynrobust(&["list", "attacks"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for name in ["deepsloth", "deepsloth-l2", "deepsloth-universal", "gradmdm", "gradauto", "ilfo", "fgsm", "pgd-linf", "pgd-l2", "mi-fgsm", "feature-pgd", "mechanism", "mechanism-stealthy"] {
+        assert!(text.lines().any(|l| l.starts_with(name) && l.len() > name.len() + 20), "{name} listed with a description");
+    }
+}

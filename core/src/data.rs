@@ -47,6 +47,26 @@ impl Dataset {
             labels: self.labels.narrow(0, 0, n),
         }
     }
+    /// The first `k` samples of every class, in data-set order (for weak surrogates trained
+    /// on k samples per class). Errors when a class has fewer than `k`.
+    pub fn per_class(&self, k: i64) -> Result<Dataset> {
+        let mut picks = Vec::new();
+        for class in 0..CLASSES {
+            let idx = self.labels.eq(class).nonzero().squeeze_dim(1);
+            let have = idx.size()[0];
+            if have < k {
+                return Err(Error::config("per_class", format!("{k}: class {class} of {} has only {have} samples", self.name)));
+            }
+            picks.push(idx.narrow(0, 0, k));
+        }
+        let idx = Tensor::cat(&picks, 0).sort(0, false).0;
+        Ok(Dataset {
+            name: format!("{}[{k}/class]", self.name),
+            images: self.images.index_select(0, &idx),
+            labels: self.labels.index_select(0, &idx),
+        })
+    }
+
     /// Consecutive batches of at most `batch` samples, in order.
     pub fn batches(&self, batch: i64) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
         let n = self.len();

@@ -1,0 +1,272 @@
+//! Bad configs are refused, and the error names the offending field (or, for a model the
+//! attack cannot run on, the attack and the model).
+
+mod common;
+
+use dynrobust_attacks::deepsloth::{DeepSloth, DeepSlothConfig, Variant};
+use dynrobust_attacks::evaluate::run_attack;
+use dynrobust_attacks::gradmdm::{GradAuto, GradAutoConfig, GradMdm, GradMdmConfig};
+use dynrobust_attacks::losses::ExitLoss;
+use dynrobust_attacks::mechanism::{Mechanism, MechanismConfig, MechanismVariant};
+use dynrobust_attacks::pgd::{MiFgsm, MiFgsmConfig, Pgd, PgdConfig};
+use dynrobust_attacks::registry;
+use dynrobust_attacks::tanh_box::Mode;
+use dynrobust_attacks::transfer::{FeaturePgd, FeaturePgdConfig, Transfer};
+use dynrobust_core::attack::{Attack, Norm};
+use dynrobust_core::{DynamicModel, Error};
+use serde_json::{json, Value};
+
+/// The error of building `name` with `overrides` (panics if it builds).
+fn build_err(name: &str, overrides: &Value) -> Error {
+    match registry::build(name, overrides) {
+        Ok(a) => panic!("{name} with {overrides} was accepted (budget {:?}, config {})", a.budget(), a.config_json()),
+        Err(e) => e,
+    }
+}
+
+/// The error is a config error on `field` and its message names it.
+fn assert_names_field(err: &Error, field: &str, what: &str) {
+    let msg = err.to_string();
+    assert!(msg.contains(field), "{what}: the message does not name `{field}`: {msg}");
+    match err {
+        Error::Config { field: f, .. } => assert_eq!(f, field, "{what}: error on field `{f}`, expected `{field}` ({msg})"),
+        other => panic!("{what}: expected a config error, got {other:?}"),
+    }
+}
+
+/// Extra overrides an attack needs before it accepts an `eps` at all.
+fn eps_context(name: &str) -> Value {
+    match name {
+        "gradmdm" | "gradauto" => json!({"mode": "fixed"}),
+        _ => json!({}),
+    }
+}
+
+fn with(base: Value, extra: Value) -> Value {
+    let mut m = base.as_object().unwrap().clone();
+    m.extend(extra.as_object().unwrap().clone());
+    Value::Object(m)
+}
+
+/// Attacks with an ε field.
+fn eps_attacks() -> Vec<&'static str> {
+    registry::names().into_iter().filter(|&n| n != "ilfo").collect()
+}
+
+#[test]
+fn every_attack_but_ilfo_has_an_eps_field() {
+    for name in registry::names() {
+        let ok = registry::build(name, &with(eps_context(name), json!({"eps": 0.05}))).map(|a| a.budget());
+        match name {
+            "ilfo" => assert!(ok.is_err(), "ilfo has no ε"),
+            _ => assert_eq!(ok.ok().flatten().map(|b| b.0), Some(0.05), "{name}: eps 0.05 is its budget"),
+        }
+    }
+}
+
+#[test]
+fn negative_eps_is_refused_naming_eps() {
+    for name in eps_attacks() {
+        for eps in [-0.1, -1e-9] {
+            let err = build_err(name, &with(eps_context(name), json!({"eps": eps})));
+            assert_names_field(&err, "eps", &format!("{name} eps = {eps}"));
+        }
+    }
+}
+
+#[test]
+fn nan_and_infinite_eps_are_refused_naming_eps() {
+    // JSON has no NaN or ∞ (serde_json turns them into null), so this goes through the
+    // config structs, as a Rust caller would
+    for eps in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let mut errs: Vec<(String, Error)> = Vec::new();
+        let mut push = |what: &str, r: dynrobust_core::Result<()>| match r {
+            Ok(()) => panic!("{what} with eps = {eps} was accepted"),
+            Err(e) => errs.push((what.to_string(), e)),
+        };
+        push("pgd-linf", Pgd::new(PgdConfig { eps, ..Default::default() }).map(drop));
+        push("pgd-l2", Pgd::new(PgdConfig { eps, norm: Norm::L2, ..Default::default() }).map(drop));
+        push("fgsm", Pgd::fgsm(eps, ExitLoss::Final).map(drop));
+        push("mi-fgsm", MiFgsm::new(MiFgsmConfig { eps, ..Default::default() }).map(drop));
+        push("feature-pgd", FeaturePgd::new(FeaturePgdConfig { eps, ..Default::default() }).map(drop));
+        for variant in [Variant::Linf, Variant::L2, Variant::Universal] {
+            push(&format!("deepsloth {variant:?}"), DeepSloth::new(DeepSlothConfig { variant, eps, ..Default::default() }).map(drop));
+        }
+        for variant in [MechanismVariant::Joint, MechanismVariant::Stealthy] {
+            push(&format!("mechanism {variant:?}"), Mechanism::new(MechanismConfig { variant, eps, ..Default::default() }).map(drop));
+        }
+        for norm in [Norm::Linf, Norm::L2] {
+            push("gradmdm", GradMdm::new(GradMdmConfig { mode: Mode::Fixed, eps: Some(eps), norm, ..Default::default() }).map(drop));
+            push("gradauto", GradAuto::new(GradAutoConfig { mode: Mode::Fixed, eps: Some(eps), norm, ..Default::default() }).map(drop));
+        }
+        for (what, err) in &errs {
+            assert_names_field(err, "eps", &format!("{what} eps = {eps}"));
+        }
+    }
+}
+
+#[test]
+fn zero_steps_or_iterations_are_refused_naming_the_field() {
+    for name in registry::names() {
+        let field = match name {
+            "gradmdm" | "gradauto" => "iterations",
+            _ => "steps",
+        };
+        let err = build_err(name, &json!({ field: 0 }));
+        assert_names_field(&err, field, &format!("{name} {field} = 0"));
+    }
+}
+
+#[test]
+fn fgsm_is_one_step_from_the_clean_point() {
+    let err = build_err("fgsm", &json!({"steps": 2}));
+    assert_names_field(&err, "steps", "fgsm steps = 2");
+    // a random start is refused too (the error points at `steps`, with the reason)
+    let err = build_err("fgsm", &json!({"random_start": true})).to_string();
+    assert!(err.contains("one step from the clean point"), "{err}");
+}
+
+#[test]
+fn unknown_fields_are_refused_naming_them() {
+    for name in registry::names() {
+        let err = build_err(name, &json!({"foo": 1}));
+        assert_names_field(&err, "foo", name);
+        // a near miss of a real field, too
+        let err = build_err(name, &json!({"epsilon": 0.1}));
+        assert_names_field(&err, "epsilon", name);
+    }
+}
+
+#[test]
+fn non_object_overrides_are_refused() {
+    for o in [json!([1, 2]), json!(3), json!("eps")] {
+        let err = build_err("pgd-linf", &o);
+        assert!(err.to_string().contains("object"), "{o}: {err}");
+    }
+    // null means no overrides
+    assert!(registry::build("pgd-linf", &Value::Null).is_ok());
+}
+
+#[test]
+fn unknown_attack_name_lists_the_valid_names() {
+    for bad in ["pgd", "DeepSloth", "", "transfer"] {
+        let err = build_err(bad, &json!({}));
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("`{bad}`")), "the message names the unknown attack: {msg}");
+        for valid in registry::names() {
+            assert!(msg.contains(valid), "`{valid}` missing from: {msg}");
+        }
+    }
+}
+
+#[test]
+fn eps_in_faithful_mode_is_refused_naming_eps() {
+    for name in ["gradmdm", "gradauto"] {
+        // faithful is the default mode
+        let err = build_err(name, &json!({"eps": 8.0 / 255.0}));
+        assert_names_field(&err, "eps", name);
+        assert!(err.to_string().contains("fixed"), "{name}: the message points at mode = fixed: {err}");
+        let err = build_err(name, &json!({"eps": 0.1, "mode": "faithful"}));
+        assert_names_field(&err, "eps", name);
+        // and the fixed mode takes it
+        assert!(registry::build(name, &json!({"eps": 0.1, "mode": "fixed"})).is_ok());
+    }
+}
+
+#[test]
+fn other_bad_values_are_refused_naming_the_field() {
+    let cases = [
+        ("deepsloth", json!({"step_size": 0.0}), "step_size"),
+        ("deepsloth-l2", json!({"l2_decay": 1.0}), "l2_decay"),
+        ("deepsloth-universal", json!({"universal_batch": 0}), "universal_batch"),
+        ("gradmdm", json!({"lr": -0.01}), "lr"),
+        ("gradmdm", json!({"p_neg": 0.0}), "p_neg"),
+        ("gradmdm", json!({"std": 0.0}), "std"),
+        ("gradmdm", json!({"gamma": -1.0}), "gamma"),
+        ("gradauto", json!({"k": 0.0}), "k"),
+        ("ilfo", json!({"lr": 0.0}), "lr"),
+        ("ilfo", json!({"c": -1.0}), "c"),
+        ("pgd-linf", json!({"step_size": -0.1}), "step_size"),
+        ("mi-fgsm", json!({"momentum": -1.0}), "momentum"),
+        ("mechanism", json!({"energy_weight": -1.0}), "energy_weight"),
+        ("feature-pgd", json!({"step_size": 0.0}), "step_size"),
+    ];
+    for (name, o, field) in cases {
+        let err = build_err(name, &o);
+        assert_names_field(&err, field, &format!("{name} {o}"));
+    }
+}
+
+#[test]
+fn wrongly_typed_values_are_refused_naming_their_field() {
+    let cases = [
+        // what `json!({"eps": f64::NAN})` or `json!({"eps": f64::INFINITY})` becomes
+        ("pgd-linf", json!({"eps": null}), "eps"),
+        ("pgd-linf", json!({"eps": "abc"}), "eps"),
+        ("pgd-linf", json!({"steps": -1}), "steps"),
+        ("pgd-linf", json!({"norm": "l3"}), "norm"),
+        ("deepsloth", json!({"mode": "bogus"}), "mode"),
+        ("mechanism", json!({"steps": 2.5}), "steps"),
+    ];
+    for (name, o, field) in cases {
+        let err = build_err(name, &o);
+        assert_names_field(&err, field, &format!("{name} {o}"));
+    }
+}
+
+/// The refusal of `attack` on `model`: from check_model, perturb and run_attack, naming both.
+fn assert_refused_on(attack_name: &str, overrides: Value, model: &dyn DynamicModel) {
+    let attack = registry::build(attack_name, &overrides).unwrap();
+    let data = common::test_images(4);
+    let check = attack.check_model(model).expect_err("check_model should refuse");
+    let run = run_attack(model, &*attack, &data.images, &data.labels, 4, &mut |_| {}).expect_err("run_attack should refuse");
+    let perturb = attack.perturb(model, &data.images, &data.labels).expect_err("perturb should refuse");
+    for (how, err) in [("check_model", check), ("run_attack", run), ("perturb", perturb)] {
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("`{attack_name}`")), "{how}: the message does not name the attack `{attack_name}`: {msg}");
+        assert!(msg.contains(&format!("`{}`", model.name())), "{how}: the message does not name the model `{}`: {msg}", model.name());
+    }
+}
+
+#[test]
+fn energy_attacks_refuse_models_without_their_mechanism() {
+    let _lock = common::torch_lock();
+    let stat = common::committed("static");
+    let sdn = common::committed("sdn");
+    let gated = common::committed("gated");
+    let mut gated_twin = common::committed("gated");
+    gated_twin.set_twin(true);
+    let mut sdn_twin = common::committed("sdn");
+    sdn_twin.set_twin(true);
+    assert_refused_on("deepsloth", json!({"steps": 1}), &stat);
+    assert_refused_on("deepsloth", json!({"steps": 1}), &gated);
+    assert_refused_on("deepsloth-l2", json!({"steps": 1}), &sdn_twin);
+    assert_refused_on("deepsloth-universal", json!({"steps": 1}), &stat);
+    assert_refused_on("gradmdm", json!({"iterations": 1}), &sdn);
+    assert_refused_on("gradmdm", json!({"iterations": 1}), &gated_twin);
+    assert_refused_on("gradauto", json!({"iterations": 1}), &sdn);
+    assert_refused_on("ilfo", json!({"steps": 1}), &stat);
+    assert_refused_on("ilfo", json!({"steps": 1}), &sdn);
+    assert_refused_on("mechanism", json!({"steps": 1}), &stat);
+    assert_refused_on("mechanism-stealthy", json!({"steps": 1}), &gated_twin);
+    // the message says what is missing
+    let err = registry::build("gradmdm", &json!({})).unwrap().check_model(&sdn).unwrap_err().to_string();
+    assert!(err.contains("gates"), "{err}");
+    let err = registry::build("deepsloth", &json!({})).unwrap().check_model(&stat).unwrap_err().to_string();
+    assert!(err.contains("exits") && err.contains("static"), "{err}");
+}
+
+#[test]
+fn transfer_refuses_a_surrogate_without_the_mechanism() {
+    let _lock = common::torch_lock();
+    let inner = registry::build("gradmdm", &json!({})).unwrap();
+    let err = match Transfer::new(inner, Box::new(common::committed("static"))) {
+        Ok(_) => panic!("gradmdm crafted on `static` was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("`gradmdm`") && err.contains("`static`"), "{err}");
+    // the victim needs nothing: a transfer attack runs on a static victim
+    let inner = registry::build("pgd-linf", &json!({"steps": 1})).unwrap();
+    let t = Transfer::new(inner, Box::new(common::committed("sdn"))).unwrap();
+    assert!(t.check_model(&common::committed("static")).is_ok());
+}
