@@ -9,7 +9,7 @@ demo: setup build
 	scripts/demo.sh
 
 test: setup
-	$(CARGO) test --release --workspace
+	$(CARGO) test --release --workspace --no-fail-fast
 
 setup: venv data
 

@@ -45,7 +45,7 @@ cmd_venv() {
     if [ ! -L .venv ] || [ "$(readlink .venv)" != "$target" ]; then rm -rf .venv; ln -s "$target" .venv; fi
   fi
   local site
-  site=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
+  site=$(.venv/bin/python -c 'import torch, os; print(os.path.realpath(os.path.dirname(torch.__file__)))')
   ln -sfn "$site" .venv/torch
   say "libtorch: .venv/torch -> $site"
 }

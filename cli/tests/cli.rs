@@ -135,7 +135,7 @@ fn attack_errors_name_the_problem() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("bogus"), "{}", stderr(&out));
 
-    let out = dynrobust(&["attack", "--model", "static", "--attack", "pgd-linf", "--eps", "-1", "--n", "8"]);
+    let out = dynrobust(&["attack", "--model", "static", "--attack", "pgd-linf", "--eps=-1", "--n", "8"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("eps"), "{}", stderr(&out));
 
