@@ -2,7 +2,11 @@
 //!
 //! One file per attack family, each opening with its paper:
 //! [`deepsloth`] (Hong et al., ICLR 2021), [`gradmdm`] (Pan et al., TPAMI 2023, and GradAuto,
-//! ECCV 2022), [`ilfo`] (Haque et al., CVPR 2020), [`pgd`] (FGSM, PGD-L∞/L2, MI-FGSM).
+//! ECCV 2022), [`ilfo`] (Haque et al., CVPR 2020), [`pgd`] (FGSM, PGD-L∞/L2, MI-FGSM),
+//! [`transfer`] (surrogate → victim, feature-level PGD), [`mechanism`] (the dynamic-mechanism
+//! attack of the seed study, joint and stealthy). [`registry`] builds them by name from JSON
+//! overrides of the authors' defaults; [`evaluate::run_attack`] measures a run in the one
+//! metrics schema.
 //! Attacks see only [`dynrobust_core::DynamicModel`], so they run unchanged on every model
 //! family and on defended models.
 

