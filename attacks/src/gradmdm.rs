@@ -13,13 +13,13 @@
 //! reproduced exactly with segment-wise vector–Jacobian products over a pass cut at every
 //! gate position ([`dynrobust_core::CutTrace`]).
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, per_sample_norm, project, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, per_sample_norm, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{CutTrace, DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::losses::{gate_matrix, gradauto_lneg, gradauto_lpos, gradmdm_lneg, gradmdm_lpos};
-use crate::tanh_box::{Adam, Mode, TanhBox};
+use crate::tanh_box::{optimise_modifier, Mode, TanhBox};
 
 /// The CIFAR-normalised bounds of [0,1] that GradMDM's code uses for every data set (quirk).
 pub const GRADMDM_FAITHFUL_BOUNDS: (f64, f64) = (-2.4291, 2.5141);
@@ -255,35 +255,27 @@ impl Attack for GradMdm {
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
         self.check_model(model)?;
         let c = &self.cfg;
-        let mut bx = TanhBox::new(0.8, GRADMDM_FAITHFUL_BOUNDS, c.mean, c.std, c.mode);
-        if let (Some(eps), Norm::Linf) = (c.eps, c.norm) {
-            bx = bx.with_linf_ball(eps);
-        }
-        let x_n = bx.normalise(x);
+        let bx = gradmdm_box(c.mean, c.std, c.mode, c.eps, c.norm);
         let clean_logits = if c.acc_maintain { Some(tch::no_grad(|| model.forward_trace(x, Pass::Dense)).map(|t| t.logits)?) } else { None };
-        let mut w = bx.init(x);
-        let mut adam = Adam::new(&w, c.lr());
-        let mut last = x.copy();
-        for t in 0..c.iterations {
-            let w_leaf = w.detach().set_requires_grad(true);
-            let x_adv = bx.x_adv(&w_leaf, &x_n);
+        optimise_modifier(&bx, x, c.lr(), c.iterations, self.budget(), |t, w_leaf, x_adv| {
             let x_leaf = x_adv.detach().set_requires_grad(true);
-            last = x_adv.detach();
             let (g_neg, g_ref) = self.energy_grads(model, &x_leaf, clean_logits.as_ref(), t)?;
             // ∂L2/∂x_adv with L2 = Σ((x_adv − x)/σ)² (normalised units, as the code)
-            let g_l2 = (&last - x) * (2.0 / (c.std * c.std)) + g_ref.unwrap_or_else(|| x.zeros_like());
+            let g_l2 = (x_adv.detach() - x) * (2.0 / (c.std * c.std)) + g_ref.unwrap_or_else(|| x.zeros_like());
             let g_x = g_neg * c.energy_scale + g_l2 * c.gamma;
-            let s = (&x_adv * g_x.detach()).sum(Kind::Float);
-            let g_w = Tensor::f_run_backward(&[&s], &[&w_leaf], false, false)?.remove(0);
-            w = tch::no_grad(|| adam.step(&w, &g_w));
-            if let Some(eps) = c.eps {
-                w = tch::no_grad(|| bx.encode(&project(&bx.x_adv(&w, &x_n), x, eps, c.norm), &x_n));
-            }
-        }
-        Ok(match c.eps {
-            Some(eps) => project(&last, x, eps, c.norm),
-            None => last,
+            let s = (x_adv * g_x.detach()).sum(Kind::Float);
+            Ok(Tensor::f_run_backward(&[&s], &[w_leaf], false, false)?.remove(0))
         })
+    }
+}
+
+/// GradMDM's (and GradAuto's) box: tanh(0.8·), CIFAR bounds in faithful mode, the L∞ ball
+/// form in fixed mode with an L∞ budget.
+fn gradmdm_box(mean: f64, std: f64, mode: Mode, eps: Option<f64>, norm: Norm) -> TanhBox {
+    let bx = TanhBox::new(0.8, GRADMDM_FAITHFUL_BOUNDS, mean, std, mode);
+    match (eps, norm) {
+        (Some(eps), Norm::Linf) => bx.with_linf_ball(eps),
+        _ => bx,
     }
 }
 
@@ -358,39 +350,21 @@ impl Attack for GradAuto {
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
         self.check_model(model)?;
         let c = &self.cfg;
-        let mut bx = TanhBox::new(0.8, GRADMDM_FAITHFUL_BOUNDS, c.mean, c.std, c.mode);
-        if let (Some(eps), Norm::Linf) = (c.eps, c.norm) {
-            bx = bx.with_linf_ball(eps);
-        }
-        let x_n = bx.normalise(x);
+        let bx = gradmdm_box(c.mean, c.std, c.mode, c.eps, c.norm);
         let chw = (x.numel() as i64 / x.size()[0]) as f64;
-        let mut w = bx.init(x);
-        let mut adam = Adam::new(&w, c.lr);
-        let mut last = x.copy();
-        for _ in 0..c.iterations {
-            let w_leaf = w.detach().set_requires_grad(true);
-            let x_adv = bx.x_adv(&w_leaf, &x_n);
-            last = x_adv.detach();
-            let gates = gate_matrix(&model.forward_trace(&x_adv, Pass::Dense)?)?;
+        optimise_modifier(&bx, x, c.lr, c.iterations, self.budget(), |_, w_leaf, x_adv| {
+            let gates = gate_matrix(&model.forward_trace(x_adv, Pass::Dense)?)?;
             let (lpos, lneg) = (gradauto_lpos(&gates), gradauto_lneg(&gates));
-            let l2 = ((&x_adv - x) / c.std).square().sum(Kind::Float);
-            let g_pos = Tensor::f_run_backward(&[&lpos], &[&w_leaf], true, false)?.remove(0);
-            let g_neg = Tensor::f_run_backward(&[&lneg], &[&w_leaf], true, false)?.remove(0);
-            let g_l2 = Tensor::f_run_backward(&[&l2], &[&w_leaf], false, false)?.remove(0);
-            let g = tch::no_grad(|| {
+            let l2 = ((x_adv - x) / c.std).square().sum(Kind::Float);
+            let g_pos = Tensor::f_run_backward(&[&lpos], &[w_leaf], true, false)?.remove(0);
+            let g_neg = Tensor::f_run_backward(&[&lneg], &[w_leaf], true, false)?.remove(0);
+            let g_l2 = Tensor::f_run_backward(&[&l2], &[w_leaf], false, false)?.remove(0);
+            Ok(tch::no_grad(|| {
                 let u = unit(&g_pos);
                 let pi = (&g_neg * &u).flatten(1, -1).sum_dim_intlist(&[1i64][..], false, Kind::Float).clamp_max(0.0);
                 let g_neg = unit(&(&g_neg - pi.view(&view_shape(&u)[..]) * &u));
                 g_neg * (c.k * chw) + g_l2
-            });
-            w = tch::no_grad(|| adam.step(&w, &g));
-            if let Some(eps) = c.eps {
-                w = tch::no_grad(|| bx.encode(&project(&bx.x_adv(&w, &x_n), x, eps, c.norm), &x_n));
-            }
-        }
-        Ok(match c.eps {
-            Some(eps) => project(&last, x, eps, c.norm),
-            None => last,
+            }))
         })
     }
 }

@@ -115,6 +115,39 @@ impl TanhBox {
     }
 }
 
+/// The optimisation loop GradMDM and GradAuto share: `iterations` Adam steps on the modifier
+/// w, each taking the gradient with respect to w from `grad(t, w_leaf, x_adv)` (x_adv is the
+/// pixel image computed from `w_leaf`), with an optional projection onto `budget` after every
+/// step. Returns the last iterate's image (the pre-step one, as the authors report), projected.
+pub fn optimise_modifier(
+    bx: &TanhBox,
+    x: &Tensor,
+    lr: f64,
+    iterations: usize,
+    budget: Option<(f64, dynrobust_core::attack::Norm)>,
+    mut grad: impl FnMut(usize, &Tensor, &Tensor) -> dynrobust_core::Result<Tensor>,
+) -> dynrobust_core::Result<Tensor> {
+    use dynrobust_core::attack::project;
+    let x_n = bx.normalise(x);
+    let mut w = bx.init(x);
+    let mut adam = Adam::new(&w, lr);
+    let mut last = x.copy();
+    for t in 0..iterations {
+        let w_leaf = w.detach().set_requires_grad(true);
+        let x_adv = bx.x_adv(&w_leaf, &x_n);
+        last = x_adv.detach();
+        let g_w = grad(t, &w_leaf, &x_adv)?;
+        w = tch::no_grad(|| adam.step(&w, &g_w));
+        if let Some((eps, norm)) = budget {
+            w = tch::no_grad(|| bx.encode(&project(&bx.x_adv(&w, &x_n), x, eps, norm), &x_n));
+        }
+    }
+    Ok(match budget {
+        Some((eps, norm)) => project(&last, x, eps, norm),
+        None => last,
+    })
+}
+
 /// Adam exactly as PyTorch: m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
 /// w ← w − lr·(m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε).
 #[derive(Debug)]
