@@ -116,7 +116,7 @@ impl Net {
         if !matches!(self.mech, Mech::Exits(_)) {
             return Err(Error::Model { model: self.name(), problem: "--threshold applies only to early-exit (sdn) models".into() });
         }
-        if !(q > 0.0) || q.is_nan() {
+        if q.is_nan() || q <= 0.0 {
             return Err(Error::config("threshold", format!("{q}: expected a value > 0")));
         }
         self.threshold = q;
