@@ -38,7 +38,7 @@ cmd_venv() {
     rm -rf "$target"
     mkdir -p "$(dirname "$target")"
     python3 -m venv "$target"
-    "$target/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+    "$target/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy safetensors
     venv_ok "$target" || { say "error: torch==$TORCH_VERSION did not install into $target"; exit 1; }
   fi
   if [ "$target" != .venv ]; then
