@@ -126,8 +126,9 @@ pub trait DynamicModel {
     fn exit_costs(&self) -> Option<Vec<f64>> {
         None
     }
-    /// Intermediate feature maps of the dense pass (block outputs), for feature-level
-    /// transfer losses. Empty when the model does not expose them.
+    /// Intermediate feature maps (the block outputs of the static-twin pass: every block run,
+    /// gates ignored), differentiable, for feature-level transfer losses. Empty when the model
+    /// does not expose them.
     fn features(&self, _x: &Tensor) -> Result<Vec<Tensor>> {
         Ok(Vec::new())
     }
