@@ -298,7 +298,11 @@ impl Net {
                 Some(p) => {
                     let on = p.gt(0.5);
                     let rows = on.nonzero().squeeze_dim(1);
-                    let out = if rows.size()[0] > 0 {
+                    let executed = rows.size()[0];
+                    let out = if executed == h.size()[0] {
+                        // every row on: no gather/scatter (same sums as index_add)
+                        s + block.residual(&h, false)
+                    } else if executed > 0 {
                         let f = block.residual(&h.index_select(0, &rows), false);
                         s.index_add(0, &rows, &f)
                     } else {
