@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::losses::deepsloth_uniform_ce;
+use crate::pgd::ascend;
 use crate::tanh_box::Mode;
 
 /// Which DeepSloth variant.
@@ -145,12 +146,9 @@ impl DeepSloth {
             Mode::Faithful => a,
             Mode::Fixed => c.eps,
         };
-        let mut x_adv = project(&(x + x.rand_like() * (2.0 * init) - init), x, c.eps, Norm::Linf);
-        for _ in 0..c.steps() {
-            let g = Self::grad(model, &x_adv)?;
-            x_adv = tch::no_grad(|| project(&(&x_adv - g.sign() * a), x, c.eps, Norm::Linf));
-        }
-        Ok(x_adv)
+        let start = project(&(x + x.rand_like() * (2.0 * init) - init), x, c.eps, Norm::Linf);
+        // descent on the DeepSloth loss: ascent with a negative step
+        ascend(x, start, (c.eps, Norm::Linf), c.steps(), -a, |leaf| Self::loss(model, leaf))
     }
 
     fn l2(&self, model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {

@@ -11,13 +11,13 @@
 //! `−Σ_i CE(softmax z_i, uniform)` (DeepSloth's loss, negated: no IC confident), and for gated
 //! models `Σ_j p_j`, the soft number of executed gated blocks.
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, project, steepest, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Error, Pass, Result, Trace};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::losses::{accuracy_loss_per_sample, uniform_ce_per_sample, ExitLoss};
-use crate::pgd::random_start;
+use crate::pgd::{ascend, random_start};
 
 /// Joint or stealthy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,15 +119,11 @@ impl Attack for Mechanism {
         };
         let sign = if c.variant == MechanismVariant::Joint { 1.0 } else { -1.0 };
         let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
-        let mut x_adv = if c.random_start { random_start(x, c.eps, c.norm) } else { x.copy() };
-        for _ in 0..c.steps {
-            let leaf = x_adv.detach().set_requires_grad(true);
-            let trace = model.forward_trace(&leaf, Pass::Dense)?;
+        let start = if c.random_start { random_start(x, c.eps, c.norm) } else { x.copy() };
+        ascend(x, start, (c.eps, c.norm), c.steps, alpha, |leaf| {
+            let trace = model.forward_trace(leaf, Pass::Dense)?;
             let ce = accuracy_loss_per_sample(&trace, &target, ExitLoss::Avg);
-            let objective = (ce * sign + energy_term(&trace)? * c.energy_weight).sum(Kind::Float);
-            let g = Tensor::f_run_backward(&[&objective], &[&leaf], false, false)?.remove(0);
-            x_adv = tch::no_grad(|| project(&(&x_adv + steepest(&g, c.norm) * alpha), x, c.eps, c.norm));
-        }
-        Ok(x_adv)
+            Ok((ce * sign + energy_term(&trace)? * c.energy_weight).sum(Kind::Float))
+        })
     }
 }

@@ -91,6 +91,25 @@ pub fn random_start(x: &Tensor, eps: f64, norm: Norm) -> Tensor {
     (x + delta).clamp(0.0, 1.0)
 }
 
+/// The projected steepest-ascent loop PGD, DeepSloth (with a negative step: descent), the
+/// mechanism attack and feature-PGD share: from `start`, `steps` times
+/// `x ← Π_{ε,norm}(x + α·steepest(∇objective(x)))` with Π the ε-ball around `x` and [0,1].
+pub fn ascend(
+    x: &Tensor,
+    start: Tensor,
+    (eps, norm): (f64, Norm),
+    steps: usize,
+    alpha: f64,
+    mut objective: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut x_adv = start;
+    for _ in 0..steps {
+        let (g, _) = input_grad(&x_adv, &mut objective)?;
+        x_adv = tch::no_grad(|| project(&(&x_adv + steepest(&g, norm) * alpha), x, eps, norm));
+    }
+    Ok(x_adv.detach())
+}
+
 /// Summed cross-entropy of the chosen output: the ascent objective.
 pub fn ce_objective(model: &dyn DynamicModel, x: &Tensor, y: &Tensor, which: ExitLoss) -> Result<Tensor> {
     let trace = model.forward_trace(x, Pass::Dense)?;
@@ -116,12 +135,8 @@ impl Attack for Pgd {
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         tch::manual_seed(self.cfg.seed as i64);
         let c = &self.cfg;
-        let mut x_adv = if c.random_start { random_start(x, c.eps, c.norm) } else { x.copy() };
-        for _ in 0..c.steps {
-            let (g, _) = input_grad(&x_adv, |xa| ce_objective(model, xa, y, c.loss))?;
-            x_adv = tch::no_grad(|| project(&(&x_adv + steepest(&g, c.norm) * c.alpha()), x, c.eps, c.norm));
-        }
-        Ok(x_adv.detach())
+        let start = if c.random_start { random_start(x, c.eps, c.norm) } else { x.copy() };
+        ascend(x, start, (c.eps, c.norm), c.steps, c.alpha(), |xa| ce_objective(model, xa, y, c.loss))
     }
 }
 

@@ -5,12 +5,12 @@
 //! perturbing a surrogate's shallow features transfers best, hence [`FeaturePgd`]) or on
 //! another data set.
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, project, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::pgd::random_start;
+use crate::pgd::{ascend, random_start};
 
 /// Any attack crafted on `surrogate`, applied to whatever victim `perturb` is given.
 pub struct Transfer {
@@ -116,13 +116,7 @@ impl Attack for FeaturePgd {
         };
         let clean = tch::no_grad(|| layer_of(x))?.detach();
         let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
-        let mut x_adv = random_start(x, c.eps, Norm::Linf);
-        for _ in 0..c.steps {
-            let leaf = x_adv.detach().set_requires_grad(true);
-            let loss = (layer_of(&leaf)? - &clean).square().sum(Kind::Float);
-            let g = Tensor::f_run_backward(&[&loss], &[&leaf], false, false)?.remove(0);
-            x_adv = tch::no_grad(|| project(&(&x_adv + g.sign() * alpha), x, c.eps, Norm::Linf));
-        }
-        Ok(x_adv)
+        let start = random_start(x, c.eps, Norm::Linf);
+        ascend(x, start, (c.eps, Norm::Linf), c.steps, alpha, |leaf| Ok((layer_of(leaf)? - &clean).square().sum(Kind::Float)))
     }
 }
