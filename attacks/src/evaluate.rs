@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use dynrobust_core::attack::{per_sample_norm, Attack};
 use dynrobust_core::energy::{measure_rapl, EnergyModel};
-use dynrobust_core::metrics::{exit_histogram, gate_rates, recovery};
+use dynrobust_core::metrics::{correct, exit_histogram, gate_rates, recovery};
 use dynrobust_core::{cost_of, DynamicModel, Pass, Result, Trace};
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -138,7 +138,7 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         let executed = cat(acc.traces.iter().map(|p| pick(p).executed.shallow_clone()));
         let exits = acc.traces[0].0.exit_index.as_ref().map(|_| cat(acc.traces.iter().map(|p| pick(p).exit_index.as_ref().expect("exit index").shallow_clone())));
         let gates: Vec<Tensor> = (0..pick(&acc.traces[0]).gate_probs.len()).map(|g| cat(acc.traces.iter().map(|p| pick(p).gate_probs[g].shallow_clone()))).collect();
-        (logits.argmax(-1, false).eq_tensor(&labels), cost, executed, exits, gates)
+        (correct(&logits, &labels), cost, executed, exits, gates)
     };
     let (clean_ok, clean_cost, clean_exec, clean_exits, clean_gates) = side(|p| &p.0);
     let (adv_ok, adv_cost, adv_exec, adv_exits, adv_gates) = side(|p| &p.1);

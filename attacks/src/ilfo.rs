@@ -12,7 +12,7 @@ use dynrobust_core::{DynamicModel, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::losses::gate_matrix;
+use crate::losses::{gate_matrix, ilfo_energy_per_sample};
 use crate::tanh_box::{Adam, Mode, TanhBox};
 
 /// ILFO's scalar box in normalised units (CIFAR; a quirk kept in faithful mode).
@@ -45,9 +45,7 @@ impl Default for IlfoConfig {
 /// Per-sample ILFO loss `[B]`: `c_eff·Σ_i relu(0.5 − p_{b,i}) + Σ (x_adv_n − x_n)²` with
 /// `c_eff = G·c` when `faithful`.
 pub fn ilfo_loss_per_sample(gates: &Tensor, x_adv_n: &Tensor, x_n: &Tensor, c: f64, faithful: bool) -> Tensor {
-    let g = gates.size()[1] as f64;
-    let c_eff = if faithful { c * g } else { c };
-    let energy = (-gates + 0.5).relu().sum_dim_intlist(&[1i64][..], false, Kind::Float) * c_eff;
+    let energy = ilfo_energy_per_sample(gates, c, faithful);
     let l2 = (x_adv_n - x_n).square().flatten(1, -1).sum_dim_intlist(&[1i64][..], false, Kind::Float);
     energy + l2
 }

@@ -21,10 +21,13 @@ pub fn uniform_ce_per_sample(z: &Tensor) -> Tensor {
 /// the batch (`[G]` of `[B]` probabilities); `faithful` multiplies by the number of gates G,
 /// the effect of the authors' `(target[G] − output[G,1])` broadcast.
 pub fn ilfo_energy(gate_probs: &[Tensor], c: f64, faithful: bool) -> Tensor {
-    let g = gate_probs.len() as f64;
-    let sum: Tensor = gate_probs.iter().map(|p| (-p + 0.5).relu().sum(Kind::Float)).sum();
-    let scale = if faithful { c * g } else { c };
-    sum * scale
+    ilfo_energy_per_sample(&Tensor::stack(gate_probs, 1), c, faithful).sum(Kind::Float)
+}
+
+/// The ILFO energy term per sample `[B]` of a `[B,G]` gate matrix (see [`ilfo_energy`]).
+pub fn ilfo_energy_per_sample(gates: &Tensor, c: f64, faithful: bool) -> Tensor {
+    let c_eff = if faithful { c * gates.size()[1] as f64 } else { c };
+    (-gates + 0.5).relu().sum_dim_intlist(&[1i64][..], false, Kind::Float) * c_eff
 }
 
 /// `||v||_p = (Σ_j |v_j|^p)^{1/p}` over the gate dimension of `[B,G]`, per sample (used even

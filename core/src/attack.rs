@@ -4,7 +4,7 @@
 //! clean inputs in [0,1] and labels, and returns adversarial inputs in [0,1] of the same shape.
 //! Its config is a serde struct that rejects unknown fields and is validated on construction.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::error::{Error, Result};
 use crate::protocol::{DynamicModel, Family};
@@ -160,9 +160,4 @@ pub fn steepest(g: &Tensor, norm: Norm) -> Tensor {
         Norm::Linf => g.sign(),
         Norm::L2 => g / per_sample_norm(g, 2.0).clamp_min(1e-12).view([-1, 1, 1, 1]),
     }
-}
-
-/// Mean over the batch of a `[B]` tensor as f64.
-pub fn mean_f64(t: &Tensor) -> f64 {
-    t.to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
 }

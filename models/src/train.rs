@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use dynrobust_core::data::Dataset;
-use dynrobust_core::metrics::{exit_histogram, gate_rates};
+use dynrobust_core::metrics::{self, exit_histogram, gate_rates};
 use dynrobust_core::{cost_of, DynamicModel, Error, Pass, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn::{self, OptimizerConfig};
@@ -196,7 +196,7 @@ pub fn evaluate(model: &dyn DynamicModel, data: &Dataset, batch: i64) -> Result<
     let mut gates: Vec<Vec<Tensor>> = Vec::new();
     for (x, y) in data.batches(batch) {
         let trace = model.forward_trace(&x, Pass::Sparse)?;
-        correct += trace.logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+        correct += metrics::correct(&trace.logits, &y).sum(Kind::Int64).int64_value(&[]);
         cost_sum += cost_of(&trace, model).sum(Kind::Double).double_value(&[]);
         if let Some(e) = trace.exit_index {
             exits.push(e);
