@@ -9,7 +9,7 @@
 //! cosine schedule on unit-L2 gradients), and the L∞ universal perturbation (one δ for a data
 //! set: `δ ← clip(δ − 0.005·sign(∇_δ L), −ε, ε)`, 20 iterations per batch).
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, per_sample_norm, project, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -134,9 +134,7 @@ impl DeepSloth {
     }
 
     fn grad(model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
-        let x = x.detach().set_requires_grad(true);
-        let l = Self::loss(model, &x)?;
-        Ok(Tensor::f_run_backward(&[&l], &[&x], false, false)?.remove(0))
+        Ok(input_grad_eot(model.eot_samples(), x, |leaf| Self::loss(model, leaf))?.0)
     }
 
     fn linf(&self, model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
@@ -148,7 +146,7 @@ impl DeepSloth {
         };
         let start = project(&(x + x.rand_like() * (2.0 * init) - init), x, c.eps, Norm::Linf);
         // descent on the DeepSloth loss: ascent with a negative step
-        ascend(x, start, (c.eps, Norm::Linf), c.steps(), -a, |leaf| Self::loss(model, leaf))
+        ascend(x, start, (c.eps, Norm::Linf), c.steps(), -a, model.eot_samples(), |leaf| Self::loss(model, leaf))
     }
 
     fn l2(&self, model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
@@ -188,9 +186,8 @@ impl DeepSloth {
         for b in 0..used {
             let xb = x.narrow(0, b * c.universal_batch, c.universal_batch.min(n - b * c.universal_batch));
             for _ in 0..c.steps() {
-                let d = delta.detach().set_requires_grad(true);
-                let l = Self::loss(model, &(&xb + &d).clamp(0.0, 1.0))? / xb.size()[0] as f64;
-                let g = Tensor::f_run_backward(&[&l], &[&d], false, false)?.remove(0);
+                let scale = xb.size()[0] as f64;
+                let (g, _) = input_grad_eot(model.eot_samples(), &delta, |d| Ok(Self::loss(model, &(&xb + d).clamp(0.0, 1.0))? / scale))?;
                 delta = tch::no_grad(|| (&delta - g.sign() * a).clamp(-c.eps, c.eps));
             }
         }

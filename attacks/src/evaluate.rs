@@ -85,7 +85,21 @@ pub fn run_attack(
     batch: i64,
     on_batch: &mut dyn FnMut(i64),
 ) -> Result<AttackOutcome> {
-    attack.check_model(model)?;
+    run_attack_on(model, model, attack, images, labels, batch, on_batch)
+}
+
+/// Crafts on `craft` and measures on `model` (they differ for an oblivious attack on a
+/// defended model: crafted on the bare model, measured behind the defense).
+pub fn run_attack_on(
+    craft: &dyn DynamicModel,
+    model: &dyn DynamicModel,
+    attack: &dyn Attack,
+    images: &Tensor,
+    labels: &Tensor,
+    batch: i64,
+    on_batch: &mut dyn FnMut(i64),
+) -> Result<AttackOutcome> {
+    attack.check_model(craft)?;
     let n = images.size()[0];
     let mut acc = Acc::default();
     let mut advs = Vec::new();
@@ -95,7 +109,7 @@ pub fn run_attack(
         let len = batch.min(n - start);
         let (x, y) = (images.narrow(0, start, len), labels.narrow(0, start, len));
         let t0 = Instant::now();
-        let (x_adv, joules) = measure_rapl(|| attack.perturb(model, &x, &y));
+        let (x_adv, joules) = measure_rapl(|| attack.perturb(craft, &x, &y));
         let x_adv = x_adv?.detach();
         seconds += t0.elapsed().as_secs_f64();
         rapl = match (rapl, joules) {

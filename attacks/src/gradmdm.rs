@@ -13,7 +13,7 @@
 //! reproduced exactly with segment-wise vector–Jacobian products over a pass cut at every
 //! gate position ([`dynrobust_core::CutTrace`]).
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, per_sample_norm, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, eot_average, per_sample_norm, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{CutTrace, DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -259,7 +259,16 @@ impl Attack for GradMdm {
         let clean_logits = if c.acc_maintain { Some(tch::no_grad(|| model.forward_trace(x, Pass::Dense)).map(|t| t.logits)?) } else { None };
         optimise_modifier(&bx, x, c.lr(), c.iterations, self.budget(), |t, w_leaf, x_adv| {
             let x_leaf = x_adv.detach().set_requires_grad(true);
-            let (g_neg, g_ref) = self.energy_grads(model, &x_leaf, clean_logits.as_ref(), t)?;
+            let mut g_ref = None;
+            let g_neg = eot_average(model.eot_samples(), || {
+                let (g_neg, r) = self.energy_grads(model, &x_leaf, clean_logits.as_ref(), t)?;
+                g_ref = match (g_ref.take(), r) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (a, b) => a.or(b),
+                };
+                Ok(g_neg)
+            })?;
+            let g_ref = g_ref.map(|g| g / model.eot_samples().max(1) as f64);
             // ∂L2/∂x_adv with L2 = Σ((x_adv − x)/σ)² (normalised units, as the code)
             let g_l2 = (x_adv.detach() - x) * (2.0 / (c.std * c.std)) + g_ref.unwrap_or_else(|| x.zeros_like());
             let g_x = g_neg * c.energy_scale + g_l2 * c.gamma;
@@ -353,18 +362,25 @@ impl Attack for GradAuto {
         let bx = gradmdm_box(c.mean, c.std, c.mode, c.eps, c.norm);
         let chw = (x.numel() as i64 / x.size()[0]) as f64;
         optimise_modifier(&bx, x, c.lr, c.iterations, self.budget(), |_, w_leaf, x_adv| {
-            let gates = gate_matrix(&model.forward_trace(x_adv, Pass::Dense)?)?;
-            let (lpos, lneg) = (gradauto_lpos(&gates), gradauto_lneg(&gates));
-            let l2 = ((x_adv - x) / c.std).square().sum(Kind::Float);
-            let g_pos = Tensor::f_run_backward(&[&lpos], &[w_leaf], true, false)?.remove(0);
-            let g_neg = Tensor::f_run_backward(&[&lneg], &[w_leaf], true, false)?.remove(0);
-            let g_l2 = Tensor::f_run_backward(&[&l2], &[w_leaf], false, false)?.remove(0);
-            Ok(tch::no_grad(|| {
-                let u = unit(&g_pos);
-                let pi = (&g_neg * &u).flatten(1, -1).sum_dim_intlist(&[1i64][..], false, Kind::Float).clamp_max(0.0);
-                let g_neg = unit(&(&g_neg - pi.view(&view_shape(&u)[..]) * &u));
-                g_neg * (c.k * chw) + g_l2
-            }))
+            let draws = model.eot_samples().max(1);
+            let mut sum: Option<Tensor> = None;
+            for draw in 0..draws {
+                let gates = gate_matrix(&model.forward_trace(x_adv, Pass::Dense)?)?;
+                let (lpos, lneg) = (gradauto_lpos(&gates), gradauto_lneg(&gates));
+                let l2 = ((x_adv - x) / c.std).square().sum(Kind::Float);
+                let last = draw + 1 == draws;
+                let g_pos = Tensor::f_run_backward(&[&lpos], &[w_leaf], true, false)?.remove(0);
+                let g_neg = Tensor::f_run_backward(&[&lneg], &[w_leaf], true, false)?.remove(0);
+                let g_l2 = Tensor::f_run_backward(&[&l2], &[w_leaf], !last, false)?.remove(0);
+                let g = tch::no_grad(|| {
+                    let u = unit(&g_pos);
+                    let pi = (&g_neg * &u).flatten(1, -1).sum_dim_intlist(&[1i64][..], false, Kind::Float).clamp_max(0.0);
+                    let g_neg = unit(&(&g_neg - pi.view(&view_shape(&u)[..]) * &u));
+                    g_neg * (c.k * chw) + g_l2
+                });
+                sum = Some(match sum { Some(s) => s + g, None => g });
+            }
+            Ok(sum.expect("at least one draw") / draws as f64)
         })
     }
 }

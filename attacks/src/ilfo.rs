@@ -7,7 +7,7 @@
 //! range [−2.22, 2.5] of normalised units and `x_adv = R(w + x)` with w = 0 (so `R(x) ≠ x`).
 //! *Fixed*: the intended `c·Σ relu(0.5 − p)`, the true bounds and `w₀ = R⁻¹(x)`.
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, eot_average, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -94,12 +94,18 @@ impl Attack for Ilfo {
         let mut best_loss = Tensor::full([batch], f64::INFINITY, (Kind::Float, x.device()));
         let mut best = x.copy();
         for _ in 0..c.steps {
-            let w_leaf = w.detach().set_requires_grad(true);
-            let x_adv_n = bx.x_adv_normalised(&w_leaf, &x_n);
-            let x_adv = (&x_adv_n * c.std + c.mean).clamp(0.0, 1.0);
-            let gates = gate_matrix(&model.forward_trace(&x_adv, Pass::Dense)?)?;
-            let loss = ilfo_loss_per_sample(&gates, &x_adv_n, &x_n, c.c, c.mode == Mode::Faithful);
-            let g = Tensor::f_run_backward(&[&loss.sum(Kind::Float)], &[&w_leaf], false, false)?.remove(0);
+            let mut last = None;
+            let g = eot_average(model.eot_samples(), || {
+                let w_leaf = w.detach().set_requires_grad(true);
+                let x_adv_n = bx.x_adv_normalised(&w_leaf, &x_n);
+                let x_adv = (&x_adv_n * c.std + c.mean).clamp(0.0, 1.0);
+                let gates = gate_matrix(&model.forward_trace(&x_adv, Pass::Dense)?)?;
+                let loss = ilfo_loss_per_sample(&gates, &x_adv_n, &x_n, c.c, c.mode == Mode::Faithful);
+                let g = Tensor::f_run_backward(&[&loss.sum(Kind::Float)], &[&w_leaf], false, false)?.remove(0);
+                last = Some((loss, x_adv));
+                Ok(g)
+            })?;
+            let (loss, x_adv) = last.expect("at least one EOT draw");
             tch::no_grad(|| {
                 let loss = loss.detach();
                 let better = loss.lt_tensor(&best_loss);

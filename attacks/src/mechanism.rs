@@ -120,7 +120,7 @@ impl Attack for Mechanism {
         let sign = if c.variant == MechanismVariant::Joint { 1.0 } else { -1.0 };
         let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
         let start = if c.random_start { random_start(x, c.eps, c.norm) } else { x.copy() };
-        ascend(x, start, (c.eps, c.norm), c.steps, alpha, |leaf| {
+        ascend(x, start, (c.eps, c.norm), c.steps, alpha, model.eot_samples(), |leaf| {
             let trace = model.forward_trace(leaf, Pass::Dense)?;
             let ce = accuracy_loss_per_sample(&trace, &target, ExitLoss::Avg);
             Ok((ce * sign + energy_term(&trace)? * c.energy_weight).sum(Kind::Float))

@@ -3,7 +3,7 @@
 //! loss on the final head, the deployed exit, averaged over exits or the worst exit
 //! (DeepSloth's PGD / PGD-avg / PGD-max, Hong et al., ICLR 2021).
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -93,18 +93,20 @@ pub fn random_start(x: &Tensor, eps: f64, norm: Norm) -> Tensor {
 
 /// The projected steepest-ascent loop PGD, DeepSloth (with a negative step: descent), the
 /// mechanism attack and feature-PGD share: from `start`, `steps` times
-/// `x ← Π_{ε,norm}(x + α·steepest(∇objective(x)))` with Π the ε-ball around `x` and [0,1].
+/// `x ← Π_{ε,norm}(x + α·steepest(∇objective(x)))` with Π the ε-ball around `x` and [0,1];
+/// the gradient is averaged over `eot` draws (EOT, for randomised defenses).
 pub fn ascend(
     x: &Tensor,
     start: Tensor,
     (eps, norm): (f64, Norm),
     steps: usize,
     alpha: f64,
+    eot: usize,
     mut objective: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let mut x_adv = start;
     for _ in 0..steps {
-        let (g, _) = input_grad(&x_adv, &mut objective)?;
+        let (g, _) = input_grad_eot(eot, &x_adv, &mut objective)?;
         x_adv = tch::no_grad(|| project(&(&x_adv + steepest(&g, norm) * alpha), x, eps, norm));
     }
     Ok(x_adv.detach())
@@ -136,7 +138,7 @@ impl Attack for Pgd {
         tch::manual_seed(self.cfg.seed as i64);
         let c = &self.cfg;
         let start = if c.random_start { random_start(x, c.eps, c.norm) } else { x.copy() };
-        ascend(x, start, (c.eps, c.norm), c.steps, c.alpha(), |xa| ce_objective(model, xa, y, c.loss))
+        ascend(x, start, (c.eps, c.norm), c.steps, c.alpha(), model.eot_samples(), |xa| ce_objective(model, xa, y, c.loss))
     }
 }
 
@@ -200,7 +202,7 @@ impl Attack for MiFgsm {
         let mut x_adv = x.copy();
         let mut momentum = x.zeros_like();
         for _ in 0..c.steps {
-            let (g, _) = input_grad(&x_adv, |xa| ce_objective(model, xa, y, c.loss))?;
+            let (g, _) = input_grad_eot(model.eot_samples(), &x_adv, |xa| ce_objective(model, xa, y, c.loss))?;
             tch::no_grad(|| {
                 let l1 = per_sample_norm(&g, 1.0).clamp_min(1e-12).view([-1, 1, 1, 1]);
                 momentum = &momentum * c.momentum + g / l1;

@@ -117,6 +117,6 @@ impl Attack for FeaturePgd {
         let clean = tch::no_grad(|| layer_of(x))?.detach();
         let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
         let start = random_start(x, c.eps, Norm::Linf);
-        ascend(x, start, (c.eps, Norm::Linf), c.steps, alpha, |leaf| Ok((layer_of(leaf)? - &clean).square().sum(Kind::Float)))
+        ascend(x, start, (c.eps, Norm::Linf), c.steps, alpha, model.eot_samples(), |leaf| Ok((layer_of(leaf)? - &clean).square().sum(Kind::Float)))
     }
 }

@@ -62,6 +62,15 @@ pub struct AttackArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Defense in front of the victim (see `dynrobust list defenses`); attacked adaptively.
+    #[arg(long)]
+    defense: Option<String>,
+    /// Defense parameters, KEY=VALUE (JSON values), e.g. bits=4.
+    #[arg(long = "defense-set", value_name = "KEY=VALUE")]
+    defense_set: Vec<String>,
+    /// Oblivious instead of adaptive: craft on the bare model, then apply the defense.
+    #[arg(long)]
+    oblivious: bool,
     /// Save adversarial examples (PNG grid + .npy) into DIR.
     #[arg(long, value_name = "DIR")]
     save_examples: Option<PathBuf>,
@@ -97,21 +106,27 @@ fn overrides(args: &AttackArgs) -> Result<Value> {
             map.insert(key.into(), json!(v.to_ascii_lowercase()));
         }
     }
-    for kv in &args.set {
+    map.extend(parse_sets(&args.set)?);
+    Ok(Value::Object(map))
+}
+
+/// Parses `KEY=VALUE` options (VALUE as JSON, else as a string).
+pub fn parse_sets(sets: &[String]) -> Result<Map<String, Value>> {
+    let mut map = Map::new();
+    for kv in sets {
         let Some((k, v)) = kv.split_once('=') else { bail!("--set {kv}: expected KEY=VALUE") };
         let value = serde_json::from_str(v).unwrap_or_else(|_| json!(v));
         map.insert(k.trim().into(), value);
     }
-    Ok(Value::Object(map))
+    Ok(map)
 }
 
 /// Runs `dynrobust attack`.
 pub fn run(args: AttackArgs) -> Result<()> {
-    let (mut victim, _, _) = load_model(&args.model)?;
-    if let Some(q) = args.threshold {
-        victim.set_threshold(q)?;
+    if args.defense.is_some() {
+        return run_defended(args);
     }
-    victim.set_twin(args.twin);
+    let victim = load_victim(&args)?;
     let inner = registry::build(&args.attack, &overrides(&args)?)?;
     let attack: Box<dyn Attack> = match &args.surrogate {
         Some(s) => Box::new(Transfer::new(inner, Box::new(load_model(s)?.0))?),
@@ -132,6 +147,59 @@ pub fn run(args: AttackArgs) -> Result<()> {
     }
     if args.json {
         println!("{}", serde_json::to_string(&record)?);
+    }
+    Ok(())
+}
+
+fn load_victim(args: &AttackArgs) -> Result<dynrobust_models::Net> {
+    let (mut victim, _, _) = load_model(&args.model)?;
+    if let Some(q) = args.threshold {
+        victim.set_threshold(q)?;
+    }
+    victim.set_twin(args.twin);
+    Ok(victim)
+}
+
+/// `dynrobust attack --defense ...`: the defended evaluation (adaptive unless --oblivious).
+fn run_defended(args: AttackArgs) -> Result<()> {
+    use dynrobust_core::defense::Adaptivity;
+    use dynrobust_defenses::registry::DefenseSpec;
+    let name = args.defense.as_deref().unwrap_or("none");
+    let spec = DefenseSpec::parse(name, &Value::Object(parse_sets(&args.defense_set)?)).with_context(|| format!("--defense {name}"))?;
+    let mode = if args.oblivious { Adaptivity::Oblivious } else { Adaptivity::Adaptive };
+    if args.surrogate.is_some() {
+        bail!("--surrogate with --defense: run the transfer attack without --defense, or the defended attack without --surrogate");
+    }
+    let attack = registry::build(&args.attack, &overrides(&args)?)?;
+    let data = args.data.load(Split::Test, Some(args.n))?;
+    let calibration = matches!(spec, DefenseSpec::Monitor(_)).then(|| args.data.load(Split::Train, Some(2000))).transpose()?;
+    let victim = load_victim(&args)?;
+    let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}+{name}", args.attack, victim.name()));
+    let load = || load_victim(&args).map_err(|e| dynrobust_core::Error::config("model", e.to_string()));
+    let outcome = dynrobust_defenses::evaluate::run_defended(victim, &load, &spec, mode, &*attack, &data, calibration.as_ref(), args.batch, &mut |d| bar.set_position(d as u64))?;
+    bar.finish_and_clear();
+    let r = &outcome.record;
+    let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    eprintln!("model       {}", r["model"].as_str().unwrap_or("?"));
+    eprintln!("defense     {} ({})", r["defense_label"].as_str().unwrap_or("?"), if args.oblivious { "OBLIVIOUS attack: crafted on the bare model" } else { "adaptive attack" });
+    eprintln!("attack      {}", args.attack);
+    eprintln!("accuracy    clean {:.2} %  adv {:.2} %", 100.0 * num("clean_acc"), 100.0 * num("adv_acc"));
+    eprintln!("cost        clean {:.4}  adv {:.4}  recovery {:.2} %", num("clean_cost"), num("adv_cost"), 100.0 * num("recovery"));
+    if let Some(b) = r.get("budget_bound_cost").and_then(Value::as_f64) {
+        eprintln!("budget      worst-case cost bound {b:.4}");
+    }
+    if let Some(m) = r.get("monitor") {
+        eprintln!("monitor     {m}");
+    }
+    for flag in r["flags"].as_array().into_iter().flatten() {
+        eprintln!("WARNING     {}", flag.as_str().unwrap_or("?"));
+    }
+    eprintln!("time        {:.2} s", num("seconds"));
+    if let Some(dir) = &args.save_examples {
+        save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(r)?);
     }
     Ok(())
 }

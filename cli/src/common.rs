@@ -60,7 +60,11 @@ pub fn list(what: &str) -> Result<()> {
                 println!("{name:<20} {goal:<8} {about}");
             }
         }
-        "defenses" => println!("(no defenses yet: see the defense issue)"),
+        "defenses" => {
+            for (name, kind, about) in dynrobust_defenses::registry::DEFENSES {
+                println!("{name:<17} {:<10} {about}", format!("{kind:?}").to_lowercase());
+            }
+        }
         other => bail!("unknown list `{other}`: expected models, attacks or defenses"),
     }
     Ok(())

@@ -5,6 +5,7 @@
 mod attack;
 mod bench;
 mod common;
+mod defend;
 mod eval;
 mod train;
 
@@ -25,6 +26,10 @@ enum Command {
     Train(train::TrainArgs),
     /// Attack a model and measure accuracy, cost, recovery, perturbation size, energy.
     Attack(attack::AttackArgs),
+    /// Build a training-time defense: fine-tune a checkpoint with adversarial examples.
+    Defend(defend::DefendArgs),
+    /// Train the learned input denoiser (a defense).
+    TrainDenoiser(defend::DenoiserArgs),
     /// Evaluate a checkpoint: accuracy, cost, exits/gates, latency.
     Eval(eval::EvalArgs),
     /// Print a model's units and their MACs.
@@ -44,6 +49,8 @@ fn main() -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Attack(a) => attack::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Defend(a) => defend::run(a),
+        Command::TrainDenoiser(a) => defend::train_denoiser(a),
         Command::Info(a) => eval::info(a),
         Command::Bench(a) => bench::run(a),
         Command::List { what } => common::list(&what),

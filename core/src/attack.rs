@@ -154,6 +154,27 @@ pub fn input_grad(x: &Tensor, loss: impl FnOnce(&Tensor) -> Result<Tensor>) -> R
     Ok((g, value))
 }
 
+/// Mean of `k` draws of `sample()` (EOT: with a randomised model each call draws new
+/// randomness; with `k = 1` this is one call).
+pub fn eot_average(k: usize, mut sample: impl FnMut() -> Result<Tensor>) -> Result<Tensor> {
+    let mut sum = sample()?;
+    for _ in 1..k.max(1) {
+        sum = sum + sample()?;
+    }
+    Ok(if k > 1 { sum / k as f64 } else { sum })
+}
+
+/// [`input_grad`] averaged over `k` evaluations of `loss` (EOT); the value is the last draw's.
+pub fn input_grad_eot(k: usize, x: &Tensor, mut loss: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<(Tensor, f64)> {
+    let mut value = 0.0;
+    let g = eot_average(k, || {
+        let (g, v) = input_grad(x, &mut loss)?;
+        value = v;
+        Ok(g)
+    })?;
+    Ok((g, value))
+}
+
 /// Unit-norm direction per sample in `norm` (sign for L∞, g/‖g‖₂ for L2).
 pub fn steepest(g: &Tensor, norm: Norm) -> Tensor {
     match norm {

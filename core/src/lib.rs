@@ -1,11 +1,12 @@
 //! # dynrobust-core
 //!
 //! The vocabulary every other dynrobust crate speaks: the [`DynamicModel`] protocol with its
-//! [`Trace`], [`Unit`]s and [`Pass`]es; data sets; cost and accuracy metrics; the one
+//! [`Trace`], [`Unit`]s and [`Pass`]es; the attack and defense plugin protocols; data sets; cost and accuracy metrics; the one
 //! [`Error`] type.
 
 pub mod attack;
 pub mod data;
+pub mod defense;
 pub mod energy;
 pub mod error;
 pub mod metrics;

@@ -39,6 +39,8 @@ pub enum UnitKind {
     Gate,
     /// An internal classifier (early exit).
     Exit,
+    /// A defense's own computation (e.g. a learned denoiser in front of the model).
+    Defense,
 }
 
 impl UnitKind {
@@ -136,6 +138,12 @@ pub trait DynamicModel {
     /// segments (GradMDM's `backwardNorm`). `None` for models that cannot be cut (no gates).
     fn forward_cut(&self, _x: &Tensor) -> Result<Option<CutTrace>> {
         Ok(None)
+    }
+    /// How many samples an attack should average its gradient over (Expectation over
+    /// Transformation, Athalye et al. ICML 2018): 1 for deterministic models, k for a model
+    /// behind a randomised defense.
+    fn eot_samples(&self) -> usize {
+        1
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Net {
     std: Tensor,
     threshold: f64,
     twin: bool,
+    /// Runtime compute cap: at most this many residual branches run per sample.
+    budget: Option<usize>,
 }
 
 impl std::fmt::Debug for Net {
@@ -98,7 +100,7 @@ impl Net {
         };
         let mean = Tensor::from_slice(&config.mean).to_kind(Kind::Float).view([1, -1, 1, 1]).to_device(device);
         let std = Tensor::from_slice(&config.std).to_kind(Kind::Float).view([1, -1, 1, 1]).to_device(device);
-        Ok(Net { config, vs, stem, blocks, head, mech, units, index, mean, std, threshold, twin: false })
+        Ok(Net { config, vs, stem, blocks, head, mech, units, index, mean, std, threshold, twin: false, budget: None })
     }
 
     /// The architecture config.
@@ -126,6 +128,86 @@ impl Net {
     /// The SDN exit threshold in force (infinite for other families).
     pub fn threshold(&self) -> f64 {
         self.threshold
+    }
+
+    /// Sets (or clears) the runtime compute cap: at most `budget` residual branches run per
+    /// sample. Gated models run the first `budget` blocks whose gate is on and skip the rest;
+    /// early-exit models are forced to exit at the internal classifier after block
+    /// `budget − 1` when no earlier exit fired. The worst-case cost is then
+    /// [`Net::budget_bound_macs`] by construction.
+    pub fn set_budget(&mut self, budget: Option<usize>) -> Result<()> {
+        let blocks = self.blocks.len();
+        let min = match (&self.mech, self.twin) {
+            (_, true) | (Mech::None, _) => {
+                return Err(Error::Model { model: self.name(), problem: "a compute budget needs gates or early exits (static models always run every block)".into() })
+            }
+            (Mech::Aig(_), false) => 0,
+            (Mech::Recurrent(_) | Mech::Exits(_), false) => 1,
+        };
+        if let Some(b) = budget {
+            if b < min || b > blocks {
+                return Err(Error::config("budget", format!("{b}: expected {min}..={blocks} (model `{}` has {blocks} blocks)", self.name())));
+            }
+        }
+        self.budget = budget;
+        Ok(())
+    }
+
+    /// The compute cap in force.
+    pub fn budget(&self) -> Option<usize> {
+        self.budget
+    }
+
+    /// The largest MACs any input can cost under the budget (None without a budget): gated,
+    /// every always-on unit plus the `budget` most expensive gated branches (SkipNet's first
+    /// block always runs and counts); early exit, the cost of exiting at the capped exit.
+    pub fn budget_bound_macs(&self) -> Option<u64> {
+        let budget = self.budget?;
+        let exits = self.index.mech.len();
+        Some(match &self.mech {
+            Mech::Exits(_) => {
+                let capped = if budget < self.blocks.len() { budget - 1 } else { exits };
+                let idx = Tensor::from_slice(&[capped as i64]).to_device(self.device());
+                let macs = macs_from_executed(&self.executed_for_exits(&idx), &self.units);
+                macs.double_value(&[0]).round() as u64
+            }
+            _ => {
+                let ungated = self.blocks.len() - self.gate_count();
+                let block_units: Vec<usize> = self.index.block.clone();
+                let always: u64 = self.units.iter().enumerate().filter(|(i, _)| !block_units.contains(i)).map(|(_, u)| u.macs).sum();
+                let first: u64 = block_units[..ungated].iter().map(|&i| self.units[i].macs).sum();
+                let mut gated: Vec<u64> = block_units[ungated..].iter().map(|&i| self.units[i].macs).collect();
+                gated.sort_unstable_by(|a, b| b.cmp(a));
+                always + first + gated.iter().take(budget - ungated).sum::<u64>()
+            }
+        })
+    }
+
+    fn gate_count(&self) -> usize {
+        match (&self.mech, self.twin) {
+            (Mech::Aig(g), false) => g.len(),
+            (Mech::Recurrent(_), false) => self.blocks.len() - 1,
+            _ => 0,
+        }
+    }
+
+    /// Applies the budget to a gate decision given the blocks already run per sample.
+    fn capped(&self, g: GateDecision, count: &Tensor) -> GateDecision {
+        match self.budget {
+            Some(b) => {
+                let hard = g.hard.logical_and(&count.lt(b as f64));
+                GateDecision::new(g.soft, hard)
+            }
+            None => g,
+        }
+    }
+
+    /// Applies the budget to an exit index.
+    fn capped_exit(&self, exit_index: Tensor) -> Tensor {
+        match self.budget {
+            Some(b) if b < self.blocks.len() => exit_index.clamp_max((b - 1) as i64),
+            _ => exit_index,
+        }
     }
 
     /// Static-twin mode: gates forced open / no early exit; gates and exits are not computed,
@@ -160,6 +242,7 @@ impl Net {
         let mut h = self.stem_forward(x, train);
         let mut out = Dense::default();
         let mut rnn_state = None;
+        let mut count = Tensor::zeros([x.size()[0]], (Kind::Float, x.device()));
         for (b, block) in self.blocks.iter().enumerate() {
             let gated = match (&self.mech, self.twin) {
                 (Mech::Aig(_), false) => true,
@@ -184,6 +267,11 @@ impl Net {
                     Some(GateDecision::from_soft(p))
                 }
                 _ => None,
+            };
+            let gate = gate.map(|g| self.capped(g, &count));
+            count = match &gate {
+                Some(g) => count + g.hard.to_kind(Kind::Float),
+                None => count + 1.0,
             };
             let s = block.shortcut(&h, train);
             let f = block.residual(&h, train);
@@ -212,7 +300,7 @@ impl Net {
         let batch = x.size()[0];
         let (logits, executed, exit_index) = match (&self.mech, self.twin) {
             (Mech::Exits(_), false) => {
-                let exit_index = exit_rule(&dense.exit_logits, self.threshold);
+                let exit_index = self.capped_exit(exit_rule(&dense.exit_logits, self.threshold));
                 let mut all: Vec<&Tensor> = dense.exit_logits.iter().collect();
                 all.push(&dense.final_logits);
                 let stacked = Tensor::stack(&all, 1); // [B, E+1, K]
@@ -282,6 +370,7 @@ impl Net {
         let mut h = self.stem_forward(x, false);
         let (mut hard, mut probs) = (Vec::new(), Vec::new());
         let mut rnn_state = None;
+        let mut count = Tensor::zeros([x.size()[0]], (Kind::Float, x.device()));
         for (b, block) in self.blocks.iter().enumerate() {
             let p = match (&self.mech, self.twin) {
                 (Mech::Aig(gates), false) => Some(aig_decision(&gates[b], &h, false, false).soft),
@@ -294,9 +383,16 @@ impl Net {
             };
             let s = block.shortcut(&h, false);
             h = match p {
-                None => (s + block.residual(&h, false)).relu(),
+                None => {
+                    count += 1.0;
+                    (s + block.residual(&h, false)).relu()
+                }
                 Some(p) => {
-                    let on = p.gt(0.5);
+                    let on = match self.budget {
+                        Some(budget) => p.gt(0.5).logical_and(&count.lt(budget as f64)),
+                        None => p.gt(0.5),
+                    };
+                    count += on.to_kind(Kind::Float);
                     let rows = on.nonzero().squeeze_dim(1);
                     let executed = rows.size()[0];
                     let out = if executed == h.size()[0] {
@@ -330,7 +426,8 @@ impl Net {
         for (b, (block, ic)) in self.blocks.iter().zip(ics).enumerate() {
             h = (block.shortcut(&h, false) + block.residual(&h, false)).relu();
             let z = ic.forward(&h);
-            let fire = confidence(&z).ge(self.threshold);
+            let forced = matches!(self.budget, Some(cap) if cap < self.blocks.len() && b + 1 == cap);
+            let fire = if forced { confidence(&z).ge(f64::NEG_INFINITY) } else { confidence(&z).ge(self.threshold) };
             let fired = fire.nonzero().squeeze_dim(1);
             if fired.size()[0] > 0 {
                 let orig = rows.index_select(0, &fired);

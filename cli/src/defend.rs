@@ -1,0 +1,202 @@
+//! `dynrobust defend` (training-time defenses) and `dynrobust train-denoiser`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dynrobust_core::data::Split;
+use dynrobust_core::DynamicModel;
+use dynrobust_defenses::denoiser::{Denoiser, DenoiserConfig, DenoiserSidecar, DenoiserTraining};
+use dynrobust_defenses::training::{defend, DefendConfig, Recipe};
+use dynrobust_models::checkpoint::{self, Sidecar, TrainRecord};
+use dynrobust_models::train::evaluate;
+use serde_json::Value;
+use tch::{Device, Tensor};
+
+use crate::attack::parse_sets;
+use crate::common::{load_model, DataArgs};
+
+/// Options of `dynrobust defend`.
+#[derive(Args, Debug)]
+pub struct DefendArgs {
+    /// Model to harden: committed name or checkpoint directory.
+    #[arg(long)]
+    model: String,
+    /// pgd-at, deepsloth-at, slowdown-at, gate-consistency or cost-cap.
+    #[arg(long)]
+    recipe: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Training images per class (the first K of each class of the training split).
+    #[arg(long, default_value_t = 200)]
+    per_class: i64,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<i64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Regulariser weight λ.
+    #[arg(long)]
+    weight: Option<f64>,
+    /// Attack crafting the training examples (default per recipe).
+    #[arg(long)]
+    attack: Option<String>,
+    /// Attack config fields, KEY=VALUE (JSON values).
+    #[arg(long = "attack-set", value_name = "KEY=VALUE")]
+    attack_set: Vec<String>,
+    /// RNG seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Evaluate on the first N test images.
+    #[arg(long, default_value_t = 1000)]
+    eval_samples: i64,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// libtorch threads.
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+/// Runs `dynrobust defend`.
+pub fn run(args: DefendArgs) -> Result<()> {
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t);
+    }
+    let recipe = Recipe::parse(&args.recipe)?;
+    let mut cfg = DefendConfig::for_recipe(recipe);
+    cfg.seed = args.seed;
+    if let Some(e) = args.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(lr) = args.lr {
+        cfg.lr = lr;
+    }
+    if let Some(w) = args.weight {
+        cfg.weight = w;
+    }
+    if let Some(a) = &args.attack {
+        cfg.attack = a.clone();
+        cfg.attack_params = Value::Object(Default::default());
+    }
+    if let (Value::Object(map), extra) = (&mut cfg.attack_params, parse_sets(&args.attack_set)?) {
+        map.extend(extra);
+    }
+    let cfg = cfg.validated()?;
+    let (mut net, base, dir) = load_model(&args.model)?;
+    let train_set = args.data.load(Split::Train, None)?.per_class(args.per_class)?;
+    let test_set = args.data.load(Split::Test, Some(args.eval_samples))?;
+    eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());
+    let report = defend(&mut net, &train_set, &cfg)?;
+    let evaluation = evaluate(&net, &test_set, 256)?;
+    eprintln!("done in {:.0} s; test accuracy {:.2} %, mean cost {:.3}", report.seconds, 100.0 * evaluation.accuracy, evaluation.mean_cost);
+    let root = dynrobust_core::data::project_root();
+    let sidecar = Sidecar {
+        architecture: base.architecture.clone(),
+        training: TrainRecord {
+            data: train_set.name.clone(),
+            train_samples: train_set.len(),
+            seed: cfg.seed,
+            epochs: cfg.epochs,
+            batch_size: cfg.batch_size,
+            lr: cfg.lr,
+            optimizer: "Adam, one-cycle (25 % linear warm-up from lr/25, cosine decay)".into(),
+            loss: report.loss.clone(),
+            init_from: Some(dir.strip_prefix(&root).unwrap_or(&dir).display().to_string()),
+            seconds: report.seconds,
+            final_loss: report.epoch_losses.last().copied().unwrap_or(f64::NAN),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            dynrobust_version: env!("CARGO_PKG_VERSION").into(),
+        },
+        evaluation,
+    };
+    checkpoint::save(&net, &sidecar, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// Options of `dynrobust train-denoiser`.
+#[derive(Args, Debug)]
+pub struct DenoiserArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Training images (first N of the training split).
+    #[arg(long, default_value_t = 20000)]
+    train_samples: i64,
+    #[arg(long, default_value_t = 3)]
+    epochs: i64,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Hidden channels.
+    #[arg(long, default_value_t = 8)]
+    hidden: i64,
+    /// Std of the Gaussian noise added to training inputs.
+    #[arg(long, default_value_t = 0.05)]
+    noise_sigma: f64,
+    /// Also train on examples of this attack (registry name) crafted on --attack-model.
+    #[arg(long)]
+    attack: Option<String>,
+    #[arg(long, default_value = "sdn")]
+    attack_model: String,
+    /// Attack config fields, KEY=VALUE.
+    #[arg(long = "attack-set", value_name = "KEY=VALUE")]
+    attack_set: Vec<String>,
+    /// How many training images to attack (crafting is the slow part).
+    #[arg(long, default_value_t = 2000)]
+    attack_samples: i64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory.
+    #[arg(long, default_value = "models/checkpoints/denoiser")]
+    out: PathBuf,
+}
+
+/// Runs `dynrobust train-denoiser`.
+pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
+    tch::manual_seed(args.seed as i64);
+    let train = args.data.load(Split::Train, Some(args.train_samples))?;
+    let test = args.data.load(Split::Test, Some(1000))?;
+    let dims = train.images.size();
+    let config = DenoiserConfig { in_channels: dims[1], image_size: dims[2], hidden: args.hidden };
+    let mut net = Denoiser::new(config.clone(), Device::Cpu)?;
+    let (mut inputs, mut targets) = (train.images.shallow_clone(), train.images.shallow_clone());
+    let mut attacked_with = None;
+    if let Some(name) = &args.attack {
+        let (victim, _, _) = load_model(&args.attack_model)?;
+        let attack = dynrobust_attacks::registry::build(name, &Value::Object(parse_sets(&args.attack_set)?))?;
+        let subset = train.take(args.attack_samples);
+        let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));
+        let mut advs = Vec::new();
+        for (x, y) in subset.batches(128) {
+            advs.push(attack.perturb(&victim, &x, &y)?.detach());
+            bar.inc(x.size()[0] as u64);
+        }
+        bar.finish_and_clear();
+        inputs = Tensor::cat(&[inputs, Tensor::cat(&advs, 0)], 0);
+        targets = Tensor::cat(&[targets, subset.images.shallow_clone()], 0);
+        attacked_with = Some(format!("{}:{name}", args.attack_model));
+    }
+    let start = std::time::Instant::now();
+    let final_loss = net.fit(&inputs, &targets, args.epochs, 128, args.lr, args.noise_sigma)?;
+    let test_clean_mse = net.clean_mse(&test.images, 256);
+    let sidecar = DenoiserSidecar {
+        architecture: config,
+        training: DenoiserTraining {
+            data: train.name.clone(),
+            train_samples: inputs.size()[0],
+            epochs: args.epochs,
+            batch_size: 128,
+            lr: args.lr,
+            noise_sigma: args.noise_sigma,
+            attacked_with,
+            seed: args.seed,
+            final_loss,
+            seconds: start.elapsed().as_secs_f64(),
+        },
+        test_clean_mse,
+    };
+    net.save(&sidecar, &args.out)?;
+    eprintln!("wrote {} (train MSE {final_loss:.2e}, clean test MSE {test_clean_mse:.2e}, {} MACs/image)", args.out.display(), net.macs());
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! One attack against one (possibly defended) model, adaptively or obliviously, in the
+//! common record schema plus the defense's fields and the sanity flags.
+//!
+//! Adaptive (the default): the attack crafts on the defended model itself. Oblivious (for
+//! comparison, labelled everywhere): the attack crafts on the bare model and the examples are
+//! then measured behind the defense.
+
+use dynrobust_attacks::evaluate::{run_attack_on, PerSample};
+use dynrobust_core::attack::Attack;
+use dynrobust_core::data::Dataset;
+use dynrobust_core::defense::Adaptivity;
+use dynrobust_core::{cost_of, DynamicModel, Pass, Result};
+use dynrobust_models::Net;
+use serde_json::{json, Value};
+use tch::Tensor;
+
+use crate::guards::{apply_budget, CostMonitor};
+use crate::registry::{build_transform, DefenseSpec};
+use crate::sanity::gradient_flags;
+use crate::Defended;
+
+/// A finished defended run.
+#[derive(Debug)]
+pub struct DefendedOutcome {
+    /// The attack record plus `defense`, `defense_label`, `defense_params`, `defense_mode`,
+    /// `flags`, and guard fields (`budget_bound_cost`, `monitor`).
+    pub record: Value,
+    pub per_sample: PerSample,
+    pub x_adv: Tensor,
+}
+
+/// Runs `attack` against `net` behind `defense`. `load` gives a second copy of the bare
+/// network when an oblivious run needs one; `calibration` is clean data for the cost monitor.
+#[allow(clippy::too_many_arguments)]
+pub fn run_defended(
+    net: Net,
+    load: &dyn Fn() -> Result<Net>,
+    defense: &DefenseSpec,
+    mode: Adaptivity,
+    attack: &dyn Attack,
+    data: &Dataset,
+    calibration: Option<&Dataset>,
+    batch: i64,
+    on_batch: &mut dyn FnMut(i64),
+) -> Result<DefendedOutcome> {
+    let mut extra = json!({ "defense_mode": mode });
+    let (eval, craft): (Box<dyn DynamicModel>, Option<Box<dyn DynamicModel>>) = match defense {
+        DefenseSpec::None | DefenseSpec::Monitor(_) | DefenseSpec::Trained { .. } => (Box::new(net), None),
+        DefenseSpec::Transform { name, params } => {
+            let oblivious = (mode == Adaptivity::Oblivious).then(load).transpose()?;
+            (Box::new(Defended::new(net, build_transform(name, params)?)), oblivious.map(|n| Box::new(n) as Box<dyn DynamicModel>))
+        }
+        DefenseSpec::Budget(cfg) => {
+            let mut capped = net;
+            apply_budget(&mut capped, cfg)?;
+            let bound = capped.budget_bound_macs().map(|m| m as f64 / capped.static_macs() as f64);
+            extra["budget_bound_cost"] = json!(bound);
+            let oblivious = (mode == Adaptivity::Oblivious).then(load).transpose()?;
+            (Box::new(capped), oblivious.map(|n| Box::new(n) as Box<dyn DynamicModel>))
+        }
+    };
+    let craft_model: &dyn DynamicModel = craft.as_deref().unwrap_or(&*eval);
+    let first = data.images.narrow(0, 0, batch.min(data.len()));
+    let mut flags = gradient_flags(&*eval, &first, &data.labels.narrow(0, 0, batch.min(data.len())), attack.goal())?;
+    let outcome = run_attack_on(craft_model, &*eval, attack, &data.images, &data.labels, batch, on_batch)?;
+    if let DefenseSpec::Monitor(cfg) = defense {
+        let calibration = calibration.ok_or_else(|| dynrobust_core::Error::config("monitor", "the cost monitor needs clean calibration data"))?;
+        let monitor = CostMonitor::calibrate(cfg.clone(), &clean_costs(&*eval, calibration, batch)?)?;
+        extra["monitor"] = serde_json::to_value(monitor.report(&outcome.per_sample.clean_cost, &outcome.per_sample.adv_cost))?;
+    }
+    let (name, label, params) = describe(defense)?;
+    if outcome.record.adv_acc.is_nan() || outcome.record.adv_cost.is_nan() {
+        flags.push("non-finite result".into());
+    }
+    extra["defense"] = json!(name);
+    extra["defense_label"] = json!(label);
+    extra["defense_params"] = params;
+    extra["flags"] = json!(flags);
+    let mut record = serde_json::to_value(&outcome.record)?;
+    if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            r.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(DefendedOutcome { record, per_sample: outcome.per_sample, x_adv: outcome.x_adv })
+}
+
+/// Per-sample clean costs `[N]` of `model` on `data` (sparse pass).
+pub fn clean_costs(model: &dyn DynamicModel, data: &Dataset, batch: i64) -> Result<Tensor> {
+    let mut costs = Vec::new();
+    for (x, _) in data.batches(batch) {
+        costs.push(cost_of(&model.forward_trace(&x, Pass::Sparse)?, model));
+    }
+    Ok(Tensor::cat(&costs, 0))
+}
+
+fn describe(defense: &DefenseSpec) -> Result<(String, String, Value)> {
+    Ok(match defense {
+        DefenseSpec::None => ("none".into(), "none".into(), json!({})),
+        DefenseSpec::Transform { name, params } => {
+            let t = build_transform(name, params)?;
+            (name.clone(), t.label(), t.config_json())
+        }
+        DefenseSpec::Budget(cfg) => ("budget".into(), format!("budget({})", cfg.max_blocks), serde_json::to_value(cfg)?),
+        DefenseSpec::Monitor(cfg) => ("monitor".into(), format!("monitor(p{})", cfg.percentile), serde_json::to_value(cfg)?),
+        DefenseSpec::Trained { recipe, checkpoint } => (recipe.clone(), recipe.clone(), json!({ "checkpoint": checkpoint })),
+    })
+}

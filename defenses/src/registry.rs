@@ -1,0 +1,161 @@
+//! Defenses by name: the list `dynrobust list defenses` prints, and construction from a name
+//! plus JSON params over the defaults (unknown fields refused with the field named; values
+//! validated by each constructor).
+
+use dynrobust_core::defense::{DefenseKind, InputTransform};
+use dynrobust_core::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::denoiser::{Denoiser, DenoiserTransform};
+use crate::guards::{BudgetConfig, MonitorConfig};
+use crate::transforms::{BitDepth, BitDepthConfig, Blur, BlurConfig, Jpeg, JpegConfig, Median, MedianConfig, Noise, NoiseConfig};
+
+/// Name, kind and one-line description of every defense.
+pub const DEFENSES: &[(&str, DefenseKind, &str)] = [
+    ("none", DefenseKind::Transform, "no defense (the bare model)"),
+    ("bitdepth", DefenseKind::Transform, "bit-depth reduction to `bits` (feature squeezing; DefQ-style quantization); BPDA"),
+    ("median", DefenseKind::Transform, "k×k median filter (`kernel`, odd); exact gradients"),
+    ("blur", DefenseKind::Transform, "Gaussian blur (`sigma` px); exact gradients"),
+    ("jpeg", DefenseKind::Transform, "JPEG re-encoding at `quality`; BPDA"),
+    ("noise", DefenseKind::Transform, "additive Gaussian noise (`sigma`), randomised; EOT over `eot` draws"),
+    ("denoiser", DefenseKind::Transform, "learned residual conv denoiser (`checkpoint`, from `dynrobust train-denoiser`); exact gradients, MACs counted"),
+    ("budget", DefenseKind::Guard, "compute budget cap: at most `max_blocks` residual branches per sample (worst case bounded)"),
+    ("monitor", DefenseKind::Guard, "cost monitor: flags inputs above the clean cost's `percentile`; reports TPR/FPR"),
+    ("pgd-at", DefenseKind::Training, "PGD adversarial training (`dynrobust defend --recipe pgd-at`)"),
+    ("deepsloth-at", DefenseKind::Training, "DeepSloth adversarial training, 'same_logits' (sdn)"),
+    ("slowdown-at", DefenseKind::Training, "slowdown adversarial training on GradMDM examples (gated)"),
+    ("gate-consistency", DefenseKind::Training, "penalise gates off on x but on for x_adv (gated)"),
+    ("cost-cap", DefenseKind::Training, "penalise expected cost(x_adv) above cost(x) (gated)"),
+]
+.as_slice();
+
+/// Names of every defense.
+pub fn names() -> Vec<&'static str> {
+    DEFENSES.iter().map(|d| d.0).collect()
+}
+
+/// The kind of defense `name`, or an error listing the valid names.
+pub fn kind(name: &str) -> Result<DefenseKind> {
+    DEFENSES
+        .iter()
+        .find(|d| d.0 == name)
+        .map(|d| d.1)
+        .ok_or_else(|| Error::config("defense", format!("unknown defense `{name}`; expected one of: {}", names().join(", "))))
+}
+
+/// Params of the denoiser defense.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenoiserParams {
+    /// Denoiser directory (`denoiser.safetensors` + `denoiser.json`).
+    pub checkpoint: String,
+}
+
+impl Default for DenoiserParams {
+    fn default() -> Self {
+        DenoiserParams { checkpoint: "models/checkpoints/denoiser".into() }
+    }
+}
+
+/// Params of a training-time defense used in a study: the checkpoint it produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainedParams {
+    pub checkpoint: String,
+}
+
+/// Merges `overrides` over `defaults` and deserialises, naming the offending field.
+pub fn merged<C: Serialize + DeserializeOwned>(defaults: C, overrides: &serde_json::Value) -> Result<C> {
+    let mut value = serde_json::to_value(defaults)?;
+    match (value.as_object_mut(), overrides) {
+        (Some(base), serde_json::Value::Object(over)) => {
+            for (k, v) in over {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+        (_, serde_json::Value::Null) => {}
+        _ => return Err(Error::config("params", "expected a table/object of parameters")),
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let msg = e.inner().to_string();
+        let field = match msg.strip_prefix("unknown field `") {
+            Some(rest) => rest.split('`').next().unwrap_or("params").to_string(),
+            None => e.path().to_string(),
+        };
+        Error::config(field, msg)
+    })
+}
+
+/// Resolves a path relative to the project root when it is not found as given.
+fn project_path(p: &str) -> std::path::PathBuf {
+    let as_given = std::path::PathBuf::from(p);
+    if as_given.exists() {
+        as_given
+    } else {
+        dynrobust_core::data::project_root().join(p)
+    }
+}
+
+/// Builds the input transform `name` with `params`.
+pub fn build_transform(name: &str, params: &serde_json::Value) -> Result<Box<dyn InputTransform>> {
+    Ok(match name {
+        "bitdepth" => Box::new(BitDepth::new(merged(BitDepthConfig::default(), params)?)?),
+        "median" => Box::new(Median::new(merged(MedianConfig::default(), params)?)?),
+        "blur" => Box::new(Blur::new(merged(BlurConfig::default(), params)?)?),
+        "jpeg" => Box::new(Jpeg::new(merged(JpegConfig::default(), params)?)?),
+        "noise" => Box::new(Noise::new(merged(NoiseConfig::default(), params)?)?),
+        "denoiser" => {
+            let p: DenoiserParams = merged(DenoiserParams::default(), params)?;
+            let dir = project_path(&p.checkpoint);
+            let (net, _) = Denoiser::load(&dir, tch::Device::Cpu)?;
+            Box::new(DenoiserTransform::new(net, p.checkpoint))
+        }
+        other => {
+            return Err(match kind(other)? {
+                DefenseKind::Transform => Error::config("defense", format!("`{other}` is not an input transform")),
+                k => Error::config("defense", format!("`{other}` is a {k:?} defense, not an input transform")),
+            })
+        }
+    })
+}
+
+/// A parsed defense for one evaluation.
+#[derive(Debug, Clone)]
+pub enum DefenseSpec {
+    /// The bare model.
+    None,
+    /// An input transform (name + params, built per worker).
+    Transform { name: String, params: serde_json::Value },
+    /// A budget cap.
+    Budget(BudgetConfig),
+    /// A cost monitor.
+    Monitor(MonitorConfig),
+    /// A checkpoint produced by a training-time defense.
+    Trained { recipe: String, checkpoint: String },
+}
+
+impl DefenseSpec {
+    /// Parses and validates `name` + `params` (transforms are built once to validate them).
+    pub fn parse(name: &str, params: &serde_json::Value) -> Result<Self> {
+        Ok(match kind(name)? {
+            _ if name == "none" => {
+                if !(params.is_null() || params.as_object().is_some_and(|o| o.is_empty())) {
+                    return Err(Error::config("params", "defense `none` takes no parameters"));
+                }
+                DefenseSpec::None
+            }
+            DefenseKind::Transform => {
+                build_transform(name, params)?;
+                DefenseSpec::Transform { name: name.into(), params: params.clone() }
+            }
+            DefenseKind::Guard if name == "budget" => DefenseSpec::Budget(merged(BudgetConfig::default(), params)?),
+            DefenseKind::Guard => DefenseSpec::Monitor(merged(MonitorConfig::default(), params)?.validated()?),
+            DefenseKind::Training => {
+                let p: TrainedParams = serde_path_to_error::deserialize(params.clone())
+                    .map_err(|e| Error::config("checkpoint", format!("training-time defense `{name}` needs params {{ checkpoint = \"DIR\" }} (made by `dynrobust defend --recipe {name}`): {}", e.inner())))?;
+                DefenseSpec::Trained { recipe: name.into(), checkpoint: p.checkpoint }
+            }
+        })
+    }
+}
