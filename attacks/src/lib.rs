@@ -17,6 +17,7 @@ pub mod ilfo;
 pub mod losses;
 pub mod pgd;
 pub mod tanh_box;
+pub mod testing;
 pub mod mechanism;
 pub mod registry;
 pub mod transfer;

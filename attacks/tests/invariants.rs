@@ -10,6 +10,7 @@
 mod common;
 
 use dynrobust_attacks::registry;
+use dynrobust_attacks::testing::{check_contract, models_for, quick_overrides, QuickCase};
 use dynrobust_core::attack::{Attack, Goal, Norm, Requirements};
 use dynrobust_core::DynamicModel;
 use dynrobust_models::Net;
@@ -33,62 +34,6 @@ fn cases() -> impl Strategy<Value = Case> {
         .prop_map(|(seed, batch, eps, real, variant)| Case { seed, batch, eps, real, variant })
 }
 
-/// The models each attack runs on (by its requirements) for config variant `v`.
-fn models_for(name: &str, v: usize) -> Vec<&'static str> {
-    let dynamic = ["sdn", "gated", "skipnet"][v % 3];
-    match name {
-        "deepsloth" | "deepsloth-l2" | "deepsloth-universal" => vec!["sdn"],
-        "gradmdm" | "gradauto" | "ilfo" => vec!["gated", "skipnet"],
-        "mechanism" | "mechanism-stealthy" => vec!["sdn", "gated"],
-        _ => vec!["static", dynamic],
-    }
-}
-
-/// Small-iteration overrides for attack `name`, config variant `v`, L∞ budget `eps`
-/// (L2 budgets use 10·eps).
-fn overrides(name: &str, c: &Case) -> Value {
-    let (eps, eps2, v) = (c.eps, c.eps * 10.0, c.variant);
-    let mode = ["faithful", "fixed"][v % 2];
-    let loss = ["final", "deployed", "avg", "max"][v % 4];
-    match name {
-        "deepsloth" => json!({"eps": eps, "steps": 2, "mode": mode, "seed": c.seed}),
-        "deepsloth-l2" => json!({"eps": eps2, "steps": 3, "mode": mode}),
-        // variants 2 and 3 fit δ over every batch of 2 images instead of the code's one batch
-        "deepsloth-universal" => {
-            if v >= 2 {
-                json!({"eps": eps, "steps": 2, "universal_batch": 2, "universal_batches": 0})
-            } else {
-                json!({"eps": eps, "steps": 2})
-            }
-        }
-        "gradmdm" => match v {
-            0 => json!({"iterations": 3, "warmup": 1}),
-            1 => json!({"iterations": 3, "warmup": 1, "mode": "fixed", "eps": eps, "norm": "linf"}),
-            2 => json!({"iterations": 3, "warmup": 1, "mode": "fixed", "eps": eps2, "norm": "l2"}),
-            _ => json!({"iterations": 3, "warmup": 1, "acc_maintain": true}),
-        },
-        "gradauto" => match v {
-            1 => json!({"iterations": 3, "mode": "fixed", "eps": eps, "norm": "linf"}),
-            2 => json!({"iterations": 3, "mode": "fixed", "eps": eps2, "norm": "l2"}),
-            _ => json!({"iterations": 3, "mode": mode}),
-        },
-        "ilfo" => json!({"steps": 3, "mode": mode}),
-        "fgsm" => json!({"eps": eps, "loss": loss}),
-        "pgd-linf" => json!({"eps": eps, "steps": 3, "loss": loss, "random_start": v % 2 == 0}),
-        "pgd-l2" => json!({"eps": eps2, "steps": 3, "loss": loss}),
-        "mi-fgsm" => json!({"eps": eps, "steps": 3, "loss": loss}),
-        "feature-pgd" => json!({"eps": eps, "steps": 3, "layer": v}),
-        "mechanism" | "mechanism-stealthy" => {
-            if v % 2 == 0 {
-                json!({"eps": eps, "steps": 3, "norm": "linf"})
-            } else {
-                json!({"eps": eps2, "steps": 3, "norm": "l2"})
-            }
-        }
-        other => panic!("attack `{other}` has no invariant test: add it to `overrides`"),
-    }
-}
-
 /// Runs the contract property for attack `name` over 4 drawn cases.
 fn check_attack(name: &str) {
     let _lock = common::torch_lock();
@@ -106,7 +51,7 @@ fn check_attack(name: &str) {
             common::random_batch(case.seed, case.batch)
         };
         let x_before = x.copy();
-        let cfg = overrides(name, &case);
+        let cfg = quick_overrides(name, &QuickCase { seed: case.seed, eps: case.eps, variant: case.variant });
         for model_name in models_for(name, case.variant) {
             let model: &dyn DynamicModel = &nets.iter().find(|(n, _)| *n == model_name).unwrap().1;
             let what = format!("{name} on {model_name} with {cfg}");
@@ -114,7 +59,7 @@ fn check_attack(name: &str) {
             prop_assert_eq!(attack.name(), name);
             attack.check_model(model).map_err(|e| TestCaseError::fail(format!("{what}: check_model: {e}")))?;
             let first = attack.perturb(model, &x, &y).map_err(|e| TestCaseError::fail(format!("{what}: perturb: {e}")))?;
-            common::check_contract(&*attack, &x, &first).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+            check_contract(&*attack, &x, &first).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
             prop_assert!(x.equal(&x_before), "{}: the clean input was modified", what);
             // disturb the global RNG, then run a freshly built attack with the same config
             let _ = Tensor::rand([97], (Kind::Float, Device::Cpu));
@@ -164,20 +109,20 @@ fn contract_checker_catches_broken_promises() {
     let x = Tensor::full([2, 1, 28, 28], 0.5, (Kind::Float, Device::Cpu));
     let linf = Budgeted(0.1, Norm::Linf);
     let l2 = Budgeted(1.0, Norm::L2);
-    assert_eq!(common::check_contract(&linf, &x, &(&x + 0.1)), Ok(()));
-    assert!(common::check_contract(&linf, &x, &(&x + 0.1001)).unwrap_err().contains("L∞"));
-    assert!(common::check_contract(&linf, &x, &(&x + 0.6)).unwrap_err().contains("outside [0,1]"));
-    assert!(common::check_contract(&linf, &x, &x.narrow(0, 0, 1)).unwrap_err().contains("shape"));
-    assert!(common::check_contract(&linf, &x, &x.to_kind(Kind::Double)).unwrap_err().contains("kind"));
+    assert_eq!(check_contract(&linf, &x, &(&x + 0.1)), Ok(()));
+    assert!(check_contract(&linf, &x, &(&x + 0.1001)).unwrap_err().contains("L∞"));
+    assert!(check_contract(&linf, &x, &(&x + 0.6)).unwrap_err().contains("outside [0,1]"));
+    assert!(check_contract(&linf, &x, &x.narrow(0, 0, 1)).unwrap_err().contains("shape"));
+    assert!(check_contract(&linf, &x, &x.to_kind(Kind::Double)).unwrap_err().contains("kind"));
     let nan = x.copy();
     let _ = nan.get(1).get(0).get(3).get(4).fill_(f64::NAN);
-    assert!(common::check_contract(&linf, &x, &nan).unwrap_err().contains("non-finite"));
+    assert!(check_contract(&linf, &x, &nan).unwrap_err().contains("non-finite"));
     // sample 0: five pixels moved by ±0.5, ‖δ‖₂ = √1.25 ≈ 1.118 > 1
     let outside = x.copy();
     for (i, v) in [(0, 1.0), (1, 0.0), (2, 1.0), (3, 0.0), (4, 1.0)] {
         let _ = outside.get(0).get(0).get(0).get(i).fill_(v);
     }
-    assert!(common::check_contract(&l2, &x, &outside).unwrap_err().contains("L2"));
+    assert!(check_contract(&l2, &x, &outside).unwrap_err().contains("L2"));
     // sample 0: one pixel moved by 0.5; sample 1: four by 0.5, ‖δ‖₂ = 1 = ε exactly — both
     // inside (L2 budgets are per sample: the batch's δ has norm √1.25)
     let single = x.copy();
@@ -186,11 +131,11 @@ fn contract_checker_catches_broken_promises() {
     let _ = single.get(1).get(0).get(0).get(1).fill_(0.0);
     let _ = single.get(1).get(0).get(0).get(2).fill_(0.0);
     let _ = single.get(1).get(0).get(0).get(3).fill_(0.0);
-    assert_eq!(common::check_contract(&l2, &x, &single), Ok(()));
+    assert_eq!(check_contract(&l2, &x, &single), Ok(()));
     // a row of 28 pixels moved by 0.2: ‖δ‖₂ = 0.2·√28 ≈ 1.058 > 1
     let row = x.copy();
     let _ = row.get(1).get(0).get(5).fill_(0.7);
-    assert!(common::check_contract(&l2, &x, &row).unwrap_err().contains("L2"));
+    assert!(check_contract(&l2, &x, &row).unwrap_err().contains("L2"));
 }
 
 #[test]

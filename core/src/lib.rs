@@ -11,6 +11,7 @@ pub mod energy;
 pub mod error;
 pub mod metrics;
 pub mod protocol;
+pub mod testing;
 
 pub use error::{Error, Result};
 pub use protocol::{cost_of, CutTrace, macs_from_executed, static_macs, DynamicModel, Family, Pass, Trace, Unit, UnitKind};

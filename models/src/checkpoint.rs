@@ -169,6 +169,11 @@ pub fn committed_dir(name: &str) -> PathBuf {
     dynrobust_core::data::project_root().join("models").join("checkpoints").join(name)
 }
 
+/// Loads a committed checkpoint by name, panicking with the reason (for tests and examples).
+pub fn load_committed(name: &str) -> Net {
+    load(&committed_dir(name), Device::Cpu).unwrap_or_else(|e| panic!("committed checkpoint `{name}`: {e}")).0
+}
+
 /// Resolves `--model`: a committed checkpoint name or a checkpoint directory path.
 pub fn resolve(model: &str) -> Result<PathBuf> {
     let as_path = PathBuf::from(model);

@@ -1,0 +1,53 @@
+//! Bad defense configs are refused with the offending field named.
+
+use dynrobust_core::testing::torch_lock;
+use dynrobust_defenses::guards::{apply_budget, BudgetConfig};
+use dynrobust_defenses::registry::{build_transform, DefenseSpec};
+use serde_json::{json, Value};
+
+fn refused(name: &str, params: Value, field: &str) {
+    let err = DefenseSpec::parse(name, &params).err().unwrap_or_else(|| panic!("{name} {params} was accepted"));
+    let text = err.to_string();
+    assert!(text.contains(&format!("`{field}`")), "{name} {params}: error does not name `{field}`: {text}");
+}
+
+#[test]
+fn out_of_range_values_are_refused_naming_the_field() {
+    refused("bitdepth", json!({ "bits": 0 }), "bits");
+    refused("bitdepth", json!({ "bits": 9 }), "bits");
+    refused("median", json!({ "kernel": 2 }), "kernel");
+    refused("median", json!({ "kernel": 4 }), "kernel");
+    refused("median", json!({ "kernel": 9 }), "kernel");
+    refused("jpeg", json!({ "quality": 0 }), "quality");
+    refused("jpeg", json!({ "quality": 101 }), "quality");
+    refused("blur", json!({ "sigma": 0.0 }), "sigma");
+    refused("noise", json!({ "sigma": -0.1 }), "sigma");
+    refused("noise", json!({ "eot": 0 }), "eot");
+    refused("monitor", json!({ "percentile": 100 }), "percentile");
+}
+
+#[test]
+fn unknown_fields_and_names_are_refused() {
+    refused("bitdepth", json!({ "bit": 4 }), "bit");
+    refused("jpeg", json!({ "quality": "high" }), "quality");
+    let err = DefenseSpec::parse("squeeze", &json!({})).unwrap_err().to_string();
+    assert!(err.contains("squeeze") && err.contains("bitdepth") && err.contains("median"), "{err}");
+    let err = DefenseSpec::parse("gate-consistency", &json!({})).unwrap_err().to_string();
+    assert!(err.contains("checkpoint"), "{err}");
+    assert!(build_transform("budget", &json!({})).is_err());
+}
+
+#[test]
+fn budget_above_the_block_count_is_refused_naming_the_field() {
+    let _lock = torch_lock();
+    for model in ["sdn", "gated", "skipnet"] {
+        let mut net = dynrobust_models::checkpoint::load_committed(model);
+        let err = apply_budget(&mut net, &BudgetConfig { max_blocks: 7 }).unwrap_err().to_string();
+        assert!(err.contains("`max_blocks`") && err.contains("6 blocks"), "{model}: {err}");
+        assert!(apply_budget(&mut net, &BudgetConfig { max_blocks: 6 }).is_ok());
+    }
+    let mut sdn = dynrobust_models::checkpoint::load_committed("sdn");
+    assert!(apply_budget(&mut sdn, &BudgetConfig { max_blocks: 0 }).unwrap_err().to_string().contains("max_blocks"));
+    let mut stat = dynrobust_models::checkpoint::load_committed("static");
+    assert!(apply_budget(&mut stat, &BudgetConfig { max_blocks: 3 }).unwrap_err().to_string().contains("gates or early exits"));
+}
