@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use dynrobust_core::attack::{per_sample_norm, Attack};
 use dynrobust_core::energy::{measure_rapl, EnergyModel};
-use dynrobust_core::metrics::{correct, exit_histogram, gate_rates, recovery};
+use dynrobust_core::metrics::{blocks_switched_on, correct, exit_histogram, gate_rates, recovery};
 use dynrobust_core::{cost_of, DynamicModel, Pass, Result, Trace};
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -27,6 +27,8 @@ pub struct AttackRecord {
     pub clean_cost: f64,
     pub adv_cost: f64,
     pub recovery: f64,
+    /// Fraction of the blocks skipped on clean inputs that the attack switched on.
+    pub blocks_switched_on: f64,
     pub l2_mean: f64,
     pub linf_max: f64,
     pub mse: f64,
@@ -178,6 +180,7 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         clean_cost: clean_cost_mean,
         adv_cost: adv_cost_mean,
         recovery: recovery(clean_cost_mean, adv_cost_mean),
+        blocks_switched_on: blocks_switched_on(&clean_exec, &adv_exec, model.units()),
         l2_mean: mean(&cat(acc.l2.iter().map(|t| t.shallow_clone()))),
         linf_max: acc.linf,
         mse: acc.sq_sum / acc.elems.max(1.0),

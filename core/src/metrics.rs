@@ -38,3 +38,18 @@ pub fn gate_rates(gate_probs: &[Tensor]) -> Vec<f64> {
         .map(|p| p.gt(0.5).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]))
         .collect()
 }
+
+/// Fraction of the (sample, block) pairs skipped on the clean input that run on the
+/// adversarial one — how many skip decisions the attack flipped on (0 when nothing was
+/// skipped). `executed` masks are `[B,U]` in the column order of `units`.
+pub fn blocks_switched_on(clean_executed: &Tensor, adv_executed: &Tensor, units: &[crate::Unit]) -> f64 {
+    let cols: Vec<i64> = units.iter().enumerate().filter(|(_, u)| u.kind == crate::UnitKind::Block).map(|(i, _)| i as i64).collect();
+    let cols = Tensor::from_slice(&cols).to_device(clean_executed.device());
+    let clean_off = clean_executed.index_select(1, &cols).lt(0.5);
+    let adv_on = adv_executed.index_select(1, &cols).gt(0.5);
+    let off = clean_off.sum(Kind::Double).double_value(&[]);
+    if off == 0.0 {
+        return 0.0;
+    }
+    clean_off.logical_and(&adv_on).sum(Kind::Double).double_value(&[]) / off
+}

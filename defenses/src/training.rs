@@ -136,7 +136,8 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
     attack.check_model(net)?;
     tch::manual_seed(cfg.seed as i64);
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
-    for (name, v) in net.vs.variables() {
+    let trainable: Vec<(String, Tensor)> = net.vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
+    for (name, v) in &trainable {
         let _ = v.set_requires_grad(!ic_only || name.starts_with("exits."));
     }
     let mut opt = nn::Adam::default().build(&net.vs, cfg.lr)?;
@@ -171,7 +172,7 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
         epoch_losses.push(sum / steps as f64);
     }
     bar.finish_and_clear();
-    for (_, v) in net.vs.variables() {
+    for (_, v) in &trainable {
         let _ = v.set_requires_grad(true);
     }
     Ok(DefendReport { epoch_losses, seconds: start.elapsed().as_secs_f64(), loss: describe(&cfg) })

@@ -110,9 +110,7 @@ pub fn train(net: &mut Net, data: &Dataset, cfg: &TrainConfig) -> Result<TrainRe
     tch::manual_seed(cfg.seed as i64);
     let mechanism = net.config().mechanism.clone();
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
-    if ic_only {
-        freeze_all_but(net, "exits.");
-    }
+    let frozen = if ic_only { freeze_all_but(net, "exits.") } else { Vec::new() };
     let mut opt = nn::Adam::default().build(&net.vs, cfg.lr)?;
     let n = data.len();
     let steps_per_epoch = (n + cfg.batch_size - 1) / cfg.batch_size;
@@ -144,10 +142,8 @@ pub fn train(net: &mut Net, data: &Dataset, cfg: &TrainConfig) -> Result<TrainRe
         epoch_losses.push(loss_sum / steps_per_epoch as f64);
     }
     bar.finish_and_clear();
-    if ic_only {
-        for (_, v) in net.vs.variables() {
-            let _ = v.set_requires_grad(true);
-        }
+    for v in frozen {
+        let _ = v.set_requires_grad(true);
     }
     Ok(TrainReport { epoch_losses, seconds: start.elapsed().as_secs_f64() })
 }
@@ -172,10 +168,15 @@ pub fn target_rate_loss(gates: &[Tensor], target: f64) -> Tensor {
     Tensor::stack(&terms, 0).mean(Kind::Float)
 }
 
-fn freeze_all_but(net: &mut Net, prefix: &str) {
-    for (name, v) in net.vs.variables() {
-        let _ = v.set_requires_grad(name.starts_with(prefix));
-    }
+/// Freezes the trainable variables whose names do not start with `prefix` (BN running
+/// statistics are buffers and stay untouched); returns the frozen ones, to thaw them after.
+fn freeze_all_but(net: &mut Net, prefix: &str) -> Vec<Tensor> {
+    net.vs
+        .variables()
+        .into_iter()
+        .filter(|(name, v)| v.requires_grad() && !name.starts_with(prefix))
+        .map(|(_, v)| v.set_requires_grad(false))
+        .collect()
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
