@@ -7,6 +7,7 @@ mod bench;
 mod common;
 mod defend;
 mod eval;
+mod study;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,14 @@ enum Command {
     Defend(defend::DefendArgs),
     /// Train the learned input denoiser (a defense).
     TrainDenoiser(defend::DenoiserArgs),
+    /// Run a study file (models × defenses × attacks grid) into a result directory.
+    Run(study::RunArgs),
+    /// Write report.md and plots for a result directory.
+    Report(study::ReportArgs),
+    /// Check a sharded run is complete and write its report.
+    Merge(study::MergeArgs),
+    /// Write an sbatch job-array script that runs a study in shards.
+    Slurm(study::SlurmArgs),
     /// Evaluate a checkpoint: accuracy, cost, exits/gates, latency.
     Eval(eval::EvalArgs),
     /// Print a model's units and their MACs.
@@ -50,6 +59,10 @@ fn main() -> anyhow::Result<()> {
         Command::Attack(a) => attack::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Defend(a) => defend::run(a),
+        Command::Run(a) => study::run(a),
+        Command::Report(a) => study::report(a),
+        Command::Merge(a) => study::merge_cmd(a),
+        Command::Slurm(a) => study::slurm(a),
         Command::TrainDenoiser(a) => defend::train_denoiser(a),
         Command::Info(a) => eval::info(a),
         Command::Bench(a) => bench::run(a),

@@ -1,0 +1,165 @@
+//! `dynrobust run`, `report`, `merge`, `slurm`: the study runner's front end.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use dynrobust_experiments::execute::{prepare_variants, registry, RealExecutor};
+use dynrobust_experiments::{merge, parse_shard, run_cells, shard, slurm_script, write_report, Store, Study};
+
+/// Options of `dynrobust run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Study file (TOML), e.g. experiments/quick.toml.
+    study: PathBuf,
+    /// Output directory (default: runs/<study name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run only shard i of n (0-based), e.g. 3/16.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Parallel workers (default: 2 when the machine has ≥ 2 cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Do not write the report at the end (shards: `dynrobust merge` writes it).
+    #[arg(long)]
+    no_report: bool,
+    /// Run into a directory that holds results of a different study file.
+    #[arg(long)]
+    force: bool,
+    /// Print the cells and exit.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn load_study(path: &Path) -> Result<Study> {
+    Ok(Study::load(path, &registry())?)
+}
+
+fn out_dir(study: &Study, out: &Option<PathBuf>) -> PathBuf {
+    out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&study.name))
+}
+
+/// Runs `dynrobust run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    let study = load_study(&args.study)?;
+    let out = out_dir(&study, &args.out);
+    let cells = match &args.shard {
+        Some(s) => {
+            let (i, n) = parse_shard(s)?;
+            shard(&study.cells, i, n)
+        }
+        None => study.cells.clone(),
+    };
+    if args.dry_run {
+        for c in &cells {
+            println!("{}  {}", c.id, c.config.summary());
+        }
+        eprintln!("{} cells", cells.len());
+        return Ok(());
+    }
+    let store = Store::open(&out, &study.source, args.force)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = args.workers.unwrap_or(cores.min(2)).max(1);
+    let threads = (cores / workers).max(1) as i32;
+    let variants = out.join("models");
+    prepare_variants(&study, &variants)?;
+    eprintln!("study {}: {} cells into {} ({} workers × {} libtorch threads)", study.name, cells.len(), out.display(), workers, threads);
+    let exec = RealExecutor { variants_dir: variants, threads_per_worker: threads };
+    let summary = run_cells(&exec, &cells, &store, workers, true)?;
+    eprintln!("finished {} cells, skipped {} already done, {} failed, in {:.0} s", summary.finished, summary.skipped, summary.failures.len(), summary.seconds);
+    for f in &summary.failures {
+        eprintln!("FAILED {} ({}): {}", f.id, f.cell, f.error);
+    }
+    if !args.no_report && args.shard.is_none() {
+        report_dir(&out, &study.name)?;
+    }
+    if !summary.failures.is_empty() {
+        bail!("{} cells failed (rerun the same command to retry them; finished cells are kept)", summary.failures.len());
+    }
+    Ok(())
+}
+
+fn report_dir(dir: &Path, title: &str) -> Result<()> {
+    let store = Store::open_existing(dir)?;
+    let cells = store.load_all()?;
+    let files = write_report(dir, title, &cells)?;
+    eprintln!("report: {} ({} plots)", files.markdown.display(), files.plots.len());
+    Ok(())
+}
+
+/// Options of `dynrobust report`.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// A run directory.
+    dir: PathBuf,
+}
+
+/// Runs `dynrobust report`.
+pub fn report(args: ReportArgs) -> Result<()> {
+    let store = Store::open_existing(&args.dir)?;
+    let title = study_name(&store).unwrap_or_else(|| args.dir.display().to_string());
+    report_dir(&args.dir, &title)
+}
+
+fn study_name(store: &Store) -> Option<String> {
+    let text = store.study_text().ok()?;
+    let value: toml::Value = toml::from_str(&text).ok()?;
+    value.get("name")?.as_str().map(str::to_string)
+}
+
+/// Options of `dynrobust merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The shared output directory of the shards.
+    dir: PathBuf,
+}
+
+/// Runs `dynrobust merge`: checks every cell of the stored study is present, then reports.
+pub fn merge_cmd(args: MergeArgs) -> Result<()> {
+    let store = Store::open_existing(&args.dir)?;
+    let study = Study::parse(&store.study_text()?, store.study_path(), &registry())?;
+    let cells = merge(&args.dir, &study.cells).with_context(|| format!("merging {}", args.dir.display()))?;
+    eprintln!("all {} cells present", cells.len());
+    let files = write_report(&args.dir, &study.name, &cells)?;
+    eprintln!("report: {} ({} plots)", files.markdown.display(), files.plots.len());
+    Ok(())
+}
+
+/// Options of `dynrobust slurm`.
+#[derive(Args, Debug)]
+pub struct SlurmArgs {
+    /// Study file.
+    study: PathBuf,
+    /// Array tasks (shards).
+    #[arg(long)]
+    tasks: usize,
+    #[arg(long)]
+    partition: Option<String>,
+    /// Time limit per task, e.g. 02:00:00.
+    #[arg(long)]
+    time: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    cpus: usize,
+    /// Output directory shared by all tasks (default: runs/<study name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where to write the script (default: OUT/slurm.sh).
+    #[arg(long)]
+    script: Option<PathBuf>,
+}
+
+/// Runs `dynrobust slurm`: validates the study, writes the sbatch array script.
+pub fn slurm(args: SlurmArgs) -> Result<()> {
+    let study = load_study(&args.study)?;
+    let out = std::path::absolute(out_dir(&study, &args.out))?;
+    let study_path = std::path::absolute(&args.study)?;
+    let binary = std::env::current_exe()?;
+    let text = slurm_script(&study_path, &out, args.tasks, args.partition.as_deref(), args.time.as_deref(), args.cpus, &binary)?;
+    std::fs::create_dir_all(&out)?;
+    let script = args.script.unwrap_or_else(|| out.join("slurm.sh"));
+    std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
+    eprintln!("wrote {} ({} cells in {} tasks); submit with: sbatch {}", script.display(), study.cells.len(), args.tasks, script.display());
+    eprintln!("then: dynrobust merge {}", out.display());
+    Ok(())
+}

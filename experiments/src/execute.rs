@@ -1,0 +1,267 @@
+//! The executor that runs one cell for real: data → model (committed checkpoint, directory or
+//! trained variant) → defense → attack (white-box, or crafted on a surrogate) → record.
+//!
+//! Each worker thread loads its own data and networks (tch tensors are not `Sync`); libtorch
+//! runs with `threads_per_worker` intra-op threads. Every cell reseeds libtorch with its seed,
+//! so a cell's result does not depend on which worker ran it or what ran before.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use dynrobust_attacks::evaluate::PerSample;
+use dynrobust_attacks::registry as attacks;
+use dynrobust_attacks::transfer::Transfer;
+use dynrobust_core::attack::Attack;
+use dynrobust_core::data::{DataSource, Dataset, Split};
+use dynrobust_core::defense::Adaptivity;
+use dynrobust_core::{Error, Result};
+use dynrobust_defenses::evaluate::run_defended;
+use dynrobust_defenses::registry::DefenseSpec;
+use dynrobust_models::checkpoint::{self, Sidecar, TrainRecord};
+use dynrobust_models::train::{evaluate, loss_description, train, TrainConfig};
+use dynrobust_models::{Mechanism, ModelConfig, Net};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tch::Device;
+
+use crate::runner::{CellOutput, Executor};
+use crate::study::{Cell, DefenseMode, ModelRef, Registry, Study};
+
+/// Plugin names for study validation, from the crates.
+pub fn registry() -> Registry {
+    Registry {
+        models: ["static", "sdn", "gated", "skipnet"].iter().map(|s| s.to_string()).collect(),
+        attacks: attacks::names().iter().map(|s| s.to_string()).collect(),
+        defenses: dynrobust_defenses::registry::names().iter().map(|s| s.to_string()).collect(),
+        eps_free: vec!["ilfo".into()],
+    }
+}
+
+/// Runs cells on the real models.
+pub struct RealExecutor {
+    /// Where trained variants live (`OUT/models/<variant>`).
+    pub variants_dir: PathBuf,
+    /// libtorch intra-op threads per worker.
+    pub threads_per_worker: i32,
+}
+
+/// Per-thread state: loaded data sets.
+pub struct Worker {
+    data: BTreeMap<(String, bool), Dataset>,
+}
+
+impl Worker {
+    fn data(&mut self, name: &str, split: Split) -> Result<&Dataset> {
+        let key = (name.to_string(), matches!(split, Split::Train));
+        if !self.data.contains_key(&key) {
+            let set = DataSource::parse(name)?.load(split, None)?;
+            self.data.insert(key.clone(), set);
+        }
+        Ok(&self.data[&key])
+    }
+}
+
+impl RealExecutor {
+    /// Loads the network a model reference names.
+    pub fn load(&self, model: &ModelRef) -> Result<Net> {
+        let dir = match &model.train {
+            Some(_) => self.variants_dir.join(&model.name),
+            None => checkpoint::resolve(&model.base)?,
+        };
+        let (mut net, _) = checkpoint::load(&dir, Device::Cpu)?;
+        if let Some(q) = model.threshold {
+            net.set_threshold(q)?;
+        }
+        Ok(net)
+    }
+
+    fn defense(&self, cell: &Cell) -> Result<(DefenseSpec, Adaptivity)> {
+        let d = &cell.config.defense;
+        let mut params = d.params.clone();
+        // trained defenses may name their checkpoint per model: "models/checkpoints/{model}-gate-consistency"
+        if let Some(Value::String(path)) = params.get_mut("checkpoint") {
+            *path = path.replace("{model}", &cell.config.model.base);
+        }
+        let spec = DefenseSpec::parse(&d.name, &params)?;
+        let mode = match d.mode {
+            Some(DefenseMode::Oblivious) => Adaptivity::Oblivious,
+            _ => Adaptivity::Adaptive,
+        };
+        Ok((spec, mode))
+    }
+
+    fn attack(&self, cell: &Cell) -> Result<Box<dyn Attack>> {
+        let c = &cell.config;
+        let mut params = if c.attack.params.is_null() { json!({}) } else { c.attack.params.clone() };
+        if let (Some(eps), Some(map)) = (c.eps, params.as_object_mut()) {
+            map.insert("eps".into(), json!(eps));
+        }
+        if let Some(map) = params.as_object_mut() {
+            if ["pgd-linf", "pgd-l2", "deepsloth", "deepsloth-l2", "deepsloth-universal"].contains(&c.attack.name.as_str()) && !map.contains_key("seed") {
+                map.insert("seed".into(), json!(c.seed));
+            }
+        }
+        let inner = attacks::build(&c.attack.name, &params)?;
+        Ok(match &c.surrogate {
+            Some(s) => Box::new(Transfer::new(inner, Box::new(self.load(s)?))?),
+            None => inner,
+        })
+    }
+}
+
+impl Executor for RealExecutor {
+    type Worker = Worker;
+
+    fn worker(&self) -> Result<Worker> {
+        tch::set_num_threads(self.threads_per_worker);
+        Ok(Worker { data: BTreeMap::new() })
+    }
+
+    fn run(&self, worker: &mut Worker, cell: &Cell) -> Result<CellOutput> {
+        let c = &cell.config;
+        tch::manual_seed(c.seed as i64);
+        let (spec, mode) = self.defense(cell)?;
+        let net = match &spec {
+            DefenseSpec::Trained { checkpoint, .. } => checkpoint::load(&checkpoint::resolve(checkpoint)?, Device::Cpu)?.0,
+            _ => self.load(&c.model)?,
+        };
+        let attack = self.attack(cell)?;
+        let calibration = match &spec {
+            DefenseSpec::Monitor(m) => Some(worker.data(&c.data, Split::Train)?.take(m.calibration)),
+            _ => None,
+        };
+        let data = worker.data(&c.data, Split::Test)?.take(c.n as i64);
+        let load = || self.load(&c.model);
+        let outcome = run_defended(net, &load, &spec, mode, &*attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {})?;
+        let mut record = outcome.record;
+        let extra = json!({
+            "model": c.model.name,
+            "label": c.attack.label,
+            "attack": c.attack.name,
+            "surrogate": c.surrogate.as_ref().map(|s| s.name.clone()),
+            "seed": c.seed,
+            "eps": c.eps.or_else(|| record.get("eps").and_then(Value::as_f64)),
+            "steps": steps_of(&record["config"]),
+            "defense_label": c.defense.label,
+        });
+        if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        Ok(CellOutput { record, per_sample_csv: per_sample_csv(&outcome.per_sample) })
+    }
+
+    fn versions(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("tch".to_string(), "0.26.0".to_string()),
+            ("libtorch".to_string(), "2.13.0".to_string()),
+        ])
+    }
+}
+
+/// The iteration count in an attack config (steps or iterations), if any.
+fn steps_of(config: &Value) -> Option<u64> {
+    let c = config.get("inner_config").unwrap_or(config);
+    c.get("steps").or_else(|| c.get("iterations")).and_then(Value::as_u64)
+}
+
+/// Per-sample rows: index, costs, correctness, exits.
+pub fn per_sample_csv(p: &PerSample) -> String {
+    let mut out = String::from("index,clean_cost,adv_cost,clean_correct,adv_correct,clean_exit,adv_exit\n");
+    for i in 0..p.clean_cost.len() {
+        let exit = |v: &Vec<i64>| v.get(i).map_or(String::new(), |e| e.to_string());
+        out.push_str(&format!(
+            "{i},{},{},{},{},{},{}\n",
+            p.clean_cost[i], p.adv_cost[i], p.clean_correct[i] as u8, p.adv_correct[i] as u8, exit(&p.clean_exit), exit(&p.adv_exit)
+        ));
+    }
+    out
+}
+
+/// A variant's training table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantTrain {
+    /// Family: static, sdn, gated or skipnet.
+    pub model: String,
+    pub target_rate: Option<f64>,
+    pub threshold: Option<f64>,
+    pub epochs: Option<i64>,
+    /// Training images per class (default: the whole training split).
+    pub per_class: Option<i64>,
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Trains every variant of `study` that has a training table and no checkpoint yet in
+/// `variants_dir`, one after another (each training uses every core).
+pub fn prepare_variants(study: &Study, variants_dir: &Path) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for cell in &study.cells {
+        for m in std::iter::once(&cell.config.model).chain(cell.config.surrogate.as_ref()) {
+            if let Some(table) = &m.train {
+                if seen.insert(m.name.clone()) {
+                    let dir = variants_dir.join(&m.name);
+                    if !dir.join(checkpoint::SIDECAR_FILE).is_file() {
+                        train_variant(&m.name, table, &cell.config.data, &dir)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()> {
+    let field = format!("variants.{name}.train");
+    let v: VariantTrain = serde_json::from_value(table.clone()).map_err(|e| Error::config(&field, e.to_string()))?;
+    let mechanism = match v.model.as_str() {
+        "static" => Mechanism::Static,
+        "sdn" => Mechanism::Sdn { threshold: v.threshold.unwrap_or(0.8) },
+        "gated" => Mechanism::Gated { target_rate: v.target_rate.unwrap_or(0.5) },
+        "skipnet" => Mechanism::Skipnet { target_rate: v.target_rate.unwrap_or(0.6) },
+        other => return Err(Error::config(format!("{field}.model"), format!("`{other}`: expected static, sdn, gated or skipnet"))),
+    };
+    let source = DataSource::parse(data)?;
+    let (mean, std) = source.normalisation();
+    let config = ModelConfig::resnet14n(mechanism.clone(), mean, std)?;
+    let defaults = TrainConfig::default_for(&mechanism);
+    let cfg = TrainConfig { epochs: v.epochs.unwrap_or(defaults.epochs), lr: v.lr.unwrap_or(defaults.lr), seed: v.seed, ..defaults }.validated()?;
+    let mut train_set = source.load(Split::Train, None)?;
+    if let Some(k) = v.per_class {
+        train_set = train_set.per_class(k)?;
+    }
+    let test_set = source.load(Split::Test, None)?.take(2000);
+    tch::manual_seed(v.seed as i64);
+    let mut net = Net::new(config.clone(), Device::Cpu)?;
+    let init_from = if matches!(mechanism, Mechanism::Static) {
+        None
+    } else {
+        checkpoint::init_from(&mut net, &checkpoint::committed_dir("static").join(checkpoint::WEIGHTS_FILE))?;
+        Some("models/checkpoints/static".to_string())
+    };
+    eprintln!("training variant {name} ({}) on {} images", v.model, train_set.len());
+    let report = train(&mut net, &train_set, &cfg)?;
+    let evaluation = evaluate(&net, &test_set, 256)?;
+    let sidecar = Sidecar {
+        architecture: config,
+        training: TrainRecord {
+            data: train_set.name.clone(),
+            train_samples: train_set.len(),
+            seed: cfg.seed,
+            epochs: cfg.epochs,
+            batch_size: cfg.batch_size,
+            lr: cfg.lr,
+            optimizer: "Adam, one-cycle (25 % linear warm-up from lr/25, cosine decay)".into(),
+            loss: loss_description(&mechanism, &cfg),
+            init_from,
+            seconds: report.seconds,
+            final_loss: report.epoch_losses.last().copied().unwrap_or(f64::NAN),
+            command: format!("study variant `{name}`: {table}"),
+            dynrobust_version: env!("CARGO_PKG_VERSION").into(),
+        },
+        evaluation,
+    };
+    checkpoint::save(&net, &sidecar, dir)
+}
