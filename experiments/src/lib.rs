@@ -1,1 +1,24 @@
-//! Study files, runner, store and report (see issue: experiment runner). Nothing here yet.
+//! The experiment machinery of dynrobust: study files (TOML) expanded into a grid of cells
+//! ([`study`]), a crash-safe result store with one file per finished cell ([`store`]), a generic
+//! parallel runner that skips finished cells and survives failing ones ([`runner`]), merging of
+//! sharded runs and Slurm job-array scripts ([`slurm`]), and the report: markdown tables and SVG
+//! plots ([`report`]).
+//!
+//! This crate knows nothing about models, attacks or defenses: the caller supplies the plugin
+//! names ([`study::Registry`]) and an [`runner::Executor`] that runs one cell.
+
+pub mod execute;
+mod grid;
+mod location;
+mod plots;
+pub mod report;
+pub mod runner;
+pub mod slurm;
+pub mod store;
+pub mod study;
+
+pub use runner::{run_cells, CellFailure, CellOutput, Executor, RunSummary};
+pub use report::{write_report, ReportFiles};
+pub use slurm::{merge, slurm_script};
+pub use store::{Store, StoredCell};
+pub use study::{parse_shard, shard, AttackRef, Cell, CellConfig, DefenseMode, DefenseRef, ModelRef, Registry, Study};

@@ -1,0 +1,664 @@
+//! The raw study-file schema (serde, `deny_unknown_fields`, spans kept for error locations) and
+//! its expansion into validated, normalised cells.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+
+use dynrobust_core::data::DataSource;
+use dynrobust_core::Result;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::location::Source;
+use crate::study::{AttackRef, Cell, CellConfig, DefenseMode, DefenseRef, ModelRef, Registry};
+
+type Span = Range<usize>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStudy {
+    name: Spanned<String>,
+    description: Option<String>,
+    data: Spanned<String>,
+    n: Spanned<usize>,
+    batch: Option<Spanned<usize>>,
+    seeds: Option<Spanned<Vec<Spanned<u64>>>>,
+    eps: Option<Spanned<Vec<Spanned<RawEps>>>>,
+    models: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    variants: Vec<Spanned<RawVariant>>,
+    attacks: Spanned<Vec<Spanned<RawAttack>>>,
+    defenses: Option<Spanned<Vec<Spanned<RawDefense>>>>,
+    #[serde(default)]
+    overrides: Vec<Spanned<RawOverride>>,
+    #[serde(default)]
+    include: Vec<Spanned<RawFilter>>,
+    #[serde(default)]
+    exclude: Vec<Spanned<RawFilter>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVariant {
+    name: Spanned<String>,
+    base: Option<Spanned<String>>,
+    threshold: Option<Spanned<f64>>,
+    train: Option<Spanned<toml::Table>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttack {
+    name: Spanned<String>,
+    label: Option<Spanned<String>>,
+    params: Option<Spanned<toml::Table>>,
+    surrogates: Option<Spanned<Vec<Spanned<String>>>>,
+    eps: Option<Spanned<Vec<Spanned<RawEps>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefense {
+    name: Spanned<String>,
+    label: Option<Spanned<String>>,
+    params: Option<Spanned<toml::Table>>,
+    modes: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverride {
+    #[serde(rename = "match")]
+    matcher: Spanned<RawFilter>,
+    params: Option<Spanned<toml::Table>>,
+    defense_params: Option<Spanned<toml::Table>>,
+}
+
+/// Cell filter: every key given must match (a value or a list of accepted values).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    model: Option<Spanned<OneOrMany>>,
+    attack: Option<Spanned<OneOrMany>>,
+    label: Option<Spanned<OneOrMany>>,
+    defense: Option<Spanned<OneOrMany>>,
+    mode: Option<Spanned<OneOrMany>>,
+    surrogate: Option<Spanned<OneOrMany>>,
+}
+
+/// ε as written: a number, or a string `a/b` (or a number in a string).
+enum RawEps {
+    Num(f64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawEps {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawEps;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("ε as a number or a string like \"8/255\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<RawEps, E> {
+                Ok(RawEps::Num(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<RawEps, E> {
+                Ok(RawEps::Num(v as f64))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<RawEps, E> {
+                Ok(RawEps::Num(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<RawEps, E> {
+                Ok(RawEps::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A string or a list of strings.
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The expanded study.
+pub(crate) struct Expanded {
+    pub name: String,
+    pub description: String,
+    pub cells: Vec<Cell>,
+}
+
+/// Parses, validates and expands a study file.
+pub(crate) fn expand(src: Source, registry: &Registry) -> Result<Expanded> {
+    let raw: RawStudy = toml::from_str(src.text).map_err(|e| src.toml_error(&e))?;
+    let cx = Cx { src, registry };
+    let base = cx.base(&raw)?;
+    let models = cx.models(&raw)?;
+    let defenses = cx.defenses(&raw)?;
+    let attacks = cx.attacks(&raw, &models, &base.eps)?;
+    let mut configs = cross(&base, &models.grid, &defenses, &attacks);
+    let axes = Axes::of(&configs);
+    for o in &raw.overrides {
+        cx.apply_override(o, &axes, &mut configs)?;
+    }
+    let configs = cx.filter(&raw, &axes, configs)?;
+    let cells = finish(configs);
+    let description = raw.description.unwrap_or_default();
+    Ok(Expanded { name: base.name, description, cells })
+}
+
+/// Study-wide values shared by every cell.
+struct Base {
+    name: String,
+    data: String,
+    n: usize,
+    batch: usize,
+    seeds: Vec<u64>,
+    eps: Vec<Option<f64>>,
+}
+
+/// An attack entry ready for the cross product.
+struct AttackPlan {
+    attack: AttackRef,
+    eps: Vec<Option<f64>>,
+    /// `None` = white-box on the cell's own model.
+    surrogates: Vec<Option<ModelRef>>,
+}
+
+/// Every model name a study may refer to, and the models of the grid.
+struct Models {
+    known: BTreeMap<String, ModelRef>,
+    grid: Vec<ModelRef>,
+}
+
+/// Validation context: the file (for locations) and the caller's plugin names.
+struct Cx<'a> {
+    src: Source<'a>,
+    registry: &'a Registry,
+}
+
+impl Cx<'_> {
+    fn err(&self, span: &Span, problem: impl Into<String>) -> dynrobust_core::Error {
+        self.src.error(span, problem)
+    }
+
+    fn base(&self, raw: &RawStudy) -> Result<Base> {
+        let name = raw.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            return Err(self.err(&raw.name.span(), "`name` must not be empty"));
+        }
+        let data = DataSource::parse(raw.data.get_ref())
+            .map_err(|_| self.err(&raw.data.span(), format!("`data` = {:?}: expected one of: fashion-mnist, mnist", raw.data.get_ref())))?;
+        let n = *raw.n.get_ref();
+        if n == 0 {
+            return Err(self.err(&raw.n.span(), "`n` must be at least 1"));
+        }
+        let batch = raw.batch.as_ref().map_or(Ok(128), |b| match *b.get_ref() {
+            0 => Err(self.err(&b.span(), "`batch` must be at least 1")),
+            v => Ok(v),
+        })?;
+        let seeds = self.seeds(raw)?;
+        let eps = match &raw.eps {
+            Some(list) => self.eps_list("eps", list)?,
+            None => vec![None],
+        };
+        Ok(Base { name, data: data.name().to_string(), n, batch, seeds, eps })
+    }
+
+    fn seeds(&self, raw: &RawStudy) -> Result<Vec<u64>> {
+        let Some(list) = &raw.seeds else { return Ok(vec![0]) };
+        self.non_empty("seeds", list)?;
+        let mut seen = BTreeSet::new();
+        for s in list.get_ref() {
+            if !seen.insert(*s.get_ref()) {
+                return Err(self.err(&s.span(), format!("`seeds`: seed {} is listed twice", s.get_ref())));
+            }
+        }
+        Ok(seen.into_iter().collect())
+    }
+
+    fn non_empty<T>(&self, key: &str, list: &Spanned<Vec<T>>) -> Result<()> {
+        if list.get_ref().is_empty() {
+            return Err(self.err(&list.span(), format!("`{key}` is empty: the grid would have no cells")));
+        }
+        Ok(())
+    }
+
+    /// Parses an ε list (study-wide or per attack); an empty per-attack list means "no ε".
+    fn eps_list(&self, key: &str, list: &Spanned<Vec<Spanned<RawEps>>>) -> Result<Vec<Option<f64>>> {
+        if key == "eps" {
+            self.non_empty(key, list)?;
+        }
+        let mut out: Vec<Option<f64>> = Vec::new();
+        for item in list.get_ref() {
+            let eps = parse_eps(item.get_ref()).map_err(|why| self.err(&item.span(), format!("`{key}`: {why}")))?;
+            if out.contains(&Some(eps)) {
+                return Err(self.err(&item.span(), format!("`{key}`: ε = {eps} is listed twice")));
+            }
+            out.push(Some(eps));
+        }
+        if out.is_empty() {
+            out.push(None);
+        }
+        Ok(out)
+    }
+
+    fn models(&self, raw: &RawStudy) -> Result<Models> {
+        self.non_empty("models", &raw.models)?;
+        let mut known: BTreeMap<String, ModelRef> = BTreeMap::new();
+        for v in &raw.variants {
+            let m = self.variant(v.get_ref(), &known)?;
+            known.insert(m.name.clone(), m);
+        }
+        let mut grid: Vec<ModelRef> = Vec::new();
+        for name in raw.models.get_ref() {
+            let m = self.model_ref("models", name, &known)?;
+            if grid.iter().any(|g| g.name == m.name) {
+                return Err(self.err(&name.span(), format!("`models`: `{}` is listed twice", m.name)));
+            }
+            grid.push(m);
+        }
+        for v in known.values() {
+            if !grid.iter().any(|g| g.name == v.name) {
+                grid.push(v.clone());
+            }
+        }
+        for m in &grid {
+            known.entry(m.name.clone()).or_insert_with(|| m.clone());
+        }
+        Ok(Models { known, grid })
+    }
+
+    /// A registry model, a variant, or an existing checkpoint directory.
+    fn model_ref(&self, key: &str, name: &Spanned<String>, variants: &BTreeMap<String, ModelRef>) -> Result<ModelRef> {
+        let n = name.get_ref().as_str();
+        if let Some(v) = variants.get(n) {
+            return Ok(v.clone());
+        }
+        if self.registry.models.iter().any(|m| m == n) || Path::new(n).is_dir() {
+            return Ok(ModelRef { name: n.to_string(), base: n.to_string(), threshold: None, train: None });
+        }
+        let mut valid: Vec<&str> = self.registry.models.iter().map(String::as_str).collect();
+        valid.extend(variants.keys().map(String::as_str).filter(|v| !self.registry.models.iter().any(|m| m == v)));
+        Err(self.err(
+            &name.span(),
+            format!("`{key}`: unknown model `{n}`; expected one of: {} (or an existing checkpoint directory)", valid.join(", ")),
+        ))
+    }
+
+    fn variant(&self, v: &RawVariant, known: &BTreeMap<String, ModelRef>) -> Result<ModelRef> {
+        let name = v.name.get_ref().trim();
+        if name.is_empty() || known.contains_key(name) || self.registry.models.iter().any(|m| m == name) {
+            let why = if name.is_empty() { "must not be empty" } else { "is already a model or variant name" };
+            return Err(self.err(&v.name.span(), format!("`variants.name` = {name:?} {why}")));
+        }
+        if v.threshold.is_none() && v.train.is_none() {
+            return Err(self.err(&v.name.span(), format!("variant `{name}`: set `threshold` and/or `train`")));
+        }
+        let threshold = match &v.threshold {
+            Some(t) if !(0.0..=1.0).contains(t.get_ref()) => {
+                return Err(self.err(&t.span(), format!("variant `{name}`: `threshold` = {} is not in [0, 1]", t.get_ref())))
+            }
+            t => t.as_ref().map(|t| *t.get_ref()),
+        };
+        let base = self.variant_base(name, v)?;
+        let train = v.train.as_ref().map(|t| table_json(t.get_ref()));
+        Ok(ModelRef { name: name.to_string(), base, threshold, train })
+    }
+
+    /// `base`, else `train.model`; either must be a registry model (or a directory for `base`).
+    fn variant_base(&self, name: &str, v: &RawVariant) -> Result<String> {
+        let train_model = v.train.as_ref().and_then(|t| t.get_ref().get("model").map(|m| (t.span(), m)));
+        if let Some((span, m)) = &train_model {
+            let ok = m.as_str().is_some_and(|s| self.registry.models.iter().any(|r| r == s));
+            if !ok {
+                let valid = self.registry.models.join(", ");
+                return Err(self.err(span, format!("variant `{name}`: `train.model` = {m}: expected one of: {valid}")));
+            }
+        }
+        match (&v.base, train_model) {
+            (Some(b), _) => Ok(self.model_ref("variants.base", b, &BTreeMap::new())?.base),
+            (None, Some((_, m))) => Ok(m.as_str().unwrap_or_default().to_string()),
+            (None, None) => Err(self.err(&v.name.span(), format!("variant `{name}`: set `base` or `train.model`"))),
+        }
+    }
+
+    fn plugin(&self, kind: &str, key: &str, name: &Spanned<String>, valid: &[String]) -> Result<String> {
+        let n = name.get_ref();
+        if valid.iter().any(|v| v == n) {
+            return Ok(n.clone());
+        }
+        Err(self.err(&name.span(), format!("`{key}`: unknown {kind} `{n}`; expected one of: {}", valid.join(", "))))
+    }
+
+    fn label(&self, label: &Option<Spanned<String>>, name: &Spanned<String>, seen: &mut BTreeSet<String>, key: &str) -> Result<String> {
+        let text = label.as_ref().unwrap_or(name).get_ref().trim().to_string();
+        let span = label.as_ref().unwrap_or(name).span();
+        if text.is_empty() {
+            return Err(self.err(&span, format!("`{key}.label` must not be empty")));
+        }
+        if !seen.insert(text.clone()) {
+            return Err(self.err(&span, format!("`{key}`: label `{text}` is used twice; give the entries distinct `label`s")));
+        }
+        Ok(text)
+    }
+
+    fn defenses(&self, raw: &RawStudy) -> Result<Vec<DefenseRef>> {
+        let Some(list) = &raw.defenses else {
+            let params = serde_json::json!({});
+            return Ok(vec![DefenseRef { name: "none".into(), label: "none".into(), mode: None, params }]);
+        };
+        self.non_empty("defenses", list)?;
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for d in list.get_ref() {
+            let d = d.get_ref();
+            let name = self.plugin("defense", "defenses.name", &d.name, &self.registry.defenses)?;
+            let label = self.label(&d.label, &d.name, &mut seen, "defenses")?;
+            let params = d.params.as_ref().map_or(serde_json::json!({}), |p| table_json(p.get_ref()));
+            for mode in self.modes(&name, d)? {
+                out.push(DefenseRef { name: name.clone(), label: label.clone(), mode, params: params.clone() });
+            }
+        }
+        Ok(out)
+    }
+
+    fn modes(&self, name: &str, d: &RawDefense) -> Result<Vec<Option<DefenseMode>>> {
+        if name == "none" {
+            if let Some(span) = d.modes.as_ref().map(|m| m.span()).or(d.params.as_ref().map(|p| p.span())) {
+                return Err(self.err(&span, "defense `none` takes no `modes` or `params`"));
+            }
+            return Ok(vec![None]);
+        }
+        let Some(modes) = &d.modes else { return Ok(vec![Some(DefenseMode::Adaptive)]) };
+        self.non_empty("defenses.modes", modes)?;
+        let mut out = Vec::new();
+        for m in modes.get_ref() {
+            let mode = DefenseMode::parse(m.get_ref()).ok_or_else(|| {
+                self.err(&m.span(), format!("`defenses.modes`: unknown mode `{}`; expected one of: adaptive, oblivious", m.get_ref()))
+            })?;
+            if out.contains(&Some(mode)) {
+                return Err(self.err(&m.span(), format!("`defenses.modes`: `{}` is listed twice", m.get_ref())));
+            }
+            out.push(Some(mode));
+        }
+        Ok(out)
+    }
+
+    fn attacks(&self, raw: &RawStudy, models: &Models, eps: &[Option<f64>]) -> Result<Vec<AttackPlan>> {
+        self.non_empty("attacks", &raw.attacks)?;
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for a in raw.attacks.get_ref() {
+            let a = a.get_ref();
+            let name = self.plugin("attack", "attacks.name", &a.name, &self.registry.attacks)?;
+            let label = self.label(&a.label, &a.name, &mut seen, "attacks")?;
+            let params = self.params(&a.params, "attacks.params")?;
+            let eps = match &a.eps {
+                Some(list) => self.eps_list("attacks.eps", list)?,
+                None if self.registry.eps_free.contains(&name) => vec![None],
+                None => eps.to_vec(),
+            };
+            let surrogates = self.surrogates(a, models)?;
+            out.push(AttackPlan { attack: AttackRef { name, label, params }, eps, surrogates });
+        }
+        Ok(out)
+    }
+
+    /// Attack parameters as a JSON object; ε is a grid axis and may not hide in here.
+    fn params(&self, params: &Option<Spanned<toml::Table>>, key: &str) -> Result<serde_json::Value> {
+        let Some(p) = params else { return Ok(serde_json::json!({})) };
+        if p.get_ref().contains_key("eps") {
+            return Err(self.err(&p.span(), format!("`{key}.eps`: set ε with the study's `eps` list (or the attack's own `eps = [...]`)")));
+        }
+        Ok(table_json(p.get_ref()))
+    }
+
+    fn surrogates(&self, a: &RawAttack, models: &Models) -> Result<Vec<Option<ModelRef>>> {
+        let Some(list) = &a.surrogates else { return Ok(vec![None]) };
+        self.non_empty("attacks.surrogates", list)?;
+        let mut out: Vec<Option<ModelRef>> = Vec::new();
+        for s in list.get_ref() {
+            let m = match s.get_ref().as_str() {
+                "self" => None,
+                _ => Some(self.model_ref("attacks.surrogates", s, &models.known)?),
+            };
+            if out.contains(&m) {
+                return Err(self.err(&s.span(), format!("`attacks.surrogates`: `{}` is listed twice", s.get_ref())));
+            }
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    fn apply_override(&self, o: &Spanned<RawOverride>, axes: &Axes, configs: &mut [CellConfig]) -> Result<()> {
+        let raw = o.get_ref();
+        let filter = self.filter_of(&raw.matcher, axes, "overrides.match")?;
+        if raw.params.is_none() && raw.defense_params.is_none() {
+            return Err(self.err(&o.span(), "`overrides`: set `params` and/or `defense_params`"));
+        }
+        let params = raw.params.as_ref().map(|_| self.params(&raw.params, "overrides.params")).transpose()?;
+        let defense_params = raw.defense_params.as_ref().map(|p| table_json(p.get_ref()));
+        for c in configs.iter_mut().filter(|c| filter.matches(c)) {
+            if let Some(p) = &params {
+                merge_object(&mut c.attack.params, p);
+            }
+            if let Some(p) = &defense_params {
+                merge_object(&mut c.defense.params, p);
+            }
+        }
+        Ok(())
+    }
+
+    fn filter(&self, raw: &RawStudy, axes: &Axes, configs: Vec<CellConfig>) -> Result<Vec<CellConfig>> {
+        let include = raw.include.iter().map(|f| self.filter_of(f, axes, "include")).collect::<Result<Vec<_>>>()?;
+        let exclude = raw.exclude.iter().map(|f| self.filter_of(f, axes, "exclude")).collect::<Result<Vec<_>>>()?;
+        let before = configs.len();
+        let kept: Vec<CellConfig> = configs
+            .into_iter()
+            .filter(|c| include.is_empty() || include.iter().any(|f| f.matches(c)))
+            .filter(|c| !exclude.iter().any(|f| f.matches(c)))
+            .collect();
+        if kept.is_empty() {
+            let span = raw.include.first().or(raw.exclude.first()).map(|f| f.span()).unwrap_or(0..0);
+            return Err(self.err(&span, format!("the grid is empty: [[include]]/[[exclude]] filter out all {before} cells")));
+        }
+        Ok(kept)
+    }
+
+    /// Validates a filter: at least one key, and every value one the study actually has.
+    fn filter_of(&self, f: &Spanned<RawFilter>, axes: &Axes, key: &str) -> Result<Filter> {
+        let raw = f.get_ref();
+        let keys: [(&str, &Option<Spanned<OneOrMany>>); 6] = [
+            ("model", &raw.model),
+            ("attack", &raw.attack),
+            ("label", &raw.label),
+            ("defense", &raw.defense),
+            ("mode", &raw.mode),
+            ("surrogate", &raw.surrogate),
+        ];
+        let mut filter = Filter::default();
+        for (axis, value) in keys {
+            let Some(value) = value else { continue };
+            let allowed = axes.values(axis);
+            for v in &value.get_ref().0 {
+                if !allowed.contains(v) {
+                    let all: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                    let why = format!("`{key}.{axis}`: no {axis} `{v}` in this study; expected one of: {}", all.join(", "));
+                    return Err(self.err(&value.span(), why));
+                }
+            }
+            filter.keys.insert(axis, value.get_ref().0.iter().cloned().collect());
+        }
+        if filter.keys.is_empty() {
+            return Err(self.err(&f.span(), format!("`{key}` has no keys; use model, attack, label, defense, mode, surrogate")));
+        }
+        Ok(filter)
+    }
+}
+
+/// The values each filterable axis takes in the unfiltered grid.
+struct Axes(BTreeMap<&'static str, BTreeSet<String>>);
+
+impl Axes {
+    fn of(configs: &[CellConfig]) -> Axes {
+        let mut m: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+        for c in configs {
+            for axis in AXES {
+                m.entry(axis).or_default().extend(axis_values(c, axis));
+            }
+        }
+        Axes(m)
+    }
+
+    fn values(&self, axis: &str) -> BTreeSet<String> {
+        self.0.get(axis).cloned().unwrap_or_default()
+    }
+}
+
+const AXES: [&str; 6] = ["model", "attack", "label", "defense", "mode", "surrogate"];
+
+/// The values by which a filter key can match cell `c` on `axis`.
+fn axis_values(c: &CellConfig, axis: &str) -> Vec<String> {
+    match axis {
+        "model" => vec![c.model.name.clone()],
+        "attack" => vec![c.attack.name.clone()],
+        "label" => vec![c.attack.label.clone()],
+        "defense" => vec![c.defense.name.clone(), c.defense.label.clone()],
+        "mode" => c.defense.mode.map(|m| vec![m.as_str().to_string()]).unwrap_or_default(),
+        "surrogate" => vec![c.surrogate.as_ref().map_or("self".to_string(), |s| s.name.clone())],
+        _ => Vec::new(),
+    }
+}
+
+/// A validated filter: axis → accepted values.
+#[derive(Default)]
+struct Filter {
+    keys: BTreeMap<&'static str, BTreeSet<String>>,
+}
+
+impl Filter {
+    fn matches(&self, c: &CellConfig) -> bool {
+        self.keys.iter().all(|(axis, accepted)| axis_values(c, axis).iter().any(|v| accepted.contains(v)))
+    }
+}
+
+/// The full cross product (surrogate equal to the cell's model is white-box: `None`).
+fn cross(base: &Base, models: &[ModelRef], defenses: &[DefenseRef], attacks: &[AttackPlan]) -> Vec<CellConfig> {
+    let mut out = Vec::new();
+    for model in models {
+        for defense in defenses {
+            for plan in attacks {
+                for surrogate in &plan.surrogates {
+                    let surrogate = surrogate.clone().filter(|s| s.name != model.name);
+                    for eps in &plan.eps {
+                        for seed in &base.seeds {
+                            out.push(CellConfig {
+                                data: base.data.clone(),
+                                n: base.n,
+                                batch: base.batch,
+                                seed: *seed,
+                                eps: *eps,
+                                model: model.clone(),
+                                surrogate: surrogate.clone(),
+                                attack: plan.attack.clone(),
+                                defense: defense.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Ids, duplicates removed (the same experiment reached twice), deterministic order.
+fn finish(configs: Vec<CellConfig>) -> Vec<Cell> {
+    let mut by_id: BTreeMap<String, Cell> = BTreeMap::new();
+    for c in configs {
+        let cell = Cell::new(c);
+        by_id.entry(cell.id.clone()).or_insert(cell);
+    }
+    let mut cells: Vec<Cell> = by_id.into_values().collect();
+    cells.sort_by_cached_key(sort_key);
+    cells
+}
+
+type SortKey = (String, String, Option<DefenseMode>, String, String, Option<u64>, u64, String);
+
+fn sort_key(c: &Cell) -> SortKey {
+    let k = &c.config;
+    (
+        k.model.name.clone(),
+        k.defense.label.clone(),
+        k.defense.mode,
+        k.attack.label.clone(),
+        k.surrogate.as_ref().map_or(String::new(), |s| s.name.clone()),
+        k.eps.map(f64::to_bits), // ε ≥ 0, so the bit pattern orders like the value
+        k.seed,
+        c.id.clone(),
+    )
+}
+
+/// `8/255`, `0.1`, 0.1 → 0.0313…, 0.1; refuses negatives, non-finite values and bad fractions.
+fn parse_eps(raw: &RawEps) -> std::result::Result<f64, String> {
+    let value = match raw {
+        RawEps::Num(v) => *v,
+        RawEps::Text(t) => {
+            let num = |s: &str| s.trim().parse::<f64>().map_err(|_| format!("{t:?} is not a number or a fraction like \"8/255\""));
+            match t.split_once('/') {
+                Some((a, b)) => {
+                    let (a, b) = (num(a)?, num(b)?);
+                    if b == 0.0 {
+                        return Err(format!("{t:?} divides by zero"));
+                    }
+                    a / b
+                }
+                None => num(t)?,
+            }
+        }
+    };
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("ε = {value} must be finite and ≥ 0"));
+    }
+    Ok(value)
+}
+
+fn table_json(t: &toml::Table) -> serde_json::Value {
+    serde_json::to_value(t).expect("a TOML table is always representable as JSON")
+}
+
+/// Shallow merge: keys of `over` replace those of `base` (both JSON objects).
+fn merge_object(base: &mut serde_json::Value, over: &serde_json::Value) {
+    if let (Some(b), Some(o)) = (base.as_object_mut(), over.as_object()) {
+        for (k, v) in o {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+}

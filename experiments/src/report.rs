@@ -1,0 +1,507 @@
+//! The report of a study run: `DIR/report.md` (summary table, flagged cells, defense table,
+//! links to plots), SVG plots in `DIR/plots/`, `DIR/results.jsonl` (one stored cell per line,
+//! sorted by id) and `DIR/per_sample.csv` (every cell's per-sample rows, with a `cell_id`).
+//!
+//! Axes (model, defense, mode, attack label, surrogate, ε, seed) come from the stored cell config;
+//! metrics from the executor's record, each optional: `clean_acc`, `adv_acc` (fractions),
+//! `clean_cost`, `adv_cost` (MACs / static MACs), `recovery` (fraction), `seconds`,
+//! `clean_exit_hist`/`adv_exit_hist` (counts per exit), `clean_gate_rates`/`adv_gate_rates`
+//! (execute rate per gate), `flags` (sanity warnings), `steps`. Seeds are averaged in plots.
+//! A plot without data is skipped and the markdown says so.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use dynrobust_core::{Error, Result};
+use serde_json::Value;
+
+use crate::plots::{self, Chart, Line, Point};
+use crate::store::{write_atomic, StoredCell};
+use crate::study::format_eps;
+
+const COST: &str = "cost (MACs / static MACs)";
+const ACC: &str = "accuracy (%)";
+
+/// What [`write_report`] wrote.
+#[derive(Debug, Clone, Default)]
+pub struct ReportFiles {
+    pub markdown: PathBuf,
+    pub results_jsonl: PathBuf,
+    pub per_sample_csv: PathBuf,
+    pub plots: Vec<PathBuf>,
+    /// One line per plot that was skipped, saying why.
+    pub skipped: Vec<String>,
+}
+
+/// One cell, flattened for tables and plots.
+#[derive(Debug, Clone, Default)]
+struct Row {
+    id: String,
+    model: String,
+    defense: String,
+    mode: Option<String>,
+    label: String,
+    surrogate: Option<String>,
+    eps: Option<f64>,
+    seed: u64,
+    clean_acc: Option<f64>,
+    adv_acc: Option<f64>,
+    clean_cost: Option<f64>,
+    adv_cost: Option<f64>,
+    recovery: Option<f64>,
+    seconds: Option<f64>,
+    clean_exit_hist: Option<Vec<f64>>,
+    adv_exit_hist: Option<Vec<f64>>,
+    clean_gate_rates: Option<Vec<f64>>,
+    adv_gate_rates: Option<Vec<f64>>,
+    flags: Vec<String>,
+}
+
+impl Row {
+    fn of(c: &StoredCell) -> Row {
+        let (k, r) = (&c.cell, &c.record);
+        Row {
+            id: c.id.clone(),
+            model: k.model.name.clone(),
+            defense: k.defense.label.clone(),
+            mode: k.defense.mode.map(|m| m.as_str().to_string()),
+            label: k.attack.label.clone(),
+            surrogate: k.surrogate.as_ref().map(|s| s.name.clone()),
+            eps: k.eps,
+            seed: k.seed,
+            clean_acc: num(r, "clean_acc"),
+            adv_acc: num(r, "adv_acc"),
+            clean_cost: num(r, "clean_cost"),
+            adv_cost: num(r, "adv_cost"),
+            recovery: num(r, "recovery"),
+            seconds: num(r, "seconds"),
+            clean_exit_hist: nums(r, "clean_exit_hist"),
+            adv_exit_hist: nums(r, "adv_exit_hist"),
+            clean_gate_rates: nums(r, "clean_gate_rates"),
+            adv_gate_rates: nums(r, "adv_gate_rates"),
+            flags: r.get("flags").and_then(Value::as_array).map_or(Vec::new(), |a| a.iter().map(flag_text).collect()),
+        }
+    }
+
+    /// White-box, undefended: the cells of the ε plots, histograms and Pareto plot.
+    fn plain(&self) -> bool {
+        self.defense == "none" && self.surrogate.is_none()
+    }
+}
+
+fn num(r: &Value, key: &str) -> Option<f64> {
+    r.get(key).and_then(Value::as_f64).filter(|v| v.is_finite())
+}
+
+fn nums(r: &Value, key: &str) -> Option<Vec<f64>> {
+    r.get(key)?.as_array()?.iter().map(Value::as_f64).collect()
+}
+
+fn flag_text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Element-wise mean of equally long vectors (a vector of another length is left out).
+fn mean_vec<'a>(vs: impl Iterator<Item = &'a Vec<f64>>) -> Option<Vec<f64>> {
+    let vs: Vec<&Vec<f64>> = vs.collect();
+    let len = vs.first()?.len();
+    let same: Vec<&&Vec<f64>> = vs.iter().filter(|v| v.len() == len).collect();
+    Some((0..len).map(|i| same.iter().map(|v| v[i]).sum::<f64>() / same.len() as f64).collect())
+}
+
+fn slug(s: &str) -> String {
+    let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c.to_ascii_lowercase() } else { '-' }).collect();
+    s.trim_matches('-').to_string()
+}
+
+fn eps_text(eps: Option<f64>) -> String {
+    eps.map_or("–".to_string(), format_eps)
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("–".to_string(), |v| format!("{:.1}", 100.0 * v))
+}
+
+fn fixed(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// Writes the report of `cells` (the stored results of one study) into `dir`.
+pub fn write_report(dir: impl AsRef<Path>, title: &str, cells: &[StoredCell]) -> Result<ReportFiles> {
+    let dir = dir.as_ref();
+    let plot_dir = dir.join("plots");
+    std::fs::create_dir_all(&plot_dir).map_err(|e| Error::io(&plot_dir, e))?;
+    let mut sorted: Vec<&StoredCell> = cells.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut files = ReportFiles {
+        markdown: dir.join("report.md"),
+        results_jsonl: dir.join("results.jsonl"),
+        per_sample_csv: dir.join("per_sample.csv"),
+        ..Default::default()
+    };
+    write_jsonl(&files.results_jsonl, &sorted)?;
+    write_per_sample(dir, &files.per_sample_csv, &sorted)?;
+    let mut rows: Vec<Row> = sorted.iter().map(|c| Row::of(c)).collect();
+    rows.sort_by(|a, b| row_key(a).partial_cmp(&row_key(b)).unwrap_or(std::cmp::Ordering::Equal));
+    let md = markdown(title, &rows, &plot_dir, &mut files)?;
+    write_atomic(&files.markdown, md.as_bytes())?;
+    Ok(files)
+}
+
+type RowKey<'a> = (&'a str, &'a str, &'a Option<String>, &'a str, &'a Option<String>, Option<f64>, u64);
+
+fn row_key(r: &Row) -> RowKey<'_> {
+    (&r.model, &r.defense, &r.mode, &r.label, &r.surrogate, r.eps, r.seed)
+}
+
+fn write_jsonl(path: &Path, cells: &[&StoredCell]) -> Result<()> {
+    let mut out = String::new();
+    for c in cells {
+        out += &serde_json::to_string(c)?;
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+/// Concatenates the per-cell CSVs under the union of their columns, with a leading `cell_id`.
+/// (Per-sample CSVs hold numbers and booleans: no quoted commas.)
+fn write_per_sample(dir: &Path, path: &Path, cells: &[&StoredCell]) -> Result<()> {
+    let mut columns: Vec<String> = Vec::new();
+    let mut tables: Vec<(String, Vec<String>, String)> = Vec::new();
+    for c in cells {
+        let csv_path = dir.join("cells").join(format!("{}.csv", c.id));
+        let Ok(text) = std::fs::read_to_string(&csv_path) else { continue };
+        let header: Vec<String> = text.lines().next().unwrap_or_default().split(',').map(|h| h.trim().to_string()).collect();
+        for h in header.iter().filter(|h| !h.is_empty()) {
+            if !columns.contains(h) {
+                columns.push(h.clone());
+            }
+        }
+        tables.push((c.id.clone(), header, text));
+    }
+    let mut out = format!("cell_id,{}\n", columns.join(","));
+    for (id, header, text) in &tables {
+        for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+            let by_name: BTreeMap<&str, &str> = header.iter().map(String::as_str).zip(line.split(',')).collect();
+            let values: Vec<&str> = columns.iter().map(|c| by_name.get(c.as_str()).copied().unwrap_or("")).collect();
+            let _ = writeln!(out, "{id},{}", values.join(","));
+        }
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+/// The whole markdown document; plots are drawn on the way.
+fn markdown(title: &str, rows: &[Row], plot_dir: &Path, files: &mut ReportFiles) -> Result<String> {
+    let mut md = format!("# {title}\n\n{} cells. Raw results: [results.jsonl](results.jsonl), ", rows.len());
+    md += "per-sample rows: [per_sample.csv](per_sample.csv).\n\n";
+    md += "Accuracy in %, cost in MACs / static MACs, recovery = (adv cost − clean cost) / (1 − clean cost) in %.\n\n";
+    md += &summary_table(rows);
+    md += &defense_table(rows);
+    md += "## Plots\n\n";
+    let sections: [(&str, PlotFn); 6] = [
+        ("Cost vs ε (white-box, undefended)", |r, d| eps_plots(r, d, "cost", COST)),
+        ("Accuracy vs ε (white-box, undefended)", |r, d| eps_plots(r, d, "acc", ACC)),
+        ("Exit histograms, clean vs attacked", exit_hist_plots),
+        ("Gate execution rates, clean vs attacked", gate_plots),
+        ("Accuracy vs cost (Pareto)", pareto_plot),
+        ("Transfer matrices", transfer_plots),
+    ];
+    for (heading, draw) in sections {
+        let _ = write!(md, "### {heading}\n\n");
+        match draw(rows, plot_dir)? {
+            Plotted::Files(made) if !made.is_empty() => {
+                for (path, caption) in made {
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    let _ = write!(md, "![{caption}](plots/{name})\n\n");
+                    files.plots.push(path);
+                }
+            }
+            Plotted::Files(_) => skip(&mut md, files, heading, "no data"),
+            Plotted::Skipped(why) => skip(&mut md, files, heading, &why),
+        }
+    }
+    Ok(md)
+}
+
+fn skip(md: &mut String, files: &mut ReportFiles, heading: &str, why: &str) {
+    let _ = write!(md, "_Skipped: {why}._\n\n");
+    files.skipped.push(format!("{heading}: {why}"));
+}
+
+/// Plots drawn (path, caption), or why none were.
+enum Plotted {
+    Files(Vec<(PathBuf, String)>),
+    Skipped(String),
+}
+
+type PlotFn = fn(&[Row], &Path) -> Result<Plotted>;
+
+fn summary_table(rows: &[Row]) -> String {
+    let mut md = String::from("## All cells\n\n");
+    md += "| | model | defense | mode | attack | surrogate | ε | clean acc % | adv acc % | clean cost | adv cost | recovery % | s | flags |\n";
+    md += "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n";
+    for r in rows {
+        let mark = if r.flags.is_empty() { "" } else { "⚠" };
+        let _ = writeln!(
+            md,
+            "| {mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.model,
+            r.defense,
+            r.mode.as_deref().unwrap_or("–"),
+            r.label,
+            r.surrogate.as_deref().unwrap_or("–"),
+            eps_text(r.eps),
+            pct(r.clean_acc),
+            pct(r.adv_acc),
+            fixed(r.clean_cost, 3),
+            fixed(r.adv_cost, 3),
+            pct(r.recovery),
+            fixed(r.seconds, 1),
+            r.flags.len()
+        );
+    }
+    md.push('\n');
+    let flagged: Vec<&Row> = rows.iter().filter(|r| !r.flags.is_empty()).collect();
+    if !flagged.is_empty() {
+        md += "### Flagged cells\n\n";
+        for r in flagged {
+            let what = format!("{} / {} / {} ε={} seed {}", r.model, r.defense, r.label, eps_text(r.eps), r.seed);
+            let _ = writeln!(md, "- ⚠ `{}` ({what}): {}", r.id, r.flags.join("; "));
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// Per defense × model × attack × ε: adaptive vs oblivious, next to the undefended cell.
+fn defense_table(rows: &[Row]) -> String {
+    let defended: Vec<&Row> = rows.iter().filter(|r| r.defense != "none" && r.surrogate.is_none()).collect();
+    if defended.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("## Defenses\n\nAdaptive: the attacker attacks the defended model; oblivious: it crafts on the undefended one.\n\n");
+    md += "| defense | model | attack | ε | undefended adv acc % / cost | adaptive adv acc % / cost / recovery % | oblivious adv acc % / cost / recovery % |\n";
+    md += "|---|---|---|---|---|---|---|\n";
+    let keys: BTreeSet<(String, String, String, Option<u64>)> =
+        defended.iter().map(|r| (r.defense.clone(), r.model.clone(), r.label.clone(), r.eps.map(f64::to_bits))).collect();
+    for (defense, model, label, eps) in keys {
+        let pick = |d: &str, mode: Option<&str>| -> Vec<&Row> {
+            let same = |r: &&Row| r.model == model && r.label == label && r.eps.map(f64::to_bits) == eps && r.surrogate.is_none();
+            rows.iter().filter(same).filter(|r| r.defense == d && r.mode.as_deref() == mode).collect()
+        };
+        let cellf = |rs: Vec<&Row>, with_recovery: bool| {
+            if rs.is_empty() {
+                return "–".to_string();
+            }
+            let acc = pct(mean(rs.iter().filter_map(|r| r.adv_acc)));
+            let cost = fixed(mean(rs.iter().filter_map(|r| r.adv_cost)), 3);
+            let rec = pct(mean(rs.iter().filter_map(|r| r.recovery)));
+            if with_recovery { format!("{acc} / {cost} / {rec}") } else { format!("{acc} / {cost}") }
+        };
+        let _ = writeln!(
+            md,
+            "| {defense} | {model} | {label} | {} | {} | {} | {} |",
+            eps_text(eps.map(f64::from_bits)),
+            cellf(pick("none", None), false),
+            cellf(pick(&defense, Some("adaptive")), true),
+            cellf(pick(&defense, Some("oblivious")), true)
+        );
+    }
+    md.push('\n');
+    md
+}
+
+/// (a)/(b): one chart per attack label, one line per model, metric vs ε (ε = 0: clean).
+fn eps_plots(rows: &[Row], dir: &Path, metric: &str, y_desc: &str) -> Result<Plotted> {
+    let usable: Vec<&Row> = rows.iter().filter(|r| r.plain() && r.eps.is_some()).collect();
+    if usable.is_empty() {
+        return Ok(Plotted::Skipped("no white-box, undefended cells with an ε".into()));
+    }
+    let pick = |r: &Row, clean: bool| -> Option<f64> {
+        let v = match (metric, clean) {
+            ("cost", false) => r.adv_cost,
+            ("cost", true) => r.clean_cost,
+            (_, false) => r.adv_acc.map(|a| 100.0 * a),
+            (_, true) => r.clean_acc.map(|a| 100.0 * a),
+        };
+        v
+    };
+    let labels: BTreeSet<&str> = usable.iter().map(|r| r.label.as_str()).collect();
+    let mut made = Vec::new();
+    for label in labels {
+        let of_label: Vec<&Row> = usable.iter().copied().filter(|r| r.label == label).collect();
+        let models: BTreeSet<&str> = of_label.iter().map(|r| r.model.as_str()).collect();
+        let lines: Vec<Line> = models.into_iter().map(|m| eps_line(&of_label, m, |r, c| pick(r, c))).filter(|l| !l.points.is_empty()).collect();
+        if lines.is_empty() {
+            continue;
+        }
+        let what = if metric == "cost" { "cost" } else { "accuracy" };
+        let title = format!("{label}: {what} vs ε (ε = 0: clean)");
+        let path = dir.join(format!("{metric}_vs_eps_{}.svg", slug(label)));
+        plots::lines(&Chart { path: &path, title: &title, x_desc: "ε (L∞ or L2 budget, pixel scale [0, 1])", y_desc }, &lines)?;
+        made.push((path, title));
+    }
+    Ok(Plotted::Files(made))
+}
+
+/// One model's points: mean over seeds per ε, plus the clean value at ε = 0.
+fn eps_line(rows: &[&Row], model: &str, pick: impl Fn(&Row, bool) -> Option<f64>) -> Line {
+    let mine: Vec<&&Row> = rows.iter().filter(|r| r.model == model).collect();
+    let mut by_eps: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for r in &mine {
+        if let (Some(e), Some(v)) = (r.eps, pick(r, false)) {
+            by_eps.entry(e.to_bits()).or_default().push(v);
+        }
+    }
+    let mut points: Vec<(f64, f64)> = by_eps.into_iter().filter_map(|(e, vs)| Some((f64::from_bits(e), mean(vs.into_iter())?))).collect();
+    if let Some(clean) = mean(mine.iter().filter_map(|r| pick(r, true))) {
+        points.insert(0, (0.0, clean));
+    }
+    Line { name: model.to_string(), points }
+}
+
+/// (c) exit histograms: per exit model × attack, clean vs attacked at each ε (% of samples).
+fn exit_hist_plots(rows: &[Row], dir: &Path) -> Result<Plotted> {
+    let normalise = |h: &Vec<f64>| -> Vec<f64> {
+        let total: f64 = h.iter().sum();
+        h.iter().map(|v| if total > 0.0 { 100.0 * v / total } else { 0.0 }).collect()
+    };
+    let get = |r: &Row, clean: bool| if clean { r.clean_exit_hist.as_ref() } else { r.adv_exit_hist.as_ref() }.map(normalise);
+    bar_plots(rows, dir, "exits", "exit", "samples leaving at this exit (%)", "exit histogram", get)
+}
+
+/// (c) gate rates: per gated model × attack, clean vs attacked execution rate per gate (%).
+fn gate_plots(rows: &[Row], dir: &Path) -> Result<Plotted> {
+    let get = |r: &Row, clean: bool| {
+        if clean { r.clean_gate_rates.as_ref() } else { r.adv_gate_rates.as_ref() }.map(|v| v.iter().map(|x| 100.0 * x).collect())
+    };
+    bar_plots(rows, dir, "gates", "gated unit", "execution rate (%)", "gate rates", get)
+}
+
+/// Grouped bars per (model, attack label): clean, then attacked at each ε.
+fn bar_plots(
+    rows: &[Row],
+    dir: &Path,
+    stem: &str,
+    x_name: &str,
+    y_desc: &str,
+    what: &str,
+    get: impl Fn(&Row, bool) -> Option<Vec<f64>>,
+) -> Result<Plotted> {
+    let usable: Vec<&Row> = rows.iter().filter(|r| r.plain() && get(r, false).is_some()).collect();
+    let groups: BTreeSet<(&str, &str)> = usable.iter().map(|r| (r.model.as_str(), r.label.as_str())).collect();
+    let mut made = Vec::new();
+    for (model, label) in groups {
+        let mine: Vec<&Row> = usable.iter().copied().filter(|r| r.model == model && r.label == label).collect();
+        let series = bar_series(&mine, &get);
+        let Some(width) = series.iter().map(|s| s.points.len()).max().filter(|w| *w > 0) else { continue };
+        let names: Vec<String> = (0..width).map(|i| format!("{x_name} {i}")).collect();
+        let title = format!("{model} under {label}: {what}, clean vs attacked");
+        let path = dir.join(format!("{stem}_{}_{}.svg", slug(model), slug(label)));
+        plots::grouped_bars(&Chart { path: &path, title: &title, x_desc: x_name, y_desc }, &names, &series)?;
+        made.push((path, title));
+    }
+    Ok(Plotted::Files(made))
+}
+
+fn bar_series(rows: &[&Row], get: &impl Fn(&Row, bool) -> Option<Vec<f64>>) -> Vec<Line> {
+    let as_line = |name: String, v: Option<Vec<f64>>| Line { name, points: v.unwrap_or_default().into_iter().enumerate().map(|(i, y)| (i as f64, y)).collect() };
+    let clean: Vec<Vec<f64>> = rows.iter().filter_map(|r| get(r, true)).collect();
+    let mut out = vec![as_line("clean".into(), mean_vec(clean.iter()))];
+    let eps: BTreeSet<Option<u64>> = rows.iter().map(|r| r.eps.map(f64::to_bits)).collect();
+    for e in eps {
+        let adv: Vec<Vec<f64>> = rows.iter().filter(|r| r.eps.map(f64::to_bits) == e).filter_map(|r| get(r, false)).collect();
+        let name = format!("attacked, ε = {}", eps_text(e.map(f64::from_bits)));
+        out.push(as_line(name, mean_vec(adv.iter())));
+    }
+    out.retain(|l| !l.points.is_empty());
+    out
+}
+
+/// (d) models/variants on accuracy vs cost: clean, and attacked (per attack at its largest ε).
+fn pareto_plot(rows: &[Row], dir: &Path) -> Result<Plotted> {
+    let plain: Vec<&Row> = rows.iter().filter(|r| r.plain()).collect();
+    let models: BTreeSet<&str> = plain.iter().map(|r| r.model.as_str()).collect();
+    let mut clean = Vec::new();
+    for m in &models {
+        let mine = || plain.iter().filter(|r| r.model == *m);
+        if let (Some(x), Some(y)) = (mean(mine().filter_map(|r| r.clean_cost)), mean(mine().filter_map(|r| r.clean_acc))) {
+            clean.push(Point { label: m.to_string(), x, y: 100.0 * y });
+        }
+    }
+    let attacked = attacked_points(&plain);
+    if clean.is_empty() && attacked.is_empty() {
+        return Ok(Plotted::Skipped("no white-box, undefended cells with accuracy and cost".into()));
+    }
+    let path = dir.join("pareto.svg");
+    let title = "Accuracy vs cost: models clean and attacked";
+    plots::pareto(&Chart { path: &path, title, x_desc: COST, y_desc: ACC }, &clean, &attacked)?;
+    Ok(Plotted::Files(vec![(path, title.to_string())]))
+}
+
+fn attacked_points(plain: &[&Row]) -> Vec<Point> {
+    let groups: BTreeSet<(&str, &str)> = plain.iter().map(|r| (r.model.as_str(), r.label.as_str())).collect();
+    let mut out = Vec::new();
+    for (m, l) in groups {
+        let mine: Vec<&&Row> = plain.iter().filter(|r| r.model == m && r.label == l).collect();
+        let top = mine.iter().filter_map(|r| r.eps).fold(None, |a: Option<f64>, e| Some(a.map_or(e, |a| a.max(e))));
+        let at_top: Vec<&&&Row> = mine.iter().filter(|r| r.eps == top).collect();
+        if let (Some(x), Some(y)) = (mean(at_top.iter().filter_map(|r| r.adv_cost)), mean(at_top.iter().filter_map(|r| r.adv_acc))) {
+            out.push(Point { label: format!("{m} / {l}"), x, y: 100.0 * y });
+        }
+    }
+    out
+}
+
+/// (e) per attack label × ε with surrogate cells: source (surrogate) × target (model) matrices
+/// of adversarial accuracy and adversarial cost (undefended; the diagonal is white-box).
+fn transfer_plots(rows: &[Row], dir: &Path) -> Result<Plotted> {
+    let undefended: Vec<&Row> = rows.iter().filter(|r| r.defense == "none").collect();
+    let groups: BTreeSet<(&str, Option<u64>)> =
+        undefended.iter().filter(|r| r.surrogate.is_some()).map(|r| (r.label.as_str(), r.eps.map(f64::to_bits))).collect();
+    if groups.is_empty() {
+        return Ok(Plotted::Skipped("no cells with a surrogate (transfer) attack".into()));
+    }
+    let mut made = Vec::new();
+    for (label, eps) in groups {
+        let mine: Vec<&Row> = undefended.iter().copied().filter(|r| r.label == label && r.eps.map(f64::to_bits) == eps).collect();
+        let e = eps_text(eps.map(f64::from_bits));
+        let accuracy = |r: &Row| r.adv_acc.map(|a| 100.0 * a);
+        for (key, what, value) in [("acc", "adversarial accuracy (%)", &accuracy as &dyn Fn(&Row) -> Option<f64>), ("cost", "adversarial cost (MACs / static MACs)", &|r: &Row| r.adv_cost)] {
+            let title = format!("Transfer, {label}, ε = {e}: {what}");
+            let path = dir.join(format!("transfer_{key}_{}_{}.svg", slug(label), slug(&e)));
+            if transfer_matrix(&mine, &path, &title, value)? {
+                made.push((path, title));
+            }
+        }
+    }
+    Ok(Plotted::Files(made))
+}
+
+fn transfer_matrix(rows: &[&Row], path: &Path, title: &str, value: &dyn Fn(&Row) -> Option<f64>) -> Result<bool> {
+    let source = |r: &Row| r.surrogate.clone().unwrap_or_else(|| r.model.clone());
+    let names: BTreeSet<String> = rows.iter().flat_map(|r| [source(r), r.model.clone()]).collect();
+    let sources: Vec<String> = names.iter().filter(|n| rows.iter().any(|r| source(r) == **n)).cloned().collect();
+    let targets: Vec<String> = names.iter().filter(|n| rows.iter().any(|r| r.model == **n)).cloned().collect();
+    let mut values = BTreeMap::new();
+    for (i, s) in sources.iter().enumerate() {
+        for (j, t) in targets.iter().enumerate() {
+            let v = mean(rows.iter().filter(|r| source(r) == *s && r.model == *t).filter_map(|r| value(r)));
+            if let Some(v) = v {
+                values.insert((i, j), v);
+            }
+        }
+    }
+    if values.is_empty() {
+        return Ok(false);
+    }
+    let chart = Chart { path, title, x_desc: "target (attacked model)", y_desc: "source (surrogate)" };
+    plots::heatmap(&chart, &sources, &targets, &values)?;
+    Ok(true)
+}

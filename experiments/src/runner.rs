@@ -1,0 +1,196 @@
+//! The generic parallel runner: runs the unfinished cells of a grid on a pool of worker threads
+//! and stores each result the moment it is done.
+//!
+//! The [`Executor`] (written by the caller; this crate knows no models or attacks) creates one
+//! `Worker` per thread (loaded models etc.; it need not be `Send`) and runs one cell at a time
+//! on it. Finished cells are skipped, so an interrupted run resumes where it stopped; a cell
+//! that fails (error or panic) is reported in the [`RunSummary`] and not written, so a rerun
+//! retries it while the other cells go on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use dynrobust_core::{Error, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::store::Store;
+use crate::study::Cell;
+
+/// What an executor returns for one cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellOutput {
+    /// The cell's record (a JSON object; see the report for the fields it reads).
+    pub record: serde_json::Value,
+    /// Per-sample rows as CSV text with a header line.
+    pub per_sample_csv: String,
+}
+
+/// Runs cells. Shared by all worker threads, hence `Sync`.
+pub trait Executor: Sync {
+    /// Per-thread state (e.g. loaded models: tch tensors are not `Sync`).
+    type Worker;
+    /// Creates one worker; called once per thread (again after a panic in `run`).
+    fn worker(&self) -> Result<Self::Worker>;
+    /// Runs one cell.
+    fn run(&self, worker: &mut Self::Worker, cell: &Cell) -> Result<CellOutput>;
+    /// Versions stored with every result; by default only this crate's.
+    fn versions(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string())])
+    }
+}
+
+/// A cell that did not finish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellFailure {
+    pub id: String,
+    /// [`crate::CellConfig::summary`] of the cell.
+    pub cell: String,
+    pub error: String,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Distinct cells asked for.
+    pub total: usize,
+    /// Already finished before the run.
+    pub skipped: usize,
+    /// Finished and stored by this run.
+    pub finished: usize,
+    pub failures: Vec<CellFailure>,
+    pub seconds: f64,
+}
+
+/// State shared by the worker threads of one run.
+struct Shared<'a, E: Executor> {
+    exec: &'a E,
+    store: &'a Store,
+    todo: Vec<&'a Cell>,
+    next: AtomicUsize,
+    finished: AtomicUsize,
+    failures: Mutex<Vec<CellFailure>>,
+    worker_errors: Mutex<Vec<String>>,
+    versions: BTreeMap<String, String>,
+    bar: ProgressBar,
+}
+
+/// Runs every unfinished cell of `cells` with `workers` threads, storing each result at once.
+pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: usize, progress: bool) -> Result<RunSummary> {
+    let start = Instant::now();
+    let done = store.finished_ids()?;
+    let mut seen = BTreeSet::new();
+    let distinct: Vec<&Cell> = cells.iter().filter(|c| seen.insert(c.id.as_str())).collect();
+    let todo: Vec<&Cell> = distinct.iter().copied().filter(|c| !done.contains(&c.id)).collect();
+    let skipped = distinct.len() - todo.len();
+    if skipped > 0 {
+        eprintln!("skipping {skipped} finished cell(s) of {} in {}", distinct.len(), store.dir().display());
+    }
+    let shared = Shared {
+        exec,
+        store,
+        next: AtomicUsize::new(0),
+        finished: AtomicUsize::new(0),
+        failures: Mutex::new(Vec::new()),
+        worker_errors: Mutex::new(Vec::new()),
+        versions: exec.versions(),
+        bar: progress_bar(todo.len(), progress),
+        todo,
+    };
+    if !shared.todo.is_empty() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(workers.max(1).min(shared.todo.len()))
+            .thread_name(|i| format!("dynrobust-cell-{i}"))
+            .build()
+            .map_err(|e| Error::config("workers", format!("cannot start {workers} worker threads: {e}")))?;
+        pool.broadcast(|_| worker_loop(&shared));
+        shared.fail_unattempted();
+    }
+    shared.bar.finish_and_clear();
+    let mut failures = shared.failures.into_inner().unwrap_or_else(|p| p.into_inner());
+    failures.sort_by(|a, b| a.id.cmp(&b.id));
+    let finished = shared.finished.into_inner();
+    Ok(RunSummary { total: distinct.len(), skipped, finished, failures, seconds: start.elapsed().as_secs_f64() })
+}
+
+fn progress_bar(len: usize, visible: bool) -> ProgressBar {
+    let target = if visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let bar = ProgressBar::with_draw_target(Some(len as u64), target);
+    let style = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} cells (eta {eta}) {wide_msg}")
+        .expect("the progress template is valid")
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+/// One thread: create a worker, then take cells until none are left.
+fn worker_loop<E: Executor>(shared: &Shared<E>) {
+    let Some(mut worker) = shared.new_worker() else { return };
+    loop {
+        let i = shared.next.fetch_add(1, Ordering::SeqCst);
+        let Some(cell) = shared.todo.get(i).copied() else { break };
+        shared.bar.set_message(cell.config.summary());
+        let outcome = catch_unwind(AssertUnwindSafe(|| shared.exec.run(&mut worker, cell)));
+        let panicked = outcome.is_err();
+        match outcome {
+            Ok(Ok(out)) => match shared.store.write_cell(cell, &out, &shared.versions) {
+                Ok(()) => {
+                    shared.finished.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => shared.fail(cell, format!("storing the result failed: {e}")),
+            },
+            Ok(Err(e)) => shared.fail(cell, e.to_string()),
+            Err(panic) => shared.fail(cell, format!("panicked: {}", panic_text(panic.as_ref()))),
+        }
+        shared.bar.inc(1);
+        if panicked {
+            // The worker's state may be inconsistent after a panic: start afresh.
+            match shared.new_worker() {
+                Some(w) => worker = w,
+                None => return,
+            }
+        }
+    }
+}
+
+impl<E: Executor> Shared<'_, E> {
+    fn new_worker(&self) -> Option<E::Worker> {
+        match catch_unwind(AssertUnwindSafe(|| self.exec.worker())) {
+            Ok(Ok(w)) => Some(w),
+            Ok(Err(e)) => self.worker_failed(e.to_string()),
+            Err(panic) => self.worker_failed(format!("panicked: {}", panic_text(panic.as_ref()))),
+        }
+    }
+
+    fn worker_failed(&self, error: String) -> Option<E::Worker> {
+        self.bar.println(format!("a worker could not start: {error}"));
+        self.worker_errors.lock().unwrap_or_else(|p| p.into_inner()).push(error);
+        None
+    }
+
+    fn fail(&self, cell: &Cell, error: String) {
+        self.bar.println(format!("cell {} failed ({}): {error}", cell.id, cell.config.summary()));
+        let failure = CellFailure { id: cell.id.clone(), cell: cell.config.summary(), error };
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).push(failure);
+    }
+
+    /// Cells no thread took because every worker failed to start.
+    fn fail_unattempted(&self) {
+        let taken = self.next.load(Ordering::SeqCst).min(self.todo.len());
+        let errors = self.worker_errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let why = format!("not run: no worker could start ({})", errors.join("; "));
+        for cell in &self.todo[taken..] {
+            self.fail(cell, why.clone());
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(non-string panic payload)".to_string())
+}

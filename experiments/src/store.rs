@@ -1,0 +1,238 @@
+//! The crash-safe result store of one study run.
+//!
+//! ```text
+//! DIR/study.toml          copy of the study file; a different study is refused (unless forced)
+//! DIR/cells/<id>.csv      per-sample rows of a finished cell (written first)
+//! DIR/cells/<id>.json     the finished cell: {id, cell, record, versions, finished_at}
+//! ```
+//! A cell is finished exactly when its JSON exists. Every file is written to
+//! `<name>.tmp.<pid>`, fsynced, renamed into place, and the directory fsynced, so a crash leaves
+//! either the old state or the new one plus at most a stray temporary file, which readers ignore
+//! (and delete once it is clearly stale). A cell is one file named by its id, so results are
+//! never duplicated, and shards running concurrently into one directory do not conflict.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use dynrobust_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::runner::CellOutput;
+use crate::study::{Cell, CellConfig};
+
+/// Temporary files older than this are leftovers of a crash (a write takes milliseconds).
+const STALE_TMP: Duration = Duration::from_secs(60);
+
+/// One finished cell, as stored in `DIR/cells/<id>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredCell {
+    pub id: String,
+    pub cell: CellConfig,
+    /// Free-form record from the executor (see the report for the fields it reads).
+    pub record: serde_json::Value,
+    /// Software versions that produced it, e.g. `{"dynrobust": "0.1.0", "torch": "2.13.0"}`.
+    pub versions: BTreeMap<String, String>,
+    /// RFC 3339 UTC time the cell finished.
+    pub finished_at: String,
+}
+
+/// A result directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) `dir` for running the study whose file text is `study_text`.
+    /// Refuses a directory holding a different study unless `force` (which replaces the copy).
+    pub fn open(dir: impl AsRef<Path>, study_text: &str, force: bool) -> Result<Store> {
+        let store = Store { dir: dir.as_ref().to_path_buf() };
+        let cells = store.cells_dir();
+        fs::create_dir_all(&cells).map_err(|e| Error::io(&cells, e))?;
+        let copy = store.study_path();
+        match fs::read_to_string(&copy) {
+            Ok(old) if old == study_text => {}
+            Ok(_) if !force => {
+                return Err(Error::data(
+                    &copy,
+                    "holds a different study than the one being run; use another output directory, \
+                     or force to replace the copy (finished cells are kept: ids name experiments)",
+                ))
+            }
+            Ok(_) => write_atomic(&copy, study_text.as_bytes())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_atomic(&copy, study_text.as_bytes())?,
+            Err(e) => return Err(Error::io(&copy, e)),
+        }
+        Ok(store)
+    }
+
+    /// Opens an existing result directory for reading (merge, report).
+    pub fn open_existing(dir: impl AsRef<Path>) -> Result<Store> {
+        let store = Store { dir: dir.as_ref().to_path_buf() };
+        let cells = store.cells_dir();
+        if !cells.is_dir() {
+            let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no cells/ directory: not a dynrobust result directory");
+            return Err(Error::io(&cells, e));
+        }
+        Ok(store)
+    }
+
+    /// The result directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `DIR/cells`.
+    pub fn cells_dir(&self) -> PathBuf {
+        self.dir.join("cells")
+    }
+
+    /// `DIR/study.toml`.
+    pub fn study_path(&self) -> PathBuf {
+        self.dir.join("study.toml")
+    }
+
+    /// The stored copy of the study file.
+    pub fn study_text(&self) -> Result<String> {
+        let p = self.study_path();
+        fs::read_to_string(&p).map_err(|e| Error::io(&p, e))
+    }
+
+    /// Ids of finished cells (those with a JSON file). Ignores temporary files, deleting stale ones.
+    pub fn finished_ids(&self) -> Result<BTreeSet<String>> {
+        let dir = self.cells_dir();
+        let mut ids = BTreeSet::new();
+        for entry in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.contains(".tmp.") {
+                remove_if_stale(&entry.path());
+            } else if let Some(id) = name.strip_suffix(".json").filter(|id| is_id(id)) {
+                ids.insert(id.to_string());
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Writes a finished cell: per-sample CSV first, then the JSON that marks it finished.
+    pub fn write_cell(&self, cell: &Cell, output: &CellOutput, versions: &BTreeMap<String, String>) -> Result<()> {
+        let stored = StoredCell {
+            id: cell.id.clone(),
+            cell: cell.config.clone(),
+            record: output.record.clone(),
+            versions: versions.clone(),
+            finished_at: rfc3339(SystemTime::now()),
+        };
+        let json = serde_json::to_string_pretty(&stored)?;
+        write_atomic(&self.csv_path(&cell.id), output.per_sample_csv.as_bytes())?;
+        write_atomic(&self.json_path(&cell.id), json.as_bytes())
+    }
+
+    /// Every finished cell, sorted by id; a file that does not parse is an error naming it.
+    pub fn load_all(&self) -> Result<Vec<StoredCell>> {
+        self.finished_ids()?.iter().map(|id| self.load(id)).collect()
+    }
+
+    /// One finished cell.
+    pub fn load(&self, id: &str) -> Result<StoredCell> {
+        let path = self.json_path(id);
+        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let stored: StoredCell =
+            serde_json::from_str(&text).map_err(|e| Error::data(&path, format!("corrupt cell record: {e}")))?;
+        if stored.id != id {
+            return Err(Error::data(&path, format!("holds cell `{}`, not `{id}`", stored.id)));
+        }
+        Ok(stored)
+    }
+
+    /// The per-sample CSV of a finished cell (`None` if it has none).
+    pub fn per_sample_csv(&self, id: &str) -> Result<Option<String>> {
+        let path = self.csv_path(id);
+        match fs::read_to_string(&path) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    fn json_path(&self, id: &str) -> PathBuf {
+        self.cells_dir().join(format!("{id}.json"))
+    }
+
+    fn csv_path(&self, id: &str) -> PathBuf {
+        self.cells_dir().join(format!("{id}.csv"))
+    }
+}
+
+/// A cell id: 16 lowercase hex digits.
+fn is_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn remove_if_stale(path: &Path) {
+    let age = fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+    if age.is_some_and(|a| a > STALE_TMP) {
+        let _ = fs::remove_file(path); // best effort: another reader may have removed it first
+    }
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!("{name}.tmp.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC) for `t`.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar (H. Hinnant).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56
+        assert_eq!(rfc3339(t), "2024-02-29T12:34:56Z");
+    }
+
+    #[test]
+    fn ids_are_sixteen_hex_digits() {
+        assert!(is_id("0123456789abcdef"));
+        assert!(!is_id("0123456789abcdeg"));
+        assert!(!is_id("study"));
+    }
+}

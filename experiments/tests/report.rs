@@ -1,0 +1,154 @@
+//! The report on synthetic records: every file is written, the markdown links every plot (or
+//! says why one is skipped), SVGs carry titles, axis labels and legends.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+
+use common::registry;
+use dynrobust_experiments::{write_report, Cell, Store, StoredCell, Study};
+
+const STUDY: &str = r#"
+name = "synthetic"
+data = "fashion-mnist"
+n = 4
+seeds = [0, 1]
+eps = ["8/255", "4/255"]
+models = ["static", "sdn", "gated"]
+
+[[variants]]
+name = "sdn-q0.6"
+base = "sdn"
+threshold = 0.6
+
+[[attacks]]
+name = "pgd-linf"
+surrogates = ["self", "static", "sdn"]
+
+[[attacks]]
+name = "ilfo"
+
+[[defenses]]
+name = "none"
+
+[[defenses]]
+name = "bitdepth"
+params = { bits = 4 }
+modes = ["adaptive", "oblivious"]
+"#;
+
+fn record(cell: &Cell) -> serde_json::Value {
+    let c = &cell.config;
+    let eps = c.eps.unwrap_or(0.03);
+    let exit = c.model.name.starts_with("sdn");
+    let gated = c.model.name == "gated";
+    let oblivious = c.defense.mode.is_some_and(|m| m.as_str() == "oblivious");
+    serde_json::json!({
+        "model": c.model.name, "attack": c.attack.name, "label": c.attack.label, "defense": c.defense.name,
+        "defense_mode": c.defense.mode, "surrogate": c.surrogate.as_ref().map(|s| &s.name), "eps": c.eps,
+        "seed": c.seed, "n": c.n,
+        "clean_acc": 0.9, "adv_acc": (0.9 - 8.0 * eps - if c.surrogate.is_some() { -0.3 } else { 0.0 }).max(0.0),
+        "clean_cost": if c.model.name == "static" { 1.0 } else { 0.5 },
+        "adv_cost": if c.model.name == "static" { 1.0 } else { 0.5 + eps * if oblivious { 2.0 } else { 10.0 } },
+        "recovery": eps * 20.0, "l2_mean": 1.0, "linf_max": eps, "mse": 0.001, "seconds": 1.5,
+        "clean_exit_hist": if exit { serde_json::json!([3, 1, 0]) } else { serde_json::Value::Null },
+        "adv_exit_hist": if exit { serde_json::json!([0, 1, 3]) } else { serde_json::Value::Null },
+        "clean_gate_rates": if gated { serde_json::json!([0.9, 0.5, 0.2]) } else { serde_json::Value::Null },
+        "adv_gate_rates": if gated { serde_json::json!([1.0, 0.9, 0.8]) } else { serde_json::Value::Null },
+        "clean_efficacy": null, "adv_efficacy": null,
+        "flags": if c.model.name == "gated" && c.seed == 1 { serde_json::json!(["adv cost above 1"]) } else { serde_json::json!([]) },
+        "steps": 10,
+    })
+}
+
+fn stored(study: &Study) -> Vec<StoredCell> {
+    let versions = BTreeMap::from([("dynrobust".to_string(), "0.1.0".to_string())]);
+    study
+        .cells
+        .iter()
+        .map(|c| StoredCell {
+            id: c.id.clone(),
+            cell: c.config.clone(),
+            record: record(c),
+            versions: versions.clone(),
+            finished_at: "2025-01-01T00:00:00Z".into(),
+        })
+        .collect()
+}
+
+#[test]
+fn report_writes_tables_plots_and_raw_files() {
+    let study = Study::parse(STUDY, "synthetic.toml", &registry()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), STUDY, false).unwrap();
+    let cells = stored(&study);
+    // Per-sample CSVs with different columns per family.
+    for c in &cells {
+        let csv = if c.cell.model.name == "gated" { "sample,adv_correct,gates\n0,true,3\n" } else { "sample,adv_correct\n0,false\n1,true\n" };
+        fs::write(store.cells_dir().join(format!("{}.csv", c.id)), csv).unwrap();
+    }
+    let files = write_report(dir.path(), "synthetic", &cells).unwrap();
+    let md = fs::read_to_string(&files.markdown).unwrap();
+
+    assert!(md.starts_with("# synthetic"));
+    for heading in ["## All cells", "## Defenses", "Cost vs ε", "Accuracy vs ε", "Exit histograms", "Gate execution rates", "Pareto", "Transfer matrices"] {
+        assert!(md.contains(heading), "missing {heading} in\n{md}");
+    }
+    assert!(files.skipped.is_empty(), "{:?}", files.skipped);
+    for plot in &files.plots {
+        assert!(plot.exists());
+        let name = plot.file_name().unwrap().to_string_lossy();
+        assert!(md.contains(&format!("(plots/{name})")), "{name} not linked");
+    }
+    let names: Vec<String> = files.plots.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    for expected in ["cost_vs_eps_pgd-linf.svg", "acc_vs_eps_pgd-linf.svg", "exits_sdn_pgd-linf.svg", "exits_sdn-q0.6_ilfo.svg", "gates_gated_pgd-linf.svg", "pareto.svg", "transfer_acc_pgd-linf_8-255.svg", "transfer_cost_pgd-linf_4-255.svg"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} not in {names:?}");
+    }
+
+    let cost = fs::read_to_string(dir.path().join("plots/cost_vs_eps_pgd-linf.svg")).unwrap();
+    assert!(cost.contains("<svg") && cost.contains("MACs / static MACs") && cost.contains("pgd-linf: cost vs ε"));
+    assert!(cost.contains("\nsdn-q0.6\n") && cost.contains("\ngated\n"), "legend names the models: {cost}");
+    let acc = fs::read_to_string(dir.path().join("plots/acc_vs_eps_pgd-linf.svg")).unwrap();
+    assert!(acc.contains("accuracy (%)"));
+    let transfer = fs::read_to_string(dir.path().join("plots/transfer_acc_pgd-linf_8-255.svg")).unwrap();
+    assert!(transfer.contains("source (surrogate)") && transfer.contains("target (attacked model)"));
+    let exits = fs::read_to_string(dir.path().join("plots/exits_sdn_pgd-linf.svg")).unwrap();
+    assert!(exits.contains("samples leaving at this exit (%)") && exits.contains("attacked, ε = 8/255") && exits.contains("\nclean\n"));
+
+    // Flagged cells are marked and their flags listed.
+    assert!(md.contains("| ⚠ | gated |"));
+    assert!(md.contains("### Flagged cells") && md.contains("adv cost above 1"));
+    // The defense table compares modes.
+    assert!(md.contains("| bitdepth | sdn | pgd-linf | 8/255 |"), "{md}");
+
+    let jsonl = fs::read_to_string(&files.results_jsonl).unwrap();
+    let ids: Vec<String> = jsonl.lines().map(|l| serde_json::from_str::<StoredCell>(l).unwrap().id).collect();
+    assert_eq!(ids.len(), cells.len());
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted by id");
+
+    let per_sample = fs::read_to_string(&files.per_sample_csv).unwrap();
+    let mut lines = per_sample.lines();
+    assert_eq!(lines.next().unwrap(), "cell_id,sample,adv_correct,gates");
+    let gated = cells.iter().find(|c| c.cell.model.name == "gated").unwrap();
+    assert!(per_sample.contains(&format!("{},0,true,3\n", gated.id)));
+    let other = cells.iter().find(|c| c.cell.model.name == "sdn").unwrap();
+    assert!(per_sample.contains(&format!("{},1,true,\n", other.id)));
+    assert_eq!(lines.count(), cells.iter().map(|c| if c.cell.model.name == "gated" { 1 } else { 2 }).sum::<usize>());
+}
+
+#[test]
+fn plots_without_data_are_skipped_and_said_so() {
+    let text = "name = \"bare\"\ndata = \"mnist\"\nn = 4\nmodels = [\"static\"]\n[[attacks]]\nname = \"ilfo\"\n";
+    let study = Study::parse(text, "bare.toml", &registry()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cells = stored(&study);
+    cells[0].record = serde_json::json!({ "clean_acc": 0.5 }); // most fields missing: handled
+    let files = write_report(dir.path(), "bare", &cells).unwrap();
+    let md = fs::read_to_string(&files.markdown).unwrap();
+    assert!(md.contains("_Skipped: no white-box, undefended cells with an ε._"), "{md}");
+    assert!(md.contains("_Skipped: no cells with a surrogate (transfer) attack._"));
+    assert!(md.contains("| static | none | – | ilfo | – | – | 50.0 | – |"), "{md}");
+    assert!(!md.contains("## Defenses"));
+    assert!(files.skipped.len() >= 4, "{:?}", files.skipped);
+}

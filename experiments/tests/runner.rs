@@ -1,0 +1,145 @@
+//! The runner and the store: skip finished cells, collect failures, shards + merge = one run,
+//! crash leftovers ignored, a different study refused.
+
+mod common;
+
+use std::fs;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use common::{small_study, Fake, SMALL};
+use dynrobust_experiments::{merge, run_cells, shard, Store, StoredCell};
+
+fn without_times(mut cells: Vec<StoredCell>) -> Vec<StoredCell> {
+    for c in &mut cells {
+        c.finished_at.clear();
+    }
+    cells
+}
+
+#[test]
+fn a_run_stores_every_cell_and_a_rerun_skips_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = small_study();
+    let store = Store::open(dir.path(), SMALL, false).unwrap();
+    let fake = Fake::default();
+    let s = run_cells(&fake, &study.cells, &store, 2, false).unwrap();
+    assert_eq!((s.total, s.skipped, s.finished, s.failures.len()), (study.cells.len(), 0, study.cells.len(), 0));
+    assert!(fake.workers.load(Ordering::SeqCst) <= 2, "one worker per thread");
+    assert_eq!(store.finished_ids().unwrap(), study.ids());
+
+    let again = Fake::default();
+    let s = run_cells(&again, &study.cells, &store, 2, false).unwrap();
+    assert_eq!((s.skipped, s.finished), (study.cells.len(), 0));
+    assert_eq!(again.runs.load(Ordering::SeqCst), 0, "finished cells are not run again");
+
+    let all = store.load_all().unwrap();
+    assert_eq!(all.len(), study.cells.len());
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "sorted by id");
+    let csv = store.per_sample_csv(&all[0].id).unwrap().unwrap();
+    assert!(csv.starts_with("sample,"));
+    assert_eq!(all[0].versions["dynrobust"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn failing_cells_are_collected_and_retried_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = small_study();
+    let store = Store::open(dir.path(), SMALL, false).unwrap();
+    let bad = Fake { fail_model: Some("sdn".into()), panic_model: Some("gated".into()), ..Default::default() };
+    let s = run_cells(&bad, &study.cells, &store, 2, false).unwrap();
+    let failing = study.cells.iter().filter(|c| c.config.model.name != "static").count();
+    assert_eq!(s.failures.len(), failing);
+    assert_eq!(s.finished, study.cells.len() - failing);
+    assert!(s.failures.iter().any(|f| f.error.contains("fake failure") && f.cell.contains("model=sdn")));
+    assert!(s.failures.iter().any(|f| f.error.contains("panicked: fake panic")));
+
+    let good = Fake::default();
+    let s = run_cells(&good, &study.cells, &store, 1, false).unwrap();
+    assert_eq!((s.skipped, s.finished, s.failures.len()), (study.cells.len() - failing, failing, 0));
+    assert_eq!(good.runs.load(Ordering::SeqCst), failing, "only the failed cells run again");
+}
+
+#[test]
+fn two_shards_then_merge_equal_one_run() {
+    let study = small_study();
+    let sharded = tempfile::tempdir().unwrap();
+    for i in 0..2 {
+        let store = Store::open(sharded.path(), SMALL, false).unwrap();
+        let s = run_cells(&Fake::default(), &shard(&study.cells, i, 2), &store, 2, false).unwrap();
+        assert!(s.failures.is_empty());
+    }
+    let single = tempfile::tempdir().unwrap();
+    let store = Store::open(single.path(), SMALL, false).unwrap();
+    run_cells(&Fake::default(), &study.cells, &store, 1, false).unwrap();
+
+    let a = without_times(merge(sharded.path(), &study.cells).unwrap());
+    let b = without_times(merge(single.path(), &study.cells).unwrap());
+    assert_eq!(a.len(), study.cells.len());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn merge_names_the_missing_cells() {
+    let study = small_study();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SMALL, false).unwrap();
+    run_cells(&Fake::default(), &shard(&study.cells, 0, 3), &store, 2, false).unwrap();
+    let err = merge(dir.path(), &study.cells).unwrap_err().to_string();
+    let missing: Vec<_> = shard(&study.cells, 1, 3).into_iter().chain(shard(&study.cells, 2, 3)).collect();
+    assert!(err.contains(&format!("{} of {} cells are missing", missing.len(), study.cells.len())), "{err}");
+    for c in &missing {
+        assert!(err.contains(&c.id), "{err}");
+    }
+    assert!(err.contains("model=") && err.contains("attack=") && err.contains("defense="), "{err}");
+    assert!(merge(tempfile::tempdir().unwrap().path(), &study.cells).is_err(), "not a result directory");
+}
+
+#[test]
+fn leftover_temporary_files_are_ignored_and_stale_ones_removed() {
+    let study = small_study();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SMALL, false).unwrap();
+    let cells = store.cells_dir();
+    let id = &study.cells[0].id;
+    // A crash between writing the temporary JSON and renaming it: the cell is not finished.
+    let stale = cells.join(format!("{id}.json.tmp.4242"));
+    fs::write(&stale, "{ half a rec").unwrap();
+    let old = SystemTime::now() - Duration::from_secs(3600);
+    fs::File::options().write(true).open(&stale).unwrap().set_modified(old).unwrap();
+    let fresh = cells.join(format!("{id}.csv.tmp.4343"));
+    fs::write(&fresh, "sample\n").unwrap();
+    fs::write(cells.join("notes.txt"), "not a cell").unwrap();
+
+    assert!(store.finished_ids().unwrap().is_empty());
+    assert!(!stale.exists(), "a stale temporary file is deleted");
+    assert!(fresh.exists(), "a fresh one may belong to a concurrent shard and is kept");
+
+    let s = run_cells(&Fake::default(), &study.cells, &store, 2, false).unwrap();
+    assert_eq!(s.finished, study.cells.len());
+    assert_eq!(store.load_all().unwrap().len(), study.cells.len());
+}
+
+#[test]
+fn a_corrupt_record_is_reported_by_file() {
+    let study = small_study();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SMALL, false).unwrap();
+    run_cells(&Fake::default(), &study.cells[..2], &store, 1, false).unwrap();
+    let path = store.cells_dir().join(format!("{}.json", study.cells[1].id));
+    fs::write(&path, "{ not json").unwrap();
+    let err = store.load_all().unwrap_err().to_string();
+    assert!(err.contains(&path.display().to_string()) && err.contains("corrupt"), "{err}");
+}
+
+#[test]
+fn a_different_study_is_refused_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path(), SMALL, false).unwrap();
+    Store::open(dir.path(), SMALL, false).expect("the same study reopens");
+    let other = SMALL.replace("n = 8", "n = 9");
+    let err = Store::open(dir.path(), &other, false).unwrap_err().to_string();
+    assert!(err.contains("study.toml") && err.contains("different study"), "{err}");
+    let store = Store::open(dir.path(), &other, true).unwrap();
+    assert_eq!(store.study_text().unwrap(), other);
+}

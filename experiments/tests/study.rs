@@ -1,0 +1,239 @@
+//! Study files: the shipped examples expand, ids are order-independent and stable, and every
+//! kind of mistake is reported at FILE:LINE:COLUMN with the key named.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::{registry, small_study, SMALL};
+use dynrobust_experiments::{parse_shard, shard, DefenseMode, Study};
+use proptest::prelude::*;
+
+fn shipped(name: &str) -> Study {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
+    Study::load(&path, &registry()).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn shipped_studies_parse_and_expand() {
+    let quick = shipped("quick.toml");
+    assert_eq!(quick.name, "quick");
+    assert_eq!(quick.cells.len(), 58, "quick.toml grid size changed");
+    for c in &quick.cells {
+        let k = &c.config;
+        match k.attack.name.as_str() {
+            "deepsloth" => assert_eq!(k.model.name, "sdn"),
+            "gradmdm" | "ilfo" => assert!(k.model.name == "gated" || k.model.name == "skipnet"),
+            _ => {}
+        }
+        assert_eq!(k.attack.name == "ilfo", k.eps.is_none());
+        if k.model.name == "static" {
+            assert_eq!(k.defense.name, "none");
+        }
+    }
+    let gradmdm = quick.cells.iter().find(|c| c.config.attack.name == "gradmdm").unwrap();
+    assert_eq!(gradmdm.config.attack.params["mode"], "fixed");
+
+    let defenses = shipped("defenses.toml");
+    assert!(defenses.cells.iter().all(|c| c.config.n == 1000 && c.config.model.name != "static"));
+    assert!(defenses.cells.iter().any(|c| c.config.defense.mode == Some(DefenseMode::Oblivious)));
+    let labels: BTreeSet<_> = defenses.cells.iter().map(|c| c.config.defense.label.as_str()).collect();
+    for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "gate-consistency", "deepsloth-at"] {
+        assert!(labels.contains(label), "defenses.toml lacks {label}");
+    }
+    assert_eq!(defenses.cells.len(), 100, "defenses.toml grid size changed");
+
+    let seed = shipped("seed-study.toml");
+    let transfer = seed.cells.iter().filter(|c| c.config.surrogate.is_some()).count();
+    assert_eq!(transfer, 4 * 3 * 2, "4 targets × 3 foreign surrogates × 2 seeds");
+    let q = seed.cells.iter().find(|c| c.config.model.name == "sdn-q0.6").unwrap();
+    assert_eq!((q.config.model.base.as_str(), q.config.model.threshold), ("sdn", Some(0.6)));
+    let t = seed.cells.iter().find(|c| c.config.model.name == "gated-t0.3").unwrap();
+    assert_eq!(t.config.model.train.as_ref().unwrap()["target_rate"], 0.3);
+    assert_eq!(t.config.model.base, "gated");
+    for c in &seed.cells {
+        assert!(c.config.attack.label == "mechanism" || ["static", "sdn", "gated", "skipnet"].contains(&c.config.model.name.as_str()));
+    }
+}
+
+#[test]
+fn expansion_is_the_cross_product() {
+    let s = small_study();
+    // pgd: 3 models × (none + bitdepth×2 modes) × 2 ε × 2 seeds; ilfo: no ε.
+    assert_eq!(s.cells.len(), 3 * 3 * 2 * 2 + 3 * 3 * 2);
+    let none = s.cells.iter().find(|c| c.config.defense.name == "none").unwrap();
+    assert_eq!(none.config.defense.mode, None);
+    let ids = s.ids();
+    assert_eq!(ids.len(), s.cells.len());
+    assert!(ids.iter().all(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())));
+    let again = Study::parse(SMALL, "elsewhere.toml", &registry()).unwrap();
+    assert_eq!(again.cells, s.cells, "ids and order are stable across loads");
+}
+
+#[test]
+fn overrides_and_filters_apply() {
+    let text = format!(
+        "{SMALL}\n[[overrides]]\nmatch = {{ model = \"gated\", attack = \"pgd-linf\" }}\nparams = {{ steps = 7, loss = \"max\" }}\n\
+         [[include]]\nmodel = [\"gated\", \"sdn\"]\n[[exclude]]\nmodel = \"sdn\"\ndefense = \"bitdepth\"\n"
+    );
+    let s = Study::parse(&text, "o.toml", &registry()).unwrap();
+    assert!(s.cells.iter().all(|c| c.config.model.name != "static"));
+    assert!(!s.cells.iter().any(|c| c.config.model.name == "sdn" && c.config.defense.name == "bitdepth"));
+    for c in s.cells.iter().filter(|c| c.config.attack.name == "pgd-linf") {
+        let steps = if c.config.model.name == "gated" { 7 } else { 2 };
+        assert_eq!(c.config.attack.params["steps"], steps, "{}", c.config.summary());
+    }
+}
+
+#[test]
+fn surrogates_self_and_same_model_are_white_box() {
+    let text = SMALL.replace("params = { steps = 2 }", "params = { steps = 2 }\nsurrogates = [\"self\", \"static\"]");
+    let s = Study::parse(&text, "t.toml", &registry()).unwrap();
+    let on_static: Vec<_> = s.cells.iter().filter(|c| c.config.model.name == "static" && c.config.attack.name == "pgd-linf").collect();
+    assert!(on_static.iter().all(|c| c.config.surrogate.is_none()), "static→static is white-box, deduplicated");
+    let sdn = s.cells.iter().filter(|c| c.config.model.name == "sdn" && c.config.surrogate.is_some()).count();
+    assert_eq!(sdn, 3 * 2 * 2);
+}
+
+/// (file text, line of the error, text the message must contain)
+fn malformed() -> Vec<(String, usize, &'static str)> {
+    let base = "name = \"x\"\ndata = \"mnist\"\nn = 4\nmodels = [\"sdn\"]\n[[attacks]]\nname = \"pgd-linf\"\n";
+    vec![
+        (format!("{base}modle = 1\n"), 7, "modle"),
+        (base.replace("\"pgd-linf\"", "\"pgd-lnf\""), 6, "pgd-lnf"),
+        (base.replace("\"pgd-linf\"", "\"pgd-lnf\""), 6, "attacks.name"),
+        (base.replace("[\"sdn\"]", "[\"sdn\", \"resnet\"]"), 4, "models"),
+        (base.replace("[\"sdn\"]", "[]"), 4, "models"),
+        (base.replace("n = 4", "n = 0"), 3, "`n`"),
+        (base.replace("n = 4", "n = \"four\""), 3, "n = \"four\""),
+        (base.replace("n = 4", "n = -4"), 3, "n = -4"),
+        (base.replace("mnist", "cifar"), 2, "data"),
+        (format!("eps = [\"8/0\"]\n{base}"), 1, "eps"),
+        (format!("eps = [-0.1]\n{base}"), 1, "eps"),
+        (format!("eps = [nan]\n{base}"), 1, "eps"),
+        (format!("eps = [\"eight\"]\n{base}"), 1, "eps"),
+        (format!("eps = [true]\n{base}"), 1, "eps"),
+        (format!("seeds = [1, 1]\n{base}"), 1, "seeds"),
+        (format!("{base}parms = {{ steps = 3 }}\n"), 7, "parms"),
+        (format!("{base}params = {{ eps = 0.1 }}\n"), 7, "attacks.params.eps"),
+        (format!("{base}[[attacks]]\nname = \"pgd-linf\"\n"), 8, "label"),
+        (format!("{base}[[defenses]]\nname = \"bitdepht\"\n"), 8, "defenses.name"),
+        (format!("{base}[[defenses]]\nname = \"median\"\nmodes = [\"adaptiv\"]\n"), 9, "modes"),
+        (format!("{base}[[defenses]]\nname = \"none\"\nmodes = [\"adaptive\"]\n"), 9, "none"),
+        (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\nthreshold = 1.5\n"), 10, "threshold"),
+        (format!("{base}[[variants]]\nname = \"v\"\nbase = \"nope\"\nthreshold = 0.5\n"), 9, "variants.base"),
+        (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"vgg\" }}\n"), 9, "train.model"),
+        (format!("{base}[[variants]]\nname = \"sdn\"\nthreshold = 0.5\n"), 8, "variants.name"),
+        (format!("{base}[[exclude]]\nmodel = \"sdn\"\n"), 7, "exclude"),
+        (format!("{base}[[include]]\nmodle = \"sdn\"\n"), 8, "modle"),
+        (format!("{base}[[include]]\nmodel = \"gated\"\n"), 8, "include.model"),
+        (format!("{base}[[include]]\n"), 7, "include"),
+        (format!("{base}[[overrides]]\nmatch = {{ attack = \"ilfo\" }}\nparams = {{ steps = 1 }}\n"), 8, "overrides.match.attack"),
+        (format!("{base}surrogates = [\"self\", \"resnet\"]\n"), 7, "attacks.surrogates"),
+    ]
+}
+
+#[test]
+fn malformed_studies_are_located_and_name_the_key() {
+    let registry = registry();
+    for (text, line, key) in malformed() {
+        let err = Study::parse(&text, "experiments/bad.toml", &registry).expect_err(&text).to_string();
+        eprintln!("{err}");
+        let at = format!("experiments/bad.toml:{line}:");
+        assert!(err.contains(&at), "expected `{at}` in: {err}\n--- study:\n{text}");
+        assert!(err.contains(key), "expected `{key}` in: {err}\n--- study:\n{text}");
+    }
+}
+
+#[test]
+fn unknown_names_list_the_valid_ones() {
+    let text = "name = \"x\"\ndata = \"mnist\"\nn = 4\nmodels = [\"sdn\"]\n[[attacks]]\nname = \"gradmmd\"\n";
+    let err = Study::parse(text, "bad.toml", &registry()).unwrap_err().to_string();
+    assert!(err.contains("bad.toml:6:8"), "{err}");
+    assert!(err.contains("gradmdm") && err.contains("pgd-linf"), "{err}");
+    let text = "name = \"x\"\ndata = \"mnist\"\nn = 4\nmodel = [\"sdn\"]\n";
+    let err = Study::parse(text, "bad.toml", &registry()).unwrap_err().to_string();
+    assert!(err.contains("bad.toml:4:1") && err.contains("unknown field `model`") && err.contains("models"), "{err}");
+}
+
+#[test]
+fn shards_partition_the_grid() {
+    let s = small_study();
+    let mut all = BTreeSet::new();
+    for i in 0..5 {
+        for c in shard(&s.cells, i, 5) {
+            assert!(all.insert(c.id), "cells are in exactly one shard");
+        }
+    }
+    assert_eq!(all, s.ids());
+    let mut reversed = s.cells.clone();
+    reversed.reverse();
+    let a: BTreeSet<_> = shard(&s.cells, 2, 5).into_iter().map(|c| c.id).collect();
+    let b: BTreeSet<_> = shard(&reversed, 2, 5).into_iter().map(|c| c.id).collect();
+    assert_eq!(a, b);
+    assert_eq!(parse_shard("3/16").unwrap(), (3, 16));
+    for bad in ["16/16", "1/0", "3", "a/b", "-1/4"] {
+        let err = parse_shard(bad).unwrap_err().to_string();
+        assert!(err.contains("shard") && err.contains(bad), "{err}");
+    }
+}
+
+/// A study with the given list order.
+fn study_text(models: &[&str], attacks: &[&str], defenses: &[&str], eps: &[&str], seeds: &[u64]) -> String {
+    let q = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    let seeds = seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+    let mut t = format!(
+        "name = \"p\"\ndata = \"fashion-mnist\"\nn = 16\nmodels = [{}]\neps = [{}]\nseeds = [{seeds}]\n",
+        q(models),
+        eps.join(", ")
+    );
+    for a in attacks {
+        t += &format!("[[attacks]]\nname = {a:?}\nparams = {{ steps = 3 }}\n");
+    }
+    for d in defenses {
+        let modes = if *d == "none" { String::new() } else { "modes = [\"oblivious\", \"adaptive\"]\n".into() };
+        t += &format!("[[defenses]]\nname = {d:?}\n{modes}");
+    }
+    t
+}
+
+fn shuffled<T: Clone>(v: &[T], perm: &[usize]) -> Vec<T> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by_key(|i| perm.get(*i).copied().unwrap_or(0));
+    idx.into_iter().map(|i| v[i].clone()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn ids_do_not_depend_on_list_order(p in proptest::collection::vec(0usize..1000, 5)) {
+        let models = ["static", "sdn", "gated", "skipnet"];
+        let attacks = ["pgd-linf", "deepsloth", "ilfo"];
+        let defenses = ["none", "bitdepth", "median"];
+        let eps = ["\"8/255\"", "0.1", "\"4/255\""];
+        let seeds = [0u64, 7, 3];
+        let perm = |k: usize| -> Vec<usize> { (0..8).map(|i| (p[k] * (i + 3) * 7919) % 101).collect() };
+        let a = study_text(&models, &attacks, &defenses, &eps, &seeds);
+        let b = study_text(
+            &shuffled(&models, &perm(0)), &shuffled(&attacks, &perm(1)), &shuffled(&defenses, &perm(2)),
+            &shuffled(&eps, &perm(3)), &shuffled(&seeds, &perm(4)),
+        );
+        let sa = Study::parse(&a, "a.toml", &registry()).unwrap();
+        let sb = Study::parse(&b, "b.toml", &registry()).unwrap();
+        prop_assert_eq!(sa.ids(), sb.ids());
+        prop_assert_eq!(&sa.cells, &sb.cells, "the sorted order is deterministic too");
+    }
+
+    #[test]
+    fn different_params_give_different_ids(steps in 1u32..1000, other in 1u32..1000) {
+        prop_assume!(steps != other);
+        let t = |s: u32| format!("name = \"p\"\ndata = \"mnist\"\nn = 4\nmodels = [\"sdn\"]\n[[attacks]]\nname = \"pgd-linf\"\nparams = {{ steps = {s} }}\n");
+        let a = Study::parse(&t(steps), "a.toml", &registry()).unwrap();
+        let b = Study::parse(&t(other), "a.toml", &registry()).unwrap();
+        let a2 = Study::parse(&t(steps), "a.toml", &registry()).unwrap();
+        prop_assert_eq!(a.ids(), a2.ids());
+        prop_assert!(a.ids().is_disjoint(&b.ids()));
+    }
+}
