@@ -72,6 +72,9 @@ impl RealExecutor {
         if let Some(q) = model.threshold {
             net.set_threshold(q)?;
         }
+        if let Some(exits) = &model.exits {
+            net.set_active_exits(exits.clone())?;
+        }
         Ok(net)
     }
 

@@ -46,6 +46,7 @@ struct RawVariant {
     name: Spanned<String>,
     base: Option<Spanned<String>>,
     threshold: Option<Spanned<f64>>,
+    exits: Option<Spanned<Vec<usize>>>,
     train: Option<Spanned<toml::Table>>,
 }
 
@@ -301,7 +302,7 @@ impl Cx<'_> {
             return Ok(v.clone());
         }
         if self.registry.models.iter().any(|m| m == n) || Path::new(n).is_dir() {
-            return Ok(ModelRef { name: n.to_string(), base: n.to_string(), threshold: None, train: None });
+            return Ok(ModelRef { name: n.to_string(), base: n.to_string(), threshold: None, exits: None, train: None });
         }
         let mut valid: Vec<&str> = self.registry.models.iter().map(String::as_str).collect();
         valid.extend(variants.keys().map(String::as_str).filter(|v| !self.registry.models.iter().any(|m| m == v)));
@@ -317,8 +318,13 @@ impl Cx<'_> {
             let why = if name.is_empty() { "must not be empty" } else { "is already a model or variant name" };
             return Err(self.err(&v.name.span(), format!("`variants.name` = {name:?} {why}")));
         }
-        if v.threshold.is_none() && v.train.is_none() {
-            return Err(self.err(&v.name.span(), format!("variant `{name}`: set `threshold` and/or `train`")));
+        if v.threshold.is_none() && v.train.is_none() && v.exits.is_none() {
+            return Err(self.err(&v.name.span(), format!("variant `{name}`: set `threshold`, `exits` and/or `train`")));
+        }
+        if let Some(e) = &v.exits {
+            if e.get_ref().is_empty() || e.get_ref().iter().any(|&b| b > 63) {
+                return Err(self.err(&e.span(), format!("variant `{name}`: `exits` = {:?}: expected a non-empty list of block indices", e.get_ref())));
+            }
         }
         let threshold = match &v.threshold {
             Some(t) if !(0.0..=1.0).contains(t.get_ref()) => {
@@ -328,7 +334,8 @@ impl Cx<'_> {
         };
         let base = self.variant_base(name, v)?;
         let train = v.train.as_ref().map(|t| table_json(t.get_ref()));
-        Ok(ModelRef { name: name.to_string(), base, threshold, train })
+        let exits = v.exits.as_ref().map(|e| e.get_ref().clone());
+        Ok(ModelRef { name: name.to_string(), base, threshold, exits, train })
     }
 
     /// `base`, else `train.model`; either must be a registry model (or a directory for `base`).

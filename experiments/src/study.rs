@@ -92,6 +92,9 @@ pub struct ModelRef {
     pub base: String,
     /// Runtime threshold override (exit confidence / gate threshold), for variants.
     pub threshold: Option<f64>,
+    /// Exit placement (block indices of the internal classifiers in use), for SDN variants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exits: Option<Vec<usize>>,
     /// Free-form training table (variants trained by the runner), as JSON.
     pub train: Option<serde_json::Value>,
 }

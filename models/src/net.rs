@@ -55,6 +55,8 @@ pub struct Net {
     twin: bool,
     /// Runtime compute cap: at most this many residual branches run per sample.
     budget: Option<usize>,
+    /// Blocks whose internal classifier is in use (exit models; all by default).
+    active_exits: Vec<usize>,
 }
 
 impl std::fmt::Debug for Net {
@@ -100,7 +102,11 @@ impl Net {
         };
         let mean = Tensor::from_slice(&config.mean).to_kind(Kind::Float).view([1, -1, 1, 1]).to_device(device);
         let std = Tensor::from_slice(&config.std).to_kind(Kind::Float).view([1, -1, 1, 1]).to_device(device);
-        Ok(Net { config, vs, stem, blocks, head, mech, units, index, mean, std, threshold, twin: false, budget: None })
+        let active_exits = match &mech {
+            Mech::Exits(ics) => (0..ics.len()).collect(),
+            _ => Vec::new(),
+        };
+        Ok(Net { config, vs, stem, blocks, head, mech, units, index, mean, std, threshold, twin: false, budget: None, active_exits })
     }
 
     /// The architecture config.
@@ -148,9 +154,46 @@ impl Net {
             if b < min || b > blocks {
                 return Err(Error::config("budget", format!("{b}: expected {min}..={blocks} (model `{}` has {blocks} blocks)", self.name())));
             }
+            if matches!(self.mech, Mech::Exits(_)) && b < blocks && !self.active_exits.iter().any(|&e| e < b) {
+                return Err(Error::config("budget", format!("{b}: no active exit within the first {b} blocks (active exits after blocks {:?})", self.active_exits)));
+            }
         }
         self.budget = budget;
         Ok(())
+    }
+
+    /// Chooses which internal classifiers are in use (exit placement), by block index; the
+    /// others are never computed, never fire and cost nothing. Because SDN's ICs are trained
+    /// independently on a frozen backbone, this equals training only the chosen ICs.
+    pub fn set_active_exits(&mut self, exits: Vec<usize>) -> Result<()> {
+        let Mech::Exits(ics) = &self.mech else {
+            return Err(Error::Model { model: self.name(), problem: "exit placement applies only to early-exit (sdn) models".into() });
+        };
+        let mut sorted = exits.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.is_empty() || sorted.len() != exits.len() || sorted.last().is_some_and(|&e| e >= ics.len()) {
+            return Err(Error::config("exits", format!("{exits:?}: expected distinct block indices in 0..{}", ics.len())));
+        }
+        self.active_exits = sorted;
+        if let Some(b) = self.budget {
+            self.set_budget(Some(b))?;
+        }
+        Ok(())
+    }
+
+    /// Blocks whose internal classifier is in use.
+    pub fn active_exits(&self) -> &[usize] {
+        &self.active_exits
+    }
+
+    /// The exit index the budget forces (the last active exit within the first `budget`
+    /// blocks), when it forces one.
+    fn forced_exit(&self) -> Option<usize> {
+        match self.budget {
+            Some(b) if b < self.blocks.len() => self.active_exits.iter().rposition(|&e| e < b),
+            _ => None,
+        }
     }
 
     /// The compute cap in force.
@@ -166,7 +209,8 @@ impl Net {
         let exits = self.index.mech.len();
         Some(match &self.mech {
             Mech::Exits(_) => {
-                let capped = if budget < self.blocks.len() { budget - 1 } else { exits };
+                let capped = self.forced_exit().unwrap_or(self.active_exits.len());
+                let _ = (budget, exits);
                 let idx = Tensor::from_slice(&[capped as i64]).to_device(self.device());
                 let macs = macs_from_executed(&self.executed_for_exits(&idx), &self.units);
                 macs.double_value(&[0]).round() as u64
@@ -204,9 +248,9 @@ impl Net {
 
     /// Applies the budget to an exit index.
     fn capped_exit(&self, exit_index: Tensor) -> Tensor {
-        match self.budget {
-            Some(b) if b < self.blocks.len() => exit_index.clamp_max((b - 1) as i64),
-            _ => exit_index,
+        match self.forced_exit() {
+            Some(k) => exit_index.clamp_max(k as i64),
+            None => exit_index,
         }
     }
 
@@ -285,7 +329,9 @@ impl Net {
                 out.gates_st.push(g.st);
             }
             if let (Mech::Exits(ics), false) = (&self.mech, self.twin) {
-                out.exit_logits.push(ics[b].forward(&h));
+                if self.active_exits.contains(&b) {
+                    out.exit_logits.push(ics[b].forward(&h));
+                }
             }
         }
         out.final_logits = self.head_forward(&h);
@@ -340,20 +386,27 @@ impl Net {
         Tensor::stack(&cols, 1)
     }
 
-    /// Executed mask `[B,U]` of an early-exit pass from the exit index (E = final head).
+    /// Executed mask `[B,U]` of an early-exit pass from the exit index (A = number of active
+    /// exits = the final head).
     fn executed_for_exits(&self, exit_index: &Tensor) -> Tensor {
-        let exits = self.index.mech.len() as i64;
+        let active = self.active_exits.len() as i64;
+        // the block after which each exit index leaves (the head after the last block)
+        let mut exit_block: Vec<i64> = self.active_exits.iter().map(|&b| b as i64).collect();
+        exit_block.push(self.blocks.len() as i64 - 1);
+        let left_after = Tensor::from_slice(&exit_block).to_device(exit_index.device()).index_select(0, &exit_index.to_kind(Kind::Int64));
         let mut cols: Vec<Tensor> = (0..self.units.len()).map(|_| exit_index.zeros_like().to_kind(Kind::Float)).collect();
         let ones = exit_index.ones_like().to_kind(Kind::Float);
         cols[self.index.stem] = ones;
-        cols[self.index.head] = exit_index.eq(exits).to_kind(Kind::Float);
+        cols[self.index.head] = exit_index.eq(active).to_kind(Kind::Float);
         for b in 0..self.blocks.len() {
-            let ran = exit_index.ge(b as i64).to_kind(Kind::Float);
+            let ran = left_after.ge(b as i64).to_kind(Kind::Float);
             if let Some(s) = self.index.shortcut[b] {
                 cols[s] = ran.shallow_clone();
             }
             cols[self.index.block[b]] = ran.shallow_clone();
-            cols[self.index.mech[b]] = ran;
+            if self.active_exits.contains(&b) {
+                cols[self.index.mech[b]] = ran;
+            }
         }
         Tensor::stack(&cols, 1)
     }
@@ -422,17 +475,18 @@ impl Net {
         let mut h = self.stem_forward(x, false);
         let mut rows = Tensor::arange(batch, (Kind::Int64, device));
         let mut logits = Tensor::zeros([batch, self.config.classes], (Kind::Float, device));
-        let mut exit_index = Tensor::full([batch], ics.len() as i64, (Kind::Int64, device));
+        let mut exit_index = Tensor::full([batch], self.active_exits.len() as i64, (Kind::Int64, device));
+        let forced_exit = self.forced_exit();
         for (b, (block, ic)) in self.blocks.iter().zip(ics).enumerate() {
             h = (block.shortcut(&h, false) + block.residual(&h, false)).relu();
+            let Some(k) = self.active_exits.iter().position(|&e| e == b) else { continue };
             let z = ic.forward(&h);
-            let forced = matches!(self.budget, Some(cap) if cap < self.blocks.len() && b + 1 == cap);
-            let fire = if forced { confidence(&z).ge(f64::NEG_INFINITY) } else { confidence(&z).ge(self.threshold) };
+            let fire = if forced_exit == Some(k) { confidence(&z).ge(f64::NEG_INFINITY) } else { confidence(&z).ge(self.threshold) };
             let fired = fire.nonzero().squeeze_dim(1);
             if fired.size()[0] > 0 {
                 let orig = rows.index_select(0, &fired);
                 logits = logits.index_copy(0, &orig, &z.index_select(0, &fired));
-                let _ = exit_index.index_fill_(0, &orig, b as i64);
+                let _ = exit_index.index_fill_(0, &orig, k as i64);
                 let keep = fire.logical_not().nonzero().squeeze_dim(1);
                 h = h.index_select(0, &keep);
                 rows = rows.index_select(0, &keep);
@@ -572,7 +626,8 @@ impl DynamicModel for Net {
         if self.twin {
             return None;
         }
-        let exits = Tensor::arange(ics.len() as i64 + 1, (Kind::Int64, self.device()));
+        let _ = ics;
+        let exits = Tensor::arange(self.active_exits.len() as i64 + 1, (Kind::Int64, self.device()));
         let macs = macs_from_executed(&self.executed_for_exits(&exits), &self.units);
         let stat = self.static_macs() as f64;
         Some(Vec::<f64>::try_from(&macs).ok()?.into_iter().map(|m| m / stat).collect())
@@ -601,7 +656,7 @@ impl DynamicModel for Net {
     fn family(&self) -> Family {
         match (&self.mech, self.twin) {
             (_, true) | (Mech::None, _) => Family::Static,
-            (Mech::Exits(ics), false) => Family::EarlyExit { threshold: self.threshold, exits: ics.len() },
+            (Mech::Exits(_), false) => Family::EarlyExit { threshold: self.threshold, exits: self.active_exits.len() },
             (Mech::Aig(g), false) => Family::Gated { gates: g.len(), recurrent: false },
             (Mech::Recurrent(rg), false) => Family::Gated { gates: rg.macs.len(), recurrent: true },
         }

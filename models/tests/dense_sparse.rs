@@ -53,6 +53,42 @@ fn sdn_passes_agree_at_every_threshold() {
 }
 
 #[test]
+fn passes_agree_with_exit_placement_and_budget_caps() {
+    let data = common::test_images(256);
+    for exits in [vec![0, 1, 2], vec![3, 4, 5], vec![1, 4], vec![5]] {
+        let mut sdn = common::committed("sdn");
+        sdn.set_active_exits(exits.clone()).unwrap();
+        assert_passes_agree(&sdn, &data.images, &format!("sdn exits {exits:?}"));
+        let trace = sdn.forward_trace(&data.images, Pass::Sparse).unwrap();
+        assert_eq!(trace.exit_index.unwrap().max().int64_value(&[]) as usize <= exits.len(), true);
+        // inactive ICs never run
+        for (b, unit) in sdn.units().iter().enumerate().filter(|(_, u)| u.kind == dynrobust_core::UnitKind::Exit) {
+            let block: usize = unit.name.trim_start_matches("exit").parse().unwrap();
+            if !exits.contains(&block) {
+                assert_eq!(trace.executed.select(1, b as i64).sum(Kind::Double).double_value(&[]), 0.0, "exit{block} ran");
+            }
+        }
+        for budget in 1..=6 {
+            if sdn.set_budget(Some(budget)).is_ok() {
+                assert_passes_agree(&sdn, &data.images, &format!("sdn exits {exits:?} budget {budget}"));
+            }
+        }
+    }
+    for name in ["gated", "skipnet"] {
+        let mut net = common::committed(name);
+        for budget in 1..=6 {
+            net.set_budget(Some(budget)).unwrap();
+            assert_passes_agree(&net, &data.images, &format!("{name} budget {budget}"));
+        }
+    }
+    let mut sdn = common::committed("sdn");
+    assert!(sdn.set_active_exits(vec![6]).unwrap_err().to_string().contains("exits"));
+    assert!(sdn.set_active_exits(vec![]).is_err());
+    sdn.set_active_exits(vec![4, 5]).unwrap();
+    assert!(sdn.set_budget(Some(3)).unwrap_err().to_string().contains("no active exit"), "a budget needs an exit to force");
+}
+
+#[test]
 fn passes_agree_at_batch_one() {
     let data = common::test_images(16);
     for name in ["sdn", "gated", "skipnet"] {
