@@ -8,6 +8,7 @@
 //! names ([`study::Registry`]) and an [`runner::Executor`] that runs one cell.
 
 pub mod execute;
+mod findings;
 mod grid;
 mod location;
 mod plots;

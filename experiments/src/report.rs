@@ -36,26 +36,30 @@ pub struct ReportFiles {
 
 /// One cell, flattened for tables and plots.
 #[derive(Debug, Clone, Default)]
-struct Row {
-    id: String,
-    model: String,
-    defense: String,
-    mode: Option<String>,
-    label: String,
-    surrogate: Option<String>,
-    eps: Option<f64>,
-    seed: u64,
-    clean_acc: Option<f64>,
-    adv_acc: Option<f64>,
-    clean_cost: Option<f64>,
-    adv_cost: Option<f64>,
-    recovery: Option<f64>,
-    seconds: Option<f64>,
-    clean_exit_hist: Option<Vec<f64>>,
-    adv_exit_hist: Option<Vec<f64>>,
-    clean_gate_rates: Option<Vec<f64>>,
-    adv_gate_rates: Option<Vec<f64>>,
-    flags: Vec<String>,
+pub(crate) struct Row {
+    pub(crate) id: String,
+    /// `energy`, `accuracy` or `both` (the attack's goal).
+    pub(crate) goal: String,
+    /// The defense's registry name (`defense` is its label).
+    pub(crate) defense_name: String,
+    pub(crate) model: String,
+    pub(crate) defense: String,
+    pub(crate) mode: Option<String>,
+    pub(crate) label: String,
+    pub(crate) surrogate: Option<String>,
+    pub(crate) eps: Option<f64>,
+    pub(crate) seed: u64,
+    pub(crate) clean_acc: Option<f64>,
+    pub(crate) adv_acc: Option<f64>,
+    pub(crate) clean_cost: Option<f64>,
+    pub(crate) adv_cost: Option<f64>,
+    pub(crate) recovery: Option<f64>,
+    pub(crate) seconds: Option<f64>,
+    pub(crate) clean_exit_hist: Option<Vec<f64>>,
+    pub(crate) adv_exit_hist: Option<Vec<f64>>,
+    pub(crate) clean_gate_rates: Option<Vec<f64>>,
+    pub(crate) adv_gate_rates: Option<Vec<f64>>,
+    pub(crate) flags: Vec<String>,
 }
 
 impl Row {
@@ -63,6 +67,8 @@ impl Row {
         let (k, r) = (&c.cell, &c.record);
         Row {
             id: c.id.clone(),
+            goal: r.get("goal").and_then(Value::as_str).unwrap_or("accuracy").to_string(),
+            defense_name: k.defense.name.clone(),
             model: k.model.name.clone(),
             defense: k.defense.label.clone(),
             mode: k.defense.mode.map(|m| m.as_str().to_string()),
@@ -102,7 +108,7 @@ fn flag_text(v: &Value) -> String {
     v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }
 
-fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+pub(crate) fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     (n > 0).then(|| sum / n as f64)
 }
@@ -120,15 +126,15 @@ fn slug(s: &str) -> String {
     s.trim_matches('-').to_string()
 }
 
-fn eps_text(eps: Option<f64>) -> String {
+pub(crate) fn eps_text(eps: Option<f64>) -> String {
     eps.map_or("–".to_string(), format_eps)
 }
 
-fn pct(v: Option<f64>) -> String {
+pub(crate) fn pct(v: Option<f64>) -> String {
     v.map_or("–".to_string(), |v| format!("{:.1}", 100.0 * v))
 }
 
-fn fixed(v: Option<f64>, digits: usize) -> String {
+pub(crate) fn fixed(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".to_string(), |v| format!("{v:.digits$}"))
 }
 
@@ -148,6 +154,7 @@ pub fn write_report(dir: impl AsRef<Path>, title: &str, cells: &[StoredCell]) ->
     write_jsonl(&files.results_jsonl, &sorted)?;
     write_per_sample(dir, &files.per_sample_csv, &sorted)?;
     let mut rows: Vec<Row> = sorted.iter().map(|c| Row::of(c)).collect();
+    crate::findings::add_cross_cell_flags(&mut rows);
     rows.sort_by(|a, b| row_key(a).partial_cmp(&row_key(b)).unwrap_or(std::cmp::Ordering::Equal));
     let md = markdown(title, &rows, &plot_dir, &mut files)?;
     write_atomic(&files.markdown, md.as_bytes())?;
@@ -201,8 +208,9 @@ fn markdown(title: &str, rows: &[Row], plot_dir: &Path, files: &mut ReportFiles)
     let mut md = format!("# {title}\n\n{} cells. Raw results: [results.jsonl](results.jsonl), ", rows.len());
     md += "per-sample rows: [per_sample.csv](per_sample.csv).\n\n";
     md += "Accuracy in %, cost in MACs / static MACs, recovery = (adv cost − clean cost) / (1 − clean cost) in %.\n\n";
+    md += &crate::findings::research_questions(rows);
     md += &summary_table(rows);
-    md += &defense_table(rows);
+    md += &crate::findings::defense_table(rows);
     md += "## Plots\n\n";
     let sections: [(&str, PlotFn); 6] = [
         ("Cost vs ε (white-box, undefended)", |r, d| eps_plots(r, d, "cost", COST)),
@@ -276,44 +284,6 @@ fn summary_table(rows: &[Row]) -> String {
         }
         md.push('\n');
     }
-    md
-}
-
-/// Per defense × model × attack × ε: adaptive vs oblivious, next to the undefended cell.
-fn defense_table(rows: &[Row]) -> String {
-    let defended: Vec<&Row> = rows.iter().filter(|r| r.defense != "none" && r.surrogate.is_none()).collect();
-    if defended.is_empty() {
-        return String::new();
-    }
-    let mut md = String::from("## Defenses\n\nAdaptive: the attacker attacks the defended model; oblivious: it crafts on the undefended one.\n\n");
-    md += "| defense | model | attack | ε | undefended adv acc % / cost | adaptive adv acc % / cost / recovery % | oblivious adv acc % / cost / recovery % |\n";
-    md += "|---|---|---|---|---|---|---|\n";
-    let keys: BTreeSet<(String, String, String, Option<u64>)> =
-        defended.iter().map(|r| (r.defense.clone(), r.model.clone(), r.label.clone(), r.eps.map(f64::to_bits))).collect();
-    for (defense, model, label, eps) in keys {
-        let pick = |d: &str, mode: Option<&str>| -> Vec<&Row> {
-            let same = |r: &&Row| r.model == model && r.label == label && r.eps.map(f64::to_bits) == eps && r.surrogate.is_none();
-            rows.iter().filter(same).filter(|r| r.defense == d && r.mode.as_deref() == mode).collect()
-        };
-        let cellf = |rs: Vec<&Row>, with_recovery: bool| {
-            if rs.is_empty() {
-                return "–".to_string();
-            }
-            let acc = pct(mean(rs.iter().filter_map(|r| r.adv_acc)));
-            let cost = fixed(mean(rs.iter().filter_map(|r| r.adv_cost)), 3);
-            let rec = pct(mean(rs.iter().filter_map(|r| r.recovery)));
-            if with_recovery { format!("{acc} / {cost} / {rec}") } else { format!("{acc} / {cost}") }
-        };
-        let _ = writeln!(
-            md,
-            "| {defense} | {model} | {label} | {} | {} | {} | {} |",
-            eps_text(eps.map(f64::from_bits)),
-            cellf(pick("none", None), false),
-            cellf(pick(&defense, Some("adaptive")), true),
-            cellf(pick(&defense, Some("oblivious")), true)
-        );
-    }
-    md.push('\n');
     md
 }
 

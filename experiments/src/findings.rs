@@ -1,0 +1,256 @@
+//! What a report concludes across cells: sanity flags that need several cells (a transfer or
+//! oblivious attack beating the white-box adaptive one; clean numbers of a deterministic
+//! defense changing with the seed), the defense table with its verdict, and one-sentence
+//! answers to the seed study's research questions (arXiv 2308.08709) when the cells for them
+//! exist.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::report::{eps_text, fixed, mean, pct, Row};
+
+/// Points of accuracy / cost by which a weaker attack must beat a stronger one to be flagged.
+const MARGIN: f64 = 0.01;
+
+/// The adaptive-recovery reduction (points) and clean-accuracy loss (points) the defense
+/// target asks for.
+const TARGET_RECOVERY_DROP: f64 = 0.30;
+const TARGET_CLEAN_LOSS: f64 = 0.03;
+
+/// True when `weak` did better than `strong` for their shared goal by more than the margin.
+fn beats(weak: &Row, strong: &Row) -> Option<String> {
+    let cost = |r: &Row| r.adv_cost.unwrap_or(f64::NAN);
+    let acc = |r: &Row| r.adv_acc.unwrap_or(f64::NAN);
+    let energy = weak.goal != "accuracy" && cost(weak) > cost(strong) + MARGIN;
+    let accuracy = weak.goal != "energy" && acc(weak) < acc(strong) - MARGIN;
+    match (energy, accuracy) {
+        (true, _) => Some(format!("adv cost {:.3} vs {:.3}", cost(weak), cost(strong))),
+        (_, true) => Some(format!("adv acc {} % vs {} %", pct(Some(acc(weak))), pct(Some(acc(strong))))),
+        _ => None,
+    }
+}
+
+/// Adds the flags that compare cells.
+pub(crate) fn add_cross_cell_flags(rows: &mut [Row]) {
+    let mut extra: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for (i, strong) in rows.iter().enumerate() {
+        let white_box_adaptive = strong.surrogate.is_none() && strong.mode.as_deref() != Some("oblivious");
+        if !white_box_adaptive {
+            continue;
+        }
+        for weak in rows.iter() {
+            let same = weak.model == strong.model && weak.defense == strong.defense && weak.label == strong.label && weak.eps == strong.eps && weak.seed == strong.seed;
+            if !same || std::ptr::eq(weak, strong) {
+                continue;
+            }
+            let kind = match (&weak.surrogate, weak.mode.as_deref()) {
+                (Some(s), _) => format!("transfer attack from `{s}`"),
+                (None, Some("oblivious")) => "oblivious attack".to_string(),
+                _ => continue,
+            };
+            if let Some(how) = beats(weak, strong) {
+                extra.entry(i).or_default().push(format!("{kind} beats the white-box adaptive one ({how}): the white-box attack is likely too weak"));
+            }
+        }
+    }
+    seed_flags(rows, &mut extra);
+    for (i, flags) in extra {
+        rows[i].flags.extend(flags);
+    }
+}
+
+/// Clean numbers must not change with the seed unless the defense is randomised.
+fn seed_flags(rows: &[Row], extra: &mut BTreeMap<usize, Vec<String>>) {
+    let mut groups: BTreeMap<(String, String, Option<String>, String, Option<String>, Option<u64>), Vec<usize>> = BTreeMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        if r.defense_name == "noise" {
+            continue;
+        }
+        groups.entry((r.model.clone(), r.defense.clone(), r.mode.clone(), r.label.clone(), r.surrogate.clone(), r.eps.map(f64::to_bits))).or_default().push(i);
+    }
+    for members in groups.values().filter(|m| m.len() > 1) {
+        let first = &rows[members[0]];
+        for &i in &members[1..] {
+            let r = &rows[i];
+            if r.clean_acc != first.clean_acc || r.clean_cost != first.clean_cost {
+                extra.entry(i).or_default().push(format!(
+                    "clean accuracy/cost change with the seed ({}/{} vs {}/{} at seed {}) although the defense is deterministic",
+                    pct(r.clean_acc), fixed(r.clean_cost, 4), pct(first.clean_acc), fixed(first.clean_cost, 4), first.seed
+                ));
+            }
+        }
+    }
+}
+
+fn avg<'a>(rows: impl Iterator<Item = &'a Row>, pick: impl Fn(&Row) -> Option<f64>) -> Option<f64> {
+    mean(rows.filter_map(pick))
+}
+
+/// Per defense × model × attack × ε: clean and attacked numbers, adaptive vs oblivious,
+/// against the undefended model, then the verdict on the defense target.
+pub(crate) fn defense_table(rows: &[Row]) -> String {
+    let defended: Vec<&Row> = rows.iter().filter(|r| r.defense != "none" && r.surrogate.is_none()).collect();
+    if defended.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("## Defenses\n\nAdaptive: the attack runs through the defense (exact, BPDA or EOT gradients). Oblivious (comparison only): crafted on the undefended model. Δ = defended − undefended, in points.\n\n");
+    md += "| defense | model | attack | ε | clean acc % (undef → def) | clean cost (undef → def) | undefended adv acc % / cost / recovery % | **adaptive** adv acc % / cost / recovery % | oblivious adv acc % / cost / recovery % | Δ recovery (adaptive) | Δ clean acc |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let mut keys: Vec<(String, String, String, Option<u64>)> =
+        defended.iter().map(|r| (r.defense.clone(), r.model.clone(), r.label.clone(), r.eps.map(f64::to_bits))).collect();
+    keys.dedup();
+    keys.sort();
+    keys.dedup();
+    let mut verdicts = Vec::new();
+    for (defense, model, label, eps) in keys {
+        let pick = |d: &str, mode: Option<&str>| -> Vec<&Row> {
+            rows.iter()
+                .filter(|r| r.model == model && r.label == label && r.eps.map(f64::to_bits) == eps && r.surrogate.is_none())
+                .filter(|r| r.defense == d && (d == "none" || r.mode.as_deref() == mode))
+                .collect()
+        };
+        let (base, adaptive, oblivious) = (pick("none", None), pick(&defense, Some("adaptive")), pick(&defense, Some("oblivious")));
+        let triple = |rs: &[&Row]| {
+            if rs.is_empty() {
+                return "–".to_string();
+            }
+            let flag = if rs.iter().any(|r| !r.flags.is_empty()) { " ⚠" } else { "" };
+            format!("{} / {} / {}{flag}", pct(avg(rs.iter().copied(), |r| r.adv_acc)), fixed(avg(rs.iter().copied(), |r| r.adv_cost), 3), pct(avg(rs.iter().copied(), |r| r.recovery)))
+        };
+        let any_def = if adaptive.is_empty() { &oblivious } else { &adaptive };
+        let clean = |rs: &[&Row], f: fn(&Row) -> Option<f64>| avg(rs.iter().copied(), f);
+        let (acc0, acc1) = (clean(&base, |r| r.clean_acc), clean(any_def, |r| r.clean_acc));
+        let (cost0, cost1) = (clean(&base, |r| r.clean_cost), clean(any_def, |r| r.clean_cost));
+        let d_rec = avg(adaptive.iter().copied(), |r| r.recovery).zip(avg(base.iter().copied(), |r| r.recovery)).map(|(a, b)| a - b);
+        let d_acc = acc1.zip(acc0).map(|(a, b)| a - b);
+        let pts = |v: Option<f64>| v.map_or("–".into(), |v| format!("{:+.1}", 100.0 * v));
+        let _ = writeln!(
+            md,
+            "| {defense} | {model} | {label} | {} | {} → {} | {} → {} | {} | {} | {} | {} | {} |",
+            eps_text(eps.map(f64::from_bits)), pct(acc0), pct(acc1), fixed(cost0, 3), fixed(cost1, 3),
+            triple(&base), triple(&adaptive), triple(&oblivious), pts(d_rec), pts(d_acc)
+        );
+        if let (Some(dr), Some(da)) = (d_rec, d_acc) {
+            verdicts.push((dr, da, defense.clone(), model.clone(), label.clone()));
+        }
+    }
+    md.push('\n');
+    md += &verdict(&verdicts);
+    md
+}
+
+fn verdict(verdicts: &[(f64, f64, String, String, String)]) -> String {
+    let mut md = format!(
+        "**Target: lower adaptive recovery by ≥ {:.0} points while losing ≤ {:.0} points of clean accuracy.** ",
+        100.0 * TARGET_RECOVERY_DROP, 100.0 * TARGET_CLEAN_LOSS
+    );
+    let mut hits: Vec<&(f64, f64, String, String, String)> = verdicts.iter().filter(|v| v.0 <= -TARGET_RECOVERY_DROP && v.1 >= -TARGET_CLEAN_LOSS).collect();
+    hits.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+    match hits.first() {
+        Some((dr, da, d, m, a)) => {
+            let _ = write!(md, "Met by {} of {} defense × model × attack rows; the best is **{d}** on {m} against {a}: recovery {:+.1} points, clean accuracy {:+.1} points.", hits.len(), verdicts.len(), 100.0 * dr, 100.0 * da);
+            let others: Vec<String> = hits.iter().skip(1).map(|(dr, da, d, m, a)| format!("{d} on {m} vs {a} ({:+.1} / {:+.1})", 100.0 * dr, 100.0 * da)).collect();
+            if !others.is_empty() {
+                let _ = write!(md, " Also: {}.", others.join("; "));
+            }
+        }
+        None => {
+            let best = verdicts.iter().filter(|v| v.1 >= -TARGET_CLEAN_LOSS).min_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+            md += "No defense meets it.";
+            if let Some((dr, da, d, m, a)) = best {
+                let _ = write!(md, " Closest within the accuracy limit: {d} on {m} vs {a} ({:+.1} recovery points, {:+.1} clean accuracy points).", 100.0 * dr, 100.0 * da);
+            }
+        }
+    }
+    md + "\n\n"
+}
+
+const DYNAMIC: [&str; 3] = ["sdn", "gated", "skipnet"];
+
+/// Attack success on a target: the share of its clean accuracy the attack removed.
+fn success(r: &Row) -> Option<f64> {
+    let (c, a) = (r.clean_acc?, r.adv_acc?);
+    (c > 0.0).then(|| (c - a) / c)
+}
+
+/// One-sentence answers to RQ1–RQ3 when the cells exist.
+pub(crate) fn research_questions(rows: &[Row]) -> String {
+    let answers: Vec<String> = [rq1(rows), rq2(rows), rq3(rows)].into_iter().flatten().collect();
+    if answers.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("## Research questions (arXiv 2308.08709)\n\n");
+    for a in answers {
+        md += &format!("- {a}\n");
+    }
+    md + "\n"
+}
+
+fn rq1(rows: &[Row]) -> Option<String> {
+    let transfer = |from_dynamic: bool| -> Vec<&Row> {
+        rows.iter()
+            .filter(|r| r.defense == "none")
+            .filter(|r| match &r.surrogate {
+                Some(s) if from_dynamic => DYNAMIC.contains(&s.as_str()) && r.model == "static",
+                Some(s) => s == "static" && DYNAMIC.contains(&r.model.as_str()),
+                None => false,
+            })
+            .collect()
+    };
+    let (d2s, s2d) = (transfer(true), transfer(false));
+    if d2s.is_empty() || s2d.is_empty() {
+        return None;
+    }
+    let (sd, ss) = (avg(d2s.iter().copied(), success)?, avg(s2d.iter().copied(), success)?);
+    let cost_gain = avg(s2d.iter().copied(), |r| Some(r.adv_cost? - r.clean_cost?));
+    let holds = if sd > ss { "holds" } else { "does not hold" };
+    Some(format!(
+        "**RQ1 (transferability):** PGD crafted on a dynamic model removes {:.1} % of the static model's accuracy, crafted on the static model it removes {:.1} % of the dynamic models' (mean over {} and {} cells) — the paper's finding that DyNN→SDNN transfers better than SDNN→DyNN {holds} here; static-crafted examples change the dynamic models' cost by {} on average.",
+        100.0 * sd, 100.0 * ss, d2s.len(), s2d.len(), cost_gain.map_or("–".into(), |c| format!("{c:+.3}"))
+    ))
+}
+
+fn rq2(rows: &[Row]) -> Option<String> {
+    let sweep: Vec<&Row> = rows.iter().filter(|r| r.defense == "none" && r.surrogate.is_none() && r.label.starts_with("pgd-k")).collect();
+    if sweep.is_empty() {
+        return None;
+    }
+    let k_max = sweep.iter().filter_map(|r| r.label.trim_start_matches("pgd-k").parse::<u32>().ok()).max()?;
+    let at = |models: &[&str], k: u32| -> (Option<f64>, Option<f64>) {
+        let sel: Vec<&Row> = sweep.iter().copied().filter(|r| models.contains(&r.model.as_str()) && r.label == format!("pgd-k{k}")).collect();
+        (avg(sel.iter().copied(), success), avg(sel.iter().copied(), |r| r.seconds))
+    };
+    let (dyn_k1, _) = at(&DYNAMIC, 1);
+    let (stat_k1, _) = at(&["static"], 1);
+    let (dyn_s, dyn_t) = at(&DYNAMIC, k_max);
+    let (stat_s, stat_t) = at(&["static"], k_max);
+    let more = match (dyn_s, stat_s) {
+        (Some(d), Some(s)) if d > s => "more",
+        _ => "less",
+    };
+    Some(format!(
+        "**RQ2 (efficiency):** with {k_max} PGD steps the attack removes {} % of the dynamic models' accuracy in {} s per cell vs {} % of the static model's in {} s (1 step: {} % vs {} %) — adversarial examples come {more} cheaply on the dynamic models.",
+        pct(dyn_s), fixed(dyn_t, 1), pct(stat_s), fixed(stat_t, 1), pct(dyn_k1), pct(stat_k1)
+    ))
+}
+
+fn rq3(rows: &[Row]) -> Option<String> {
+    let mech: Vec<&Row> = rows.iter().filter(|r| r.defense == "none" && r.surrogate.is_none() && r.label == "mechanism").collect();
+    if mech.len() < 2 {
+        return None;
+    }
+    let mut by_model: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for r in &mech {
+        by_model.entry(r.model.as_str()).or_default().push(r);
+    }
+    let scored: Vec<(&str, f64, f64)> = by_model
+        .iter()
+        .filter_map(|(m, rs)| Some((*m, avg(rs.iter().copied(), |r| r.recovery)?, avg(rs.iter().copied(), |r| r.adv_acc)?)))
+        .collect();
+    let most = scored.iter().min_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))?;
+    let least = scored.iter().max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))?;
+    Some(format!(
+        "**RQ3 (design choices):** under the dynamic-mechanism attack the most robust design is `{}` (recovery {} %, adv acc {} %) and the least robust `{}` (recovery {} %, adv acc {} %); see the Pareto plot and the mechanism rows of the table.",
+        most.0, pct(Some(most.1)), pct(Some(most.2)), least.0, pct(Some(least.1)), pct(Some(least.2))
+    ))
+}
