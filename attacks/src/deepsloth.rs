@@ -10,9 +10,10 @@
 //! set: `δ ← clip(δ − 0.005·sign(∇_δ L), −ε, ε)`, 20 iterations per batch).
 
 use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, Attack, Goal, Norm, Requirements};
+use dynrobust_core::rng::SeededRng;
 use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::losses::deepsloth_uniform_ce;
 use crate::pgd::ascend;
@@ -137,23 +138,23 @@ impl DeepSloth {
         Ok(input_grad_eot(model.eot_samples(), x, |leaf| Self::loss(model, leaf))?.0)
     }
 
-    fn linf(&self, model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
+    fn linf(&self, model: &dyn DynamicModel, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
         let c = &self.cfg;
         let a = c.step_size();
         let init = match c.mode {
             Mode::Faithful => a,
             Mode::Fixed => c.eps,
         };
-        let start = project(&(x + x.rand_like() * (2.0 * init) - init), x, c.eps, Norm::Linf);
+        let start = project(&(x + rng.uniform_like(x) * (2.0 * init) - init), x, c.eps, Norm::Linf);
         // descent on the DeepSloth loss: ascent with a negative step
         ascend(x, start, (c.eps, Norm::Linf), c.steps(), -a, model.eot_samples(), |leaf| Self::loss(model, leaf))
     }
 
-    fn l2(&self, model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
+    fn l2(&self, model: &dyn DynamicModel, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
         let c = &self.cfg;
         let steps = c.steps();
         let view = [-1i64, 1, 1, 1];
-        let r = x.randn_like();
+        let r = rng.normal_like(x);
         let mut delta = &r / per_sample_norm(&r, 2.0).clamp_min(1e-12).view(view) * c.eps;
         let mut radius = c.eps;
         let (lr0, lr_min) = (c.step_size(), 0.01);
@@ -175,11 +176,11 @@ impl DeepSloth {
 
     /// Fits one L∞ perturbation `[1,C,H,W]` on `x` (the code: `universal_batches` batches of
     /// `universal_batch`, `steps` sign steps each).
-    pub fn fit_universal(&self, model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
+    pub fn fit_universal(&self, model: &dyn DynamicModel, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
         let c = &self.cfg;
         let a = c.step_size();
         let shape: Vec<i64> = std::iter::once(1).chain(x.size()[1..].iter().copied()).collect();
-        let mut delta = Tensor::rand(&shape[..], (Kind::Float, x.device())) * (2.0 * c.eps) - c.eps;
+        let mut delta = rng.uniform(&shape, x.device()) * (2.0 * c.eps) - c.eps;
         let n = x.size()[0];
         let batches = (n + c.universal_batch - 1) / c.universal_batch;
         let used = if c.universal_batches == 0 { batches } else { (c.universal_batches as i64).min(batches) };
@@ -220,12 +221,12 @@ impl Attack for DeepSloth {
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
         self.check_model(model)?;
-        tch::manual_seed(self.cfg.seed as i64);
+        let rng = &mut SeededRng::new(self.cfg.seed);
         match self.cfg.variant {
-            Variant::Linf => self.linf(model, x),
-            Variant::L2 => self.l2(model, x),
+            Variant::Linf => self.linf(model, x, rng),
+            Variant::L2 => self.l2(model, x, rng),
             Variant::Universal => {
-                let delta = self.fit_universal(model, x)?;
+                let delta = self.fit_universal(model, x, rng)?;
                 Ok((x + delta).clamp(0.0, 1.0))
             }
         }

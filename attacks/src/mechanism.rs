@@ -111,7 +111,6 @@ impl Attack for Mechanism {
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         self.check_model(model)?;
-        tch::manual_seed(self.cfg.seed as i64);
         let c = &self.cfg;
         let target = match c.variant {
             MechanismVariant::Joint => y.shallow_clone(),
@@ -119,7 +118,7 @@ impl Attack for Mechanism {
         };
         let sign = if c.variant == MechanismVariant::Joint { 1.0 } else { -1.0 };
         let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
-        let start = if c.random_start { random_start(x, c.eps, c.norm) } else { x.copy() };
+        let start = if c.random_start { random_start(x, c.eps, c.norm, &mut dynrobust_core::rng::SeededRng::new(c.seed)) } else { x.copy() };
         ascend(x, start, (c.eps, c.norm), c.steps, alpha, model.eot_samples(), |leaf| {
             let trace = model.forward_trace(leaf, Pass::Dense)?;
             let ce = accuracy_loss_per_sample(&trace, &target, ExitLoss::Avg);

@@ -3,6 +3,7 @@
 //! loss on the final head, the deployed exit, averaged over exits or the worst exit
 //! (DeepSloth's PGD / PGD-avg / PGD-max, Hong et al., ICLR 2021).
 
+use dynrobust_core::rng::SeededRng;
 use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Pass, Result};
 use serde::{Deserialize, Serialize};
@@ -79,12 +80,12 @@ impl Pgd {
 }
 
 /// A uniform random start in the ε-ball of `norm` (L2: random direction, radius ε·U(0,1)).
-pub fn random_start(x: &Tensor, eps: f64, norm: Norm) -> Tensor {
+pub fn random_start(x: &Tensor, eps: f64, norm: Norm, rng: &mut SeededRng) -> Tensor {
     let delta = match norm {
-        Norm::Linf => x.rand_like() * (2.0 * eps) - eps,
+        Norm::Linf => rng.uniform_like(x) * (2.0 * eps) - eps,
         Norm::L2 => {
-            let r = x.randn_like();
-            let u = Tensor::rand([x.size()[0]], (Kind::Float, x.device())) * eps;
+            let r = rng.normal_like(x);
+            let u = rng.uniform(&[x.size()[0]], x.device()) * eps;
             &r / per_sample_norm(&r, 2.0).clamp_min(1e-12).view([-1, 1, 1, 1]) * u.view([-1, 1, 1, 1])
         }
     };
@@ -135,9 +136,8 @@ impl Attack for Pgd {
         Some((self.cfg.eps, self.cfg.norm))
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        tch::manual_seed(self.cfg.seed as i64);
         let c = &self.cfg;
-        let start = if c.random_start { random_start(x, c.eps, c.norm) } else { x.copy() };
+        let start = if c.random_start { random_start(x, c.eps, c.norm, &mut SeededRng::new(c.seed)) } else { x.copy() };
         ascend(x, start, (c.eps, c.norm), c.steps, c.alpha(), model.eot_samples(), |xa| ce_objective(model, xa, y, c.loss))
     }
 }

@@ -106,7 +106,6 @@ impl Attack for FeaturePgd {
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        tch::manual_seed(c.seed as i64);
         let layer_of = |t: &Tensor| -> Result<Tensor> {
             let mut f = model.features(t)?;
             if c.layer >= f.len() {
@@ -116,7 +115,7 @@ impl Attack for FeaturePgd {
         };
         let clean = tch::no_grad(|| layer_of(x))?.detach();
         let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
-        let start = random_start(x, c.eps, Norm::Linf);
+        let start = random_start(x, c.eps, Norm::Linf, &mut dynrobust_core::rng::SeededRng::new(c.seed));
         ascend(x, start, (c.eps, Norm::Linf), c.steps, alpha, model.eot_samples(), |leaf| Ok((layer_of(leaf)? - &clean).square().sum(Kind::Float)))
     }
 }

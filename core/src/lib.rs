@@ -11,6 +11,7 @@ pub mod energy;
 pub mod error;
 pub mod metrics;
 pub mod protocol;
+pub mod rng;
 pub mod testing;
 
 pub use error::{Error, Result};

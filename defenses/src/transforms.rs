@@ -8,6 +8,7 @@
 //! backward); median, blur and noise are differentiated exactly.
 
 use dynrobust_core::defense::{Backward, InputTransform};
+use dynrobust_core::rng::SeededRng;
 use dynrobust_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -260,18 +261,23 @@ pub struct NoiseConfig {
     pub sigma: f64,
     /// EOT samples an adaptive attack averages its gradient over, 1..=64.
     pub eot: usize,
+    /// Seed of the noise stream (each call draws the next noise).
+    #[serde(default)]
+    pub seed: u64,
 }
 
 impl Default for NoiseConfig {
     fn default() -> Self {
-        NoiseConfig { sigma: 0.05, eot: 8 }
+        NoiseConfig { sigma: 0.05, eot: 8, seed: 0 }
     }
 }
 
-/// Randomised defense: `x' = clamp(x + σ·N(0, I), 0, 1)`, fresh noise on every call.
-#[derive(Debug, Clone)]
+/// Randomised defense: `x' = clamp(x + σ·N(0, I), 0, 1)`, fresh noise on every call, from
+/// the transform's own seeded stream (reproducible whatever else runs).
+#[derive(Debug)]
 pub struct Noise {
     cfg: NoiseConfig,
+    rng: std::sync::Mutex<SeededRng>,
 }
 
 impl Noise {
@@ -283,7 +289,7 @@ impl Noise {
         if !(1..=64).contains(&cfg.eot) {
             return Err(Error::config("eot", format!("{}: expected 1..=64 EOT samples", cfg.eot)));
         }
-        Ok(Noise { cfg })
+        Ok(Noise { rng: std::sync::Mutex::new(SeededRng::new(cfg.seed)), cfg })
     }
 }
 
@@ -298,7 +304,8 @@ impl InputTransform for Noise {
         serde_json::to_value(&self.cfg).expect("serialisable")
     }
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok((x + x.randn_like().detach() * self.cfg.sigma).clamp(0.0, 1.0))
+        let noise = self.rng.lock().unwrap_or_else(|p| p.into_inner()).normal_like(x);
+        Ok((x + noise * self.cfg.sigma).clamp(0.0, 1.0))
     }
     fn backward(&self) -> Backward {
         Backward::Exact

@@ -1,6 +1,6 @@
 //! Every attack's `perturb` contract also holds on defended models: shape and kind kept,
 //! finite, inside [0,1] and the ε-ball, and deterministic under its seed (for the randomised
-//! noise defense too, since attacks reseed libtorch's RNG). Each attack runs on the committed
+//! noise defense too: a freshly built model replays the same noise stream). Each attack runs on the committed
 //! models it needs, behind a defense drawn per case (transforms, the budget cap).
 
 use dynrobust_attacks::registry;
@@ -54,8 +54,10 @@ fn check_attack(name: &str) {
             let attack = registry::build(name, &cfg).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
             let first = attack.perturb(&*model, &x, &y).map_err(|e| TestCaseError::fail(format!("{what}: perturb: {e}")))?;
             check_contract(&*attack, &x, &first).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+            // a fresh model from the same config (a randomised defense's noise stream restarts)
             let _ = Tensor::rand([31], (Kind::Float, Device::Cpu));
-            let second = registry::build(name, &cfg).unwrap().perturb(&*model, &x, &y).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+            let fresh = defended(model_name, DEFENSES[d]);
+            let second = registry::build(name, &cfg).unwrap().perturb(&*fresh, &x, &y).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
             prop_assert!(first.equal(&second), "{}: not deterministic under its seed", what);
         }
         Ok(())

@@ -1,0 +1,208 @@
+//! The study runner end to end, on a small real study (static and SDN models, FGSM and 2-step
+//! PGD, no defense and bit-depth adaptive/oblivious, two ε, two seeds; 48 cells of 16 images):
+//!
+//! - a run killed with SIGKILL mid-way and rerun holds every cell exactly once, equal to an
+//!   uninterrupted run (timings aside), and no partial file;
+//! - two shards into one directory, then `merge`, equal one run; `merge` refuses an incomplete
+//!   set, naming the missing cells;
+//! - the same through a real single-node Slurm cluster (slurmctld + slurmd), when root: a
+//!   4-task job array, merged, equal cell by cell. Skipped with the reason otherwise.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const STUDY: &str = r#"
+name = "tiny"
+data = "fashion-mnist"
+n = 16
+batch = 16
+seeds = [0, 1]
+eps = ["8/255", "4/255"]
+models = ["static", "sdn"]
+
+[[attacks]]
+name = "fgsm"
+
+[[attacks]]
+name = "pgd-linf"
+params = { steps = 2 }
+
+[[defenses]]
+name = "none"
+
+[[defenses]]
+name = "bitdepth"
+params = { bits = 4 }
+modes = ["adaptive", "oblivious"]
+"#;
+
+const CELLS: usize = 2 * 3 * 2 * 2 * 2;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dynrobust")
+}
+
+fn dynrobust(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).env_remove("LD_LIBRARY_PATH").output().expect("run dynrobust")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dynrobust-runner-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn study_file(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, STUDY).unwrap();
+    path
+}
+
+fn run(study: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["run", study.to_str().unwrap(), "--out", out.to_str().unwrap(), "--workers", "2"];
+    args.extend_from_slice(extra);
+    dynrobust(&args)
+}
+
+/// Stored records by cell id, without the fields that measure time.
+fn records(out: &Path) -> BTreeMap<String, Value> {
+    let mut map = BTreeMap::new();
+    for entry in std::fs::read_dir(out.join("cells")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(!name.contains(".tmp"), "leftover temporary file {name}");
+        if !name.ends_with(".json") {
+            continue;
+        }
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{name} is not valid JSON: {e}"));
+        let id = v["id"].as_str().unwrap().to_string();
+        assert_eq!(format!("{id}.json"), name);
+        for key in ["seconds", "rapl_attack_j", "rapl_note"] {
+            v["record"].as_object_mut().unwrap().remove(key);
+        }
+        v.as_object_mut().unwrap().remove("finished_at");
+        assert!(map.insert(id, v).is_none());
+    }
+    map
+}
+
+fn assert_same(a: &BTreeMap<String, Value>, b: &BTreeMap<String, Value>, what: &str) {
+    assert_eq!(a.len(), CELLS, "reference run incomplete");
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: different cell sets");
+    for (id, v) in a {
+        assert_eq!(v, &b[id], "{what}: cell {id} differs");
+    }
+}
+
+/// One uninterrupted run, shared by the tests of this binary.
+fn reference() -> &'static BTreeMap<String, Value> {
+    static REF: std::sync::OnceLock<BTreeMap<String, Value>> = std::sync::OnceLock::new();
+    REF.get_or_init(|| {
+        let dir = scratch("reference");
+        let out = dir.join("out");
+        let o = run(&study_file(&dir), &out, &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(out.join("report.md").is_file());
+        records(&out)
+    })
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_results() {
+    let reference = reference();
+    let dir = scratch("kill");
+    let (study, out) = (study_file(&dir), dir.join("out"));
+    let mut child = Command::new(bin())
+        .args(["run", study.to_str().unwrap(), "--out", out.to_str().unwrap(), "--workers", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let finished = || std::fs::read_dir(out.join("cells")).map(|d| d.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json")).count()).unwrap_or(0);
+    while finished() < 10 && start.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let partial = finished();
+    eprintln!("killed after {partial} of {CELLS} cells");
+    assert!(partial >= 10 && partial < CELLS, "the kill should land mid-run ({partial} cells)");
+    let o = run(&study, &out, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("skipped {partial} already done")) || err.contains("skipped"), "{err}");
+    assert_same(reference, &records(&out), "killed and resumed run");
+    let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), CELLS, "results.jsonl holds every cell exactly once");
+}
+
+#[test]
+fn shards_merge_to_the_same_results_and_merge_names_missing_cells() {
+    let reference = reference();
+    let dir = scratch("shards");
+    let (study, out) = (study_file(&dir), dir.join("out"));
+    let o = run(&study, &out, &["--shard", "0/2", "--no-report"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = dynrobust(&["merge", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "merge accepted half the cells");
+    let missing: Vec<&String> = reference.keys().filter(|id| !out.join("cells").join(format!("{id}.json")).exists()).collect();
+    assert_eq!(missing.len(), CELLS / 2);
+    assert!(missing.iter().all(|id| err.contains(id.as_str())), "merge error does not name the missing cells: {err}");
+    let o = run(&study, &out, &["--shard", "1/2", "--no-report"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = dynrobust(&["merge", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("report.md").is_file());
+    assert_same(reference, &records(&out), "two shards merged");
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+#[test]
+fn slurm_job_array_merges_to_the_same_results() {
+    if !is_root() {
+        eprintln!("SKIPPED slurm_job_array_merges_to_the_same_results: starting slurmctld/slurmd needs root");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let script = root.join("scripts/slurm-local.sh");
+    let start = Command::new(&script).arg("start").output().unwrap();
+    if !start.status.success() {
+        eprintln!("SKIPPED slurm_job_array_merges_to_the_same_results: could not start a local Slurm: {}", String::from_utf8_lossy(&start.stderr));
+        return;
+    }
+    let reference = reference();
+    let dir = scratch("slurm");
+    let (study, out) = (study_file(&dir), dir.join("out"));
+    let sbatch_script = dir.join("tiny.sbatch");
+    let o = dynrobust(&["slurm", study.to_str().unwrap(), "--tasks", "4", "--cpus", "1", "--out", out.to_str().unwrap(), "--script", sbatch_script.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let submit = Command::new("sbatch").args(["--parsable", sbatch_script.to_str().unwrap()]).current_dir(&dir).output().unwrap();
+    assert!(submit.status.success(), "sbatch: {}", String::from_utf8_lossy(&submit.stderr));
+    let job = String::from_utf8_lossy(&submit.stdout).trim().split(';').next().unwrap().to_string();
+    let begin = Instant::now();
+    loop {
+        let q = Command::new("squeue").args(["-h", "-j", &job]).output().unwrap();
+        if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(begin.elapsed() < Duration::from_secs(900), "job array {job} still queued/running after 15 min");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("slurm job array {job} finished in {:.0} s", begin.elapsed().as_secs_f64());
+    let logs: Vec<PathBuf> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().contains("slurm-")).collect();
+    assert_eq!(logs.len(), 4, "one log per array task: {logs:?}");
+    let o = dynrobust(&["merge", out.to_str().unwrap()]);
+    let logs_text: String = logs.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect();
+    assert!(o.status.success(), "merge after the job array: {}\ntask logs:\n{logs_text}", String::from_utf8_lossy(&o.stderr));
+    assert_same(reference, &records(&out), "Slurm job array merged");
+}
