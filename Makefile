@@ -27,6 +27,7 @@ build: venv
 
 bench: setup build
 	$(BIN) bench sparse
+	scripts/bench_runner.sh
 
 doc: venv
 	$(CARGO) doc --no-deps --workspace
