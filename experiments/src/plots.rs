@@ -91,7 +91,7 @@ pub(crate) fn lines(chart: &Chart, series: &[Line]) -> Result<()> {
 pub(crate) fn grouped_bars(chart: &Chart, x_names: &[String], series: &[Line]) -> Result<()> {
     let n = x_names.len().max(1);
     let w = 0.8 / series.len().max(1) as f64;
-    let top = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0.0f64, f64::max).max(1e-3) * 1.15;
+    let top = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0.0f64, f64::max).max(1e-3) * 1.35; // headroom for the legend
     render(chart.path, SIZE, |root| {
         let mut c = ChartBuilder::on(root)
             .caption(chart.title, (FONT, 22))
@@ -115,7 +115,7 @@ pub(crate) fn grouped_bars(chart: &Chart, x_names: &[String], series: &[Line]) -
                 .label(s.name.as_str())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], col.filled()));
         }
-        c.configure_series_labels().label_font((FONT, 14)).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        c.configure_series_labels().label_font((FONT, 14)).position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
         Ok(())
     })
 }
@@ -174,13 +174,15 @@ pub(crate) fn heatmap(chart: &Chart, rows: &[String], cols: &[String], values: &
         RGBColor((225.0 - 190.0 * t) as u8, (236.0 - 136.0 * t) as u8, (250.0 - 80.0 * t) as u8)
     };
     let (nr, nc) = (rows.len().max(1), cols.len().max(1));
-    render(chart.path, (160 + 140 * nc as u32, 160 + 70 * nr as u32), |root| {
+    let plot_width = 140 * nc as i32;
+    render(chart.path, (340 + plot_width as u32, 160 + 70 * nr as u32), |root| {
         let mut c = ChartBuilder::on(root)
             .caption(chart.title, (FONT, 18))
             .margin(12)
+            .margin_right(200) // room for the legend, right of the matrix
             .x_label_area_size(45)
             .y_label_area_size(90)
-                        // Integer ranges are inclusive in plotters: 0..n-1 gives n segments.
+            // Integer ranges are inclusive in plotters: 0..n-1 gives n segments.
             .build_cartesian_2d((0..nc.max(2) - 1).into_segmented(), (0..nr.max(2) - 1).into_segmented())?;
         let label = |names: &[String], v: &SegmentValue<usize>| match v {
             SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => names.get(*i).cloned().unwrap_or_default(),
@@ -204,7 +206,7 @@ pub(crate) fn heatmap(chart: &Chart, rows: &[String], cols: &[String], values: &
                 .label(name)
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], col.filled()));
         }
-        c.configure_series_labels().label_font((FONT, 14)).position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        c.configure_series_labels().label_font((FONT, 14)).position(SeriesLabelPosition::Coordinate(plot_width + 45, 0)).background_style(TRANSPARENT).border_style(TRANSPARENT).draw()?;
         Ok(())
     })
 }
