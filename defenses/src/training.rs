@@ -17,14 +17,13 @@
 //! - `cost-cap`, gated: task loss + λ·mean relu(ĉ(x_adv) − ĉ(x)) with the differentiable
 //!   expected cost ĉ = Σ_j g_j·MACs_j / static MACs.
 
-use std::time::Instant;
 
 use dynrobust_core::data::Dataset;
 use dynrobust_core::{Error, Result, UnitKind};
-use dynrobust_models::train::{one_cycle_lr, progress_bar, target_rate_loss};
+use dynrobust_models::train::{optimise, target_rate_loss, Schedule};
 use dynrobust_models::{Mechanism, Net};
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, OptimizerConfig};
+
 use tch::{Kind, Tensor};
 
 /// A training-time defense.
@@ -134,48 +133,13 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
     cfg.recipe.check(&mechanism)?;
     let attack = dynrobust_attacks::registry::build(&cfg.attack, &cfg.attack_params)?;
     attack.check_model(net)?;
-    tch::manual_seed(cfg.seed as i64);
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
-    let trainable: Vec<(String, Tensor)> = net.vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
-    for (name, v) in &trainable {
-        let _ = v.set_requires_grad(!ic_only || name.starts_with("exits."));
-    }
-    let mut opt = nn::Adam::default().build(&net.vs, cfg.lr)?;
-    let n = data.len();
-    let steps = (n + cfg.batch_size - 1) / cfg.batch_size;
-    let total = steps * cfg.epochs;
-    let bar = progress_bar(total as u64, &format!("defend {:?}", cfg.recipe));
-    let start = Instant::now();
-    let mut epoch_losses = Vec::new();
-    let mut step = 0;
-    for _ in 0..cfg.epochs {
-        let order = Tensor::randperm(n, (Kind::Int64, data.images.device()));
-        let mut sum = 0.0;
-        for b in 0..steps {
-            let idx = order.narrow(0, b * cfg.batch_size, cfg.batch_size.min(n - b * cfg.batch_size));
-            let x = data.images.index_select(0, &idx).to_device(net.device());
-            let y = data.labels.index_select(0, &idx).to_device(net.device());
-            let x_adv = attack.perturb(net, &x, &y)?.detach();
-            opt.set_lr(one_cycle_lr(cfg.lr, step, total));
-            let loss = step_loss(net, &mechanism, &cfg, &x, &x_adv, &y, ic_only);
-            opt.backward_step(&loss);
-            let l = loss.double_value(&[]);
-            if !l.is_finite() {
-                bar.abandon();
-                return Err(Error::Model { model: mechanism.kind_name().into(), problem: format!("defense training diverged: loss {l} at step {step}") });
-            }
-            sum += l;
-            step += 1;
-            bar.inc(1);
-            bar.set_message(format!("loss {l:.4}"));
-        }
-        epoch_losses.push(sum / steps as f64);
-    }
-    bar.finish_and_clear();
-    for (_, v) in &trainable {
-        let _ = v.set_requires_grad(true);
-    }
-    Ok(DefendReport { epoch_losses, seconds: start.elapsed().as_secs_f64(), loss: describe(&cfg) })
+    let schedule = Schedule { epochs: cfg.epochs, batch_size: cfg.batch_size, lr: cfg.lr, seed: cfg.seed };
+    let report = optimise(net, data, &schedule, &format!("defend {:?}", cfg.recipe), |net, x, y| {
+        let x_adv = attack.perturb(net, x, y)?.detach();
+        Ok(step_loss(net, &mechanism, &cfg, x, &x_adv, y, ic_only))
+    })?;
+    Ok(DefendReport { epoch_losses: report.epoch_losses, seconds: report.seconds, loss: describe(&cfg) })
 }
 
 fn describe(cfg: &DefendConfig) -> String {

@@ -107,32 +107,71 @@ pub fn loss_description(mechanism: &Mechanism, cfg: &TrainConfig) -> String {
 /// Trains `net` in place on `data`.
 pub fn train(net: &mut Net, data: &Dataset, cfg: &TrainConfig) -> Result<TrainReport> {
     let cfg = cfg.clone().validated()?;
-    tch::manual_seed(cfg.seed as i64);
     let mechanism = net.config().mechanism.clone();
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
+    let schedule = Schedule { epochs: cfg.epochs, batch_size: cfg.batch_size, lr: cfg.lr, seed: cfg.seed };
+    optimise(net, data, &schedule, &format!("train {}", mechanism.kind_name()), |net, x, y| Ok(step_loss(net, &mechanism, x, y, &cfg, ic_only)))
+}
+
+/// Epochs, batch size, peak learning rate and seed of an optimisation run.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub epochs: i64,
+    pub batch_size: i64,
+    pub lr: f64,
+    pub seed: u64,
+}
+
+/// The loop shared by training and the training-time defenses: seeds libtorch, freezes all
+/// but the internal classifiers of an SDN (IC-only), then Adam with the one-cycle schedule
+/// over shuffled mini-batches, minimising `batch_loss(net, x, y)`; stops with an error when
+/// the loss is not finite. Frozen variables are thawed afterwards.
+pub fn optimise(
+    net: &mut Net,
+    data: &Dataset,
+    schedule: &Schedule,
+    label: &str,
+    mut batch_loss: impl FnMut(&Net, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<TrainReport> {
+    tch::manual_seed(schedule.seed as i64);
+    let ic_only = matches!(net.config().mechanism, Mechanism::Sdn { .. });
     let frozen = if ic_only { freeze_all_but(net, "exits.") } else { Vec::new() };
-    let mut opt = nn::Adam::default().build(&net.vs, cfg.lr)?;
-    let n = data.len();
-    let steps_per_epoch = (n + cfg.batch_size - 1) / cfg.batch_size;
-    let total = steps_per_epoch * cfg.epochs;
-    let bar = progress_bar(total as u64, &format!("train {}", mechanism.kind_name()));
+    let result = optimise_unfrozen(net, data, schedule, label, &mut batch_loss);
+    for v in frozen {
+        let _ = v.set_requires_grad(true);
+    }
+    result
+}
+
+fn optimise_unfrozen(
+    net: &mut Net,
+    data: &Dataset,
+    schedule: &Schedule,
+    label: &str,
+    batch_loss: &mut impl FnMut(&Net, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<TrainReport> {
+    let mut opt = nn::Adam::default().build(&net.vs, schedule.lr)?;
+    let (n, batch) = (data.len(), schedule.batch_size);
+    let steps_per_epoch = (n + batch - 1) / batch;
+    let total = steps_per_epoch * schedule.epochs;
+    let bar = progress_bar(total as u64, label);
     let start = Instant::now();
     let mut epoch_losses = Vec::new();
     let mut step = 0;
-    for _epoch in 0..cfg.epochs {
+    for _epoch in 0..schedule.epochs {
         let order = Tensor::randperm(n, (Kind::Int64, data.images.device()));
         let mut loss_sum = 0.0;
         for b in 0..steps_per_epoch {
-            let idx = order.narrow(0, b * cfg.batch_size, cfg.batch_size.min(n - b * cfg.batch_size));
+            let idx = order.narrow(0, b * batch, batch.min(n - b * batch));
             let x = data.images.index_select(0, &idx).to_device(net.device());
             let y = data.labels.index_select(0, &idx).to_device(net.device());
-            opt.set_lr(one_cycle_lr(cfg.lr, step, total));
-            let loss = step_loss(net, &mechanism, &x, &y, &cfg, ic_only);
+            opt.set_lr(one_cycle_lr(schedule.lr, step, total));
+            let loss = batch_loss(net, &x, &y)?;
             opt.backward_step(&loss);
             let l = loss.double_value(&[]);
             if !l.is_finite() {
                 bar.abandon();
-                return Err(Error::Model { model: mechanism.kind_name().into(), problem: format!("training diverged: loss {l} at step {step}") });
+                return Err(Error::Model { model: net.config().mechanism.kind_name().into(), problem: format!("{label}: training diverged: loss {l} at step {step}") });
             }
             loss_sum += l;
             step += 1;
@@ -142,9 +181,6 @@ pub fn train(net: &mut Net, data: &Dataset, cfg: &TrainConfig) -> Result<TrainRe
         epoch_losses.push(loss_sum / steps_per_epoch as f64);
     }
     bar.finish_and_clear();
-    for v in frozen {
-        let _ = v.set_requires_grad(true);
-    }
     Ok(TrainReport { epoch_losses, seconds: start.elapsed().as_secs_f64() })
 }
 
