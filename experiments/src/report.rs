@@ -271,7 +271,7 @@ fn summary_table(rows: &[Row]) -> String {
             fixed(r.adv_cost, 3),
             pct(r.recovery),
             fixed(r.seconds, 1),
-            r.flags.len()
+            if r.flags.is_empty() { "–".to_string() } else { format!("{} (see below)", r.flags.len()) }
         );
     }
     md.push('\n');
