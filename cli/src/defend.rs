@@ -8,8 +8,8 @@ use dynrobust_core::data::Split;
 use dynrobust_core::DynamicModel;
 use dynrobust_defenses::denoiser::{Denoiser, DenoiserConfig, DenoiserSidecar, DenoiserTraining};
 use dynrobust_defenses::training::{defend, DefendConfig, Recipe};
-use dynrobust_models::checkpoint::{self, Sidecar, TrainRecord};
-use dynrobust_models::train::evaluate;
+use dynrobust_models::checkpoint::{self, Sidecar};
+use dynrobust_models::train::{evaluate, train_record};
 use serde_json::Value;
 use tch::{Device, Tensor};
 
@@ -90,25 +90,11 @@ pub fn run(args: DefendArgs) -> Result<()> {
     eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());
     let report = defend(&mut net, &train_set, &cfg)?;
     let evaluation = evaluate(&net, &test_set, 256)?;
-    eprintln!("done in {:.0} s; test accuracy {:.2} %, mean cost {:.3}", report.seconds, 100.0 * evaluation.accuracy, evaluation.mean_cost);
+    eprintln!("done in {:.0} s; test accuracy {:.2} %, mean cost {:.3}", report.run.seconds, 100.0 * evaluation.accuracy, evaluation.mean_cost);
     let root = dynrobust_core::data::project_root();
     let sidecar = Sidecar {
         architecture: base.architecture.clone(),
-        training: TrainRecord {
-            data: train_set.name.clone(),
-            train_samples: train_set.len(),
-            seed: cfg.seed,
-            epochs: cfg.epochs,
-            batch_size: cfg.batch_size,
-            lr: cfg.lr,
-            optimizer: "Adam, one-cycle (25 % linear warm-up from lr/25, cosine decay)".into(),
-            loss: report.loss.clone(),
-            init_from: Some(dir.strip_prefix(&root).unwrap_or(&dir).display().to_string()),
-            seconds: report.seconds,
-            final_loss: report.epoch_losses.last().copied().unwrap_or(f64::NAN),
-            command: std::env::args().collect::<Vec<_>>().join(" "),
-            dynrobust_version: env!("CARGO_PKG_VERSION").into(),
-        },
+        training: train_record(&train_set, &report.schedule, &report.run, report.loss.clone(), Some(dir.strip_prefix(&root).unwrap_or(&dir).display().to_string()), std::env::args().collect::<Vec<_>>().join(" ")),
         evaluation,
     };
     checkpoint::save(&net, &sidecar, &args.out).with_context(|| format!("writing {}", args.out.display()))?;

@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynrobust_core::data::{DataSource, Split};
 use dynrobust_core::DynamicModel;
-use dynrobust_models::checkpoint::{self, Sidecar, TrainRecord};
-use dynrobust_models::train::{evaluate, loss_description, train, TrainConfig};
+use dynrobust_models::checkpoint::{self, Sidecar};
+use dynrobust_models::train::{evaluate, loss_description, train, train_record, TrainConfig};
 use dynrobust_models::{Mechanism, ModelConfig, Net};
 use tch::Device;
 
@@ -111,21 +111,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     let sidecar = Sidecar {
         architecture: config,
-        training: TrainRecord {
-            data: train_set.name.clone(),
-            train_samples: train_set.len(),
-            seed: cfg.seed,
-            epochs: cfg.epochs,
-            batch_size: cfg.batch_size,
-            lr: cfg.lr,
-            optimizer: "Adam, one-cycle (25 % linear warm-up from lr/25, cosine decay)".into(),
-            loss: loss_description(&mechanism, &cfg),
-            init_from,
-            seconds: report.seconds,
-            final_loss: report.epoch_losses.last().copied().unwrap_or(f64::NAN),
-            command: std::env::args().collect::<Vec<_>>().join(" "),
-            dynrobust_version: env!("CARGO_PKG_VERSION").into(),
-        },
+        training: train_record(&train_set, &cfg.schedule(), &report, loss_description(&mechanism, &cfg), init_from, std::env::args().collect::<Vec<_>>().join(" ")),
         evaluation,
     };
     let out = args.out.clone().unwrap_or_else(|| checkpoint::committed_dir(&args.model));

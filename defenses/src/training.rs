@@ -20,7 +20,7 @@
 
 use dynrobust_core::data::Dataset;
 use dynrobust_core::{Error, Result, UnitKind};
-use dynrobust_models::train::{optimise, target_rate_loss, Schedule};
+use dynrobust_models::train::{optimise, target_rate_loss, Schedule, TrainReport};
 use dynrobust_models::{Mechanism, Net};
 use serde::{Deserialize, Serialize};
 
@@ -96,17 +96,14 @@ impl DefendConfig {
         DefendConfig { recipe, epochs: 1, batch_size: 128, lr: 5e-4, weight: 5.0, tau: 0.5, attack: attack.into(), attack_params, seed: 0 }
     }
 
+    /// Its epochs, batch size, learning rate and seed.
+    pub fn schedule(&self) -> Schedule {
+        Schedule { epochs: self.epochs, batch_size: self.batch_size, lr: self.lr, seed: self.seed }
+    }
+
     /// Checks every field.
     pub fn validated(self) -> Result<Self> {
-        if self.epochs < 1 {
-            return Err(Error::config("epochs", format!("{}: expected ≥ 1", self.epochs)));
-        }
-        if self.batch_size < 1 {
-            return Err(Error::config("batch_size", format!("{}: expected ≥ 1", self.batch_size)));
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::config("lr", format!("{}: expected a finite value > 0", self.lr)));
-        }
+        self.schedule().check()?;
         if !(self.weight >= 0.0 && self.weight.is_finite()) {
             return Err(Error::config("weight", format!("{}: expected a finite value ≥ 0", self.weight)));
         }
@@ -118,10 +115,12 @@ impl DefendConfig {
 }
 
 /// What a defense run did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct DefendReport {
-    pub epoch_losses: Vec<f64>,
-    pub seconds: f64,
+    /// Losses and wall time of the optimisation.
+    pub run: TrainReport,
+    /// The schedule it ran with.
+    pub schedule: Schedule,
     /// Words for the sidecar's `loss` field.
     pub loss: String,
 }
@@ -134,12 +133,12 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
     let attack = dynrobust_attacks::registry::build(&cfg.attack, &cfg.attack_params)?;
     attack.check_model(net)?;
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
-    let schedule = Schedule { epochs: cfg.epochs, batch_size: cfg.batch_size, lr: cfg.lr, seed: cfg.seed };
-    let report = optimise(net, data, &schedule, &format!("defend {:?}", cfg.recipe), |net, x, y| {
+    let schedule = cfg.schedule();
+    let run = optimise(net, data, &schedule, &format!("defend {:?}", cfg.recipe), |net, x, y| {
         let x_adv = attack.perturb(net, x, y)?.detach();
         Ok(step_loss(net, &mechanism, &cfg, x, &x_adv, y, ic_only))
     })?;
-    Ok(DefendReport { epoch_losses: report.epoch_losses, seconds: report.seconds, loss: describe(&cfg) })
+    Ok(DefendReport { run, schedule, loss: describe(&cfg) })
 }
 
 fn describe(cfg: &DefendConfig) -> String {

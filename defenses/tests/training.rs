@@ -26,7 +26,7 @@ fn gate_consistency_lowers_the_blocks_the_attack_switches_on() {
     let after = measure(&net);
     eprintln!(
         "gate consistency ({:.0} s): switched on {:.3} → {:.3}; recovery {:.3} → {:.3}; clean acc {:.3} → {:.3}; clean cost {:.3} → {:.3}",
-        report.seconds, before.blocks_switched_on, after.blocks_switched_on, before.recovery, after.recovery, before.clean_acc, after.clean_acc, before.clean_cost, after.clean_cost
+        report.run.seconds, before.blocks_switched_on, after.blocks_switched_on, before.recovery, after.recovery, before.clean_acc, after.clean_acc, before.clean_cost, after.clean_cost
     );
     assert!(before.blocks_switched_on > 0.1, "the attack should switch blocks on before the defense: {}", before.blocks_switched_on);
     assert!(after.blocks_switched_on < before.blocks_switched_on, "gate consistency did not lower the switched-on fraction: {} → {}", before.blocks_switched_on, after.blocks_switched_on);

@@ -17,8 +17,8 @@ use dynrobust_core::defense::Adaptivity;
 use dynrobust_core::{Error, Result};
 use dynrobust_defenses::evaluate::run_defended;
 use dynrobust_defenses::registry::DefenseSpec;
-use dynrobust_models::checkpoint::{self, Sidecar, TrainRecord};
-use dynrobust_models::train::{evaluate, loss_description, train, TrainConfig};
+use dynrobust_models::checkpoint::{self, Sidecar};
+use dynrobust_models::train::{evaluate, loss_description, train, train_record, TrainConfig};
 use dynrobust_models::{Mechanism, ModelConfig, Net};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -249,21 +249,7 @@ fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()
     let evaluation = evaluate(&net, &test_set, 256)?;
     let sidecar = Sidecar {
         architecture: config,
-        training: TrainRecord {
-            data: train_set.name.clone(),
-            train_samples: train_set.len(),
-            seed: cfg.seed,
-            epochs: cfg.epochs,
-            batch_size: cfg.batch_size,
-            lr: cfg.lr,
-            optimizer: "Adam, one-cycle (25 % linear warm-up from lr/25, cosine decay)".into(),
-            loss: loss_description(&mechanism, &cfg),
-            init_from,
-            seconds: report.seconds,
-            final_loss: report.epoch_losses.last().copied().unwrap_or(f64::NAN),
-            command: format!("study variant `{name}`: {table}"),
-            dynrobust_version: env!("CARGO_PKG_VERSION").into(),
-        },
+        training: train_record(&train_set, &cfg.schedule(), &report, loss_description(&mechanism, &cfg), init_from, format!("study variant `{name}`: {table}")),
         evaluation,
     };
     checkpoint::save(&net, &sidecar, dir)

@@ -39,6 +39,11 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Its epochs, batch size, learning rate and seed.
+    pub fn schedule(&self) -> Schedule {
+        Schedule { epochs: self.epochs, batch_size: self.batch_size, lr: self.lr, seed: self.seed }
+    }
+
     /// Defaults per family (the settings the committed checkpoints were trained with).
     pub fn default_for(mechanism: &Mechanism) -> Self {
         let (epochs, lr) = match mechanism {
@@ -51,15 +56,7 @@ impl TrainConfig {
 
     /// Checks every field; errors name the field.
     pub fn validated(self) -> Result<Self> {
-        if self.epochs < 1 {
-            return Err(Error::config("epochs", format!("{}: expected ≥ 1", self.epochs)));
-        }
-        if self.batch_size < 1 {
-            return Err(Error::config("batch_size", format!("{}: expected ≥ 1", self.batch_size)));
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::config("lr", format!("{}: expected a finite value > 0", self.lr)));
-        }
+        self.schedule().check()?;
         if !(self.cost_weight >= 0.0 && self.cost_weight.is_finite()) {
             return Err(Error::config("cost_weight", format!("{}: expected a finite value ≥ 0", self.cost_weight)));
         }
@@ -74,6 +71,26 @@ pub struct TrainReport {
     pub epoch_losses: Vec<f64>,
     /// Wall time in seconds.
     pub seconds: f64,
+}
+
+/// The sidecar's training record of one optimisation run (Adam with the one-cycle schedule):
+/// what `train`, `defend` and the runner's variants all write.
+pub fn train_record(data: &Dataset, schedule: &Schedule, report: &TrainReport, loss: String, init_from: Option<String>, command: String) -> crate::checkpoint::TrainRecord {
+    crate::checkpoint::TrainRecord {
+        data: data.name.clone(),
+        train_samples: data.len(),
+        seed: schedule.seed,
+        epochs: schedule.epochs,
+        batch_size: schedule.batch_size,
+        lr: schedule.lr,
+        optimizer: "Adam, one-cycle (25 % linear warm-up from lr/25, cosine decay)".into(),
+        loss,
+        init_from,
+        seconds: report.seconds,
+        final_loss: report.epoch_losses.last().copied().unwrap_or(f64::NAN),
+        command,
+        dynrobust_version: env!("CARGO_PKG_VERSION").into(),
+    }
 }
 
 /// One-cycle learning rate: linear warm-up over the first 25 % from lr/25, cosine decay after.
@@ -109,8 +126,7 @@ pub fn train(net: &mut Net, data: &Dataset, cfg: &TrainConfig) -> Result<TrainRe
     let cfg = cfg.clone().validated()?;
     let mechanism = net.config().mechanism.clone();
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
-    let schedule = Schedule { epochs: cfg.epochs, batch_size: cfg.batch_size, lr: cfg.lr, seed: cfg.seed };
-    optimise(net, data, &schedule, &format!("train {}", mechanism.kind_name()), |net, x, y| Ok(step_loss(net, &mechanism, x, y, &cfg, ic_only)))
+    optimise(net, data, &cfg.schedule(), &format!("train {}", mechanism.kind_name()), |net, x, y| Ok(step_loss(net, &mechanism, x, y, &cfg, ic_only)))
 }
 
 /// Epochs, batch size, peak learning rate and seed of an optimisation run.
@@ -120,6 +136,22 @@ pub struct Schedule {
     pub batch_size: i64,
     pub lr: f64,
     pub seed: u64,
+}
+
+impl Schedule {
+    /// Checks epochs ≥ 1, batch size ≥ 1 and a finite learning rate > 0, naming the field.
+    pub fn check(&self) -> Result<()> {
+        if self.epochs < 1 {
+            return Err(Error::config("epochs", format!("{}: expected ≥ 1", self.epochs)));
+        }
+        if self.batch_size < 1 {
+            return Err(Error::config("batch_size", format!("{}: expected ≥ 1", self.batch_size)));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::config("lr", format!("{}: expected a finite value > 0", self.lr)));
+        }
+        Ok(())
+    }
 }
 
 /// The loop shared by training and the training-time defenses: seeds libtorch, freezes all
