@@ -13,12 +13,14 @@ use dynrobust_core::DynamicModel;
 use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
-use crate::common::{load_model, DataArgs};
+use crate::common::{load_model, to_device, DataArgs, DeviceArgs};
+use dynrobust_models::AnyModel;
 
 /// Options of `dynrobust attack`.
 #[derive(Args, Debug)]
 pub struct AttackArgs {
-    /// Victim: committed model name (static, sdn, gated, skipnet) or checkpoint directory.
+    /// Victim: committed model name (static, sdn, gated, skipnet), checkpoint directory, or a
+    /// TorchScript file (`model.pt`, see the README's "Use your own model").
     #[arg(long)]
     model: String,
     /// Attack name (see `dynrobust list attacks`).
@@ -47,6 +49,8 @@ pub struct AttackArgs {
     surrogate: Option<String>,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Attack the first N test images.
     #[arg(long, default_value_t = 256)]
     n: i64,
@@ -126,13 +130,14 @@ pub fn run(args: AttackArgs) -> Result<()> {
     if args.defense.is_some() {
         return run_defended(args);
     }
-    let victim = load_victim(&args)?;
+    let device = args.device.device()?;
     let inner = registry::build(&args.attack, &overrides(&args)?)?;
+    let data = to_device(args.data.load(Split::Test, Some(args.n))?, device);
+    let victim = load_victim(&args, device, &data.images)?;
     let attack: Box<dyn Attack> = match &args.surrogate {
-        Some(s) => Box::new(Transfer::new(inner, Box::new(load_model(s)?.0))?),
+        Some(s) => Box::new(Transfer::new(inner, Box::new(load_model(s, device, &data.images)?.0))?),
         None => inner,
     };
-    let data = args.data.load(Split::Test, Some(args.n))?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}", args.attack, victim.name()));
     let outcome = run_attack(&victim, &*attack, &data.images, &data.labels, args.batch, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
@@ -151,12 +156,12 @@ pub fn run(args: AttackArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_victim(args: &AttackArgs) -> Result<dynrobust_models::Net> {
-    let (mut victim, _, _) = load_model(&args.model)?;
+fn load_victim(args: &AttackArgs, device: tch::Device, probe: &Tensor) -> Result<AnyModel> {
+    let (mut victim, _) = load_model(&args.model, device, probe)?;
     if let Some(q) = args.threshold {
         victim.set_threshold(q)?;
     }
-    victim.set_twin(args.twin);
+    victim.set_twin(args.twin)?;
     Ok(victim)
 }
 
@@ -171,11 +176,12 @@ fn run_defended(args: AttackArgs) -> Result<()> {
         bail!("--surrogate with --defense: run the transfer attack without --defense, or the defended attack without --surrogate");
     }
     let attack = registry::build(&args.attack, &overrides(&args)?)?;
-    let data = args.data.load(Split::Test, Some(args.n))?;
-    let calibration = matches!(spec, DefenseSpec::Monitor(_)).then(|| args.data.load(Split::Train, Some(2000))).transpose()?;
-    let victim = load_victim(&args)?;
+    let device = args.device.device()?;
+    let data = to_device(args.data.load(Split::Test, Some(args.n))?, device);
+    let calibration = matches!(spec, DefenseSpec::Monitor(_)).then(|| args.data.load(Split::Train, Some(2000)).map(|d| to_device(d, device))).transpose()?;
+    let victim = load_victim(&args, device, &data.images)?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}+{name}", args.attack, victim.name()));
-    let load = || load_victim(&args).map_err(|e| dynrobust_core::Error::config("model", e.to_string()));
+    let load = || load_victim(&args, device, &data.images).map_err(|e| dynrobust_core::Error::config("model", e.to_string()));
     let outcome = dynrobust_defenses::evaluate::run_defended(victim, &load, &spec, mode, &*attack, &data, calibration.as_ref(), args.batch, &mut |d| bar.set_position(d as u64))?;
     bar.finish_and_clear();
     let r = &outcome.record;
@@ -237,8 +243,8 @@ fn save_examples(dir: &Path, clean: &Tensor, adv: &Tensor) -> Result<()> {
     let row = |t: &Tensor| Tensor::cat(&t.narrow(0, 0, k).unbind(0), 2); // [C,H,k·W]
     let diff = ((adv - clean) * 10.0 + 0.5).clamp(0.0, 1.0);
     let grid = Tensor::cat(&[row(clean), row(adv), row(&diff)], 1);
-    tch::vision::image::save(&(grid * 255.0).round().to_kind(Kind::Uint8), dir.join("examples.png"))?;
-    adv.write_npy(dir.join("x_adv.npy"))?;
-    clean.write_npy(dir.join("x_clean.npy"))?;
+    tch::vision::image::save(&(grid * 255.0).round().to_kind(Kind::Uint8).to_device(tch::Device::Cpu), dir.join("examples.png"))?;
+    adv.to_device(tch::Device::Cpu).write_npy(dir.join("x_adv.npy"))?;
+    clean.to_device(tch::Device::Cpu).write_npy(dir.join("x_clean.npy"))?;
     Ok(())
 }

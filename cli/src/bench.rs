@@ -8,7 +8,7 @@ use dynrobust_models::timing::sparse_seconds_per_image;
 use dynrobust_models::train::evaluate;
 use serde_json::json;
 
-use crate::common::{load_model, DataArgs};
+use crate::common::{load_checkpoint, DataArgs};
 
 /// Options of `dynrobust bench`.
 #[derive(Args, Debug)]
@@ -27,6 +27,10 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// `torchscript`: folder holding `static.pt` and `sdn.pt` written by
+    /// `examples/torchscript/export_native.py`.
+    #[arg(long, default_value = "runs/torchscript-native")]
+    script_dir: std::path::PathBuf,
 }
 
 /// Runs `dynrobust bench sparse` (per-image sparse-pass time of each model and of `static` on
@@ -35,7 +39,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what.as_str() {
         "sparse" => sparse(&args),
         "attacks" => attacks(&args),
-        other => anyhow::bail!("bench `{other}`: expected `sparse` or `attacks`"),
+        "torchscript" => torchscript(&args),
+        other => anyhow::bail!("bench `{other}`: expected `sparse`, `attacks` or `torchscript`"),
     }
 }
 
@@ -60,11 +65,11 @@ fn interleaved(stat: &dyn DynamicModel, model: &dyn DynamicModel, images: &tch::
 
 fn sparse(args: &BenchArgs) -> Result<()> {
     let data = args.data.load(Split::Test, Some(args.n))?;
-    let (static_net, _, _) = load_model("static")?;
+    let (static_net, _, _) = load_checkpoint("static")?;
     let b1 = data.images.narrow(0, 0, data.len().min(256));
     eprintln!("{:<8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}", "model", "cost", "static b1", "ms/img b1", "static b128", "ms/img b128", "ratio b1", "ratio b128", "b128/cost");
     for name in &args.models {
-        let (net, _, _) = load_model(name)?;
+        let (net, _, _) = load_checkpoint(name)?;
         let cost = evaluate(&net, &data, 256)?.mean_cost;
         let cost_b1 = evaluate(&net, &data.take(256), 256)?.mean_cost;
         let (s1, t1, r1) = interleaved(&static_net, &net, &b1, 1, args.reps)?;
@@ -111,7 +116,7 @@ pub fn attacks(args: &BenchArgs) -> Result<()> {
     ];
     eprintln!("{:<10} {:<8} {:>5} {:>12} {:>12} {:>8}", "attack", "model", "batch", "fwd+bwd ms", "attack ms/it", "ratio");
     for (attack, model, overrides, iters) in cases {
-        let (net, _, _) = load_model(model)?;
+        let (net, _, _) = load_checkpoint(model)?;
         let atk = dynrobust_attacks::registry::build(attack, &overrides)?;
         for batch in [1i64, 8, 128] {
             let x = data.images.narrow(0, 0, batch);
@@ -128,6 +133,53 @@ pub fn attacks(args: &BenchArgs) -> Result<()> {
             eprintln!("{:<10} {:<8} {:>5} {:>12.3} {:>12.3} {:>8.2}", attack, model, batch, fb * 1e3, per_it * 1e3, per_it / fb);
             println!("{}", json!({"attack": attack, "model": model, "batch": batch, "iterations": iters,
                 "fwd_bwd_ms": fb * 1e3, "attack_ms_per_iteration": per_it * 1e3, "ratio": per_it / fb}));
+        }
+    }
+    Ok(())
+}
+
+/// `dynrobust bench torchscript`: the TorchScript adapter's overhead. The committed `static`
+/// and `sdn` run natively and as TorchScript exports of the same weights (same architecture,
+/// same outputs), interleaved: the sparse pass (inference) and one dense forward+backward to
+/// the input (an attack step), at batch 1 and 128.
+pub fn torchscript(args: &BenchArgs) -> Result<()> {
+    use dynrobust_core::Pass;
+    use tch::Kind;
+    let data = args.data.load(Split::Test, Some(args.n.max(128)))?;
+    eprintln!("{:<7} {:>5} {:>14} {:>14} {:>7} {:>14} {:>14} {:>7}", "model", "batch", "native ms/b", "script ms/b", "ratio", "native f+b ms", "script f+b ms", "ratio");
+    for name in ["static", "sdn"] {
+        let (native, _, _) = load_checkpoint(name)?;
+        let path = args.script_dir.join(format!("{name}.pt"));
+        anyhow::ensure!(path.is_file(), "{} missing: run `.venv/bin/python examples/torchscript/export_native.py --out {}` first", path.display(), args.script_dir.display());
+        let script = dynrobust_models::torchscript::ScriptModel::load(&path, tch::Device::Cpu, &data.images.narrow(0, 0, 16))?;
+        for batch in [1i64, 128] {
+            let x = data.images.narrow(0, 0, batch);
+            let y = data.labels.narrow(0, 0, batch);
+            let sparse = |m: &dyn DynamicModel| median_secs(args.reps, || m.forward_trace(&x, Pass::Sparse).map(|_| ()).map_err(Into::into));
+            let fwd_bwd = |m: &dyn DynamicModel| {
+                median_secs(args.reps, || {
+                    let leaf = x.detach().set_requires_grad(true);
+                    let t = m.forward_trace(&leaf, Pass::Dense)?;
+                    let loss = t.logits.cross_entropy_for_logits(&y) + t.exit_logits.iter().map(|z| z.sum(Kind::Float)).sum::<tch::Tensor>() * 0.0;
+                    let _ = tch::Tensor::run_backward(&[&loss], &[&leaf], false, false);
+                    Ok(())
+                })
+            };
+            let (mut ns, mut ss, mut nf, mut sf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..3 {
+                ns.push(sparse(&native)?);
+                ss.push(sparse(&script)?);
+                nf.push(fwd_bwd(&native)?);
+                sf.push(fwd_bwd(&script)?);
+            }
+            let med = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2] * 1e3
+            };
+            let (ns, ss, nf, sf) = (med(ns), med(ss), med(nf), med(sf));
+            eprintln!("{name:<7} {batch:>5} {ns:>14.3} {ss:>14.3} {:>7.2} {nf:>14.3} {sf:>14.3} {:>7.2}", ss / ns, sf / nf);
+            println!("{}", json!({"model": name, "batch": batch, "native_sparse_ms": ns, "script_sparse_ms": ss, "sparse_ratio": ss / ns,
+                "native_fwd_bwd_ms": nf, "script_fwd_bwd_ms": sf, "fwd_bwd_ratio": sf / nf}));
         }
     }
     Ok(())

@@ -4,15 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dynrobust_core::data::{DataSource, Dataset, Split};
-use dynrobust_models::checkpoint::{self, Sidecar};
-use dynrobust_models::Net;
-use tch::Device;
+use dynrobust_core::data::{DataSpec, Dataset, Split};
+use dynrobust_models::checkpoint;
+use dynrobust_models::{AnyModel, ModelSource};
+use tch::{Device, Tensor};
 
 /// Data-set options.
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Data set: fashion-mnist or mnist.
+    /// Data set: fashion-mnist, mnist, cifar10-bin:DIR (CIFAR-10 binary batches),
+    /// folder:DIR (ImageFolder tree of PNG/JPEG) or npy:DIR ({train,test}_{images,labels}.npy).
     #[arg(long, default_value = "fashion-mnist")]
     pub data: String,
     /// Directory holding the data files (default: searched, see `make data`).
@@ -23,7 +24,7 @@ pub struct DataArgs {
 impl DataArgs {
     /// Loads `split`, keeping the first `n` samples when given.
     pub fn load(&self, split: Split, n: Option<i64>) -> Result<Dataset> {
-        let source = DataSource::parse(&self.data)?;
+        let source = DataSpec::parse(&self.data)?;
         let set = source.load(split, self.data_dir.as_deref())?;
         Ok(match n {
             Some(n) if n < 1 => bail!("--n {n}: expected ≥ 1"),
@@ -33,8 +34,47 @@ impl DataArgs {
     }
 }
 
-/// Loads a committed checkpoint by name or a checkpoint directory.
-pub fn load_model(model: &str) -> Result<(Net, Sidecar, PathBuf)> {
+/// Device option.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Where to run: cpu, cuda or cuda:N (fails at once when the device does not exist).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl DeviceArgs {
+    /// The parsed, checked device.
+    pub fn device(&self) -> Result<Device> {
+        Ok(dynrobust_core::device::parse_device(&self.device)?)
+    }
+}
+
+/// `set` with its tensors moved to `device`.
+pub fn to_device(set: Dataset, device: Device) -> Dataset {
+    if device == Device::Cpu {
+        return set;
+    }
+    Dataset { images: set.images.to_device(device), labels: set.labels.to_device(device), ..set }
+}
+
+/// Loads a committed checkpoint by name, a checkpoint directory or a TorchScript `.pt` file
+/// onto `device`; `probe` (a few images of the data) checks a TorchScript model's protocol.
+/// Protocol warnings are printed.
+pub fn load_model(model: &str, device: Device, probe: &Tensor) -> Result<(AnyModel, ModelSource)> {
+    let probe = probe.narrow(0, 0, probe.size()[0].min(16));
+    let (any, source) = AnyModel::load(model, device, &probe).with_context(|| format!("loading model `{model}`"))?;
+    for w in any.warnings() {
+        eprintln!("WARNING: {w}");
+    }
+    Ok((any, source))
+}
+
+/// Loads a native checkpoint (committed name or directory) on the CPU, with its sidecar and
+/// directory — for commands that train or need the architecture (defend, bench, info).
+pub fn load_checkpoint(model: &str) -> Result<(dynrobust_models::Net, checkpoint::Sidecar, PathBuf)> {
+    if dynrobust_models::any::is_torchscript(model) {
+        bail!("`{model}` is a TorchScript file: this command needs a native dynrobust checkpoint (a name or a directory)");
+    }
     let dir = checkpoint::resolve(model)?;
     let (net, sidecar) = checkpoint::load(&dir, Device::Cpu).with_context(|| format!("loading model `{model}`"))?;
     Ok((net, sidecar, dir))

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tch::{Device, Tensor};
 
 use crate::attack::parse_sets;
-use crate::common::{load_model, DataArgs};
+use crate::common::{load_checkpoint, DataArgs};
 
 /// Options of `dynrobust defend`.
 #[derive(Args, Debug)]
@@ -84,7 +84,7 @@ pub fn run(args: DefendArgs) -> Result<()> {
         map.extend(extra);
     }
     let cfg = cfg.validated()?;
-    let (mut net, base, dir) = load_model(&args.model)?;
+    let (mut net, base, dir) = load_checkpoint(&args.model)?;
     let train_set = args.data.load(Split::Train, None)?.per_class(args.per_class)?;
     let test_set = args.data.load(Split::Test, Some(args.eval_samples))?;
     eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());
@@ -149,7 +149,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     let (mut inputs, mut targets) = (train.images.shallow_clone(), train.images.shallow_clone());
     let mut attacked_with = None;
     if let Some(name) = &args.attack {
-        let (victim, _, _) = load_model(&args.attack_model)?;
+        let (victim, _, _) = load_checkpoint(&args.attack_model)?;
         let attack = dynrobust_attacks::registry::build(name, &Value::Object(parse_sets(&args.attack_set)?))?;
         let subset = train.take(args.attack_samples);
         let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));

@@ -8,16 +8,19 @@ use dynrobust_models::timing::sparse_seconds_per_image;
 use dynrobust_models::train::evaluate;
 use serde_json::json;
 
-use crate::common::{load_model, DataArgs};
+use crate::common::{load_model, to_device, DataArgs, DeviceArgs};
+use dynrobust_models::ModelSource;
 
 /// Options of `dynrobust eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Committed model name (static, sdn, gated, skipnet) or checkpoint directory.
+    /// Committed model name (static, sdn, gated, skipnet), checkpoint directory or TorchScript file.
     #[arg(long)]
     model: String,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Evaluate on the first N test images (default: all 10,000).
     #[arg(long)]
     n: Option<i64>,
@@ -37,12 +40,14 @@ pub struct EvalArgs {
 
 /// Runs `dynrobust eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
-    let (mut net, _sidecar, dir) = load_model(&args.model)?;
+    let device = args.device.device()?;
+    let data = to_device(args.data.load(Split::Test, args.n)?, device);
+    let (mut net, source) = load_model(&args.model, device, &data.images)?;
+    let dir = source.path().to_path_buf();
     if let Some(q) = args.threshold {
         net.set_threshold(q)?;
     }
-    net.set_twin(args.twin);
-    let data = args.data.load(Split::Test, args.n)?;
+    net.set_twin(args.twin)?;
     let record = evaluate(&net, &data, 256)?;
     let (lat1, lat128) = if args.no_latency {
         (None, None)
@@ -90,18 +95,23 @@ pub fn run(args: EvalArgs) -> Result<()> {
 /// Options of `dynrobust info`.
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// Committed model name or checkpoint directory.
+    /// Committed model name, checkpoint directory or TorchScript file.
     #[arg(long)]
     model: String,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 /// Prints the units of a model and their MACs.
 pub fn info(args: InfoArgs) -> Result<()> {
-    let (net, sidecar, dir) = load_model(&args.model)?;
-    println!("{} ({}), static MACs {}", net.name(), dir.display(), net.static_macs());
+    let probe = args.data.load(Split::Test, Some(8))?.images;
+    let (net, source) = load_model(&args.model, tch::Device::Cpu, &probe)?;
+    println!("{} ({}), {:?}, static MACs {}", net.name(), source.path().display(), net.family(), net.static_macs());
     for u in net.units() {
         println!("  {:<22} {:<9} {:>9}", u.name, format!("{:?}", u.kind), u.macs);
     }
-    println!("trained: {}", serde_json::to_string(&sidecar.training)?);
+    if let ModelSource::Checkpoint { sidecar, .. } = &source {
+        println!("trained: {}", serde_json::to_string(&sidecar.training)?);
+    }
     Ok(())
 }

@@ -30,6 +30,8 @@ pub struct RunArgs {
     /// Print the cells and exit.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    device: crate::common::DeviceArgs,
 }
 
 fn load_study(path: &Path) -> Result<Study> {
@@ -42,6 +44,7 @@ fn out_dir(study: &Study, out: &Option<PathBuf>) -> PathBuf {
 
 /// Runs `dynrobust run`.
 pub fn run(args: RunArgs) -> Result<()> {
+    let device = args.device.device()?;
     let study = load_study(&args.study)?;
     let out = out_dir(&study, &args.out);
     let cells = match &args.shard {
@@ -65,7 +68,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let variants = out.join("models");
     prepare_variants(&study, &variants)?;
     eprintln!("study {}: {} cells into {} ({} workers × {} libtorch threads)", study.name, cells.len(), out.display(), workers, threads);
-    let exec = RealExecutor { variants_dir: variants, threads_per_worker: threads };
+    let exec = RealExecutor { variants_dir: variants, threads_per_worker: threads, device };
     let summary = run_cells(&exec, &cells, &store, workers, true)?;
     eprintln!("finished {} cells, skipped {} already done, {} failed, in {:.0} s", summary.finished, summary.skipped, summary.failures.len(), summary.seconds);
     for f in &summary.failures {

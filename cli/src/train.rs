@@ -4,14 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dynrobust_core::data::{DataSource, Split};
+use dynrobust_core::data::{DataSpec, Split};
 use dynrobust_core::DynamicModel;
 use dynrobust_models::checkpoint::{self, Sidecar};
-use dynrobust_models::train::{evaluate, loss_description, train, train_record, TrainConfig};
-use dynrobust_models::{Mechanism, ModelConfig, Net};
-use tch::Device;
+use dynrobust_models::train::{evaluate, loss_description, train, train_joint, train_record, TrainConfig, SDN_JOINT_LOSS};
+use dynrobust_models::{Mechanism, Net};
 
-use crate::common::DataArgs;
+use crate::common::{DataArgs, DeviceArgs};
 
 /// Options of `dynrobust train`.
 #[derive(Args, Debug)]
@@ -51,10 +50,14 @@ pub struct TrainArgs {
     /// Weight λ of the target-rate loss (gated, skipnet).
     #[arg(long, default_value_t = 5.0)]
     cost_weight: f64,
-    /// Static checkpoint to start from (sdn, gated, skipnet); a name or a directory.
-    #[arg(long, default_value = "static")]
-    init: String,
-    /// Output checkpoint directory (default: models/checkpoints/<model>).
+    /// Static checkpoint to start from (sdn, gated, skipnet); a name, a directory, or `none` to
+    /// train from scratch (default: `static` on Fashion-MNIST/MNIST, `none` for other data).
+    #[arg(long)]
+    init: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Output checkpoint directory (default: models/checkpoints/<model>; required for data
+    /// other than Fashion-MNIST).
     #[arg(long)]
     out: Option<PathBuf>,
     /// libtorch intra-op threads (default: libtorch's choice).
@@ -78,9 +81,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         tch::set_num_threads(t);
     }
     let mechanism = mechanism(&args)?;
-    let source = DataSource::parse(&args.data.data)?;
-    let (mean, std) = source.normalisation();
-    let config = ModelConfig::resnet14n(mechanism.clone(), mean, std)?;
+    let device = args.device.device()?;
+    let source = DataSpec::parse(&args.data.data)?;
+    let out = match (&args.out, &source) {
+        (Some(out), _) => out.clone(),
+        (None, DataSpec::Named(dynrobust_core::data::DataSource::FashionMnist)) => checkpoint::committed_dir(&args.model),
+        (None, _) => bail!("--out DIR is required when training on {} (the committed checkpoints are Fashion-MNIST models)", source.name()),
+    };
     let defaults = TrainConfig::default_for(&mechanism);
     let cfg = TrainConfig {
         epochs: args.epochs.unwrap_or(defaults.epochs),
@@ -95,12 +102,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");
         train_set = train_set.per_class(k)?;
     }
-    let test_set = args.data.load(Split::Test, args.eval_samples)?;
+    let test_set = crate::common::to_device(args.data.load(Split::Test, args.eval_samples)?, device);
+    let config = dynrobust_experiments::execute::config_for_data(mechanism.clone(), &source, &train_set)?;
+    let train_set = crate::common::to_device(train_set, device);
     tch::manual_seed(args.seed as i64);
-    let mut net = Net::new(config.clone(), Device::Cpu)?;
+    let mut net = Net::new(config.clone(), device)?;
     let init_from = init_weights(&mut net, &args, &mechanism)?;
     eprintln!("training {} on {} ({} images), {} epochs, seed {}", args.model, train_set.name, train_set.len(), cfg.epochs, cfg.seed);
-    let report = train(&mut net, &train_set, &cfg)?;
+    let joint = matches!(mechanism, Mechanism::Sdn { .. }) && init_from.is_none();
+    let report = if joint { train_joint(&mut net, &train_set, &cfg)? } else { train(&mut net, &train_set, &cfg)? };
     let evaluation = evaluate(&net, &test_set, 256)?;
     eprintln!(
         "done in {:.0} s: loss {:.4}; test accuracy {:.2} %, mean cost {:.3}",
@@ -111,20 +121,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     let sidecar = Sidecar {
         architecture: config,
-        training: train_record(&train_set, &cfg.schedule(), &report, loss_description(&mechanism, &cfg), init_from, std::env::args().collect::<Vec<_>>().join(" ")),
+        training: train_record(&train_set, &cfg.schedule(), &report, if joint { SDN_JOINT_LOSS.to_string() } else { loss_description(&mechanism, &cfg) }, init_from, std::env::args().collect::<Vec<_>>().join(" ")),
         evaluation,
     };
-    let out = args.out.clone().unwrap_or_else(|| checkpoint::committed_dir(&args.model));
     checkpoint::save(&net, &sidecar, &out).with_context(|| format!("writing checkpoint to {}", out.display()))?;
     eprintln!("wrote {} ({} static MACs)", out.display(), net.static_macs());
     Ok(())
 }
 
 fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism) -> Result<Option<String>> {
-    if matches!(mechanism, Mechanism::Static) {
+    let fits_static = (net.config().in_channels, net.config().image_size) == (1, 28);
+    let init = args.init.clone().unwrap_or_else(|| if fits_static { "static".into() } else { "none".into() });
+    if matches!(mechanism, Mechanism::Static) || init == "none" {
         return Ok(None);
     }
-    let dir = checkpoint::resolve(&args.init).with_context(|| format!("--init {}: the {} model starts from static weights; train `static` first", args.init, args.model))?;
+    let dir = checkpoint::resolve(&init).with_context(|| format!("--init {init}: the {} model starts from static weights; train `static` first (or pass --init none)", args.model))?;
     let fresh = checkpoint::init_from(net, &dir.join(checkpoint::WEIGHTS_FILE))?;
     eprintln!("initialised from {} ({} new tensors)", dir.display(), fresh.len());
     let root = dynrobust_core::data::project_root();

@@ -1,7 +1,9 @@
-//! Data sets: validated loaders for IDX files (gzipped or not) and the MNIST CSV.
+//! Data sets: validated loaders for IDX files (gzipped or not) and the MNIST CSV, and
+//! [`DataSpec`], the one way to name a data set (a shipped one, or the user's own files in one
+//! of the formats of [`crate::formats`]: CIFAR-10 binary, image folder, `.npy` arrays).
 //!
-//! Images come out as `[N,1,28,28]` float32 in [0,1] and labels as `[N]` int64. Normalisation
-//! lives inside the models, so attacks work in pixel space.
+//! Images come out as `[N,C,H,W]` float32 in [0,1] (`[N,1,28,28]` for the shipped sets) and
+//! labels as `[N]` int64. Normalisation lives inside the models, so attacks work in pixel space.
 //!
 //! Fashion-MNIST (Xiao, Rasul, Vollgraf 2017) comes from Debian's `dataset-fashion-mnist`
 //! (`/usr/share/datasets/fashion-mnist`), or from the project folder `data/fashion-mnist` when
@@ -15,7 +17,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 
-/// Number of classes of both shipped data sets.
+/// Number of classes of the shipped data sets and of CIFAR-10.
 pub const CLASSES: i64 = 10;
 
 /// A labelled image set held in memory.
@@ -34,6 +36,14 @@ impl Dataset {
     pub fn len(&self) -> i64 {
         self.labels.size()[0]
     }
+    /// Number of classes: the largest label plus one (0 for an empty set).
+    pub fn num_classes(&self) -> i64 {
+        if self.is_empty() {
+            0
+        } else {
+            self.labels.max().int64_value(&[]) + 1
+        }
+    }
     /// True when there are no samples.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -49,9 +59,10 @@ impl Dataset {
     }
     /// The first `k` samples of every class, in data-set order (for weak surrogates trained
     /// on k samples per class). Errors when a class has fewer than `k`.
+    /// Classes are `0..=max label`, so a class without samples is an error too.
     pub fn per_class(&self, k: i64) -> Result<Dataset> {
         let mut picks = Vec::new();
-        for class in 0..CLASSES {
+        for class in 0..self.num_classes() {
             let idx = self.labels.eq(class).nonzero().squeeze_dim(1);
             let have = idx.size()[0];
             if have < k {
@@ -91,7 +102,8 @@ impl Split {
             Split::Test => "t10k",
         }
     }
-    fn label(self) -> &'static str {
+    /// `train` or `test`, as used in data-set names and file names.
+    pub fn label(self) -> &'static str {
         match self {
             Split::Train => "train",
             Split::Test => "test",
@@ -194,6 +206,134 @@ impl DataSource {
     }
 }
 
+/// A data set as the user names it: a shipped one, or a directory in one of the
+/// bring-your-own-data formats of [`crate::formats`].
+///
+/// The string forms ([`DataSpec::parse`], [`DataSpec::name`], and serde, which uses them) are
+/// `fashion-mnist` (alias `fmnist`, `fashion_mnist`), `mnist`, `cifar10-bin:DIR` (alias
+/// `cifar10:DIR`), `folder:DIR` and `npy:DIR`. `DIR` is used as given (relative to the
+/// working directory when relative).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataSpec {
+    /// A shipped data set, found in its search directories or an explicit directory.
+    Named(DataSource),
+    /// The CIFAR-10 binary version ([`crate::formats::load_cifar10_bin`]).
+    Cifar10Bin(PathBuf),
+    /// An image-folder tree ([`crate::formats::load_image_folder`]).
+    Folder(PathBuf),
+    /// `.npy` arrays `{train,test}_{images,labels}.npy` ([`crate::formats::load_npy_dir`]).
+    Npy(PathBuf),
+}
+
+const DATA_SPEC_FORMS: &str =
+    "fashion-mnist, mnist, cifar10-bin:DIR (CIFAR-10 binary batches), folder:DIR (one subfolder \
+     of images per class) or npy:DIR ({train,test}_{images,labels}.npy)";
+
+impl DataSpec {
+    /// Parses one of the string forms listed on [`DataSpec`].
+    pub fn parse(s: &str) -> Result<Self> {
+        if let Some((prefix, dir)) = s.split_once(':') {
+            let make: fn(PathBuf) -> DataSpec = match prefix {
+                "cifar10-bin" | "cifar10" => DataSpec::Cifar10Bin,
+                "folder" => DataSpec::Folder,
+                "npy" => DataSpec::Npy,
+                _ => {
+                    return Err(Error::config(
+                        "data",
+                        format!("unknown data-set prefix `{prefix}:` in `{s}`; expected one of: {DATA_SPEC_FORMS}"),
+                    ))
+                }
+            };
+            if dir.is_empty() {
+                return Err(Error::config("data", format!("`{s}` names no directory: expected {prefix}:DIR")));
+            }
+            return Ok(make(PathBuf::from(dir)));
+        }
+        DataSource::parse(s).map(DataSpec::Named).map_err(|_| {
+            Error::config("data", format!("unknown data set `{s}`; expected one of: {DATA_SPEC_FORMS}"))
+        })
+    }
+
+    /// The canonical string form, e.g. `fashion-mnist` or `cifar10-bin:/data/cifar`.
+    pub fn name(&self) -> String {
+        match self {
+            DataSpec::Named(source) => source.name().to_string(),
+            DataSpec::Cifar10Bin(dir) => format!("cifar10-bin:{}", dir.display()),
+            DataSpec::Folder(dir) => format!("folder:{}", dir.display()),
+            DataSpec::Npy(dir) => format!("npy:{}", dir.display()),
+        }
+    }
+
+    /// The shipped data set, if this is one.
+    pub fn source(&self) -> Option<DataSource> {
+        match self {
+            DataSpec::Named(source) => Some(*source),
+            _ => None,
+        }
+    }
+
+    /// Loads `split`. `dir_override` is the directory of a shipped data set (`--data-dir`);
+    /// the other forms carry their directory and ignore it.
+    ///
+    /// Names: `fashion-mnist/test`, `mnist/train`, `cifar10/train`, `folder:<dir>/test`,
+    /// `npy:<dir>/train`.
+    pub fn load(&self, split: Split, dir_override: Option<&Path>) -> Result<Dataset> {
+        match self {
+            DataSpec::Named(source) => source.load(split, dir_override),
+            DataSpec::Cifar10Bin(dir) => crate::formats::load_cifar10_bin(dir, split),
+            DataSpec::Folder(dir) => crate::formats::load_image_folder(dir, split).map(|(set, _)| set),
+            DataSpec::Npy(dir) => crate::formats::load_npy_dir(dir, split),
+        }
+    }
+
+    /// Per-channel (mean, std) for the models' built-in normalisation: the published values of
+    /// the shipped sets ([`DataSource::normalisation`], one channel), the standard CIFAR-10
+    /// values for `cifar10-bin`, and statistics of `train`'s images for `folder` and `npy`
+    /// ([`crate::formats::channel_stats`]; population std, 1 for a constant channel).
+    pub fn normalisation_for(&self, train: &Dataset) -> (Vec<f64>, Vec<f64>) {
+        match self {
+            DataSpec::Named(source) => {
+                let (mean, std) = source.normalisation();
+                (vec![mean], vec![std])
+            }
+            DataSpec::Cifar10Bin(_) => (crate::formats::CIFAR10_MEAN.to_vec(), crate::formats::CIFAR10_STD.to_vec()),
+            DataSpec::Folder(_) | DataSpec::Npy(_) => crate::formats::channel_stats(&train.images),
+        }
+    }
+}
+
+impl From<DataSource> for DataSpec {
+    fn from(source: DataSource) -> Self {
+        DataSpec::Named(source)
+    }
+}
+
+impl std::fmt::Display for DataSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl std::str::FromStr for DataSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        DataSpec::parse(s)
+    }
+}
+
+impl serde::Serialize for DataSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DataSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        DataSpec::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// The project's root folder (the workspace root this binary was built from), or
 /// `DYNROBUST_HOME` when set.
 pub fn project_root() -> PathBuf {
@@ -251,7 +391,9 @@ pub fn load_idx_pair(images_path: &Path, labels_path: &Path) -> Result<Dataset> 
     })
 }
 
-fn check_labels(path: &Path, labels: &[u8]) -> Result<()> {
+/// Checks that every label of a 10-class format (IDX, MNIST CSV, CIFAR-10) is below 10, naming
+/// the first bad record.
+pub(crate) fn check_labels(path: &Path, labels: &[u8]) -> Result<()> {
     match labels.iter().position(|&l| l as i64 >= CLASSES) {
         Some(i) => Err(Error::data(
             path,

@@ -7,8 +7,10 @@
 pub mod attack;
 pub mod data;
 pub mod defense;
+pub mod device;
 pub mod energy;
 pub mod error;
+pub mod formats;
 pub mod metrics;
 pub mod protocol;
 pub mod rng;

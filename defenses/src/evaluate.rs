@@ -10,7 +10,7 @@ use dynrobust_core::attack::Attack;
 use dynrobust_core::data::Dataset;
 use dynrobust_core::defense::Adaptivity;
 use dynrobust_core::{cost_of, DynamicModel, Pass, Result};
-use dynrobust_models::Net;
+use dynrobust_models::AnyModel;
 use serde_json::{json, Value};
 use tch::Tensor;
 
@@ -29,12 +29,13 @@ pub struct DefendedOutcome {
     pub x_adv: Tensor,
 }
 
-/// Runs `attack` against `net` behind `defense`. `load` gives a second copy of the bare
-/// network when an oblivious run needs one; `calibration` is clean data for the cost monitor.
+/// Runs `attack` against `net` (native or TorchScript) behind `defense`. `load` gives a second
+/// copy of the bare network when an oblivious run needs one; `calibration` is clean data for
+/// the cost monitor. The budget cap needs a native network.
 #[allow(clippy::too_many_arguments)]
 pub fn run_defended(
-    net: Net,
-    load: &dyn Fn() -> Result<Net>,
+    net: AnyModel,
+    load: &dyn Fn() -> Result<AnyModel>,
     defense: &DefenseSpec,
     mode: Adaptivity,
     attack: &dyn Attack,
@@ -52,8 +53,8 @@ pub fn run_defended(
         }
         DefenseSpec::Budget(cfg) => {
             let mut capped = net;
-            apply_budget(&mut capped, cfg)?;
-            let bound = capped.budget_bound_macs().map(|m| m as f64 / capped.static_macs() as f64);
+            apply_budget(capped.native_mut("the budget cap")?, cfg)?;
+            let bound = capped.as_native().and_then(|n| n.budget_bound_macs()).map(|m| m as f64 / capped.static_macs() as f64);
             extra["budget_bound_cost"] = json!(bound);
             let oblivious = (mode == Adaptivity::Oblivious).then(load).transpose()?;
             (Box::new(capped), oblivious.map(|n| Box::new(n) as Box<dyn DynamicModel>))

@@ -12,14 +12,14 @@ use dynrobust_attacks::evaluate::PerSample;
 use dynrobust_attacks::registry as attacks;
 use dynrobust_attacks::transfer::Transfer;
 use dynrobust_core::attack::Attack;
-use dynrobust_core::data::{DataSource, Dataset, Split};
+use dynrobust_core::data::{DataSpec, Dataset, Split};
 use dynrobust_core::defense::Adaptivity;
 use dynrobust_core::{Error, Result};
 use dynrobust_defenses::evaluate::run_defended;
 use dynrobust_defenses::registry::DefenseSpec;
 use dynrobust_models::checkpoint::{self, Sidecar};
-use dynrobust_models::train::{evaluate, loss_description, train, train_record, TrainConfig};
-use dynrobust_models::{Mechanism, ModelConfig, Net};
+use dynrobust_models::train::{evaluate, loss_description, train, train_joint, train_record, TrainConfig, SDN_JOINT_LOSS};
+use dynrobust_models::{AnyModel, Mechanism, ModelConfig, Net};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::Device;
@@ -43,18 +43,23 @@ pub struct RealExecutor {
     pub variants_dir: PathBuf,
     /// libtorch intra-op threads per worker.
     pub threads_per_worker: i32,
+    /// Where models and data live (`--device`).
+    pub device: Device,
 }
 
 /// Per-thread state: loaded data sets.
 pub struct Worker {
     data: BTreeMap<(String, bool), Dataset>,
+    device: Device,
 }
 
 impl Worker {
     fn data(&mut self, name: &str, split: Split) -> Result<&Dataset> {
         let key = (name.to_string(), matches!(split, Split::Train));
         if !self.data.contains_key(&key) {
-            let set = DataSource::parse(name)?.load(split, None)?;
+            let mut set = DataSpec::parse(name)?.load(split, None)?;
+            set.images = set.images.to_device(self.device);
+            set.labels = set.labels.to_device(self.device);
             self.data.insert(key.clone(), set);
         }
         Ok(&self.data[&key])
@@ -62,20 +67,19 @@ impl Worker {
 }
 
 impl RealExecutor {
-    /// Loads the network a model reference names.
-    pub fn load(&self, model: &ModelRef) -> Result<Net> {
-        let dir = match &model.train {
-            Some(_) => self.variants_dir.join(&model.name),
-            None => checkpoint::resolve(&model.base)?,
+    /// Loads the network a model reference names (a TorchScript model is checked on `probe`).
+    pub fn load(&self, model: &ModelRef, probe: &tch::Tensor) -> Result<AnyModel> {
+        let mut any = match &model.train {
+            Some(_) => AnyModel::Native(checkpoint::load(&self.variants_dir.join(&model.name), self.device)?.0),
+            None => AnyModel::load(&model.base, self.device, probe)?.0,
         };
-        let (mut net, _) = checkpoint::load(&dir, Device::Cpu)?;
         if let Some(q) = model.threshold {
-            net.set_threshold(q)?;
+            any.set_threshold(q)?;
         }
         if let Some(exits) = &model.exits {
-            net.set_active_exits(exits.clone())?;
+            any.native_mut("exit placement (`exits`)")?.set_active_exits(exits.clone())?;
         }
-        Ok(net)
+        Ok(any)
     }
 
     fn defense(&self, cell: &Cell) -> Result<(DefenseSpec, Adaptivity)> {
@@ -93,7 +97,7 @@ impl RealExecutor {
         Ok((spec, mode))
     }
 
-    fn attack(&self, cell: &Cell) -> Result<Box<dyn Attack>> {
+    fn attack(&self, cell: &Cell, probe: &tch::Tensor) -> Result<Box<dyn Attack>> {
         let c = &cell.config;
         let mut params = if c.attack.params.is_null() { json!({}) } else { c.attack.params.clone() };
         if let (Some(eps), Some(map)) = (c.eps, params.as_object_mut()) {
@@ -106,7 +110,7 @@ impl RealExecutor {
         }
         let inner = attacks::build(&c.attack.name, &params)?;
         Ok(match &c.surrogate {
-            Some(s) => Box::new(Transfer::new(inner, Box::new(self.load(s)?))?),
+            Some(s) => Box::new(Transfer::new(inner, Box::new(self.load(s, probe)?))?),
             None => inner,
         })
     }
@@ -117,24 +121,25 @@ impl Executor for RealExecutor {
 
     fn worker(&self) -> Result<Worker> {
         tch::set_num_threads(self.threads_per_worker);
-        Ok(Worker { data: BTreeMap::new() })
+        Ok(Worker { data: BTreeMap::new(), device: self.device })
     }
 
     fn run(&self, worker: &mut Worker, cell: &Cell) -> Result<CellOutput> {
         let c = &cell.config;
         tch::manual_seed(c.seed as i64);
         let (spec, mode) = self.defense(cell)?;
-        let net = match &spec {
-            DefenseSpec::Trained { checkpoint, .. } => checkpoint::load(&checkpoint::resolve(checkpoint)?, Device::Cpu)?.0,
-            _ => self.load(&c.model)?,
-        };
-        let attack = self.attack(cell)?;
         let calibration = match &spec {
             DefenseSpec::Monitor(m) => Some(worker.data(&c.data, Split::Train)?.take(m.calibration)),
             _ => None,
         };
         let data = worker.data(&c.data, Split::Test)?.take(c.n as i64);
-        let load = || self.load(&c.model);
+        let probe = data.images.narrow(0, 0, data.len().min(8));
+        let net = match &spec {
+            DefenseSpec::Trained { checkpoint, .. } => AnyModel::Native(checkpoint::load(&checkpoint::resolve(checkpoint)?, self.device)?.0),
+            _ => self.load(&c.model, &probe)?,
+        };
+        let attack = self.attack(cell, &probe)?;
+        let load = || self.load(&c.model, &probe);
         let outcome = run_defended(net, &load, &spec, mode, &*attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {})?;
         let mut record = outcome.record;
         let extra = json!({
@@ -226,31 +231,43 @@ fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()
         "skipnet" => Mechanism::Skipnet { target_rate: v.target_rate.unwrap_or(0.6) },
         other => return Err(Error::config(format!("{field}.model"), format!("`{other}`: expected static, sdn, gated or skipnet"))),
     };
-    let source = DataSource::parse(data)?;
-    let (mean, std) = source.normalisation();
-    let config = ModelConfig::resnet14n(mechanism.clone(), mean, std)?;
+    let source = DataSpec::parse(data)?;
+    let mut train_set = source.load(Split::Train, None)?;
+    let config = config_for_data(mechanism.clone(), &source, &train_set)?;
     let defaults = TrainConfig::default_for(&mechanism);
     let cfg = TrainConfig { epochs: v.epochs.unwrap_or(defaults.epochs), lr: v.lr.unwrap_or(defaults.lr), seed: v.seed, ..defaults }.validated()?;
-    let mut train_set = source.load(Split::Train, None)?;
     if let Some(k) = v.per_class {
         train_set = train_set.per_class(k)?;
     }
     let test_set = source.load(Split::Test, None)?.take(2000);
     tch::manual_seed(v.seed as i64);
     let mut net = Net::new(config.clone(), Device::Cpu)?;
-    let init_from = if matches!(mechanism, Mechanism::Static) {
+    // the committed static weights fit only the 1×28×28, 10-class backbone; other shapes train from scratch
+    let fits_static = (config.in_channels, config.image_size, config.classes) == (1, 28, 10);
+    let init_from = if matches!(mechanism, Mechanism::Static) || !fits_static {
         None
     } else {
         checkpoint::init_from(&mut net, &checkpoint::committed_dir("static").join(checkpoint::WEIGHTS_FILE))?;
         Some("models/checkpoints/static".to_string())
     };
     eprintln!("training variant {name} ({}) on {} images", v.model, train_set.len());
-    let report = train(&mut net, &train_set, &cfg)?;
+    let joint = matches!(mechanism, Mechanism::Sdn { .. }) && init_from.is_none();
+    let report = if joint { train_joint(&mut net, &train_set, &cfg)? } else { train(&mut net, &train_set, &cfg)? };
     let evaluation = evaluate(&net, &test_set, 256)?;
+    let loss = if joint { SDN_JOINT_LOSS.to_string() } else { loss_description(&mechanism, &cfg) };
     let sidecar = Sidecar {
         architecture: config,
-        training: train_record(&train_set, &cfg.schedule(), &report, loss_description(&mechanism, &cfg), init_from, format!("study variant `{name}`: {table}")),
+        training: train_record(&train_set, &cfg.schedule(), &report, loss, init_from, format!("study variant `{name}`: {table}")),
         evaluation,
     };
     checkpoint::save(&net, &sidecar, dir)
+}
+
+/// The architecture for `data`: ResNet-14n for 1×28×28 images, the ResNet-20 layout otherwise,
+/// with the data set's normalisation inside the model and as many classes as its labels use.
+pub fn config_for_data(mechanism: Mechanism, source: &DataSpec, train: &Dataset) -> Result<ModelConfig> {
+    let (mean, std) = source.normalisation_for(train);
+    let dims = train.images.size();
+    let classes = (i64::try_from(train.labels.max())? + 1).max(2);
+    ModelConfig::for_input(mechanism, dims[1], dims[2], classes, mean, std)
 }

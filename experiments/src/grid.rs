@@ -295,20 +295,21 @@ impl Cx<'_> {
         Ok(Models { known, grid })
     }
 
-    /// A registry model, a variant, or an existing checkpoint directory.
+    /// A registry model, a variant, an existing checkpoint directory or TorchScript file.
     fn model_ref(&self, key: &str, name: &Spanned<String>, variants: &BTreeMap<String, ModelRef>) -> Result<ModelRef> {
         let n = name.get_ref().as_str();
         if let Some(v) = variants.get(n) {
             return Ok(v.clone());
         }
-        if self.registry.models.iter().any(|m| m == n) || Path::new(n).is_dir() {
+        let script = dynrobust_models::any::is_torchscript(n) && Path::new(n).is_file();
+        if self.registry.models.iter().any(|m| m == n) || Path::new(n).is_dir() || script {
             return Ok(ModelRef { name: n.to_string(), base: n.to_string(), threshold: None, exits: None, train: None });
         }
         let mut valid: Vec<&str> = self.registry.models.iter().map(String::as_str).collect();
         valid.extend(variants.keys().map(String::as_str).filter(|v| !self.registry.models.iter().any(|m| m == v)));
         Err(self.err(
             &name.span(),
-            format!("`{key}`: unknown model `{n}`; expected one of: {} (or an existing checkpoint directory)", valid.join(", ")),
+            format!("`{key}`: unknown model `{n}`; expected one of: {} (or an existing checkpoint directory or TorchScript .pt file)", valid.join(", ")),
         ))
     }
 

@@ -79,6 +79,23 @@ impl ModelConfig {
         .validated()
     }
 
+    /// ResNet-20-style backbone for 3×32×32 (CIFAR-shaped) inputs: stem 3→16; stages 16/32/64
+    /// with 3 BasicBlocks each (He et al., CVPR 2016, §4.2); the per-channel normalisation is
+    /// applied inside the model.
+    pub fn resnet20(mechanism: Mechanism, mean: Vec<f64>, std: Vec<f64>, classes: i64) -> Result<Self> {
+        ModelConfig { mechanism, widths: vec![16, 32, 64], blocks_per_stage: 3, in_channels: 3, image_size: 32, classes, mean, std }.validated()
+    }
+
+    /// The default backbone for inputs of `channels`×`size`×`size`: ResNet-14n for 1×28×28
+    /// (Fashion-MNIST/MNIST), the ResNet-20 layout (widths 16/32/64, 3 blocks per stage) for
+    /// anything else.
+    pub fn for_input(mechanism: Mechanism, channels: i64, size: i64, classes: i64, mean: Vec<f64>, std: Vec<f64>) -> Result<Self> {
+        if (channels, size) == (1, 28) {
+            return ModelConfig { mechanism, widths: vec![8, 16, 32], blocks_per_stage: 2, in_channels: 1, image_size: 28, classes, mean, std }.validated();
+        }
+        ModelConfig { mechanism, widths: vec![16, 32, 64], blocks_per_stage: 3, in_channels: channels, image_size: size, classes, mean, std }.validated()
+    }
+
     /// Checks every field; the error names the field.
     pub fn validated(self) -> Result<Self> {
         if self.widths.is_empty() || self.widths.iter().any(|&w| w < 1) {

@@ -11,14 +11,21 @@
 //!   gate decides whether the next block runs.
 //!
 //! Each is a [`Net`] implementing [`dynrobust_core::DynamicModel`]; `set_twin(true)` gives
-//! its static twin (gates forced open / no early exit).
+//! its static twin (gates forced open / no early exit). The same families exist for 3×32×32
+//! inputs on a ResNet-20 layout ([`ModelConfig::resnet20`]).
+//!
+//! A user's own PyTorch model, scripted with `torch.jit.script`, is a
+//! [`torchscript::ScriptModel`]; [`AnyModel`] holds either kind.
 
+pub mod any;
 pub mod checkpoint;
 pub mod config;
 pub mod layers;
 pub mod net;
 pub mod timing;
+pub mod torchscript;
 pub mod train;
 
+pub use any::{AnyModel, ModelSource};
 pub use config::{Mechanism, ModelConfig};
 pub use net::Net;

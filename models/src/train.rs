@@ -129,6 +129,27 @@ pub fn train(net: &mut Net, data: &Dataset, cfg: &TrainConfig) -> Result<TrainRe
     optimise(net, data, &cfg.schedule(), &format!("train {}", mechanism.kind_name()), |net, x, y| Ok(step_loss(net, &mechanism, x, y, &cfg, ic_only)))
 }
 
+/// Trains every weight of `net` at once, nothing frozen. For an SDN this is joint training
+/// (the SDN paper's "SDN-training", Kaya et al. ICML 2019 §4, with equal weights): the final
+/// head's cross-entropy plus the sum of the internal classifiers'. Used when there is no
+/// pre-trained backbone to start from (another data set or input shape); other families train
+/// as in [`train`].
+pub fn train_joint(net: &mut Net, data: &Dataset, cfg: &TrainConfig) -> Result<TrainReport> {
+    let cfg = cfg.clone().validated()?;
+    let mechanism = net.config().mechanism.clone();
+    if !matches!(mechanism, Mechanism::Sdn { .. }) {
+        return train(net, data, &cfg);
+    }
+    tch::manual_seed(cfg.seed as i64);
+    optimise_unfrozen(net, data, &cfg.schedule(), "train sdn (joint)", &mut |net: &Net, x: &Tensor, y: &Tensor| {
+        let out = net.forward_train(x, true, false);
+        Ok(out.exit_logits.iter().map(|z| z.cross_entropy_for_logits(y)).sum::<Tensor>() + out.logits.cross_entropy_for_logits(y))
+    })
+}
+
+/// The sidecar's words for [`train_joint`] of an SDN.
+pub const SDN_JOINT_LOSS: &str = "joint SDN training: final-head cross-entropy + sum over internal classifiers of cross-entropy, every weight trained";
+
 /// Epochs, batch size, peak learning rate and seed of an optimisation run.
 #[derive(Debug, Clone, Copy)]
 pub struct Schedule {
