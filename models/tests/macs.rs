@@ -70,3 +70,24 @@ fn internal_classifier_macs_match_hand_computation() {
     }
     assert_eq!(n.units().iter().filter(|u| u.kind == UnitKind::Exit).count(), 6);
 }
+
+#[test]
+fn resnet20_layout_macs_match_hand_computation() {
+    let cifar = |m: Mechanism| Net::new(ModelConfig::resnet20(m, vec![0.4914, 0.4822, 0.4465], vec![0.2470, 0.2435, 0.2616], 10).unwrap(), Device::Cpu).unwrap();
+    let n = cifar(Mechanism::Static);
+    assert_eq!(macs_of(&n, "stem"), 9 * 3 * 16 * 32 * 32);
+    // stage 1: three blocks of two 3×3 16→16 convs at 32×32
+    assert_eq!(macs_of(&n, "block0.residual"), 2 * 9 * 16 * 16 * 32 * 32);
+    // stage 2 block 0 (block 3): 3×3 16→32 stride 2 (16×16) + 3×3 32→32; shortcut 1×1 16→32
+    assert_eq!(macs_of(&n, "block3.residual"), 9 * 16 * 32 * 256 + 9 * 32 * 32 * 256);
+    assert_eq!(macs_of(&n, "block3.shortcut"), 16 * 32 * 256);
+    // stage 3 block 0 (block 6): 3×3 32→64 stride 2 (8×8) + 3×3 64→64; shortcut 1×1 32→64
+    assert_eq!(macs_of(&n, "block6.residual") + macs_of(&n, "block6.shortcut"), 9 * 32 * 64 * 64 + 9 * 64 * 64 * 64 + 32 * 64 * 64);
+    assert_eq!(macs_of(&n, "head"), 64 * 10);
+    assert_eq!(n.static_macs(), 40_813_184);
+    assert_eq!(n.units().len(), 1 + 9 + 2 + 1);
+    // an SDN IC after block 0 (16×32×32, pooled by 8 to 4×4): linear 16·16 → 10
+    let sdn = cifar(Mechanism::Sdn { threshold: 0.9 });
+    assert_eq!(macs_of(&sdn, "exit0"), 16 * 4 * 4 * 10);
+    assert_eq!(sdn.static_macs(), 40_813_184, "ICs are not part of the static twin");
+}
