@@ -115,9 +115,9 @@ fn energy_attacks_raise_the_cost_of_scripted_models() {
     let data = dynrobust_core::testing::test_images(64);
     let (images, labels) = (data.images, data.labels);
     for (name, attack, params) in [
-        ("gated", "ilfo", serde_json::json!({})),
-        ("gated", "gradauto", serde_json::json!({})),
-        ("sdn", "deepsloth", serde_json::json!({"eps": 8.0 / 255.0, "seed": 1})),
+        ("gated", "ilfo", serde_json::json!({"steps": 100})),
+        ("gated", "gradauto", serde_json::json!({"iterations": 50})),
+        ("sdn", "deepsloth", serde_json::json!({"eps": 8.0 / 255.0, "steps": 10, "seed": 1})),
     ] {
         let model = load(name, &images);
         let attack = dynrobust_attacks::registry::build(attack, &params).unwrap();

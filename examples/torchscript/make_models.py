@@ -21,7 +21,8 @@ Run from the repository root with the project's venv (after `make setup`):
 
 The script reloads each saved file with torch.jit.load and asserts that forward (dense) and
 forward_sparse (real skipping) agree on the probe batch and that macs == executed @ unit_macs.
-About 30-60 s with the default 300 training steps on 2 CPU cores.
+About 70 s with the default 300 training steps per model on one free CPU core (it uses 2
+threads; less with two idle cores). Results are deterministic for a given --seed.
 """
 import argparse
 import gzip
@@ -32,6 +33,10 @@ import sys
 import time
 from typing import Dict, List
 
+# Idle OpenMP threads sleep instead of spinning: with 2 threads on a 2-core machine that is also
+# running something else (a cargo build, a study), spinning threads wait a whole scheduler slice
+# at every op and a training step takes ~20x longer. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 import torch.nn as nn
@@ -96,17 +101,20 @@ class BasicBlock(nn.Module):
 
 class Gate(nn.Module):
     """Feed-forward gate (SkipNet's FFGate / ConvNet-AIG style): global average pool of the
-    block input -> Linear(C, hidden) -> ReLU -> Linear(hidden, 1) -> sigmoid. Returns the soft
-    execute-probability p [B]; the block runs iff p > 0.5."""
+    block input -> Linear(C, hidden) -> BN -> ReLU -> Linear(hidden, 1) -> sigmoid. Returns the
+    soft execute-probability p [B]; the block runs iff p > 0.5. (The BN, as in ConvNet-AIG,
+    standardises the small differences between the pooled features of different inputs, so
+    the gate can make clear input-dependent decisions.)"""
 
     def __init__(self, c: int, hidden: int = 16):
         super().__init__()
         self.fc1 = nn.Linear(c, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, 1)
         self.macs = c * hidden + hidden
 
     def logit(self, h: Tensor) -> Tensor:
-        return self.fc2(F.relu(self.fc1(h.mean((2, 3))))).squeeze(1)
+        return self.fc2(F.relu(self.bn(self.fc1(h.mean((2, 3)))))).squeeze(1)
 
     def forward(self, h: Tensor) -> Tensor:
         return torch.sigmoid(self.logit(h))
@@ -368,8 +376,10 @@ class ExitNet(nn.Module):
 # ----------------------------------------------------------------------------- data
 
 def default_data_dir():
+    """The first of <repo>/data/fashion-mnist and /usr/share/datasets/fashion-mnist that holds
+    the test labels (as scripts/setup.sh looks for them)."""
     for d in (os.path.join(ROOT, "data", "fashion-mnist"), "/usr/share/datasets/fashion-mnist"):
-        if os.path.isdir(d):
+        if any(os.path.exists(os.path.join(d, f)) for f in ("t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte")):
             return d
     return None
 
@@ -399,7 +409,7 @@ def as_float(x_u8: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- training
 
 def train(model: nn.Module, kind: str, xtr: Tensor, ytr: Tensor, steps: int, seed: int, lr: float,
-          target_rate: float, rate_weight: float) -> dict:
+          target_rate: float, rate_weight: float, entropy_weight: float) -> dict:
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     # linear decay to 0: most of the accuracy a short run can reach
@@ -418,19 +428,23 @@ def train(model: nn.Module, kind: str, xtr: Tensor, ytr: Tensor, steps: int, see
             # input-dependent rather than all-on / all-off
             rates = [((p > 0.5).float() + p - p.detach()).mean() for p in out["gate_probs"]]
             rate_loss = sum((r - target_rate) ** 2 for r in rates) / len(rates)
-            loss = ce + rate_weight * rate_loss
-            last = {"ce": round(ce.item(), 3), "rate_loss": round(rate_loss.item(), 4),
-                    "rates": [round(r.item(), 3) for r in rates]}
+            # mean binary entropy of the gate probabilities: decisions clearly on or off
+            # (without it p stays close to 0.5 and any tiny perturbation flips a gate)
+            p = torch.stack(out["gate_probs"], 1).clamp(1e-6, 1 - 1e-6)
+            entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+            loss = ce + rate_weight * rate_loss + entropy_weight * entropy
+            last = {"ce": round(ce.detach().item(), 3), "rate_loss": round(rate_loss.detach().item(), 4),
+                    "entropy": round(entropy.detach().item(), 3), "rates": [round(r.detach().item(), 3) for r in rates]}
         else:
             ces = [F.cross_entropy(z, y) for z in out["exit_logits"] + out["final_logits"]]
             loss = sum(ces)
-            last = {"ce": [round(c.item(), 3) for c in ces]}
+            last = {"ce": [round(c.detach().item(), 3) for c in ces]}
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if steps >= 4 and (step + 1) % max(steps // 4, 1) == 0:
-            print(f"  [{kind}] step {step + 1}/{steps} loss {float(loss):.3f} {last}", flush=True)
+            print(f"  [{kind}] step {step + 1}/{steps} loss {loss.detach().item():.3f} {last}", flush=True)
     if steps > 0:
         recalibrate_bn(model, xtr)
     model.eval()
@@ -443,7 +457,7 @@ def train(model: nn.Module, kind: str, xtr: Tensor, ytr: Tensor, steps: int, see
 def recalibrate_bn(model: nn.Module, xtr: Tensor, n: int = 2048, bs: int = 256) -> None:
     """Recomputes the BatchNorm running statistics with the final weights (cumulative average
     over n training images): after a few hundred fast steps the momentum averages still lag."""
-    bns = [mod for mod in model.modules() if isinstance(mod, nn.BatchNorm2d)]
+    bns = [mod for mod in model.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
@@ -534,7 +548,8 @@ def summarise(m, kind: str, x: Tensor, y: Tensor) -> dict:
             "per_sample_rate_std": round(per_sample.std().item(), 4),
             "distinct_patterns": patterns,
             "gate_prob_mean": round(probs.mean().item(), 4),
-            "gate_probs_near_half": round(((probs - 0.5).abs() < 0.05).float().mean().item(), 4),
+            "gate_probs_within_0.05_of_half": round(((probs - 0.5).abs() < 0.05).float().mean().item(), 4),
+            "gate_prob_margin_median": round((probs - 0.5).abs().median().item(), 4),
         })
     else:
         ei = d["exit_index"][0]
@@ -559,6 +574,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threshold", type=float, default=0.9, help="SDN exit threshold q (max-softmax)")
     ap.add_argument("--target-rate", type=float, default=0.6, help="gated: target execution rate per gate")
     ap.add_argument("--rate-weight", type=float, default=5.0, help="gated: weight of the target-rate penalty")
+    ap.add_argument("--entropy-weight", type=float, default=0.1, help="gated: weight of the gate-entropy penalty")
     ap.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (decays linearly to 0)")
     args = ap.parse_args(argv)
 
@@ -587,16 +603,18 @@ def main(argv=None) -> None:
             model = GatedNet()
             calibrate_gates(model, as_float(xtr[:512]))
             settings = {"loss": f"CE + {args.rate_weight} * mean_g (rate_g - {args.target_rate})^2 "
+                                f"+ {args.entropy_weight} * mean binary entropy of p "
                                 "(rate_g = batch mean of gate g's straight-through hard decision)",
                         "target_rate": args.target_rate, "rate_weight": args.rate_weight,
-                        "gate": "GAP -> Linear(C,16) -> ReLU -> Linear(16,1) -> sigmoid; run iff p > 0.5; "
+                        "entropy_weight": args.entropy_weight,
+                        "gate": "GAP -> Linear(C,16) -> BN -> ReLU -> Linear(16,1) -> sigmoid; run iff p > 0.5; "
                                 "output bias initialised to the median logit on 512 training images"}
         else:
             model = ExitNet(threshold=args.threshold)
             settings = {"loss": "sum of the cross-entropies of every IC and the final head",
                         "threshold": args.threshold, "ic": "adaptive avg pool 4x4 -> Linear"}
         settings.update(train(model, kind, xtr, ytr, args.train_steps, args.seed, args.lr,
-                              args.target_rate, args.rate_weight))
+                              args.target_rate, args.rate_weight, args.entropy_weight))
         model.eval()
         path = os.path.join(args.out, f"{kind}.pt")
         torch.jit.save(torch.jit.script(model), path)
@@ -621,7 +639,8 @@ def main(argv=None) -> None:
                f"mean cost {info['mean_cost']:.3f} (static {info['static_macs']:,} MACs)"
         if kind == "gated":
             line += f", gated-block execution rate {info['gated_block_rate']:.3f} (per gate {info['per_gate_rate']}, " \
-                    f"per-sample std {info['per_sample_rate_std']:.3f}, {info['distinct_patterns']} distinct patterns)"
+                    f"per-sample std {info['per_sample_rate_std']:.3f}, {info['distinct_patterns']} distinct patterns, " \
+                    f"median |p - 0.5| {info['gate_prob_margin_median']:.3f})"
         else:
             line += f", q = {info['threshold']}, exits {info['exit_distribution']}, IC accuracy {info['ic_accuracy']}"
         print(line + f"; {info['seconds']:.1f} s", flush=True)
