@@ -14,6 +14,8 @@ use crate::net::Net;
 use crate::torchscript::ScriptModel;
 
 /// A native network or a TorchScript model.
+// few, long-lived values: boxing the larger variant would buy nothing
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnyModel {
     /// A dynrobust [`Net`] loaded from a checkpoint directory.
