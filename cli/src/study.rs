@@ -32,6 +32,10 @@ pub struct RunArgs {
     dry_run: bool,
     #[command(flatten)]
     device: crate::common::DeviceArgs,
+    /// Do not share crafted examples between cells that craft on the bare model (oblivious and
+    /// undefended cells; stored in OUT/craft-cache).
+    #[arg(long)]
+    no_craft_cache: bool,
 }
 
 fn load_study(path: &Path) -> Result<Study> {
@@ -68,7 +72,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let variants = out.join("models");
     prepare_variants(&study, &variants)?;
     eprintln!("study {}: {} cells into {} ({} workers × {} libtorch threads)", study.name, cells.len(), out.display(), workers, threads);
-    let exec = RealExecutor { variants_dir: variants, threads_per_worker: threads, device };
+    let exec = RealExecutor { variants_dir: variants, threads_per_worker: threads, device, craft_cache: (!args.no_craft_cache).then(|| out.join("craft-cache")) };
     let summary = run_cells(&exec, &cells, &store, workers, true)?;
     eprintln!("finished {} cells, skipped {} already done, {} failed, in {:.0} s", summary.finished, summary.skipped, summary.failures.len(), summary.seconds);
     for f in &summary.failures {

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::Device;
 
+use crate::craft_cache::CraftCache;
 use crate::runner::{CellOutput, Executor};
 use crate::study::{Cell, DefenseMode, ModelRef, Registry, Study};
 
@@ -45,6 +46,9 @@ pub struct RealExecutor {
     pub threads_per_worker: i32,
     /// Where models and data live (`--device`).
     pub device: Device,
+    /// Where crafted examples are shared between cells that craft on the bare model
+    /// (`OUT/craft-cache`; `None` turns the cache off). See [`CraftCache`].
+    pub craft_cache: Option<PathBuf>,
 }
 
 /// Per-thread state: loaded data sets.
@@ -139,9 +143,22 @@ impl Executor for RealExecutor {
             _ => self.load(&c.model, &probe)?,
         };
         let attack = self.attack(cell, &probe)?;
+        let (cached, plain) = match (&self.craft_cache, crafts_on_bare_model(&spec, mode)) {
+            (Some(dir), true) => (Some(CraftCache::new(attack, dir, &craft_identity(c))), None),
+            _ => (None, Some(attack)),
+        };
+        let attack: &dyn Attack = match (&cached, &plain) {
+            (Some(cache), _) => cache,
+            (None, Some(plain)) => &**plain,
+            (None, None) => unreachable!("one of the two is set"),
+        };
         let load = || self.load(&c.model, &probe);
-        let outcome = run_defended(net, &load, &spec, mode, &*attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {})?;
+        let outcome = run_defended(net, &load, &spec, mode, attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {})?;
         let mut record = outcome.record;
+        if let Some(cache) = cached.as_ref().filter(|c| c.all_hits()) {
+            record["seconds"] = json!(cache.cached_seconds());
+            record["craft_cache"] = json!("hit");
+        }
         let extra = json!({
             "model": c.model.name,
             "label": c.attack.label,
@@ -165,6 +182,22 @@ impl Executor for RealExecutor {
             ("libtorch".to_string(), "2.13.0".to_string()),
         ])
     }
+}
+
+/// True when the cell's examples are crafted on the bare model it names (undefended, cost
+/// monitor, or any oblivious cell), so they equal those of every other such cell.
+fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
+    match spec {
+        DefenseSpec::None | DefenseSpec::Monitor(_) => true,
+        DefenseSpec::Trained { .. } => false,
+        DefenseSpec::Transform { .. } | DefenseSpec::Budget(_) => mode == Adaptivity::Oblivious,
+    }
+}
+
+/// Everything the crafted examples depend on.
+fn craft_identity(c: &crate::study::CellConfig) -> Value {
+    json!({ "model": c.model, "surrogate": c.surrogate, "attack": c.attack.name, "params": c.attack.params,
+            "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch })
 }
 
 /// The iteration count in an attack config (steps or iterations), if any.

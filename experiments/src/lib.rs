@@ -7,6 +7,7 @@
 //! This crate knows nothing about models, attacks or defenses: the caller supplies the plugin
 //! names ([`study::Registry`]) and an [`runner::Executor`] that runs one cell.
 
+pub mod craft_cache;
 pub mod execute;
 mod findings;
 mod grid;

@@ -1,0 +1,106 @@
+//! Adversarial examples shared between cells that craft exactly the same thing.
+//!
+//! An oblivious cell crafts on the bare model — the same examples, bit for bit, as the
+//! undefended cell of the same model, attack, ε, seed and data, and as every other oblivious
+//! defense of that model. In `experiments/defenses.toml` that is 40 of 100 cells recomputing
+//! an attack that already ran. [`CraftCache`] wraps the attack of such a cell: each batch's
+//! examples are stored under `OUT/craft-cache/<key>-<batch>.safetensors` (written atomically,
+//! with the clean batch and the crafting time) the first time, and read back afterwards when
+//! the clean batch is identical. A cell whose every batch came from the cache reports the
+//! original crafting time and says `"craft_cache": "hit"` in its record.
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+
+use dynrobust_core::attack::{Attack, Goal, Norm, Requirements};
+use dynrobust_core::{DynamicModel, Error, Result};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+/// An attack whose crafted batches are cached on disk.
+pub struct CraftCache {
+    inner: Box<dyn Attack>,
+    dir: PathBuf,
+    key: String,
+    calls: Cell<usize>,
+    hits: Cell<usize>,
+    cached_seconds: Cell<f64>,
+}
+
+impl CraftCache {
+    /// Wraps `inner`; `identity` must name everything the crafted examples depend on (crafting
+    /// model, attack and its config, ε, seed, data, n, batch).
+    pub fn new(inner: Box<dyn Attack>, dir: &Path, identity: &Value) -> Self {
+        let digest = Sha256::digest(identity.to_string().as_bytes());
+        let key: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
+        CraftCache { inner, dir: dir.to_path_buf(), key, calls: Cell::new(0), hits: Cell::new(0), cached_seconds: Cell::new(0.0) }
+    }
+
+    /// True when every batch crafted so far came from the cache.
+    pub fn all_hits(&self) -> bool {
+        self.calls.get() > 0 && self.hits.get() == self.calls.get()
+    }
+
+    /// The crafting seconds recorded with the cached batches.
+    pub fn cached_seconds(&self) -> f64 {
+        self.cached_seconds.get()
+    }
+
+    fn path(&self, batch: usize) -> PathBuf {
+        self.dir.join(format!("{}-{batch}.safetensors", self.key))
+    }
+
+    fn lookup(&self, path: &Path, x: &Tensor) -> Option<(Tensor, f64)> {
+        let named = Tensor::read_safetensors(path).ok()?;
+        let get = |k: &str| named.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone());
+        let (clean, adv, seconds) = (get("x")?, get("x_adv")?, get("seconds")?);
+        if clean.size() != x.size() || !clean.equal(&x.to_device(Device::Cpu)) {
+            return None;
+        }
+        Some((adv.to_device(x.device()), seconds.double_value(&[0])))
+    }
+
+    fn store(&self, path: &Path, x: &Tensor, x_adv: &Tensor, seconds: f64) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous();
+        let secs = Tensor::from_slice(&[seconds]).to_kind(Kind::Double);
+        Tensor::write_safetensors(&[("x", cpu(x)), ("x_adv", cpu(x_adv)), ("seconds", secs)], &tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+}
+
+impl Attack for CraftCache {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn goal(&self) -> Goal {
+        self.inner.goal()
+    }
+    fn requirements(&self) -> Requirements {
+        self.inner.requirements()
+    }
+    fn config_json(&self) -> Value {
+        self.inner.config_json()
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        self.inner.budget()
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let batch = self.calls.get();
+        self.calls.set(batch + 1);
+        let path = self.path(batch);
+        if let Some((x_adv, seconds)) = self.lookup(&path, x) {
+            self.hits.set(self.hits.get() + 1);
+            self.cached_seconds.set(self.cached_seconds.get() + seconds);
+            return Ok(x_adv);
+        }
+        let start = std::time::Instant::now();
+        let x_adv = self.inner.perturb(model, x, y)?;
+        let seconds = start.elapsed().as_secs_f64();
+        self.cached_seconds.set(self.cached_seconds.get() + seconds);
+        self.store(&path, x, &x_adv.detach(), seconds)?;
+        Ok(x_adv)
+    }
+}
