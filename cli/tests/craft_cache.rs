@@ -52,28 +52,54 @@ fn records(out: &Path) -> Vec<(String, Value)> {
     v
 }
 
-#[test]
-fn cached_crafting_gives_the_results_of_crafting_every_time() {
-    let tmp = tempfile::tempdir().unwrap();
-    let study = tmp.path().join("cache.toml");
-    std::fs::write(&study, STUDY).unwrap();
+const TRANSFER: &str = r#"
+name = "cache-transfer"
+data = "fashion-mnist"
+n = 32
+batch = 32
+seeds = [0]
+eps = ["8/255"]
+models = ["static", "sdn", "skipnet"]
+
+[[attacks]]
+name = "pgd-linf"
+params = { steps = 2 }
+surrogates = ["gated"]
+
+[[defenses]]
+name = "none"
+"#;
+
+fn run_both(tmp: &Path, text: &str) -> (Vec<(String, Value)>, Vec<(String, Value)>) {
+    let study = tmp.join("study.toml");
+    std::fs::write(&study, text).unwrap();
     let run = |name: &str, extra: &[&str]| {
-        let out = tmp.path().join(name);
+        let out = tmp.join(name);
         let mut args = vec!["run", study.to_str().unwrap(), "--out", out.to_str().unwrap(), "--workers", "1", "--no-report"];
         args.extend_from_slice(extra);
         let o = dynrobust(&args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         records(&out)
     };
-    let (cached, fresh) = (run("cached", &[]), run("fresh", &["--no-craft-cache"]));
-    assert_eq!(cached.len(), 4);
+    (run("cached", &[]), run("fresh", &["--no-craft-cache"]))
+}
+
+fn assert_same(cached: &[(String, Value)], fresh: &[(String, Value)]) {
     assert_eq!(cached.iter().map(|c| &c.0).collect::<Vec<_>>(), fresh.iter().map(|c| &c.0).collect::<Vec<_>>());
-    for ((id, a), (_, b)) in cached.iter().zip(&fresh) {
+    for ((id, a), (_, b)) in cached.iter().zip(fresh.iter()) {
         for key in ["clean_acc", "adv_acc", "clean_cost", "adv_cost", "recovery", "l2_mean", "linf_max", "mse", "adv_exit_hist", "flags"] {
             assert_eq!(a[key], b[key], "cell {id} ({} {}): {key}", a["defense_label"], a["defense_mode"]);
         }
         assert!(b.get("craft_cache").is_none(), "no cache, no hit");
     }
+}
+
+#[test]
+fn cached_crafting_gives_the_results_of_crafting_every_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cached, fresh) = run_both(tmp.path(), STUDY);
+    assert_eq!(cached.len(), 4);
+    assert_same(&cached, &fresh);
     let hits: Vec<&Value> = cached.iter().map(|c| &c.1).filter(|r| r["craft_cache"] == "hit").collect();
     // none, bitdepth-oblivious and median-oblivious craft the same examples: the first crafts,
     // the other two read; the adaptive bitdepth cell crafts through the defense and never reads
@@ -82,4 +108,15 @@ fn cached_crafting_gives_the_results_of_crafting_every_time() {
     assert!(hits.iter().all(|r| r["seconds"].as_f64().unwrap() > 0.0), "the original crafting time is reported");
     assert!(cached.iter().any(|c| c.1["defense"] == "bitdepth" && c.1["defense_mode"] == "adaptive" && c.1.get("craft_cache").is_none()));
     assert_eq!(std::fs::read_dir(tmp.path().join("cached/craft-cache")).unwrap().count(), 2, "one file per batch");
+}
+
+#[test]
+fn transfer_cells_share_the_surrogate_examples_across_victims() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cached, fresh) = run_both(tmp.path(), TRANSFER);
+    assert_eq!(cached.len(), 3);
+    assert_same(&cached, &fresh);
+    let hits = cached.iter().filter(|c| c.1["craft_cache"] == "hit").count();
+    assert_eq!(hits, 2, "crafted once on gated, read for the other two victims: {cached:?}");
+    assert_eq!(std::fs::read_dir(tmp.path().join("cached/craft-cache")).unwrap().count(), 1);
 }

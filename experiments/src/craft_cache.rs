@@ -3,7 +3,8 @@
 //! An oblivious cell crafts on the bare model — the same examples, bit for bit, as the
 //! undefended cell of the same model, attack, ε, seed and data, and as every other oblivious
 //! defense of that model. In `experiments/defenses.toml` that is 40 of 100 cells recomputing
-//! an attack that already ran. [`CraftCache`] wraps the attack of such a cell: each batch's
+//! an attack that already ran. A transfer cell crafts on its surrogate, whatever the victim:
+//! the seed study's transfer matrices craft each surrogate's examples once. [`CraftCache`] wraps the attack of such a cell: each batch's
 //! examples are stored under `OUT/craft-cache/<key>-<batch>.safetensors` (written atomically,
 //! with the clean batch and the crafting time) the first time, and read back afterwards when
 //! the clean batch is identical. A cell whose every batch came from the cache reports the

@@ -143,7 +143,7 @@ impl Executor for RealExecutor {
             _ => self.load(&c.model, &probe)?,
         };
         let attack = self.attack(cell, &probe)?;
-        let (cached, plain) = match (&self.craft_cache, crafts_on_bare_model(&spec, mode)) {
+        let (cached, plain) = match (&self.craft_cache, c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) {
             (Some(dir), true) => (Some(CraftCache::new(attack, dir, &craft_identity(c))), None),
             _ => (None, Some(attack)),
         };
@@ -194,9 +194,11 @@ fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
     }
 }
 
-/// Everything the crafted examples depend on.
+/// Everything the crafted examples depend on. A transfer attack crafts on its surrogate
+/// whatever the victim and its defense, so its cells share examples across victims.
 fn craft_identity(c: &crate::study::CellConfig) -> Value {
-    json!({ "model": c.model, "surrogate": c.surrogate, "attack": c.attack.name, "params": c.attack.params,
+    let crafting_model = c.surrogate.as_ref().unwrap_or(&c.model);
+    json!({ "crafting_model": crafting_model, "transfer": c.surrogate.is_some(), "attack": c.attack.name, "params": c.attack.params,
             "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch })
 }
 
