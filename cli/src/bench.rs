@@ -8,7 +8,7 @@ use dynrobust_models::timing::sparse_seconds_per_image;
 use dynrobust_models::train::evaluate;
 use serde_json::json;
 
-use crate::common::{load_checkpoint, DataArgs};
+use crate::common::{load_checkpoint, to_device, DataArgs, DeviceArgs};
 
 /// Options of `dynrobust bench`.
 #[derive(Args, Debug)]
@@ -31,11 +31,14 @@ pub struct BenchArgs {
     /// `examples/torchscript/export_native.py`.
     #[arg(long, default_value = "runs/torchscript-native")]
     script_dir: std::path::PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 /// Runs `dynrobust bench sparse` (per-image sparse-pass time of each model and of `static` on
 /// the same images, their ratio next to the mean cost) or `dynrobust bench attacks`.
 pub fn run(args: BenchArgs) -> Result<()> {
+    args.device.device()?;
     match args.what.as_str() {
         "sparse" => sparse(&args),
         "attacks" => attacks(&args),
@@ -64,12 +67,12 @@ fn interleaved(stat: &dyn DynamicModel, model: &dyn DynamicModel, images: &tch::
 }
 
 fn sparse(args: &BenchArgs) -> Result<()> {
-    let data = args.data.load(Split::Test, Some(args.n))?;
-    let (static_net, _, _) = load_checkpoint("static")?;
+    let data = to_device(args.data.load(Split::Test, Some(args.n))?, args.device.device()?);
+    let (static_net, _, _) = load_checkpoint("static", args.device.device()?)?;
     let b1 = data.images.narrow(0, 0, data.len().min(256));
     eprintln!("{:<8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}", "model", "cost", "static b1", "ms/img b1", "static b128", "ms/img b128", "ratio b1", "ratio b128", "b128/cost");
     for name in &args.models {
-        let (net, _, _) = load_checkpoint(name)?;
+        let (net, _, _) = load_checkpoint(name, args.device.device()?)?;
         let cost = evaluate(&net, &data, 256)?.mean_cost;
         let cost_b1 = evaluate(&net, &data.take(256), 256)?.mean_cost;
         let (s1, t1, r1) = interleaved(&static_net, &net, &b1, 1, args.reps)?;
@@ -104,7 +107,7 @@ fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 pub fn attacks(args: &BenchArgs) -> Result<()> {
     use dynrobust_core::Pass;
     use tch::Kind;
-    let data = args.data.load(Split::Test, Some(128))?;
+    let data = to_device(args.data.load(Split::Test, Some(128))?, args.device.device()?);
     // (attack, model, overrides with the iteration count, iterations)
     let cases: [(&str, &str, serde_json::Value, usize); 6] = [
         ("pgd-linf", "static", json!({"steps": 10}), 10),
@@ -116,7 +119,7 @@ pub fn attacks(args: &BenchArgs) -> Result<()> {
     ];
     eprintln!("{:<10} {:<8} {:>5} {:>12} {:>12} {:>8}", "attack", "model", "batch", "fwd+bwd ms", "attack ms/it", "ratio");
     for (attack, model, overrides, iters) in cases {
-        let (net, _, _) = load_checkpoint(model)?;
+        let (net, _, _) = load_checkpoint(model, args.device.device()?)?;
         let atk = dynrobust_attacks::registry::build(attack, &overrides)?;
         for batch in [1i64, 8, 128] {
             let x = data.images.narrow(0, 0, batch);
@@ -145,13 +148,13 @@ pub fn attacks(args: &BenchArgs) -> Result<()> {
 pub fn torchscript(args: &BenchArgs) -> Result<()> {
     use dynrobust_core::Pass;
     use tch::Kind;
-    let data = args.data.load(Split::Test, Some(args.n.max(128)))?;
+    let data = to_device(args.data.load(Split::Test, Some(args.n.max(128)))?, args.device.device()?);
     eprintln!("{:<7} {:>5} {:>14} {:>14} {:>7} {:>14} {:>14} {:>7}", "model", "batch", "native ms/b", "script ms/b", "ratio", "native f+b ms", "script f+b ms", "ratio");
     for name in ["static", "sdn"] {
-        let (native, _, _) = load_checkpoint(name)?;
+        let (native, _, _) = load_checkpoint(name, args.device.device()?)?;
         let path = args.script_dir.join(format!("{name}.pt"));
         anyhow::ensure!(path.is_file(), "{} missing: run `.venv/bin/python examples/torchscript/export_native.py --out {}` first", path.display(), args.script_dir.display());
-        let script = dynrobust_models::torchscript::ScriptModel::load(&path, tch::Device::Cpu, &data.images.narrow(0, 0, 16))?;
+        let script = dynrobust_models::torchscript::ScriptModel::load(&path, args.device.device()?, &data.images.narrow(0, 0, 16))?;
         for batch in [1i64, 128] {
             let x = data.images.narrow(0, 0, batch);
             let y = data.labels.narrow(0, 0, batch);

@@ -70,13 +70,13 @@ pub fn load_model(model: &str, device: Device, probe: &Tensor) -> Result<(AnyMod
 }
 
 /// Loads a native checkpoint (committed name or directory) on the CPU, with its sidecar and
-/// directory — for commands that train or need the architecture (defend, bench, info).
-pub fn load_checkpoint(model: &str) -> Result<(dynrobust_models::Net, checkpoint::Sidecar, PathBuf)> {
+/// directory — for commands that train or need the architecture (defend, bench).
+pub fn load_checkpoint(model: &str, device: Device) -> Result<(dynrobust_models::Net, checkpoint::Sidecar, PathBuf)> {
     if dynrobust_models::any::is_torchscript(model) {
         bail!("`{model}` is a TorchScript file: this command needs a native dynrobust checkpoint (a name or a directory)");
     }
     let dir = checkpoint::resolve(model)?;
-    let (net, sidecar) = checkpoint::load(&dir, Device::Cpu).with_context(|| format!("loading model `{model}`"))?;
+    let (net, sidecar) = checkpoint::load(&dir, device).with_context(|| format!("loading model `{model}`"))?;
     Ok((net, sidecar, dir))
 }
 

@@ -11,10 +11,10 @@ use dynrobust_defenses::training::{defend, DefendConfig, Recipe};
 use dynrobust_models::checkpoint::{self, Sidecar};
 use dynrobust_models::train::{evaluate, train_record};
 use serde_json::Value;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use crate::attack::parse_sets;
-use crate::common::{load_checkpoint, DataArgs};
+use crate::common::{load_checkpoint, to_device, DataArgs, DeviceArgs};
 
 /// Options of `dynrobust defend`.
 #[derive(Args, Debug)]
@@ -27,6 +27,8 @@ pub struct DefendArgs {
     recipe: String,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Training images per class (the first K of each class of the training split).
     #[arg(long, default_value_t = 200)]
     per_class: i64,
@@ -84,9 +86,10 @@ pub fn run(args: DefendArgs) -> Result<()> {
         map.extend(extra);
     }
     let cfg = cfg.validated()?;
-    let (mut net, base, dir) = load_checkpoint(&args.model)?;
-    let train_set = args.data.load(Split::Train, None)?.per_class(args.per_class)?;
-    let test_set = args.data.load(Split::Test, Some(args.eval_samples))?;
+    let device = args.device.device()?;
+    let (mut net, base, dir) = load_checkpoint(&args.model, device)?;
+    let train_set = to_device(args.data.load(Split::Train, None)?.per_class(args.per_class)?, device);
+    let test_set = to_device(args.data.load(Split::Test, Some(args.eval_samples))?, device);
     eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());
     let report = defend(&mut net, &train_set, &cfg)?;
     let evaluation = evaluate(&net, &test_set, 256)?;
@@ -107,6 +110,8 @@ pub fn run(args: DefendArgs) -> Result<()> {
 pub struct DenoiserArgs {
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Training images (first N of the training split).
     #[arg(long, default_value_t = 20000)]
     train_samples: i64,
@@ -141,15 +146,16 @@ pub struct DenoiserArgs {
 /// Runs `dynrobust train-denoiser`.
 pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     tch::manual_seed(args.seed as i64);
-    let train = args.data.load(Split::Train, Some(args.train_samples))?;
-    let test = args.data.load(Split::Test, Some(1000))?;
+    let device = args.device.device()?;
+    let train = to_device(args.data.load(Split::Train, Some(args.train_samples))?, device);
+    let test = to_device(args.data.load(Split::Test, Some(1000))?, device);
     let dims = train.images.size();
     let config = DenoiserConfig { in_channels: dims[1], image_size: dims[2], hidden: args.hidden };
-    let mut net = Denoiser::new(config.clone(), Device::Cpu)?;
+    let mut net = Denoiser::new(config.clone(), device)?;
     let (mut inputs, mut targets) = (train.images.shallow_clone(), train.images.shallow_clone());
     let mut attacked_with = None;
     if let Some(name) = &args.attack {
-        let (victim, _, _) = load_checkpoint(&args.attack_model)?;
+        let (victim, _, _) = load_checkpoint(&args.attack_model, device)?;
         let attack = dynrobust_attacks::registry::build(name, &Value::Object(parse_sets(&args.attack_set)?))?;
         let subset = train.take(args.attack_samples);
         let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));
