@@ -246,6 +246,12 @@ pub fn prepare_variants(study: &Study, variants_dir: &Path) -> Result<()> {
             if let Some(table) = &m.train {
                 if seen.insert(m.name.clone()) {
                     let dir = variants_dir.join(&m.name);
+                    if dir.join(checkpoint::SIDECAR_FILE).is_file() {
+                        continue;
+                    }
+                    // shards of one study (Slurm array tasks) start together: one trains, the
+                    // others wait on the lock and then find the checkpoint
+                    let _lock = lock_variant(variants_dir, &m.name)?;
                     if !dir.join(checkpoint::SIDECAR_FILE).is_file() {
                         train_variant(&m.name, table, &cell.config.data, &dir)?;
                     }
@@ -254,6 +260,19 @@ pub fn prepare_variants(study: &Study, variants_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An exclusive lock on `OUT/models/.<name>.lock`, released when the file is dropped (also
+/// when the process dies).
+fn lock_variant(variants_dir: &Path, name: &str) -> Result<std::fs::File> {
+    std::fs::create_dir_all(variants_dir).map_err(|e| Error::io(variants_dir, e))?;
+    let path = variants_dir.join(format!(".{name}.lock"));
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+    if file.try_lock().is_err() {
+        eprintln!("variant {name}: another process is training it; waiting for {}", path.display());
+        file.lock().map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(file)
 }
 
 fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()> {
