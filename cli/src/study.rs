@@ -18,7 +18,8 @@ pub struct RunArgs {
     /// Run only shard i of n (0-based), e.g. 3/16.
     #[arg(long)]
     shard: Option<String>,
-    /// Parallel workers (default: 2 when the machine has ≥ 2 cores).
+    /// Parallel workers (default: 2 when the machine — or the Slurm task, SLURM_CPUS_PER_TASK —
+    /// has ≥ 2 cores).
     #[arg(long)]
     workers: Option<usize>,
     /// Do not write the report at the end (shards: `dynrobust merge` writes it).
@@ -66,7 +67,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         return Ok(());
     }
     let store = Store::open(&out, &study.source, args.force)?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // inside a Slurm task, the CPUs Slurm granted it; else the machine's
+    let slurm_cpus = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&c| c > 0);
+    let cores = slurm_cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let workers = args.workers.unwrap_or(cores.min(2)).max(1);
     let threads = (cores / workers).max(1) as i32;
     let variants = out.join("models");
