@@ -102,6 +102,7 @@ pub(crate) fn defense_table(rows: &[Row]) -> String {
     keys.sort();
     keys.dedup();
     let mut verdicts = Vec::new();
+    let mut undecided = 0usize;
     for (defense, model, label, eps) in keys {
         let pick = |d: &str, mode: Option<&str>| -> Vec<&Row> {
             rows.iter()
@@ -131,13 +132,16 @@ pub(crate) fn defense_table(rows: &[Row]) -> String {
             triple(&base), triple(&adaptive), triple(&oblivious), pts(d_rec), pts(d_acc)
         );
         let d_cost = avg(adaptive.iter().copied(), |r| r.adv_cost).zip(avg(base.iter().copied(), |r| r.adv_cost)).map(|(a, b)| a - b);
+        if base.is_empty() {
+            undecided += 1;
+        }
         if let (Some(dr), Some(da), Some(dc)) = (d_rec, d_acc, d_cost) {
             let adv_acc = avg(adaptive.iter().copied(), |r| r.adv_acc).zip(avg(base.iter().copied(), |r| r.adv_acc)).map_or(0.0, |(a, b)| a - b);
             verdicts.push(Verdict { d_rec: dr, d_acc: da, d_cost: dc, d_adv_acc: adv_acc, defense: defense.clone(), model: model.clone(), attack: label.clone() });
         }
     }
     md.push('\n');
-    md += &verdict(&verdicts);
+    md += &verdict(&verdicts, undecided);
     md
 }
 
@@ -166,7 +170,9 @@ impl Verdict {
 /// The target, read strictly: recovery down ≥ 30 points, clean accuracy down ≤ 3 points, and
 /// the attacked cost itself lower than without the defense (a defense that only raises the
 /// clean cost — a denoiser's own MACs — lowers recovery without saving anything).
-fn verdict(verdicts: &[Verdict]) -> String {
+/// `undecided` rows have no undefended cell yet (an unfinished study): they are not counted
+/// as failing the target.
+fn verdict(verdicts: &[Verdict], undecided: usize) -> String {
     let mut md = format!(
         "**Target: lower adaptive recovery by ≥ {:.0} points while losing ≤ {:.0} points of clean accuracy** (and lowering the attacked cost itself). ",
         100.0 * TARGET_RECOVERY_DROP, 100.0 * TARGET_CLEAN_LOSS
@@ -183,8 +189,11 @@ fn verdict(verdicts: &[Verdict]) -> String {
                 let _ = write!(md, " Also: {}.", others.join("; "));
             }
         }
+        None if verdicts.is_empty() => {
+            md += "Undecided: no defended row has its undefended cell yet.";
+        }
         None => {
-            md += "No defense meets it.";
+            md += if undecided > 0 { "None of the decidable rows meets it." } else { "No defense meets it." };
             let best = verdicts.iter().filter(|v| v.d_acc >= -TARGET_CLEAN_LOSS).min_by(|a, b| a.d_rec.partial_cmp(&b.d_rec).unwrap_or(std::cmp::Ordering::Equal));
             if let Some(v) = best {
                 let _ = write!(md, " Closest within the accuracy limit: {}.", v.words());
@@ -193,6 +202,9 @@ fn verdict(verdicts: &[Verdict]) -> String {
     }
     if !recovery_only.is_empty() {
         let _ = write!(md, " Lower recovery only through a higher clean cost, attacked cost not lower: {}.", recovery_only.join("; "));
+    }
+    if undecided > 0 {
+        let _ = write!(md, " {undecided} row(s) cannot be judged yet: their undefended cell has not run (rerun the study to finish it).");
     }
     md + "\n\n"
 }
