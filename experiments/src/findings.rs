@@ -287,17 +287,30 @@ fn rq3(rows: &[Row]) -> Option<String> {
     for r in &mech {
         by_model.entry(r.model.as_str()).or_default().push(r);
     }
-    let scored: Vec<(&str, f64, f64)> = by_model
+    // a design that spends (almost) the full static cost on clean inputs saves nothing: its
+    // recovery is 0 by construction, so it is reported apart, not crowned "most robust"
+    let (dynamic, saturated): (Vec<_>, Vec<_>) = by_model
         .iter()
-        .filter_map(|(m, rs)| Some((*m, avg(rs.iter().copied(), |r| r.recovery)?, avg(rs.iter().copied(), |r| r.adv_acc)?)))
-        .collect();
-    let most = scored.iter().min_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))?;
-    let least = scored.iter().max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))?;
-    Some(format!(
-        "**RQ3 (design choices):** under the dynamic-mechanism attack the most robust design is `{}` (recovery {} %, adv acc {} %) and the least robust `{}` (recovery {} %, adv acc {} %); see the Pareto plot and the mechanism rows of the table.",
-        most.0, pct(Some(most.1)), pct(Some(most.2)), least.0, pct(Some(least.1)), pct(Some(least.2))
-    ))
+        .filter_map(|(m, rs)| {
+            let clean_cost = avg(rs.iter().copied(), |r| r.clean_cost)?;
+            Some((*m, avg(rs.iter().copied(), |r| r.recovery)?, avg(rs.iter().copied(), |r| r.adv_acc)?, clean_cost))
+        })
+        .partition(|s| s.3 < SATURATED_COST);
+    let most = dynamic.iter().min_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))?;
+    let least = dynamic.iter().max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))?;
+    let mut sentence = format!(
+        "**RQ3 (design choices):** under the dynamic-mechanism attack the most robust design is `{}` (recovery {} %, adv acc {} %, clean cost {}) and the least robust `{}` (recovery {} %, adv acc {} %, clean cost {}); see the Pareto plot and the mechanism rows of the table.",
+        most.0, pct(Some(most.1)), pct(Some(most.2)), fixed(Some(most.3), 3), least.0, pct(Some(least.1)), pct(Some(least.2)), fixed(Some(least.3), 3)
+    );
+    if !saturated.is_empty() {
+        let names: Vec<String> = saturated.iter().map(|s| format!("`{}` (clean cost {})", s.0, fixed(Some(s.3), 3))).collect();
+        sentence += &format!(" Not ranked, because they already run (almost) everything on clean inputs — no compute to attack, no saving to lose: {}.", names.join(", "));
+    }
+    Some(sentence)
 }
+
+/// Clean cost at or above which a design counts as not dynamic in practice.
+const SATURATED_COST: f64 = 0.97;
 
 #[cfg(test)]
 mod tests {
@@ -347,5 +360,27 @@ mod tests {
         assert!(md.contains("Met by 1 of 2"), "{md}");
         assert!(md.contains("**bitdepth on gated vs gradmdm"), "{md}");
         assert!(md.contains("attacked cost not lower: denoiser"), "{md}");
+    }
+
+    #[test]
+    fn a_defended_row_without_its_undefended_cell_is_undecided() {
+        let md = defense_table(&[row("bitdepth", Some("adaptive"), None, 0.85, 0.689, 0.071)]);
+        assert!(md.contains("Undecided") && md.contains("1 row(s) cannot be judged yet"), "{md}");
+        assert!(!md.contains("No defense meets it"), "{md}");
+    }
+
+    #[test]
+    fn rq3_does_not_crown_a_design_that_is_not_dynamic() {
+        let mech = |model: &str, clean_cost: f64, recovery: f64| Row {
+            model: model.into(),
+            label: "mechanism".into(),
+            clean_cost: Some(clean_cost),
+            ..row("none", None, None, 0.2, 0.9, recovery)
+        };
+        let rows = vec![mech("sdn", 0.47, 0.62), mech("gated", 0.665, 0.24), mech("gated-t0.7", 1.0, 0.0)];
+        let s = rq3(&rows).unwrap();
+        assert!(s.contains("most robust design is `gated`"), "{s}");
+        assert!(s.contains("least robust `sdn`"), "{s}");
+        assert!(s.contains("Not ranked") && s.contains("`gated-t0.7` (clean cost 1.000)"), "{s}");
     }
 }
