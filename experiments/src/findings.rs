@@ -230,6 +230,18 @@ pub(crate) fn research_questions(rows: &[Row]) -> String {
     md + "\n"
 }
 
+/// True when a transfer row gives exactly the white-box result on its victim (same attack,
+/// seed, ε): the surrogate and the victim then share the weights the attack differentiates
+/// (dynrobust's SDN is the static backbone plus internal classifiers, and PGD's loss is on
+/// the final head), so the pair is white-box in disguise, not transfer.
+fn equals_white_box(r: &Row, rows: &[Row]) -> bool {
+    r.surrogate.is_some()
+        && rows.iter().any(|w| {
+            w.surrogate.is_none() && w.model == r.model && w.label == r.label && w.seed == r.seed && w.eps == r.eps && w.defense == r.defense
+                && w.adv_acc == r.adv_acc && w.adv_cost == r.adv_cost
+        })
+}
+
 fn rq1(rows: &[Row]) -> Option<String> {
     let transfer = |from_dynamic: bool| -> Vec<&Row> {
         rows.iter()
@@ -239,6 +251,7 @@ fn rq1(rows: &[Row]) -> Option<String> {
                 Some(s) => s == "static" && DYNAMIC.contains(&r.model.as_str()),
                 None => false,
             })
+            .filter(|r| !equals_white_box(r, rows))
             .collect()
     };
     let (d2s, s2d) = (transfer(true), transfer(false));
@@ -248,8 +261,20 @@ fn rq1(rows: &[Row]) -> Option<String> {
     let (sd, ss) = (avg(d2s.iter().copied(), success)?, avg(s2d.iter().copied(), success)?);
     let cost_gain = avg(s2d.iter().copied(), |r| Some(r.adv_cost? - r.clean_cost?));
     let holds = if sd > ss { "holds" } else { "does not hold" };
+    let mut twins: Vec<String> = rows
+        .iter()
+        .filter(|r| r.defense == "none" && equals_white_box(r, rows))
+        .map(|r| format!("{}→{}", r.surrogate.as_deref().unwrap_or("?"), r.model))
+        .collect();
+    twins.sort();
+    twins.dedup();
+    let excluded = if twins.is_empty() {
+        String::new()
+    } else {
+        format!(" Left out: {} — their transfer result equals the white-box one exactly (shared weights: white-box in disguise).", twins.join(", "))
+    };
     Some(format!(
-        "**RQ1 (transferability):** PGD crafted on a dynamic model removes {:.1} % of the static model's accuracy, crafted on the static model it removes {:.1} % of the dynamic models' (mean over {} and {} cells) — the paper's finding that DyNN→SDNN transfers better than SDNN→DyNN {holds} here; static-crafted examples change the dynamic models' cost by {} on average.",
+        "**RQ1 (transferability):** PGD crafted on a dynamic model removes {:.1} % of the static model's accuracy, crafted on the static model it removes {:.1} % of the dynamic models' (mean over {} and {} cells) — the paper's finding that DyNN→SDNN transfers better than SDNN→DyNN {holds} here; static-crafted examples change the dynamic models' cost by {} on average.{excluded}",
         100.0 * sd, 100.0 * ss, d2s.len(), s2d.len(), cost_gain.map_or("–".into(), |c| format!("{c:+.3}"))
     ))
 }
@@ -382,5 +407,27 @@ mod tests {
         assert!(s.contains("most robust design is `gated`"), "{s}");
         assert!(s.contains("least robust `sdn`"), "{s}");
         assert!(s.contains("Not ranked") && s.contains("`gated-t0.7` (clean cost 1.000)"), "{s}");
+    }
+
+    #[test]
+    fn rq1_leaves_out_pairs_that_are_white_box_in_disguise() {
+        let pgd = |model: &str, surrogate: Option<&str>, adv_acc: f64| Row {
+            model: model.into(),
+            label: "pgd".into(),
+            goal: "accuracy".into(),
+            clean_acc: Some(0.9),
+            ..row("none", None, surrogate, adv_acc, 1.0, 0.0)
+        };
+        let rows = vec![
+            pgd("static", None, 0.03),
+            pgd("sdn", None, 0.48),
+            pgd("static", Some("sdn"), 0.03),
+            pgd("sdn", Some("static"), 0.48),
+            pgd("static", Some("gated"), 0.50),
+            pgd("gated", Some("static"), 0.60),
+        ];
+        let s = rq1(&rows).unwrap();
+        assert!(s.contains("over 1 and 1 cells"), "{s}");
+        assert!(s.contains("Left out: sdn→static, static→sdn"), "{s}");
     }
 }
