@@ -69,7 +69,8 @@ fn run(study: &Path, out: &Path, extra: &[&str]) -> Output {
     dynrobust(&args)
 }
 
-/// Stored records by cell id, without the fields that measure time.
+/// Stored records by cell id, without the fields that measure time or depend on scheduling
+/// (`craft_cache`: whether this cell or another one sharing its examples crafted them first).
 fn records(out: &Path) -> BTreeMap<String, Value> {
     let mut map = BTreeMap::new();
     for entry in std::fs::read_dir(out.join("cells")).unwrap() {
@@ -82,7 +83,7 @@ fn records(out: &Path) -> BTreeMap<String, Value> {
         let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{name} is not valid JSON: {e}"));
         let id = v["id"].as_str().unwrap().to_string();
         assert_eq!(format!("{id}.json"), name);
-        for key in ["seconds", "rapl_attack_j", "rapl_note"] {
+        for key in ["seconds", "rapl_attack_j", "rapl_note", "craft_cache"] {
             v["record"].as_object_mut().unwrap().remove(key);
         }
         v.as_object_mut().unwrap().remove("finished_at");
