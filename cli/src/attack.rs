@@ -13,7 +13,7 @@ use dynrobust_core::DynamicModel;
 use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
-use crate::common::{load_model, to_device, DataArgs, DeviceArgs};
+use crate::common::{load_model, DataArgs, DeviceArgs};
 use dynrobust_models::AnyModel;
 
 /// Options of `dynrobust attack`.
@@ -132,7 +132,7 @@ pub fn run(args: AttackArgs) -> Result<()> {
     }
     let device = args.device.device()?;
     let inner = registry::build(&args.attack, &overrides(&args)?)?;
-    let data = to_device(args.data.load(Split::Test, Some(args.n))?, device);
+    let data = args.data.load(Split::Test, Some(args.n))?.to_device(device);
     let victim = load_victim(&args, device, &data.images)?;
     let attack: Box<dyn Attack> = match &args.surrogate {
         Some(s) => Box::new(Transfer::new(inner, Box::new(load_model(s, device, &data.images)?.0))?),
@@ -177,8 +177,8 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     }
     let attack = registry::build(&args.attack, &overrides(&args)?)?;
     let device = args.device.device()?;
-    let data = to_device(args.data.load(Split::Test, Some(args.n))?, device);
-    let calibration = matches!(spec, DefenseSpec::Monitor(_)).then(|| args.data.load(Split::Train, Some(2000)).map(|d| to_device(d, device))).transpose()?;
+    let data = args.data.load(Split::Test, Some(args.n))?.to_device(device);
+    let calibration = matches!(spec, DefenseSpec::Monitor(_)).then(|| args.data.load(Split::Train, Some(2000)).map(|d| d.to_device(device))).transpose()?;
     let victim = load_victim(&args, device, &data.images)?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}+{name}", args.attack, victim.name()));
     let load = || load_victim(&args, device, &data.images).map_err(|e| dynrobust_core::Error::config("model", e.to_string()));

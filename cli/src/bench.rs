@@ -8,7 +8,7 @@ use dynrobust_models::timing::sparse_seconds_per_image;
 use dynrobust_models::train::evaluate;
 use serde_json::json;
 
-use crate::common::{load_checkpoint, to_device, DataArgs, DeviceArgs};
+use crate::common::{load_checkpoint, DataArgs, DeviceArgs};
 
 /// Options of `dynrobust bench`.
 #[derive(Args, Debug)]
@@ -67,7 +67,7 @@ fn interleaved(stat: &dyn DynamicModel, model: &dyn DynamicModel, images: &tch::
 }
 
 fn sparse(args: &BenchArgs) -> Result<()> {
-    let data = to_device(args.data.load(Split::Test, Some(args.n))?, args.device.device()?);
+    let data = args.data.load(Split::Test, Some(args.n))?.to_device(args.device.device()?);
     let (static_net, _, _) = load_checkpoint("static", args.device.device()?)?;
     let b1 = data.images.narrow(0, 0, data.len().min(256));
     eprintln!("{:<8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}", "model", "cost", "static b1", "ms/img b1", "static b128", "ms/img b128", "ratio b1", "ratio b128", "b128/cost");
@@ -102,12 +102,22 @@ fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(t[t.len() / 2])
 }
 
+/// Median seconds of one bare dense forward + backward to the input (one attack step's
+/// floor); the exits join the graph with weight 0 so their cost is in it too.
+fn fwd_bwd_secs(model: &dyn DynamicModel, x: &tch::Tensor, y: &tch::Tensor, reps: usize) -> Result<f64> {
+    median_secs(reps, || {
+        let leaf = x.detach().set_requires_grad(true);
+        let t = model.forward_trace(&leaf, dynrobust_core::Pass::Dense)?;
+        let loss = t.logits.cross_entropy_for_logits(y) + t.exit_logits.iter().map(|z| z.sum(tch::Kind::Float)).sum::<tch::Tensor>() * 0.0;
+        let _ = tch::Tensor::run_backward(&[&loss], &[&leaf], false, false);
+        Ok(())
+    })
+}
+
 /// `dynrobust bench attacks`: each attack's time per iteration against one bare dense
 /// forward + backward to the input of the same model and batch.
 pub fn attacks(args: &BenchArgs) -> Result<()> {
-    use dynrobust_core::Pass;
-    use tch::Kind;
-    let data = to_device(args.data.load(Split::Test, Some(128))?, args.device.device()?);
+    let data = args.data.load(Split::Test, Some(128))?.to_device(args.device.device()?);
     // (attack, model, overrides with the iteration count, iterations)
     let cases: [(&str, &str, serde_json::Value, usize); 6] = [
         ("pgd-linf", "static", json!({"steps": 10}), 10),
@@ -124,13 +134,7 @@ pub fn attacks(args: &BenchArgs) -> Result<()> {
         for batch in [1i64, 8, 128] {
             let x = data.images.narrow(0, 0, batch);
             let y = data.labels.narrow(0, 0, batch);
-            let fb = median_secs(args.reps, || {
-                let leaf = x.detach().set_requires_grad(true);
-                let t = net.forward_trace(&leaf, Pass::Dense)?;
-                let loss = t.logits.cross_entropy_for_logits(&y) + t.exit_logits.iter().map(|z| z.sum(Kind::Float)).sum::<tch::Tensor>() * 0.0;
-                let _ = tch::Tensor::run_backward(&[&loss], &[&leaf], false, false);
-                Ok(())
-            })?;
+            let fb = fwd_bwd_secs(&net, &x, &y, args.reps)?;
             let at = median_secs(args.reps.min(3), || atk.perturb(&net, &x, &y).map(|_| ()).map_err(Into::into))?;
             let per_it = at / iters as f64;
             eprintln!("{:<10} {:<8} {:>5} {:>12.3} {:>12.3} {:>8.2}", attack, model, batch, fb * 1e3, per_it * 1e3, per_it / fb);
@@ -147,27 +151,19 @@ pub fn attacks(args: &BenchArgs) -> Result<()> {
 /// the input (an attack step), at batch 1 and 128.
 pub fn torchscript(args: &BenchArgs) -> Result<()> {
     use dynrobust_core::Pass;
-    use tch::Kind;
-    let data = to_device(args.data.load(Split::Test, Some(args.n.max(128)))?, args.device.device()?);
+    let device = args.device.device()?;
+    let data = args.data.load(Split::Test, Some(args.n.max(128)))?.to_device(device);
     eprintln!("{:<7} {:>5} {:>14} {:>14} {:>7} {:>14} {:>14} {:>7}", "model", "batch", "native ms/b", "script ms/b", "ratio", "native f+b ms", "script f+b ms", "ratio");
     for name in ["static", "sdn"] {
-        let (native, _, _) = load_checkpoint(name, args.device.device()?)?;
+        let (native, _, _) = load_checkpoint(name, device)?;
         let path = args.script_dir.join(format!("{name}.pt"));
         anyhow::ensure!(path.is_file(), "{} missing: run `.venv/bin/python examples/torchscript/export_native.py --out {}` first", path.display(), args.script_dir.display());
-        let script = dynrobust_models::torchscript::ScriptModel::load(&path, args.device.device()?, &data.images.narrow(0, 0, 16))?;
+        let script = dynrobust_models::torchscript::ScriptModel::load(&path, device, &data.images.narrow(0, 0, 16))?;
         for batch in [1i64, 128] {
             let x = data.images.narrow(0, 0, batch);
             let y = data.labels.narrow(0, 0, batch);
             let sparse = |m: &dyn DynamicModel| median_secs(args.reps, || m.forward_trace(&x, Pass::Sparse).map(|_| ()).map_err(Into::into));
-            let fwd_bwd = |m: &dyn DynamicModel| {
-                median_secs(args.reps, || {
-                    let leaf = x.detach().set_requires_grad(true);
-                    let t = m.forward_trace(&leaf, Pass::Dense)?;
-                    let loss = t.logits.cross_entropy_for_logits(&y) + t.exit_logits.iter().map(|z| z.sum(Kind::Float)).sum::<tch::Tensor>() * 0.0;
-                    let _ = tch::Tensor::run_backward(&[&loss], &[&leaf], false, false);
-                    Ok(())
-                })
-            };
+            let fwd_bwd = |m: &dyn DynamicModel| fwd_bwd_secs(m, &x, &y, args.reps);
             let (mut ns, mut ss, mut nf, mut sf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..3 {
                 ns.push(sparse(&native)?);

@@ -49,14 +49,6 @@ impl DeviceArgs {
     }
 }
 
-/// `set` with its tensors moved to `device`.
-pub fn to_device(set: Dataset, device: Device) -> Dataset {
-    if device == Device::Cpu {
-        return set;
-    }
-    Dataset { images: set.images.to_device(device), labels: set.labels.to_device(device), ..set }
-}
-
 /// Loads a committed checkpoint by name, a checkpoint directory or a TorchScript `.pt` file
 /// onto `device`; `probe` (a few images of the data) checks a TorchScript model's protocol.
 /// Protocol warnings are printed.
@@ -69,7 +61,7 @@ pub fn load_model(model: &str, device: Device, probe: &Tensor) -> Result<(AnyMod
     Ok((any, source))
 }
 
-/// Loads a native checkpoint (committed name or directory) on the CPU, with its sidecar and
+/// Loads a native checkpoint (committed name or directory) onto `device`, with its sidecar and
 /// directory — for commands that train or need the architecture (defend, bench).
 pub fn load_checkpoint(model: &str, device: Device) -> Result<(dynrobust_models::Net, checkpoint::Sidecar, PathBuf)> {
     if dynrobust_models::any::is_torchscript(model) {

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tch::Tensor;
 
 use crate::attack::parse_sets;
-use crate::common::{load_checkpoint, to_device, DataArgs, DeviceArgs};
+use crate::common::{load_checkpoint, DataArgs, DeviceArgs};
 
 /// Options of `dynrobust defend`.
 #[derive(Args, Debug)]
@@ -88,8 +88,8 @@ pub fn run(args: DefendArgs) -> Result<()> {
     let cfg = cfg.validated()?;
     let device = args.device.device()?;
     let (mut net, base, dir) = load_checkpoint(&args.model, device)?;
-    let train_set = to_device(args.data.load(Split::Train, None)?.per_class(args.per_class)?, device);
-    let test_set = to_device(args.data.load(Split::Test, Some(args.eval_samples))?, device);
+    let train_set = args.data.load(Split::Train, None)?.per_class(args.per_class)?.to_device(device);
+    let test_set = args.data.load(Split::Test, Some(args.eval_samples))?.to_device(device);
     eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());
     let report = defend(&mut net, &train_set, &cfg)?;
     let evaluation = evaluate(&net, &test_set, 256)?;
@@ -147,8 +147,8 @@ pub struct DenoiserArgs {
 pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     tch::manual_seed(args.seed as i64);
     let device = args.device.device()?;
-    let train = to_device(args.data.load(Split::Train, Some(args.train_samples))?, device);
-    let test = to_device(args.data.load(Split::Test, Some(1000))?, device);
+    let train = args.data.load(Split::Train, Some(args.train_samples))?.to_device(device);
+    let test = args.data.load(Split::Test, Some(1000))?.to_device(device);
     let dims = train.images.size();
     let config = DenoiserConfig { in_channels: dims[1], image_size: dims[2], hidden: args.hidden };
     let mut net = Denoiser::new(config.clone(), device)?;

@@ -8,7 +8,7 @@ use dynrobust_models::timing::sparse_seconds_per_image;
 use dynrobust_models::train::evaluate;
 use serde_json::json;
 
-use crate::common::{load_model, to_device, DataArgs, DeviceArgs};
+use crate::common::{load_model, DataArgs, DeviceArgs};
 use dynrobust_models::ModelSource;
 
 /// Options of `dynrobust eval`.
@@ -41,7 +41,7 @@ pub struct EvalArgs {
 /// Runs `dynrobust eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = args.device.device()?;
-    let data = to_device(args.data.load(Split::Test, args.n)?, device);
+    let data = args.data.load(Split::Test, args.n)?.to_device(device);
     let (mut net, source) = load_model(&args.model, device, &data.images)?;
     let dir = source.path().to_path_buf();
     if let Some(q) = args.threshold {

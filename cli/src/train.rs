@@ -102,9 +102,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");
         train_set = train_set.per_class(k)?;
     }
-    let test_set = crate::common::to_device(args.data.load(Split::Test, args.eval_samples)?, device);
+    let test_set = args.data.load(Split::Test, args.eval_samples)?.to_device(device);
     let config = dynrobust_experiments::execute::config_for_data(mechanism.clone(), &source, &train_set)?;
-    let train_set = crate::common::to_device(train_set, device);
+    let train_set = train_set.to_device(device);
     tch::manual_seed(args.seed as i64);
     let mut net = Net::new(config.clone(), device)?;
     let init_from = init_weights(&mut net, &args, &mechanism)?;

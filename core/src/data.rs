@@ -48,6 +48,13 @@ impl Dataset {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The same samples on `device` (no copy when they are already there).
+    pub fn to_device(self, device: tch::Device) -> Dataset {
+        if self.images.device() == device && self.labels.device() == device {
+            return self;
+        }
+        Dataset { images: self.images.to_device(device), labels: self.labels.to_device(device), ..self }
+    }
     /// The first `n` samples (all of them if `n` exceeds the length).
     pub fn take(&self, n: i64) -> Dataset {
         let n = n.min(self.len());

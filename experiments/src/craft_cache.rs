@@ -22,7 +22,8 @@ use tch::{Device, Kind, Tensor};
 /// An attack whose crafted batches are cached on disk.
 pub struct CraftCache {
     inner: Box<dyn Attack>,
-    dir: PathBuf,
+    /// `None`: the cache is off for this cell and the wrapper only passes calls through.
+    dir: Option<PathBuf>,
     key: String,
     calls: Cell<usize>,
     hits: Cell<usize>,
@@ -30,12 +31,13 @@ pub struct CraftCache {
 }
 
 impl CraftCache {
-    /// Wraps `inner`; `identity` must name everything the crafted examples depend on (crafting
-    /// model, attack and its config, ε, seed, data, n, batch).
-    pub fn new(inner: Box<dyn Attack>, dir: &Path, identity: &Value) -> Self {
+    /// Wraps `inner`, caching in `dir` (`None`: no caching, calls pass through); `identity`
+    /// must name everything the crafted examples depend on (crafting model, attack and its
+    /// config, ε, seed, data, n, batch).
+    pub fn new(inner: Box<dyn Attack>, dir: Option<&Path>, identity: &Value) -> Self {
         let digest = Sha256::digest(identity.to_string().as_bytes());
         let key: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
-        CraftCache { inner, dir: dir.to_path_buf(), key, calls: Cell::new(0), hits: Cell::new(0), cached_seconds: Cell::new(0.0) }
+        CraftCache { inner, dir: dir.map(Path::to_path_buf), key, calls: Cell::new(0), hits: Cell::new(0), cached_seconds: Cell::new(0.0) }
     }
 
     /// True when every batch crafted so far came from the cache.
@@ -48,8 +50,8 @@ impl CraftCache {
         self.cached_seconds.get()
     }
 
-    fn path(&self, batch: usize) -> PathBuf {
-        self.dir.join(format!("{}-{batch}.safetensors", self.key))
+    fn path(&self, dir: &Path, batch: usize) -> PathBuf {
+        dir.join(format!("{}-{batch}.safetensors", self.key))
     }
 
     fn lookup(&self, path: &Path, x: &Tensor) -> Option<(Tensor, f64)> {
@@ -62,8 +64,8 @@ impl CraftCache {
         Some((adv.to_device(x.device()), seconds.double_value(&[0])))
     }
 
-    fn store(&self, path: &Path, x: &Tensor, x_adv: &Tensor, seconds: f64) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+    fn store(&self, dir: &Path, path: &Path, x: &Tensor, x_adv: &Tensor, seconds: f64) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous();
         let secs = Tensor::from_slice(&[seconds]).to_kind(Kind::Double);
@@ -89,9 +91,10 @@ impl Attack for CraftCache {
         self.inner.budget()
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let Some(dir) = &self.dir else { return self.inner.perturb(model, x, y) };
         let batch = self.calls.get();
         self.calls.set(batch + 1);
-        let path = self.path(batch);
+        let path = self.path(dir, batch);
         if let Some((x_adv, seconds)) = self.lookup(&path, x) {
             self.hits.set(self.hits.get() + 1);
             self.cached_seconds.set(self.cached_seconds.get() + seconds);
@@ -101,7 +104,7 @@ impl Attack for CraftCache {
         let x_adv = self.inner.perturb(model, x, y)?;
         let seconds = start.elapsed().as_secs_f64();
         self.cached_seconds.set(self.cached_seconds.get() + seconds);
-        self.store(&path, x, &x_adv.detach(), seconds)?;
+        self.store(dir, &path, x, &x_adv.detach(), seconds)?;
         Ok(x_adv)
     }
 }

@@ -61,9 +61,7 @@ impl Worker {
     fn data(&mut self, name: &str, split: Split) -> Result<&Dataset> {
         let key = (name.to_string(), matches!(split, Split::Train));
         if !self.data.contains_key(&key) {
-            let mut set = DataSpec::parse(name)?.load(split, None)?;
-            set.images = set.images.to_device(self.device);
-            set.labels = set.labels.to_device(self.device);
+            let set = DataSpec::parse(name)?.load(split, None)?.to_device(self.device);
             self.data.insert(key.clone(), set);
         }
         Ok(&self.data[&key])
@@ -143,20 +141,13 @@ impl Executor for RealExecutor {
             _ => self.load(&c.model, &probe)?,
         };
         let attack = self.attack(cell, &probe)?;
-        let (cached, plain) = match (&self.craft_cache, c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) {
-            (Some(dir), true) => (Some(CraftCache::new(attack, dir, &craft_identity(c))), None),
-            _ => (None, Some(attack)),
-        };
-        let attack: &dyn Attack = match (&cached, &plain) {
-            (Some(cache), _) => cache,
-            (None, Some(plain)) => &**plain,
-            (None, None) => unreachable!("one of the two is set"),
-        };
+        let shareable = c.surrogate.is_some() || crafts_on_bare_model(&spec, mode);
+        let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c));
         let load = || self.load(&c.model, &probe);
-        let outcome = run_defended(net, &load, &spec, mode, attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {})?;
+        let outcome = run_defended(net, &load, &spec, mode, &attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {})?;
         let mut record = outcome.record;
-        if let Some(cache) = cached.as_ref().filter(|c| c.all_hits()) {
-            record["seconds"] = json!(cache.cached_seconds());
+        if attack.all_hits() {
+            record["seconds"] = json!(attack.cached_seconds());
             record["craft_cache"] = json!("hit");
         }
         let extra = json!({

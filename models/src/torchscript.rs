@@ -250,8 +250,9 @@ impl ScriptModel {
         Ok(Family::Static)
     }
 
-    /// Cost of leaving at each exit (final head last): every unit listed before the exit unit
-    /// runs, except the other exits' own later units; needs units in execution order.
+    /// Cost of leaving at each exit (final head last): the units listed up to and including
+    /// that exit ran (units are listed in execution order, as the protocol asks); the final
+    /// head costs every unit.
     fn compute_exit_costs(&self) -> Option<Vec<f64>> {
         if !matches!(self.family, Family::EarlyExit { .. }) {
             return None;
