@@ -104,11 +104,13 @@ pub fn read_sidecar(dir: &Path) -> Result<Sidecar> {
 }
 
 /// Loads a checkpoint directory: rebuilds the architecture from the sidecar, then loads the
-/// weights strictly.
+/// weights strictly. The net comes with its batch norms folded for inference
+/// ([`Net::fold_batch_norm`]; training unfolds them itself).
 pub fn load(dir: &Path, device: Device) -> Result<(Net, Sidecar)> {
     let sidecar = read_sidecar(dir)?;
     let mut net = Net::new(sidecar.architecture.clone(), device)?;
     load_weights(&mut net, &dir.join(WEIGHTS_FILE))?;
+    net.fold_batch_norm();
     Ok((net, sidecar))
 }
 
@@ -144,7 +146,19 @@ pub fn init_from(net: &mut Net, path: &Path) -> Result<Vec<String>> {
     copy_matching(net, &tensors, path)
 }
 
+/// Copies the tensors into the variables of the same name; a folded net is refolded from the
+/// new weights.
 fn copy_matching(net: &mut Net, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<String>> {
+    let refold = net.is_folded();
+    net.unfold_batch_norm();
+    let missing = copy_into(net, tensors, path)?;
+    if refold {
+        net.fold_batch_norm();
+    }
+    Ok(missing)
+}
+
+fn copy_into(net: &mut Net, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<String>> {
     let mut missing = Vec::new();
     let mut vars: Vec<(String, Tensor)> = net.vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));

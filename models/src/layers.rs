@@ -21,10 +21,20 @@ pub fn conv_out(size: i64, k: i64, stride: i64, pad: i64) -> i64 {
 }
 
 /// Convolution (no bias) followed by batch norm.
+///
+/// In inference mode the batch norm can be folded into the convolution
+/// ([`ConvBn::fold`]): `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)` — one convolution with a
+/// bias instead of a convolution and a normalisation pass, the same function up to float
+/// rounding (≈1e-6 relative). The folded copy is a snapshot: whoever changes the weights must
+/// [`ConvBn::unfold`] first (the training loop and the weight loaders do).
 #[derive(Debug)]
 pub struct ConvBn {
     conv: nn::Conv2D,
     bn: nn::BatchNorm,
+    stride: i64,
+    padding: i64,
+    /// Folded (weight, bias) used when not training, if folded.
+    folded: Option<(Tensor, Tensor)>,
     /// MACs of the convolution.
     pub macs: u64,
     /// Parameters (conv weights + BN affine).
@@ -41,16 +51,43 @@ impl ConvBn {
         ConvBn {
             conv: nn::conv2d(&p / "conv", cin, cout, k, cfg),
             bn: nn::batch_norm2d(&p / "bn", cout, Default::default()),
+            stride,
+            padding: k / 2,
+            folded: None,
             macs: conv_macs(k, cin, cout, out),
             params: (k * k * cin * cout + 2 * cout) as u64,
             out_elems: (cout * out * out) as u64,
         }
     }
-    /// conv → BN.
+    /// conv → BN (one biased conv when folded and not training).
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        x.apply(&self.conv).apply_t(&self.bn, train)
+        match (&self.folded, train) {
+            (Some((w, b)), false) => x.conv2d(w, Some(b), [self.stride, self.stride], [self.padding, self.padding], [1, 1], 1),
+            _ => x.apply(&self.conv).apply_t(&self.bn, train),
+        }
+    }
+    /// Folds the batch norm's running statistics and affine into a conv weight and bias (a
+    /// snapshot of the current weights, outside the autograd graph).
+    pub fn fold(&mut self) {
+        let bn = &self.bn;
+        let folded = tch::no_grad(|| {
+            let gamma = bn.ws.as_ref().map_or_else(|| bn.running_var.ones_like(), Tensor::shallow_clone);
+            let beta = bn.bs.as_ref().map_or_else(|| bn.running_var.zeros_like(), Tensor::shallow_clone);
+            let scale = gamma / (&bn.running_var + BN_EPS).sqrt();
+            let weight = &self.conv.ws * scale.view([-1, 1, 1, 1]);
+            let bias = beta - &bn.running_mean * scale;
+            (weight, bias)
+        });
+        self.folded = Some(folded);
+    }
+    /// Drops the folded copy (back to conv → BN).
+    pub fn unfold(&mut self) {
+        self.folded = None;
     }
 }
+
+/// Batch norm's ε (tch's and PyTorch's default).
+const BN_EPS: f64 = 1e-5;
 
 /// A ResNet BasicBlock split into its residual branch F and its shortcut S:
 /// `out = relu(S(x) + z·F(x))` with z = 1 for an executed block, 0 for a skipped one.
@@ -84,6 +121,16 @@ impl BasicBlock {
     /// F(x) = BN(conv2(relu(BN(conv1 x)))).
     pub fn residual(&self, x: &Tensor, train: bool) -> Tensor {
         self.conv2.forward(&self.conv1.forward(x, train).relu(), train)
+    }
+    /// Folds (or unfolds) the batch norms of the block, see [`ConvBn::fold`].
+    pub fn set_folded(&mut self, fold: bool) {
+        for c in std::iter::once(&mut self.conv1).chain(std::iter::once(&mut self.conv2)).chain(self.shortcut.as_mut()) {
+            if fold {
+                c.fold()
+            } else {
+                c.unfold()
+            }
+        }
     }
     /// S(x): identity or 1×1 conv + BN.
     pub fn shortcut(&self, x: &Tensor, train: bool) -> Tensor {

@@ -57,6 +57,10 @@ pub struct Net {
     budget: Option<usize>,
     /// Blocks whose internal classifier is in use (exit models; all by default).
     active_exits: Vec<usize>,
+    /// `[U]` float64 MACs per unit (the matmul operand of the per-sample MACs).
+    unit_macs: Tensor,
+    /// Batch norms folded into the convolutions for inference (see [`Net::fold_batch_norm`]).
+    folded: bool,
 }
 
 impl std::fmt::Debug for Net {
@@ -106,7 +110,41 @@ impl Net {
             Mech::Exits(ics) => (0..ics.len()).collect(),
             _ => Vec::new(),
         };
-        Ok(Net { config, vs, stem, blocks, head, mech, units, index, mean, std, threshold, twin: false, budget: None, active_exits })
+        let unit_macs = Tensor::from_slice(&units.iter().map(|u| u.macs as f64).collect::<Vec<f64>>()).to_device(device);
+        Ok(Net { config, vs, stem, blocks, head, mech, units, index, mean, std, threshold, twin: false, budget: None, active_exits, unit_macs, folded: false })
+    }
+
+    /// Folds every backbone batch norm into its convolution for inference: the dense and
+    /// sparse passes (not training-mode forwards) then run one biased convolution where they
+    /// ran a convolution and a normalisation — the same function up to float rounding, about
+    /// 30 % less time per attack step at batch 128 on these machines (BENCHMARKS.md). The
+    /// folded weights are a snapshot: [`Net::unfold_batch_norm`] before changing the weights
+    /// (the training loop and the weight loaders do it themselves). Loaded checkpoints come
+    /// folded.
+    pub fn fold_batch_norm(&mut self) {
+        self.set_folded(true);
+    }
+
+    /// Drops the folded weights: conv → BN again, reading the live parameters.
+    pub fn unfold_batch_norm(&mut self) {
+        self.set_folded(false);
+    }
+
+    /// True when the batch norms are folded.
+    pub fn is_folded(&self) -> bool {
+        self.folded
+    }
+
+    fn set_folded(&mut self, fold: bool) {
+        if fold {
+            self.stem.fold();
+        } else {
+            self.stem.unfold();
+        }
+        for block in &mut self.blocks {
+            block.set_folded(fold);
+        }
+        self.folded = fold;
     }
 
     /// The architecture config.
@@ -286,7 +324,8 @@ impl Net {
         let mut h = self.stem_forward(x, train);
         let mut out = Dense::default();
         let mut rnn_state = None;
-        let mut count = Tensor::zeros([x.size()[0]], (Kind::Float, x.device()));
+        // blocks run so far per sample (only the budget reads it)
+        let mut count = self.budget.map(|_| Tensor::zeros([x.size()[0]], (Kind::Float, x.device())));
         for (b, block) in self.blocks.iter().enumerate() {
             let gated = match (&self.mech, self.twin) {
                 (Mech::Aig(_), false) => true,
@@ -312,11 +351,14 @@ impl Net {
                 }
                 _ => None,
             };
-            let gate = gate.map(|g| self.capped(g, &count));
-            count = match &gate {
-                Some(g) => count + g.hard.to_kind(Kind::Float),
-                None => count + 1.0,
+            let gate = match (gate, &count) {
+                (Some(g), Some(c)) => Some(self.capped(g, c)),
+                (gate, _) => gate,
             };
+            count = count.map(|c| match &gate {
+                Some(g) => c + g.hard.to_kind(Kind::Float),
+                None => c + 1.0,
+            });
             let s = block.shortcut(&h, train);
             let f = block.residual(&h, train);
             h = match &gate {
@@ -361,54 +403,54 @@ impl Net {
 
     #[allow(clippy::too_many_arguments)]
     fn finish(&self, logits: Tensor, final_logits: Tensor, exit_logits: Vec<Tensor>, gate_probs: Vec<Tensor>, executed: Tensor, exit_index: Option<Tensor>) -> Trace {
-        let macs = macs_from_executed(&executed, &self.units);
+        let macs = executed.to_kind(Kind::Double).matmul(&self.unit_macs);
         Trace { logits, final_logits, exit_logits, gate_probs, executed, macs, exit_index }
     }
 
-    /// Executed mask `[B,U]` of a gated (or static) pass from the hard gate decisions.
+    /// Executed mask `[B,U]` of a gated (or static) pass from the hard gate decisions: every
+    /// unit on except the gated residual branches (and the gates of a twin), whose columns are
+    /// the decisions.
     fn executed_for_gates(&self, batch: i64, hard: &[Tensor], device: Device) -> Tensor {
-        let ones = Tensor::ones([batch], (Kind::Float, device));
-        let mut cols: Vec<Tensor> = (0..self.units.len()).map(|_| ones.zeros_like()).collect();
-        cols[self.index.stem] = ones.shallow_clone();
-        cols[self.index.head] = ones.shallow_clone();
         let first_gated = self.blocks.len() - hard.len();
-        for b in 0..self.blocks.len() {
-            if let Some(s) = self.index.shortcut[b] {
-                cols[s] = ones.shallow_clone();
-            }
-            cols[self.index.block[b]] = if b < first_gated { ones.shallow_clone() } else { hard[b - first_gated].to_kind(Kind::Float) };
-        }
-        if !hard.is_empty() {
+        let mut base = vec![1f32; self.units.len()];
+        if hard.is_empty() {
             for &g in &self.index.mech {
-                cols[g] = ones.shallow_clone();
+                base[g] = 0.0;
             }
         }
-        Tensor::stack(&cols, 1)
+        let gated_cols: Vec<i64> = self.index.block[first_gated..].iter().map(|&c| c as i64).collect();
+        let executed = Tensor::from_slice(&base).to_device(device).repeat([batch, 1]);
+        if hard.is_empty() {
+            return executed;
+        }
+        let decisions = Tensor::stack(hard, 1).to_kind(Kind::Float);
+        executed.index_copy(1, &Tensor::from_slice(&gated_cols).to_device(device), &decisions)
     }
 
     /// Executed mask `[B,U]` of an early-exit pass from the exit index (A = number of active
-    /// exits = the final head).
+    /// exits = the final head): a unit ran when the sample left at or after its block.
     fn executed_for_exits(&self, exit_index: &Tensor) -> Tensor {
+        let device = exit_index.device();
         let active = self.active_exits.len() as i64;
         // the block after which each exit index leaves (the head after the last block)
         let mut exit_block: Vec<i64> = self.active_exits.iter().map(|&b| b as i64).collect();
         exit_block.push(self.blocks.len() as i64 - 1);
-        let left_after = Tensor::from_slice(&exit_block).to_device(exit_index.device()).index_select(0, &exit_index.to_kind(Kind::Int64));
-        let mut cols: Vec<Tensor> = (0..self.units.len()).map(|_| exit_index.zeros_like().to_kind(Kind::Float)).collect();
-        let ones = exit_index.ones_like().to_kind(Kind::Float);
-        cols[self.index.stem] = ones;
-        cols[self.index.head] = exit_index.eq(active).to_kind(Kind::Float);
+        let left_after = Tensor::from_slice(&exit_block).to_device(device).index_select(0, &exit_index.to_kind(Kind::Int64));
+        // per unit, the last block a sample must reach for the unit to run (never: i64::MAX)
+        let mut needs = vec![i64::MAX; self.units.len()];
+        needs[self.index.stem] = i64::MIN;
         for b in 0..self.blocks.len() {
-            let ran = left_after.ge(b as i64).to_kind(Kind::Float);
             if let Some(s) = self.index.shortcut[b] {
-                cols[s] = ran.shallow_clone();
+                needs[s] = b as i64;
             }
-            cols[self.index.block[b]] = ran.shallow_clone();
+            needs[self.index.block[b]] = b as i64;
             if self.active_exits.contains(&b) {
-                cols[self.index.mech[b]] = ran;
+                needs[self.index.mech[b]] = b as i64;
             }
         }
-        Tensor::stack(&cols, 1)
+        let executed = left_after.unsqueeze(1).ge_tensor(&Tensor::from_slice(&needs).to_device(device)).to_kind(Kind::Float);
+        let _ = executed.select(1, self.index.head as i64).copy_(&exit_index.eq(active));
+        executed
     }
 
     fn sparse_trace(&self, x: &Tensor) -> Trace {
@@ -423,7 +465,8 @@ impl Net {
         let mut h = self.stem_forward(x, false);
         let (mut hard, mut probs) = (Vec::new(), Vec::new());
         let mut rnn_state = None;
-        let mut count = Tensor::zeros([x.size()[0]], (Kind::Float, x.device()));
+        // blocks run so far per sample (only the budget reads it)
+        let mut count = self.budget.map(|_| Tensor::zeros([x.size()[0]], (Kind::Float, x.device())));
         for (b, block) in self.blocks.iter().enumerate() {
             let p = match (&self.mech, self.twin) {
                 (Mech::Aig(gates), false) => Some(aig_decision(&gates[b], &h, false, false).soft),
@@ -437,15 +480,19 @@ impl Net {
             let s = block.shortcut(&h, false);
             h = match p {
                 None => {
-                    count += 1.0;
+                    count = count.map(|c| c + 1.0);
                     (s + block.residual(&h, false)).relu()
                 }
                 Some(p) => {
-                    let on = match self.budget {
-                        Some(budget) => p.gt(0.5).logical_and(&count.lt(budget as f64)),
-                        None => p.gt(0.5),
+                    let (on, counted) = match (self.budget, count) {
+                        (Some(budget), Some(c)) => {
+                            let on = p.gt(0.5).logical_and(&c.lt(budget as f64));
+                            let c = c + on.to_kind(Kind::Float);
+                            (on, Some(c))
+                        }
+                        (_, c) => (p.gt(0.5), c),
                     };
-                    count += on.to_kind(Kind::Float);
+                    count = counted;
                     let rows = on.nonzero().squeeze_dim(1);
                     let executed = rows.size()[0];
                     let out = if executed == h.size()[0] {
@@ -560,8 +607,7 @@ pub fn confidence(logits: &Tensor) -> Tensor {
 /// (index = number of ICs).
 pub fn exit_rule(exit_logits: &[Tensor], threshold: f64) -> Tensor {
     let exits = exit_logits.len() as i64;
-    let fires: Vec<Tensor> = exit_logits.iter().map(|z| confidence(z).ge(threshold)).collect();
-    let fires = Tensor::stack(&fires, 1).to_kind(Kind::Int64); // [B,E]
+    let fires = confidence(&Tensor::stack(exit_logits, 1)).ge(threshold).to_kind(Kind::Int64); // [B,E]
     let batch = fires.size()[0];
     let any = fires.sum_dim_intlist(&[1i64][..], false, Kind::Int64).gt(0);
     let first = fires.argmax(1, false); // first max = first 1 (argmax returns the first)

@@ -203,6 +203,24 @@ fn optimise_unfrozen(
     label: &str,
     batch_loss: &mut impl FnMut(&Net, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<TrainReport> {
+    // folded batch norms are a snapshot of the weights this loop changes: train on the live
+    // parameters, refold from the trained ones
+    let refold = net.is_folded();
+    net.unfold_batch_norm();
+    let report = optimise_live(net, data, schedule, label, batch_loss);
+    if refold {
+        net.fold_batch_norm();
+    }
+    report
+}
+
+fn optimise_live(
+    net: &mut Net,
+    data: &Dataset,
+    schedule: &Schedule,
+    label: &str,
+    batch_loss: &mut impl FnMut(&Net, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<TrainReport> {
     let mut opt = nn::Adam::default().build(&net.vs, schedule.lr)?;
     let (n, batch) = (data.len(), schedule.batch_size);
     let steps_per_epoch = (n + batch - 1) / batch;
