@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# Grid throughput: experiments/bench-runner.toml run sequentially (1 worker × all libtorch
-# threads) and in parallel (one worker per core, 1 libtorch thread each), alternating REPS
-# times into fresh directories. Prints wall times and the speed-up; see BENCHMARKS.md.
+# Grid throughput: a study (STUDY, default experiments/bench-runner.toml) run sequentially
+# (1 worker × all libtorch threads) and in parallel (one worker per core, 1 libtorch thread
+# each), alternating REPS times into fresh directories. Prints wall times and the speed-up;
+# see BENCHMARKS.md.   REPS=3 STUDY=experiments/quick.toml scripts/bench_runner.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${CARGO_TARGET_DIR:-target}/release/dynrobust"
 reps="${REPS:-2}"
+study="${STUDY:-experiments/bench-runner.toml}"
 cores="$(nproc)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 time_run() { # workers
   local out="$tmp/w$1-$RANDOM" start end
   start=$(date +%s.%N)
-  "$bin" run experiments/bench-runner.toml --out "$out" --workers "$1" --no-report 2>/dev/null
+  "$bin" run "$study" --out "$out" --workers "$1" --no-report 2>/dev/null
   end=$(date +%s.%N)
   awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }'
 }
-"$bin" run experiments/bench-runner.toml --dry-run 2>&1 | tail -1
+"$bin" run "$study" --dry-run 2>&1 | tail -1
 for r in $(seq 1 "$reps"); do
   seq_s=$(time_run 1)
   par_s=$(time_run "$cores")

@@ -56,10 +56,21 @@ PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP
 CONF
 }
 
+# The daemons outlive this script: give them none of the caller's open files beyond stdio (a
+# caller's lock file, e.g. `flock LOCK make test`, would otherwise stay locked by munged).
+close_inherited_fds() {
+  local fd
+  for fd in /proc/$$/fd/*; do
+    fd="${fd##*/}"
+    [ "$fd" -gt 2 ] 2>/dev/null && eval "exec ${fd}>&-" 2>/dev/null || true
+  done
+}
+
 start() {
   install
   stop
   configure
+  close_inherited_fds
   mkdir -p /run/munge && chown munge:munge /run/munge
   runuser -u munge -- /usr/sbin/munged
   munge -n | unmunge >/dev/null

@@ -1,9 +1,11 @@
 """PyTorch-eager reference for dynrobust's performance comparison.
 
-Rebuilds the committed `static` and `sdn` ResNet-14n checkpoints in plain PyTorch from their
-safetensors weights (same names as the Rust VarStore), checks they classify the Fashion-MNIST
-test images like dynrobust does, and times PGD-L∞ and DeepSloth L∞ iterations at batch 1, 8
-and 128 — the same attacks, weights and batches as `dynrobust bench attacks`.
+Rebuilds the committed `static`, `sdn` and `skipnet` ResNet-14n checkpoints in plain PyTorch
+from their safetensors weights (same names as the Rust VarStore), checks they classify the
+Fashion-MNIST test images like dynrobust does, and times PGD-L∞, DeepSloth L∞ and ILFO
+(faithful) iterations at batch 1, 8 and 128 — the same attacks, weights and batches as
+`dynrobust bench attacks` — each on the plain network and on one with its batch norms folded
+into the convolutions by hand (what dynrobust does on load).
 
 Run with the project's venv: .venv/bin/python scripts/torch_reference.py [--reps 3]
 Prints one JSON object per (attack, model, batch) on stdout.
@@ -70,6 +72,96 @@ class Net:
         return logits, exit_logits
 
 
+class FoldedNet(Net):
+    """The same network with every batch norm folded into its convolution by hand
+    (w·γ/√(σ²+ε), β − μ·γ/√(σ²+ε)) — what dynrobust does on load; timed as a second reference
+    so the comparison shows how much of dynrobust's lead is the folding."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.folded = {}
+        for key in list(self.p):
+            if key.endswith(".conv.weight"):
+                pre = key[: -len(".conv.weight")]
+                scale = self.p[pre + ".bn.weight"] / torch.sqrt(self.p[pre + ".bn.running_var"] + 1e-5)
+                bias = self.p[pre + ".bn.bias"] - self.p[pre + ".bn.running_mean"] * scale
+                self.folded[pre] = (self.p[key] * scale.view(-1, 1, 1, 1), bias)
+
+    def conv_bn(self, prefix, x, stride, pad):
+        w, b = self.folded[prefix]
+        return F.conv2d(x, w, b, stride=stride, padding=pad)
+
+
+class SkipNet(Net):
+    """The committed `skipnet`: ResNet-14n with SkipNet's recurrent gate (per position GAP +
+    linear embedding C→10, one shared LSTM cell, linear 10→1, sigmoid) before blocks 1–5;
+    dense pass with straight-through hard gates, out = relu(S(h) + z·F(h))."""
+
+    def gate_step(self, pos, h, state):
+        p = self.p
+        emb = F.linear(h.mean((2, 3)), p[f"rnn_gate.embed.{pos}.weight"], p[f"rnn_gate.embed.{pos}.bias"])
+        gates = F.linear(emb, p["rnn_gate.lstm_ih.weight"], p["rnn_gate.lstm_ih.bias"])
+        if state is None:
+            gates = gates + p["rnn_gate.lstm_hh.bias"]
+            c_prev = torch.zeros_like(emb)
+        else:
+            gates = gates + F.linear(state[0], p["rnn_gate.lstm_hh.weight"], p["rnn_gate.lstm_hh.bias"])
+            c_prev = state[1]
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
+        hid = torch.sigmoid(o) * torch.tanh(c)
+        prob = torch.sigmoid(F.linear(hid, p["rnn_gate.proj.weight"], p["rnn_gate.proj.bias"])).squeeze(1)
+        return prob, (hid, c)
+
+    def forward(self, x):
+        h = F.relu(self.conv_bn("stem", (x - MEAN) / STD, 1, 1))
+        probs, state = [], None
+        for b in range(6):
+            stride = 2 if b in (2, 4) else 1
+            pre = f"blocks.{b}"
+            s = self.conv_bn(pre + ".shortcut", h, stride, 0) if pre + ".shortcut.conv.weight" in self.p else h
+            f = self.conv_bn(pre + ".conv2", F.relu(self.conv_bn(pre + ".conv1", h, stride, 1)), 1, 1)
+            if b == 0:
+                h = F.relu(s + f)
+                continue
+            prob, state = self.gate_step(b - 1, h, state)
+            z = (prob > 0.5).float() + (prob - prob.detach())
+            probs.append(prob)
+            h = F.relu(s + z.view(-1, 1, 1, 1) * f)
+        logits = F.linear(h.mean((2, 3)), self.p["head.weight"], self.p["head.bias"])
+        return logits, probs
+
+
+class FoldedSkipNet(SkipNet, FoldedNet):
+    pass
+
+
+def ilfo_faithful(net, x, steps, lr=5e-4, c=1e5, lo=-2.22, hi=2.5):
+    """ILFO as dynrobust's faithful mode: Adam on a tanh-space modifier w (w₀ = 0) in normalised
+    units, x_adv_n = R(w + x_n), loss G·c·Σ relu(0.5 − p) + ||x_adv_n − x_n||², best iterate."""
+    x_n = (x - MEAN) / STD
+    w = torch.zeros_like(x)
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    best_loss = torch.full((x.shape[0],), float("inf"))
+    best = x.clone()
+    for t in range(1, steps + 1):
+        w_leaf = w.detach().requires_grad_(True)
+        x_adv_n = (torch.tanh(w_leaf + x_n) + 1) * (0.5 * (hi - lo)) + lo
+        x_adv = (x_adv_n * STD + MEAN).clamp(0, 1)
+        _, probs = net.forward(x_adv)
+        gates = torch.stack(probs, 1)
+        loss = F.relu(0.5 - gates).sum(1) * (c * gates.shape[1]) + (x_adv_n - x_n).square().flatten(1).sum(1)
+        (g,) = torch.autograd.grad(loss.sum(), w_leaf)
+        with torch.no_grad():
+            better = loss < best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best = torch.where(better.view(-1, 1, 1, 1), x_adv, best)
+            m = m * 0.9 + g * 0.1
+            v = v * 0.999 + g.square() * 0.001
+            w = w - (m / (1 - 0.9**t)) * lr / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+    return best
+
+
 def pgd_linf(net, x, y, eps, steps, alpha):
     x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
     for _ in range(steps):
@@ -115,19 +207,31 @@ def main():
     with torch.no_grad():
         for name in ("static", "sdn"):
             logits, _ = Net(name).forward(x)
+            folded, _ = FoldedNet(name).forward(x)
             acc = (logits.argmax(1) == y).float().mean().item()
-            print(json.dumps({"check": name, "final_head_accuracy_first_1000": acc}))
+            diff = (logits - folded).abs().max().item()
+            print(json.dumps({"check": name, "final_head_accuracy_first_1000": acc, "folded_max_logit_diff": diff}))
+        logits, probs = SkipNet("skipnet").forward(x)
+        folded, _ = FoldedSkipNet("skipnet").forward(x)
+        rate = (torch.stack(probs, 1) > 0.5).float().mean().item()
+        print(json.dumps({"check": "skipnet", "final_head_accuracy_first_1000": (logits.argmax(1) == y).float().mean().item(),
+                          "gate_rate_first_1000": rate, "folded_max_logit_diff": (logits - folded).abs().max().item()}))
     iters = 10
-    for attack, model in (("pgd-linf", "static"), ("pgd-linf", "sdn"), ("deepsloth", "sdn")):
-        net = Net(model)
+    nets = {"static": (Net, FoldedNet), "sdn": (Net, FoldedNet), "skipnet": (SkipNet, FoldedSkipNet)}
+    for attack, model in (("pgd-linf", "static"), ("pgd-linf", "sdn"), ("deepsloth", "sdn"), ("ilfo", "skipnet")):
         for batch in (1, 8, 128):
             xb, yb = x[:batch], y[:batch]
-            if attack == "pgd-linf":
-                run = lambda: pgd_linf(net, xb, yb, 8 / 255, iters, 2.5 * (8 / 255) / iters)
-            else:
-                run = lambda: deepsloth(net, xb, 0.03125, iters, 0.002)
-            t = median_secs(min(args.reps, 3), run) / iters
-            print(json.dumps({"attack": attack, "model": model, "batch": batch, "torch_ms_per_iteration": t * 1e3}))
+            row = {"attack": attack, "model": model, "batch": batch}
+            plain, folded = nets[model]
+            for key, net in (("torch_ms_per_iteration", plain(model)), ("torch_folded_ms_per_iteration", folded(model))):
+                if attack == "pgd-linf":
+                    run = lambda: pgd_linf(net, xb, yb, 8 / 255, iters, 2.5 * (8 / 255) / iters)
+                elif attack == "ilfo":
+                    run = lambda: ilfo_faithful(net, xb, iters)
+                else:
+                    run = lambda: deepsloth(net, xb, 0.03125, iters, 0.002)
+                row[key] = median_secs(min(args.reps, 3), run) / iters * 1e3
+            print(json.dumps(row))
 
 
 if __name__ == "__main__":

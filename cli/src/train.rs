@@ -7,7 +7,7 @@ use clap::Args;
 use dynrobust_core::data::{DataSpec, Split};
 use dynrobust_core::DynamicModel;
 use dynrobust_models::checkpoint::{self, Sidecar};
-use dynrobust_models::train::{evaluate, loss_description, train, train_joint, train_record, TrainConfig, SDN_JOINT_LOSS};
+use dynrobust_models::train::{evaluate, fits_committed_static, train_family, train_record, TrainConfig};
 use dynrobust_models::{Mechanism, Net};
 
 use crate::common::{DataArgs, DeviceArgs};
@@ -109,8 +109,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut net = Net::new(config.clone(), device)?;
     let init_from = init_weights(&mut net, &args, &mechanism)?;
     eprintln!("training {} on {} ({} images), {} epochs, seed {}", args.model, train_set.name, train_set.len(), cfg.epochs, cfg.seed);
-    let joint = matches!(mechanism, Mechanism::Sdn { .. }) && init_from.is_none();
-    let report = if joint { train_joint(&mut net, &train_set, &cfg)? } else { train(&mut net, &train_set, &cfg)? };
+    let (report, loss) = train_family(&mut net, &train_set, &cfg, init_from.is_some())?;
     let evaluation = evaluate(&net, &test_set, 256)?;
     eprintln!(
         "done in {:.0} s: loss {:.4}; test accuracy {:.2} %, mean cost {:.3}",
@@ -121,7 +120,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     let sidecar = Sidecar {
         architecture: config,
-        training: train_record(&train_set, &cfg.schedule(), &report, if joint { SDN_JOINT_LOSS.to_string() } else { loss_description(&mechanism, &cfg) }, init_from, std::env::args().collect::<Vec<_>>().join(" ")),
+        training: train_record(&train_set, &cfg.schedule(), &report, loss, init_from, std::env::args().collect::<Vec<_>>().join(" ")),
         evaluation,
     };
     checkpoint::save(&net, &sidecar, &out).with_context(|| format!("writing checkpoint to {}", out.display()))?;
@@ -130,8 +129,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism) -> Result<Option<String>> {
-    let fits_static = (net.config().in_channels, net.config().image_size) == (1, 28);
-    let init = args.init.clone().unwrap_or_else(|| if fits_static { "static".into() } else { "none".into() });
+    let init = args.init.clone().unwrap_or_else(|| if fits_committed_static(net.config()) { "static".into() } else { "none".into() });
     if matches!(mechanism, Mechanism::Static) || init == "none" {
         return Ok(None);
     }

@@ -1,7 +1,9 @@
 //! A TorchScript model runs through `dynrobust attack` and `dynrobust run` exactly like a
 //! native one: the committed `sdn`, exported with the same weights by
 //! `examples/torchscript/export_native.py`, gives the same attack record (accuracy, cost,
-//! exits, perturbation) natively and through the adapter, in both commands.
+//! exits, perturbation) natively and through the adapter, in both commands. The native net
+//! runs with its batch norms folded into the convolutions and the export with conv → BN, so
+//! the perturbation norms agree to float rounding (relative 1e-4) and everything else exactly.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -32,6 +34,16 @@ fn export_native(out: &std::path::Path) -> PathBuf {
 
 const SAME: [&str; 9] = ["n", "clean_acc", "adv_acc", "clean_cost", "adv_cost", "recovery", "l2_mean", "linf_max", "adv_exit_hist"];
 
+/// Exact agreement, except the perturbation norms: to float rounding.
+fn assert_same(what: &str, key: &str, native: &Value, scripted: &Value) {
+    if matches!(key, "l2_mean" | "linf_max") {
+        let (a, b) = (native[key].as_f64().unwrap(), scripted[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(b.abs()), "{what} {key}: native {a} vs scripted {b}");
+    } else {
+        assert_eq!(native[key], scripted[key], "{what} {key}: native {} vs scripted {}", native[key], scripted[key]);
+    }
+}
+
 #[test]
 fn attack_on_the_scripted_sdn_equals_attack_on_the_native_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -43,7 +55,7 @@ fn attack_on_the_scripted_sdn_equals_attack_on_the_native_one() {
     };
     let (native, scripted) = (run("sdn"), run(script.to_str().unwrap()));
     for key in SAME {
-        assert_eq!(native[key], scripted[key], "{key}: native {} vs scripted {}", native[key], scripted[key]);
+        assert_same("attack", key, &native, &scripted);
     }
     assert!(scripted["adv_cost"].as_f64().unwrap() > scripted["clean_cost"].as_f64().unwrap());
 }
@@ -81,7 +93,7 @@ fn a_study_runs_the_scripted_model_like_the_native_one() {
         };
         let (native, scripted) = (pick(true), pick(false));
         for key in SAME {
-            assert_eq!(native[key], scripted[key], "{defense} {key}");
+            assert_same(defense, key, native, scripted);
         }
     }
 }

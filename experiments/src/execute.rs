@@ -18,7 +18,7 @@ use dynrobust_core::{Error, Result};
 use dynrobust_defenses::evaluate::run_defended;
 use dynrobust_defenses::registry::DefenseSpec;
 use dynrobust_models::checkpoint::{self, Sidecar};
-use dynrobust_models::train::{evaluate, loss_description, train, train_joint, train_record, TrainConfig, SDN_JOINT_LOSS};
+use dynrobust_models::train::{evaluate, fits_committed_static, train_family, train_record, TrainConfig};
 use dynrobust_models::{AnyModel, Mechanism, ModelConfig, Net};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -288,18 +288,15 @@ fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()
     tch::manual_seed(v.seed as i64);
     let mut net = Net::new(config.clone(), Device::Cpu)?;
     // the committed static weights fit only the 1×28×28, 10-class backbone; other shapes train from scratch
-    let fits_static = (config.in_channels, config.image_size, config.classes) == (1, 28, 10);
-    let init_from = if matches!(mechanism, Mechanism::Static) || !fits_static {
+    let init_from = if matches!(mechanism, Mechanism::Static) || !fits_committed_static(&config) {
         None
     } else {
         checkpoint::init_from(&mut net, &checkpoint::committed_dir("static").join(checkpoint::WEIGHTS_FILE))?;
         Some("models/checkpoints/static".to_string())
     };
     eprintln!("training variant {name} ({}) on {} images", v.model, train_set.len());
-    let joint = matches!(mechanism, Mechanism::Sdn { .. }) && init_from.is_none();
-    let report = if joint { train_joint(&mut net, &train_set, &cfg)? } else { train(&mut net, &train_set, &cfg)? };
+    let (report, loss) = train_family(&mut net, &train_set, &cfg, init_from.is_some())?;
     let evaluation = evaluate(&net, &test_set, 256)?;
-    let loss = if joint { SDN_JOINT_LOSS.to_string() } else { loss_description(&mechanism, &cfg) };
     let sidecar = Sidecar {
         architecture: config,
         training: train_record(&train_set, &cfg.schedule(), &report, loss, init_from, format!("study variant `{name}`: {table}")),

@@ -147,6 +147,24 @@ pub fn train_joint(net: &mut Net, data: &Dataset, cfg: &TrainConfig) -> Result<T
     })
 }
 
+/// Trains a freshly built `net` the way its family trains: an SDN whose backbone was
+/// `initialised` from trained static weights trains its internal classifiers only
+/// ([`train`]); one without trains jointly ([`train_joint`]); other families fine-tune or
+/// train from scratch with [`train`]. Returns the report and the sidecar's words for the loss.
+pub fn train_family(net: &mut Net, data: &Dataset, cfg: &TrainConfig, initialised: bool) -> Result<(TrainReport, String)> {
+    let mechanism = net.config().mechanism.clone();
+    if matches!(mechanism, Mechanism::Sdn { .. }) && !initialised {
+        return Ok((train_joint(net, data, cfg)?, SDN_JOINT_LOSS.to_string()));
+    }
+    Ok((train(net, data, cfg)?, loss_description(&mechanism, cfg)))
+}
+
+/// True when the committed `static` checkpoint's weights fit `config` (1×28×28 inputs, 10
+/// classes: the ResNet-14n the dynamic families start from).
+pub fn fits_committed_static(config: &crate::ModelConfig) -> bool {
+    (config.in_channels, config.image_size, config.classes) == (1, 28, 10)
+}
+
 /// The sidecar's words for [`train_joint`] of an SDN.
 pub const SDN_JOINT_LOSS: &str = "joint SDN training: final-head cross-entropy + sum over internal classifiers of cross-entropy, every weight trained";
 
