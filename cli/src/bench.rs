@@ -114,6 +114,16 @@ fn fwd_bwd_secs(model: &dyn DynamicModel, x: &tch::Tensor, y: &tch::Tensor, reps
     })
 }
 
+/// Timed runs of a whole attack: short runs at batch ≤ 8 are noisy on a shared VM, so they get
+/// five times the repetitions (scripts/torch_reference.py uses the same rule).
+fn attack_reps(reps: usize, batch: i64) -> usize {
+    if batch <= 8 {
+        5 * reps.min(3)
+    } else {
+        reps.min(3)
+    }
+}
+
 /// `dynrobust bench attacks`: each attack's time per iteration against one bare dense
 /// forward + backward to the input of the same model and batch.
 pub fn attacks(args: &BenchArgs) -> Result<()> {
@@ -135,7 +145,7 @@ pub fn attacks(args: &BenchArgs) -> Result<()> {
             let x = data.images.narrow(0, 0, batch);
             let y = data.labels.narrow(0, 0, batch);
             let fb = fwd_bwd_secs(&net, &x, &y, args.reps)?;
-            let at = median_secs(args.reps.min(3), || atk.perturb(&net, &x, &y).map(|_| ()).map_err(Into::into))?;
+            let at = median_secs(attack_reps(args.reps, batch), || atk.perturb(&net, &x, &y).map(|_| ()).map_err(Into::into))?;
             let per_it = at / iters as f64;
             eprintln!("{:<10} {:<8} {:>5} {:>12.3} {:>12.3} {:>8.2}", attack, model, batch, fb * 1e3, per_it * 1e3, per_it / fb);
             println!("{}", json!({"attack": attack, "model": model, "batch": batch, "iterations": iters,

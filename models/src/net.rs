@@ -388,22 +388,23 @@ impl Net {
         let batch = x.size()[0];
         let (logits, executed, exit_index) = match (&self.mech, self.twin) {
             (Mech::Exits(_), false) => {
-                let exit_index = self.capped_exit(exit_rule(&dense.exit_logits, self.threshold));
+                // the decision is not differentiable: keep it out of the autograd graph
+                let exit_index = tch::no_grad(|| self.capped_exit(exit_rule(&dense.exit_logits, self.threshold)));
                 let mut all: Vec<&Tensor> = dense.exit_logits.iter().collect();
                 all.push(&dense.final_logits);
                 let stacked = Tensor::stack(&all, 1); // [B, E+1, K]
                 let k = stacked.size()[2];
                 let logits = stacked.gather(1, &exit_index.view([-1, 1, 1]).expand([batch, 1, k], false), false).squeeze_dim(1);
-                (logits, self.executed_for_exits(&exit_index), Some(exit_index))
+                (logits, tch::no_grad(|| self.executed_for_exits(&exit_index)), Some(exit_index))
             }
-            _ => (dense.final_logits.shallow_clone(), self.executed_for_gates(batch, &dense.hard, x.device()), None),
+            _ => (dense.final_logits.shallow_clone(), tch::no_grad(|| self.executed_for_gates(batch, &dense.hard, x.device())), None),
         };
         self.finish(logits, dense.final_logits, dense.exit_logits, dense.gate_probs, executed, exit_index)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn finish(&self, logits: Tensor, final_logits: Tensor, exit_logits: Vec<Tensor>, gate_probs: Vec<Tensor>, executed: Tensor, exit_index: Option<Tensor>) -> Trace {
-        let macs = executed.to_kind(Kind::Double).matmul(&self.unit_macs);
+        let macs = tch::no_grad(|| executed.to_kind(Kind::Double).matmul(&self.unit_macs));
         Trace { logits, final_logits, exit_logits, gate_probs, executed, macs, exit_index }
     }
 
