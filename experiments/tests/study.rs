@@ -42,7 +42,16 @@ fn shipped_studies_parse_and_expand() {
     for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "gate-consistency", "deepsloth-at"] {
         assert!(labels.contains(label), "defenses.toml lacks {label}");
     }
-    assert_eq!(defenses.cells.len(), 100, "defenses.toml grid size changed");
+    assert_eq!(defenses.cells.len(), 108, "defenses.toml grid size changed");
+    // every training-time defense a cell names is a committed checkpoint
+    for cell in &defenses.cells {
+        if let Some(path) = cell.config.defense.params.get("checkpoint").and_then(|v| v.as_str()) {
+            let path = path.replace("{model}", &cell.config.model.name);
+            let dir = dynrobust_core::data::project_root().join(&path);
+            let sidecar = if cell.config.defense.name == "denoiser" { "denoiser.json" } else { "model.json" };
+            assert!(dir.join(sidecar).is_file(), "cell {} names checkpoint {path}, which is not committed", cell.id);
+        }
+    }
 
     let seed = shipped("seed-study.toml");
     let transfer = seed.cells.iter().filter(|c| c.config.surrogate.is_some()).count();
