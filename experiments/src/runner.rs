@@ -75,9 +75,13 @@ struct Shared<'a, E: Executor> {
     worker_errors: Mutex<Vec<String>>,
     versions: BTreeMap<String, String>,
     bar: ProgressBar,
+    /// No bar on screen (stderr is not a terminal: a log file, a Slurm job): one line per
+    /// finished cell instead, so a log shows progress.
+    log_lines: bool,
 }
 
 /// Runs every unfinished cell of `cells` with `workers` threads, storing each result at once.
+/// With `progress`, a progress bar on stderr when it is a terminal, else a line per cell.
 pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: usize, progress: bool) -> Result<RunSummary> {
     let start = Instant::now();
     let done = store.finished_ids()?;
@@ -97,6 +101,7 @@ pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: 
         worker_errors: Mutex::new(Vec::new()),
         versions: exec.versions(),
         bar: progress_bar(todo.len(), progress),
+        log_lines: progress && !std::io::IsTerminal::is_terminal(&std::io::stderr()),
         todo,
     };
     if !shared.todo.is_empty() {
@@ -132,12 +137,16 @@ fn worker_loop<E: Executor>(shared: &Shared<E>) {
         let i = shared.next.fetch_add(1, Ordering::SeqCst);
         let Some(cell) = shared.todo.get(i).copied() else { break };
         shared.bar.set_message(cell.config.summary());
+        let started = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| shared.exec.run(&mut worker, cell)));
         let panicked = outcome.is_err();
         match outcome {
             Ok(Ok(out)) => match shared.store.write_cell(cell, &out, &shared.versions) {
                 Ok(()) => {
-                    shared.finished.fetch_add(1, Ordering::SeqCst);
+                    let n = shared.finished.fetch_add(1, Ordering::SeqCst) + 1;
+                    if shared.log_lines {
+                        eprintln!("[{n}/{}] cell {} ({}) finished in {:.0} s", shared.todo.len(), cell.id, cell.config.summary(), started.elapsed().as_secs_f64());
+                    }
                 }
                 Err(e) => shared.fail(cell, format!("storing the result failed: {e}")),
             },
@@ -156,6 +165,16 @@ fn worker_loop<E: Executor>(shared: &Shared<E>) {
 }
 
 impl<E: Executor> Shared<'_, E> {
+    /// A message above the bar, or on stderr when there is no bar (a hidden bar's `println`
+    /// prints nothing, and failures must reach the log).
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
     fn new_worker(&self) -> Option<E::Worker> {
         match catch_unwind(AssertUnwindSafe(|| self.exec.worker())) {
             Ok(Ok(w)) => Some(w),
@@ -165,13 +184,13 @@ impl<E: Executor> Shared<'_, E> {
     }
 
     fn worker_failed(&self, error: String) -> Option<E::Worker> {
-        self.bar.println(format!("a worker could not start: {error}"));
+        self.say(format!("a worker could not start: {error}"));
         self.worker_errors.lock().unwrap_or_else(|p| p.into_inner()).push(error);
         None
     }
 
     fn fail(&self, cell: &Cell, error: String) {
-        self.bar.println(format!("cell {} failed ({}): {error}", cell.id, cell.config.summary()));
+        self.say(format!("cell {} failed ({}): {error}", cell.id, cell.config.summary()));
         let failure = CellFailure { id: cell.id.clone(), cell: cell.config.summary(), error };
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).push(failure);
     }
