@@ -450,7 +450,7 @@ impl Net {
             }
         }
         let executed = left_after.unsqueeze(1).ge_tensor(&Tensor::from_slice(&needs).to_device(device)).to_kind(Kind::Float);
-        let _ = executed.select(1, self.index.head as i64).copy_(&exit_index.eq(active));
+        executed.select(1, self.index.head as i64).copy_(&exit_index.eq(active));
         executed
     }
 
