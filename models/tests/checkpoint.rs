@@ -132,3 +132,23 @@ fn committed_checkpoints_meet_the_accuracy_and_cost_targets() {
         assert!(eval.mean_cost <= max_cost, "{name}: mean cost {:.4} > {max_cost}", eval.mean_cost);
     }
 }
+
+#[test]
+fn every_committed_training_time_defense_scores_what_its_sidecar_says() {
+    let root = checkpoint::committed_dir("static").parent().unwrap().to_path_buf();
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| root.join(n).join("model.json").is_file() && !["static", "sdn", "gated", "skipnet"].contains(&n.as_str()))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 9, "training-time defense checkpoints: {names:?}");
+    for name in names {
+        let dir = root.join(&name);
+        let (net, side) = checkpoint::load(&dir, Device::Cpu).unwrap();
+        let data = common::test_images(side.evaluation.n as i64);
+        let eval = dynrobust_models::train::evaluate(&net, &data, 256).unwrap();
+        assert_eq!(eval.accuracy, side.evaluation.accuracy, "{name}: accuracy");
+        assert!((eval.mean_cost - side.evaluation.mean_cost).abs() < 1e-9, "{name}: cost {} vs sidecar {}", eval.mean_cost, side.evaluation.mean_cost);
+    }
+}
