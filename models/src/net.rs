@@ -2,7 +2,7 @@
 //! (none, SDN exits, AIG gates, SkipNet recurrent gate), implementing [`DynamicModel`] with a
 //! differentiable dense pass and a really-skipping sparse pass.
 
-use dynrobust_core::{macs_from_executed, CutTrace, DynamicModel, Error, Family, Pass, Result, Trace, Unit, UnitKind};
+use dynrobust_core::{CutTrace, DynamicModel, Error, Family, Pass, Result, Trace, Unit, UnitKind};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -250,7 +250,7 @@ impl Net {
                 let capped = self.forced_exit().unwrap_or(self.active_exits.len());
                 let _ = (budget, exits);
                 let idx = Tensor::from_slice(&[capped as i64]).to_device(self.device());
-                let macs = macs_from_executed(&self.executed_for_exits(&idx), &self.units);
+                let macs = self.macs_of(&self.executed_for_exits(&idx));
                 macs.double_value(&[0]).round() as u64
             }
             _ => {
@@ -404,8 +404,14 @@ impl Net {
 
     #[allow(clippy::too_many_arguments)]
     fn finish(&self, logits: Tensor, final_logits: Tensor, exit_logits: Vec<Tensor>, gate_probs: Vec<Tensor>, executed: Tensor, exit_index: Option<Tensor>) -> Trace {
-        let macs = tch::no_grad(|| executed.to_kind(Kind::Double).matmul(&self.unit_macs));
+        let macs = self.macs_of(&executed);
         Trace { logits, final_logits, exit_logits, gate_probs, executed, macs, exit_index }
+    }
+
+    /// Per-sample MACs `[B]` (float64) from an executed mask `[B,U]` (the same product as
+    /// `dynrobust_core::macs_from_executed`, with the unit MACs kept on the device).
+    fn macs_of(&self, executed: &Tensor) -> Tensor {
+        tch::no_grad(|| executed.to_kind(Kind::Double).matmul(&self.unit_macs))
     }
 
     /// Executed mask `[B,U]` of a gated (or static) pass from the hard gate decisions: every
@@ -675,7 +681,7 @@ impl DynamicModel for Net {
         }
         let _ = ics;
         let exits = Tensor::arange(self.active_exits.len() as i64 + 1, (Kind::Int64, self.device()));
-        let macs = macs_from_executed(&self.executed_for_exits(&exits), &self.units);
+        let macs = self.macs_of(&self.executed_for_exits(&exits));
         let stat = self.static_macs() as f64;
         Some(Vec::<f64>::try_from(&macs).ok()?.into_iter().map(|m| m / stat).collect())
     }
