@@ -84,6 +84,14 @@ impl ConvBn {
     pub fn unfold(&mut self) {
         self.folded = None;
     }
+    /// [`ConvBn::fold`] or [`ConvBn::unfold`].
+    pub fn set_folded(&mut self, fold: bool) {
+        if fold {
+            self.fold()
+        } else {
+            self.unfold()
+        }
+    }
 }
 
 /// Batch norm's ε (tch's and PyTorch's default).
@@ -125,11 +133,7 @@ impl BasicBlock {
     /// Folds (or unfolds) the batch norms of the block, see [`ConvBn::fold`].
     pub fn set_folded(&mut self, fold: bool) {
         for c in std::iter::once(&mut self.conv1).chain(std::iter::once(&mut self.conv2)).chain(self.shortcut.as_mut()) {
-            if fold {
-                c.fold()
-            } else {
-                c.unfold()
-            }
+            c.set_folded(fold);
         }
     }
     /// S(x): identity or 1×1 conv + BN.

@@ -136,11 +136,7 @@ impl Net {
     }
 
     fn set_folded(&mut self, fold: bool) {
-        if fold {
-            self.stem.fold();
-        } else {
-            self.stem.unfold();
-        }
+        self.stem.set_folded(fold);
         for block in &mut self.blocks {
             block.set_folded(fold);
         }
