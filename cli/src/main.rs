@@ -54,6 +54,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // before any worker thread or tensor exists: keep freed tensor buffers for reuse
+    dynrobust_core::allocator::keep_freed_memory();
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Attack(a) => attack::run(a),

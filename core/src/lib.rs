@@ -4,6 +4,7 @@
 //! [`Trace`], [`Unit`]s and [`Pass`]es; the attack and defense plugin protocols; data sets; cost and accuracy metrics; the one
 //! [`Error`] type.
 
+pub mod allocator;
 pub mod attack;
 pub mod data;
 pub mod defense;

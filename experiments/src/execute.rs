@@ -126,6 +126,23 @@ impl Executor for RealExecutor {
         Ok(Worker { data: BTreeMap::new(), device: self.device })
     }
 
+    /// Images × (attack iterations + 2 evaluation passes) × EOT samples of an adaptive attack
+    /// on a randomised defense. Iterations are the attack config's `steps` or `iterations`
+    /// (+ `warmup`); an attack without them (FGSM) counts 1, a `steps` left to the attack's own
+    /// variant-dependent default (DeepSloth) counts 30.
+    fn work(&self, cell: &Cell) -> f64 {
+        let c = &cell.config;
+        let params = if c.attack.params.is_null() { json!({}) } else { c.attack.params.clone() };
+        let config = attacks::build(&c.attack.name, &params).map(|a| a.config_json()).unwrap_or(Value::Null);
+        let count = |key: &str| config.get(key).and_then(Value::as_f64);
+        let iterations = count("steps").or_else(|| count("iterations")).unwrap_or(if config.get("steps").is_some() { 30.0 } else { 1.0 }) + count("warmup").unwrap_or(0.0);
+        let eot = match c.defense.mode {
+            Some(DefenseMode::Adaptive) => c.defense.params.get("eot").and_then(Value::as_f64).unwrap_or(1.0),
+            _ => 1.0,
+        };
+        c.n as f64 * (iterations + 2.0) * eot.max(1.0)
+    }
+
     fn run(&self, worker: &mut Worker, cell: &Cell) -> Result<CellOutput> {
         let c = &cell.config;
         tch::manual_seed(c.seed as i64);

@@ -36,6 +36,14 @@ pub trait Executor: Sync {
     fn worker(&self) -> Result<Self::Worker>;
     /// Runs one cell.
     fn run(&self, worker: &mut Self::Worker, cell: &Cell) -> Result<CellOutput>;
+    /// A rough relative amount of work in `cell` (e.g. images × attack iterations). The runner
+    /// starts the largest cells first, so a grid does not end with one long cell on one core
+    /// while the other workers idle. Only the order of the queue depends on it (every cell
+    /// reseeds, so results do not); by default all cells weigh the same.
+    fn work(&self, cell: &Cell) -> f64 {
+        let _ = cell;
+        1.0
+    }
     /// Versions stored with every result; by default only this crate's.
     fn versions(&self) -> BTreeMap<String, String> {
         BTreeMap::from([("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string())])
@@ -87,7 +95,7 @@ pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: 
     let done = store.finished_ids()?;
     let mut seen = BTreeSet::new();
     let distinct: Vec<&Cell> = cells.iter().filter(|c| seen.insert(c.id.as_str())).collect();
-    let todo: Vec<&Cell> = distinct.iter().copied().filter(|c| !done.contains(&c.id)).collect();
+    let todo = largest_first(exec, distinct.iter().copied().filter(|c| !done.contains(&c.id)).collect());
     let skipped = distinct.len() - todo.len();
     if skipped > 0 {
         eprintln!("skipping {skipped} finished cell(s) of {} in {}", distinct.len(), store.dir().display());
@@ -118,6 +126,13 @@ pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: 
     failures.sort_by(|a, b| a.id.cmp(&b.id));
     let finished = shared.finished.into_inner();
     Ok(RunSummary { total: distinct.len(), skipped, finished, failures, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// `cells` ordered by [`Executor::work`], largest first (stable: equal cells keep grid order).
+fn largest_first<'a, E: Executor>(exec: &E, cells: Vec<&'a Cell>) -> Vec<&'a Cell> {
+    let mut weighed: Vec<(f64, &Cell)> = cells.into_iter().map(|c| (exec.work(c), c)).collect();
+    weighed.sort_by(|a, b| b.0.total_cmp(&a.0));
+    weighed.into_iter().map(|(_, c)| c).collect()
 }
 
 fn progress_bar(len: usize, visible: bool) -> ProgressBar {

@@ -143,3 +143,45 @@ fn a_different_study_is_refused_unless_forced() {
     let store = Store::open(dir.path(), &other, true).unwrap();
     assert_eq!(store.study_text().unwrap(), other);
 }
+
+/// Runs cells on one worker and records the order; a cell's work is its attack's `steps`.
+struct OrderRecorder {
+    order: std::sync::Mutex<Vec<String>>,
+}
+
+impl dynrobust_experiments::Executor for OrderRecorder {
+    type Worker = ();
+    fn worker(&self) -> dynrobust_core::Result<()> {
+        Ok(())
+    }
+    fn work(&self, cell: &dynrobust_experiments::Cell) -> f64 {
+        cell.config.attack.params.get("steps").and_then(serde_json::Value::as_f64).unwrap_or(1.0)
+    }
+    fn run(&self, _: &mut (), cell: &dynrobust_experiments::Cell) -> dynrobust_core::Result<dynrobust_experiments::CellOutput> {
+        self.order.lock().unwrap().push(cell.id.clone());
+        Fake::default().run(&mut std::rc::Rc::new(String::new()), cell)
+    }
+}
+
+#[test]
+fn the_largest_cells_run_first_and_equal_ones_keep_grid_order() {
+    let text = SMALL.replace("name = \"ilfo\"", "name = \"ilfo\"\nparams = { steps = 5 }");
+    let study = dynrobust_experiments::Study::parse(&text, "small.toml", &common::registry()).unwrap();
+    let cells = study.cells.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &text, false).unwrap();
+    let exec = OrderRecorder { order: Default::default() };
+    run_cells(&exec, &cells, &store, 1, false).unwrap();
+    let order = exec.order.into_inner().unwrap();
+    let steps_of = |id: &str| cells.iter().find(|c| c.id == id).map(|c| dynrobust_experiments::Executor::work(&OrderRecorder { order: Default::default() }, c)).unwrap();
+    let weights: Vec<f64> = order.iter().map(|id| steps_of(id)).collect();
+    assert_eq!(order.len(), cells.len());
+    assert!(weights.windows(2).all(|w| w[0] >= w[1]), "not largest first: {weights:?}");
+    assert_eq!(weights.first(), Some(&5.0));
+    // among equal weights, the grid's order
+    let grid_positions = |w: f64| -> Vec<usize> { order.iter().filter(|id| steps_of(id) == w).map(|id| cells.iter().position(|c| &c.id == id).unwrap()).collect() };
+    for w in [5.0, 2.0] {
+        let positions = grid_positions(w);
+        assert!(positions.windows(2).all(|p| p[0] < p[1]), "weight {w}: grid order lost {positions:?}");
+    }
+}

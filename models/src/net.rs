@@ -472,7 +472,7 @@ impl Net {
         let mut count = self.budget.map(|_| Tensor::zeros([x.size()[0]], (Kind::Float, x.device())));
         for (b, block) in self.blocks.iter().enumerate() {
             let p = match (&self.mech, self.twin) {
-                (Mech::Aig(gates), false) => Some(aig_decision(&gates[b], &h, false, false).soft),
+                (Mech::Aig(gates), false) => Some(gates[b].logits(&h, false).softmax(1, Kind::Float).select(1, 1)),
                 (Mech::Recurrent(rg), false) if b > 0 => {
                     let (p, state) = rg.step(b - 1, &h, rnn_state.take());
                     rnn_state = Some(state);
@@ -480,11 +480,16 @@ impl Net {
                 }
                 _ => None,
             };
-            let s = block.shortcut(&h, false);
+            // no autograd here: sums and ReLUs in place, into buffers this pass owns (the
+            // residual's output, a projection's output, or `h` itself, which is not read again)
+            let mut s = block.shortcut(&h, false);
             h = match p {
                 None => {
                     count = count.map(|c| c + 1.0);
-                    (s + block.residual(&h, false)).relu()
+                    let mut out = block.residual(&h, false);
+                    out += &s;
+                    let _ = out.relu_();
+                    out
                 }
                 Some(p) => {
                     let (on, counted) = match (self.budget, count) {
@@ -498,18 +503,22 @@ impl Net {
                     count = counted;
                     let rows = on.nonzero().squeeze_dim(1);
                     let executed = rows.size()[0];
-                    let out = if executed == h.size()[0] {
+                    let mut out = if executed == h.size()[0] {
                         // every row on: no gather/scatter (same sums as index_add)
-                        s + block.residual(&h, false)
+                        let mut out = block.residual(&h, false);
+                        out += &s;
+                        out
                     } else if executed > 0 {
                         let f = block.residual(&h.index_select(0, &rows), false);
-                        s.index_add(0, &rows, &f)
+                        let _ = s.index_add_(0, &rows, &f);
+                        s
                     } else {
                         s
                     };
                     hard.push(on);
                     probs.push(p);
-                    out.relu()
+                    let _ = out.relu_();
+                    out
                 }
             };
         }
@@ -528,7 +537,10 @@ impl Net {
         let mut exit_index = Tensor::full([batch], self.active_exits.len() as i64, (Kind::Int64, device));
         let forced_exit = self.forced_exit();
         for (b, (block, ic)) in self.blocks.iter().zip(ics).enumerate() {
-            h = (block.shortcut(&h, false) + block.residual(&h, false)).relu();
+            let mut out = block.residual(&h, false);
+            out += &block.shortcut(&h, false);
+            let _ = out.relu_();
+            h = out;
             let Some(k) = self.active_exits.iter().position(|&e| e == b) else { continue };
             let z = ic.forward(&h);
             let fire = if forced_exit == Some(k) { confidence(&z).ge(f64::NEG_INFINITY) } else { confidence(&z).ge(self.threshold) };
