@@ -130,6 +130,14 @@ impl BasicBlock {
     pub fn residual(&self, x: &Tensor, train: bool) -> Tensor {
         self.conv2.forward(&self.conv1.forward(x, train).relu(), train)
     }
+    /// `relu(S + F(x))` given the shortcut output `S`, for passes without autograd: the sum and
+    /// the ReLU happen in place in F's fresh output buffer.
+    pub fn add_residual_no_grad(&self, x: &Tensor, shortcut: &Tensor) -> Tensor {
+        let mut out = self.residual(x, false);
+        out += shortcut;
+        let _ = out.relu_();
+        out
+    }
     /// Folds (or unfolds) the batch norms of the block, see [`ConvBn::fold`].
     pub fn set_folded(&mut self, fold: bool) {
         for c in std::iter::once(&mut self.conv1).chain(std::iter::once(&mut self.conv2)).chain(self.shortcut.as_mut()) {

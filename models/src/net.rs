@@ -486,10 +486,7 @@ impl Net {
             h = match p {
                 None => {
                     count = count.map(|c| c + 1.0);
-                    let mut out = block.residual(&h, false);
-                    out += &s;
-                    let _ = out.relu_();
-                    out
+                    block.add_residual_no_grad(&h, &s)
                 }
                 Some(p) => {
                     let (on, counted) = match (self.budget, count) {
@@ -503,22 +500,19 @@ impl Net {
                     count = counted;
                     let rows = on.nonzero().squeeze_dim(1);
                     let executed = rows.size()[0];
-                    let mut out = if executed == h.size()[0] {
-                        // every row on: no gather/scatter (same sums as index_add)
-                        let mut out = block.residual(&h, false);
-                        out += &s;
-                        out
-                    } else if executed > 0 {
-                        let f = block.residual(&h.index_select(0, &rows), false);
-                        let _ = s.index_add_(0, &rows, &f);
-                        s
-                    } else {
-                        s
-                    };
                     hard.push(on);
                     probs.push(p);
-                    let _ = out.relu_();
-                    out
+                    if executed == h.size()[0] {
+                        // every row on: no gather/scatter (same sums as index_add_)
+                        block.add_residual_no_grad(&h, &s)
+                    } else {
+                        if executed > 0 {
+                            let f = block.residual(&h.index_select(0, &rows), false);
+                            let _ = s.index_add_(0, &rows, &f);
+                        }
+                        let _ = s.relu_();
+                        s
+                    }
                 }
             };
         }
@@ -537,10 +531,7 @@ impl Net {
         let mut exit_index = Tensor::full([batch], self.active_exits.len() as i64, (Kind::Int64, device));
         let forced_exit = self.forced_exit();
         for (b, (block, ic)) in self.blocks.iter().zip(ics).enumerate() {
-            let mut out = block.residual(&h, false);
-            out += &block.shortcut(&h, false);
-            let _ = out.relu_();
-            h = out;
+            h = block.add_residual_no_grad(&h, &block.shortcut(&h, false));
             let Some(k) = self.active_exits.iter().position(|&e| e == b) else { continue };
             let z = ic.forward(&h);
             let fire = if forced_exit == Some(k) { confidence(&z).ge(f64::NEG_INFINITY) } else { confidence(&z).ge(self.threshold) };
