@@ -240,18 +240,16 @@ impl Net {
     /// block always runs and counts); early exit, the cost of exiting at the capped exit.
     pub fn budget_bound_macs(&self) -> Option<u64> {
         let budget = self.budget?;
-        let exits = self.index.mech.len();
         Some(match &self.mech {
             Mech::Exits(_) => {
                 let capped = self.forced_exit().unwrap_or(self.active_exits.len());
-                let _ = (budget, exits);
                 let idx = Tensor::from_slice(&[capped as i64]).to_device(self.device());
                 let macs = self.macs_of(&self.executed_for_exits(&idx));
                 macs.double_value(&[0]).round() as u64
             }
             _ => {
                 let ungated = self.blocks.len() - self.gate_count();
-                let block_units: Vec<usize> = self.index.block.clone();
+                let block_units = &self.index.block;
                 let always: u64 = self.units.iter().enumerate().filter(|(i, _)| !block_units.contains(i)).map(|(_, u)| u.macs).sum();
                 let first: u64 = block_units[..ungated].iter().map(|&i| self.units[i].macs).sum();
                 let mut gated: Vec<u64> = block_units[ungated..].iter().map(|&i| self.units[i].macs).collect();
