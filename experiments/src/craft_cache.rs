@@ -19,6 +19,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use crate::store::temporary_path;
+
 /// An attack whose crafted batches are cached on disk.
 pub struct CraftCache {
     inner: Box<dyn Attack>,
@@ -66,10 +68,14 @@ impl CraftCache {
 
     fn store(&self, dir: &Path, path: &Path, x: &Tensor, x_adv: &Tensor, seconds: f64) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // a name of this writer's own: two cells may store the same batch at the same moment
+        let tmp = temporary_path(path);
         let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous();
         let secs = Tensor::from_slice(&[seconds]).to_kind(Kind::Double);
-        Tensor::write_safetensors(&[("x", cpu(x)), ("x_adv", cpu(x_adv)), ("seconds", secs)], &tmp)?;
+        if let Err(e) = Tensor::write_safetensors(&[("x", cpu(x)), ("x_adv", cpu(x_adv)), ("seconds", secs)], &tmp) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
 }

@@ -6,7 +6,7 @@
 //! DIR/cells/<id>.json     the finished cell: {id, cell, record, versions, finished_at}
 //! ```
 //! A cell is finished exactly when its JSON exists. Every file is written to
-//! `<name>.tmp.<pid>`, fsynced, renamed into place, and the directory fsynced, so a crash leaves
+//! `<name>.tmp.<pid>.<n>`, fsynced, renamed into place, and the directory fsynced, so a crash leaves
 //! either the old state or the new one plus at most a stray temporary file, which readers ignore
 //! (and delete once it is clearly stale). A cell is one file named by its id, so results are
 //! never duplicated, and shards running concurrently into one directory do not conflict.
@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use dynrobust_core::{Error, Result};
@@ -179,10 +180,21 @@ fn remove_if_stale(path: &Path) {
     }
 }
 
-/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A temporary name beside `path` that no other writer uses: `NAME.tmp.PID.N`, with N counted
+/// per process. The process id alone is not enough: the worker threads of one run can write
+/// the same file at once (two cells finishing the same craft-cache batch), and one thread's
+/// rename would then take the file from under the other's.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!("{name}.tmp.{}", std::process::id()));
+    path.with_file_name(format!("{name}.tmp.{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// Writes `bytes` to `path` atomically: temporary file ([`temporary_path`]), fsync, rename,
+/// fsync of the directory. Concurrent writers of the same path each succeed; the file is
+/// always one writer's whole content.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temporary_path(path);
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
