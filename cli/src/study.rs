@@ -90,9 +90,20 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes the report of the run directory `dir` over the cells of its stored study (a
+/// directory a changed study was forced over may still hold the old study's cells: they are
+/// left out and counted); a study that no longer parses reports every stored cell.
 fn report_dir(dir: &Path, title: &str) -> Result<()> {
     let store = Store::open_existing(dir)?;
-    let cells = store.load_all()?;
+    let mut cells = store.load_all()?;
+    if let Ok(study) = store.study_text().and_then(|text| Study::parse(&text, store.study_path(), &registry())) {
+        let wanted = study.ids();
+        let stored = cells.len();
+        cells.retain(|c| wanted.contains(&c.id));
+        if cells.len() < stored {
+            eprintln!("report: left out {} stored cells that are not in {} (from an earlier study forced over this directory)", stored - cells.len(), store.study_path().display());
+        }
+    }
     let files = write_report(dir, title, &cells)?;
     eprintln!("report: {} ({} plots)", files.markdown.display(), files.plots.len());
     Ok(())

@@ -29,6 +29,7 @@ pub struct CraftCache {
     key: String,
     calls: Cell<usize>,
     hits: Cell<usize>,
+    store_failures: Cell<usize>,
     cached_seconds: Cell<f64>,
 }
 
@@ -39,12 +40,17 @@ impl CraftCache {
     pub fn new(inner: Box<dyn Attack>, dir: Option<&Path>, identity: &Value) -> Self {
         let digest = Sha256::digest(identity.to_string().as_bytes());
         let key: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
-        CraftCache { inner, dir: dir.map(Path::to_path_buf), key, calls: Cell::new(0), hits: Cell::new(0), cached_seconds: Cell::new(0.0) }
+        CraftCache { inner, dir: dir.map(Path::to_path_buf), key, calls: Cell::new(0), hits: Cell::new(0), store_failures: Cell::new(0), cached_seconds: Cell::new(0.0) }
     }
 
     /// True when every batch crafted so far came from the cache.
     pub fn all_hits(&self) -> bool {
         self.calls.get() > 0 && self.hits.get() == self.calls.get()
+    }
+
+    /// Batches that could not be stored (each was reported on stderr; the cell went on).
+    pub fn store_failures(&self) -> usize {
+        self.store_failures.get()
     }
 
     /// The crafting seconds recorded with the cached batches.
@@ -110,7 +116,12 @@ impl Attack for CraftCache {
         let x_adv = self.inner.perturb(model, x, y)?;
         let seconds = start.elapsed().as_secs_f64();
         self.cached_seconds.set(self.cached_seconds.get() + seconds);
-        self.store(dir, &path, x, &x_adv.detach(), seconds)?;
+        // the crafted batch is good whether or not it could be shared: a failed store only
+        // means later cells craft it themselves
+        if let Err(e) = self.store(dir, &path, x, &x_adv.detach(), seconds) {
+            self.store_failures.set(self.store_failures.get() + 1);
+            eprintln!("warning: craft cache: could not store {} ({e}); the cell goes on without it", path.display());
+        }
         Ok(x_adv)
     }
 }

@@ -254,18 +254,40 @@ pub fn prepare_variants(study: &Study, variants_dir: &Path) -> Result<()> {
             if let Some(table) = &m.train {
                 if seen.insert(m.name.clone()) {
                     let dir = variants_dir.join(&m.name);
-                    if dir.join(checkpoint::SIDECAR_FILE).is_file() {
-                        continue;
-                    }
                     // shards of one study (Slurm array tasks) start together: one trains, the
-                    // others wait on the lock and then find the checkpoint
-                    let _lock = lock_variant(variants_dir, &m.name)?;
+                    // others wait on the lock and then find the checkpoint (saved atomically,
+                    // sidecar last, so "the sidecar exists" means "the checkpoint is whole")
                     if !dir.join(checkpoint::SIDECAR_FILE).is_file() {
-                        train_variant(&m.name, table, &cell.config.data, &dir)?;
+                        let _lock = lock_variant(variants_dir, &m.name)?;
+                        if !dir.join(checkpoint::SIDECAR_FILE).is_file() {
+                            train_variant(&m.name, table, &cell.config.data, &dir)?;
+                            let path = dir.join(VARIANT_TABLE_FILE);
+                            crate::store::write_atomic(&path, serde_json::to_string_pretty(table)?.as_bytes())?;
+                        }
                     }
+                    check_variant_table(&m.name, table, &dir)?;
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// The training table a variant was trained from, saved beside its checkpoint.
+const VARIANT_TABLE_FILE: &str = "variant-train.json";
+
+/// Refuses a variant whose training table changed since its checkpoint was trained (a study
+/// edited and forced over the same directory): its cells would otherwise be evaluated on the
+/// old network under new cell ids. Checkpoints from before the table was saved pass.
+fn check_variant_table(name: &str, table: &Value, dir: &Path) -> Result<()> {
+    let path = dir.join(VARIANT_TABLE_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let trained: Value = serde_json::from_str(&text).map_err(|e| Error::data(&path, e.to_string()))?;
+    if &trained != table {
+        return Err(Error::config(
+            format!("variants.{name}.train"),
+            format!("{table} differs from {trained}, which {} was trained from: rename the variant, or delete that directory to retrain it", dir.display()),
+        ));
     }
     Ok(())
 }

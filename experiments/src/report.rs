@@ -183,7 +183,15 @@ fn write_per_sample(dir: &Path, path: &Path, cells: &[&StoredCell]) -> Result<()
     let mut tables: Vec<(String, Vec<String>, String)> = Vec::new();
     for c in cells {
         let csv_path = dir.join("cells").join(format!("{}.csv", c.id));
-        let Ok(text) = std::fs::read_to_string(&csv_path) else { continue };
+        let text = match std::fs::read_to_string(&csv_path) {
+            Ok(text) => text,
+            Err(e) => {
+                // a finished cell's CSV is written before its JSON, so this is a deleted or
+                // unreadable file: say so rather than drop its rows unseen
+                eprintln!("warning: per_sample.csv: no rows for cell {}: {}: {e}", c.id, csv_path.display());
+                continue;
+            }
+        };
         let header: Vec<String> = text.lines().next().unwrap_or_default().split(',').map(|h| h.trim().to_string()).collect();
         for h in header.iter().filter(|h| !h.is_empty()) {
             if !columns.contains(h) {

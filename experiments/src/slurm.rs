@@ -32,7 +32,8 @@ pub fn merge(dir: impl AsRef<Path>, study_cells: &[Cell]) -> Result<Vec<StoredCe
 }
 
 /// An sbatch script running `tasks` shards of `study_path` into `out_dir`, one per array task:
-/// `BINARY run STUDY --out OUT --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --no-report`.
+/// `BINARY run STUDY --out OUT --shard $SLURM_ARRAY_TASK_ID/N --no-report`, with N = `tasks`
+/// written into the script (so one failed task can be resubmitted alone with `--array=K`).
 /// Logs go to `OUT/slurm-%A_%a.log`. Refuses `tasks = 0` and `cpus = 0`.
 pub fn slurm_script(
     study_path: &Path,
@@ -67,9 +68,11 @@ pub fn slurm_script(
     s += "# When every task is done: dynrobust merge OUT (checks completeness, writes the report).\n";
     s += "set -euo pipefail\n";
     s += &format!("mkdir -p {out}\n");
-    s += &format!(
-        "{bin} run {study} --out {out} --shard \"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT\" --no-report\n"
-    );
+    s += "# The shard count is written here, not read from $SLURM_ARRAY_TASK_COUNT: that is the size of\n";
+    s += "# the array as submitted, so resubmitting one failed task (sbatch --array=3 THIS_SCRIPT) would\n";
+    s += "# otherwise run a different split.\n";
+    s += &format!("SHARDS={tasks}\n");
+    s += &format!("{bin} run {study} --out {out} --shard \"$SLURM_ARRAY_TASK_ID/$SHARDS\" --no-report\n");
     Ok(s)
 }
 
@@ -122,8 +125,9 @@ mod tests {
         assert!(s.contains("#SBATCH --output=\"runs/seed study/slurm-%A_%a.log\"\n"));
         assert!(s.contains("#SBATCH --job-name=dynrobust-seed-study\n"));
         let run = "/opt/dynrobust/bin/dynrobust run experiments/seed-study.toml --out 'runs/seed study' \
-                   --shard \"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT\" --no-report\n";
+                   --shard \"$SLURM_ARRAY_TASK_ID/$SHARDS\" --no-report\n";
         assert!(s.contains(run), "{s}");
+        assert!(s.contains("\nSHARDS=16\n"), "{s}");
         // All #SBATCH lines come before the first command (sbatch stops reading at it).
         let first_cmd = s.find("set -euo").unwrap();
         assert!(s.rfind("#SBATCH").unwrap() < first_cmd);

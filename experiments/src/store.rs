@@ -6,7 +6,7 @@
 //! DIR/cells/<id>.json     the finished cell: {id, cell, record, versions, finished_at}
 //! ```
 //! A cell is finished exactly when its JSON exists. Every file is written to
-//! `<name>.tmp.<pid>.<n>`, fsynced, renamed into place, and the directory fsynced, so a crash leaves
+//! `<name>.tmp.<pid>.<nonce>.<n>`, fsynced, renamed into place, and the directory fsynced, so a crash leaves
 //! either the old state or the new one plus at most a stray temporary file, which readers ignore
 //! (and delete once it is clearly stale). A cell is one file named by its id, so results are
 //! never duplicated, and shards running concurrently into one directory do not conflict.
@@ -16,6 +16,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use dynrobust_core::{Error, Result};
@@ -180,14 +181,21 @@ fn remove_if_stale(path: &Path) {
     }
 }
 
-/// A temporary name beside `path` that no other writer uses: `NAME.tmp.PID.N`, with N counted
-/// per process. The process id alone is not enough: the worker threads of one run can write
-/// the same file at once (two cells finishing the same craft-cache batch), and one thread's
-/// rename would then take the file from under the other's.
+/// A temporary name beside `path` that no other writer uses: `NAME.tmp.PID.NONCE.N`, with N
+/// counted per process and NONCE drawn once per process from the clock. The process id alone
+/// is not enough: the worker threads of one run can write the same file at once (two cells
+/// finishing the same craft-cache batch), and one thread's rename would then take the file
+/// from under the other's; Slurm tasks on different nodes (or in their own PID namespaces)
+/// sharing one output directory can have the same process id.
 pub fn temporary_path(path: &Path) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    static NONCE: OnceLock<u32> = OnceLock::new();
+    let nonce = NONCE.get_or_init(|| {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        (nanos as u64 ^ (nanos >> 64) as u64 ^ u64::from(std::process::id()).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) as u32
+    });
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!("{name}.tmp.{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
+    path.with_file_name(format!("{name}.tmp.{}.{nonce:08x}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
 /// Writes `bytes` to `path` atomically: temporary file ([`temporary_path`]), fsync, rename,

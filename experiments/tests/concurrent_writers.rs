@@ -83,13 +83,15 @@ fn concurrent_cells_crafting_the_same_batches_all_succeed_and_agree() {
                 let attack = CraftCache::new(Box::new(Shift), Some(&cache), &json!({"same": "identity"}));
                 let y = Tensor::zeros([8], (Kind::Int64, Device::Cpu));
                 start.wait();
-                (0..ROUNDS)
+                let values = (0..ROUNDS)
                     .map(|batch| {
                         let x = Tensor::full([8, 1, 28, 28], batch as f64 / ROUNDS as f64, (Kind::Float, Device::Cpu));
                         let x_adv = attack.perturb(&net, &x, &y).unwrap_or_else(|e| panic!("cell {w}, batch {batch}: {e}"));
                         x_adv.double_value(&[0, 0, 0, 0])
                     })
-                    .collect::<Vec<f64>>()
+                    .collect::<Vec<f64>>();
+                assert_eq!(attack.store_failures(), 0, "cell {w} could not store some batches");
+                values
             })
         })
         .collect();

@@ -79,13 +79,39 @@ pub struct Sidecar {
     pub evaluation: EvalRecord,
 }
 
-/// Writes `dir/model.safetensors` and `dir/model.json`.
+/// Writes `dir/model.safetensors`, then `dir/model.json`, each to a temporary file of this
+/// writer's own that is fsynced and renamed into place: a process killed while saving leaves
+/// the previous checkpoint or none, never a truncated one, and the sidecar — which callers
+/// take as "this checkpoint exists" — appears only after the weights are whole.
 pub fn save(net: &Net, sidecar: &Sidecar, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    net.vs.save(dir.join(WEIGHTS_FILE))?;
-    let json = serde_json::to_string_pretty(sidecar)?;
+    let weights = dir.join(WEIGHTS_FILE);
+    // the temporary name keeps the extension: the VarStore picks safetensors by it
+    let tmp_weights = dir.join(format!(".{}", unique_name("model", "safetensors")));
+    let saved = net.vs.save(&tmp_weights).map_err(Error::from).and_then(|()| sync_file(&tmp_weights));
+    if let Err(e) = saved.and_then(|()| std::fs::rename(&tmp_weights, &weights).map_err(|e| Error::io(&weights, e))) {
+        let _ = std::fs::remove_file(&tmp_weights);
+        return Err(e);
+    }
     let path = dir.join(SIDECAR_FILE);
-    std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))
+    let tmp = dir.join(format!(".{}", unique_name("model", "json")));
+    let json = serde_json::to_string_pretty(sidecar)? + "\n";
+    let written = std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e)).and_then(|()| sync_file(&tmp));
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// `STEM.tmp-PID-N.EXT`, N counted per process: no two writers share it.
+fn unique_name(stem: &str, ext: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{stem}.tmp-{}-{}.{ext}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
 }
 
 /// Reads and validates a sidecar.

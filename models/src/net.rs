@@ -286,6 +286,56 @@ impl Net {
         }
     }
 
+    /// Wall time of each backbone piece of the inference pass on the batch `x` (no autograd;
+    /// median of `reps` timed runs after a warm-up), each on its real input from a full pass:
+    /// the stem (with the input normalisation), every block's residual branch, every block's
+    /// join (shortcut, sum and ReLU) and the head. Gates and internal classifiers are left out:
+    /// this is the backbone a zero-overhead dynamic pass would run.
+    pub fn backbone_seconds(&self, x: &Tensor, reps: usize) -> BackboneSeconds {
+        let median = |f: &dyn Fn() -> Tensor| {
+            let _ = f();
+            let mut t: Vec<f64> = (0..reps.max(1))
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    let _ = f();
+                    start.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        };
+        tch::no_grad(|| {
+            let stem = median(&|| self.stem_forward(x, false));
+            let mut h = self.stem_forward(x, false);
+            let (mut residual, mut join) = (Vec::new(), Vec::new());
+            for block in &self.blocks {
+                let f = block.residual(&h, false);
+                residual.push(median(&|| block.residual(&h, false)));
+                join.push(median(&|| (block.shortcut(&h, false) + &f).relu()));
+                h = (block.shortcut(&h, false) + &f).relu();
+            }
+            let head = median(&|| self.head_forward(&h));
+            BackboneSeconds { stem, residual, join, head }
+        })
+    }
+
+    /// The time ratio (this model / its static backbone) that a sparse pass with no overhead
+    /// at all would reach: each backbone piece's time ([`Net::backbone_seconds`]) weighted by
+    /// how often it runs, from `executed_mean` (the mean executed mask `[U]` over a data set).
+    /// A residual branch runs as often as its unit; a block's join runs for every sample that
+    /// reaches the block (always in gated models; as often as its residual in exit models); the
+    /// head as often as its unit. MACs are not time (small maps cost more per MAC on a CPU), so
+    /// this "time-weighted cost" can differ from the MAC cost even before any overhead.
+    pub fn time_weighted_cost(&self, seconds: &BackboneSeconds, executed_mean: &[f64]) -> f64 {
+        let exits = matches!((&self.mech, self.twin), (Mech::Exits(_), false));
+        let mut ideal = seconds.stem + seconds.head * executed_mean[self.index.head];
+        for (b, &unit) in self.index.block.iter().enumerate() {
+            let join_rate = if exits { executed_mean[unit] } else { 1.0 };
+            ideal += seconds.residual[b] * executed_mean[unit] + seconds.join[b] * join_rate;
+        }
+        ideal / seconds.total()
+    }
+
     /// Static-twin mode: gates forced open / no early exit; gates and exits are not computed,
     /// so the cost is exactly 1.
     pub fn set_twin(&mut self, twin: bool) {
@@ -554,6 +604,26 @@ impl Net {
         }
         let executed = self.executed_for_exits(&exit_index);
         self.finish(logits, final_logits, Vec::new(), Vec::new(), executed, Some(exit_index))
+    }
+}
+
+/// Per-piece wall times of the backbone ([`Net::backbone_seconds`]), seconds per batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackboneSeconds {
+    /// Input normalisation, stem conv and ReLU.
+    pub stem: f64,
+    /// Each block's residual branch.
+    pub residual: Vec<f64>,
+    /// Each block's shortcut (identity or projection), sum and ReLU.
+    pub join: Vec<f64>,
+    /// Global average pooling and the linear head.
+    pub head: f64,
+}
+
+impl BackboneSeconds {
+    /// The whole static pass.
+    pub fn total(&self) -> f64 {
+        self.stem + self.head + self.residual.iter().sum::<f64>() + self.join.iter().sum::<f64>()
     }
 }
 

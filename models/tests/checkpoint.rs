@@ -152,3 +152,22 @@ fn every_committed_training_time_defense_scores_what_its_sidecar_says() {
         assert!((eval.mean_cost - side.evaluation.mean_cost).abs() < 1e-9, "{name}: cost {} vs sidecar {}", eval.mean_cost, side.evaluation.mean_cost);
     }
 }
+
+#[test]
+fn saving_leaves_exactly_the_two_files_and_overwrites_whole() {
+    let dir = common::scratch("atomic-save");
+    let side = sidecar(config(Mechanism::Static));
+    for seed in [1, 2] {
+        tch::manual_seed(seed);
+        let net = Net::new(config(Mechanism::Static), Device::Cpu).unwrap();
+        checkpoint::save(&net, &side, &dir).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, [checkpoint::SIDECAR_FILE, checkpoint::WEIGHTS_FILE], "temporary files left behind");
+        let (loaded, _) = checkpoint::load(&dir, Device::Cpu).unwrap();
+        let vars = loaded.vs.variables();
+        for (name, t) in net.vs.variables() {
+            assert!(t.equal(&vars[&name]), "seed {seed}: tensor {name} is not the last save's");
+        }
+    }
+}
