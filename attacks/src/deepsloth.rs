@@ -6,8 +6,13 @@
 //! 30 iterations, ε = 8/256, init `x + U(−step, step)` — the code's quirk — in faithful mode;
 //! fixed mode starts at `U(−ε, ε)` with step 2.5·ε/steps so larger budgets are reachable),
 //! per-sample L2 (DDN-style, radius 1 decayed ×(1−γ) every 50 of 550 iterations, SGD lr 1 with
-//! cosine schedule on unit-L2 gradients), and the L∞ universal perturbation (one δ for a data
-//! set: `δ ← clip(δ − 0.005·sign(∇_δ L), −ε, ε)`, 20 iterations per batch).
+//! cosine schedule on unit-L2 gradients, the gradient taken with respect to δ through the
+//! [0,1] clip as the code's `delta.grad`), and the L∞ universal perturbation (one δ for a data
+//! set: `δ ← clip(δ − 0.005·sign(∇_δ L), −ε, ε)`, 20 iterations per batch). The universal δ is
+//! fitted once, on the first `universal_batch` images of the first batch the attack is given,
+//! and applied unchanged to every later batch; the authors fit it on their first *training*
+//! batch, so here the first batch is attacked with a δ fitted on itself and the rest with a
+//! held-out one.
 
 use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, Attack, Goal, Norm, Requirements};
 use dynrobust_core::rng::SeededRng;
@@ -88,6 +93,12 @@ impl DeepSlothConfig {
         }
         Ok(self)
     }
+    /// The authors' defaults of `variant`: those of [`Default`] (per-sample L∞), except that
+    /// the L2 variant's ε is its starting radius, 1.0 (`ours_l2.py`; decayed to ≈ 0.349).
+    pub fn for_variant(variant: Variant) -> Self {
+        let eps = if variant == Variant::L2 { 1.0 } else { 0.03125 };
+        DeepSlothConfig { variant, eps, ..Default::default() }
+    }
     /// Iterations in force.
     pub fn steps(&self) -> usize {
         self.steps.unwrap_or(match self.variant {
@@ -113,15 +124,25 @@ impl DeepSlothConfig {
 }
 
 /// The DeepSloth attack.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DeepSloth {
     cfg: DeepSlothConfig,
+    /// The universal variant's δ, fitted on the first batch perturbed and reused for every
+    /// later one.
+    universal: std::cell::RefCell<Option<Tensor>>,
+}
+
+impl Clone for DeepSloth {
+    /// A copy with the same config and no fitted universal δ.
+    fn clone(&self) -> Self {
+        DeepSloth { cfg: self.cfg.clone(), universal: Default::default() }
+    }
 }
 
 impl DeepSloth {
     /// DeepSloth with a validated config.
     pub fn new(cfg: DeepSlothConfig) -> Result<Self> {
-        Ok(DeepSloth { cfg: cfg.validated()? })
+        Ok(DeepSloth { cfg: cfg.validated()?, universal: Default::default() })
     }
 
     /// Summed DeepSloth loss of the model on `x` (per-sample losses are independent).
@@ -132,10 +153,6 @@ impl DeepSloth {
         }
         let b = x.size()[0] as f64;
         Ok(deepsloth_uniform_ce(&trace.exit_logits) * b)
-    }
-
-    fn grad(model: &dyn DynamicModel, x: &Tensor) -> Result<Tensor> {
-        Ok(input_grad_eot(model.eot_samples(), x, |leaf| Self::loss(model, leaf))?.0)
     }
 
     fn linf(&self, model: &dyn DynamicModel, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
@@ -163,7 +180,9 @@ impl DeepSloth {
                 radius *= 1.0 - c.l2_decay;
             }
             let lr = lr_min + (lr0 - lr_min) * (1.0 + (std::f64::consts::PI * t as f64 / steps as f64).cos()) / 2.0;
-            let g = Self::grad(model, &(x + &delta).clamp(0.0, 1.0))?;
+            // the gradient with respect to δ through the clip, as the code's `delta.grad` of
+            // model(clamp(x + δ)): pixels pushed past 0 or 1 get none
+            let (g, _) = input_grad_eot(model.eot_samples(), &delta, |d| Self::loss(model, &(x + d).clamp(0.0, 1.0)))?;
             delta = tch::no_grad(|| {
                 let g = &g / per_sample_norm(&g, 2.0).clamp_min(1e-12).view(view);
                 let d = &delta - g * lr;
@@ -226,9 +245,18 @@ impl Attack for DeepSloth {
             Variant::Linf => self.linf(model, x, rng),
             Variant::L2 => self.l2(model, x, rng),
             Variant::Universal => {
-                let delta = self.fit_universal(model, x, rng)?;
+                // one δ for the whole input set: fitted on the first batch given (the authors
+                // fit it on their first training batch, nbatch 1) and applied to every batch
+                let mut fitted = self.universal.borrow_mut();
+                if fitted.is_none() {
+                    *fitted = Some(self.fit_universal(model, x, rng)?);
+                }
+                let delta = fitted.as_ref().expect("fitted above").to_device(x.device());
                 Ok((x + delta).clamp(0.0, 1.0))
             }
         }
+    }
+    fn batch_independent(&self) -> bool {
+        self.cfg.variant != Variant::Universal
     }
 }

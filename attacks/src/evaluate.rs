@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use dynrobust_core::attack::{per_sample_norm, Attack};
 use dynrobust_core::energy::{measure_rapl, EnergyModel};
-use dynrobust_core::metrics::{blocks_switched_on, correct, exit_histogram, gate_rates, recovery};
+use dynrobust_core::metrics::{blocks_switched_on, correct, exit_histogram, fooled_rate, gate_rates, recovery};
 use dynrobust_core::{cost_of, DynamicModel, Pass, Result, Trace};
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -24,6 +24,9 @@ pub struct AttackRecord {
     pub n: i64,
     pub clean_acc: f64,
     pub adv_acc: f64,
+    /// Of the clean-correct samples, the share the attack misclassifies (for a transfer attack:
+    /// the accuracy transfer rate).
+    pub fooled_rate: f64,
     pub clean_cost: f64,
     pub adv_cost: f64,
     pub recovery: f64,
@@ -177,6 +180,7 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         n,
         clean_acc: mean(&clean_ok),
         adv_acc: mean(&adv_ok),
+        fooled_rate: fooled_rate(&clean_ok, &adv_ok),
         clean_cost: clean_cost_mean,
         adv_cost: adv_cost_mean,
         recovery: recovery(clean_cost_mean, adv_cost_mean),

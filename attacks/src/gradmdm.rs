@@ -160,14 +160,28 @@ pub fn backward_norm(cut: &CutTrace, x: &Tensor, loss: &Tensor, counts: &Tensor,
     let direct = Tensor::f_run_backward(&[loss], &inputs, true, false)?;
     let mut node_grads: Vec<Tensor> = Vec::with_capacity(positions);
     let mut upstream: Option<Tensor> = None;
+    // gradient reaching earlier branches from later segments: a recurrent gate's decision in
+    // segment j depends on every earlier branch through the LSTM state, which bypasses the
+    // nodes; autograd gives it to node k < j before node k runs, so it is collected here
+    let mut through_state: Vec<Option<Tensor>> = (0..positions).map(|_| None).collect();
     for j in (0..positions).rev() {
         let mut g_br = or_zeros(&direct[j], &cut.branch[j]);
+        if let Some(extra) = through_state[j].take() {
+            g_br = g_br + extra;
+        }
         let mut g_main = or_zeros(&direct[positions + j], &cut.main[j]);
         if let Some(up) = &upstream {
             let s = (&cut.feature[j + 1] * up).sum(Kind::Float);
-            let vjp = Tensor::f_run_backward(&[&s], &[&cut.main[j], &cut.branch[j]], true, false)?;
+            let wrt: Vec<&Tensor> = std::iter::once(&cut.main[j]).chain(&cut.branch[..=j]).collect();
+            let vjp = Tensor::f_run_backward(&[&s], &wrt, true, false)?;
             g_main = g_main + or_zeros(&vjp[0], &cut.main[j]);
-            g_br = g_br + or_zeros(&vjp[1], &cut.branch[j]);
+            g_br = g_br + or_zeros(&vjp[1 + j], &cut.branch[j]);
+            for (k, g) in vjp[1..=j].iter().enumerate().filter(|(_, g)| g.defined()) {
+                through_state[k] = Some(match through_state[k].take() {
+                    Some(acc) => acc + g,
+                    None => g.shallow_clone(),
+                });
+            }
         }
         let c_j = counts.narrow(1, j as i64, (positions - j) as i64).sum_dim_intlist(&[1i64][..], false, Kind::Float);
         let mut g = unit(&g_main) * c_j.view(&view_shape(&g_main)[..]) + unit(&g_br);
@@ -223,9 +237,12 @@ impl GradMdm {
                 let (g_ref, refs) = backward_norm(&cut, x_leaf, &acc, &inactive, None)?;
                 let neg_counts = match c.mode {
                     Mode::Faithful => {
+                        // the earlier passes left the table reduced to one column, reused at
+                        // every node: the total in the last column makes every suffix sum C_j
+                        // equal to it
                         let total = masks.sum_dim_intlist(&[1i64][..], true, Kind::Float);
                         let g = masks.size()[1];
-                        Tensor::cat(&[total, masks.zeros_like().narrow(1, 0, g - 1)], 1)
+                        Tensor::cat(&[masks.zeros_like().narrow(1, 0, g - 1), total], 1)
                     }
                     Mode::Fixed => masks.shallow_clone(),
                 };

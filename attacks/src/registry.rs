@@ -60,7 +60,7 @@ fn merged<C: Serialize + DeserializeOwned>(defaults: C, overrides: &serde_json::
 /// Builds attack `name` with `overrides` (a JSON object of config fields) over its defaults.
 pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack>> {
     let with_variant = |v: Variant| -> Result<Box<dyn Attack>> {
-        let mut cfg: DeepSlothConfig = merged(DeepSlothConfig { variant: v, ..Default::default() }, overrides)?;
+        let mut cfg: DeepSlothConfig = merged(DeepSlothConfig::for_variant(v), overrides)?;
         cfg.variant = v;
         Ok(Box::new(DeepSloth::new(cfg)?))
     };

@@ -45,6 +45,9 @@ impl Attack for Transfer {
     fn perturb(&self, _victim: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         self.inner.perturb(&*self.surrogate, x, y)
     }
+    fn batch_independent(&self) -> bool {
+        self.inner.batch_independent()
+    }
 }
 
 /// Config of the feature-level PGD.

@@ -390,3 +390,86 @@ fn backward_norm_gate_only_loss_and_reference_projection() {
     let n = dot(&rows(&nodes_plain[1])[1], &rows(&nodes_plain[1])[1]).sqrt();
     assert_close(n, 1.0, 1e-5, "‖node 1‖ of sample 1");
 }
+
+const V2: [f64; 3] = [0.15, 0.1, -0.25];
+const W2: f64 = 0.6;
+/// How strongly gate 1 reads the state gate 0 leaves (a recurrent gate's hidden state).
+const KAPPA: f64 = 0.9;
+/// The state's read-out of gate 0's branch (another direction than gate 0's own V0).
+const VS: [f64; 3] = [-0.4, 0.3, 0.2];
+
+/// Three gate positions where gate 1 also reads a state from gate 0's branch (as SkipNet's
+/// LSTM): `p1 = σ(V1·b1 + κ·VS·b0)`. Loss Σ_j W_j·p_j (gate terms only).
+fn build_recurrent_chain() -> (CutTrace, Tensor, Tensor) {
+    let x = leaf_like(&t2(&[&X[0], &X[1]]));
+    let dot_rows = |t: &Tensor, v: &[f64; 3]| (t * row_const(v)).sum_dim_intlist(&[1i64][..], false, Kind::Float);
+    let feature0 = x.square();
+    let (main0, branch0) = (leaf_like(&feature0), leaf_like(&feature0));
+    let p0 = dot_rows(&branch0, &V0).sigmoid();
+    let state = dot_rows(&branch0, &VS);
+    let feature1 = &main0 * 2.0 + p0.unsqueeze(1) * main0.square();
+    let (main1, branch1) = (leaf_like(&feature1), leaf_like(&feature1));
+    let p1 = (dot_rows(&branch1, &V1) + &state * KAPPA).sigmoid();
+    let feature2 = &main1 * 2.0 + p1.unsqueeze(1) * main1.square();
+    let (main2, branch2) = (leaf_like(&feature2), leaf_like(&feature2));
+    let p2 = dot_rows(&branch2, &V2).sigmoid();
+    let loss = (&p0 * W0 + &p1 * W1 + &p2 * W2).sum(Kind::Float);
+    let b = 2;
+    let trace = Trace {
+        logits: Tensor::zeros([b, 10], CPU),
+        final_logits: Tensor::zeros([b, 10], CPU),
+        exit_logits: vec![],
+        gate_probs: vec![p0, p1, p2],
+        executed: Tensor::zeros([b, 1], CPU),
+        macs: Tensor::zeros([b], (Kind::Double, Device::Cpu)),
+        exit_index: None,
+    };
+    let cut = CutTrace { trace, feature: vec![feature0, feature1, feature2], main: vec![main0, main1, main2], branch: vec![branch0, branch1, branch2] };
+    (cut, x, loss)
+}
+
+/// The rule by hand on the recurrent chain, counts all 1 (C = 3, 2, 1), no reference. The
+/// gradient segment 2 sends back through gate 1's state reaches node 0's branch before node 0
+/// runs, as autograd delivers it to the authors' backwardNorm node.
+fn hand_rule_recurrent(b: usize) -> ([V3; 3], V3) {
+    let x = X[b];
+    let m0 = x.map(|v| v * v);
+    let p0 = sigmoid(dot(&V0, &m0));
+    let dp0 = p0 * (1.0 - p0);
+    let m1: V3 = [0, 1, 2].map(|k| 2.0 * m0[k] + p0 * m0[k] * m0[k]);
+    let p1 = sigmoid(dot(&V1, &m1) + KAPPA * dot(&VS, &m0));
+    let dp1 = p1 * (1.0 - p1);
+    let m2: V3 = [0, 1, 2].map(|k| 2.0 * m1[k] + p1 * m1[k] * m1[k]);
+    let p2 = sigmoid(dot(&V2, &m2));
+    let dp2 = p2 * (1.0 - p2);
+    // node 2: no downstream gradient (unit(0) = 0), only its own gate
+    let g2 = unit3(&scale(&V2, W2 * dp2));
+    // node 1: segment 2's VJP with g2
+    let via_p1: f64 = (0..3).map(|k| g2[k] * m1[k] * m1[k]).sum();
+    let g_main1: V3 = [0, 1, 2].map(|k| g2[k] * (2.0 + 2.0 * p1 * m1[k]));
+    let g_br1 = scale(&V1, (W1 + via_p1) * dp1);
+    let g1 = add(&scale(&unit3(&g_main1), 2.0), &unit3(&g_br1));
+    // node 0: segment 1's VJP with g1, the loss's own state path (W1 through p1) and segment
+    // 2's state path (via_p1 through p1)
+    let via_p0: f64 = (0..3).map(|k| g1[k] * m0[k] * m0[k]).sum();
+    let g_main0: V3 = [0, 1, 2].map(|k| g1[k] * (2.0 + 2.0 * p0 * m0[k]));
+    let g_br0 = add(&scale(&V0, (W0 + via_p0) * dp0), &scale(&VS, (W1 + via_p1) * dp1 * KAPPA));
+    let g0 = add(&scale(&unit3(&g_main0), 3.0), &unit3(&g_br0));
+    let gx: V3 = [0, 1, 2].map(|k| 2.0 * x[k] * g0[k]);
+    ([g0, g1, g2], gx)
+}
+
+#[test]
+fn backward_norm_passes_a_recurrent_gates_state_gradient_to_earlier_nodes() {
+    let _lock = common::torch_lock();
+    let (cut, x, loss) = build_recurrent_chain();
+    let counts = Tensor::ones([2, 3], CPU);
+    let (gx, nodes) = backward_norm(&cut, &x, &loss, &counts, None).unwrap();
+    for b in 0..2 {
+        let (want_nodes, want_gx) = hand_rule_recurrent(b);
+        for j in 0..3 {
+            assert_all_close(&rows(&nodes[j])[b], &want_nodes[j], 1e-5, &format!("node {j}, sample {b}"));
+        }
+        assert_all_close(&rows(&gx)[b], &want_gx, 1e-5, &format!("input gradient, sample {b}"));
+    }
+}

@@ -68,6 +68,13 @@ pub trait Attack {
     /// Crafts adversarial examples for a whole batch; output in [0,1], same shape as `x`.
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor>;
 
+    /// False when a batch's result depends on the batches perturbed before it (a universal
+    /// perturbation fitted on the first batch and reused): such an attack's batches cannot be
+    /// cached or replayed one by one.
+    fn batch_independent(&self) -> bool {
+        true
+    }
+
     /// Refuses models that lack what the attack needs, naming both.
     fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
         let req = self.requirements();

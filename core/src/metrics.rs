@@ -2,7 +2,9 @@
 //! gate rates.
 //!
 //! cost = MACs / static MACs; recovery = (adv cost − clean cost) / (1 − clean cost)
-//! (GradMDM's "recovery", the share of the saved compute an attacker claws back).
+//! (GradMDM's "recovery", the share of the saved compute an attacker claws back); fooled rate =
+//! the share of clean-correct samples the attack misclassifies (the transfer rate of a
+//! surrogate-crafted attack).
 
 use tch::{Kind, Tensor};
 
@@ -23,6 +25,18 @@ pub fn recovery(clean_cost: f64, adv_cost: f64) -> f64 {
     } else {
         (adv_cost - clean_cost) / (1.0 - clean_cost)
     }
+}
+
+/// Of the samples classified correctly on clean inputs, the share the attack made wrong:
+/// `#{adv wrong ∧ clean right} / #{clean right}` (`[B]` bools in; 0 when none was right). For
+/// a transfer attack this is the accuracy transfer rate of the black-box protocol.
+pub fn fooled_rate(clean_correct: &Tensor, adv_correct: &Tensor) -> f64 {
+    let right = clean_correct.sum(Kind::Int64).int64_value(&[]);
+    if right == 0 {
+        return 0.0;
+    }
+    let fooled = clean_correct.logical_and(&adv_correct.logical_not()).sum(Kind::Int64).int64_value(&[]);
+    fooled as f64 / right as f64
 }
 
 /// Counts of samples per exit index (`exits + 1` bins, the last is the final head).

@@ -102,6 +102,9 @@ impl Attack for CraftCache {
     fn budget(&self) -> Option<(f64, Norm)> {
         self.inner.budget()
     }
+    fn batch_independent(&self) -> bool {
+        self.inner.batch_independent()
+    }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let Some(dir) = &self.dir else { return self.inner.perturb(model, x, y) };
         let batch = self.calls.get();

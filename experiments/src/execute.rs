@@ -105,10 +105,11 @@ impl RealExecutor {
         if let (Some(eps), Some(map)) = (c.eps, params.as_object_mut()) {
             map.insert("eps".into(), json!(eps));
         }
-        if let Some(map) = params.as_object_mut() {
-            if ["pgd-linf", "pgd-l2", "deepsloth", "deepsloth-l2", "deepsloth-universal"].contains(&c.attack.name.as_str()) && !map.contains_key("seed") {
-                map.insert("seed".into(), json!(c.seed));
-            }
+        // the cell's seed drives every attack that has one (random starts), unless the study
+        // sets the attack's own
+        let seeded = attacks::build(&c.attack.name, &json!({})).is_ok_and(|a| a.config_json().get("seed").is_some());
+        if let Some(map) = params.as_object_mut().filter(|_| seeded) {
+            map.entry("seed").or_insert(json!(c.seed));
         }
         let inner = attacks::build(&c.attack.name, &params)?;
         Ok(match &c.surrogate {
@@ -158,7 +159,7 @@ impl Executor for RealExecutor {
             _ => self.load(&c.model, &probe)?,
         };
         let attack = self.attack(cell, &probe)?;
-        let shareable = c.surrogate.is_some() || crafts_on_bare_model(&spec, mode);
+        let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
         let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c));
         let load = || self.load(&c.model, &probe);
         let outcome = run_defended(net, &load, &spec, mode, &attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {})?;
