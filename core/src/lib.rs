@@ -5,6 +5,7 @@
 //! [`Error`] type.
 
 pub mod allocator;
+pub mod atomic_file;
 pub mod attack;
 pub mod data;
 pub mod defense;

@@ -12,13 +12,11 @@
 //! never duplicated, and shards running concurrently into one directory do not conflict.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
+pub use dynrobust_core::atomic_file::{temporary_path, write_atomic};
 use dynrobust_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -179,42 +177,6 @@ fn remove_if_stale(path: &Path) {
     if age.is_some_and(|a| a > STALE_TMP) {
         let _ = fs::remove_file(path); // best effort: another reader may have removed it first
     }
-}
-
-/// A temporary name beside `path` that no other writer uses: `NAME.tmp.PID.NONCE.N`, with N
-/// counted per process and NONCE drawn once per process from the clock. The process id alone
-/// is not enough: the worker threads of one run can write the same file at once (two cells
-/// finishing the same craft-cache batch), and one thread's rename would then take the file
-/// from under the other's; Slurm tasks on different nodes (or in their own PID namespaces)
-/// sharing one output directory can have the same process id.
-pub fn temporary_path(path: &Path) -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    static NONCE: OnceLock<u32> = OnceLock::new();
-    let nonce = NONCE.get_or_init(|| {
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        (nanos as u64 ^ (nanos >> 64) as u64 ^ u64::from(std::process::id()).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) as u32
-    });
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!("{name}.tmp.{}.{nonce:08x}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
-}
-
-/// Writes `bytes` to `path` atomically: temporary file ([`temporary_path`]), fsync, rename,
-/// fsync of the directory. Concurrent writers of the same path each succeed; the file is
-/// always one writer's whole content.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temporary_path(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` (UTC) for `t`.

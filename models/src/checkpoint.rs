@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use dynrobust_core::atomic_file::{temporary_path, write_atomic};
 use dynrobust_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -87,31 +88,14 @@ pub fn save(net: &Net, sidecar: &Sidecar, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let weights = dir.join(WEIGHTS_FILE);
     // the temporary name keeps the extension: the VarStore picks safetensors by it
-    let tmp_weights = dir.join(format!(".{}", unique_name("model", "safetensors")));
-    let saved = net.vs.save(&tmp_weights).map_err(Error::from).and_then(|()| sync_file(&tmp_weights));
-    if let Err(e) = saved.and_then(|()| std::fs::rename(&tmp_weights, &weights).map_err(|e| Error::io(&weights, e))) {
-        let _ = std::fs::remove_file(&tmp_weights);
-        return Err(e);
-    }
-    let path = dir.join(SIDECAR_FILE);
-    let tmp = dir.join(format!(".{}", unique_name("model", "json")));
-    let json = serde_json::to_string_pretty(sidecar)? + "\n";
-    let written = std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e)).and_then(|()| sync_file(&tmp));
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))) {
+    let tmp = PathBuf::from(format!("{}.safetensors", temporary_path(&weights).display()));
+    let saved = net.vs.save(&tmp).map_err(Error::from).and_then(|()| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e)));
+    if let Err(e) = saved.and_then(|()| std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    Ok(())
-}
-
-/// `STEM.tmp-PID-N.EXT`, N counted per process: no two writers share it.
-fn unique_name(stem: &str, ext: &str) -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    format!("{stem}.tmp-{}-{}.{ext}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-}
-
-fn sync_file(path: &Path) -> Result<()> {
-    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
+    let json = serde_json::to_string_pretty(sidecar)? + "\n";
+    write_atomic(&dir.join(SIDECAR_FILE), json.as_bytes())
 }
 
 /// Reads and validates a sidecar.
