@@ -77,6 +77,19 @@ pub enum ExitLoss {
     /// Per sample the largest cross-entropy over the exits and the final head (a one-pass
     /// form of PGD-max's worst exit).
     Max,
+    /// DeepSloth's PGD-max as its code runs it (spec §4.4): one PGD per output (each internal
+    /// classifier and the final head alone), then per sample the result with the largest
+    /// cross-entropy summed over all outputs. `maxruns` in configs; the final head alone on
+    /// models without exits.
+    #[serde(rename = "maxruns")]
+    MaxRuns,
+}
+
+/// Cross-entropy `[B]` of every output, the internal classifiers first and the final head
+/// last, stacked `[B, E+1]`.
+pub fn per_output_ce(trace: &Trace, y: &Tensor) -> Tensor {
+    let ce = |z: &Tensor| z.log_softmax(1, Kind::Float).nll_loss_nd::<Tensor>(y, None, Reduction::None, -100);
+    Tensor::stack(&trace.exit_logits.iter().chain(std::iter::once(&trace.final_logits)).map(ce).collect::<Vec<_>>(), 1)
 }
 
 /// Cross-entropy `[B]` (per sample) of the output chosen by `which`.
@@ -84,7 +97,7 @@ pub fn accuracy_loss_per_sample(trace: &Trace, y: &Tensor, which: ExitLoss) -> T
     let ce = |z: &Tensor| z.log_softmax(1, Kind::Float).nll_loss_nd::<Tensor>(y, None, Reduction::None, -100);
     match which {
         ExitLoss::Deployed => return ce(&trace.logits),
-        _ if trace.exit_logits.is_empty() || which == ExitLoss::Final => return ce(&trace.final_logits),
+        _ if trace.exit_logits.is_empty() || matches!(which, ExitLoss::Final | ExitLoss::MaxRuns) => return ce(&trace.final_logits),
         _ => {}
     }
     // every internal classifier plus the final head

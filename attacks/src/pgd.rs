@@ -9,7 +9,7 @@ use dynrobust_core::{DynamicModel, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::losses::{accuracy_loss_per_sample, ExitLoss};
+use crate::losses::{accuracy_loss_per_sample, per_output_ce, ExitLoss};
 
 /// Config of PGD (L∞ or L2) and its one-step special case FGSM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,8 +137,33 @@ impl Attack for Pgd {
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        let start = if c.random_start { random_start(x, c.eps, c.norm, &mut SeededRng::new(c.seed)) } else { x.copy() };
-        ascend(x, start, (c.eps, c.norm), c.steps, c.alpha(), model.eot_samples(), |xa| ce_objective(model, xa, y, c.loss))
+        let start = || if c.random_start { random_start(x, c.eps, c.norm, &mut SeededRng::new(c.seed)) } else { x.copy() };
+        let exits = match model.family() {
+            dynrobust_core::Family::EarlyExit { exits, .. } => exits,
+            _ => 0,
+        };
+        if c.loss != ExitLoss::MaxRuns || exits == 0 {
+            return ascend(x, start(), (c.eps, c.norm), c.steps, c.alpha(), model.eot_samples(), |xa| ce_objective(model, xa, y, c.loss));
+        }
+        // DeepSloth's PGD-max: one run per output, then per sample the run whose result has the
+        // largest cross-entropy summed over every output
+        let mut best: Option<(Tensor, Tensor)> = None;
+        for output in 0..=exits as i64 {
+            let x_run = ascend(x, start(), (c.eps, c.norm), c.steps, c.alpha(), model.eot_samples(), |xa| {
+                let trace = model.forward_trace(xa, Pass::Dense)?;
+                Ok(per_output_ce(&trace, y).select(1, output).sum(Kind::Float))
+            })?;
+            let score = tch::no_grad(|| model.forward_trace(&x_run, Pass::Dense).map(|t| per_output_ce(&t, y).sum_dim_intlist(&[1i64][..], false, Kind::Float)))?;
+            best = Some(match best {
+                None => (x_run, score),
+                Some((x_best, s_best)) => {
+                    let better = score.gt_tensor(&s_best);
+                    let pick = better.view([-1, 1, 1, 1]);
+                    (x_run.where_self(&pick, &x_best), score.where_self(&better, &s_best))
+                }
+            });
+        }
+        Ok(best.expect("at least the final head").0)
     }
 }
 
@@ -175,6 +200,9 @@ impl MiFgsm {
         check_steps("steps", cfg.steps)?;
         if !(cfg.momentum.is_finite() && cfg.momentum >= 0.0) {
             return Err(dynrobust_core::Error::config("momentum", format!("{}: expected a finite value ≥ 0", cfg.momentum)));
+        }
+        if cfg.loss == ExitLoss::MaxRuns {
+            return Err(dynrobust_core::Error::config("loss", "maxruns (one run per exit) is PGD-max's; MI-FGSM takes final, deployed, avg or max"));
         }
         Ok(MiFgsm { cfg })
     }

@@ -127,3 +127,27 @@ fn pgd_transfers_from_static_to_gated() {
     assert_eq!(r.attack, "transfer");
     assert!(r.adv_acc < r.clean_acc - 0.1, "static → gated transfer: accuracy {:.3} → {:.3}", r.clean_acc, r.adv_acc);
 }
+
+#[test]
+fn pgd_max_runs_keeps_per_sample_the_run_with_the_largest_summed_loss() {
+    use dynrobust_attacks::losses::per_output_ce;
+    use dynrobust_core::{DynamicModel, Pass};
+    use tch::Kind;
+    let model = common::committed("sdn");
+    let data = common::test_images(16);
+    let (x, y) = (&data.images, &data.labels);
+    let summed = |xa: &tch::Tensor| {
+        let t = tch::no_grad(|| model.forward_trace(xa, Pass::Dense)).unwrap();
+        per_output_ce(&t, y).sum_dim_intlist(&[1i64][..], false, Kind::Float)
+    };
+    let runs = build("pgd-linf", json!({"steps": 3, "loss": "maxruns"})).perturb(&model, x, y).unwrap();
+    let final_only = build("pgd-linf", json!({"steps": 3, "loss": "final"})).perturb(&model, x, y).unwrap();
+    // inside the ε-ball and the box
+    assert!((&runs - x).abs().max().double_value(&[]) <= EPS + 1e-6);
+    assert!(runs.min().double_value(&[]) >= 0.0 && runs.max().double_value(&[]) <= 1.0);
+    // the final-head run is one of the candidates: per sample the kept result scores at least as high
+    let (s_runs, s_final) = (summed(&runs), summed(&final_only));
+    assert!(s_runs.ge_tensor(&(&s_final - 1e-4)).all().int64_value(&[]) == 1, "{s_runs:?} vs {s_final:?}");
+    assert!(s_runs.sum(Kind::Float).double_value(&[]) > s_final.sum(Kind::Float).double_value(&[]), "another exit's run should win somewhere");
+    eprintln!("summed CE over outputs: max-runs {:.2}, final-only {:.2}", s_runs.sum(Kind::Float).double_value(&[]), s_final.sum(Kind::Float).double_value(&[]));
+}

@@ -38,7 +38,7 @@ pub struct AttackArgs {
     /// Budget norm: linf or l2 (PGD family, mechanism, GradMDM fixed).
     #[arg(long)]
     norm: Option<String>,
-    /// Accuracy-loss output: final, deployed, avg or max.
+    /// Accuracy-loss output: final, deployed, avg, max (one pass, worst exit) or maxruns (DeepSloth's PGD-max: one run per exit, best per sample).
     #[arg(long)]
     loss: Option<String>,
     /// Any other config field, as KEY=VALUE (VALUE parsed as JSON, else taken as a string).
