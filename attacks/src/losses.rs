@@ -101,8 +101,7 @@ pub fn accuracy_loss_per_sample(trace: &Trace, y: &Tensor, which: ExitLoss) -> T
         _ => {}
     }
     // every internal classifier plus the final head
-    let per_exit: Vec<Tensor> = trace.exit_logits.iter().chain(std::iter::once(&trace.final_logits)).map(ce).collect();
-    let stacked = Tensor::stack(&per_exit, 1);
+    let stacked = per_output_ce(trace, y);
     match which {
         ExitLoss::Avg => stacked.mean_dim(&[1i64][..], false, Kind::Float),
         _ => stacked.amax(&[1i64][..], false),

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use dynrobust_core::data::Split;
 use dynrobust_core::DynamicModel;
-use dynrobust_models::timing::sparse_seconds_per_image;
+use dynrobust_models::timing::{median_seconds, sparse_seconds_per_image};
 use dynrobust_models::train::evaluate;
 use serde_json::json;
 
@@ -108,27 +108,14 @@ fn time_weighted_cost(net: &dynrobust_models::Net, images: &tch::Tensor, reps: u
         executed += trace.executed.to_kind(tch::Kind::Double).sum_dim_intlist(&[0i64][..], false, tch::Kind::Double);
     }
     let executed_mean = Vec::<f64>::try_from(executed / n as f64)?;
-    let seconds = net.backbone_seconds(&images.narrow(0, 0, 128.min(n)), (3 * reps).max(9));
+    let seconds = net.backbone_seconds(&images.narrow(0, 0, 128.min(n)), (3 * reps).max(9))?;
     Ok(net.time_weighted_cost(&seconds, &executed_mean))
-}
-
-/// Median seconds of `f` over `reps` runs after one warm-up.
-fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps.max(1) {
-        let s = std::time::Instant::now();
-        f()?;
-        t.push(s.elapsed().as_secs_f64());
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
 }
 
 /// Median seconds of one bare dense forward + backward to the input (one attack step's
 /// floor); the exits join the graph with weight 0 so their cost is in it too.
 fn fwd_bwd_secs(model: &dyn DynamicModel, x: &tch::Tensor, y: &tch::Tensor, reps: usize) -> Result<f64> {
-    median_secs(reps, || {
+    median_seconds(reps, || {
         let leaf = x.detach().set_requires_grad(true);
         let t = model.forward_trace(&leaf, dynrobust_core::Pass::Dense)?;
         let loss = t.logits.cross_entropy_for_logits(y) + t.exit_logits.iter().map(|z| z.sum(tch::Kind::Float)).sum::<tch::Tensor>() * 0.0;
@@ -168,7 +155,7 @@ pub fn attacks(args: &BenchArgs) -> Result<()> {
             let x = data.images.narrow(0, 0, batch);
             let y = data.labels.narrow(0, 0, batch);
             let fb = fwd_bwd_secs(&net, &x, &y, args.reps)?;
-            let at = median_secs(attack_reps(args.reps, batch), || atk.perturb(&net, &x, &y).map(|_| ()).map_err(Into::into))?;
+            let at = median_seconds(attack_reps(args.reps, batch), || atk.perturb(&net, &x, &y).map(|_| ()))?;
             let per_it = at / iters as f64;
             eprintln!("{:<10} {:<8} {:>5} {:>12.3} {:>12.3} {:>8.2}", attack, model, batch, fb * 1e3, per_it * 1e3, per_it / fb);
             println!("{}", json!({"attack": attack, "model": model, "batch": batch, "iterations": iters,
@@ -195,7 +182,7 @@ pub fn torchscript(args: &BenchArgs) -> Result<()> {
         for batch in [1i64, 128] {
             let x = data.images.narrow(0, 0, batch);
             let y = data.labels.narrow(0, 0, batch);
-            let sparse = |m: &dyn DynamicModel| median_secs(args.reps, || m.forward_trace(&x, Pass::Sparse).map(|_| ()).map_err(Into::into));
+            let sparse = |m: &dyn DynamicModel| median_seconds(args.reps, || m.forward_trace(&x, Pass::Sparse).map(|_| ()));
             let fwd_bwd = |m: &dyn DynamicModel| fwd_bwd_secs(m, &x, &y, args.reps);
             let (mut ns, mut ss, mut nf, mut sf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..3 {

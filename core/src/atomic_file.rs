@@ -28,21 +28,26 @@ pub fn temporary_path(path: &Path) -> PathBuf {
     path.with_file_name(format!("{name}.tmp.{}.{nonce:08x}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
-/// Writes `bytes` to `path` atomically: temporary file ([`temporary_path`]), fsync, rename,
-/// fsync of the directory. Concurrent writers of the same path each succeed; the file is
-/// always one writer's whole content.
+/// Writes `bytes` to `path` atomically ([`replace_atomic`] through [`temporary_path`]).
+/// Concurrent writers of the same path each succeed; the file is always one writer's whole
+/// content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temporary_path(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
+    replace_atomic(path, &temporary_path(path), |tmp| {
+        let mut f = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// Replaces `path` by what `write` puts into the temporary file `tmp` (a name of the caller's
+/// own beside `path`, usually [`temporary_path`]; some writers pick their format by the
+/// extension): fsync of `tmp`, rename over `path`, fsync of the directory. On any failure
+/// `tmp` is removed and `path` is left as it was.
+pub fn replace_atomic(path: &Path, tmp: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let written = write(tmp).and_then(|()| File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(tmp, e)));
+    if let Err(e) = written.and_then(|()| fs::rename(tmp, path).map_err(|e| Error::io(path, e))) {
+        let _ = fs::remove_file(tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }

@@ -19,7 +19,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use crate::store::temporary_path;
+use dynrobust_core::atomic_file::{replace_atomic, temporary_path};
 
 /// An attack whose crafted batches are cached on disk.
 pub struct CraftCache {
@@ -75,14 +75,9 @@ impl CraftCache {
     fn store(&self, dir: &Path, path: &Path, x: &Tensor, x_adv: &Tensor, seconds: f64) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         // a name of this writer's own: two cells may store the same batch at the same moment
-        let tmp = temporary_path(path);
         let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous();
         let secs = Tensor::from_slice(&[seconds]).to_kind(Kind::Double);
-        if let Err(e) = Tensor::write_safetensors(&[("x", cpu(x)), ("x_adv", cpu(x_adv)), ("seconds", secs)], &tmp) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        replace_atomic(path, &temporary_path(path), |tmp| Ok(Tensor::write_safetensors(&[("x", cpu(x)), ("x_adv", cpu(x_adv)), ("seconds", secs)], tmp)?))
     }
 }
 

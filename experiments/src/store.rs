@@ -16,7 +16,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-pub use dynrobust_core::atomic_file::{temporary_path, write_atomic};
+pub use dynrobust_core::atomic_file::write_atomic;
 use dynrobust_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use dynrobust_core::atomic_file::{temporary_path, write_atomic};
+use dynrobust_core::atomic_file::{replace_atomic, temporary_path, write_atomic};
 use dynrobust_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -89,11 +89,7 @@ pub fn save(net: &Net, sidecar: &Sidecar, dir: &Path) -> Result<()> {
     let weights = dir.join(WEIGHTS_FILE);
     // the temporary name keeps the extension: the VarStore picks safetensors by it
     let tmp = PathBuf::from(format!("{}.safetensors", temporary_path(&weights).display()));
-    let saved = net.vs.save(&tmp).map_err(Error::from).and_then(|()| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e)));
-    if let Err(e) = saved.and_then(|()| std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    replace_atomic(&weights, &tmp, |tmp| Ok(net.vs.save(tmp)?))?;
     let json = serde_json::to_string_pretty(sidecar)? + "\n";
     write_atomic(&dir.join(SIDECAR_FILE), json.as_bytes())
 }

@@ -291,31 +291,25 @@ impl Net {
     /// the stem (with the input normalisation), every block's residual branch, every block's
     /// join (shortcut, sum and ReLU) and the head. Gates and internal classifiers are left out:
     /// this is the backbone a zero-overhead dynamic pass would run.
-    pub fn backbone_seconds(&self, x: &Tensor, reps: usize) -> BackboneSeconds {
+    pub fn backbone_seconds(&self, x: &Tensor, reps: usize) -> Result<BackboneSeconds> {
         let median = |f: &dyn Fn() -> Tensor| {
-            let _ = f();
-            let mut t: Vec<f64> = (0..reps.max(1))
-                .map(|_| {
-                    let start = std::time::Instant::now();
-                    let _ = f();
-                    start.elapsed().as_secs_f64()
-                })
-                .collect();
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
+            crate::timing::median_seconds(reps, || -> Result<()> {
+                let _ = f();
+                Ok(())
+            })
         };
         tch::no_grad(|| {
-            let stem = median(&|| self.stem_forward(x, false));
+            let stem = median(&|| self.stem_forward(x, false))?;
             let mut h = self.stem_forward(x, false);
             let (mut residual, mut join) = (Vec::new(), Vec::new());
             for block in &self.blocks {
                 let f = block.residual(&h, false);
-                residual.push(median(&|| block.residual(&h, false)));
-                join.push(median(&|| (block.shortcut(&h, false) + &f).relu()));
+                residual.push(median(&|| block.residual(&h, false))?);
+                join.push(median(&|| (block.shortcut(&h, false) + &f).relu())?);
                 h = (block.shortcut(&h, false) + &f).relu();
             }
-            let head = median(&|| self.head_forward(&h));
-            BackboneSeconds { stem, residual, join, head }
+            let head = median(&|| self.head_forward(&h))?;
+            Ok(BackboneSeconds { stem, residual, join, head })
         })
     }
 
