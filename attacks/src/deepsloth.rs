@@ -9,10 +9,14 @@
 //! cosine schedule on unit-L2 gradients, the gradient taken with respect to δ through the
 //! [0,1] clip as the code's `delta.grad`), and the L∞ universal perturbation (one δ for a data
 //! set: `δ ← clip(δ − 0.005·sign(∇_δ L), −ε, ε)`, 20 iterations per batch). The universal δ is
-//! fitted once, on the first `universal_batch` images of the first batch the attack is given,
-//! and applied unchanged to every later batch; the authors fit it on their first *training*
-//! batch, so here the first batch is attacked with a δ fitted on itself and the rest with a
-//! held-out one.
+//! fitted once and applied unchanged to every batch. As in the authors' code it is fitted on
+//! training images (`fit_on = "train"`, the default: the first `universal_batch` ×
+//! `universal_batches` training images — the code's first batch of 250), which the caller hands
+//! over through [`Attack::set_fit_data`] ([`dynrobust_core::attack::prepare_fit`]); with
+//! `fit_on = "attacked"` it is fitted on the first batch it is asked to perturb instead, so
+//! that batch is attacked with a δ fitted on itself and the rest with a held-out one.
+
+use std::cell::RefCell;
 
 use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, Attack, Goal, Norm, Requirements};
 use dynrobust_core::rng::SeededRng;
@@ -36,6 +40,16 @@ pub enum Variant {
     Universal,
 }
 
+/// Which images the universal perturbation is fitted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FitOn {
+    /// Training images handed over before the attack (the authors' code).
+    Train,
+    /// The first batch the attack perturbs.
+    Attacked,
+}
+
 /// DeepSloth's config; defaults are the authors' per-sample L∞ settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -56,6 +70,8 @@ pub struct DeepSlothConfig {
     pub universal_batch: i64,
     /// universal: batches used (0 = all).
     pub universal_batches: usize,
+    /// universal: fit δ on training images (`train`, the code) or on the first attacked batch.
+    pub fit_on: FitOn,
     /// RNG seed.
     pub seed: u64,
 }
@@ -71,6 +87,7 @@ impl Default for DeepSlothConfig {
             l2_decay: 0.1,
             universal_batch: 250,
             universal_batches: 1,
+            fit_on: FitOn::Train,
             seed: 1221,
         }
     }
@@ -127,22 +144,49 @@ impl DeepSlothConfig {
 #[derive(Debug)]
 pub struct DeepSloth {
     cfg: DeepSlothConfig,
-    /// The universal variant's δ, fitted on the first batch perturbed and reused for every
+    /// The universal variant's δ, fitted at the first batch perturbed and reused for every
     /// later one.
-    universal: std::cell::RefCell<Option<Tensor>>,
+    universal: RefCell<Option<Tensor>>,
+    /// The training images the universal δ is fitted on (`fit_on = "train"`).
+    fit_images: RefCell<Option<Tensor>>,
 }
 
 impl Clone for DeepSloth {
-    /// A copy with the same config and no fitted universal δ.
+    /// A copy with the same config and fitting images, and no fitted universal δ.
     fn clone(&self) -> Self {
-        DeepSloth { cfg: self.cfg.clone(), universal: Default::default() }
+        let fit_images = self.fit_images.borrow().as_ref().map(Tensor::shallow_clone);
+        DeepSloth { cfg: self.cfg.clone(), universal: Default::default(), fit_images: RefCell::new(fit_images) }
     }
 }
 
 impl DeepSloth {
     /// DeepSloth with a validated config.
     pub fn new(cfg: DeepSlothConfig) -> Result<Self> {
-        Ok(DeepSloth { cfg: cfg.validated()?, universal: Default::default() })
+        Ok(DeepSloth { cfg: cfg.validated()?, universal: Default::default(), fit_images: Default::default() })
+    }
+
+    /// The universal δ `[1,C,H,W]` in force, fitted now if this is the first batch: on the
+    /// training images handed over (`fit_on = "train"`) or on `x` (`attacked`).
+    fn universal_delta(&self, model: &dyn DynamicModel, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
+        let mut fitted = self.universal.borrow_mut();
+        if fitted.is_none() {
+            let delta = match self.cfg.fit_on {
+                FitOn::Attacked => self.fit_universal(model, x, rng)?,
+                FitOn::Train => {
+                    let images = self.fit_images.borrow();
+                    let Some(images) = images.as_ref() else {
+                        return Err(Error::config(
+                            "fit_on",
+                            "`train`: deepsloth-universal fits its perturbation on training images, but none were handed over \
+                             (Attack::set_fit_data / prepare_fit); set fit_on = \"attacked\" to fit on the first attacked batch",
+                        ));
+                    };
+                    self.fit_universal(model, &images.to_device(x.device()), rng)?
+                }
+            };
+            *fitted = Some(delta);
+        }
+        Ok(fitted.as_ref().expect("fitted above").to_device(x.device()))
     }
 
     /// Summed DeepSloth loss of the model on `x` (per-sample losses are independent).
@@ -245,18 +289,26 @@ impl Attack for DeepSloth {
             Variant::Linf => self.linf(model, x, rng),
             Variant::L2 => self.l2(model, x, rng),
             Variant::Universal => {
-                // one δ for the whole input set: fitted on the first batch given (the authors
-                // fit it on their first training batch, nbatch 1) and applied to every batch
-                let mut fitted = self.universal.borrow_mut();
-                if fitted.is_none() {
-                    *fitted = Some(self.fit_universal(model, x, rng)?);
-                }
-                let delta = fitted.as_ref().expect("fitted above").to_device(x.device());
+                // one δ for the whole input set, applied to every batch
+                let delta = self.universal_delta(model, x, rng)?;
                 Ok((x + delta).clamp(0.0, 1.0))
             }
         }
     }
     fn batch_independent(&self) -> bool {
         self.cfg.variant != Variant::Universal
+    }
+    fn fit_images(&self) -> Option<i64> {
+        let c = &self.cfg;
+        (c.variant == Variant::Universal && c.fit_on == FitOn::Train)
+            .then(|| if c.universal_batches == 0 { i64::MAX } else { c.universal_batch.saturating_mul(c.universal_batches as i64) })
+    }
+    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
+        if images.dim() != 4 || images.size()[0] == 0 {
+            return Err(Error::config("fit data", format!("{:?}: expected a non-empty [N,C,H,W] batch of training images", images.size())));
+        }
+        *self.fit_images.borrow_mut() = Some(images.shallow_clone());
+        *self.universal.borrow_mut() = None;
+        Ok(())
     }
 }

@@ -2,7 +2,8 @@
 //! contract checker and quick (2–3 iteration) configs of every registered attack.
 #![doc(hidden)]
 
-use dynrobust_core::attack::{per_sample_norm, Attack, Norm};
+use dynrobust_core::attack::{per_sample_norm, prepare_fit, Attack, Norm};
+use dynrobust_core::Result;
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
@@ -12,6 +13,14 @@ pub struct QuickCase {
     pub seed: i64,
     pub eps: f64,
     pub variant: usize,
+}
+
+/// Builds attack `name` from `cfg` and, when it fits on training data (DeepSloth's universal
+/// perturbation), hands it the first training images it asks for, at most 256.
+pub fn build_prepared(name: &str, cfg: &Value) -> Result<Box<dyn Attack>> {
+    let attack = crate::registry::build(name, cfg)?;
+    prepare_fit(&*attack, |n| Ok(dynrobust_core::testing::train_images(n.min(256)).images))?;
+    Ok(attack)
 }
 
 /// The models each attack runs on (by its requirements) for config variant `v`.
@@ -34,10 +43,11 @@ pub fn quick_overrides(name: &str, c: &QuickCase) -> Value {
     match name {
         "deepsloth" => json!({"eps": eps, "steps": 2, "mode": mode, "seed": c.seed}),
         "deepsloth-l2" => json!({"eps": eps2, "steps": 3, "mode": mode}),
-        // variants 2 and 3 fit δ over every batch of 2 images instead of the code's one batch
+        // variants 0 and 1 fit δ on the code's one batch of training images; 2 and 3 on the
+        // attacked batch itself, over every batch of 2 images
         "deepsloth-universal" => {
             if v >= 2 {
-                json!({"eps": eps, "steps": 2, "universal_batch": 2, "universal_batches": 0})
+                json!({"eps": eps, "steps": 2, "universal_batch": 2, "universal_batches": 0, "fit_on": "attacked"})
             } else {
                 json!({"eps": eps, "steps": 2})
             }

@@ -48,6 +48,12 @@ impl Attack for Transfer {
     fn batch_independent(&self) -> bool {
         self.inner.batch_independent()
     }
+    fn fit_images(&self) -> Option<i64> {
+        self.inner.fit_images()
+    }
+    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
+        self.inner.set_fit_data(images)
+    }
 }
 
 /// Config of the feature-level PGD.

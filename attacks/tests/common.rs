@@ -1,6 +1,6 @@
 //! Shared helpers of the attacks crate's integration tests: committed checkpoints,
 //! Fashion-MNIST test images, random images, and the ε-ball / box checks every attack keeps.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use dynrobust_models::Net;
 use tch::{Device, Kind, Tensor};

@@ -9,6 +9,7 @@ mod common;
 
 use dynrobust_attacks::evaluate::{run_attack, AttackRecord};
 use dynrobust_attacks::registry;
+use dynrobust_attacks::testing::build_prepared;
 use dynrobust_attacks::transfer::Transfer;
 use dynrobust_core::attack::Attack;
 use serde_json::{json, Value};
@@ -62,8 +63,39 @@ fn deepsloth_raises_sdn_cost() {
 #[test]
 fn deepsloth_universal_raises_sdn_cost() {
     let _lock = common::torch_lock();
-    let r = run("sdn", &*build("deepsloth-universal", json!({})), N);
+    // the authors' set-up: δ fitted on the first 250 training images, applied to test images
+    // it has never seen
+    let attack = build_prepared("deepsloth-universal", &json!({})).unwrap();
+    let r = run("sdn", &*attack, N);
     assert_raises_cost(&r);
+}
+
+#[test]
+fn deepsloth_universal_fits_on_training_images_not_on_the_attacked_ones() {
+    let _lock = common::torch_lock();
+    let sdn = common::committed("sdn");
+    let test = common::test_images(16);
+    let (a, b) = (test.images.narrow(0, 0, 8), test.images.narrow(0, 8, 8));
+    let (ya, yb) = (test.labels.narrow(0, 0, 8), test.labels.narrow(0, 8, 8));
+    // one δ whichever test batch comes first: it depends on the training images only
+    let delta_of = |first: &tch::Tensor, y: &tch::Tensor, then: &tch::Tensor, y_then: &tch::Tensor| {
+        let attack = build_prepared("deepsloth-universal", &json!({"steps": 3})).unwrap();
+        let _ = attack.perturb(&sdn, first, y).unwrap();
+        attack.perturb(&sdn, then, y_then).unwrap() - then
+    };
+    let after_a = delta_of(&a, &ya, &b, &yb);
+    let direct = delta_of(&b, &yb, &b, &yb);
+    assert!(after_a.equal(&direct), "the universal δ changed with the batch attacked first");
+    // without training images the default set-up refuses, naming the field and the way out
+    let bare = registry::build("deepsloth-universal", &json!({})).unwrap();
+    let err = bare.perturb(&sdn, &a, &ya).unwrap_err().to_string();
+    assert!(err.contains("fit_on") && err.contains("attacked"), "{err}");
+    // fit_on = attacked asks for no training images and fits on the batch it is given
+    let own = registry::build("deepsloth-universal", &json!({"fit_on": "attacked", "steps": 3})).unwrap();
+    assert_eq!(own.fit_images(), None);
+    assert_eq!(bare.fit_images(), Some(250));
+    let x_adv = own.perturb(&sdn, &a, &ya).unwrap();
+    assert!(!x_adv.equal(&a));
 }
 
 #[test]

@@ -10,7 +10,7 @@
 mod common;
 
 use dynrobust_attacks::registry;
-use dynrobust_attacks::testing::{check_contract, models_for, quick_overrides, QuickCase};
+use dynrobust_attacks::testing::{build_prepared, check_contract, models_for, quick_overrides, QuickCase};
 use dynrobust_core::attack::{Attack, Goal, Norm, Requirements};
 use dynrobust_core::DynamicModel;
 use dynrobust_models::Net;
@@ -55,7 +55,7 @@ fn check_attack(name: &str) {
         for model_name in models_for(name, case.variant) {
             let model: &dyn DynamicModel = &nets.iter().find(|(n, _)| *n == model_name).unwrap().1;
             let what = format!("{name} on {model_name} with {cfg}");
-            let attack = registry::build(name, &cfg).map_err(|e| TestCaseError::fail(format!("{what}: build: {e}")))?;
+            let attack = build_prepared(name, &cfg).map_err(|e| TestCaseError::fail(format!("{what}: build: {e}")))?;
             prop_assert_eq!(attack.name(), name);
             attack.check_model(model).map_err(|e| TestCaseError::fail(format!("{what}: check_model: {e}")))?;
             let first = attack.perturb(model, &x, &y).map_err(|e| TestCaseError::fail(format!("{what}: perturb: {e}")))?;
@@ -63,7 +63,7 @@ fn check_attack(name: &str) {
             prop_assert!(x.equal(&x_before), "{}: the clean input was modified", what);
             // disturb the global RNG, then run a freshly built attack with the same config
             let _ = Tensor::rand([97], (Kind::Float, Device::Cpu));
-            let again = registry::build(name, &cfg).unwrap();
+            let again = build_prepared(name, &cfg).unwrap();
             let second = again.perturb(model, &x, &y).map_err(|e| TestCaseError::fail(format!("{what}: second perturb: {e}")))?;
             prop_assert!(
                 first.equal(&second),

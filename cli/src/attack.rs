@@ -13,7 +13,7 @@ use dynrobust_core::DynamicModel;
 use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
-use crate::common::{load_model, DataArgs, DeviceArgs};
+use crate::common::{load_model, prepare_attack_fit, DataArgs, DeviceArgs};
 use dynrobust_models::AnyModel;
 
 /// Options of `dynrobust attack`.
@@ -138,6 +138,7 @@ pub fn run(args: AttackArgs) -> Result<()> {
         Some(s) => Box::new(Transfer::new(inner, Box::new(load_model(s, device, &data.images)?.0))?),
         None => inner,
     };
+    prepare_attack_fit(&*attack, &args.data, device)?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}", args.attack, victim.name()));
     let outcome = run_attack(&victim, &*attack, &data.images, &data.labels, args.batch, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
@@ -177,6 +178,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     }
     let attack = registry::build(&args.attack, &overrides(&args)?)?;
     let device = args.device.device()?;
+    prepare_attack_fit(&*attack, &args.data, device)?;
     let data = args.data.load(Split::Test, Some(args.n))?.to_device(device);
     let calibration = matches!(spec, DefenseSpec::Monitor(_)).then(|| args.data.load(Split::Train, Some(2000)).map(|d| d.to_device(device))).transpose()?;
     let victim = load_victim(&args, device, &data.images)?;

@@ -34,6 +34,16 @@ impl DataArgs {
     }
 }
 
+/// Hands `attack` the training images it fits on, if it asks for any (DeepSloth's universal
+/// perturbation: the first 250 training images by default), and says so on stderr.
+pub fn prepare_attack_fit(attack: &dyn dynrobust_core::attack::Attack, data: &DataArgs, device: Device) -> Result<()> {
+    let Some(n) = attack.fit_images() else { return Ok(()) };
+    let train = data.load(Split::Train, Some(n)).with_context(|| format!("{}: loading the training images it fits on", attack.name()))?;
+    eprintln!("fitting     {} on the first {} training images", attack.name(), train.len());
+    attack.set_fit_data(&train.images.to_device(device))?;
+    Ok(())
+}
+
 /// Device option.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {

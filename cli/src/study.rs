@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use dynrobust_core::atomic_file::sweep_stale_temporaries;
 use dynrobust_experiments::execute::{prepare_variants, registry, RealExecutor};
 use dynrobust_experiments::{merge, parse_shard, run_cells, shard, slurm_script, write_report, Store, Study};
 
@@ -67,6 +68,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         return Ok(());
     }
     let store = Store::open(&out, &study.source, args.force)?;
+    sweep_interrupted_writes(&[store.cells_dir(), out.join("craft-cache")])?;
     // inside a Slurm task, the CPUs Slurm granted it; else the machine's
     let slurm_cpus = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&c| c > 0);
     let cores = slurm_cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -86,6 +88,17 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if !summary.failures.is_empty() {
         bail!("{} cells failed (rerun the same command to retry them; finished cells are kept)", summary.failures.len());
+    }
+    Ok(())
+}
+
+/// Removes the temporary files that writers killed mid-write (a Slurm time limit, Ctrl-C) left
+/// in `dirs` more than an hour ago; finished files are never touched.
+fn sweep_interrupted_writes(dirs: &[PathBuf]) -> Result<()> {
+    let hour = std::time::Duration::from_secs(3600);
+    let removed = dirs.iter().map(|d| sweep_stale_temporaries(d, hour)).sum::<dynrobust_core::Result<usize>>()?;
+    if removed > 0 {
+        eprintln!("removed {removed} temporary files left by interrupted writes");
     }
     Ok(())
 }

@@ -51,3 +51,67 @@ pub fn replace_atomic(path: &Path, tmp: &Path, write: impl FnOnce(&Path) -> Resu
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }
+
+/// True when `name` is a [`temporary_path`] name (`NAME.tmp.PID.NONCE.N`).
+pub fn is_temporary_name(name: &str) -> bool {
+    let mut parts = name.rsplitn(4, '.');
+    let (Some(n), Some(nonce), Some(pid), Some(rest)) = (parts.next(), parts.next(), parts.next(), parts.next()) else { return false };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    rest.ends_with(".tmp") && digits(n) && digits(pid) && nonce.len() == 8 && nonce.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Removes the temporary files in `dir` (not below it) that a writer killed mid-write left
+/// behind: [`temporary_path`] names last modified more than `older_than` ago (a live writer
+/// renames its file within seconds). Returns how many were removed; a missing `dir` is fine.
+pub fn sweep_stale_temporaries(dir: &Path, older_than: std::time::Duration) -> Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let stale = entry.file_name().to_str().is_some_and(is_temporary_name)
+            && entry.metadata().ok().filter(fs::Metadata::is_file).and_then(|m| m.modified().ok()).is_some_and(|t| now.duration_since(t).unwrap_or_default() > older_than);
+        if stale && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn temporary_names_are_recognised_and_nothing_else() {
+        let tmp = temporary_path(Path::new("/x/cell-1.json"));
+        assert!(is_temporary_name(tmp.file_name().unwrap().to_str().unwrap()), "{}", tmp.display());
+        for name in ["cell-1.json", "cell.tmp", "a.tmp.12.0000000g.3", "a.tmp.12.00ab.3", "a.tmp.x.0000abcd.3", "a.tmp.12.0000abcd.", "a.txt.12.0000abcd.3"] {
+            assert!(!is_temporary_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_sweep_removes_only_old_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let finished = dir.path().join("cell-1.json");
+        let old_tmp = temporary_path(&finished);
+        let fresh_tmp = temporary_path(&finished);
+        let old_plain = dir.path().join("notes.txt");
+        for p in [&finished, &old_tmp, &fresh_tmp, &old_plain] {
+            fs::write(p, b"x").unwrap();
+        }
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        for p in [&finished, &old_tmp, &old_plain] {
+            File::options().write(true).open(p).unwrap().set_modified(two_hours_ago).unwrap();
+        }
+        assert_eq!(sweep_stale_temporaries(dir.path(), Duration::from_secs(3600)).unwrap(), 1);
+        assert!(!old_tmp.exists());
+        assert!(finished.exists() && fresh_tmp.exists() && old_plain.exists());
+        assert_eq!(sweep_stale_temporaries(&dir.path().join("absent"), Duration::ZERO).unwrap(), 0);
+    }
+}

@@ -75,6 +75,21 @@ pub trait Attack {
         true
     }
 
+    /// How many training images the attack fits on before it perturbs anything, if it fits on
+    /// training data at all (DeepSloth's universal perturbation, fitted on the authors' first
+    /// training batch); `i64::MAX` asks for the whole training split. Callers hand them over
+    /// with [`Attack::set_fit_data`] before the first `perturb`; [`prepare_fit`] does both.
+    fn fit_images(&self) -> Option<i64> {
+        None
+    }
+
+    /// Hands over the training images asked for by [`Attack::fit_images`]. The attack fits on
+    /// them lazily, with the model of its first `perturb` call (the defended model for an
+    /// adaptive attack, the surrogate for a transfer attack).
+    fn set_fit_data(&self, _images: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
     /// Refuses models that lack what the attack needs, naming both.
     fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
         let req = self.requirements();
@@ -95,6 +110,15 @@ pub trait Attack {
             )),
             None => Ok(()),
         }
+    }
+}
+
+/// Loads the training images `attack` fits on (if it asks for any, through `load(n)`) and
+/// hands them over; a no-op for every attack that does not fit on training data.
+pub fn prepare_fit(attack: &dyn Attack, load: impl FnOnce(i64) -> Result<Tensor>) -> Result<()> {
+    match attack.fit_images() {
+        Some(n) => attack.set_fit_data(&load(n)?),
+        None => Ok(()),
     }
 }
 

@@ -30,3 +30,12 @@ pub fn test_images(n: i64) -> Dataset {
         .take(n)
 }
 
+
+/// The first `n` Fashion-MNIST training images (what an attack that fits on training data,
+/// DeepSloth's universal perturbation, is handed in tests).
+pub fn train_images(n: i64) -> Dataset {
+    DataSource::FashionMnist
+        .load(Split::Train, None)
+        .unwrap_or_else(|e| panic!("Fashion-MNIST is needed by this test: {e}"))
+        .take(n)
+}

@@ -132,6 +132,7 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
     cfg.recipe.check(&mechanism)?;
     let attack = dynrobust_attacks::registry::build(&cfg.attack, &cfg.attack_params)?;
     attack.check_model(net)?;
+    dynrobust_core::attack::prepare_fit(&*attack, |n| Ok(data.take(n).images))?;
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
     let schedule = cfg.schedule();
     let run = optimise(net, data, &schedule, &format!("defend {:?}", cfg.recipe), |net, x, y| {

@@ -4,7 +4,7 @@
 //! models it needs, behind a defense drawn per case (transforms, the budget cap).
 
 use dynrobust_attacks::registry;
-use dynrobust_attacks::testing::{check_contract, models_for, quick_overrides, QuickCase};
+use dynrobust_attacks::testing::{build_prepared, check_contract, models_for, quick_overrides, QuickCase};
 use dynrobust_core::testing::{test_images, torch_lock};
 use dynrobust_core::DynamicModel;
 use dynrobust_defenses::guards::{apply_budget, BudgetConfig};
@@ -51,13 +51,13 @@ fn check_attack(name: &str) {
         for model_name in models_for(name, variant) {
             let model = defended(model_name, DEFENSES[d]);
             let what = format!("{name} on {} with {cfg}", model.name());
-            let attack = registry::build(name, &cfg).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+            let attack = build_prepared(name, &cfg).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
             let first = attack.perturb(&*model, &x, &y).map_err(|e| TestCaseError::fail(format!("{what}: perturb: {e}")))?;
             check_contract(&*attack, &x, &first).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
             // a fresh model from the same config (a randomised defense's noise stream restarts)
             let _ = Tensor::rand([31], (Kind::Float, Device::Cpu));
             let fresh = defended(model_name, DEFENSES[d]);
-            let second = registry::build(name, &cfg).unwrap().perturb(&*fresh, &x, &y).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+            let second = build_prepared(name, &cfg).unwrap().perturb(&*fresh, &x, &y).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
             prop_assert!(first.equal(&second), "{}: not deterministic under its seed", what);
         }
         Ok(())

@@ -100,6 +100,12 @@ impl Attack for CraftCache {
     fn batch_independent(&self) -> bool {
         self.inner.batch_independent()
     }
+    fn fit_images(&self) -> Option<i64> {
+        self.inner.fit_images()
+    }
+    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
+        self.inner.set_fit_data(images)
+    }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let Some(dir) = &self.dir else { return self.inner.perturb(model, x, y) };
         let batch = self.calls.get();

@@ -159,6 +159,9 @@ impl Executor for RealExecutor {
             _ => self.load(&c.model, &probe)?,
         };
         let attack = self.attack(cell, &probe)?;
+        if let Some(n) = attack.fit_images() {
+            attack.set_fit_data(&worker.data(&c.data, Split::Train)?.take(n).images)?;
+        }
         let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
         let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c));
         let load = || self.load(&c.model, &probe);

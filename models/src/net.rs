@@ -135,10 +135,18 @@ impl Net {
         self.folded
     }
 
+    /// Folding is the switch to inference: the parameters stop requiring gradients too, so an
+    /// attack's backward pass computes the input gradient only, not a weight gradient of
+    /// every head, gate and internal classifier. Unfolding thaws them.
     fn set_folded(&mut self, fold: bool) {
         self.stem.set_folded(fold);
         for block in &mut self.blocks {
             block.set_folded(fold);
+        }
+        if fold {
+            self.vs.freeze();
+        } else {
+            self.vs.unfreeze();
         }
         self.folded = fold;
     }

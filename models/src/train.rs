@@ -205,13 +205,15 @@ pub fn optimise(
     mut batch_loss: impl FnMut(&Net, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<TrainReport> {
     tch::manual_seed(schedule.seed as i64);
-    let ic_only = matches!(net.config().mechanism, Mechanism::Sdn { .. });
-    let frozen = if ic_only { freeze_all_but(net, "exits.") } else { Vec::new() };
-    let result = optimise_unfrozen(net, data, schedule, label, &mut batch_loss);
-    for v in frozen {
-        let _ = v.set_requires_grad(true);
-    }
-    result
+    on_live_weights(net, |net| {
+        let ic_only = matches!(net.config().mechanism, Mechanism::Sdn { .. });
+        let frozen = if ic_only { freeze_all_but(net, "exits.") } else { Vec::new() };
+        let result = optimise_live(net, data, schedule, label, &mut batch_loss);
+        for v in frozen {
+            let _ = v.set_requires_grad(true);
+        }
+        result
+    })
 }
 
 fn optimise_unfrozen(
@@ -221,15 +223,20 @@ fn optimise_unfrozen(
     label: &str,
     batch_loss: &mut impl FnMut(&Net, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<TrainReport> {
-    // folded batch norms are a snapshot of the weights this loop changes: train on the live
-    // parameters, refold from the trained ones
+    on_live_weights(net, |net| optimise_live(net, data, schedule, label, batch_loss))
+}
+
+/// Runs `f` on the live parameters: folded batch norms are a snapshot of the weights training
+/// changes, so they are unfolded (which also thaws the parameters) and refolded from the
+/// trained weights afterwards.
+fn on_live_weights<T>(net: &mut Net, f: impl FnOnce(&mut Net) -> T) -> T {
     let refold = net.is_folded();
     net.unfold_batch_norm();
-    let report = optimise_live(net, data, schedule, label, batch_loss);
+    let result = f(net);
     if refold {
         net.fold_batch_norm();
     }
-    report
+    result
 }
 
 fn optimise_live(
