@@ -337,8 +337,8 @@ fn backward_norm_matches_the_rule_by_hand() {
     let (gx, nodes) = backward_norm(&cut, &x, &loss, &counts_t, None).unwrap();
     assert_eq!(nodes.len(), 2);
     assert_eq!(gx.size(), vec![2, 3]);
-    for b in 0..2 {
-        let (want_nodes, want_gx, _) = hand_rule(b, true, counts[b], None);
+    for (b, &count) in counts.iter().enumerate() {
+        let (want_nodes, want_gx, _) = hand_rule(b, true, count, None);
         for j in 0..2 {
             assert_all_close(&rows(&nodes[j])[b], &want_nodes[j], 1e-5, &format!("node {j}, sample {b}"));
         }

@@ -70,7 +70,10 @@ surrogates = ["gated"]
 name = "none"
 "#;
 
-fn run_both(tmp: &Path, text: &str) -> (Vec<(String, Value)>, Vec<(String, Value)>) {
+/// (cell id, record) of every stored cell.
+type Records = Vec<(String, Value)>;
+
+fn run_both(tmp: &Path, text: &str) -> (Records, Records) {
     let study = tmp.join("study.toml");
     std::fs::write(&study, text).unwrap();
     let run = |name: &str, extra: &[&str]| {

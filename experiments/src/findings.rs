@@ -61,7 +61,9 @@ pub(crate) fn add_cross_cell_flags(rows: &mut [Row]) {
 
 /// Clean numbers must not change with the seed unless the defense is randomised.
 fn seed_flags(rows: &[Row], extra: &mut BTreeMap<usize, Vec<String>>) {
-    let mut groups: BTreeMap<(String, String, Option<String>, String, Option<String>, Option<u64>), Vec<usize>> = BTreeMap::new();
+    // (model, defense, mode, label, surrogate, ε bits): the cells that differ only by seed
+    type SeedGroup = (String, String, Option<String>, String, Option<String>, Option<u64>);
+    let mut groups: BTreeMap<SeedGroup, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
         if r.defense_name == "noise" {
             continue;

@@ -302,13 +302,12 @@ fn eps_plots(rows: &[Row], dir: &Path, metric: &str, y_desc: &str) -> Result<Plo
         return Ok(Plotted::Skipped("no white-box, undefended cells with an ε".into()));
     }
     let pick = |r: &Row, clean: bool| -> Option<f64> {
-        let v = match (metric, clean) {
+        match (metric, clean) {
             ("cost", false) => r.adv_cost,
             ("cost", true) => r.clean_cost,
             (_, false) => r.adv_acc.map(|a| 100.0 * a),
             (_, true) => r.clean_acc.map(|a| 100.0 * a),
-        };
-        v
+        }
     };
     let labels: BTreeSet<&str> = usable.iter().map(|r| r.label.as_str()).collect();
     let mut made = Vec::new();

@@ -146,7 +146,7 @@ fn every_committed_training_time_defense_scores_what_its_sidecar_says() {
     for name in names {
         let dir = root.join(&name);
         let (net, side) = checkpoint::load(&dir, Device::Cpu).unwrap();
-        let data = common::test_images(side.evaluation.n as i64);
+        let data = common::test_images(side.evaluation.n);
         let eval = dynrobust_models::train::evaluate(&net, &data, 256).unwrap();
         assert_eq!(eval.accuracy, side.evaluation.accuracy, "{name}: accuracy");
         assert!((eval.mean_cost - side.evaluation.mean_cost).abs() < 1e-9, "{name}: cost {} vs sidecar {}", eval.mean_cost, side.evaluation.mean_cost);

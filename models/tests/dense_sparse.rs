@@ -60,7 +60,7 @@ fn passes_agree_with_exit_placement_and_budget_caps() {
         sdn.set_active_exits(exits.clone()).unwrap();
         assert_passes_agree(&sdn, &data.images, &format!("sdn exits {exits:?}"));
         let trace = sdn.forward_trace(&data.images, Pass::Sparse).unwrap();
-        assert_eq!(trace.exit_index.unwrap().max().int64_value(&[]) as usize <= exits.len(), true);
+        assert!(trace.exit_index.unwrap().max().int64_value(&[]) as usize <= exits.len());
         // inactive ICs never run
         for (b, unit) in sdn.units().iter().enumerate().filter(|(_, u)| u.kind == dynrobust_core::UnitKind::Exit) {
             let block: usize = unit.name.trim_start_matches("exit").parse().unwrap();
