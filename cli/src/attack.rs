@@ -138,6 +138,7 @@ pub fn run(args: AttackArgs) -> Result<()> {
         Some(s) => Box::new(Transfer::new(inner, Box::new(load_model(s, device, &data.images)?.0))?),
         None => inner,
     };
+    attack.check_model(&victim)?;
     prepare_attack_fit(&*attack, &args.data, device)?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}", args.attack, victim.name()));
     let outcome = run_attack(&victim, &*attack, &data.images, &data.labels, args.batch, &mut |done| bar.set_position(done as u64))?;
@@ -178,10 +179,11 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     }
     let attack = registry::build(&args.attack, &overrides(&args)?)?;
     let device = args.device.device()?;
-    prepare_attack_fit(&*attack, &args.data, device)?;
     let data = args.data.load(Split::Test, Some(args.n))?.to_device(device);
     let calibration = matches!(spec, DefenseSpec::Monitor(_)).then(|| args.data.load(Split::Train, Some(2000)).map(|d| d.to_device(device))).transpose()?;
     let victim = load_victim(&args, device, &data.images)?;
+    attack.check_model(&victim)?;
+    prepare_attack_fit(&*attack, &args.data, device)?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}+{name}", args.attack, victim.name()));
     let load = || load_victim(&args, device, &data.images).map_err(|e| dynrobust_core::Error::config("model", e.to_string()));
     let outcome = dynrobust_defenses::evaluate::run_defended(victim, &load, &spec, mode, &*attack, &data, calibration.as_ref(), args.batch, &mut |d| bar.set_position(d as u64))?;
