@@ -35,6 +35,9 @@ pub struct AttackRecord {
     pub l2_mean: f64,
     pub linf_max: f64,
     pub mse: f64,
+    /// The MSE in the model's normalised units, `mean((δ/σ_c)²)` with the model's per-channel
+    /// input std σ — GradMDM's `mse.py` figure; absent when the model does not name its σ.
+    pub mse_normalised: Option<f64>,
     pub seconds: f64,
     pub clean_exit_hist: Option<Vec<i64>>,
     pub adv_exit_hist: Option<Vec<i64>>,
@@ -78,6 +81,8 @@ struct Acc {
     l2: Vec<Tensor>,
     linf: f64,
     sq_sum: f64,
+    /// Σ (δ/σ_c)², when the model names its input std.
+    sq_sum_normalised: Option<f64>,
     elems: f64,
 }
 
@@ -106,7 +111,8 @@ pub fn run_attack_on(
 ) -> Result<AttackOutcome> {
     attack.check_model(craft)?;
     let n = images.size()[0];
-    let mut acc = Acc::default();
+    let std = model.input_std();
+    let mut acc = Acc { sq_sum_normalised: std.as_ref().map(|_| 0.0), ..Acc::default() };
     let mut advs = Vec::new();
     let mut seconds = 0.0;
     let mut rapl: std::result::Result<f64, String> = Ok(0.0);
@@ -125,6 +131,9 @@ pub fn run_attack_on(
         acc.l2.push(per_sample_norm(&delta, 2.0));
         acc.linf = acc.linf.max(delta.abs().max().double_value(&[]));
         acc.sq_sum += delta.square().sum(Kind::Double).double_value(&[]);
+        if let (Some(sum), Some(std)) = (acc.sq_sum_normalised.as_mut(), std.as_ref()) {
+            *sum += normalised_square_sum(&delta, std)?;
+        }
         acc.elems += delta.numel() as f64;
         let clean = model.forward_trace(&x, Pass::Sparse)?;
         let adv = model.forward_trace(&x_adv, Pass::Sparse)?;
@@ -188,6 +197,7 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         l2_mean: mean(&cat(acc.l2.iter().map(|t| t.shallow_clone()))),
         linf_max: acc.linf,
         mse: acc.sq_sum / acc.elems.max(1.0),
+        mse_normalised: acc.sq_sum_normalised.map(|s| s / acc.elems.max(1.0)),
         seconds,
         clean_efficacy: efficacy(&clean_hist),
         adv_efficacy: efficacy(&adv_hist),
@@ -210,4 +220,17 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         adv_exit: adv_exits.map(|e| to_vec(&e)).unwrap_or_default(),
     };
     (record, per_sample)
+}
+
+/// Σ (δ/σ_c)² over a batch of perturbations `[B,C,H,W]`, σ one value per channel (or one for
+/// all channels).
+fn normalised_square_sum(delta: &Tensor, std: &[f64]) -> Result<f64> {
+    let channels = delta.size().get(1).copied().unwrap_or(1);
+    if std.len() != 1 && std.len() as i64 != channels {
+        return Err(dynrobust_core::Error::config("input_std", format!("{} values for {channels} input channels", std.len())));
+    }
+    let inv: Vec<f32> = std.iter().map(|s| (1.0 / s) as f32).collect();
+    let shape = if std.len() == 1 { vec![1i64] } else { vec![1, channels, 1, 1] };
+    let scale = Tensor::from_slice(&inv).to_device(delta.device()).view(shape.as_slice());
+    Ok((delta * scale).square().sum(Kind::Double).double_value(&[]))
 }

@@ -183,3 +183,13 @@ fn pgd_max_runs_keeps_per_sample_the_run_with_the_largest_summed_loss() {
     assert!(s_runs.sum(Kind::Float).double_value(&[]) > s_final.sum(Kind::Float).double_value(&[]), "another exit's run should win somewhere");
     eprintln!("summed CE over outputs: max-runs {:.2}, final-only {:.2}", s_runs.sum(Kind::Float).double_value(&[]), s_final.sum(Kind::Float).double_value(&[]));
 }
+
+#[test]
+fn mse_in_normalised_units_divides_by_the_models_input_std() {
+    let _lock = common::torch_lock();
+    // Fashion-MNIST models normalise with σ = 0.3530 (one channel)
+    let r = run("static", &*build("fgsm", json!({"eps": EPS})), 16);
+    let normalised = r.mse_normalised.expect("a native model names its input std");
+    let want = r.mse / (0.3530f64 * 0.3530);
+    assert!((normalised - want).abs() <= 1e-5 * want, "MSE {} → normalised {normalised}, expected {want}", r.mse);
+}

@@ -229,7 +229,8 @@ fn print_table(r: &AttackRecord) {
         let f = |v: &Vec<f64>| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
         eprintln!("gate rates  clean [{}]\n            adv   [{}]", f(a), f(b));
     }
-    eprintln!("perturbation L2 mean {:.4}  L∞ max {:.4}  MSE {:.2e}", r.l2_mean, r.linf_max, r.mse);
+    let normalised = r.mse_normalised.map_or(String::new(), |m| format!(" ({m:.2e} in normalised units)"));
+    eprintln!("perturbation L2 mean {:.4}  L∞ max {:.4}  MSE {:.2e}{normalised}", r.l2_mean, r.linf_max, r.mse);
     eprintln!("energy (est.) clean {:.3} µJ  adv {:.3} µJ per image", r.clean_energy_j * 1e6, r.adv_energy_j * 1e6);
     match (&r.rapl_attack_j, &r.rapl_note) {
         (Some(j), _) => eprintln!("RAPL        {j:.3} J spent crafting"),

@@ -145,6 +145,12 @@ pub trait DynamicModel {
     fn eot_samples(&self) -> usize {
         1
     }
+    /// Per-channel standard deviation of the model's own input normalisation, when it has one
+    /// it can name (one entry per input channel). A perturbation's MSE in normalised units —
+    /// the figure GradMDM's `mse.py` compares against ILFO — is its pixel MSE divided by it².
+    fn input_std(&self) -> Option<Vec<f64>> {
+        None
+    }
 }
 
 /// A dense pass cut into segments at the G gate positions.

@@ -98,4 +98,9 @@ impl<M: DynamicModel> DynamicModel for Defended<M> {
     fn eot_samples(&self) -> usize {
         self.transform.eot_samples().max(self.inner.eot_samples())
     }
+    /// The inner model's: the perturbation is measured before the transform, in the pixel
+    /// space whose normalisation the inner model defines.
+    fn input_std(&self) -> Option<Vec<f64>> {
+        self.inner.input_std()
+    }
 }

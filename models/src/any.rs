@@ -147,6 +147,9 @@ impl DynamicModel for AnyModel {
     fn eot_samples(&self) -> usize {
         self.inner().eot_samples()
     }
+    fn input_std(&self) -> Option<Vec<f64>> {
+        self.inner().input_std()
+    }
 }
 
 impl From<Net> for AnyModel {

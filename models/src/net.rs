@@ -775,6 +775,10 @@ impl DynamicModel for Net {
         Ok(Some(CutTrace { trace: self.trace_of(dense, x), feature, main, branch }))
     }
 
+    fn input_std(&self) -> Option<Vec<f64>> {
+        Some(self.config.std.clone())
+    }
+
     fn family(&self) -> Family {
         match (&self.mech, self.twin) {
             (_, true) | (Mech::None, _) => Family::Static,
