@@ -19,7 +19,7 @@ use crate::transfer::{FeaturePgd, FeaturePgdConfig};
 pub const ATTACKS: &[(&str, &str, &str)] = [
     ("deepsloth", "energy", "DeepSloth per-sample L∞ (Hong et al., ICLR 2021): push every internal classifier to uniform"),
     ("deepsloth-l2", "energy", "DeepSloth per-sample L2, DDN-style decaying radius"),
-    ("deepsloth-universal", "energy", "DeepSloth universal L∞: one perturbation for the whole input set"),
+    ("deepsloth-universal", "energy", "DeepSloth universal L∞: one perturbation for the whole input set, fitted on training images"),
     ("gradmdm", "energy", "GradMDM (Pan et al., TPAMI 2023): p-norm gate losses with per-gate gradient direction+magnitude surgery"),
     ("gradauto", "energy", "GradAuto (Pan et al., ECCV 2022): PCGrad-projected gate gradient at the input"),
     ("ilfo", "energy", "ILFO (Haque et al., CVPR 2020): c·Σ relu(0.5 − p) + L2, Adam in tanh space, best iterate"),
