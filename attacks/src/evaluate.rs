@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use dynrobust_core::attack::{per_sample_norm, Attack};
+use dynrobust_core::attack::{per_sample_norm, Attack, Goal};
 use dynrobust_core::energy::{measure_rapl, EnergyModel};
 use dynrobust_core::metrics::{blocks_switched_on, correct, exit_histogram, fooled_rate, gate_rates, recovery};
 use dynrobust_core::{cost_of, DynamicModel, Pass, Result, Trace};
@@ -53,6 +53,31 @@ pub struct AttackRecord {
     /// Why RAPL is not reported, when it is not.
     pub rapl_note: Option<String>,
     pub config: serde_json::Value,
+}
+
+/// Mean-cost drop (MACs / static MACs) below which an energy attack's result is flagged.
+pub const COST_DROP_FLAG: f64 = 0.005;
+/// Accuracy rise (fraction) above which an accuracy attack's result is flagged.
+pub const ACCURACY_RISE_FLAG: f64 = 0.01;
+
+impl AttackRecord {
+    /// Signs in this one result that the attack worked against its own goal: an energy attack
+    /// whose examples make the model *cheaper*, an accuracy attack whose examples are
+    /// classified *better* than the clean images.
+    pub fn outcome_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if self.goal == Goal::Energy && self.adv_cost < self.clean_cost - COST_DROP_FLAG {
+            flags.push(format!(
+                "the energy attack lowered the mean cost ({:.3} → {:.3}): too few iterations, or a start away from the clean \
+                 input (faithful ILFO starts at R(x) ≠ x, the authors' box quirk)",
+                self.clean_cost, self.adv_cost
+            ));
+        }
+        if self.goal == Goal::Accuracy && self.adv_acc > self.clean_acc + ACCURACY_RISE_FLAG {
+            flags.push(format!("the accuracy attack raised accuracy ({:.1} % → {:.1} %)", 100.0 * self.clean_acc, 100.0 * self.adv_acc));
+        }
+        flags
+    }
 }
 
 /// Per-sample results, for CSV export and recomputation.

@@ -12,6 +12,13 @@
 //! (`g ← g − min(<g, r̂_j>, 0)·r̂_j`). Without custom autograd functions in tch, the surgery is
 //! reproduced exactly with segment-wise vector–Jacobian products over a pass cut at every
 //! gate position ([`dynrobust_core::CutTrace`]).
+//!
+//! Node layout: one node per gate, G nodes for G mask columns, as in the authors' SkipNet RL
+//! model. Their SP model (`RecurrentGatedResNet`) also computes a gate after its last block,
+//! so it has G + 1 nodes and the code's counts shift by one (spec §2.4, "SP model caveat");
+//! dynrobust's `skipnet` computes no gate after its last block, so there is no extra node and
+//! no shift to reproduce — only the SP exponents (0.35, 3.5), which match how it was trained
+//! (supervised, straight-through).
 
 use dynrobust_core::attack::{check_eps, check_positive, check_steps, eot_average, per_sample_norm, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{CutTrace, DynamicModel, Error, Pass, Result};

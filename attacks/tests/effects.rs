@@ -7,7 +7,7 @@
 
 mod common;
 
-use dynrobust_attacks::evaluate::{run_attack, AttackRecord};
+use dynrobust_attacks::evaluate::{run_attack, AttackRecord, COST_DROP_FLAG};
 use dynrobust_attacks::registry;
 use dynrobust_attacks::testing::build_prepared;
 use dynrobust_attacks::transfer::Transfer;
@@ -192,4 +192,19 @@ fn mse_in_normalised_units_divides_by_the_models_input_std() {
     let normalised = r.mse_normalised.expect("a native model names its input std");
     let want = r.mse / (0.3530f64 * 0.3530);
     assert!((normalised - want).abs() <= 1e-5 * want, "MSE {} → normalised {normalised}, expected {want}", r.mse);
+}
+
+#[test]
+fn faithful_ilfo_starts_away_from_the_clean_input_and_the_cost_drop_is_flagged() {
+    let _lock = common::torch_lock();
+    // one step of faithful ILFO is R(x): the authors' scalar box in CIFAR units moves every
+    // pixel before any optimisation, and on the committed gated model that lowers the cost
+    let faithful = run("gated", &*build("ilfo", json!({"steps": 1})), 64);
+    assert!(faithful.l2_mean > 1.0, "faithful start L2 {}", faithful.l2_mean);
+    assert!(faithful.adv_cost < faithful.clean_cost - COST_DROP_FLAG);
+    assert!(faithful.outcome_flags().iter().any(|f| f.contains("lowered the mean cost")), "{:?}", faithful.outcome_flags());
+    // the fixed mode starts at x itself: nothing to flag
+    let fixed = run("gated", &*build("ilfo", json!({"steps": 1, "mode": "fixed"})), 64);
+    assert!(fixed.l2_mean < 0.05, "fixed start L2 {}", fixed.l2_mean);
+    assert!(fixed.outcome_flags().is_empty(), "{:?}", fixed.outcome_flags());
 }

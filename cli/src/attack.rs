@@ -148,6 +148,9 @@ pub fn run(args: AttackArgs) -> Result<()> {
         record.attack = format!("{}@{}", args.attack, s);
     }
     print_table(&record);
+    for flag in record.outcome_flags() {
+        eprintln!("WARNING     {flag}");
+    }
     if let Some(dir) = &args.save_examples {
         save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;
         eprintln!("examples    {}/examples.png, x_adv.npy, x_clean.npy", dir.display());

@@ -73,6 +73,7 @@ pub fn run_defended(
     if outcome.record.adv_acc.is_nan() || outcome.record.adv_cost.is_nan() {
         flags.push("non-finite result".into());
     }
+    flags.extend(outcome.record.outcome_flags());
     extra["defense"] = json!(name);
     extra["defense_label"] = json!(label);
     extra["defense_params"] = params;
