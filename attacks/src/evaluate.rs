@@ -111,6 +111,21 @@ struct Acc {
     elems: f64,
 }
 
+impl Acc {
+    /// Adds a batch's perturbations `δ = x_adv − x` to the size statistics (L2 per sample,
+    /// L∞, squared sums in pixel and, with the model's input std, normalised units).
+    fn add_perturbation(&mut self, delta: &Tensor, std: Option<&[f64]>) -> Result<()> {
+        self.l2.push(per_sample_norm(delta, 2.0));
+        self.linf = self.linf.max(delta.abs().max().double_value(&[]));
+        self.sq_sum += delta.square().sum(Kind::Double).double_value(&[]);
+        if let (Some(sum), Some(std)) = (self.sq_sum_normalised.as_mut(), std) {
+            *sum += normalised_square_sum(delta, std)?;
+        }
+        self.elems += delta.numel() as f64;
+        Ok(())
+    }
+}
+
 /// Runs `attack` on `model` over `images`/`labels` in batches; `on_batch(done)` reports progress.
 pub fn run_attack(
     model: &dyn DynamicModel,
@@ -152,14 +167,7 @@ pub fn run_attack_on(
             (Ok(a), Ok(b)) => Ok(a + b),
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
-        let delta = &x_adv - &x;
-        acc.l2.push(per_sample_norm(&delta, 2.0));
-        acc.linf = acc.linf.max(delta.abs().max().double_value(&[]));
-        acc.sq_sum += delta.square().sum(Kind::Double).double_value(&[]);
-        if let (Some(sum), Some(std)) = (acc.sq_sum_normalised.as_mut(), std.as_ref()) {
-            *sum += normalised_square_sum(&delta, std)?;
-        }
-        acc.elems += delta.numel() as f64;
+        acc.add_perturbation(&(&x_adv - &x), std.as_deref())?;
         let clean = model.forward_trace(&x, Pass::Sparse)?;
         let adv = model.forward_trace(&x_adv, Pass::Sparse)?;
         acc.traces.push((clean, adv));
