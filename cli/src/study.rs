@@ -68,7 +68,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         return Ok(());
     }
     let store = Store::open(&out, &study.source, args.force)?;
-    sweep_interrupted_writes(&[store.cells_dir(), out.join("craft-cache")])?;
+    let variant_dirs = std::fs::read_dir(out.join("models")).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir());
+    sweep_interrupted_writes(&[store.cells_dir(), out.join("craft-cache")].into_iter().chain(variant_dirs).collect::<Vec<_>>())?;
     // inside a Slurm task, the CPUs Slurm granted it; else the machine's
     let slurm_cpus = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&c| c > 0);
     let cores = slurm_cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -93,7 +94,8 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 /// Removes the temporary files that writers killed mid-write (a Slurm time limit, Ctrl-C) left
-/// in `dirs` more than an hour ago; finished files are never touched.
+/// in `dirs` (the cells, the craft cache, each trained variant's checkpoint folder) more than
+/// an hour ago; finished files are never touched.
 fn sweep_interrupted_writes(dirs: &[PathBuf]) -> Result<()> {
     let hour = std::time::Duration::from_secs(3600);
     let removed = dirs.iter().map(|d| sweep_stale_temporaries(d, hour)).sum::<dynrobust_core::Result<usize>>()?;

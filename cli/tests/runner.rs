@@ -207,3 +207,31 @@ fn slurm_job_array_merges_to_the_same_results() {
     assert!(o.status.success(), "merge after the job array: {}\ntask logs:\n{logs_text}", String::from_utf8_lossy(&o.stderr));
     assert_same(reference, &records(&out), "Slurm job array merged");
 }
+
+#[test]
+fn a_run_sweeps_temporary_files_that_interrupted_writers_left_behind() {
+    let dir = scratch("sweep");
+    let study = dir.join("one.toml");
+    std::fs::write(&study, "name = \"one\"\ndata = \"fashion-mnist\"\nn = 8\nbatch = 8\neps = [\"8/255\"]\nmodels = [\"static\"]\n\n[[attacks]]\nname = \"fgsm\"\n\n[[defenses]]\nname = \"none\"\n").unwrap();
+    let out = dir.join("out");
+    // what a writer killed mid-write leaves: NAME.tmp.PID.NONCE.N beside the file it was writing
+    let old = [out.join("cells/abc.json.tmp.4242.0badf00d.0"), out.join("craft-cache/k-0.safetensors.tmp.4242.0badf00d.1"), out.join("models/v/model.safetensors.tmp.7.deadbeef.2")];
+    let fresh = out.join("cells/def.json.tmp.4343.0badf00d.0");
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for path in old.iter().chain([&fresh]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"half").unwrap();
+    }
+    for path in &old {
+        std::fs::File::options().write(true).open(path).unwrap().set_modified(two_hours_ago).unwrap();
+    }
+    let o = dynrobust(&["run", study.to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-report"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("removed 3 temporary files left by interrupted writes"), "{err}");
+    for path in &old {
+        assert!(!path.exists(), "{} survived the sweep", path.display());
+    }
+    assert!(fresh.exists(), "a temporary file under an hour old may belong to a live writer: kept");
+    let _ = std::fs::remove_dir_all(&dir);
+}
