@@ -93,9 +93,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Removes the temporary files that writers killed mid-write (a Slurm time limit, Ctrl-C) left
-/// in `dirs` (the cells, the craft cache, each trained variant's checkpoint folder) more than
-/// an hour ago; finished files are never touched.
+/// Removes the temporary files that writers killed mid-write (a Slurm time limit, Ctrl-C,
+/// SIGKILL) left in `dirs` (the cells, the craft cache, each trained variant's checkpoint
+/// folder): at once when the writer ran on this machine and is gone, else once they are an
+/// hour old. Finished files are never touched.
 fn sweep_interrupted_writes(dirs: &[PathBuf]) -> Result<()> {
     let hour = std::time::Duration::from_secs(3600);
     let removed = dirs.iter().map(|d| sweep_stale_temporaries(d, hour)).sum::<dynrobust_core::Result<usize>>()?;

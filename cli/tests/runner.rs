@@ -134,9 +134,14 @@ fn killed_run_resumes_to_the_same_results() {
     let partial = finished();
     eprintln!("killed after {partial} of {CELLS} cells");
     assert!((10..CELLS).contains(&partial), "the kill should land mid-run ({partial} cells)");
+    // what the kill leaves when it lands mid-write (it does now and then): a temporary file of
+    // the dead writer beside the record it was writing; planted so every run checks the sweep
+    let planted = out.join(format!("cells/0123456789abcdef.json.tmp.{}.{}.0badf00d.7", dynrobust_core::atomic_file::host_tag(), child.id()));
+    std::fs::write(&planted, b"{\"half").unwrap();
     let o = run(&study, &out, &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
+    assert!(!planted.exists() && err.contains("temporary files left by interrupted writes"), "{err}");
     assert!(err.contains(&format!("skipped {partial} already done")) || err.contains("skipped"), "{err}");
     assert_same(reference, &records(&out), "killed and resumed run");
     let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
@@ -214,7 +219,8 @@ fn a_run_sweeps_temporary_files_that_interrupted_writers_left_behind() {
     let study = dir.join("one.toml");
     std::fs::write(&study, "name = \"one\"\ndata = \"fashion-mnist\"\nn = 8\nbatch = 8\neps = [\"8/255\"]\nmodels = [\"static\"]\n\n[[attacks]]\nname = \"fgsm\"\n\n[[defenses]]\nname = \"none\"\n").unwrap();
     let out = dir.join("out");
-    // what a writer killed mid-write leaves: NAME.tmp.PID.NONCE.N beside the file it was writing
+    // what a writer killed mid-write leaves beside the file it was writing, in the older
+    // NAME.tmp.PID.NONCE.N form (no host: only their age can tell they are stale)
     let old = [out.join("cells/abc.json.tmp.4242.0badf00d.0"), out.join("craft-cache/k-0.safetensors.tmp.4242.0badf00d.1"), out.join("models/v/model.safetensors.tmp.7.deadbeef.2")];
     let fresh = out.join("cells/def.json.tmp.4343.0badf00d.0");
     let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);

@@ -11,12 +11,13 @@ use std::time::SystemTime;
 
 use crate::{Error, Result};
 
-/// A temporary name beside `path` that no other writer uses: `NAME.tmp.PID.NONCE.N`, with N
-/// counted per process and NONCE drawn once per process from the clock. The process id alone
+/// A temporary name beside `path` that no other writer uses: `NAME.tmp.HOST.PID.NONCE.N`, with
+/// N counted per process and NONCE drawn once per process from the clock. The process id alone
 /// is not enough: the worker threads of one run can write the same file at once (two cells
 /// finishing the same craft-cache batch), and one thread's rename would then take the file
 /// from under the other's; Slurm tasks on different nodes (or in their own PID namespaces)
-/// sharing one output directory can have the same process id.
+/// sharing one output directory can have the same process id. HOST and PID also tell
+/// [`sweep_stale_temporaries`] whose file it is.
 pub fn temporary_path(path: &Path) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static NONCE: OnceLock<u32> = OnceLock::new();
@@ -25,7 +26,26 @@ pub fn temporary_path(path: &Path) -> PathBuf {
         (nanos as u64 ^ (nanos >> 64) as u64 ^ u64::from(std::process::id()).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) as u32
     });
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!("{name}.tmp.{}.{nonce:08x}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
+    let (host, pid, n) = (host_tag(), std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    path.with_file_name(format!("{name}.tmp.{host}.{pid}.{nonce:08x}.{n}"))
+}
+
+/// This machine's name as it goes into temporary names: ASCII letters, digits and `-` only (so
+/// the name still splits on `.`), at most 40 characters; `host` when it cannot be read.
+pub fn host_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given
+        let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+        let raw = if ok { String::from_utf8_lossy(buf.split(|&b| b == 0).next().unwrap_or(&[])).into_owned() } else { String::new() };
+        let tag: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(40).collect();
+        if tag.is_empty() {
+            "host".to_string()
+        } else {
+            tag
+        }
+    })
 }
 
 /// Writes `bytes` to `path` atomically ([`replace_atomic`] through [`temporary_path`]).
@@ -52,17 +72,54 @@ pub fn replace_atomic(path: &Path, tmp: &Path, write: impl FnOnce(&Path) -> Resu
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }
 
-/// True when `name` is a [`temporary_path`] name (`NAME.tmp.PID.NONCE.N`).
-pub fn is_temporary_name(name: &str) -> bool {
-    let mut parts = name.rsplitn(4, '.');
-    let (Some(n), Some(nonce), Some(pid), Some(rest)) = (parts.next(), parts.next(), parts.next(), parts.next()) else { return false };
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    rest.ends_with(".tmp") && digits(n) && digits(pid) && nonce.len() == 8 && nonce.bytes().all(|b| b.is_ascii_hexdigit())
+/// Who wrote a temporary file, read from its [`temporary_path`] name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemporaryWriter {
+    /// The writer's host tag; `None` for the older `NAME.tmp.PID.NONCE.N` names.
+    pub host: Option<String>,
+    /// The writer's process id.
+    pub pid: u32,
 }
 
-/// Removes the temporary files in `dir` (not below it) that a writer killed mid-write left
-/// behind: [`temporary_path`] names last modified more than `older_than` ago (a live writer
-/// renames its file within seconds). Returns how many were removed; a missing `dir` is fine.
+/// The writer of `name` when it is a [`temporary_path`] name (`NAME.tmp.HOST.PID.NONCE.N`, or
+/// the older `NAME.tmp.PID.NONCE.N`); `None` for every other name.
+pub fn temporary_writer(name: &str) -> Option<TemporaryWriter> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let len = parts.len();
+    if len < 5 || !digits(parts[len - 1]) || parts[len - 2].len() != 8 || !parts[len - 2].bytes().all(|b| b.is_ascii_hexdigit()) || !digits(parts[len - 3]) {
+        return None;
+    }
+    let pid = parts[len - 3].parse().ok()?;
+    let host_like = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if len >= 6 && parts[len - 5] == "tmp" && host_like(parts[len - 4]) {
+        Some(TemporaryWriter { host: Some(parts[len - 4].to_string()), pid })
+    } else if parts[len - 4] == "tmp" {
+        Some(TemporaryWriter { host: None, pid })
+    } else {
+        None
+    }
+}
+
+/// True when `name` is a [`temporary_path`] name.
+pub fn is_temporary_name(name: &str) -> bool {
+    temporary_writer(name).is_some()
+}
+
+/// True when a process `pid` exists on this machine (a zombie counts; a permission error means
+/// it exists).
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return true };
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Removes the temporary files in `dir` (not below it) that writers killed mid-write left
+/// behind: [`temporary_path`] names whose writer ran on this machine and no longer exists
+/// (removed at once), and any that were last modified more than `older_than` ago (a writer on
+/// another node of a shared directory cannot be checked; a live one renames its file within
+/// seconds). Returns how many were removed; a missing `dir` is fine.
 pub fn sweep_stale_temporaries(dir: &Path, older_than: std::time::Duration) -> Result<usize> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -72,9 +129,11 @@ pub fn sweep_stale_temporaries(dir: &Path, older_than: std::time::Duration) -> R
     let now = SystemTime::now();
     let mut removed = 0;
     for entry in entries.flatten() {
-        let stale = entry.file_name().to_str().is_some_and(is_temporary_name)
-            && entry.metadata().ok().filter(fs::Metadata::is_file).and_then(|m| m.modified().ok()).is_some_and(|t| now.duration_since(t).unwrap_or_default() > older_than);
-        if stale && fs::remove_file(entry.path()).is_ok() {
+        let Some(writer) = entry.file_name().to_str().and_then(temporary_writer) else { continue };
+        let Some(modified) = entry.metadata().ok().filter(fs::Metadata::is_file).and_then(|m| m.modified().ok()) else { continue };
+        let dead_here = writer.host.as_deref() == Some(host_tag()) && writer.pid != std::process::id() && !process_exists(writer.pid);
+        let old = now.duration_since(modified).unwrap_or_default() > older_than;
+        if (dead_here || old) && fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -89,29 +148,45 @@ mod tests {
     #[test]
     fn temporary_names_are_recognised_and_nothing_else() {
         let tmp = temporary_path(Path::new("/x/cell-1.json"));
-        assert!(is_temporary_name(tmp.file_name().unwrap().to_str().unwrap()), "{}", tmp.display());
-        for name in ["cell-1.json", "cell.tmp", "a.tmp.12.0000000g.3", "a.tmp.12.00ab.3", "a.tmp.x.0000abcd.3", "a.tmp.12.0000abcd.", "a.txt.12.0000abcd.3"] {
+        let name = tmp.file_name().unwrap().to_str().unwrap();
+        assert_eq!(temporary_writer(name), Some(TemporaryWriter { host: Some(host_tag().to_string()), pid: std::process::id() }), "{name}");
+        assert_eq!(temporary_writer("cell.json.tmp.12.0000abcd.3"), Some(TemporaryWriter { host: None, pid: 12 }));
+        assert_eq!(temporary_writer("cell.json.tmp.node-7.12.0000abcd.3"), Some(TemporaryWriter { host: Some("node-7".into()), pid: 12 }));
+        for name in ["cell-1.json", "cell.tmp", "a.tmp.12.0000000g.3", "a.tmp.12.00ab.3", "a.tmp.x.0000abcd.3", "a.tmp.12.0000abcd.", "a.txt.12.0000abcd.3", "tmp.12.0000abcd.3"] {
             assert!(!is_temporary_name(name), "{name}");
         }
     }
 
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
     #[test]
-    fn the_sweep_removes_only_old_temporaries() {
+    fn the_sweep_removes_old_temporaries_and_those_of_dead_writers_here() {
         let dir = tempfile::tempdir().unwrap();
         let finished = dir.path().join("cell-1.json");
         let old_tmp = temporary_path(&finished);
-        let fresh_tmp = temporary_path(&finished);
+        let own_fresh = temporary_path(&finished);
         let old_plain = dir.path().join("notes.txt");
-        for p in [&finished, &old_tmp, &fresh_tmp, &old_plain] {
+        let dead = dead_pid();
+        let dead_here = dir.path().join(format!("cell-2.json.tmp.{}.{dead}.0badf00d.0", host_tag()));
+        let dead_elsewhere = dir.path().join(format!("cell-3.json.tmp.{}x.{dead}.0badf00d.0", host_tag()));
+        let old_format = dir.path().join(format!("cell-4.json.tmp.{dead}.0badf00d.0"));
+        for p in [&finished, &old_tmp, &own_fresh, &old_plain, &dead_here, &dead_elsewhere, &old_format] {
             fs::write(p, b"x").unwrap();
         }
         let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
         for p in [&finished, &old_tmp, &old_plain] {
             File::options().write(true).open(p).unwrap().set_modified(two_hours_ago).unwrap();
         }
-        assert_eq!(sweep_stale_temporaries(dir.path(), Duration::from_secs(3600)).unwrap(), 1);
-        assert!(!old_tmp.exists());
-        assert!(finished.exists() && fresh_tmp.exists() && old_plain.exists());
+        // old (any writer) and dead-here go; this process's fresh file, a fresh file of another
+        // host's writer and a fresh old-format file (no host to check) stay
+        assert_eq!(sweep_stale_temporaries(dir.path(), Duration::from_secs(3600)).unwrap(), 2);
+        assert!(!old_tmp.exists() && !dead_here.exists());
+        assert!(finished.exists() && own_fresh.exists() && old_plain.exists() && dead_elsewhere.exists() && old_format.exists());
         assert_eq!(sweep_stale_temporaries(&dir.path().join("absent"), Duration::ZERO).unwrap(), 0);
     }
 }
