@@ -119,7 +119,10 @@ fn process_exists(pid: u32) -> bool {
 /// behind: [`temporary_path`] names whose writer ran on this machine and no longer exists
 /// (removed at once), and any that were last modified more than `older_than` ago (a writer on
 /// another node of a shared directory cannot be checked; a live one renames its file within
-/// seconds). Returns how many were removed; a missing `dir` is fine.
+/// seconds). Returns how many were removed; a missing `dir` is fine. A writer in another PID
+/// namespace of the same machine with the same host name would look gone (its store would
+/// then fail and the cell be retried by the next run, nothing finished is lost): containers
+/// sharing an output directory should keep their own host names, as Docker's do by default.
 pub fn sweep_stale_temporaries(dir: &Path, older_than: std::time::Duration) -> Result<usize> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
