@@ -287,7 +287,11 @@ fn summary_table(rows: &[Row]) -> String {
     if !flagged.is_empty() {
         md += "### Flagged cells\n\n";
         for r in flagged {
-            let what = format!("{} / {} / {} ε={} seed {}", r.model, r.defense, r.label, eps_text(r.eps), r.seed);
+            let defense = match r.mode.as_deref() {
+                Some(mode) => format!("{} {mode}", r.defense),
+                None => r.defense.clone(),
+            };
+            let what = format!("{} / {defense} / {} ε={} seed {}", r.model, r.label, eps_text(r.eps), r.seed);
             let _ = writeln!(md, "- ⚠ `{}` ({what}): {}", r.id, r.flags.join("; "));
         }
         md.push('\n');
