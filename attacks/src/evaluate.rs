@@ -106,20 +106,22 @@ struct Acc {
     l2: Vec<Tensor>,
     linf: f64,
     sq_sum: f64,
-    /// Σ (δ/σ_c)², when the model names its input std.
-    sq_sum_normalised: Option<f64>,
+    /// The measured model's per-channel input std, when it names one.
+    std: Option<Vec<f64>>,
+    /// Σ (δ/σ_c)² (kept only with `std`).
+    sq_sum_normalised: f64,
     elems: f64,
 }
 
 impl Acc {
     /// Adds a batch's perturbations `δ = x_adv − x` to the size statistics (L2 per sample,
     /// L∞, squared sums in pixel and, with the model's input std, normalised units).
-    fn add_perturbation(&mut self, delta: &Tensor, std: Option<&[f64]>) -> Result<()> {
+    fn add_perturbation(&mut self, delta: &Tensor) -> Result<()> {
         self.l2.push(per_sample_norm(delta, 2.0));
         self.linf = self.linf.max(delta.abs().max().double_value(&[]));
         self.sq_sum += delta.square().sum(Kind::Double).double_value(&[]);
-        if let (Some(sum), Some(std)) = (self.sq_sum_normalised.as_mut(), std) {
-            *sum += normalised_square_sum(delta, std)?;
+        if let Some(std) = &self.std {
+            self.sq_sum_normalised += normalised_square_sum(delta, std)?;
         }
         self.elems += delta.numel() as f64;
         Ok(())
@@ -151,8 +153,7 @@ pub fn run_attack_on(
 ) -> Result<AttackOutcome> {
     attack.check_model(craft)?;
     let n = images.size()[0];
-    let std = model.input_std();
-    let mut acc = Acc { sq_sum_normalised: std.as_ref().map(|_| 0.0), ..Acc::default() };
+    let mut acc = Acc { std: model.input_std(), ..Acc::default() };
     let mut advs = Vec::new();
     let mut seconds = 0.0;
     let mut rapl: std::result::Result<f64, String> = Ok(0.0);
@@ -167,7 +168,7 @@ pub fn run_attack_on(
             (Ok(a), Ok(b)) => Ok(a + b),
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
-        acc.add_perturbation(&(&x_adv - &x), std.as_deref())?;
+        acc.add_perturbation(&(&x_adv - &x))?;
         let clean = model.forward_trace(&x, Pass::Sparse)?;
         let adv = model.forward_trace(&x_adv, Pass::Sparse)?;
         acc.traces.push((clean, adv));
@@ -230,7 +231,7 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         l2_mean: mean(&cat(acc.l2.iter().map(|t| t.shallow_clone()))),
         linf_max: acc.linf,
         mse: acc.sq_sum / acc.elems.max(1.0),
-        mse_normalised: acc.sq_sum_normalised.map(|s| s / acc.elems.max(1.0)),
+        mse_normalised: acc.std.as_ref().map(|_| acc.sq_sum_normalised / acc.elems.max(1.0)),
         seconds,
         clean_efficacy: efficacy(&clean_hist),
         adv_efficacy: efficacy(&adv_hist),

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dynrobust_core::atomic_file::sweep_stale_temporaries;
+use dynrobust_core::atomic_file::{sweep_stale_temporaries, STALE_TEMPORARY_AGE};
 use dynrobust_experiments::execute::{prepare_variants, registry, RealExecutor};
 use dynrobust_experiments::{merge, parse_shard, run_cells, shard, slurm_script, write_report, Store, Study};
 
@@ -95,11 +95,10 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 /// Removes the temporary files that writers killed mid-write (a Slurm time limit, Ctrl-C,
 /// SIGKILL) left in `dirs` (the cells, the craft cache, each trained variant's checkpoint
-/// folder): at once when the writer ran on this machine and is gone, else once they are an
-/// hour old. Finished files are never touched.
+/// folder): at once when the writer ran on this machine and is gone, else once they are
+/// [`STALE_TEMPORARY_AGE`] old. Finished files are never touched.
 fn sweep_interrupted_writes(dirs: &[PathBuf]) -> Result<()> {
-    let hour = std::time::Duration::from_secs(3600);
-    let removed = dirs.iter().map(|d| sweep_stale_temporaries(d, hour)).sum::<dynrobust_core::Result<usize>>()?;
+    let removed = dirs.iter().map(|d| sweep_stale_temporaries(d, STALE_TEMPORARY_AGE)).sum::<dynrobust_core::Result<usize>>()?;
     if removed > 0 {
         eprintln!("removed {removed} temporary files left by interrupted writes");
     }

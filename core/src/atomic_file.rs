@@ -101,10 +101,10 @@ pub fn temporary_writer(name: &str) -> Option<TemporaryWriter> {
     }
 }
 
-/// True when `name` is a [`temporary_path`] name.
-pub fn is_temporary_name(name: &str) -> bool {
-    temporary_writer(name).is_some()
-}
+/// How old a temporary file must be before a sweep takes it for a leftover even when its
+/// writer cannot be checked (another node's, or an older name without a host): a write takes
+/// milliseconds.
+pub const STALE_TEMPORARY_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// True when a process `pid` exists on this machine (a zombie counts; a permission error means
 /// it exists).
@@ -115,32 +115,33 @@ fn process_exists(pid: u32) -> bool {
     exists || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
-/// Removes the temporary files in `dir` (not below it) that writers killed mid-write left
-/// behind: [`temporary_path`] names whose writer ran on this machine and no longer exists
-/// (removed at once), and any that were last modified more than `older_than` ago (a writer on
-/// another node of a shared directory cannot be checked; a live one renames its file within
-/// seconds). Returns how many were removed; a missing `dir` is fine. A writer in another PID
-/// namespace of the same machine with the same host name would look gone (its store would
-/// then fail and the cell be retried by the next run, nothing finished is lost): containers
+/// Removes `path` when it is a temporary file (a name with `.tmp.` in it, as every writer of
+/// this project has named them) that a writer killed mid-write left behind: a
+/// [`temporary_path`] name whose writer ran on this machine and no longer exists (at once), or
+/// any that was last modified more than `older_than` ago (a writer on another node of a shared
+/// directory cannot be checked; a live one renames its file within milliseconds). True when it
+/// was removed; best effort (another sweeper may have removed it first). A writer in another
+/// PID namespace of the same machine with the same host name would look gone (its store would
+/// then fail and the cell be retried by the next run; nothing finished is lost): containers
 /// sharing an output directory should keep their own host names, as Docker's do by default.
+pub fn remove_if_stale_temporary(path: &Path, older_than: std::time::Duration) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()).filter(|n| n.contains(".tmp.")) else { return false };
+    let Some(modified) = fs::metadata(path).ok().filter(fs::Metadata::is_file).and_then(|m| m.modified().ok()) else { return false };
+    let dead_here = temporary_writer(name)
+        .is_some_and(|w| w.host.as_deref() == Some(host_tag()) && w.pid != std::process::id() && !process_exists(w.pid));
+    let old = modified.elapsed().unwrap_or_default() > older_than;
+    (dead_here || old) && fs::remove_file(path).is_ok()
+}
+
+/// [`remove_if_stale_temporary`] over the files in `dir` (not below it); returns how many were
+/// removed. A missing `dir` is fine.
 pub fn sweep_stale_temporaries(dir: &Path, older_than: std::time::Duration) -> Result<usize> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(Error::io(dir, e)),
     };
-    let now = SystemTime::now();
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        let Some(writer) = entry.file_name().to_str().and_then(temporary_writer) else { continue };
-        let Some(modified) = entry.metadata().ok().filter(fs::Metadata::is_file).and_then(|m| m.modified().ok()) else { continue };
-        let dead_here = writer.host.as_deref() == Some(host_tag()) && writer.pid != std::process::id() && !process_exists(writer.pid);
-        let old = now.duration_since(modified).unwrap_or_default() > older_than;
-        if (dead_here || old) && fs::remove_file(entry.path()).is_ok() {
-            removed += 1;
-        }
-    }
-    Ok(removed)
+    Ok(entries.flatten().filter(|entry| remove_if_stale_temporary(&entry.path(), older_than)).count())
 }
 
 #[cfg(test)]
@@ -156,7 +157,7 @@ mod tests {
         assert_eq!(temporary_writer("cell.json.tmp.12.0000abcd.3"), Some(TemporaryWriter { host: None, pid: 12 }));
         assert_eq!(temporary_writer("cell.json.tmp.node-7.12.0000abcd.3"), Some(TemporaryWriter { host: Some("node-7".into()), pid: 12 }));
         for name in ["cell-1.json", "cell.tmp", "a.tmp.12.0000000g.3", "a.tmp.12.00ab.3", "a.tmp.x.0000abcd.3", "a.tmp.12.0000abcd.", "a.txt.12.0000abcd.3", "tmp.12.0000abcd.3"] {
-            assert!(!is_temporary_name(name), "{name}");
+            assert_eq!(temporary_writer(name), None, "{name}");
         }
     }
 

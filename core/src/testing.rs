@@ -24,18 +24,18 @@ pub fn torch_lock() -> MutexGuard<'static, ()> {
 
 /// The first `n` Fashion-MNIST test images (`make test` installs the data set).
 pub fn test_images(n: i64) -> Dataset {
-    DataSource::FashionMnist
-        .load(Split::Test, None)
-        .unwrap_or_else(|e| panic!("Fashion-MNIST is needed by this test: {e}"))
-        .take(n)
+    first_images(Split::Test, n)
 }
-
 
 /// The first `n` Fashion-MNIST training images (what an attack that fits on training data,
 /// DeepSloth's universal perturbation, is handed in tests).
 pub fn train_images(n: i64) -> Dataset {
+    first_images(Split::Train, n)
+}
+
+fn first_images(split: Split, n: i64) -> Dataset {
     DataSource::FashionMnist
-        .load(Split::Train, None)
+        .load(split, None)
         .unwrap_or_else(|e| panic!("Fashion-MNIST is needed by this test: {e}"))
         .take(n)
 }

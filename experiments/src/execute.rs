@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use dynrobust_attacks::evaluate::PerSample;
 use dynrobust_attacks::registry as attacks;
 use dynrobust_attacks::transfer::Transfer;
-use dynrobust_core::attack::Attack;
+use dynrobust_core::attack::{prepare_fit, Attack};
 use dynrobust_core::data::{DataSpec, Dataset, Split};
 use dynrobust_core::defense::Adaptivity;
 use dynrobust_core::{Error, Result};
@@ -159,9 +159,7 @@ impl Executor for RealExecutor {
             _ => self.load(&c.model, &probe)?,
         };
         let attack = self.attack(cell, &probe)?;
-        if let Some(n) = attack.fit_images() {
-            attack.set_fit_data(&worker.data(&c.data, Split::Train)?.take(n).images)?;
-        }
+        prepare_fit(&*attack, |n| Ok(worker.data(&c.data, Split::Train)?.take(n).images))?;
         let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
         let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c));
         let load = || self.load(&c.model, &probe);

@@ -6,25 +6,24 @@
 //! DIR/cells/<id>.json     the finished cell: {id, cell, record, versions, finished_at}
 //! ```
 //! A cell is finished exactly when its JSON exists. Every file is written to
-//! `<name>.tmp.<pid>.<nonce>.<n>`, fsynced, renamed into place, and the directory fsynced, so a crash leaves
-//! either the old state or the new one plus at most a stray temporary file, which readers ignore
-//! (and delete once it is clearly stale). A cell is one file named by its id, so results are
+//! `<name>.tmp.<host>.<pid>.<nonce>.<n>`, fsynced, renamed into place, and the directory fsynced,
+//! so a crash leaves either the old state or the new one plus at most a stray temporary file,
+//! which readers ignore (and delete once it is clearly stale:
+//! [`dynrobust_core::atomic_file::remove_if_stale_temporary`]). A cell is one file named by its id, so results are
 //! never duplicated, and shards running concurrently into one directory do not conflict.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+use dynrobust_core::atomic_file::{remove_if_stale_temporary, STALE_TEMPORARY_AGE};
 pub use dynrobust_core::atomic_file::write_atomic;
 use dynrobust_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::runner::CellOutput;
 use crate::study::{Cell, CellConfig};
-
-/// Temporary files older than this are leftovers of a crash (a write takes milliseconds).
-const STALE_TMP: Duration = Duration::from_secs(60);
 
 /// One finished cell, as stored in `DIR/cells/<id>.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,7 +108,7 @@ impl Store {
             let entry = entry.map_err(|e| Error::io(&dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.contains(".tmp.") {
-                remove_if_stale(&entry.path());
+                remove_if_stale_temporary(&entry.path(), STALE_TEMPORARY_AGE);
             } else if let Some(id) = name.strip_suffix(".json").filter(|id| is_id(id)) {
                 ids.insert(id.to_string());
             }
@@ -172,13 +171,6 @@ fn is_id(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn remove_if_stale(path: &Path) {
-    let age = fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
-    if age.is_some_and(|a| a > STALE_TMP) {
-        let _ = fs::remove_file(path); // best effort: another reader may have removed it first
-    }
-}
-
 /// `YYYY-MM-DDTHH:MM:SSZ` (UTC) for `t`.
 pub(crate) fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
@@ -203,6 +195,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn timestamps_are_rfc3339_utc() {
