@@ -158,3 +158,32 @@ fn list_attacks_prints_every_attack_with_a_description() {
         assert!(text.lines().any(|l| l.starts_with(name) && l.len() > name.len() + 20), "{name} listed with a description");
     }
 }
+
+#[test]
+fn committed_models_are_found_in_the_checkout_the_binary_runs_in() {
+    // one build serving several clones (a shared CARGO_TARGET_DIR): run inside a clone, the
+    // binary must read that clone's checkpoints, not those of the clone it was built in
+    let clone = tempfile::tempdir().unwrap();
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("models/checkpoints/static");
+    let only_here = clone.path().join("models/checkpoints/static-only-in-this-clone");
+    std::fs::create_dir_all(&only_here).unwrap();
+    for file in ["model.safetensors", "model.json"] {
+        std::fs::copy(here.join(file), only_here.join(file)).unwrap();
+    }
+    std::fs::write(clone.path().join("Cargo.toml"), "[workspace]\n").unwrap();
+    let run_in = |dir: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_dynrobust"))
+            .args(["info", "--model", "static-only-in-this-clone"])
+            .current_dir(dir)
+            .env_remove("DYNROBUST_HOME")
+            .output()
+            .expect("run dynrobust")
+    };
+    let inside = run_in(&clone.path().join("models"));
+    assert!(inside.status.success(), "{}", stderr(&inside));
+    assert!(String::from_utf8_lossy(&inside.stdout).contains("static MACs 5074368"));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = run_in(elsewhere.path());
+    assert!(!outside.status.success(), "found a checkpoint that only the other clone has");
+    assert!(stderr(&outside).contains("static-only-in-this-clone"), "{}", stderr(&outside));
+}

@@ -341,13 +341,29 @@ impl<'de> serde::Deserialize<'de> for DataSpec {
     }
 }
 
-/// The project's root folder (the workspace root this binary was built from), or
-/// `DYNROBUST_HOME` when set.
+/// The project's root folder, where the committed checkpoints and the data folder live:
+/// `DYNROBUST_HOME` when set; else the nearest folder at or above the working directory, then
+/// above the executable, that holds a dynrobust checkout (`Cargo.toml` and
+/// `models/checkpoints/`); else the workspace root this binary was built from. The search
+/// matters when one build serves several clones (a shared `CARGO_TARGET_DIR`): a binary run
+/// inside a clone uses that clone's checkpoints, not the ones of the clone it was built in.
 pub fn project_root() -> PathBuf {
-    match std::env::var("DYNROBUST_HOME") {
-        Ok(home) => PathBuf::from(home),
-        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf(),
+    if let Ok(home) = std::env::var("DYNROBUST_HOME") {
+        return PathBuf::from(home);
     }
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf();
+    let cwd = std::env::current_dir().ok();
+    let exe = std::env::current_exe().ok();
+    let found = [cwd.as_deref(), exe.as_deref().and_then(Path::parent)]
+        .into_iter()
+        .flatten()
+        .find_map(|start| start.ancestors().find(|dir| is_checkout(dir)).map(Path::to_path_buf));
+    found.unwrap_or(built_in)
+}
+
+/// Whether `dir` looks like a dynrobust checkout (see [`project_root`]).
+fn is_checkout(dir: &Path) -> bool {
+    dir.join("Cargo.toml").is_file() && dir.join("models").join("checkpoints").is_dir()
 }
 
 /// `dir/name` or `dir/name.gz`, whichever exists.
