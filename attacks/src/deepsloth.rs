@@ -6,9 +6,12 @@
 //! 30 iterations, ε = 8/256, init `x + U(−step, step)` — the code's quirk — in faithful mode;
 //! fixed mode starts at `U(−ε, ε)` with step 2.5·ε/steps so larger budgets are reachable),
 //! per-sample L2 (DDN-style, radius 1 decayed ×(1−γ) every 50 of 550 iterations, SGD lr 1 with
-//! cosine schedule on unit-L2 gradients, the gradient taken with respect to δ through the
-//! [0,1] clip as the code's `delta.grad`), and the L∞ universal perturbation (one δ for a data
-//! set: `δ ← clip(δ − 0.005·sign(∇_δ L), −ε, ε)`, 20 iterations per batch). The universal δ is
+//! cosine schedule, the gradient taken with respect to δ through the [0,1] clip as the code's
+//! `delta.grad`; faithful: the code's gradient of a batch-mean loss (batch 250) capped at unit
+//! norm, `renorm(maxnorm=1)`, so steps are mostly far shorter than the radius; fixed: a
+//! unit-norm gradient, DDN's intent), and the L∞ universal perturbation (one δ for a data
+//! set: `δ ← clip(δ − 0.005·sign(∇_δ L), −ε, ε)`, 20 iterations per batch; faithful: fitted on
+//! `x + δ` unclipped, as the code; fixed: on `clip(x + δ, 0, 1)`). The universal δ is
 //! fitted once and applied unchanged to every batch. As in the authors' code it is fitted on
 //! training images (`fit_on = "train"`, the default: the first `universal_batch` ×
 //! `universal_batches` training images — the code's first batch of 250), which the caller hands
@@ -27,6 +30,21 @@ use tch::Tensor;
 use crate::losses::deepsloth_uniform_ce;
 use crate::pgd::ascend;
 use crate::tanh_box::Mode;
+
+/// The batch size of the authors' per-sample L2 runs (`run_attacks.py --batch-size`): their
+/// loss is a mean over it, which scales every sample's gradient by 1/250 before the unit cap.
+/// Faithful mode applies that scale whatever dynrobust's own batch size, so a sample's result
+/// does not depend on the batch it is in.
+pub const AUTHORS_L2_BATCH: f64 = 250.0;
+
+/// Per-sample `renorm(p=2, dim=0, maxnorm)` of PyTorch: rows of `g` whose L2 norm exceeds
+/// `maxnorm` are scaled to it (by maxnorm / (norm + 1e-7), as PyTorch), the others kept.
+pub fn cap_norm_per_sample(g: &Tensor, maxnorm: f64) -> Tensor {
+    let norm = per_sample_norm(g, 2.0);
+    let over = norm.gt(maxnorm);
+    let scale = ((norm + 1e-7).reciprocal() * maxnorm).where_scalarother(&over, 1.0);
+    g * scale.view([-1, 1, 1, 1])
+}
 
 /// Which DeepSloth variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +76,8 @@ pub struct DeepSlothConfig {
     pub variant: Variant,
     /// faithful (code's init and step) or fixed (init in the full ball, step 2.5·ε/steps).
     pub mode: Mode,
-    /// L∞ budget (linf, universal) or starting radius (l2).
+    /// L∞ budget (linf, universal) or starting radius (l2; outputs obey the radius after the
+    /// last decay, [`DeepSlothConfig::final_radius`], which is what records report as ε).
     pub eps: f64,
     /// Iterations (linf 30, universal 20 per batch, l2 550).
     pub steps: Option<usize>,
@@ -206,7 +225,12 @@ impl DeepSloth {
             Mode::Faithful => a,
             Mode::Fixed => c.eps,
         };
-        let start = project(&(x + rng.uniform_like(x) * (2.0 * init) - init), x, c.eps, Norm::Linf);
+        let noisy = x + rng.uniform_like(x) * (2.0 * init) - init;
+        let start = match c.mode {
+            // the code starts at x + U(−a, a) unclipped (only the iterates are clipped)
+            Mode::Faithful => noisy,
+            Mode::Fixed => project(&noisy, x, c.eps, Norm::Linf),
+        };
         // descent on the DeepSloth loss: ascent with a negative step
         ascend(x, start, (c.eps, Norm::Linf), c.steps(), -a, model.eot_samples(), |leaf| Self::loss(model, leaf))
     }
@@ -228,7 +252,13 @@ impl DeepSloth {
             // model(clamp(x + δ)): pixels pushed past 0 or 1 get none
             let (g, _) = input_grad_eot(model.eot_samples(), &delta, |d| Self::loss(model, &(x + d).clamp(0.0, 1.0)))?;
             delta = tch::no_grad(|| {
-                let g = &g / per_sample_norm(&g, 2.0).clamp_min(1e-12).view(view);
+                let g = match c.mode {
+                    // the code: the loss is a mean over its batch of 250 and the gradient is
+                    // `renorm(p=2, dim=0, maxnorm=1)` — capped at unit norm, not scaled up
+                    Mode::Faithful => cap_norm_per_sample(&(&g / AUTHORS_L2_BATCH), 1.0),
+                    // DDN's intent (and the spec's reading): a unit-norm step direction
+                    Mode::Fixed => &g / per_sample_norm(&g, 2.0).clamp_min(1e-12).view(view),
+                };
                 let d = &delta - g * lr;
                 let n = per_sample_norm(&d, 2.0).clamp_min(1e-12);
                 &d * (n.reciprocal() * radius).clamp_max(1.0).view(view)
@@ -251,7 +281,15 @@ impl DeepSloth {
             let xb = x.narrow(0, b * c.universal_batch, c.universal_batch.min(n - b * c.universal_batch));
             for _ in 0..c.steps() {
                 let scale = xb.size()[0] as f64;
-                let (g, _) = input_grad_eot(model.eot_samples(), &delta, |d| Ok(Self::loss(model, &(&xb + d).clamp(0.0, 1.0))? / scale))?;
+                // the code fits on x + δ unclipped (and clips only when applying δ); fixed mode
+                // fits on the images δ will produce, clip(x + δ, 0, 1)
+                let (g, _) = input_grad_eot(model.eot_samples(), &delta, |d| {
+                    let perturbed = match c.mode {
+                        Mode::Faithful => &xb + d,
+                        Mode::Fixed => (&xb + d).clamp(0.0, 1.0),
+                    };
+                    Ok(Self::loss(model, &perturbed)? / scale)
+                })?;
                 delta = tch::no_grad(|| (&delta - g.sign() * a).clamp(-c.eps, c.eps));
             }
         }
@@ -278,7 +316,8 @@ impl Attack for DeepSloth {
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         Some(match self.cfg.variant {
-            Variant::L2 => (self.cfg.eps, Norm::L2),
+            // the hard budget of the output: the radius after the last decay
+            Variant::L2 => (self.cfg.final_radius(), Norm::L2),
             _ => (self.cfg.eps, Norm::Linf),
         })
     }

@@ -98,7 +98,8 @@ impl Attack for Ilfo {
             let g = eot_average(model.eot_samples(), || {
                 let w_leaf = w.detach().set_requires_grad(true);
                 let x_adv_n = bx.x_adv_normalised(&w_leaf, &x_n);
-                let x_adv = (&x_adv_n * c.std + c.mean).clamp(0.0, 1.0);
+                // the box's pixels, unclipped in faithful mode as the authors feed them
+                let x_adv = bx.x_adv(&w_leaf, &x_n);
                 let gates = gate_matrix(&model.forward_trace(&x_adv, Pass::Dense)?)?;
                 let loss = ilfo_loss_per_sample(&gates, &x_adv_n, &x_n, c.c, c.mode == Mode::Faithful);
                 let g = Tensor::f_run_backward(&[&loss.sum(Kind::Float)], &[&w_leaf], false, false)?.remove(0);
@@ -110,7 +111,7 @@ impl Attack for Ilfo {
                 let loss = loss.detach();
                 let better = loss.lt_tensor(&best_loss);
                 best_loss = best_loss.where_self(&better.logical_not(), &loss);
-                best = x_adv.detach().where_self(&better.view([-1, 1, 1, 1]), &best);
+                best = bx.returned(&x_adv).where_self(&better.view([-1, 1, 1, 1]), &best);
                 w = adam.step(&w, &g);
             });
         }

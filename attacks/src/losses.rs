@@ -31,9 +31,11 @@ pub fn ilfo_energy_per_sample(gates: &Tensor, c: f64, faithful: bool) -> Tensor 
 }
 
 /// `||v||_p = (Σ_j |v_j|^p)^{1/p}` over the gate dimension of `[B,G]`, per sample (used even
-/// for p < 1, as `Tensor.norm(p, dim=1)` in GradMDM's code).
+/// for p < 1, as `Tensor.norm(p, dim=1)` in GradMDM's code). It is libtorch's own `norm`, so
+/// the gradient is PyTorch's too: 0 (not NaN) at entries that are exactly 0 — a gate at
+/// exactly 1 in Lpos — and for a row whose norm underflows to 0 (p = 50 on small entries).
 pub fn p_norm_rows(v: &Tensor, p: f64) -> Tensor {
-    v.abs().pow_tensor_scalar(p).sum_dim_intlist(&[1i64][..], false, Kind::Float).pow_tensor_scalar(1.0 / p)
+    v.norm_scalaropt_dim(p, [1i64], false)
 }
 
 /// GradMDM `Lpos = Σ_b ||1 − max(g_b, τ)||_{p_pos}` ("keep active gates active"), τ = 0.5.

@@ -7,7 +7,8 @@
 //! bounds are CIFAR's (a quirk on ImageNet and here). *Faithful* mode keeps all that; *fixed*
 //! mode uses the true bounds of [0,1] pixels, starts at `w = R⁻¹(x)` (so `x_adv = x` at step 0)
 //! and optimises `x_adv = R(w)`. Either way the result is mapped back to pixels and clipped to
-//! [0,1], the one contract every dynrobust attack keeps.
+//! [0,1], the one contract every dynrobust attack keeps; in faithful mode only the returned
+//! image is clipped, the optimisation sees `R(w + x_n)` unclipped, as the authors' model does.
 //!
 //! Fixed mode with an L∞ budget ε uses the ball form `x_adv = clip(x + ε·tanh(w), 0, 1)`,
 //! w₀ = 0, instead: in the box form, a pixel at exactly 0 or 1 (most of a Fashion-MNIST image)
@@ -98,9 +99,24 @@ impl TanhBox {
             Mode::Fixed => self.r(w),
         }
     }
-    /// Pixel-space adversarial input (differentiable in w), clipped to [0,1].
+    /// Pixel-space adversarial input the optimisation differentiates through (in w). Fixed
+    /// mode keeps it in [0,1] (the box's true bounds, or the ball form's clip). Faithful mode
+    /// does not clip: the authors feed `R(w + x_n)` to the model as it is, and with CIFAR's
+    /// bounds it overshoots the pixel range (here about [−0.20, 1.11]); a clip would give
+    /// every overshooting pixel — most of a Fashion-MNIST background at step 0 — a zero
+    /// gradient, so Adam would never move it. The image an attack returns is clipped
+    /// ([`TanhBox::returned`]), as the authors' saved uint8 images are.
     pub fn x_adv(&self, w: &Tensor, x_n: &Tensor) -> Tensor {
-        (self.x_adv_normalised(w, x_n) * self.std + self.mean).clamp(0.0, 1.0)
+        let pixels = self.x_adv_normalised(w, x_n) * self.std + self.mean;
+        match (self.mode, self.ball) {
+            (Mode::Faithful, None) => pixels,
+            _ => pixels.clamp(0.0, 1.0),
+        }
+    }
+    /// The image an attack returns for an iterate `x_adv` of [`TanhBox::x_adv`]: clipped to
+    /// [0,1], outside autograd.
+    pub fn returned(&self, x_adv: &Tensor) -> Tensor {
+        x_adv.detach().clamp(0.0, 1.0)
     }
     /// The modifier that yields pixel image `x_adv` (used after a projection).
     pub fn encode(&self, x_adv: &Tensor, x_n: &Tensor) -> Tensor {
@@ -135,7 +151,7 @@ pub fn optimise_modifier(
     for t in 0..iterations {
         let w_leaf = w.detach().set_requires_grad(true);
         let x_adv = bx.x_adv(&w_leaf, &x_n);
-        last = x_adv.detach();
+        last = bx.returned(&x_adv);
         let g_w = grad(t, &w_leaf, &x_adv)?;
         w = tch::no_grad(|| adam.step(&w, &g_w));
         if let Some((eps, norm)) = budget {

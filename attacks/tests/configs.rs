@@ -59,6 +59,12 @@ fn every_attack_but_ilfo_has_an_eps_field() {
         let ok = registry::build(name, &with(eps_context(name), json!({"eps": 0.05}))).map(|a| a.budget());
         match name {
             "ilfo" => assert!(ok.is_err(), "ilfo has no ε"),
+            // ε is the starting radius; the output's budget is the radius after its ten
+            // decays (×0.9 at iterations 50, 100, …, 500 of 550)
+            "deepsloth-l2" => {
+                let budget = ok.ok().flatten().map(|b| b.0).expect("a budget");
+                assert!((budget - 0.05 * 0.9f64.powi(10)).abs() < 1e-12, "deepsloth-l2 budget {budget}");
+            }
             _ => assert_eq!(ok.ok().flatten().map(|b| b.0), Some(0.05), "{name}: eps 0.05 is its budget"),
         }
     }

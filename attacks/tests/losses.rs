@@ -3,6 +3,7 @@
 
 mod common;
 
+use dynrobust_attacks::deepsloth::cap_norm_per_sample;
 use dynrobust_attacks::gradmdm::{backward_norm, unit};
 use dynrobust_attacks::ilfo::ilfo_loss_per_sample;
 use dynrobust_attacks::losses::{
@@ -87,6 +88,50 @@ fn deepsloth_uniform_ce_non_uniform_by_hand() {
     assert_close(scalar(&deepsloth_uniform_ce(&[ic0, ic1])), want, 1e-5, "loss");
     // s10 is dominated by the 1e-9 floor: ln(1/(e^10+2)) ≈ −10, so ≈ 20/3
     assert!((s10 - 20.0 / 3.0).abs() < 1e-2, "s10 = {s10}");
+}
+
+#[test]
+fn deepsloth_uniform_ce_keeps_the_1e9_floor() {
+    // (30, 0, 0): the two small probabilities are ≈ 9.4e-14, far below the 1e-9 the code adds,
+    // so the floor decides the loss: −(ln(p₀ + 1e-9) + 2·ln(p₁ + 1e-9))/3 ≈ 13.8, where
+    // without it the loss would be ≈ 20.0
+    let z = t2(&[&[30.0, 0.0, 0.0]]);
+    let d = 30f64.exp() + 2.0;
+    let with_floor = -((30f64.exp() / d + 1e-9).ln() + 2.0 * (1.0 / d + 1e-9).ln()) / 3.0;
+    let without = -((30f64.exp() / d).ln() + 2.0 * (1.0 / d).ln()) / 3.0;
+    assert!((with_floor - without).abs() > 5.0, "{with_floor} vs {without}");
+    assert_close(scalar(&uniform_ce_per_sample(&z).get(0)), with_floor, 1e-4, "uniform CE with the 1e-9 floor");
+}
+
+#[test]
+fn deepsloth_l2_gradient_cap_is_pytorchs_renorm() {
+    // renorm(p=2, dim=0, maxnorm=1): the row of norm 5 is scaled to norm 1 (by 1/(5 + 1e-7)),
+    // the row of norm 0.5 is kept as it is
+    let g = Tensor::from_slice(&[3.0f32, 4.0, 0.3, 0.4]).view([2, 1, 1, 2]);
+    let capped = cap_norm_per_sample(&g, 1.0);
+    let s = 1.0 / (5.0 + 1e-7);
+    assert_all_close(&values(&capped), &[3.0 * s, 4.0 * s, 0.3, 0.4], 1e-6, "capped rows");
+    let capped = cap_norm_per_sample(&g, 0.25);
+    let s = 0.25 / (0.5 + 1e-7);
+    assert_all_close(&values(&capped).split_off(2), &[0.3 * s, 0.4 * s], 1e-6, "maxnorm 0.25");
+}
+
+#[test]
+fn p_norm_rows_gradient_is_zero_not_nan_at_exact_zeros() {
+    // Lpos's entry is exactly 0 for a gate at exactly 1 (a saturated f32 sigmoid); PyTorch's
+    // `norm` backward gives 0 there, and 0 for a row that is all zeros. Row 0's gradient by
+    // hand: ∂/∂v₁ (|v₁|^p)^{1/p} = 1 for v₁ > 0, whatever p.
+    for p in [0.35, 1.0, 3.5, 50.0] {
+        let v = t2(&[&[0.0, 0.3], &[0.0, 0.0]]).set_requires_grad(true);
+        let n = p_norm_rows(&v, p);
+        assert_all_close(&values(&n), &[0.3, 0.0], 1e-6, "norms");
+        let g = Tensor::run_backward(&[n.sum(Kind::Float)], &[&v], false, false).remove(0);
+        assert_all_close(&values(&g), &[0.0, 1.0, 0.0, 0.0], 1e-5, &format!("gradient, p = {p}"));
+    }
+    // p = 50 on entries whose 50th powers underflow f32: finite, whatever libtorch returns
+    let v = t2(&[&[0.1, 0.1]]).set_requires_grad(true);
+    let g = Tensor::run_backward(&[p_norm_rows(&v, 50.0).sum(Kind::Float)], &[&v], false, false).remove(0);
+    assert!(values(&g).iter().all(|x| x.is_finite()), "{:?}", values(&g));
 }
 
 #[test]

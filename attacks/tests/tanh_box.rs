@@ -1,0 +1,96 @@
+//! The tanh change of variables and the hand-written Adam, against values computed by hand.
+
+use dynrobust_attacks::tanh_box::{Adam, Mode, TanhBox};
+use tch::{Kind, Tensor};
+
+const MEAN: f64 = 0.286;
+const STD: f64 = 0.353;
+const CIFAR: (f64, f64) = (-2.4291, 2.5141);
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(&t.flatten(0, -1).to_kind(Kind::Double)).unwrap()
+}
+
+fn pixels(v: &[f32]) -> Tensor {
+    Tensor::from_slice(v).view([1, 1, 1, v.len() as i64])
+}
+
+fn assert_all_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() <= tol * w.abs().max(1.0), "{what}: got {got:?}, expected {want:?}");
+    }
+}
+
+#[test]
+fn r_by_hand_and_r_inverse_round_trips() {
+    let bx = TanhBox::new(0.8, CIFAR, MEAN, STD, Mode::Faithful);
+    let z = pixels(&[-1.0, 0.0, 0.5]);
+    let want: Vec<f64> = [-1.0f64, 0.0, 0.5].iter().map(|z| ((0.8 * z).tanh() + 1.0) / 2.0 * (CIFAR.1 - CIFAR.0) + CIFAR.0).collect();
+    assert_all_close(&values(&bx.r(&z)), &want, 1e-6, "R");
+    assert_all_close(&values(&bx.r_inv(&bx.r(&z))), &[-1.0, 0.0, 0.5], 1e-4, "R⁻¹(R(z))");
+}
+
+#[test]
+fn faithful_starts_away_from_x_and_is_not_clipped_inside_the_optimisation() {
+    // w = 0: x_adv_n = R(x_n); pixel 0 maps to R((0 − μ)/σ) in normalised units, which with
+    // CIFAR's bounds is below 0 in pixels — the optimisation must see it unclipped, the
+    // returned image clipped
+    let bx = TanhBox::new(0.8, CIFAR, MEAN, STD, Mode::Faithful);
+    let x = pixels(&[0.0, 1.0]);
+    let x_n = bx.normalise(&x);
+    let w = bx.init(&x);
+    assert_eq!(values(&w), vec![0.0, 0.0]);
+    let want: Vec<f64> = [0.0f64, 1.0]
+        .iter()
+        .map(|p| {
+            let z = (p - MEAN) / STD;
+            (((0.8 * z).tanh() + 1.0) / 2.0 * (CIFAR.1 - CIFAR.0) + CIFAR.0) * STD + MEAN
+        })
+        .collect();
+    assert!(want[0] < 0.0 && want[1] > 1.0, "{want:?}");
+    let x_adv = bx.x_adv(&w, &x_n);
+    assert_all_close(&values(&x_adv), &want, 1e-5, "unclipped iterate");
+    assert_all_close(&values(&bx.returned(&x_adv)), &[0.0, 1.0], 0.0, "returned image");
+    // and the gradient reaches those pixels
+    let w_leaf = w.set_requires_grad(true);
+    let g = Tensor::run_backward(&[bx.x_adv(&w_leaf, &x_n).sum(Kind::Float)], &[&w_leaf], false, false).remove(0);
+    assert!(values(&g).iter().all(|v| *v > 0.0), "gradient {:?}", values(&g));
+}
+
+#[test]
+fn fixed_starts_at_x_inside_the_true_bounds() {
+    let bx = TanhBox::new(0.8, CIFAR, MEAN, STD, Mode::Fixed);
+    assert!((bx.lo - (-MEAN / STD)).abs() < 1e-12 && (bx.hi - (1.0 - MEAN) / STD).abs() < 1e-12);
+    let x = pixels(&[0.0, 0.25, 0.5, 1.0]);
+    let x_adv = bx.x_adv(&bx.init(&x), &bx.normalise(&x));
+    // the atanh argument is clipped to ±(1 − 1e-6), so the extremes come back within ~1e-6
+    assert_all_close(&values(&x_adv), &[0.0, 0.25, 0.5, 1.0], 1e-5, "x_adv at step 0");
+}
+
+#[test]
+fn linf_ball_form_stays_in_the_ball_and_the_box() {
+    let bx = TanhBox::new(0.8, CIFAR, MEAN, STD, Mode::Fixed).with_linf_ball(0.1);
+    let x = pixels(&[0.0, 0.5, 0.95]);
+    let w = pixels(&[10.0, -10.0, 10.0]);
+    assert_all_close(&values(&bx.x_adv(&w, &bx.normalise(&x))), &[0.1, 0.4, 1.0], 1e-5, "x + ε·tanh(w), clipped");
+}
+
+#[test]
+fn adam_matches_pytorch_by_hand() {
+    // two steps of PyTorch's Adam (lr 0.1, β = (0.9, 0.999), ε = 1e-8) on one parameter
+    let w0 = Tensor::from_slice(&[1.0f32]);
+    let mut adam = Adam::new(&w0, 0.1);
+    let (g1, g2) = (0.5f64, -2.0f64);
+    let w1 = adam.step(&w0, &Tensor::from_slice(&[g1 as f32]));
+    let w2 = adam.step(&w1, &Tensor::from_slice(&[g2 as f32]));
+    let (mut m, mut v, mut w) = (0.0f64, 0.0f64, 1.0f64);
+    for (t, g) in [(1, g1), (2, g2)] {
+        m = 0.9 * m + 0.1 * g;
+        v = 0.999 * v + 0.001 * g * g;
+        let (mh, vh) = (m / (1.0 - 0.9f64.powi(t)), v / (1.0 - 0.999f64.powi(t)));
+        w -= 0.1 * mh / (vh.sqrt() + 1e-8);
+    }
+    assert_all_close(&values(&w1), &[1.0 - 0.1], 1e-6, "first step is −lr·sign(g)");
+    assert_all_close(&values(&w2), &[w], 1e-6, "second step");
+}
