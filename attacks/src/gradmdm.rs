@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::losses::{gate_matrix, gradauto_lneg, gradauto_lpos, gradmdm_lneg, gradmdm_lpos};
-use crate::tanh_box::{optimise_modifier, Mode, TanhBox};
+use crate::tanh_box::{check_normalisation, optimise_modifier, Mode, Normalisation, TanhBox};
 
 /// The CIFAR-normalised bounds of [0,1] that GradMDM's code uses for every data set (quirk).
 pub const GRADMDM_FAITHFUL_BOUNDS: (f64, f64) = (-2.4291, 2.5141);
@@ -63,10 +63,11 @@ pub struct GradMdmConfig {
     pub eps: Option<f64>,
     /// Norm of `eps`.
     pub norm: Norm,
-    /// The attacked model's input normalisation mean (the box lives in normalised units).
-    pub mean: f64,
-    /// The attacked model's input normalisation std.
-    pub std: f64,
+    /// Input normalisation mean the box lives in (normalised units); unset: the attacked
+    /// model's own, per channel ([`Normalisation::of`]).
+    pub mean: Option<f64>,
+    /// Input normalisation std; unset: the attacked model's own.
+    pub std: Option<f64>,
 }
 
 impl Default for GradMdmConfig {
@@ -85,8 +86,8 @@ impl Default for GradMdmConfig {
             acc_weight: 1e5,
             eps: None,
             norm: Norm::Linf,
-            mean: 0.2860,
-            std: 0.3530,
+            mean: None,
+            std: None,
         }
     }
 }
@@ -104,14 +105,12 @@ impl GradMdmConfig {
         if let Some(lr) = self.lr {
             check_positive("lr", lr)?;
         }
-        for (f, v) in [("p_pos", self.p_pos), ("p_neg", self.p_neg), ("std", self.std), ("energy_scale", self.energy_scale)] {
+        for (f, v) in [("p_pos", self.p_pos), ("p_neg", self.p_neg), ("energy_scale", self.energy_scale)] {
             check_positive(f, v)?;
         }
+        check_normalisation(self.mean, self.std)?;
         for (f, v) in [("gamma", self.gamma), ("acc_weight", self.acc_weight)] {
             check_eps(f, v)?;
-        }
-        if !self.mean.is_finite() {
-            return Err(Error::config("mean", "expected a finite value"));
         }
         if let Some(eps) = self.eps {
             check_eps("eps", eps)?;
@@ -279,7 +278,7 @@ impl Attack for GradMdm {
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
         self.check_model(model)?;
         let c = &self.cfg;
-        let bx = gradmdm_box(c.mean, c.std, c.mode, c.eps, c.norm);
+        let bx = gradmdm_box(&Normalisation::of(model, c.mean, c.std), c.mode, c.eps, c.norm, x.device());
         let clean_logits = if c.acc_maintain { Some(tch::no_grad(|| model.forward_trace(x, Pass::Dense)).map(|t| t.logits)?) } else { None };
         optimise_modifier(&bx, x, c.lr(), c.iterations, self.budget(), |t, w_leaf, x_adv| {
             let x_leaf = x_adv.detach().set_requires_grad(true);
@@ -294,7 +293,7 @@ impl Attack for GradMdm {
             })?;
             let g_ref = g_ref.map(|g| g / model.eot_samples().max(1) as f64);
             // ∂L2/∂x_adv with L2 = Σ((x_adv − x)/σ)² (normalised units, as the code)
-            let g_l2 = (x_adv.detach() - x) * (2.0 / (c.std * c.std)) + g_ref.unwrap_or_else(|| x.zeros_like());
+            let g_l2 = bx.l2_grad(&x_adv.detach(), x) + g_ref.unwrap_or_else(|| x.zeros_like());
             let g_x = g_neg * c.energy_scale + g_l2 * c.gamma;
             let s = (x_adv * g_x.detach()).sum(Kind::Float);
             Ok(Tensor::f_run_backward(&[&s], &[w_leaf], false, false)?.remove(0))
@@ -304,8 +303,8 @@ impl Attack for GradMdm {
 
 /// GradMDM's (and GradAuto's) box: tanh(0.8·), CIFAR bounds in faithful mode, the L∞ ball
 /// form in fixed mode with an L∞ budget.
-fn gradmdm_box(mean: f64, std: f64, mode: Mode, eps: Option<f64>, norm: Norm) -> TanhBox {
-    let bx = TanhBox::new(0.8, GRADMDM_FAITHFUL_BOUNDS, mean, std, mode);
+fn gradmdm_box(norm_in: &Normalisation, mode: Mode, eps: Option<f64>, norm: Norm, device: tch::Device) -> TanhBox {
+    let bx = TanhBox::new(0.8, GRADMDM_FAITHFUL_BOUNDS, norm_in, mode, device);
     match (eps, norm) {
         (Some(eps), Norm::Linf) => bx.with_linf_ball(eps),
         _ => bx,
@@ -328,15 +327,15 @@ pub struct GradAutoConfig {
     pub eps: Option<f64>,
     /// Norm of `eps`.
     pub norm: Norm,
-    /// Input normalisation mean of the model.
-    pub mean: f64,
-    /// Input normalisation std of the model.
-    pub std: f64,
+    /// Input normalisation mean; unset: the attacked model's own, per channel.
+    pub mean: Option<f64>,
+    /// Input normalisation std; unset: the attacked model's own.
+    pub std: Option<f64>,
 }
 
 impl Default for GradAutoConfig {
     fn default() -> Self {
-        GradAutoConfig { mode: Mode::Faithful, iterations: 300, lr: 0.01, k: 1.0, eps: None, norm: Norm::Linf, mean: 0.2860, std: 0.3530 }
+        GradAutoConfig { mode: Mode::Faithful, iterations: 300, lr: 0.01, k: 1.0, eps: None, norm: Norm::Linf, mean: None, std: None }
     }
 }
 
@@ -353,7 +352,7 @@ impl GradAuto {
         check_steps("iterations", cfg.iterations)?;
         check_positive("lr", cfg.lr)?;
         check_positive("k", cfg.k)?;
-        check_positive("std", cfg.std)?;
+        check_normalisation(cfg.mean, cfg.std)?;
         if let Some(eps) = cfg.eps {
             check_eps("eps", eps)?;
             if cfg.mode == Mode::Faithful {
@@ -383,7 +382,7 @@ impl Attack for GradAuto {
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
         self.check_model(model)?;
         let c = &self.cfg;
-        let bx = gradmdm_box(c.mean, c.std, c.mode, c.eps, c.norm);
+        let bx = gradmdm_box(&Normalisation::of(model, c.mean, c.std), c.mode, c.eps, c.norm, x.device());
         let chw = (x.numel() as i64 / x.size()[0]) as f64;
         optimise_modifier(&bx, x, c.lr, c.iterations, self.budget(), |_, w_leaf, x_adv| {
             let draws = model.eot_samples().max(1);
@@ -391,7 +390,7 @@ impl Attack for GradAuto {
             for draw in 0..draws {
                 let gates = gate_matrix(&model.forward_trace(x_adv, Pass::Dense)?)?;
                 let (lpos, lneg) = (gradauto_lpos(&gates), gradauto_lneg(&gates));
-                let l2 = ((x_adv - x) / c.std).square().sum(Kind::Float);
+                let l2 = bx.l2(x_adv, x);
                 let last = draw + 1 == draws;
                 let g_pos = Tensor::f_run_backward(&[&lpos], &[w_leaf], true, false)?.remove(0);
                 let g_neg = Tensor::f_run_backward(&[&lneg], &[w_leaf], true, false)?.remove(0);

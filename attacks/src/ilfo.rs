@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::losses::{gate_matrix, ilfo_energy_per_sample};
-use crate::tanh_box::{Adam, Mode, TanhBox};
+use crate::tanh_box::{check_normalisation, Adam, Mode, Normalisation, TanhBox};
 
 /// ILFO's scalar box in normalised units (CIFAR; a quirk kept in faithful mode).
 pub const ILFO_FAITHFUL_BOUNDS: (f64, f64) = (-2.22, 2.5);
@@ -30,15 +30,16 @@ pub struct IlfoConfig {
     pub lr: f64,
     /// Weight c of the energy term.
     pub c: f64,
-    /// The attacked model's input normalisation mean.
-    pub mean: f64,
-    /// The attacked model's input normalisation std.
-    pub std: f64,
+    /// Input normalisation mean the box lives in; unset: the attacked model's own, per
+    /// channel ([`Normalisation::of`]).
+    pub mean: Option<f64>,
+    /// Input normalisation std; unset: the attacked model's own.
+    pub std: Option<f64>,
 }
 
 impl Default for IlfoConfig {
     fn default() -> Self {
-        IlfoConfig { mode: Mode::Faithful, steps: 1000, lr: 5e-4, c: 1e5, mean: 0.2860, std: 0.3530 }
+        IlfoConfig { mode: Mode::Faithful, steps: 1000, lr: 5e-4, c: 1e5, mean: None, std: None }
     }
 }
 
@@ -62,7 +63,7 @@ impl Ilfo {
         check_steps("steps", cfg.steps)?;
         check_positive("lr", cfg.lr)?;
         check_eps("c", cfg.c)?;
-        check_positive("std", cfg.std)?;
+        check_normalisation(cfg.mean, cfg.std)?;
         Ok(Ilfo { cfg })
     }
 }
@@ -86,7 +87,7 @@ impl Attack for Ilfo {
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
         self.check_model(model)?;
         let c = &self.cfg;
-        let bx = TanhBox::new(1.0, ILFO_FAITHFUL_BOUNDS, c.mean, c.std, c.mode);
+        let bx = TanhBox::new(1.0, ILFO_FAITHFUL_BOUNDS, &Normalisation::of(model, c.mean, c.std), c.mode, x.device());
         let x_n = bx.normalise(x);
         let mut w = bx.init(x);
         let mut adam = Adam::new(&w, c.lr);

@@ -15,8 +15,9 @@
 //! starts at the saturated end of tanh (`w₀ = R⁻¹(0) ≈ −9`), and Adam, whose steps are about
 //! `lr` in w whatever the gradient, cannot move it within a few hundred iterations.
 
+use dynrobust_core::DynamicModel;
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// Faithful (authors' code, quirks included) or fixed (correct bounds and initialisation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,19 +29,69 @@ pub enum Mode {
     Fixed,
 }
 
-/// The box map `R` and its use in one mode.
-#[derive(Debug, Clone)]
+/// The input normalisation a tanh box lives in: per channel, as the attacked model applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Normalisation {
+    /// Per-channel mean.
+    pub mean: Vec<f64>,
+    /// Per-channel std.
+    pub std: Vec<f64>,
+}
+
+/// Fashion-MNIST's normalisation (the committed models'), used for a model that names none
+/// (a TorchScript export) when the config does not set `mean`/`std`.
+pub const FASHION_MNIST_NORMALISATION: (f64, f64) = (0.2860, 0.3530);
+
+impl Normalisation {
+    /// The normalisation to attack `model` in: the model's own per channel
+    /// ([`DynamicModel::input_mean`] / [`DynamicModel::input_std`]), or Fashion-MNIST's when it
+    /// names none; a config's scalar `mean`/`std` replaces it on every channel.
+    pub fn of(model: &dyn DynamicModel, mean: Option<f64>, std: Option<f64>) -> Self {
+        let (fm_mean, fm_std) = FASHION_MNIST_NORMALISATION;
+        let own_mean = model.input_mean().unwrap_or_else(|| vec![fm_mean]);
+        let own_std = model.input_std().unwrap_or_else(|| vec![fm_std]);
+        let channels = own_mean.len().max(own_std.len());
+        let fill = |own: Vec<f64>, set: Option<f64>| match set {
+            Some(v) => vec![v; channels],
+            None if own.len() == channels => own,
+            None => vec![own[0]; channels],
+        };
+        Normalisation { mean: fill(own_mean, mean), std: fill(own_std, std) }
+    }
+    /// `[1,C,1,1]` tensors (mean, std) on `device`.
+    fn tensors(&self, device: Device) -> (Tensor, Tensor) {
+        let t = |v: &[f64]| Tensor::from_slice(v).to_kind(Kind::Float).view([1, -1, 1, 1]).to_device(device);
+        (t(&self.mean), t(&self.std))
+    }
+}
+
+/// Refuses a config's `mean` that is not finite or `std` that is not positive and finite.
+pub fn check_normalisation(mean: Option<f64>, std: Option<f64>) -> dynrobust_core::Result<()> {
+    if let Some(m) = mean {
+        if !m.is_finite() {
+            return Err(dynrobust_core::Error::config("mean", format!("{m}: expected a finite value")));
+        }
+    }
+    if let Some(s) = std {
+        dynrobust_core::attack::check_positive("std", s)?;
+    }
+    Ok(())
+}
+
+/// The box map `R` and its use in one mode. Mean, std and the bounds are `[1,C,1,1]` tensors
+/// (per input channel, in the model's normalised units).
+#[derive(Debug)]
 pub struct TanhBox {
     /// tanh slope k (0.8 for GradMDM/GradAuto, 1 for ILFO).
     pub slope: f64,
     /// Normalised-space lower bound.
-    pub lo: f64,
+    pub lo: Tensor,
     /// Normalised-space upper bound.
-    pub hi: f64,
+    pub hi: Tensor,
     /// Input normalisation mean (of the model the attack targets).
-    pub mean: f64,
+    pub mean: Tensor,
     /// Input normalisation std.
-    pub std: f64,
+    pub std: Tensor,
     /// Faithful or fixed.
     pub mode: Mode,
     /// Fixed mode with an L∞ budget: the ball form `x + ε·tanh(w)`.
@@ -48,11 +99,13 @@ pub struct TanhBox {
 }
 
 impl TanhBox {
-    /// A box; in fixed mode `lo/hi` are replaced by the true normalised range of [0,1].
-    pub fn new(slope: f64, faithful_bounds: (f64, f64), mean: f64, std: f64, mode: Mode) -> Self {
+    /// A box; in fixed mode `lo/hi` are replaced by the true normalised range of [0,1] per
+    /// channel, in faithful mode they are the authors' scalars on every channel.
+    pub fn new(slope: f64, faithful_bounds: (f64, f64), norm: &Normalisation, mode: Mode, device: Device) -> Self {
+        let (mean, std) = norm.tensors(device);
         let (lo, hi) = match mode {
-            Mode::Faithful => faithful_bounds,
-            Mode::Fixed => (-mean / std, (1.0 - mean) / std),
+            Mode::Faithful => (mean.full_like(faithful_bounds.0), mean.full_like(faithful_bounds.1)),
+            Mode::Fixed => (-&mean / &std, (1.0 - &mean) / &std),
         };
         TanhBox { slope, lo, hi, mean, std, mode, ball: None }
     }
@@ -63,21 +116,30 @@ impl TanhBox {
         }
         self
     }
-    fn pixels(&self, x_n: &Tensor) -> Tensor {
-        x_n * self.std + self.mean
+    /// Normalised units → pixels.
+    pub fn pixels(&self, x_n: &Tensor) -> Tensor {
+        x_n * &self.std + &self.mean
     }
     /// Pixels → normalised units.
     pub fn normalise(&self, x: &Tensor) -> Tensor {
-        (x - self.mean) / self.std
+        (x - &self.mean) / &self.std
     }
     /// `R(z)`.
     pub fn r(&self, z: &Tensor) -> Tensor {
-        ((z * self.slope).tanh() + 1.0) * (0.5 * (self.hi - self.lo)) + self.lo
+        ((z * self.slope).tanh() + 1.0) * ((&self.hi - &self.lo) * 0.5) + &self.lo
     }
     /// `R⁻¹(v)` with the argument of atanh clipped to ±(1 − 1e-6).
     pub fn r_inv(&self, v: &Tensor) -> Tensor {
-        let u = ((v - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0).clamp(-1.0 + 1e-6, 1.0 - 1e-6);
+        let u = ((v - &self.lo) * 2.0 / (&self.hi - &self.lo) - 1.0).clamp(-1.0 + 1e-6, 1.0 - 1e-6);
         u.atanh() / self.slope
+    }
+    /// `∂/∂x_adv` of the L2 term `Σ((x_adv − x)/σ)²` in normalised units.
+    pub fn l2_grad(&self, x_adv: &Tensor, x: &Tensor) -> Tensor {
+        (x_adv - x) * 2.0 / self.std.square()
+    }
+    /// The L2 term `Σ((x_adv − x)/σ)²` in normalised units (differentiable).
+    pub fn l2(&self, x_adv: &Tensor, x: &Tensor) -> Tensor {
+        ((x_adv - x) / &self.std).square().sum(Kind::Float)
     }
     /// The modifier w at step 0.
     pub fn init(&self, x: &Tensor) -> Tensor {
@@ -107,7 +169,7 @@ impl TanhBox {
     /// gradient, so Adam would never move it. The image an attack returns is clipped
     /// ([`TanhBox::returned`]), as the authors' saved uint8 images are.
     pub fn x_adv(&self, w: &Tensor, x_n: &Tensor) -> Tensor {
-        let pixels = self.x_adv_normalised(w, x_n) * self.std + self.mean;
+        let pixels = self.pixels(&self.x_adv_normalised(w, x_n));
         match (self.mode, self.ball) {
             (Mode::Faithful, None) => pixels,
             _ => pixels.clamp(0.0, 1.0),

@@ -1,11 +1,17 @@
 //! The tanh change of variables and the hand-written Adam, against values computed by hand.
 
-use dynrobust_attacks::tanh_box::{Adam, Mode, TanhBox};
-use tch::{Kind, Tensor};
+mod common;
+
+use dynrobust_attacks::tanh_box::{Adam, Mode, Normalisation, TanhBox};
+use tch::{Device, Kind, Tensor};
 
 const MEAN: f64 = 0.286;
 const STD: f64 = 0.353;
 const CIFAR: (f64, f64) = (-2.4291, 2.5141);
+
+fn fashion() -> Normalisation {
+    Normalisation { mean: vec![MEAN], std: vec![STD] }
+}
 
 fn values(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(&t.flatten(0, -1).to_kind(Kind::Double)).unwrap()
@@ -24,7 +30,7 @@ fn assert_all_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
 
 #[test]
 fn r_by_hand_and_r_inverse_round_trips() {
-    let bx = TanhBox::new(0.8, CIFAR, MEAN, STD, Mode::Faithful);
+    let bx = TanhBox::new(0.8, CIFAR, &fashion(), Mode::Faithful, Device::Cpu);
     let z = pixels(&[-1.0, 0.0, 0.5]);
     let want: Vec<f64> = [-1.0f64, 0.0, 0.5].iter().map(|z| ((0.8 * z).tanh() + 1.0) / 2.0 * (CIFAR.1 - CIFAR.0) + CIFAR.0).collect();
     assert_all_close(&values(&bx.r(&z)), &want, 1e-6, "R");
@@ -36,7 +42,7 @@ fn faithful_starts_away_from_x_and_is_not_clipped_inside_the_optimisation() {
     // w = 0: x_adv_n = R(x_n); pixel 0 maps to R((0 − μ)/σ) in normalised units, which with
     // CIFAR's bounds is below 0 in pixels — the optimisation must see it unclipped, the
     // returned image clipped
-    let bx = TanhBox::new(0.8, CIFAR, MEAN, STD, Mode::Faithful);
+    let bx = TanhBox::new(0.8, CIFAR, &fashion(), Mode::Faithful, Device::Cpu);
     let x = pixels(&[0.0, 1.0]);
     let x_n = bx.normalise(&x);
     let w = bx.init(&x);
@@ -60,8 +66,9 @@ fn faithful_starts_away_from_x_and_is_not_clipped_inside_the_optimisation() {
 
 #[test]
 fn fixed_starts_at_x_inside_the_true_bounds() {
-    let bx = TanhBox::new(0.8, CIFAR, MEAN, STD, Mode::Fixed);
-    assert!((bx.lo - (-MEAN / STD)).abs() < 1e-12 && (bx.hi - (1.0 - MEAN) / STD).abs() < 1e-12);
+    let bx = TanhBox::new(0.8, CIFAR, &fashion(), Mode::Fixed, Device::Cpu);
+    assert_all_close(&values(&bx.lo), &[-MEAN / STD], 1e-6, "lo");
+    assert_all_close(&values(&bx.hi), &[(1.0 - MEAN) / STD], 1e-6, "hi");
     let x = pixels(&[0.0, 0.25, 0.5, 1.0]);
     let x_adv = bx.x_adv(&bx.init(&x), &bx.normalise(&x));
     // the atanh argument is clipped to ±(1 − 1e-6), so the extremes come back within ~1e-6
@@ -70,7 +77,7 @@ fn fixed_starts_at_x_inside_the_true_bounds() {
 
 #[test]
 fn linf_ball_form_stays_in_the_ball_and_the_box() {
-    let bx = TanhBox::new(0.8, CIFAR, MEAN, STD, Mode::Fixed).with_linf_ball(0.1);
+    let bx = TanhBox::new(0.8, CIFAR, &fashion(), Mode::Fixed, Device::Cpu).with_linf_ball(0.1);
     let x = pixels(&[0.0, 0.5, 0.95]);
     let w = pixels(&[10.0, -10.0, 10.0]);
     assert_all_close(&values(&bx.x_adv(&w, &bx.normalise(&x))), &[0.1, 0.4, 1.0], 1e-5, "x + ε·tanh(w), clipped");
@@ -93,4 +100,30 @@ fn adam_matches_pytorch_by_hand() {
     }
     assert_all_close(&values(&w1), &[1.0 - 0.1], 1e-6, "first step is −lr·sign(g)");
     assert_all_close(&values(&w2), &[w], 1e-6, "second step");
+}
+
+#[test]
+fn per_channel_normalisation_gives_a_per_channel_box() {
+    // CIFAR-style per-channel normalisation: the fixed box's bounds are each channel's true
+    // range and step 0 reproduces x on every channel
+    let norm = Normalisation { mean: vec![0.4914, 0.4822, 0.4465], std: vec![0.2470, 0.2435, 0.2616] };
+    let bx = TanhBox::new(0.8, CIFAR, &norm, Mode::Fixed, Device::Cpu);
+    let want_lo: Vec<f64> = norm.mean.iter().zip(&norm.std).map(|(m, s)| -m / s).collect();
+    assert_all_close(&values(&bx.lo), &want_lo, 1e-6, "per-channel lo");
+    let x = Tensor::from_slice(&[0.1f32, 0.9, 0.5, 0.3, 0.0, 1.0]).view([1, 3, 1, 2]);
+    let x_adv = bx.x_adv(&bx.init(&x), &bx.normalise(&x));
+    assert_all_close(&values(&x_adv), &[0.1, 0.9, 0.5, 0.3, 0.0, 1.0], 1e-5, "x_adv at step 0");
+    // the L2 term in normalised units divides each channel by its own σ
+    let d = Tensor::from_slice(&[0.01f32, 0.0, 0.0, 0.0, 0.0, 0.02]).view([1, 3, 1, 2]);
+    let want = (0.01 / norm.std[0]).powi(2) + (0.02 / norm.std[2]).powi(2);
+    assert_all_close(&[bx.l2(&(&x + &d), &x).double_value(&[])], &[want], 1e-4, "L2 in normalised units");
+}
+
+#[test]
+fn the_box_takes_the_attacked_models_own_normalisation() {
+    let sdn = common::committed("sdn");
+    let own = Normalisation::of(&sdn, None, None);
+    assert_eq!(own, Normalisation { mean: vec![0.2860], std: vec![0.3530] }, "the committed models' normalisation");
+    let set = Normalisation::of(&sdn, Some(0.5), None);
+    assert_eq!(set, Normalisation { mean: vec![0.5], std: vec![0.3530] }, "a config's value replaces the model's");
 }

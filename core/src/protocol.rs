@@ -151,6 +151,11 @@ pub trait DynamicModel {
     fn input_std(&self) -> Option<Vec<f64>> {
         None
     }
+    /// Per-channel mean of the model's own input normalisation, when it has one it can name
+    /// (the tanh-space attacks — GradMDM, GradAuto, ILFO — place their box in those units).
+    fn input_mean(&self) -> Option<Vec<f64>> {
+        None
+    }
 }
 
 /// A dense pass cut into segments at the G gate positions.

@@ -103,4 +103,8 @@ impl<M: DynamicModel> DynamicModel for Defended<M> {
     fn input_std(&self) -> Option<Vec<f64>> {
         self.inner.input_std()
     }
+    /// The inner model's (see [`DynamicModel::input_std`]).
+    fn input_mean(&self) -> Option<Vec<f64>> {
+        self.inner.input_mean()
+    }
 }

@@ -150,6 +150,9 @@ impl DynamicModel for AnyModel {
     fn input_std(&self) -> Option<Vec<f64>> {
         self.inner().input_std()
     }
+    fn input_mean(&self) -> Option<Vec<f64>> {
+        self.inner().input_mean()
+    }
 }
 
 impl From<Net> for AnyModel {

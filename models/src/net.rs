@@ -779,6 +779,10 @@ impl DynamicModel for Net {
         Some(self.config.std.clone())
     }
 
+    fn input_mean(&self) -> Option<Vec<f64>> {
+        Some(self.config.mean.clone())
+    }
+
     fn family(&self) -> Family {
         match (&self.mech, self.twin) {
             (_, true) | (Mech::None, _) => Family::Static,
