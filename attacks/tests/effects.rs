@@ -109,6 +109,28 @@ fn gradmdm_raises_gated_and_skipnet_cost() {
 }
 
 #[test]
+fn faithful_gradmdm_raises_skipnet_cost() {
+    let _lock = common::torch_lock();
+    // the authors' box, no ε (measured on 1,000 images: recovery 36.2 %; tests/tanh_box.rs
+    // checks the gradient reaches the pixels the box pushes outside [0,1])
+    let r = run("skipnet", &*build("gradmdm", json!({})), N);
+    assert_raises_cost(&r);
+}
+
+#[test]
+fn deepsloth_l2_raises_sdn_cost_in_both_modes() {
+    let _lock = common::torch_lock();
+    // 100 of the authors' 550 iterations (one radius decay, so the budget is 0.9): faithful
+    // caps the batch-mean gradient at unit norm, fixed normalises it
+    for mode in ["faithful", "fixed"] {
+        let r = run("sdn", &*build("deepsloth-l2", json!({"mode": mode, "steps": 100})), N);
+        assert_eq!(r.eps, Some(0.9), "{mode}: the budget is the radius after the decay");
+        assert!(r.l2_mean <= 0.9 + 1e-4, "{mode}: L2 {}", r.l2_mean);
+        assert_raises_cost(&r);
+    }
+}
+
+#[test]
 fn gradauto_raises_gated_and_skipnet_cost() {
     let _lock = common::torch_lock();
     for model in ["gated", "skipnet"] {
