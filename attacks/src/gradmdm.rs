@@ -35,7 +35,10 @@ pub const GRADMDM_FAITHFUL_BOUNDS: (f64, f64) = (-2.4291, 2.5141);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GradMdmConfig {
-    /// faithful (authors' box and bounds) or fixed (true bounds, w₀ = R⁻¹(x)).
+    /// faithful (authors' box and bounds) or fixed (true bounds, w₀ = R⁻¹(x); with an L∞ `eps`
+    /// the ball form `clip(x + ε·tanh(w))`, w₀ = 0). With `acc_maintain`, fixed mode also drops
+    /// the code's count-table quirk: the Lneg pass uses the per-gate suffix counts of the mask
+    /// table instead of the single total `C_0` at every node.
     pub mode: Mode,
     /// Adam iterations.
     pub iterations: usize,

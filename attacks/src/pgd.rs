@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::losses::{accuracy_loss_per_sample, per_output_ce, ExitLoss};
+use crate::tanh_box::Mode;
 
 /// Config of PGD (L∞ or L2) and its one-step special case FGSM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,12 +30,22 @@ pub struct PgdConfig {
     pub loss: ExitLoss,
     /// RNG seed of the random start.
     pub seed: u64,
+    /// Only for `loss = "maxruns"` (DeepSloth's PGD-max) with `random_start`: `faithful` starts
+    /// every run at DeepSloth's `x + (2x − 1)·ε` (its code draws the noise, then uses the image
+    /// instead: a deterministic start), `fixed` at a uniform random point of the ball.
+    pub mode: Mode,
 }
 
 impl Default for PgdConfig {
     fn default() -> Self {
-        PgdConfig { eps: 8.0 / 255.0, norm: Norm::Linf, steps: 20, step_size: None, random_start: true, loss: ExitLoss::Final, seed: 0 }
+        PgdConfig { eps: 8.0 / 255.0, norm: Norm::Linf, steps: 20, step_size: None, random_start: true, loss: ExitLoss::Final, seed: 0, mode: Mode::Faithful }
     }
+}
+
+/// DeepSloth's PGD-max start `x + (2x − 1)·ε` (`attacks/PGDs.py::PGD_max`: the code's bug, kept
+/// in faithful mode), clipped to [0,1] so the model sees an image.
+pub fn deepsloth_pgd_max_start(x: &Tensor, eps: f64) -> Tensor {
+    (x + (x * 2.0 - 1.0) * eps).clamp(0.0, 1.0)
 }
 
 impl PgdConfig {
@@ -69,7 +80,7 @@ impl Pgd {
     }
     /// FGSM: one step of size ε from the clean point.
     pub fn fgsm(eps: f64, loss: ExitLoss) -> Result<Self> {
-        let cfg = PgdConfig { eps, norm: Norm::Linf, steps: 1, step_size: Some(eps.max(f64::MIN_POSITIVE)), random_start: false, loss, seed: 0 };
+        let cfg = PgdConfig { eps, norm: Norm::Linf, steps: 1, step_size: Some(eps.max(f64::MIN_POSITIVE)), random_start: false, loss, seed: 0, mode: Mode::Faithful };
         check_eps("eps", eps)?;
         Ok(Pgd { cfg: cfg.validated()?, name: "fgsm" })
     }
@@ -148,8 +159,12 @@ impl Attack for Pgd {
         // DeepSloth's PGD-max: one run per output, then per sample the run whose result has the
         // largest cross-entropy summed over every output
         let mut best: Option<(Tensor, Tensor)> = None;
+        let run_start = || match (c.mode, c.random_start) {
+            (Mode::Faithful, true) => deepsloth_pgd_max_start(x, c.eps),
+            _ => start(),
+        };
         for output in 0..=exits as i64 {
-            let x_run = ascend(x, start(), (c.eps, c.norm), c.steps, c.alpha(), model.eot_samples(), |xa| {
+            let x_run = ascend(x, run_start(), (c.eps, c.norm), c.steps, c.alpha(), model.eot_samples(), |xa| {
                 let trace = model.forward_trace(xa, Pass::Dense)?;
                 Ok(per_output_ce(&trace, y).select(1, output).sum(Kind::Float))
             })?;

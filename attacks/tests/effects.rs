@@ -194,7 +194,9 @@ fn pgd_max_runs_keeps_per_sample_the_run_with_the_largest_summed_loss() {
         let t = tch::no_grad(|| model.forward_trace(xa, Pass::Dense)).unwrap();
         per_output_ce(&t, y).sum_dim_intlist(&[1i64][..], false, Kind::Float)
     };
-    let runs = build("pgd-linf", json!({"steps": 3, "loss": "maxruns"})).perturb(&model, x, y).unwrap();
+    // fixed mode: every run starts where the final-head run does (faithful starts at the code's
+    // x + (2x − 1)·ε instead, see the next test)
+    let runs = build("pgd-linf", json!({"steps": 3, "loss": "maxruns", "mode": "fixed"})).perturb(&model, x, y).unwrap();
     let final_only = build("pgd-linf", json!({"steps": 3, "loss": "final"})).perturb(&model, x, y).unwrap();
     // inside the ε-ball and the box
     assert!((&runs - x).abs().max().double_value(&[]) <= EPS + 1e-6);
@@ -204,6 +206,23 @@ fn pgd_max_runs_keeps_per_sample_the_run_with_the_largest_summed_loss() {
     assert!(s_runs.ge_tensor(&(&s_final - 1e-4)).all().int64_value(&[]) == 1, "{s_runs:?} vs {s_final:?}");
     assert!(s_runs.sum(Kind::Float).double_value(&[]) > s_final.sum(Kind::Float).double_value(&[]), "another exit's run should win somewhere");
     eprintln!("summed CE over outputs: max-runs {:.2}, final-only {:.2}", s_runs.sum(Kind::Float).double_value(&[]), s_final.sum(Kind::Float).double_value(&[]));
+}
+
+#[test]
+fn faithful_pgd_max_starts_at_deepsloths_deterministic_point() {
+    use dynrobust_attacks::pgd::deepsloth_pgd_max_start;
+    let x = tch::Tensor::from_slice(&[0.0f32, 0.25, 0.5, 1.0]).view([1, 1, 2, 2]);
+    let start = deepsloth_pgd_max_start(&x, 0.1);
+    // x + (2x − 1)·0.1, clipped: 0 − 0.1 → 0, 0.25 − 0.05, 0.5 + 0, 1 + 0.1 → 1
+    let got = Vec::<f64>::try_from(start.flatten(0, -1).to_kind(tch::Kind::Double)).unwrap();
+    for (g, w) in got.iter().zip([0.0, 0.2, 0.5, 1.0]) {
+        assert!((g - w).abs() < 1e-6, "{got:?}");
+    }
+    // and the faithful PGD-max is deterministic whatever the seed (its start draws nothing)
+    let model = common::committed("sdn");
+    let data = common::test_images(8);
+    let with_seed = |seed: u64| build("pgd-linf", json!({"steps": 2, "loss": "maxruns", "seed": seed})).perturb(&model, &data.images, &data.labels).unwrap();
+    assert_eq!(common::max_abs_diff(&with_seed(1), &with_seed(2)), 0.0);
 }
 
 #[test]
