@@ -6,6 +6,11 @@
 //! `(target[G] − output[G,1])` broadcast makes the effective weight G·c, the box is the scalar
 //! range [−2.22, 2.5] of normalised units and `x_adv = R(w + x)` with w = 0 (so `R(x) ≠ x`).
 //! *Fixed*: the intended `c·Σ relu(0.5 − p)`, the true bounds and `w₀ = R⁻¹(x)`.
+//!
+//! Two deliberate differences from the code, both so that a sample's result does not depend on
+//! the batch it is in: the minimum-loss iterate is kept per sample (the code compares one loss
+//! summed over its batch; the same at batch 1), and the returned image is clipped to [0,1]
+//! (the optimisation itself sees the box output unclipped, as the code's model does).
 
 use dynrobust_core::attack::{check_eps, check_positive, check_steps, eot_average, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Pass, Result};
