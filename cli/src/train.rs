@@ -7,7 +7,7 @@ use clap::Args;
 use dynrobust_core::data::{DataSpec, Split};
 use dynrobust_core::DynamicModel;
 use dynrobust_models::checkpoint::{self, Sidecar};
-use dynrobust_models::train::{evaluate, fits_committed_static, train_family, train_record, TrainConfig};
+use dynrobust_models::train::{default_epochs, evaluate, may_start_from_committed_static, train_family, train_record, TrainConfig};
 use dynrobust_models::{Mechanism, Net};
 
 use crate::common::{DataArgs, DeviceArgs};
@@ -88,26 +88,29 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, DataSpec::Named(dynrobust_core::data::DataSource::FashionMnist)) => checkpoint::committed_dir(&args.model),
         (None, _) => bail!("--out DIR is required when training on {} (the committed checkpoints are Fashion-MNIST models)", source.name()),
     };
+    let mut train_set = args.data.load(Split::Train, args.train_samples)?;
+    if let Some(k) = args.per_class {
+        anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");
+        train_set = train_set.per_class(k)?;
+    }
     let defaults = TrainConfig::default_for(&mechanism);
     let cfg = TrainConfig {
-        epochs: args.epochs.unwrap_or(defaults.epochs),
+        epochs: args.epochs.unwrap_or_else(|| default_epochs(defaults.epochs, train_set.len(), args.batch_size)),
         batch_size: args.batch_size,
         lr: args.lr.unwrap_or(defaults.lr),
         seed: args.seed,
         cost_weight: args.cost_weight,
     }
     .validated()?;
-    let mut train_set = args.data.load(Split::Train, args.train_samples)?;
-    if let Some(k) = args.per_class {
-        anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");
-        train_set = train_set.per_class(k)?;
-    }
+    let whole_split = matches!(source, DataSpec::Named(dynrobust_core::data::DataSource::FashionMnist))
+        && args.per_class.is_none()
+        && args.train_samples.is_none();
     let test_set = args.data.load(Split::Test, args.eval_samples)?.to_device(device);
     let config = dynrobust_experiments::execute::config_for_data(mechanism.clone(), &source, &train_set)?;
     let train_set = train_set.to_device(device);
     tch::manual_seed(args.seed as i64);
     let mut net = Net::new(config.clone(), device)?;
-    let init_from = init_weights(&mut net, &args, &mechanism)?;
+    let init_from = init_weights(&mut net, &args, &mechanism, whole_split)?;
     eprintln!("training {} on {} ({} images), {} epochs, seed {}", args.model, train_set.name, train_set.len(), cfg.epochs, cfg.seed);
     let (report, loss) = train_family(&mut net, &train_set, &cfg, init_from.is_some())?;
     let evaluation = evaluate(&net, &test_set, 256)?;
@@ -128,8 +131,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism) -> Result<Option<String>> {
-    let init = args.init.clone().unwrap_or_else(|| if fits_committed_static(net.config()) { "static".into() } else { "none".into() });
+fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism, whole_split: bool) -> Result<Option<String>> {
+    let default = if may_start_from_committed_static(net.config(), whole_split) { "static" } else { "none" };
+    let init = args.init.clone().unwrap_or_else(|| default.into());
     if matches!(mechanism, Mechanism::Static) || init == "none" {
         return Ok(None);
     }

@@ -93,6 +93,21 @@ fn train_writes_a_checkpoint_with_its_sidecar() {
 }
 
 #[test]
+fn a_k_shot_surrogate_trains_from_scratch_with_enough_steps() {
+    // --per-class 2: 20 images; it must not start from the committed static (trained on all
+    // 60,000), and the default schedule stretches to at least 300 optimiser steps
+    let dir = std::env::temp_dir().join(format!("dynrobust-cli-kshot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dynrobust(&["train", "--model", "gated", "--per-class", "2", "--eval-samples", "64", "--out", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let side: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("model.json")).unwrap()).unwrap();
+    assert_eq!(side["training"]["train_samples"], 20);
+    assert!(side["training"]["init_from"].is_null(), "a k-shot surrogate inherited weights: {}", side["training"]);
+    assert_eq!(side["training"]["epochs"], 300, "one step per epoch at batch 128: 300 epochs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn info_lists_units_with_macs() {
     let out = dynrobust(&["info", "--model", "skipnet"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -18,7 +18,7 @@ use dynrobust_core::{Error, Result};
 use dynrobust_defenses::evaluate::run_defended;
 use dynrobust_defenses::registry::DefenseSpec;
 use dynrobust_models::checkpoint::{self, Sidecar};
-use dynrobust_models::train::{evaluate, fits_committed_static, train_family, train_record, TrainConfig};
+use dynrobust_models::train::{default_epochs, evaluate, may_start_from_committed_static, train_family, train_record, TrainConfig};
 use dynrobust_models::{AnyModel, Mechanism, ModelConfig, Net};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -242,6 +242,9 @@ pub struct VariantTrain {
     pub epochs: Option<i64>,
     /// Training images per class (default: the whole training split).
     pub per_class: Option<i64>,
+    /// Data set it trains on (default: the cell's), e.g. `mnist` for a cross-data-set
+    /// surrogate (DeepSloth's scenario 2).
+    pub data: Option<String>,
     pub lr: Option<f64>,
     #[serde(default)]
     pub seed: u64,
@@ -317,19 +320,23 @@ fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()
         "skipnet" => Mechanism::Skipnet { target_rate: v.target_rate.unwrap_or(0.6) },
         other => return Err(Error::config(format!("{field}.model"), format!("`{other}`: expected static, sdn, gated or skipnet"))),
     };
-    let source = DataSpec::parse(data)?;
+    let source = DataSpec::parse(v.data.as_deref().unwrap_or(data))?;
     let mut train_set = source.load(Split::Train, None)?;
     let config = config_for_data(mechanism.clone(), &source, &train_set)?;
-    let defaults = TrainConfig::default_for(&mechanism);
-    let cfg = TrainConfig { epochs: v.epochs.unwrap_or(defaults.epochs), lr: v.lr.unwrap_or(defaults.lr), seed: v.seed, ..defaults }.validated()?;
     if let Some(k) = v.per_class {
         train_set = train_set.per_class(k)?;
     }
+    let defaults = TrainConfig::default_for(&mechanism);
+    let epochs = v.epochs.unwrap_or_else(|| default_epochs(defaults.epochs, train_set.len(), defaults.batch_size));
+    let cfg = TrainConfig { epochs, lr: v.lr.unwrap_or(defaults.lr), seed: v.seed, ..defaults }.validated()?;
+    let whole_split = matches!(source, DataSpec::Named(dynrobust_core::data::DataSource::FashionMnist)) && v.per_class.is_none();
     let test_set = source.load(Split::Test, None)?.take(2000);
     tch::manual_seed(v.seed as i64);
     let mut net = Net::new(config.clone(), Device::Cpu)?;
-    // the committed static weights fit only the 1×28×28, 10-class backbone; other shapes train from scratch
-    let init_from = if matches!(mechanism, Mechanism::Static) || !fits_committed_static(&config) {
+    // the committed static weights fit only the 1×28×28, 10-class backbone and were trained on
+    // the whole Fashion-MNIST training split; other shapes and k-shot or other-data surrogates
+    // train from scratch
+    let init_from = if matches!(mechanism, Mechanism::Static) || !may_start_from_committed_static(&config, whole_split) {
         None
     } else {
         checkpoint::init_from(&mut net, &checkpoint::committed_dir("static").join(checkpoint::WEIGHTS_FILE))?;

@@ -335,6 +335,12 @@ impl Cx<'_> {
         };
         let base = self.variant_base(name, v)?;
         let train = v.train.as_ref().map(|t| table_json(t.get_ref()));
+        if let (Some(t), Some(json)) = (&v.train, &train) {
+            // the table's keys and types now, not when the runner gets to training it
+            if let Err(e) = serde_json::from_value::<crate::execute::VariantTrain>(json.clone()) {
+                return Err(self.err(&t.span(), format!("variant `{name}`: `train`: {e}")));
+            }
+        }
         let exits = v.exits.as_ref().map(|e| e.get_ref().clone());
         Ok(ModelRef { name: name.to_string(), base, threshold, exits, train })
     }

@@ -133,6 +133,8 @@ fn malformed() -> Vec<(String, usize, &'static str)> {
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\nthreshold = 1.5\n"), 10, "threshold"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"nope\"\nthreshold = 0.5\n"), 9, "variants.base"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"vgg\" }}\n"), 9, "train.model"),
+        (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", taget_rate = 0.3 }}\n"), 9, "taget_rate"),
+        (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", per_class = \"ten\" }}\n"), 9, "`train`"),
         (format!("{base}[[variants]]\nname = \"sdn\"\nthreshold = 0.5\n"), 8, "variants.name"),
         (format!("{base}[[exclude]]\nmodel = \"sdn\"\n"), 7, "exclude"),
         (format!("{base}[[include]]\nmodle = \"sdn\"\n"), 8, "modle"),

@@ -165,6 +165,27 @@ pub fn fits_committed_static(config: &crate::ModelConfig) -> bool {
     (config.in_channels, config.image_size, config.classes) == (1, 28, 10)
 }
 
+/// Whether a dynamic net of `config` may start, by default, from the committed `static`
+/// weights: they must fit it ([`fits_committed_static`]) and it must train on what they were
+/// trained on, the whole Fashion-MNIST training split. A surrogate trained on k images per
+/// class, on a subset, or on another data set (the lightweight black-box setting of Sun et
+/// al. 2022, DeepSloth's cross-data-set scenario) must not inherit a backbone that saw the
+/// victim's 60,000 training images, so it trains from scratch unless asked otherwise.
+pub fn may_start_from_committed_static(config: &crate::ModelConfig, whole_fashion_mnist_train_split: bool) -> bool {
+    fits_committed_static(config) && whole_fashion_mnist_train_split
+}
+
+/// Optimiser steps a default schedule gives at least: on a few hundred images (a k-shot
+/// surrogate) the families' 2–3 default epochs would be 2–9 steps, next to no training.
+pub const MIN_DEFAULT_STEPS: i64 = 300;
+
+/// The default epochs for `images` training images at `batch_size`: the family's default,
+/// raised so that training takes at least [`MIN_DEFAULT_STEPS`] optimiser steps.
+pub fn default_epochs(family_default: i64, images: i64, batch_size: i64) -> i64 {
+    let steps_per_epoch = (images + batch_size - 1) / batch_size.max(1);
+    family_default.max((MIN_DEFAULT_STEPS + steps_per_epoch - 1) / steps_per_epoch.max(1))
+}
+
 /// The sidecar's words for [`train_joint`] of an SDN.
 pub const SDN_JOINT_LOSS: &str = "joint SDN training: final-head cross-entropy + sum over internal classifiers of cross-entropy, every weight trained";
 

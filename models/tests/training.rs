@@ -87,3 +87,26 @@ fn bad_training_configs_are_refused_with_the_field_named() {
         assert!(err.contains(&format!("`{field}`")), "{err}");
     }
 }
+
+#[test]
+fn small_training_sets_get_enough_optimiser_steps_by_default() {
+    use dynrobust_models::train::{default_epochs, MIN_DEFAULT_STEPS};
+    // the whole Fashion-MNIST split at batch 128: 469 steps per epoch, the family default holds
+    assert_eq!(default_epochs(3, 60_000, 128), 3);
+    // k = 1 per class (10 images): one step per epoch, so 300 epochs
+    assert_eq!(default_epochs(3, 10, 128), MIN_DEFAULT_STEPS);
+    // k = 100 (1,000 images): 8 steps per epoch → 38 epochs (304 steps)
+    assert_eq!(default_epochs(3, 1_000, 128), 38);
+}
+
+#[test]
+fn only_whole_split_fashion_mnist_nets_start_from_the_committed_static() {
+    use dynrobust_models::train::may_start_from_committed_static;
+    use dynrobust_models::{Mechanism, ModelConfig};
+    let gated = ModelConfig::resnet14n(Mechanism::Gated { target_rate: 0.5 }, 0.286, 0.353).unwrap();
+    assert!(may_start_from_committed_static(&gated, true));
+    // a k-shot, subset or other-data surrogate must not inherit the victim's training
+    assert!(!may_start_from_committed_static(&gated, false));
+    let cifar = ModelConfig::resnet20(Mechanism::Gated { target_rate: 0.5 }, vec![0.5; 3], vec![0.25; 3], 10).unwrap();
+    assert!(!may_start_from_committed_static(&cifar, true));
+}
