@@ -3,8 +3,11 @@
 //! publish its loss). What dynrobust optimises, by PGD (sign ascent, L∞ or L2 ball):
 //!
 //! - `joint`: `CE_avg(x_adv, y) + λ·E(x_adv)` — misclassify *and* raise compute;
-//! - `stealthy`: `−CE_avg(x_adv, ŷ_clean) + λ·E(x_adv)` — keep the clean prediction and raise
-//!   compute (GradMDM's accuracy-maintaining option is another form of it).
+//! - `stealthy`: `−CE_final(x_adv, ŷ_clean) + λ·E(x_adv)` — keep the clean (deployed)
+//!   prediction on the final head, where a sample the attack delays is decided, and raise
+//!   compute (GradMDM's accuracy-maintaining option is another form of it). Not `CE_avg`:
+//!   keeping every internal classifier confident in ŷ_clean would pull samples back to an
+//!   early exit, against the energy term.
 //!
 //! `CE_avg` is the cross-entropy averaged over every exit and the final head (DeepSloth's
 //! PGD-avg; the final head alone for gated models). The energy term `E` is, for exit models,
@@ -121,7 +124,11 @@ impl Attack for Mechanism {
         let start = if c.random_start { random_start(x, c.eps, c.norm, &mut dynrobust_core::rng::SeededRng::new(c.seed)) } else { x.copy() };
         ascend(x, start, (c.eps, c.norm), c.steps, alpha, model.eot_samples(), |leaf| {
             let trace = model.forward_trace(leaf, Pass::Dense)?;
-            let ce = accuracy_loss_per_sample(&trace, &target, ExitLoss::Avg);
+            let keep_or_fool = match c.variant {
+                MechanismVariant::Joint => ExitLoss::Avg,
+                MechanismVariant::Stealthy => ExitLoss::Final,
+            };
+            let ce = accuracy_loss_per_sample(&trace, &target, keep_or_fool);
             Ok((ce * sign + energy_term(&trace)? * c.energy_weight).sum(Kind::Float))
         })
     }

@@ -163,6 +163,18 @@ fn mechanism_raises_sdn_and_gated_cost() {
 }
 
 #[test]
+fn stealthy_mechanism_raises_cost_and_keeps_the_predictions() {
+    let _lock = common::torch_lock();
+    // measured on 1,000 images: sdn recovery 61.8 % with 0.2 % of the predictions changed,
+    // gated 40.7 % with 0.1 % (the joint variant changes 42 % / 79 %)
+    for model in ["sdn", "gated"] {
+        let r = run(model, &*build("mechanism-stealthy", json!({})), N);
+        assert_raises_cost(&r);
+        assert!(r.fooled_rate <= 0.05, "{model}: the stealthy variant changed {:.1} % of the predictions", 100.0 * r.fooled_rate);
+    }
+}
+
+#[test]
 fn pgd_linf_lowers_static_and_sdn_accuracy() {
     let _lock = common::torch_lock();
     for model in ["static", "sdn"] {
