@@ -41,6 +41,9 @@ pub struct DefendArgs {
     /// Regulariser weight λ.
     #[arg(long)]
     weight: Option<f64>,
+    /// Gate threshold τ of gate-consistency (on the gate probabilities; default 0.5).
+    #[arg(long)]
+    tau: Option<f64>,
     /// Attack crafting the training examples (default per recipe).
     #[arg(long)]
     attack: Option<String>,
@@ -77,6 +80,9 @@ pub fn run(args: DefendArgs) -> Result<()> {
     }
     if let Some(w) = args.weight {
         cfg.weight = w;
+    }
+    if let Some(t) = args.tau {
+        cfg.tau = t;
     }
     if let Some(a) = &args.attack {
         cfg.attack = a.clone();

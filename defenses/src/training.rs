@@ -16,6 +16,13 @@
 //!   words; we implement the words.)
 //! - `cost-cap`, gated: task loss + λ·mean relu(ĉ(x_adv) − ĉ(x)) with the differentiable
 //!   expected cost ĉ = Σ_j g_j·MACs_j / static MACs.
+//!
+//! In gate-consistency g_j are the soft gate probabilities (τ thresholds them; `--tau`). The
+//! crafting attack's random start is reseeded per batch from the config's seed
+//! ([`reseeded_attack`]). The committed `*-pgd-at` and `sdn-deepsloth-at` checkpoints were
+//! trained before that change, with one start pattern for every batch (their sidecars' loss
+//! text has no "reseeded" note); the gate-consistency ones at τ = 0.5, where the old and the
+//! new penalty have the same gradient.
 
 
 use dynrobust_core::data::Dataset;
@@ -135,11 +142,33 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
     dynrobust_core::attack::prepare_fit(&*attack, |n| Ok(data.take(n).images))?;
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
     let schedule = cfg.schedule();
+    let mut batch = 0u64;
     let run = optimise(net, data, &schedule, &format!("defend {:?}", cfg.recipe), |net, x, y| {
-        let x_adv = attack.perturb(net, x, y)?.detach();
+        let x_adv = match reseeded_attack(&cfg, &*attack, batch)? {
+            Some(fresh) => fresh.perturb(net, x, y)?,
+            None => attack.perturb(net, x, y)?,
+        }
+        .detach();
+        batch += 1;
         Ok(step_loss(net, &mechanism, &cfg, x, &x_adv, y, ic_only))
     })?;
     Ok(DefendReport { run, schedule, loss: describe(&cfg) })
+}
+
+/// For an attack with a seeded random start (PGD, DeepSloth, the mechanism attack): a copy
+/// whose seed is drawn from `cfg.seed` and the batch index, so every training batch starts
+/// from fresh noise, as Madry et al.'s adversarial training does (an attack reseeds its own
+/// generator at every call, so one instance would give every batch the same noise). `None`
+/// for an attack without a seed, and for a universal one.
+pub fn reseeded_attack(cfg: &DefendConfig, attack: &dyn dynrobust_core::attack::Attack, batch: u64) -> Result<Option<Box<dyn dynrobust_core::attack::Attack>>> {
+    let serde_json::Value::Object(mut params) = attack.config_json() else { return Ok(None) };
+    // a universal perturbation is fitted once (on the training images it was handed) and kept
+    if !params.contains_key("seed") || !attack.batch_independent() {
+        return Ok(None);
+    }
+    let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(batch);
+    params.insert("seed".into(), seed.into());
+    Ok(Some(dynrobust_attacks::registry::build(&cfg.attack, &serde_json::Value::Object(params))?))
 }
 
 fn describe(cfg: &DefendConfig) -> String {
@@ -150,7 +179,7 @@ fn describe(cfg: &DefendConfig) -> String {
         Recipe::GateConsistency => format!("CE(x) + {w}·rate(x) + {w}·mean Σ_j relu(g_j(x_adv) − {t})·[g_j(x) < {t}] (gate consistency)", w = cfg.weight, t = cfg.tau),
         Recipe::CostCap => format!("CE(x) + {w}·rate(x) + {w}·mean relu(ĉ(x_adv) − ĉ(x)) (cost cap, ĉ expected cost)", w = cfg.weight),
     };
-    format!("{base}; x_adv from {} {}", cfg.attack, cfg.attack_params)
+    format!("{base}; x_adv from {} {} (random starts reseeded per batch)", cfg.attack, cfg.attack_params)
 }
 
 fn step_loss(net: &Net, mechanism: &Mechanism, cfg: &DefendConfig, x: &Tensor, x_adv: &Tensor, y: &Tensor, ic_only: bool) -> Tensor {
@@ -179,7 +208,7 @@ fn step_loss(net: &Net, mechanism: &Mechanism, cfg: &DefendConfig, x: &Tensor, x
         }
         (Recipe::GateConsistency, _) => {
             let task = clean.logits.cross_entropy_for_logits(y) + target_rate_loss(&clean.gates, target) * cfg.weight;
-            task + gate_flip_penalty(&clean.gates, &adv.gates, cfg.tau) * cfg.weight
+            task + gate_flip_penalty(&clean.gate_probs, &adv.gate_probs, cfg.tau) * cfg.weight
         }
         (Recipe::CostCap, _) => {
             let task = clean.logits.cross_entropy_for_logits(y) + target_rate_loss(&clean.gates, target) * cfg.weight;
@@ -196,8 +225,11 @@ fn soft_ce(a: &Tensor, b: &Tensor) -> Tensor {
     -(b.softmax(-1, Kind::Float) * a.log_softmax(-1, Kind::Float)).sum(Kind::Float) / batch
 }
 
-/// Mean over samples of Σ_j relu(g_j(x_adv) − τ)·[g_j(x) < τ] (`gates` are straight-through
-/// hard decisions, soft in gradient).
+/// Mean over samples of Σ_j relu(g_j(x_adv) − τ)·[g_j(x) < τ] on the soft gate probabilities
+/// `g` (one `[B]` per gate), so τ is a threshold on them. (It once read the straight-through
+/// decisions, which are 0 or 1 in value, so τ only scaled the logged loss; at the default
+/// τ = 0.5 the gradient is the same either way — decision = [p > 0.5] — so the committed
+/// gate-consistency checkpoints, trained at 0.5, are what this trains.)
 pub fn gate_flip_penalty(clean: &[Tensor], adv: &[Tensor], tau: f64) -> Tensor {
     let terms: Vec<Tensor> = clean.iter().zip(adv).map(|(gc, ga)| (ga - tau).relu() * gc.detach().lt(tau).to_kind(Kind::Float)).collect();
     Tensor::stack(&terms, 1).sum_dim_intlist(&[1i64][..], false, Kind::Float).mean(Kind::Float)

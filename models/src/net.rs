@@ -36,6 +36,9 @@ pub struct TrainOutput {
     pub exit_logits: Vec<Tensor>,
     /// Straight-through gate decisions (value hard, gradient soft), one `[B]` per gate.
     pub gates: Vec<Tensor>,
+    /// The soft gate probabilities those decisions threshold at 0.5 (with Gumbel noise when
+    /// the pass draws it), one `[B]` per gate.
+    pub gate_probs: Vec<Tensor>,
 }
 
 /// A ResNet with an optional dynamic mechanism.
@@ -361,7 +364,7 @@ impl Net {
     /// `gumbel`). Gates are hard in value and pass their gradient straight through.
     pub fn forward_train(&self, x: &Tensor, train: bool, gumbel: bool) -> TrainOutput {
         let dense = self.dense(x, train, gumbel, false);
-        TrainOutput { logits: dense.final_logits, exit_logits: dense.exit_logits, gates: dense.gates_st }
+        TrainOutput { logits: dense.final_logits, exit_logits: dense.exit_logits, gates: dense.gates_st, gate_probs: dense.gate_probs }
     }
 
     /// The dense pass shared by inference and training.
