@@ -202,3 +202,27 @@ fn committed_models_are_found_in_the_checkout_the_binary_runs_in() {
     assert!(!outside.status.success(), "found a checkpoint that only the other clone has");
     assert!(stderr(&outside).contains("static-only-in-this-clone"), "{}", stderr(&outside));
 }
+
+#[test]
+fn a_training_time_defense_is_evaluated_on_its_checkpoint() {
+    // `--defense pgd-at` must attack the adversarially trained checkpoint (adaptive), or craft
+    // on the bare model and evaluate the checkpoint (oblivious) — never the bare model alone
+    let json_of = |args: &[&str]| {
+        let mut all = vec!["attack", "--attack", "fgsm", "--n", "128", "--json"];
+        all.extend_from_slice(args);
+        let out = dynrobust(&all);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let defended = json_of(&["--model", "gated", "--defense", "pgd-at", "--defense-set", "checkpoint=gated-pgd-at"]);
+    let direct = json_of(&["--model", concat!(env!("CARGO_MANIFEST_DIR"), "/../models/checkpoints/gated-pgd-at")]);
+    let bare = json_of(&["--model", "gated"]);
+    for key in ["clean_acc", "clean_cost", "adv_acc", "adv_cost"] {
+        assert_eq!(defended[key], direct[key], "{key}: defended run = the checkpoint attacked directly");
+    }
+    assert_ne!(defended["clean_cost"], bare["clean_cost"], "the bare model was evaluated");
+    let oblivious = json_of(&["--model", "gated", "--defense", "pgd-at", "--defense-set", "checkpoint=gated-pgd-at", "--oblivious"]);
+    assert_eq!(oblivious["defense_mode"], "oblivious");
+    assert_eq!(oblivious["clean_acc"], direct["clean_acc"], "evaluated on the checkpoint");
+    assert_ne!(oblivious["adv_acc"], direct["adv_acc"], "crafted on the bare model, not on the checkpoint");
+}

@@ -29,9 +29,11 @@ pub struct DefendedOutcome {
     pub x_adv: Tensor,
 }
 
-/// Runs `attack` against `net` (native or TorchScript) behind `defense`. `load` gives a second
-/// copy of the bare network when an oblivious run needs one; `calibration` is clean data for
-/// the cost monitor. The budget cap needs a native network.
+/// Runs `attack` against `net` (native or TorchScript, the bare model the defense protects)
+/// behind `defense`. `load` gives a second copy of the bare network when an oblivious run needs
+/// one; `calibration` is clean data for the cost monitor. The budget cap needs a native
+/// network. A training-time defense is evaluated on its checkpoint (loaded here, on the data's
+/// device); oblivious, its examples are crafted on `net`, the undefended model.
 #[allow(clippy::too_many_arguments)]
 pub fn run_defended(
     net: AnyModel,
@@ -46,7 +48,13 @@ pub fn run_defended(
 ) -> Result<DefendedOutcome> {
     let mut extra = json!({ "defense_mode": mode });
     let (eval, craft): (Box<dyn DynamicModel>, Option<Box<dyn DynamicModel>>) = match defense {
-        DefenseSpec::None | DefenseSpec::Monitor(_) | DefenseSpec::Trained { .. } => (Box::new(net), None),
+        DefenseSpec::None | DefenseSpec::Monitor(_) => (Box::new(net), None),
+        DefenseSpec::Trained { checkpoint, .. } => {
+            let dir = dynrobust_models::checkpoint::resolve(checkpoint)?;
+            let trained = AnyModel::Native(dynrobust_models::checkpoint::load(&dir, data.images.device())?.0);
+            let oblivious = (mode == Adaptivity::Oblivious).then(|| Box::new(net) as Box<dyn DynamicModel>);
+            (Box::new(trained), oblivious)
+        }
         DefenseSpec::Transform { name, params } => {
             let oblivious = (mode == Adaptivity::Oblivious).then(load).transpose()?;
             (Box::new(Defended::new(net, build_transform(name, params)?)), oblivious.map(|n| Box::new(n) as Box<dyn DynamicModel>))

@@ -154,10 +154,8 @@ impl Executor for RealExecutor {
         };
         let data = worker.data(&c.data, Split::Test)?.take(c.n as i64);
         let probe = data.images.narrow(0, 0, data.len().min(8));
-        let net = match &spec {
-            DefenseSpec::Trained { checkpoint, .. } => AnyModel::Native(checkpoint::load(&checkpoint::resolve(checkpoint)?, self.device)?.0),
-            _ => self.load(&c.model, &probe)?,
-        };
+        // a training-time defense loads its own checkpoint (run_defended); `net` is the bare model
+        let net = self.load(&c.model, &probe)?;
         let attack = self.attack(cell, &probe)?;
         prepare_fit(&*attack, |n| Ok(worker.data(&c.data, Split::Train)?.take(n).images))?;
         let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
@@ -199,8 +197,7 @@ impl Executor for RealExecutor {
 fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
     match spec {
         DefenseSpec::None | DefenseSpec::Monitor(_) => true,
-        DefenseSpec::Trained { .. } => false,
-        DefenseSpec::Transform { .. } | DefenseSpec::Budget(_) => mode == Adaptivity::Oblivious,
+        DefenseSpec::Trained { .. } | DefenseSpec::Transform { .. } | DefenseSpec::Budget(_) => mode == Adaptivity::Oblivious,
     }
 }
 
