@@ -337,6 +337,9 @@ impl Attack for DeepSloth {
     fn batch_independent(&self) -> bool {
         self.cfg.variant != Variant::Universal
     }
+    fn iterations(&self) -> Option<usize> {
+        Some(self.cfg.steps())
+    }
     fn fit_images(&self) -> Option<i64> {
         let c = &self.cfg;
         (c.variant == Variant::Universal && c.fit_on == FitOn::Train)

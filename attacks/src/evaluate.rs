@@ -39,6 +39,8 @@ pub struct AttackRecord {
     /// input std σ — GradMDM's `mse.py` figure; absent when the model does not name its σ.
     pub mse_normalised: Option<f64>,
     pub seconds: f64,
+    /// Attack iterations per batch ([`Attack::iterations`]).
+    pub iterations: Option<usize>,
     pub clean_exit_hist: Option<Vec<i64>>,
     pub adv_exit_hist: Option<Vec<i64>>,
     pub clean_efficacy: Option<f64>,
@@ -233,6 +235,7 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         mse: acc.sq_sum / acc.elems.max(1.0),
         mse_normalised: acc.std.as_ref().map(|_| acc.sq_sum_normalised / acc.elems.max(1.0)),
         seconds,
+        iterations: attack.iterations(),
         clean_efficacy: efficacy(&clean_hist),
         adv_efficacy: efficacy(&adv_hist),
         clean_exit_hist: clean_hist,

@@ -39,6 +39,9 @@ impl Attack for Transfer {
     fn config_json(&self) -> serde_json::Value {
         serde_json::json!({"inner": self.inner.name(), "inner_config": self.inner.config_json(), "surrogate": self.surrogate.name()})
     }
+    fn iterations(&self) -> Option<usize> {
+        self.inner.iterations()
+    }
     fn budget(&self) -> Option<(f64, Norm)> {
         self.inner.budget()
     }

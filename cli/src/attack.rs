@@ -222,7 +222,7 @@ fn print_table(r: &AttackRecord) {
     eprintln!("model       {}", r.model);
     eprintln!("attack      {} (goal {:?}, eps {}, norm {})", r.attack, r.goal, r.eps.map_or("–".into(), |e| format!("{e:.4}")), r.norm.map_or("–".into(), |n| format!("{n:?}")));
     eprintln!("images      {}", r.n);
-    eprintln!("accuracy    clean {}  adv {}", pct(r.clean_acc), pct(r.adv_acc));
+    eprintln!("accuracy    clean {}  adv {}  fooled {} of the clean-correct", pct(r.clean_acc), pct(r.adv_acc), pct(r.fooled_rate));
     eprintln!("cost        clean {:.4}  adv {:.4}  recovery {}", r.clean_cost, r.adv_cost, pct(r.recovery));
     if let (Some(a), Some(b)) = (&r.clean_exit_hist, &r.adv_exit_hist) {
         eprintln!("exits       clean {a:?}\n            adv   {b:?}");
@@ -240,7 +240,7 @@ fn print_table(r: &AttackRecord) {
         (None, Some(note)) => eprintln!("RAPL        {note}"),
         _ => {}
     }
-    eprintln!("time        {:.2} s", r.seconds);
+    eprintln!("time        {:.2} s ({} iterations)", r.seconds, r.iterations.map_or("–".into(), |i| i.to_string()));
 }
 
 /// Writes `examples.png` (rows: clean, adversarial, perturbation ×10 around grey) for the

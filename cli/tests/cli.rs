@@ -129,6 +129,7 @@ fn attack_json_has_the_schema_fields_and_saves_examples() {
         assert!(v.get(field).is_some(), "field {field} missing in {v}");
     }
     assert_eq!(v["n"], 32);
+    assert_eq!(v["iterations"], 30, "DeepSloth's default 30 iterations (its config leaves `steps` unset)");
     assert!((v["eps"].as_f64().unwrap() - 8.0 / 255.0).abs() < 1e-12);
     assert!(v["linf_max"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6);
     assert!(v["adv_cost"].as_f64().unwrap() > v["clean_cost"].as_f64().unwrap(), "DeepSloth raises cost: {v}");

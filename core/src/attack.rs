@@ -68,6 +68,12 @@ pub trait Attack {
     /// Crafts adversarial examples for a whole batch; output in [0,1], same shape as `x`.
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor>;
 
+    /// Iterations the attack runs per batch (the metrics' `iterations`): by default its config's
+    /// `steps` or `iterations` field ([`iterations_in`]).
+    fn iterations(&self) -> Option<usize> {
+        iterations_in(&self.config_json())
+    }
+
     /// False when a batch's result depends on the batches perturbed before it (a universal
     /// perturbation fitted on the first batch and reused): such an attack's batches cannot be
     /// cached or replayed one by one.
@@ -174,6 +180,13 @@ pub fn project(x_adv: &Tensor, x: &Tensor, eps: f64, norm: Norm) -> Tensor {
         }
     };
     (x + delta).clamp(0.0, 1.0)
+}
+
+/// The `steps` or `iterations` field of an attack config (or of its `inner_config`, for an
+/// attack that wraps another).
+pub fn iterations_in(config: &serde_json::Value) -> Option<usize> {
+    let c = config.get("inner_config").unwrap_or(config);
+    c.get("steps").or_else(|| c.get("iterations")).and_then(serde_json::Value::as_u64).map(|n| n as usize)
 }
 
 /// Gradient of the scalar `loss(x)` with respect to `x` (x is detached first).

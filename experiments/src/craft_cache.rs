@@ -94,6 +94,9 @@ impl Attack for CraftCache {
     fn config_json(&self) -> Value {
         self.inner.config_json()
     }
+    fn iterations(&self) -> Option<usize> {
+        self.inner.iterations()
+    }
     fn budget(&self) -> Option<(f64, Norm)> {
         self.inner.budget()
     }
