@@ -183,7 +183,11 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     let attack = registry::build(&args.attack, &overrides(&args)?)?;
     let device = args.device.device()?;
     let data = args.data.load(Split::Test, Some(args.n))?.to_device(device);
-    let calibration = matches!(spec, DefenseSpec::Monitor(_)).then(|| args.data.load(Split::Train, Some(2000)).map(|d| d.to_device(device))).transpose()?;
+    // the monitor's own `calibration` count of clean training images (as the runner does)
+    let calibration = match &spec {
+        DefenseSpec::Monitor(m) => Some(args.data.load(Split::Train, Some(m.calibration))?.to_device(device)),
+        _ => None,
+    };
     let victim = load_victim(&args, device, &data.images)?;
     attack.check_model(&victim)?;
     prepare_attack_fit(&*attack, &args.data, device)?;

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tch::Tensor;
 
 use crate::guards::{apply_budget, CostMonitor};
-use crate::registry::{build_transform, DefenseSpec};
+use crate::registry::{build_transform, build_transform_on, DefenseSpec};
 use crate::sanity::gradient_flags;
 use crate::Defended;
 
@@ -57,7 +57,8 @@ pub fn run_defended(
         }
         DefenseSpec::Transform { name, params } => {
             let oblivious = (mode == Adaptivity::Oblivious).then(load).transpose()?;
-            (Box::new(Defended::new(net, build_transform(name, params)?)), oblivious.map(|n| Box::new(n) as Box<dyn DynamicModel>))
+            let transform = build_transform_on(name, params, data.images.device())?;
+            (Box::new(Defended::new(net, transform)), oblivious.map(|n| Box::new(n) as Box<dyn DynamicModel>))
         }
         DefenseSpec::Budget(cfg) => {
             let mut capped = net;

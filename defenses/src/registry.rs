@@ -97,8 +97,15 @@ fn project_path(p: &str) -> std::path::PathBuf {
     }
 }
 
-/// Builds the input transform `name` with `params`.
+/// Builds the input transform `name` with `params` (a learned denoiser on the CPU; see
+/// [`build_transform_on`]).
 pub fn build_transform(name: &str, params: &serde_json::Value) -> Result<Box<dyn InputTransform>> {
+    build_transform_on(name, params, tch::Device::Cpu)
+}
+
+/// Builds the input transform `name` with `params`, a learned denoiser's weights on `device`
+/// (the device of the images it will see).
+pub fn build_transform_on(name: &str, params: &serde_json::Value, device: tch::Device) -> Result<Box<dyn InputTransform>> {
     Ok(match name {
         "bitdepth" => Box::new(BitDepth::new(merged(BitDepthConfig::default(), params)?)?),
         "median" => Box::new(Median::new(merged(MedianConfig::default(), params)?)?),
@@ -108,7 +115,7 @@ pub fn build_transform(name: &str, params: &serde_json::Value) -> Result<Box<dyn
         "denoiser" => {
             let p: DenoiserParams = merged(DenoiserParams::default(), params)?;
             let dir = project_path(&p.checkpoint);
-            let (net, _) = Denoiser::load(&dir, tch::Device::Cpu)?;
+            let (net, _) = Denoiser::load(&dir, device)?;
             Box::new(DenoiserTransform::new(net, p.checkpoint))
         }
         other => {

@@ -119,3 +119,24 @@ fn committed_denoiser_loads_and_is_nearly_the_identity_on_clean_images() {
     assert_eq!(t.units().len(), 1);
     assert_eq!(t.units()[0].macs, 564_480);
 }
+
+#[test]
+fn median_is_a_median_by_hand() {
+    let _lock = torch_lock();
+    let median3 = build_transform("median", &json!({ "kernel": 3 })).unwrap();
+    // a single bright pixel in a dark 6×6 image: a 3×3 median removes it (a mean would leave
+    // 1/9 around it, a max would spread it)
+    let mut v = vec![0f32; 36];
+    v[2 * 6 + 3] = 1.0;
+    let impulse = Tensor::from_slice(&v).view([1, 1, 6, 6]);
+    assert_eq!(median3.apply(&impulse).unwrap().abs().max().double_value(&[]), 0.0, "impulse survived");
+    // a vertical step edge (left half 0, right half 1) is kept exactly
+    let step: Vec<f32> = (0..36).map(|i| if i % 6 >= 3 { 1.0 } else { 0.0 }).collect();
+    let edge = Tensor::from_slice(&step).view([1, 1, 6, 6]);
+    assert_eq!(max_diff(&median3.apply(&edge).unwrap(), &edge), 0.0, "edge moved");
+    // one interior window by hand: values 0.1 … 0.9 in a 3×3 block, the centre becomes 0.5
+    let ramp: Vec<f32> = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4, 0.5].to_vec();
+    let block = Tensor::from_slice(&ramp).view([1, 1, 3, 3]);
+    let centre = median3.apply(&block).unwrap().double_value(&[0, 0, 1, 1]);
+    assert!((centre - 0.5).abs() < 1e-6, "median of 0.1…0.9 is 0.5, got {centre}");
+}
