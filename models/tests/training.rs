@@ -19,6 +19,8 @@ fn mean_loss(net: &Net, x: &Tensor, y: &Tensor) -> f64 {
 
 #[test]
 fn training_on_1k_images_lowers_the_loss() {
+    // libtorch's generator is global: tests of this binary that train must not interleave
+    let _lock = dynrobust_core::testing::torch_lock();
     let data = common::test_images(1024);
     let mut net = fresh(Mechanism::Static, 1);
     let before = mean_loss(&net, &data.images, &data.labels);
@@ -32,6 +34,8 @@ fn training_on_1k_images_lowers_the_loss() {
 
 #[test]
 fn gated_training_moves_gate_rates_towards_the_target() {
+    // libtorch's generator is global: tests of this binary that train must not interleave
+    let _lock = dynrobust_core::testing::torch_lock();
     let data = common::test_images(1024);
     let mut net = fresh(Mechanism::Gated { target_rate: 0.3 }, 2);
     // mean soft execute-probability: it moves continuously, the hard rate only once a gate flips
@@ -49,6 +53,8 @@ fn gated_training_moves_gate_rates_towards_the_target() {
 
 #[test]
 fn training_is_deterministic_under_a_seed() {
+    // libtorch's generator is global: tests of this binary that train must not interleave
+    let _lock = dynrobust_core::testing::torch_lock();
     let data = common::test_images(512);
     let cfg = TrainConfig { epochs: 1, batch_size: 64, lr: 3e-3, seed: 5, cost_weight: 5.0 };
     let mut a = fresh(Mechanism::Skipnet { target_rate: 0.5 }, 5);
@@ -63,6 +69,8 @@ fn training_is_deterministic_under_a_seed() {
 
 #[test]
 fn sdn_training_leaves_the_backbone_untouched() {
+    // libtorch's generator is global: tests of this binary that train must not interleave
+    let _lock = dynrobust_core::testing::torch_lock();
     let data = common::test_images(512);
     let mut net = fresh(Mechanism::Sdn { threshold: 0.9 }, 4);
     let before: Vec<(String, Tensor)> = net.vs.variables().into_iter().filter(|(n, _)| !n.starts_with("exits.")).map(|(n, t)| (n, t.copy())).collect();
