@@ -91,3 +91,35 @@ fn resnet20_layout_macs_match_hand_computation() {
     assert_eq!(macs_of(&sdn, "exit0"), 16 * 4 * 4 * 10);
     assert_eq!(sdn.static_macs(), 40_813_184, "ICs are not part of the static twin");
 }
+
+#[test]
+fn per_exit_cost_of_the_sdn_by_hand() {
+    use dynrobust_core::Pass;
+    // a sample leaving at IC k pays the stem, blocks 0..=k (with their projection shortcuts)
+    // and every IC it passed, 0..=k; one reaching the head pays the whole backbone, the head
+    // and all six ICs
+    let stem = 56_448u64;
+    let blocks = [903_168u64, 903_168, 25_088 + 677_376, 903_168, 25_088 + 677_376, 903_168];
+    let ics = [1_280u64, 1_280, 2_560, 2_560, 2_880, 2_880];
+    let stat = 5_074_368f64;
+    let mut want = Vec::new();
+    for k in 0..6 {
+        want.push((stem + blocks[..=k].iter().sum::<u64>() + ics[..=k].iter().sum::<u64>()) as f64 / stat);
+    }
+    want.push((stem + blocks.iter().sum::<u64>() + 320 + ics.iter().sum::<u64>()) as f64 / stat);
+    let net = net(Mechanism::Sdn { threshold: 0.8 });
+    let got = net.exit_costs().expect("an exit model");
+    assert_eq!(got.len(), 7);
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() < 1e-12, "exit {k}: {g} vs {w} by hand");
+    }
+    // and a pass's per-sample MACs use the same accounting: every sample forced to the head
+    let mut all_head = net;
+    all_head.set_threshold(1.5).unwrap(); // no softmax reaches 1.5: nobody exits early
+    let x = tch::Tensor::rand([4, 1, 28, 28], (tch::Kind::Float, tch::Device::Cpu));
+    for pass in [Pass::Dense, Pass::Sparse] {
+        let t = all_head.forward_trace(&x, pass).unwrap();
+        let macs = Vec::<f64>::try_from(&t.macs).unwrap();
+        assert!(macs.iter().all(|m| (m / stat - want[6]).abs() < 1e-12), "{pass:?}: {macs:?}");
+    }
+}
