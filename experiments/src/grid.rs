@@ -395,6 +395,8 @@ impl Cx<'_> {
             let name = self.plugin("defense", "defenses.name", &d.name, &self.registry.defenses)?;
             let label = self.label(&d.label, &d.name, &mut seen, "defenses")?;
             let params = d.params.as_ref().map_or(serde_json::json!({}), |p| table_json(p.get_ref()));
+            let span = d.params.as_ref().map_or_else(|| d.name.span(), |p| p.span());
+            self.check_defense(&name, &params, &span, "defenses.params")?;
             for mode in self.modes(&name, d)? {
                 out.push(DefenseRef { name: name.clone(), label: label.clone(), mode, params: params.clone() });
             }
@@ -433,6 +435,8 @@ impl Cx<'_> {
             let name = self.plugin("attack", "attacks.name", &a.name, &self.registry.attacks)?;
             let label = self.label(&a.label, &a.name, &mut seen, "attacks")?;
             let params = self.params(&a.params, "attacks.params")?;
+            let span = a.params.as_ref().map_or_else(|| a.name.span(), |p| p.span());
+            self.check_attack(&name, &params, &span, "attacks.params")?;
             let eps = match &a.eps {
                 Some(list) => self.eps_list("attacks.eps", list)?,
                 None if self.registry.eps_free.contains(&name) => vec![None],
@@ -481,12 +485,33 @@ impl Cx<'_> {
         for c in configs.iter_mut().filter(|c| filter.matches(c)) {
             if let Some(p) = &params {
                 merge_object(&mut c.attack.params, p);
+                self.check_attack(&c.attack.name, &c.attack.params, &o.span(), "overrides.params")?;
             }
             if let Some(p) = &defense_params {
                 merge_object(&mut c.defense.params, p);
+                self.check_defense(&c.defense.name, &c.defense.params, &o.span(), "overrides.defense_params")?;
             }
         }
         Ok(())
+    }
+
+    /// Builds the attack's config now (unknown keys, bad values), so a study is refused at
+    /// load with the place, not cell by cell once it runs. Names outside dynrobust's own
+    /// registry (a test's) are left to the runner.
+    fn check_attack(&self, name: &str, params: &serde_json::Value, span: &Span, key: &str) -> Result<()> {
+        if !dynrobust_attacks::registry::names().contains(&name) {
+            return Ok(());
+        }
+        dynrobust_attacks::registry::build(name, params).map(|_| ()).map_err(|e| self.err(span, format!("`{key}` of attack `{name}`: {e}")))
+    }
+
+    /// As [`Self::check_attack`], for a defense's params (a training-time defense's checkpoint
+    /// path may hold `{model}`, filled in per cell, so only its keys are checked here).
+    fn check_defense(&self, name: &str, params: &serde_json::Value, span: &Span, key: &str) -> Result<()> {
+        if !dynrobust_defenses::registry::names().contains(&name) {
+            return Ok(());
+        }
+        dynrobust_defenses::registry::DefenseSpec::parse(name, params).map(|_| ()).map_err(|e| self.err(span, format!("`{key}` of defense `{name}`: {e}")))
     }
 
     fn filter(&self, raw: &RawStudy, axes: &Axes, configs: Vec<CellConfig>) -> Result<Vec<CellConfig>> {
