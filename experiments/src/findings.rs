@@ -295,8 +295,9 @@ fn rq2(rows: &[Row]) -> Option<String> {
     let (stat_k1, _) = at(&["static"], 1);
     let (dyn_s, dyn_t) = at(&DYNAMIC, k_max);
     let (stat_s, stat_t) = at(&["static"], k_max);
-    let more = match (dyn_s, stat_s) {
-        (Some(d), Some(s)) if d > s => "more",
+    // the conclusion needs both sides; the wall time is reported beside it
+    let more = match (dyn_s?, stat_s?) {
+        (d, s) if d > s => "more",
         _ => "less",
     };
     Some(format!(
@@ -333,7 +334,52 @@ fn rq3(rows: &[Row]) -> Option<String> {
         let names: Vec<String> = saturated.iter().map(|s| format!("`{}` (clean cost {})", s.0, fixed(Some(s.3), 3))).collect();
         sentence += &format!(" Not ranked, because they already run (almost) everything on clean inputs — no compute to attack, no saving to lose: {}.", names.join(", "));
     }
+    let axes = design_axes(&mech);
+    if !axes.is_empty() {
+        sentence += &format!(" Recovery along each design axis (clean cost in brackets): {}.", axes.join("; "));
+    }
     Some(sentence)
+}
+
+/// RQ3's design axes among the mechanism-attack rows: SDN threshold q, IC placement (at one
+/// q), AIG gate target rate, and gate architecture (AIG `gated` vs recurrent `skipnet`); each
+/// axis with at least two points, as "name: value → recovery % (clean cost)".
+fn design_axes(mech: &[&Row]) -> Vec<String> {
+    let sdn: Vec<&Row> = mech.iter().copied().filter(|r| r.design.family == "sdn").collect();
+    let q_key = |r: &Row| r.design.threshold.map(|q| format!("q {q}"));
+    let mut axes = Vec::new();
+    let all_ics: Vec<&Row> = sdn.iter().copied().filter(|r| r.design.exits.is_none()).collect();
+    axes.extend(axis("SDN threshold", &all_ics, q_key));
+    // IC placement at the q of the placement variants
+    if let Some(q) = sdn.iter().find(|r| r.design.exits.is_some()).and_then(|r| r.design.threshold) {
+        let at_q: Vec<&Row> = sdn.iter().copied().filter(|r| r.design.threshold == Some(q)).collect();
+        let placement = |r: &Row| Some(r.design.exits.as_ref().map_or("all ICs".to_string(), |e| format!("ICs {e:?}")));
+        axes.extend(axis(&format!("IC placement (q {q})"), &at_q, placement));
+    }
+    let aig: Vec<&Row> = mech.iter().copied().filter(|r| r.design.family == "gated").collect();
+    axes.extend(axis("gate target rate", &aig, |r| r.design.target_rate.map(|t| format!("{t}"))));
+    let committed: Vec<&Row> = mech.iter().copied().filter(|r| (r.model == "gated" || r.model == "skipnet") && r.model == r.design.family).collect();
+    let arch = |r: &Row| Some(if r.model == "gated" { "AIG (`gated`)".to_string() } else { "recurrent (`skipnet`)".to_string() });
+    axes.extend(axis("gate architecture", &committed, arch));
+    axes
+}
+
+/// One axis clause, or `None` with fewer than two distinct points; points in key order.
+fn axis(name: &str, rows: &[&Row], key: impl Fn(&Row) -> Option<String>) -> Option<String> {
+    let mut groups: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        if let Some(k) = key(r) {
+            groups.entry(k).or_default().push(r);
+        }
+    }
+    if groups.len() < 2 {
+        return None;
+    }
+    let points: Vec<String> = groups
+        .iter()
+        .map(|(k, rs)| format!("{k} → {} % ({})", pct(avg(rs.iter().copied(), |r| r.recovery)), fixed(avg(rs.iter().copied(), |r| r.clean_cost), 3)))
+        .collect();
+    Some(format!("{name}: {}", points.join(", ")))
 }
 
 /// Clean cost at or above which a design counts as not dynamic in practice.
@@ -409,6 +455,36 @@ mod tests {
         assert!(s.contains("most robust design is `gated`"), "{s}");
         assert!(s.contains("least robust `sdn`"), "{s}");
         assert!(s.contains("Not ranked") && s.contains("`gated-t0.7` (clean cost 1.000)"), "{s}");
+    }
+
+    #[test]
+    fn rq3_reports_each_design_axis() {
+        use crate::report::Design;
+        let mech = |model: &str, design: Design, clean_cost: f64, recovery: f64| Row {
+            model: model.into(),
+            label: "mechanism".into(),
+            clean_cost: Some(clean_cost),
+            design,
+            ..row("none", None, None, 0.2, 0.9, recovery)
+        };
+        let sdn = |q: f64, exits: Option<Vec<usize>>| Design { family: "sdn".into(), threshold: Some(q), exits, target_rate: None };
+        let aig = |t: f64| Design { family: "gated".into(), target_rate: Some(t), ..Design::default() };
+        let rows = vec![
+            mech("sdn", sdn(0.8, None), 0.47, 0.62),
+            mech("sdn-q0.5", sdn(0.5, None), 0.30, 0.70),
+            mech("sdn-early", sdn(0.8, Some(vec![0, 1, 2])), 0.55, 0.40),
+            mech("gated", aig(0.5), 0.665, 0.24),
+            mech("gated-t0.3", aig(0.3), 0.45, 0.07),
+            mech("skipnet", Design { family: "skipnet".into(), target_rate: Some(0.6), ..Design::default() }, 0.73, 0.45),
+        ];
+        let s = rq3(&rows).unwrap();
+        assert!(s.contains("SDN threshold: q 0.5 → 70.0 % (0.300), q 0.8 → 62.0 % (0.470)"), "{s}");
+        assert!(s.contains("IC placement (q 0.8): ICs [0, 1, 2] → 40.0 % (0.550), all ICs → 62.0 % (0.470)"), "{s}");
+        assert!(s.contains("gate target rate: 0.3 → 7.0 % (0.450), 0.5 → 24.0 % (0.665)"), "{s}");
+        assert!(s.contains("gate architecture: AIG (`gated`) → 24.0 % (0.665), recurrent (`skipnet`) → 45.0 % (0.730)"), "{s}");
+        // one point on an axis is no comparison: no clause
+        let s = rq3(&rows[..2].iter().cloned().chain([rows[3].clone()]).collect::<Vec<_>>()).unwrap();
+        assert!(!s.contains("gate target rate") && !s.contains("IC placement"), "{s}");
     }
 
     #[test]

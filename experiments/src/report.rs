@@ -60,6 +60,46 @@ pub(crate) struct Row {
     pub(crate) clean_gate_rates: Option<Vec<f64>>,
     pub(crate) adv_gate_rates: Option<Vec<f64>>,
     pub(crate) flags: Vec<String>,
+    /// The design the model stands for (RQ3's axes).
+    pub(crate) design: Design,
+}
+
+/// A model's design choices (RQ3): family, SDN threshold q and the ICs in use, gate target
+/// rate. From the cell's model reference (a variant's `threshold`, `exits`, `train` table),
+/// the rest from its base checkpoint's sidecar.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Design {
+    /// static, sdn, gated (AIG gates) or skipnet (recurrent gate); empty when unknown.
+    pub(crate) family: String,
+    pub(crate) threshold: Option<f64>,
+    /// Internal classifiers in use (`None`: all).
+    pub(crate) exits: Option<Vec<usize>>,
+    pub(crate) target_rate: Option<f64>,
+}
+
+impl Design {
+    fn of(model: &crate::study::ModelRef) -> Design {
+        use dynrobust_models::checkpoint;
+        use dynrobust_models::Mechanism;
+        let base = checkpoint::resolve(&model.base).ok().and_then(|d| checkpoint::read_sidecar(&d).ok()).map(|s| s.architecture.mechanism);
+        let (family, threshold, target_rate) = match base {
+            Some(Mechanism::Static) => ("static", None, None),
+            Some(Mechanism::Sdn { threshold }) => ("sdn", Some(threshold), None),
+            Some(Mechanism::Gated { target_rate }) => ("gated", None, Some(target_rate)),
+            Some(Mechanism::Skipnet { target_rate }) => ("skipnet", None, Some(target_rate)),
+            None => ("", None, None),
+        };
+        let train = model.train.as_ref();
+        let family = train.and_then(|t| t.get("model")).and_then(Value::as_str).unwrap_or(family).to_string();
+        let trained_rate = train.and_then(|t| t.get("target_rate")).and_then(Value::as_f64);
+        let trained_q = train.and_then(|t| t.get("threshold")).and_then(Value::as_f64);
+        Design {
+            threshold: model.threshold.or(trained_q).or(threshold),
+            exits: model.exits.clone(),
+            target_rate: trained_rate.or(target_rate),
+            family,
+        }
+    }
 }
 
 impl Row {
@@ -87,6 +127,7 @@ impl Row {
             clean_gate_rates: nums(r, "clean_gate_rates"),
             adv_gate_rates: nums(r, "adv_gate_rates"),
             flags: r.get("flags").and_then(Value::as_array).map_or(Vec::new(), |a| a.iter().map(flag_text).collect()),
+            design: Design::of(&k.model),
         }
     }
 
