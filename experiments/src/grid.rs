@@ -341,7 +341,13 @@ impl Cx<'_> {
                 return Err(self.err(&t.span(), format!("variant `{name}`: `train`: {e}")));
             }
         }
-        let exits = v.exits.as_ref().map(|e| e.get_ref().clone());
+        // a set of block indices: its order must not change the cell id
+        let exits = v.exits.as_ref().map(|e| {
+            let mut blocks = e.get_ref().clone();
+            blocks.sort_unstable();
+            blocks.dedup();
+            blocks
+        });
         Ok(ModelRef { name: name.to_string(), base, threshold, exits, train })
     }
 

@@ -253,3 +253,12 @@ proptest! {
         prop_assert!(a.ids().is_disjoint(&b.ids()));
     }
 }
+
+#[test]
+fn exit_placement_order_does_not_change_ids() {
+    let t = |exits: &str| format!("name = \"p\"\ndata = \"mnist\"\nn = 4\nmodels = [\"v\"]\n[[variants]]\nname = \"v\"\nbase = \"sdn\"\nexits = {exits}\n[[attacks]]\nname = \"pgd-linf\"\n");
+    let a = Study::parse(&t("[2, 5]"), "a.toml", &registry()).unwrap();
+    let b = Study::parse(&t("[5, 2]"), "a.toml", &registry()).unwrap();
+    assert_eq!(a.ids(), b.ids());
+    assert_eq!(a.cells[0].config.model.exits, Some(vec![2, 5]));
+}
