@@ -98,6 +98,8 @@ pub fn run(args: DefendArgs) -> Result<()> {
     let test_set = args.data.load(Split::Test, Some(args.eval_samples))?.to_device(device);
     eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());
     let report = defend(&mut net, &train_set, &cfg)?;
+    // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)
+    net.fold_batch_norm();
     let evaluation = evaluate(&net, &test_set, 256)?;
     eprintln!("done in {:.0} s; test accuracy {:.2} %, mean cost {:.3}", report.run.seconds, 100.0 * evaluation.accuracy, evaluation.mean_cost);
     let root = dynrobust_core::data::project_root();

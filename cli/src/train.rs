@@ -113,6 +113,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let init_from = init_weights(&mut net, &args, &mechanism, whole_split)?;
     eprintln!("training {} on {} ({} images), {} epochs, seed {}", args.model, train_set.name, train_set.len(), cfg.epochs, cfg.seed);
     let (report, loss) = train_family(&mut net, &train_set, &cfg, init_from.is_some())?;
+    // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)
+    net.fold_batch_norm();
     let evaluation = evaluate(&net, &test_set, 256)?;
     eprintln!(
         "done in {:.0} s: loss {:.4}; test accuracy {:.2} %, mean cost {:.3}",

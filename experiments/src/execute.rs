@@ -341,6 +341,8 @@ fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()
     };
     eprintln!("training variant {name} ({}) on {} images", v.model, train_set.len());
     let (report, loss) = train_family(&mut net, &train_set, &cfg, init_from.is_some())?;
+    // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)
+    net.fold_batch_norm();
     let evaluation = evaluate(&net, &test_set, 256)?;
     let sidecar = Sidecar {
         architecture: config,
