@@ -518,3 +518,33 @@ fn backward_norm_passes_a_recurrent_gates_state_gradient_to_earlier_nodes() {
         assert_all_close(&rows(&gx)[b], &want_gx, 1e-5, &format!("input gradient, sample {b}"));
     }
 }
+
+fn hand_trace(final_logits: Tensor, exit_logits: Vec<Tensor>, gate_probs: Vec<Tensor>) -> Trace {
+    let b = final_logits.size()[0];
+    Trace {
+        logits: final_logits.shallow_clone(),
+        final_logits,
+        exit_logits,
+        gate_probs,
+        executed: Tensor::zeros([b, 1], CPU),
+        macs: Tensor::zeros([b], (Kind::Double, Device::Cpu)),
+        exit_index: None,
+    }
+}
+
+#[test]
+fn mechanism_energy_term_by_hand() {
+    use dynrobust_attacks::mechanism::energy_term;
+    // exit model: −Σ_i CE(softmax z_i, uniform), per sample; a uniform IC gives −ln 3 (the
+    // most an IC can add), a confident one far less
+    let ic0 = t2(&[&[0.0, 0.0, 0.0], &[10.0, 0.0, 0.0]]);
+    let ic1 = t2(&[&[0.0, 0.0, 0.0], &[0.0, 0.0, 0.0]]);
+    let e = energy_term(&hand_trace(t2(&[&[0.0; 3], &[0.0; 3]]), vec![ic0, ic1], vec![])).unwrap();
+    let uniform = -(1.0f64 / 3.0 + 1e-9).ln();
+    assert_all_close(&values(&e), &[-2.0 * uniform, -(uniform_ce_f64(&[10.0, 0.0, 0.0]) + uniform)], 1e-5, "exit energy");
+    // gated model: the soft number of executed gated blocks Σ_j p_j
+    let g = energy_term(&hand_trace(t2(&[&[0.0; 3]]), vec![], vec![Tensor::from_slice(&[0.25f32]), Tensor::from_slice(&[0.5f32])])).unwrap();
+    assert_all_close(&values(&g), &[0.75], 1e-6, "gate energy");
+    // a static model has neither: refused
+    assert!(energy_term(&hand_trace(t2(&[&[0.0; 3]]), vec![], vec![])).is_err());
+}
