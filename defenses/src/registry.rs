@@ -24,6 +24,7 @@ pub const DEFENSES: &[(&str, DefenseKind, &str)] = [
     ("monitor", DefenseKind::Guard, "cost monitor: flags inputs above the clean cost's `percentile`; reports TPR/FPR"),
     ("pgd-at", DefenseKind::Training, "PGD adversarial training (`dynrobust defend --recipe pgd-at`)"),
     ("deepsloth-at", DefenseKind::Training, "DeepSloth adversarial training, 'same_logits' (sdn)"),
+    ("mixs", DefenseKind::Training, "DeepSloth's mixs: PGD and DeepSloth examples with the true labels (sdn)"),
     ("slowdown-at", DefenseKind::Training, "slowdown adversarial training on GradMDM examples (gated)"),
     ("gate-consistency", DefenseKind::Training, "penalise gates off on x but on for x_adv (gated)"),
     ("cost-cap", DefenseKind::Training, "penalise expected cost(x_adv) above cost(x) (gated)"),

@@ -8,6 +8,9 @@
 //! - `deepsloth-at` (Hong et al., ICLR 2021, `'same_logits'`), SDN: clean Σ_i CE(z_i(x), y) plus
 //!   Σ_i H_soft(z_i(x), z_i(x_adv)) with x_adv from DeepSloth L∞ (ε 0.03125, step 0.002,
 //!   30 iterations by default).
+//! - `mixs` (DeepSloth's), SDN: clean Σ_i CE(z_i(x), y) plus Σ_i CE(z_i(x_pgd), y) and
+//!   Σ_i CE(z_i(x_sloth), y) — PGD-L∞ and DeepSloth L∞ examples, both with the true labels
+//!   (`'same_output'`), IC-only.
 //! - `slowdown-at`, gated: CE and the target-rate loss on the clean batch and on
 //!   GradMDM/ILFO examples, so the gates keep their rate on attacked inputs.
 //! - `gate-consistency`, gated: task loss + λ·mean Σ_j relu(g_j(x_adv) − τ)·[g_j(x) < τ]: a
@@ -39,6 +42,8 @@ use tch::{Kind, Tensor};
 pub enum Recipe {
     PgdAt,
     DeepslothAt,
+    /// DeepSloth's `mixs`: PGD and DeepSloth examples, both with the true labels (SDN).
+    Mixs,
     SlowdownAt,
     GateConsistency,
     CostCap,
@@ -48,13 +53,13 @@ impl Recipe {
     /// Parses a recipe name.
     pub fn parse(s: &str) -> Result<Self> {
         serde_json::from_value(serde_json::Value::String(s.into()))
-            .map_err(|_| Error::config("recipe", format!("`{s}`: expected one of pgd-at, deepsloth-at, slowdown-at, gate-consistency, cost-cap")))
+            .map_err(|_| Error::config("recipe", format!("`{s}`: expected one of pgd-at, deepsloth-at, mixs, slowdown-at, gate-consistency, cost-cap")))
     }
 
     /// The attack used to craft training examples by default, with its overrides.
     pub fn default_attack(self) -> (&'static str, serde_json::Value) {
         match self {
-            Recipe::PgdAt => ("pgd-linf", serde_json::json!({ "eps": 8.0 / 255.0, "steps": 10 })),
+            Recipe::PgdAt | Recipe::Mixs => ("pgd-linf", serde_json::json!({ "eps": 8.0 / 255.0, "steps": 10 })),
             Recipe::DeepslothAt => ("deepsloth", serde_json::json!({ "eps": 0.03125, "steps": 30, "step_size": 0.002 })),
             Recipe::SlowdownAt | Recipe::GateConsistency | Recipe::CostCap => {
                 ("gradmdm", serde_json::json!({ "mode": "fixed", "eps": 8.0 / 255.0, "iterations": 10, "warmup": 2 }))
@@ -65,13 +70,13 @@ impl Recipe {
     fn check(self, mechanism: &Mechanism) -> Result<()> {
         let ok = match self {
             Recipe::PgdAt => true,
-            Recipe::DeepslothAt => matches!(mechanism, Mechanism::Sdn { .. }),
+            Recipe::DeepslothAt | Recipe::Mixs => matches!(mechanism, Mechanism::Sdn { .. }),
             Recipe::SlowdownAt | Recipe::GateConsistency | Recipe::CostCap => matches!(mechanism, Mechanism::Gated { .. } | Mechanism::Skipnet { .. }),
         };
         if ok {
             Ok(())
         } else {
-            Err(Error::config("recipe", format!("{self:?} does not apply to a `{}` model (deepsloth-at: sdn; slowdown-at, gate-consistency, cost-cap: gated or skipnet)", mechanism.kind_name())))
+            Err(Error::config("recipe", format!("{self:?} does not apply to a `{}` model (deepsloth-at, mixs: sdn; slowdown-at, gate-consistency, cost-cap: gated or skipnet)", mechanism.kind_name())))
         }
     }
 }
@@ -142,6 +147,8 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
     dynrobust_core::attack::prepare_fit(&*attack, |n| Ok(data.take(n).images))?;
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
     let schedule = cfg.schedule();
+    // mixs' second term: DeepSloth L∞ examples at the authors' settings
+    let sloth = (cfg.recipe == Recipe::Mixs).then(|| Recipe::DeepslothAt.default_attack()).map(|(name, params)| dynrobust_attacks::registry::build(name, &params)).transpose()?;
     let mut batch = 0u64;
     let run = optimise(net, data, &schedule, &format!("defend {:?}", cfg.recipe), |net, x, y| {
         let x_adv = match reseeded_attack(&cfg, &*attack, batch)? {
@@ -149,8 +156,16 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
             None => attack.perturb(net, x, y)?,
         }
         .detach();
+        let x_sloth = match &sloth {
+            Some(a) => Some(match reseeded("deepsloth", cfg.seed ^ 0x5105, &**a, batch)? {
+                Some(fresh) => fresh.perturb(net, x, y)?,
+                None => a.perturb(net, x, y)?,
+            }),
+            None => None,
+        }
+        .map(|t| t.detach());
         batch += 1;
-        Ok(step_loss(net, &mechanism, &cfg, x, &x_adv, y, ic_only))
+        Ok(step_loss(net, &mechanism, &cfg, (x, &x_adv, x_sloth.as_ref()), y, ic_only))
     })?;
     Ok(DefendReport { run, schedule, loss: describe(&cfg) })
 }
@@ -161,20 +176,26 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
 /// generator at every call, so one instance would give every batch the same noise). `None`
 /// for an attack without a seed, and for a universal one.
 pub fn reseeded_attack(cfg: &DefendConfig, attack: &dyn dynrobust_core::attack::Attack, batch: u64) -> Result<Option<Box<dyn dynrobust_core::attack::Attack>>> {
+    reseeded(&cfg.attack, cfg.seed, attack, batch)
+}
+
+/// [`reseeded_attack`] for the registry attack `name` with base seed `seed`.
+fn reseeded(name: &str, seed: u64, attack: &dyn dynrobust_core::attack::Attack, batch: u64) -> Result<Option<Box<dyn dynrobust_core::attack::Attack>>> {
     let serde_json::Value::Object(mut params) = attack.config_json() else { return Ok(None) };
     // a universal perturbation is fitted once (on the training images it was handed) and kept
     if !params.contains_key("seed") || !attack.batch_independent() {
         return Ok(None);
     }
-    let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(batch);
+    let seed = seed.wrapping_mul(1_000_003).wrapping_add(batch);
     params.insert("seed".into(), seed.into());
-    Ok(Some(dynrobust_attacks::registry::build(&cfg.attack, &serde_json::Value::Object(params))?))
+    Ok(Some(dynrobust_attacks::registry::build(name, &serde_json::Value::Object(params))?))
 }
 
 fn describe(cfg: &DefendConfig) -> String {
     let base = match cfg.recipe {
         Recipe::PgdAt => "family loss on x + task loss on x_adv (PGD adversarial training)".to_string(),
         Recipe::DeepslothAt => "Σ_i CE(z_i(x), y) + Σ_i H_soft(z_i(x), z_i(x_adv)) (DeepSloth-AT, 'same_logits'), IC-only".to_string(),
+        Recipe::Mixs => "Σ_i CE(z_i(x), y) + Σ_i CE(z_i(x_pgd), y) + Σ_i CE(z_i(x_sloth), y) (DeepSloth's 'mixs', x_sloth from DeepSloth L∞ 8/256, 30 × 0.002), IC-only".to_string(),
         Recipe::SlowdownAt => format!("CE(x) + CE(x_adv) + {}·(rate(x) + rate(x_adv)) (slowdown adversarial training)", cfg.weight),
         Recipe::GateConsistency => format!("CE(x) + {w}·rate(x) + {w}·mean Σ_j relu(g_j(x_adv) − {t})·[g_j(x) < {t}] (gate consistency)", w = cfg.weight, t = cfg.tau),
         Recipe::CostCap => format!("CE(x) + {w}·rate(x) + {w}·mean relu(ĉ(x_adv) − ĉ(x)) (cost cap, ĉ expected cost)", w = cfg.weight),
@@ -182,7 +203,9 @@ fn describe(cfg: &DefendConfig) -> String {
     format!("{base}; x_adv from {} {} (random starts reseeded per batch)", cfg.attack, cfg.attack_params)
 }
 
-fn step_loss(net: &Net, mechanism: &Mechanism, cfg: &DefendConfig, x: &Tensor, x_adv: &Tensor, y: &Tensor, ic_only: bool) -> Tensor {
+/// One batch's loss; `inputs` = (clean, attacked, mixs' DeepSloth examples).
+fn step_loss(net: &Net, mechanism: &Mechanism, cfg: &DefendConfig, inputs: (&Tensor, &Tensor, Option<&Tensor>), y: &Tensor, ic_only: bool) -> Tensor {
+    let (x, x_adv, x_sloth) = inputs;
     let gumbel = matches!(mechanism, Mechanism::Gated { .. });
     let clean = net.forward_train(x, !ic_only, gumbel);
     let adv = net.forward_train(x_adv, !ic_only, gumbel);
@@ -194,6 +217,10 @@ fn step_loss(net: &Net, mechanism: &Mechanism, cfg: &DefendConfig, x: &Tensor, x
     match (cfg.recipe, mechanism) {
         (Recipe::PgdAt, Mechanism::Static) => adv.logits.cross_entropy_for_logits(y),
         (Recipe::PgdAt, Mechanism::Sdn { .. }) => ce_sum(&clean.exit_logits) + ce_sum(&adv.exit_logits),
+        (Recipe::Mixs, _) => {
+            let sloth = x_sloth.map(|xs| ce_sum(&net.forward_train(xs, !ic_only, gumbel).exit_logits));
+            ce_sum(&clean.exit_logits) + ce_sum(&adv.exit_logits) + sloth.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, x.device())))
+        }
         (Recipe::DeepslothAt, _) => {
             let soft: Tensor = clean.exit_logits.iter().zip(&adv.exit_logits).map(|(zc, za)| soft_ce(zc, za)).sum();
             ce_sum(&clean.exit_logits) + soft

@@ -31,3 +31,36 @@ fn gate_consistency_lowers_the_blocks_the_attack_switches_on() {
     assert!(before.blocks_switched_on > 0.1, "the attack should switch blocks on before the defense: {}", before.blocks_switched_on);
     assert!(after.blocks_switched_on < before.blocks_switched_on, "gate consistency did not lower the switched-on fraction: {} → {}", before.blocks_switched_on, after.blocks_switched_on);
 }
+
+#[test]
+fn mixs_trains_only_the_internal_classifiers_and_changes_them() {
+    use dynrobust_core::DynamicModel;
+    let _lock = torch_lock();
+    // a short run (20 images, PGD 2 steps; the DeepSloth term at the authors' 30 steps)
+    let train = DataSource::FashionMnist.load(Split::Train, None).unwrap().per_class(2).unwrap();
+    let mut net = load_committed("sdn");
+    let before: Vec<(String, tch::Tensor)> = net.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let mut cfg = DefendConfig::for_recipe(Recipe::Mixs);
+    cfg.attack_params = json!({"eps": 8.0 / 255.0, "steps": 2});
+    let report = defend(&mut net, &train, &cfg).unwrap();
+    assert!(report.loss.contains("mixs") && report.loss.contains("x_sloth"), "{}", report.loss);
+    let after = net.vs.variables();
+    let (mut ics_changed, mut backbone_changed) = (0, 0);
+    for (name, old) in &before {
+        let moved = !old.equal(&after[name]);
+        match (name.starts_with("exits."), moved) {
+            (true, true) => ics_changed += 1,
+            (false, true) => backbone_changed += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(backbone_changed, 0, "IC-only: the backbone and head stay as they were");
+    assert!(ics_changed > 0, "the internal classifiers were trained");
+    // and the model still classifies
+    let test = test_images(64);
+    let acc = dynrobust_core::metrics::correct(&net.forward_trace(&test.images, dynrobust_core::Pass::Sparse).unwrap().logits, &test.labels)
+        .to_kind(tch::Kind::Float)
+        .mean(tch::Kind::Float)
+        .double_value(&[]);
+    assert!(acc > 0.6, "accuracy after mixs {acc}");
+}
