@@ -15,7 +15,7 @@ use crate::transforms::{BitDepth, BitDepthConfig, Blur, BlurConfig, Jpeg, JpegCo
 pub const DEFENSES: &[(&str, DefenseKind, &str)] = [
     ("none", DefenseKind::Transform, "no defense (the bare model)"),
     ("bitdepth", DefenseKind::Transform, "bit-depth reduction to `bits` (feature squeezing; DefQ-style quantization); BPDA"),
-    ("median", DefenseKind::Transform, "k×k median filter (`kernel`, odd); exact gradients"),
+    ("median", DefenseKind::Transform, "k×k median filter (`kernel` 2, as feature squeezing, or odd 3–7); exact gradients"),
     ("blur", DefenseKind::Transform, "Gaussian blur (`sigma` px); exact gradients"),
     ("jpeg", DefenseKind::Transform, "JPEG re-encoding at `quality`; BPDA"),
     ("noise", DefenseKind::Transform, "additive Gaussian noise (`sigma`), randomised; EOT over `eot` draws"),

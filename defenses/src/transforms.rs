@@ -66,7 +66,7 @@ impl InputTransform for BitDepth {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MedianConfig {
-    /// Window side, odd, 3..=7.
+    /// Window side: 2 (feature squeezing's 2×2, Xu et al. NDSS 2018) or odd 3..=7.
     pub kernel: i64,
 }
 
@@ -83,19 +83,20 @@ pub struct Median {
 }
 
 impl Median {
-    /// Validated: odd `kernel` in 3..=7.
+    /// Validated: `kernel` 2, or odd in 3..=7.
     pub fn new(cfg: MedianConfig) -> Result<Self> {
-        if cfg.kernel % 2 == 0 || !(3..=7).contains(&cfg.kernel) {
-            return Err(Error::config("kernel", format!("{}: expected an odd window side in 3..=7 (an even window has no centre pixel)", cfg.kernel)));
+        if !(cfg.kernel == 2 || (cfg.kernel % 2 == 1 && (3..=7).contains(&cfg.kernel))) {
+            return Err(Error::config("kernel", format!("{}: expected 2 (feature squeezing's 2×2) or an odd window side in 3..=7", cfg.kernel)));
         }
         Ok(Median { cfg })
     }
 }
 
-/// `[B,C,H,W,k·k]` windows of `x` with reflect padding.
+/// `[B,C,H,W,k·k]` windows of `x` with reflect padding; an even window (k = 2) covers the
+/// pixel and its upper-left neighbours, as `scipy.ndimage.median_filter(size=2)` does.
 fn windows(x: &Tensor, k: i64) -> Tensor {
-    let p = k / 2;
-    let padded = x.reflection_pad2d([p, p, p, p]);
+    let (before, after) = if k % 2 == 1 { (k / 2, k / 2) } else { (k / 2, k / 2 - 1) };
+    let padded = x.reflection_pad2d([before, after, before, after]);
     let dims = x.size();
     padded.unfold(2, k, 1).unfold(3, k, 1).reshape([dims[0], dims[1], dims[2], dims[3], k * k])
 }
@@ -111,7 +112,13 @@ impl InputTransform for Median {
         serde_json::to_value(&self.cfg).expect("serialisable")
     }
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(windows(x, self.cfg.kernel).median_dim(-1, false).0)
+        let k = self.cfg.kernel;
+        Ok(if k % 2 == 1 {
+            windows(x, k).median_dim(-1, false).0
+        } else {
+            // an even count has two middle values: the upper one, scipy's rank k·k/2
+            windows(x, k).kthvalue(k * k / 2 + 1, -1, false).0
+        })
     }
     fn backward(&self) -> Backward {
         Backward::Exact

@@ -140,3 +140,21 @@ fn median_is_a_median_by_hand() {
     let centre = median3.apply(&block).unwrap().double_value(&[0, 0, 1, 1]);
     assert!((centre - 0.5).abs() < 1e-6, "median of 0.1…0.9 is 0.5, got {centre}");
 }
+
+#[test]
+fn median_2x2_by_hand() {
+    let _lock = torch_lock();
+    let median2 = build_transform("median", &json!({ "kernel": 2 })).unwrap();
+    // 3×3 image; each output pixel takes the upper of the two middle values of its window
+    // {itself, left, up, up-left}, reflecting at the top/left edge (row −1 = row 1)
+    let x = Tensor::from_slice(&[0.1f32, 0.9, 0.3, 0.5, 0.2, 0.8, 0.7, 0.4, 0.6]).view([1, 1, 3, 3]);
+    let y = median2.apply(&x).unwrap();
+    // pixel (1,1): window (0,0) 0.1, (0,1) 0.9, (1,0) 0.5, (1,1) 0.2 → sorted 0.1 0.2 0.5 0.9 → 0.5
+    assert!((y.double_value(&[0, 0, 1, 1]) - 0.5).abs() < 1e-6, "{y}");
+    // pixel (2,2): 0.2, 0.8, 0.4, 0.6 → 0.2 0.4 0.6 0.8 → 0.6
+    assert!((y.double_value(&[0, 0, 2, 2]) - 0.6).abs() < 1e-6, "{y}");
+    assert_eq!(y.size(), x.size());
+    // even sides other than 2 are refused, naming the field
+    let err = build_transform("median", &json!({ "kernel": 4 })).err().expect("refused").to_string();
+    assert!(err.contains("kernel"), "{err}");
+}
