@@ -105,7 +105,7 @@ impl Attack for Ilfo {
                 let w_leaf = w.detach().set_requires_grad(true);
                 let x_adv_n = bx.x_adv_normalised(&w_leaf, &x_n);
                 // the box's pixels, unclipped in faithful mode as the authors feed them
-                let x_adv = bx.x_adv(&w_leaf, &x_n);
+                let x_adv = bx.model_pixels(&x_adv_n);
                 let gates = gate_matrix(&model.forward_trace(&x_adv, Pass::Dense)?)?;
                 let loss = ilfo_loss_per_sample(&gates, &x_adv_n, &x_n, c.c, c.mode == Mode::Faithful);
                 let g = Tensor::f_run_backward(&[&loss.sum(Kind::Float)], &[&w_leaf], false, false)?.remove(0);

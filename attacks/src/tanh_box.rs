@@ -169,7 +169,11 @@ impl TanhBox {
     /// gradient, so Adam would never move it. The image an attack returns is clipped
     /// ([`TanhBox::returned`]), as the authors' saved uint8 images are.
     pub fn x_adv(&self, w: &Tensor, x_n: &Tensor) -> Tensor {
-        let pixels = self.pixels(&self.x_adv_normalised(w, x_n));
+        self.model_pixels(&self.x_adv_normalised(w, x_n))
+    }
+    /// [`TanhBox::x_adv`] from an already computed normalised iterate `x_adv_n`.
+    pub fn model_pixels(&self, x_adv_n: &Tensor) -> Tensor {
+        let pixels = self.pixels(x_adv_n);
         match (self.mode, self.ball) {
             (Mode::Faithful, None) => pixels,
             _ => pixels.clamp(0.0, 1.0),

@@ -148,22 +148,17 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
     let schedule = cfg.schedule();
     // mixs' second term: DeepSloth L∞ examples at the authors' settings
-    let sloth = (cfg.recipe == Recipe::Mixs).then(|| Recipe::DeepslothAt.default_attack()).map(|(name, params)| dynrobust_attacks::registry::build(name, &params)).transpose()?;
+    let sloth = match cfg.recipe {
+        Recipe::Mixs => {
+            let (name, params) = Recipe::DeepslothAt.default_attack();
+            Some((name, dynrobust_attacks::registry::build(name, &params)?))
+        }
+        _ => None,
+    };
     let mut batch = 0u64;
     let run = optimise(net, data, &schedule, &format!("defend {:?}", cfg.recipe), |net, x, y| {
-        let x_adv = match reseeded_attack(&cfg, &*attack, batch)? {
-            Some(fresh) => fresh.perturb(net, x, y)?,
-            None => attack.perturb(net, x, y)?,
-        }
-        .detach();
-        let x_sloth = match &sloth {
-            Some(a) => Some(match reseeded("deepsloth", cfg.seed ^ 0x5105, &**a, batch)? {
-                Some(fresh) => fresh.perturb(net, x, y)?,
-                None => a.perturb(net, x, y)?,
-            }),
-            None => None,
-        }
-        .map(|t| t.detach());
+        let x_adv = craft(&cfg.attack, cfg.seed, &*attack, batch, (net, x, y))?;
+        let x_sloth = sloth.as_ref().map(|(name, a)| craft(name, cfg.seed ^ 0x5105, &**a, batch, (net, x, y))).transpose()?;
         batch += 1;
         Ok(step_loss(net, &mechanism, &cfg, (x, &x_adv, x_sloth.as_ref()), y, ic_only))
     })?;
@@ -177,6 +172,16 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
 /// for an attack without a seed, and for a universal one.
 pub fn reseeded_attack(cfg: &DefendConfig, attack: &dyn dynrobust_core::attack::Attack, batch: u64) -> Result<Option<Box<dyn dynrobust_core::attack::Attack>>> {
     reseeded(&cfg.attack, cfg.seed, attack, batch)
+}
+
+/// `attack`'s examples (detached) for training batch `batch`: from a copy reseeded for the
+/// batch ([`reseeded`]) when the attack has a seeded random start, else from `attack`.
+fn craft(name: &str, seed: u64, attack: &dyn dynrobust_core::attack::Attack, batch: u64, (net, x, y): (&Net, &Tensor, &Tensor)) -> Result<Tensor> {
+    let x_adv = match reseeded(name, seed, attack, batch)? {
+        Some(fresh) => fresh.perturb(net, x, y)?,
+        None => attack.perturb(net, x, y)?,
+    };
+    Ok(x_adv.detach())
 }
 
 /// [`reseeded_attack`] for the registry attack `name` with base seed `seed`.

@@ -174,7 +174,7 @@ impl Executor for RealExecutor {
             "surrogate": c.surrogate.as_ref().map(|s| s.name.clone()),
             "seed": c.seed,
             "eps": c.eps.or_else(|| record.get("eps").and_then(Value::as_f64)),
-            "steps": steps_of(&record["config"]),
+            "steps": dynrobust_core::attack::iterations_in(&record["config"]),
             "defense_label": c.defense.label,
         });
         if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
@@ -207,12 +207,6 @@ fn craft_identity(c: &crate::study::CellConfig) -> Value {
     let crafting_model = c.surrogate.as_ref().unwrap_or(&c.model);
     json!({ "crafting_model": crafting_model, "transfer": c.surrogate.is_some(), "attack": c.attack.name, "params": c.attack.params,
             "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch })
-}
-
-/// The iteration count in an attack config (steps or iterations), if any.
-fn steps_of(config: &Value) -> Option<u64> {
-    let c = config.get("inner_config").unwrap_or(config);
-    c.get("steps").or_else(|| c.get("iterations")).and_then(Value::as_u64)
 }
 
 /// Per-sample rows: index, costs, correctness, exits.
