@@ -266,8 +266,7 @@ fn normalised_square_sum(delta: &Tensor, std: &[f64]) -> Result<f64> {
     if std.len() != 1 && std.len() as i64 != channels {
         return Err(dynrobust_core::Error::config("input_std", format!("{} values for {channels} input channels", std.len())));
     }
-    let inv: Vec<f32> = std.iter().map(|s| (1.0 / s) as f32).collect();
-    let shape = if std.len() == 1 { vec![1i64] } else { vec![1, channels, 1, 1] };
-    let scale = Tensor::from_slice(&inv).to_device(delta.device()).view(shape.as_slice());
+    let inv: Vec<f64> = std.iter().map(|s| 1.0 / s).collect();
+    let scale = crate::tanh_box::per_channel(&inv, delta.device());
     Ok((delta * scale).square().sum(Kind::Double).double_value(&[]))
 }

@@ -60,9 +60,14 @@ impl Normalisation {
     }
     /// `[1,C,1,1]` tensors (mean, std) on `device`.
     fn tensors(&self, device: Device) -> (Tensor, Tensor) {
-        let t = |v: &[f64]| Tensor::from_slice(v).to_kind(Kind::Float).view([1, -1, 1, 1]).to_device(device);
-        (t(&self.mean), t(&self.std))
+        (per_channel(&self.mean, device), per_channel(&self.std, device))
     }
+}
+
+/// One value per input channel as a float `[1,C,1,1]` tensor on `device` (broadcasts over a
+/// `[B,C,H,W]` batch; one value serves every channel).
+pub fn per_channel(values: &[f64], device: Device) -> Tensor {
+    Tensor::from_slice(values).to_kind(Kind::Float).view([1, -1, 1, 1]).to_device(device)
 }
 
 /// Refuses a config's `mean` that is not finite or `std` that is not positive and finite.
