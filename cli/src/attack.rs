@@ -183,11 +183,8 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     let attack = registry::build(&args.attack, &overrides(&args)?)?;
     let device = args.device.device()?;
     let data = args.data.load(Split::Test, Some(args.n))?.to_device(device);
-    // the monitor's own `calibration` count of clean training images (as the runner does)
-    let calibration = match &spec {
-        DefenseSpec::Monitor(m) => Some(args.data.load(Split::Train, Some(m.calibration))?.to_device(device)),
-        _ => None,
-    };
+    // a detector's own `calibration` count of clean training images (as the runner does)
+    let calibration = spec.calibration_images().map(|n| args.data.load(Split::Train, Some(n))).transpose()?.map(|d| d.to_device(device));
     let victim = load_victim(&args, device, &data.images)?;
     attack.check_model(&victim)?;
     prepare_attack_fit(&*attack, &args.data, device)?;
@@ -198,15 +195,24 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     let r = &outcome.record;
     let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     eprintln!("model       {}", r["model"].as_str().unwrap_or("?"));
-    eprintln!("defense     {} ({})", r["defense_label"].as_str().unwrap_or("?"), if args.oblivious { "OBLIVIOUS attack: crafted on the bare model" } else { "adaptive attack" });
+    let how = if spec.is_detector() {
+        "detector: the attack crafts on the bare model, not knowing it"
+    } else if args.oblivious {
+        "OBLIVIOUS attack: crafted on the bare model"
+    } else {
+        "adaptive attack"
+    };
+    eprintln!("defense     {} ({how})", r["defense_label"].as_str().unwrap_or("?"));
     eprintln!("attack      {}", args.attack);
     eprintln!("accuracy    clean {:.2} %  adv {:.2} %", 100.0 * num("clean_acc"), 100.0 * num("adv_acc"));
     eprintln!("cost        clean {:.4}  adv {:.4}  recovery {:.2} %", num("clean_cost"), num("adv_cost"), 100.0 * num("recovery"));
     if let Some(b) = r.get("budget_bound_cost").and_then(Value::as_f64) {
         eprintln!("budget      worst-case cost bound {b:.4}");
     }
-    if let Some(m) = r.get("monitor") {
-        eprintln!("monitor     {m}");
+    if let Some(d) = r.get("detector") {
+        let rate = |k: &str| 100.0 * d[k].as_f64().unwrap_or(f64::NAN);
+        let passed = d["undetected_adv_cost"].as_f64().map_or("none passed".to_string(), |c| format!("{c:.4}"));
+        eprintln!("detector    {}: flags {:.1} % of attacked inputs, {:.1} % of clean ones (threshold {:.4}); mean cost of the attacked inputs it passes {passed}", d["kind"].as_str().unwrap_or("?"), rate("true_positive_rate"), rate("false_positive_rate"), d["threshold"].as_f64().unwrap_or(f64::NAN));
     }
     for flag in r["flags"].as_array().into_iter().flatten() {
         eprintln!("WARNING     {}", flag.as_str().unwrap_or("?"));

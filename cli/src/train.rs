@@ -102,15 +102,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cost_weight: args.cost_weight,
     }
     .validated()?;
-    let whole_split = matches!(source, DataSpec::Named(dynrobust_core::data::DataSource::FashionMnist))
-        && args.per_class.is_none()
-        && args.train_samples.is_none();
     let test_set = args.data.load(Split::Test, args.eval_samples)?.to_device(device);
     let config = dynrobust_experiments::execute::config_for_data(mechanism.clone(), &source, &train_set)?;
     let train_set = train_set.to_device(device);
     tch::manual_seed(args.seed as i64);
     let mut net = Net::new(config.clone(), device)?;
-    let init_from = init_weights(&mut net, &args, &mechanism, whole_split)?;
+    let subset = args.per_class.is_some() || args.train_samples.is_some();
+    let init_from = init_weights(&mut net, &args, &mechanism, may_start_from_committed_static(&config, &source, subset))?;
     eprintln!("training {} on {} ({} images), {} epochs, seed {}", args.model, train_set.name, train_set.len(), cfg.epochs, cfg.seed);
     let (report, loss) = train_family(&mut net, &train_set, &cfg, init_from.is_some())?;
     // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)
@@ -133,8 +131,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism, whole_split: bool) -> Result<Option<String>> {
-    let default = if may_start_from_committed_static(net.config(), whole_split) { "static" } else { "none" };
+/// `from_static_by_default`: no `--init` means the committed static weights (else from scratch).
+fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism, from_static_by_default: bool) -> Result<Option<String>> {
+    let default = if from_static_by_default { "static" } else { "none" };
     let init = args.init.clone().unwrap_or_else(|| default.into());
     if matches!(mechanism, Mechanism::Static) || init == "none" {
         return Ok(None);

@@ -10,7 +10,9 @@
 //!   [`DynamicModel::eot_samples`]) when it is randomised;
 //! - a **training-time** procedure that yields a new checkpoint (adversarial training, gate
 //!   regularisation);
-//! - a **runtime guard** (a compute budget cap; a cost monitor that flags inputs).
+//! - a **runtime guard**: a compute budget cap, or a detector that flags inputs and leaves the
+//!   model as it is (a cost monitor; feature squeezing). Detectors are evaluated obliviously:
+//!   the attacks do not know them.
 //!
 //! Configs are serde structs that reject unknown fields and are validated on construction.
 

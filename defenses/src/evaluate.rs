@@ -3,7 +3,9 @@
 //!
 //! Adaptive (the default): the attack crafts on the defended model itself. Oblivious (for
 //! comparison, labelled everywhere): the attack crafts on the bare model and the examples are
-//! then measured behind the defense.
+//! then measured behind the defense. A detector (cost monitor, feature squeezing) leaves the
+//! model as it is and only flags inputs; its evaluation is always oblivious — the attack does
+//! not know the detector — and is recorded so, whatever mode was asked for.
 
 use dynrobust_attacks::evaluate::{run_attack_on, PerSample};
 use dynrobust_core::attack::Attack;
@@ -14,7 +16,8 @@ use dynrobust_models::AnyModel;
 use serde_json::{json, Value};
 use tch::Tensor;
 
-use crate::guards::{apply_budget, CostMonitor};
+use crate::guards::{apply_budget, CostMonitor, DetectionReport};
+use crate::squeeze::SqueezeDetector;
 use crate::registry::{build_transform, build_transform_on, DefenseSpec};
 use crate::sanity::gradient_flags;
 use crate::Defended;
@@ -23,7 +26,8 @@ use crate::Defended;
 #[derive(Debug)]
 pub struct DefendedOutcome {
     /// The attack record plus `defense`, `defense_label`, `defense_params`, `defense_mode`,
-    /// `flags`, and guard fields (`budget_bound_cost`, `monitor`).
+    /// `flags`, and guard fields (`budget_bound_cost`; `detector`: a detector's
+    /// [`DetectionReport`] with its `kind`).
     pub record: Value,
     pub per_sample: PerSample,
     pub x_adv: Tensor,
@@ -31,7 +35,7 @@ pub struct DefendedOutcome {
 
 /// Runs `attack` against `net` (native or TorchScript, the bare model the defense protects)
 /// behind `defense`. `load` gives a second copy of the bare network when an oblivious run needs
-/// one; `calibration` is clean data for the cost monitor. The budget cap needs a native
+/// one; `calibration` is clean data a detector calibrates on. The budget cap needs a native
 /// network. A training-time defense is evaluated on its checkpoint (loaded here, on the data's
 /// device); oblivious, its examples are crafted on `net`, the undefended model.
 #[allow(clippy::too_many_arguments)]
@@ -46,9 +50,10 @@ pub fn run_defended(
     batch: i64,
     on_batch: &mut dyn FnMut(i64),
 ) -> Result<DefendedOutcome> {
+    let mode = if defense.is_detector() { Adaptivity::Oblivious } else { mode };
     let mut extra = json!({ "defense_mode": mode });
     let (eval, craft): (Box<dyn DynamicModel>, Option<Box<dyn DynamicModel>>) = match defense {
-        DefenseSpec::None | DefenseSpec::Monitor(_) => (Box::new(net), None),
+        DefenseSpec::None | DefenseSpec::Monitor(_) | DefenseSpec::Squeeze(_) => (Box::new(net), None),
         DefenseSpec::Trained { checkpoint, .. } => {
             let dir = dynrobust_models::checkpoint::resolve(checkpoint)?;
             let trained = AnyModel::Native(dynrobust_models::checkpoint::load(&dir, data.images.device())?.0);
@@ -73,10 +78,10 @@ pub fn run_defended(
     let first = data.images.narrow(0, 0, batch.min(data.len()));
     let mut flags = gradient_flags(&*eval, &first, &data.labels.narrow(0, 0, batch.min(data.len())), attack.goal())?;
     let outcome = run_attack_on(craft_model, &*eval, attack, &data.images, &data.labels, batch, on_batch)?;
-    if let DefenseSpec::Monitor(cfg) = defense {
-        let calibration = calibration.ok_or_else(|| dynrobust_core::Error::config("monitor", "the cost monitor needs clean calibration data"))?;
-        let monitor = CostMonitor::calibrate(cfg.clone(), &clean_costs(&*eval, calibration, batch)?)?;
-        extra["monitor"] = serde_json::to_value(monitor.report(&outcome.per_sample.clean_cost, &outcome.per_sample.adv_cost))?;
+    if defense.is_detector() {
+        let calibration = calibration.ok_or_else(|| dynrobust_core::Error::config("calibration", "a detector needs clean calibration data"))?;
+        let report = detect(defense, &*eval, calibration, data, &outcome.x_adv, &outcome.per_sample, batch)?;
+        extra["detector"] = serde_json::to_value(report)?;
     }
     let (name, label, params) = describe(defense)?;
     if outcome.record.adv_acc.is_nan() || outcome.record.adv_cost.is_nan() {
@@ -94,6 +99,25 @@ pub fn run_defended(
         }
     }
     Ok(DefendedOutcome { record, per_sample: outcome.per_sample, x_adv: outcome.x_adv })
+}
+
+/// A detector's rates: calibrated on `calibration`, measured on the clean test images and
+/// their attacked copies `x_adv` (`per_sample` holds both sets' costs).
+fn detect(defense: &DefenseSpec, model: &dyn DynamicModel, calibration: &Dataset, data: &Dataset, x_adv: &Tensor, per_sample: &PerSample, batch: i64) -> Result<Value> {
+    let (kind, report): (&str, DetectionReport) = match defense {
+        DefenseSpec::Monitor(cfg) => {
+            let monitor = CostMonitor::calibrate(cfg.clone(), &clean_costs(model, calibration, batch)?)?;
+            ("monitor", monitor.report(&per_sample.clean_cost, &per_sample.adv_cost))
+        }
+        DefenseSpec::Squeeze(cfg) => {
+            let detector = SqueezeDetector::calibrate(cfg.clone(), model, &calibration.images, batch)?;
+            ("squeeze", detector.report(model, &data.images, x_adv, &per_sample.adv_cost, batch)?)
+        }
+        _ => return Err(dynrobust_core::Error::config("defense", "not a detector")),
+    };
+    let mut value = serde_json::to_value(report)?;
+    value["kind"] = json!(kind);
+    Ok(value)
 }
 
 /// Per-sample clean costs `[N]` of `model` on `data` (sparse pass).
@@ -114,6 +138,7 @@ fn describe(defense: &DefenseSpec) -> Result<(String, String, Value)> {
         }
         DefenseSpec::Budget(cfg) => ("budget".into(), format!("budget({})", cfg.max_blocks), serde_json::to_value(cfg)?),
         DefenseSpec::Monitor(cfg) => ("monitor".into(), format!("monitor(p{})", cfg.percentile), serde_json::to_value(cfg)?),
+        DefenseSpec::Squeeze(cfg) => ("squeeze".into(), format!("squeeze(b{},m{},{:?},p{})", cfg.bits, cfg.median, cfg.score, cfg.percentile).to_lowercase(), serde_json::to_value(cfg)?),
         DefenseSpec::Trained { recipe, checkpoint } => (recipe.clone(), recipe.clone(), json!({ "checkpoint": checkpoint })),
     })
 }

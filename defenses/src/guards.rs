@@ -74,9 +74,10 @@ pub struct CostMonitor {
     pub threshold: f64,
 }
 
-/// What the monitor saw on one clean/attacked set.
+/// What a detector (cost monitor or feature squeezing) saw on one clean/attacked set.
 #[derive(Debug, Clone, Serialize)]
-pub struct MonitorReport {
+pub struct DetectionReport {
+    /// Inputs whose score is strictly above this are flagged.
     pub threshold: f64,
     /// Fraction of clean inputs flagged.
     pub false_positive_rate: f64,
@@ -84,6 +85,20 @@ pub struct MonitorReport {
     pub true_positive_rate: f64,
     /// Mean cost of the attacked inputs that were not flagged (what an attacker gets through).
     pub undetected_adv_cost: Option<f64>,
+}
+
+impl DetectionReport {
+    /// From per-sample scores of the clean and attacked inputs and the attacked inputs' costs.
+    pub fn new(threshold: f64, clean_scores: &[f64], adv_scores: &[f64], adv_costs: &[f64]) -> Self {
+        let rate = |v: &[f64]| v.iter().filter(|&&s| s > threshold).count() as f64 / v.len().max(1) as f64;
+        let passed: Vec<f64> = adv_scores.iter().zip(adv_costs).filter(|(&s, _)| s <= threshold).map(|(_, &c)| c).collect();
+        DetectionReport {
+            threshold,
+            false_positive_rate: rate(clean_scores),
+            true_positive_rate: rate(adv_scores),
+            undetected_adv_cost: (!passed.is_empty()).then(|| passed.iter().sum::<f64>() / passed.len() as f64),
+        }
+    }
 }
 
 impl CostMonitor {
@@ -100,15 +115,8 @@ impl CostMonitor {
         costs.to_kind(Kind::Double).gt(self.threshold)
     }
 
-    /// Rates on a clean set and an attacked set (per-sample costs).
-    pub fn report(&self, clean_costs: &[f64], adv_costs: &[f64]) -> MonitorReport {
-        let rate = |v: &[f64]| v.iter().filter(|&&c| c > self.threshold).count() as f64 / v.len().max(1) as f64;
-        let passed: Vec<f64> = adv_costs.iter().copied().filter(|&c| c <= self.threshold).collect();
-        MonitorReport {
-            threshold: self.threshold,
-            false_positive_rate: rate(clean_costs),
-            true_positive_rate: rate(adv_costs),
-            undetected_adv_cost: (!passed.is_empty()).then(|| passed.iter().sum::<f64>() / passed.len() as f64),
-        }
+    /// Rates on a clean set and an attacked set (per-sample costs, which are the scores).
+    pub fn report(&self, clean_costs: &[f64], adv_costs: &[f64]) -> DetectionReport {
+        DetectionReport::new(self.threshold, clean_costs, adv_costs, adv_costs)
     }
 }

@@ -6,7 +6,8 @@
 //!   EOT gradients);
 //! - training-time defenses ([`training`]): PGD-AT, DeepSloth-AT, slowdown AT, gate
 //!   consistency, cost cap;
-//! - runtime guards ([`guards`]): a compute budget cap and a cost monitor.
+//! - runtime guards ([`guards`]): a compute budget cap; detectors: a cost monitor and feature
+//!   squeezing ([`squeeze`]).
 //!
 //! [`registry`] builds them by name from JSON params; [`sanity`] flags suspicious results.
 //!
@@ -26,6 +27,7 @@ pub mod evaluate;
 pub mod guards;
 pub mod registry;
 pub mod sanity;
+pub mod squeeze;
 pub mod training;
 pub mod transforms;
 

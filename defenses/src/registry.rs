@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::denoiser::{Denoiser, DenoiserTransform};
 use crate::guards::{BudgetConfig, MonitorConfig};
+use crate::squeeze::SqueezeConfig;
 use crate::transforms::{BitDepth, BitDepthConfig, Blur, BlurConfig, Jpeg, JpegConfig, Median, MedianConfig, Noise, NoiseConfig};
 
 /// Name, kind and one-line description of every defense.
@@ -21,7 +22,8 @@ pub const DEFENSES: &[(&str, DefenseKind, &str)] = [
     ("noise", DefenseKind::Transform, "additive Gaussian noise (`sigma`), randomised; EOT over `eot` draws"),
     ("denoiser", DefenseKind::Transform, "learned residual conv denoiser (`checkpoint`, from `dynrobust train-denoiser`); exact gradients, MACs counted"),
     ("budget", DefenseKind::Guard, "compute budget cap: at most `max_blocks` residual branches per sample (worst case bounded)"),
-    ("monitor", DefenseKind::Guard, "cost monitor: flags inputs above the clean cost's `percentile`; reports TPR/FPR"),
+    ("monitor", DefenseKind::Guard, "cost monitor (detector): flags inputs above the clean cost's `percentile`; reports TPR/FPR"),
+    ("squeeze", DefenseKind::Guard, "feature squeezing (detector, Xu et al. NDSS 2018): flags inputs whose prediction or cost moves when squeezed (`bits`, `median`); TPR/FPR"),
     ("pgd-at", DefenseKind::Training, "PGD adversarial training (`dynrobust defend --recipe pgd-at`)"),
     ("deepsloth-at", DefenseKind::Training, "DeepSloth adversarial training, 'same_logits' (sdn)"),
     ("mixs", DefenseKind::Training, "DeepSloth's mixs: PGD and DeepSloth examples with the true labels (sdn)"),
@@ -43,6 +45,12 @@ pub fn kind(name: &str) -> Result<DefenseKind> {
         .find(|d| d.0 == name)
         .map(|d| d.1)
         .ok_or_else(|| Error::config("defense", format!("unknown defense `{name}`; expected one of: {}", names().join(", "))))
+}
+
+/// True for the detectors (`monitor`, `squeeze`): they flag inputs and leave the model as it
+/// is, so attacks craft on the bare model (always an oblivious evaluation).
+pub fn is_detector(name: &str) -> bool {
+    matches!(name, "monitor" | "squeeze")
 }
 
 /// Params of the denoiser defense.
@@ -137,13 +145,29 @@ pub enum DefenseSpec {
     Transform { name: String, params: serde_json::Value },
     /// A budget cap.
     Budget(BudgetConfig),
-    /// A cost monitor.
+    /// A cost monitor (detector).
     Monitor(MonitorConfig),
+    /// A feature-squeezing detector.
+    Squeeze(SqueezeConfig),
     /// A checkpoint produced by a training-time defense.
     Trained { recipe: String, checkpoint: String },
 }
 
 impl DefenseSpec {
+    /// True for a detector (see [`is_detector`]).
+    pub fn is_detector(&self) -> bool {
+        matches!(self, DefenseSpec::Monitor(_) | DefenseSpec::Squeeze(_))
+    }
+
+    /// Clean training images a detector calibrates on (`None` for other defenses).
+    pub fn calibration_images(&self) -> Option<i64> {
+        match self {
+            DefenseSpec::Monitor(m) => Some(m.calibration),
+            DefenseSpec::Squeeze(s) => Some(s.calibration),
+            _ => None,
+        }
+    }
+
     /// Parses and validates `name` + `params` (transforms are built once to validate them).
     pub fn parse(name: &str, params: &serde_json::Value) -> Result<Self> {
         Ok(match kind(name)? {
@@ -158,7 +182,8 @@ impl DefenseSpec {
                 DefenseSpec::Transform { name: name.into(), params: params.clone() }
             }
             DefenseKind::Guard if name == "budget" => DefenseSpec::Budget(merged(BudgetConfig::default(), params)?),
-            DefenseKind::Guard => DefenseSpec::Monitor(merged(MonitorConfig::default(), params)?.validated()?),
+            DefenseKind::Guard if name == "monitor" => DefenseSpec::Monitor(merged(MonitorConfig::default(), params)?.validated()?),
+            DefenseKind::Guard => DefenseSpec::Squeeze(merged(SqueezeConfig::default(), params)?.validated()?),
             DefenseKind::Training => {
                 let p: TrainedParams = serde_path_to_error::deserialize(params.clone())
                     .map_err(|e| Error::config("checkpoint", format!("training-time defense `{name}` needs params {{ checkpoint = \"DIR\" }} (made by `dynrobust defend --recipe {name}`): {}", e.inner())))?;

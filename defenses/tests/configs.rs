@@ -24,14 +24,21 @@ fn out_of_range_values_are_refused_naming_the_field() {
     refused("noise", json!({ "sigma": -0.1 }), "sigma");
     refused("noise", json!({ "eot": 0 }), "eot");
     refused("monitor", json!({ "percentile": 100 }), "percentile");
+    refused("squeeze", json!({ "percentile": 0 }), "percentile");
+    refused("squeeze", json!({ "bits": 9 }), "bits");
+    refused("squeeze", json!({ "median": 4 }), "median");
+    refused("squeeze", json!({ "bits": 0, "median": 0 }), "bits");
+    refused("squeeze", json!({ "calibration": 5 }), "calibration");
+    refused("squeeze", json!({ "score": "entropy" }), "score");
+    refused("squeeze", json!({ "squeezers": 2 }), "squeezers");
 }
 
 #[test]
 fn unknown_fields_and_names_are_refused() {
     refused("bitdepth", json!({ "bit": 4 }), "bit");
     refused("jpeg", json!({ "quality": "high" }), "quality");
-    let err = DefenseSpec::parse("squeeze", &json!({})).unwrap_err().to_string();
-    assert!(err.contains("squeeze") && err.contains("bitdepth") && err.contains("median"), "{err}");
+    let err = DefenseSpec::parse("squeezing", &json!({})).unwrap_err().to_string();
+    assert!(err.contains("squeezing") && err.contains("bitdepth") && err.contains("squeeze"), "{err}");
     let err = DefenseSpec::parse("gate-consistency", &json!({})).unwrap_err().to_string();
     assert!(err.contains("checkpoint"), "{err}");
     assert!(build_transform("budget", &json!({})).is_err());

@@ -148,10 +148,7 @@ impl Executor for RealExecutor {
         let c = &cell.config;
         tch::manual_seed(c.seed as i64);
         let (spec, mode) = self.defense(cell)?;
-        let calibration = match &spec {
-            DefenseSpec::Monitor(m) => Some(worker.data(&c.data, Split::Train)?.take(m.calibration)),
-            _ => None,
-        };
+        let calibration = spec.calibration_images().map(|n| worker.data(&c.data, Split::Train).map(|d| d.take(n))).transpose()?;
         let data = worker.data(&c.data, Split::Test)?.take(c.n as i64);
         let probe = data.images.narrow(0, 0, data.len().min(8));
         // a training-time defense loads its own checkpoint (run_defended); `net` is the bare model
@@ -192,11 +189,11 @@ impl Executor for RealExecutor {
     }
 }
 
-/// True when the cell's examples are crafted on the bare model it names (undefended, cost
-/// monitor, or any oblivious cell), so they equal those of every other such cell.
+/// True when the cell's examples are crafted on the bare model it names (undefended, a
+/// detector, or any oblivious cell), so they equal those of every other such cell.
 fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
     match spec {
-        DefenseSpec::None | DefenseSpec::Monitor(_) => true,
+        DefenseSpec::None | DefenseSpec::Monitor(_) | DefenseSpec::Squeeze(_) => true,
         DefenseSpec::Trained { .. } | DefenseSpec::Transform { .. } | DefenseSpec::Budget(_) => mode == Adaptivity::Oblivious,
     }
 }
@@ -320,14 +317,13 @@ fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()
     let defaults = TrainConfig::default_for(&mechanism);
     let epochs = v.epochs.unwrap_or_else(|| default_epochs(defaults.epochs, train_set.len(), defaults.batch_size));
     let cfg = TrainConfig { epochs, lr: v.lr.unwrap_or(defaults.lr), seed: v.seed, ..defaults }.validated()?;
-    let whole_split = matches!(source, DataSpec::Named(dynrobust_core::data::DataSource::FashionMnist)) && v.per_class.is_none();
     let test_set = source.load(Split::Test, None)?.take(2000);
     tch::manual_seed(v.seed as i64);
     let mut net = Net::new(config.clone(), Device::Cpu)?;
     // the committed static weights fit only the 1×28×28, 10-class backbone and were trained on
     // the whole Fashion-MNIST training split; other shapes and k-shot or other-data surrogates
     // train from scratch
-    let init_from = if matches!(mechanism, Mechanism::Static) || !may_start_from_committed_static(&config, whole_split) {
+    let init_from = if matches!(mechanism, Mechanism::Static) || !may_start_from_committed_static(&config, &source, v.per_class.is_some()) {
         None
     } else {
         checkpoint::init_from(&mut net, &checkpoint::committed_dir("static").join(checkpoint::WEIGHTS_FILE))?;

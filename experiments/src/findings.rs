@@ -91,7 +91,7 @@ fn avg<'a>(rows: impl Iterator<Item = &'a Row>, pick: impl Fn(&Row) -> Option<f6
 /// Per defense × model × attack × ε: clean and attacked numbers, adaptive vs oblivious,
 /// against the undefended model, then the verdict on the defense target.
 pub(crate) fn defense_table(rows: &[Row]) -> String {
-    let defended: Vec<&Row> = rows.iter().filter(|r| r.defense != "none" && r.surrogate.is_none()).collect();
+    let defended: Vec<&Row> = rows.iter().filter(|r| r.defense != "none" && r.surrogate.is_none() && !is_detector(r)).collect();
     if defended.is_empty() {
         return String::new();
     }
@@ -145,6 +145,55 @@ pub(crate) fn defense_table(rows: &[Row]) -> String {
     md.push('\n');
     md += &verdict(&verdicts, undecided);
     md
+}
+
+fn is_detector(r: &Row) -> bool {
+    r.detector.is_some() || dynrobust_defenses::registry::is_detector(&r.defense_name)
+}
+
+/// Per detector × model × attack × ε (seeds averaged): how many clean and attacked inputs it
+/// flags, and the mean cost of the attacked inputs it lets through against the attacked cost
+/// without it. The attacks do not know the detectors (oblivious).
+pub(crate) fn detector_table(rows: &[Row]) -> String {
+    let detected: Vec<&Row> = rows.iter().filter(|r| r.detector.is_some() && r.surrogate.is_none()).collect();
+    if detected.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("## Detectors
+
+A detector leaves the model as it is and flags inputs; the attacks craft on the bare model and do not know it (oblivious). FPR: clean test inputs flagged (calibrated on clean training images); TPR: attacked inputs flagged; passed cost: mean cost of the attacked inputs it lets through.
+
+");
+    md += "| detector | model | attack | ε | threshold | FPR % | TPR % | clean cost | attacked cost: all → passed |
+|---|---|---|---|---|---|---|---|---|
+";
+    let mut keys: Vec<(String, String, String, Option<u64>)> = detected.iter().map(|r| (r.defense.clone(), r.model.clone(), r.label.clone(), r.eps.map(f64::to_bits))).collect();
+    keys.sort();
+    keys.dedup();
+    let mut best: Option<(f64, String)> = None;
+    for (defense, model, label, eps) in keys {
+        let group: Vec<&Row> = detected.iter().copied().filter(|r| r.defense == defense && r.model == model && r.label == label && r.eps.map(f64::to_bits) == eps).collect();
+        let field = |k: &str| avg(group.iter().copied(), |r| r.detector.as_ref().and_then(|d| d.get(k)).and_then(serde_json::Value::as_f64));
+        let (fpr, tpr) = (field("false_positive_rate"), field("true_positive_rate"));
+        let _ = writeln!(
+            md,
+            "| {defense} | {model} | {label} | {} | {} | {} | {} | {} | {} → {} |",
+            eps_text(eps.map(f64::from_bits)), fixed(field("threshold"), 4), pct(fpr), pct(tpr),
+            fixed(avg(group.iter().copied(), |r| r.clean_cost), 3), fixed(avg(group.iter().copied(), |r| r.adv_cost), 3), fixed(field("undetected_adv_cost"), 3)
+        );
+        if let (Some(f), Some(t)) = (fpr, tpr) {
+            if best.as_ref().is_none_or(|(b, _)| t - f > *b) {
+                best = Some((t - f, format!("{defense} on {model} vs {label} (TPR {} % at FPR {} %)", pct(Some(t)), pct(Some(f)))));
+            }
+        }
+    }
+    if let Some((_, words)) = best {
+        let _ = write!(md, "
+Largest TPR − FPR: **{words}**.
+");
+    }
+    md + "
+"
 }
 
 /// One defended row's changes against the undefended model (fractions, not points).

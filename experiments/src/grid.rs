@@ -417,13 +417,20 @@ impl Cx<'_> {
             }
             return Ok(vec![None]);
         }
-        let Some(modes) = &d.modes else { return Ok(vec![Some(DefenseMode::Adaptive)]) };
+        // a detector leaves the model as it is: the attack never sees it (oblivious)
+        let detector = dynrobust_defenses::registry::is_detector(name);
+        let default = if detector { DefenseMode::Oblivious } else { DefenseMode::Adaptive };
+        let Some(modes) = &d.modes else { return Ok(vec![Some(default)]) };
         self.non_empty("defenses.modes", modes)?;
         let mut out = Vec::new();
         for m in modes.get_ref() {
             let mode = DefenseMode::parse(m.get_ref()).ok_or_else(|| {
                 self.err(&m.span(), format!("`defenses.modes`: unknown mode `{}`; expected one of: adaptive, oblivious", m.get_ref()))
             })?;
+            if detector && mode == DefenseMode::Adaptive {
+                let why = "is a detector: attacks craft on the bare model and do not know it (no adaptive attack on detectors is implemented); drop `modes` or use [\"oblivious\"]";
+                return Err(self.err(&m.span(), format!("`defenses.modes`: `{name}` {why}")));
+            }
             if out.contains(&Some(mode)) {
                 return Err(self.err(&m.span(), format!("`defenses.modes`: `{}` is listed twice", m.get_ref())));
             }

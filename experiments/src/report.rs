@@ -6,7 +6,8 @@
 //! metrics from the executor's record, each optional: `clean_acc`, `adv_acc` (fractions),
 //! `clean_cost`, `adv_cost` (MACs / static MACs), `recovery` (fraction), `seconds`,
 //! `clean_exit_hist`/`adv_exit_hist` (counts per exit), `clean_gate_rates`/`adv_gate_rates`
-//! (execute rate per gate), `flags` (sanity warnings), `steps`. Seeds are averaged in plots.
+//! (execute rate per gate), `flags` (sanity warnings), `steps`, `detector` (a detector's
+//! rates). Seeds are averaged in plots.
 //! A plot without data is skipped and the markdown says so.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,6 +61,9 @@ pub(crate) struct Row {
     pub(crate) clean_gate_rates: Option<Vec<f64>>,
     pub(crate) adv_gate_rates: Option<Vec<f64>>,
     pub(crate) flags: Vec<String>,
+    /// A detector's rates (`kind`, `threshold`, `false_positive_rate`, `true_positive_rate`,
+    /// `undetected_adv_cost`), for detector cells.
+    pub(crate) detector: Option<Value>,
     /// The design the model stands for (RQ3's axes).
     pub(crate) design: Design,
 }
@@ -127,6 +131,7 @@ impl Row {
             clean_gate_rates: nums(r, "clean_gate_rates"),
             adv_gate_rates: nums(r, "adv_gate_rates"),
             flags: r.get("flags").and_then(Value::as_array).map_or(Vec::new(), |a| a.iter().map(flag_text).collect()),
+            detector: r.get("detector").cloned(),
             design: Design::of(&k.model),
         }
     }
@@ -260,6 +265,7 @@ fn markdown(title: &str, rows: &[Row], plot_dir: &Path, files: &mut ReportFiles)
     md += &crate::findings::research_questions(rows);
     md += &summary_table(rows);
     md += &crate::findings::defense_table(rows);
+    md += &crate::findings::detector_table(rows);
     md += "## Plots\n\n";
     let sections: [(&str, PlotFn); 6] = [
         ("Cost vs ε (white-box, undefended)", |r, d| eps_plots(r, d, "cost", COST)),

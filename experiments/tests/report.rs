@@ -152,3 +152,22 @@ fn plots_without_data_are_skipped_and_said_so() {
     assert!(!md.contains("## Defenses"));
     assert!(files.skipped.len() >= 4, "{:?}", files.skipped);
 }
+
+#[test]
+fn detectors_get_their_own_table_not_the_defense_verdict() {
+    let text = "name = \"det\"\ndata = \"fashion-mnist\"\nn = 4\neps = [\"8/255\"]\nmodels = [\"sdn\"]\n[[attacks]]\nname = \"deepsloth\"\n[[defenses]]\nname = \"none\"\n[[defenses]]\nname = \"squeeze\"\n";
+    let study = Study::parse(text, "det.toml", &registry()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cells = stored(&study);
+    for c in &mut cells {
+        if c.cell.defense.name == "squeeze" {
+            c.record["detector"] = serde_json::json!({ "kind": "squeeze", "threshold": 0.1786, "false_positive_rate": 0.038, "true_positive_rate": 0.656, "undetected_adv_cost": 0.4312 });
+        }
+    }
+    let files = write_report(dir.path(), "det", &cells).unwrap();
+    let md = fs::read_to_string(&files.markdown).unwrap();
+    assert!(!md.contains("## Defenses"), "a detector is not judged as a defense that changes the model:\n{md}");
+    assert!(md.contains("## Detectors"), "{md}");
+    assert!(md.contains("| squeeze | sdn | deepsloth | 8/255 | 0.1786 | 3.8 | 65.6 | 0.500 | 0.563 → 0.431 |"), "{md}");
+    assert!(md.contains("Largest TPR − FPR: **squeeze on sdn vs deepsloth (TPR 65.6 % at FPR 3.8 %)**"), "{md}");
+}

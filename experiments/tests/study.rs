@@ -39,10 +39,14 @@ fn shipped_studies_parse_and_expand() {
     assert!(defenses.cells.iter().all(|c| c.config.n == 1000 && c.config.model.name != "static"));
     assert!(defenses.cells.iter().any(|c| c.config.defense.mode == Some(DefenseMode::Oblivious)));
     let labels: BTreeSet<_> = defenses.cells.iter().map(|c| c.config.defense.label.as_str()).collect();
-    for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "gate-consistency", "deepsloth-at"] {
+    for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "squeeze", "gate-consistency", "deepsloth-at"] {
         assert!(labels.contains(label), "defenses.toml lacks {label}");
     }
-    assert_eq!(defenses.cells.len(), 108, "defenses.toml grid size changed");
+    assert_eq!(defenses.cells.len(), 113, "defenses.toml grid size changed");
+    // detectors are evaluated obliviously: the attacks do not know them
+    for cell in defenses.cells.iter().filter(|c| ["monitor", "squeeze"].contains(&c.config.defense.name.as_str())) {
+        assert_eq!(cell.config.defense.mode, Some(DefenseMode::Oblivious), "{}", cell.config.defense.name);
+    }
     // every training-time defense a cell names is a committed checkpoint
     for cell in &defenses.cells {
         if let Some(path) = cell.config.defense.params.get("checkpoint").and_then(|v| v.as_str()) {
@@ -135,6 +139,9 @@ fn malformed() -> Vec<(String, usize, &'static str)> {
         (format!("{base}[[defenses]]\nname = \"bitdepht\"\n"), 8, "defenses.name"),
         (format!("{base}[[defenses]]\nname = \"median\"\nmodes = [\"adaptiv\"]\n"), 9, "modes"),
         (format!("{base}[[defenses]]\nname = \"none\"\nmodes = [\"adaptive\"]\n"), 9, "none"),
+        (format!("{base}[[defenses]]\nname = \"squeeze\"\nmodes = [\"adaptive\"]\n"), 9, "detector"),
+        (format!("{base}[[defenses]]\nname = \"monitor\"\nmodes = [\"oblivious\", \"adaptive\"]\n"), 9, "monitor"),
+        (format!("{base}[[defenses]]\nname = \"squeeze\"\nparams = {{ bits = 9 }}\n"), 9, "bits"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\nthreshold = 1.5\n"), 10, "threshold"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"nope\"\nthreshold = 0.5\n"), 9, "variants.base"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"vgg\" }}\n"), 9, "train.model"),

@@ -171,8 +171,10 @@ pub fn fits_committed_static(config: &crate::ModelConfig) -> bool {
 /// class, on a subset, or on another data set (the lightweight black-box setting of Sun et
 /// al. 2022, DeepSloth's cross-data-set scenario) must not inherit a backbone that saw the
 /// victim's 60,000 training images, so it trains from scratch unless asked otherwise.
-pub fn may_start_from_committed_static(config: &crate::ModelConfig, whole_fashion_mnist_train_split: bool) -> bool {
-    fits_committed_static(config) && whole_fashion_mnist_train_split
+/// `subset` is true when only part of the training split is used (k per class, the first n).
+pub fn may_start_from_committed_static(config: &crate::ModelConfig, data: &dynrobust_core::data::DataSpec, subset: bool) -> bool {
+    use dynrobust_core::data::{DataSource, DataSpec};
+    fits_committed_static(config) && matches!(data, DataSpec::Named(DataSource::FashionMnist)) && !subset
 }
 
 /// Optimiser steps a default schedule gives at least: on a few hundred images (a k-shot

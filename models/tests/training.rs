@@ -109,12 +109,15 @@ fn small_training_sets_get_enough_optimiser_steps_by_default() {
 
 #[test]
 fn only_whole_split_fashion_mnist_nets_start_from_the_committed_static() {
+    use dynrobust_core::data::{DataSource, DataSpec};
     use dynrobust_models::train::may_start_from_committed_static;
     use dynrobust_models::{Mechanism, ModelConfig};
+    let (fashion, mnist) = (DataSpec::Named(DataSource::FashionMnist), DataSpec::Named(DataSource::Mnist));
     let gated = ModelConfig::resnet14n(Mechanism::Gated { target_rate: 0.5 }, 0.286, 0.353).unwrap();
-    assert!(may_start_from_committed_static(&gated, true));
+    assert!(may_start_from_committed_static(&gated, &fashion, false));
     // a k-shot, subset or other-data surrogate must not inherit the victim's training
-    assert!(!may_start_from_committed_static(&gated, false));
+    assert!(!may_start_from_committed_static(&gated, &fashion, true));
+    assert!(!may_start_from_committed_static(&gated, &mnist, false));
     let cifar = ModelConfig::resnet20(Mechanism::Gated { target_rate: 0.5 }, vec![0.5; 3], vec![0.25; 3], 10).unwrap();
-    assert!(!may_start_from_committed_static(&cifar, true));
+    assert!(!may_start_from_committed_static(&cifar, &fashion, false));
 }

@@ -1,0 +1,106 @@
+//! The feature-squeezing detector (Xu et al., NDSS 2018, with the compute comparison for
+//! dynamic models): its score by hand on tiny tensors, images its squeezers leave unchanged
+//! score exactly 0, calibration flags at most (100 − p) % of the calibration images, it flags
+//! energy-attack examples on the committed checkpoints far more often than clean inputs, and a
+//! defended run records it as an oblivious detector whatever mode was asked for.
+
+use dynrobust_attacks::registry;
+use dynrobust_core::data::{DataSource, Split};
+use dynrobust_core::defense::Adaptivity;
+use dynrobust_core::testing::{test_images, torch_lock};
+use dynrobust_core::{cost_of, DynamicModel, Pass};
+use dynrobust_defenses::evaluate::run_defended;
+use dynrobust_defenses::registry::DefenseSpec;
+use dynrobust_defenses::squeeze::{squeeze_score, SqueezeConfig, SqueezeDetector, SqueezeScore};
+use dynrobust_models::checkpoint::load_committed;
+use dynrobust_models::AnyModel;
+use serde_json::json;
+use tch::Tensor;
+
+const EPS: f64 = 8.0 / 255.0;
+
+fn t2(rows: &[[f32; 2]]) -> Tensor {
+    Tensor::from_slice(&rows.concat()).reshape([rows.len() as i64, 2])
+}
+
+#[test]
+fn score_by_hand() {
+    let probs = t2(&[[0.7, 0.3], [0.5, 0.5]]);
+    let costs = Tensor::from_slice(&[0.4f32, 1.0]);
+    let squeezed = [
+        (t2(&[[0.6, 0.4], [0.5, 0.5]]), Tensor::from_slice(&[0.4f32, 0.5])),
+        (t2(&[[0.2, 0.8], [0.5, 0.5]]), Tensor::from_slice(&[0.9f32, 1.0])),
+    ];
+    let expected = [(SqueezeScore::Prediction, [1.0, 0.0]), (SqueezeScore::Compute, [0.5, 0.5]), (SqueezeScore::Both, [0.5, 0.5])];
+    for (kind, want) in expected {
+        let got: Vec<f64> = Vec::try_from(squeeze_score(kind, &probs, &costs, &squeezed)).unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{kind:?}: {got:?}, expected {want:?}");
+        }
+    }
+}
+
+#[test]
+fn images_the_squeezers_keep_score_zero() {
+    let _lock = torch_lock();
+    let config = SqueezeConfig { median: 2, calibration: 10, ..SqueezeConfig::default() };
+    // black and white images are fixed points of bit-depth reduction and of any median filter
+    let images = Tensor::cat(&[Tensor::zeros([3, 1, 28, 28], tch::kind::FLOAT_CPU), Tensor::ones([3, 1, 28, 28], tch::kind::FLOAT_CPU)], 0);
+    for name in ["sdn", "gated", "skipnet", "static"] {
+        let net = load_committed(name);
+        let detector = SqueezeDetector::calibrate(config.clone(), &net, &test_images(16).images, 16).unwrap();
+        let scores = detector.scores(&net, &images, 4).unwrap();
+        assert_eq!(scores.abs().max().double_value(&[]), 0.0, "{name}: {scores}");
+    }
+}
+
+#[test]
+fn flags_energy_attack_examples_far_more_often_than_clean_inputs() {
+    let _lock = torch_lock();
+    let calibration = DataSource::FashionMnist.load(Split::Train, None).unwrap().take(1000);
+    let data = test_images(256);
+    let cases = [
+        ("sdn", "deepsloth", json!({"eps": EPS})),
+        ("gated", "gradmdm", json!({"mode": "fixed", "eps": EPS, "iterations": 30, "warmup": 3})),
+    ];
+    for (name, attack, params) in cases {
+        let net = load_committed(name);
+        let detector = SqueezeDetector::calibrate(SqueezeConfig { calibration: 1000, ..SqueezeConfig::default() }, &net, &calibration.images, 250).unwrap();
+        // on its own calibration images at most 5 % are above the 95th percentile
+        let calibration_scores = detector.scores(&net, &calibration.images, 250).unwrap();
+        let flagged = calibration_scores.gt(detector.threshold).sum(tch::Kind::Double).double_value(&[]) / 1000.0;
+        assert!(flagged <= 0.05, "{name}: {flagged} of the calibration images flagged");
+        let x_adv = registry::build(attack, &params).unwrap().perturb(&net, &data.images, &data.labels).unwrap();
+        let adv_costs: Vec<f64> = Vec::try_from(cost_of(&net.forward_trace(&x_adv, Pass::Sparse).unwrap(), &net)).unwrap();
+        let report = detector.report(&net, &data.images, &x_adv, &adv_costs, 128).unwrap();
+        eprintln!("{name} / {attack}: {report:?}");
+        assert!(report.false_positive_rate <= 0.15, "{name}: clean test inputs flagged at {}", report.false_positive_rate);
+        assert!(report.true_positive_rate > report.false_positive_rate + 0.2, "{name}: {report:?}");
+    }
+}
+
+#[test]
+fn defended_run_records_an_oblivious_detector() {
+    let _lock = torch_lock();
+    let calibration = DataSource::FashionMnist.load(Split::Train, None).unwrap().take(200);
+    let data = test_images(64);
+    let spec = DefenseSpec::parse("squeeze", &json!({ "calibration": 200 })).unwrap();
+    assert!(spec.is_detector() && spec.calibration_images() == Some(200));
+    let attack = registry::build("deepsloth", &json!({ "eps": EPS, "steps": 10 })).unwrap();
+    let load = || Ok(AnyModel::Native(load_committed("sdn")));
+    let outcome = run_defended(load().unwrap(), &load, &spec, Adaptivity::Adaptive, &*attack, &data, Some(&calibration), 64, &mut |_| {}).unwrap();
+    let r = &outcome.record;
+    assert_eq!(r["defense_mode"], "oblivious", "{r}");
+    assert_eq!(r["detector"]["kind"], "squeeze");
+    // the same rates as the detector computed directly on the returned examples
+    let net = load_committed("sdn");
+    let DefenseSpec::Squeeze(config) = spec.clone() else { unreachable!() };
+    let detector = SqueezeDetector::calibrate(config, &net, &calibration.images, 64).unwrap();
+    let direct = detector.report(&net, &data.images, &outcome.x_adv, &outcome.per_sample.adv_cost, 64).unwrap();
+    assert_eq!(r["detector"]["threshold"].as_f64().unwrap(), direct.threshold);
+    assert_eq!(r["detector"]["true_positive_rate"].as_f64().unwrap(), direct.true_positive_rate);
+    assert_eq!(r["detector"]["false_positive_rate"].as_f64().unwrap(), direct.false_positive_rate);
+    // and with no calibration data the run is refused, naming it
+    let err = run_defended(load().unwrap(), &load, &spec, Adaptivity::Oblivious, &*attack, &data, None, 64, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("calibration"), "{err}");
+}
