@@ -116,7 +116,7 @@ impl Attack for Ilfo {
             tch::no_grad(|| {
                 let loss = loss.detach();
                 let better = loss.lt_tensor(&best_loss);
-                best_loss = best_loss.where_self(&better.logical_not(), &loss);
+                best_loss = loss.where_self(&better, &best_loss);
                 best = bx.returned(&x_adv).where_self(&better.view([-1, 1, 1, 1]), &best);
                 w = adam.step(&w, &g);
             });

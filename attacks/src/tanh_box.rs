@@ -253,13 +253,17 @@ impl Adam {
     pub fn new(w: &Tensor, lr: f64) -> Self {
         Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, m: w.zeros_like(), v: w.zeros_like(), t: 0 }
     }
-    /// One step: returns the updated parameter.
+    /// One step: returns the updated parameter. The moments are updated in place and the
+    /// update is `torch.optim.Adam`'s own arrangement — `w − (lr / bc₁)·m / (√v / √bc₂ + ε)`
+    /// with the bias corrections bc = 1 − βᵗ as scalars — so a step is eight tensor calls.
     pub fn step(&mut self, w: &Tensor, g: &Tensor) -> Tensor {
         self.t += 1;
-        self.m = &self.m * self.beta1 + g * (1.0 - self.beta1);
-        self.v = &self.v * self.beta2 + g.square() * (1.0 - self.beta2);
-        let m_hat = &self.m / (1.0 - self.beta1.powi(self.t));
-        let v_hat = &self.v / (1.0 - self.beta2.powi(self.t));
-        w - m_hat * self.lr / (v_hat.sqrt() + self.eps)
+        let _ = self.m.lerp_(g, 1.0 - self.beta1);
+        let _ = self.v.lerp_(&g.square(), 1.0 - self.beta2);
+        let (bc1, bc2) = (1.0 - self.beta1.powi(self.t), 1.0 - self.beta2.powi(self.t));
+        let mut denom = self.v.sqrt();
+        let _ = denom.g_div_scalar_(bc2.sqrt());
+        let _ = denom.g_add_scalar_(self.eps);
+        w.addcdiv(&(&self.m * (-self.lr / bc1)), &denom)
     }
 }
