@@ -176,7 +176,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     use dynrobust_defenses::registry::DefenseSpec;
     let name = args.defense.as_deref().unwrap_or("none");
     let spec = DefenseSpec::parse(name, &Value::Object(parse_sets(&args.defense_set)?)).with_context(|| format!("--defense {name}"))?;
-    let mode = if args.oblivious { Adaptivity::Oblivious } else { Adaptivity::Adaptive };
+    let mode = if args.oblivious { Adaptivity::Oblivious } else { spec.default_mode() };
     if args.surrogate.is_some() {
         bail!("--surrogate with --defense: run the transfer attack without --defense, or the defended attack without --surrogate");
     }
@@ -195,12 +195,11 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     let r = &outcome.record;
     let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     eprintln!("model       {}", r["model"].as_str().unwrap_or("?"));
-    let how = if spec.is_detector() {
-        "detector: the attack crafts on the bare model, not knowing it"
-    } else if args.oblivious {
-        "OBLIVIOUS attack: crafted on the bare model"
-    } else {
-        "adaptive attack"
+    let how = match (mode, matches!(spec, DefenseSpec::Squeeze(_))) {
+        (Adaptivity::Oblivious, _) if spec.is_detector() => "detector; OBLIVIOUS attack: crafted on the bare model, not knowing it",
+        (Adaptivity::Oblivious, _) => "OBLIVIOUS attack: crafted on the bare model",
+        (Adaptivity::Adaptive, true) => "detector; adaptive attack: crafted through the squeezer",
+        (Adaptivity::Adaptive, false) => "adaptive attack",
     };
     eprintln!("defense     {} ({how})", r["defense_label"].as_str().unwrap_or("?"));
     eprintln!("attack      {}", args.attack);

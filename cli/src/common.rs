@@ -111,3 +111,9 @@ pub fn list(what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// The command line as a sidecar records it: `dynrobust` and the arguments (not the path the
+/// binary was started from, which differs between machines and build directories).
+pub fn command_line() -> String {
+    std::iter::once("dynrobust".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ")
+}

@@ -22,7 +22,7 @@ pub struct DefendArgs {
     /// Model to harden: committed name or checkpoint directory.
     #[arg(long)]
     model: String,
-    /// pgd-at, deepsloth-at, slowdown-at, gate-consistency or cost-cap.
+    /// pgd-at, deepsloth-at, mixs, slowdown-at, gate-consistency or cost-cap.
     #[arg(long)]
     recipe: String,
     #[command(flatten)]
@@ -105,7 +105,7 @@ pub fn run(args: DefendArgs) -> Result<()> {
     let root = dynrobust_core::data::project_root();
     let sidecar = Sidecar {
         architecture: base.architecture.clone(),
-        training: train_record(&train_set, &report.schedule, &report.run, report.loss.clone(), Some(dir.strip_prefix(&root).unwrap_or(&dir).display().to_string()), std::env::args().collect::<Vec<_>>().join(" ")),
+        training: train_record(&train_set, &report.schedule, &report.run, report.loss.clone(), Some(dir.strip_prefix(&root).unwrap_or(&dir).display().to_string()), crate::common::command_line()),
         evaluation,
     };
     checkpoint::save(&net, &sidecar, &args.out).with_context(|| format!("writing {}", args.out.display()))?;

@@ -123,7 +123,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     let sidecar = Sidecar {
         architecture: config,
-        training: train_record(&train_set, &cfg.schedule(), &report, loss, init_from, std::env::args().collect::<Vec<_>>().join(" ")),
+        training: train_record(&train_set, &cfg.schedule(), &report, loss, init_from, crate::common::command_line()),
         evaluation,
     };
     checkpoint::save(&net, &sidecar, &out).with_context(|| format!("writing checkpoint to {}", out.display()))?;

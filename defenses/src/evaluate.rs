@@ -4,8 +4,12 @@
 //! Adaptive (the default): the attack crafts on the defended model itself. Oblivious (for
 //! comparison, labelled everywhere): the attack crafts on the bare model and the examples are
 //! then measured behind the defense. A detector (cost monitor, feature squeezing) leaves the
-//! model as it is and only flags inputs; its evaluation is always oblivious — the attack does
-//! not know the detector — and is recorded so, whatever mode was asked for.
+//! model as it is and only flags inputs. The cost monitor is always evaluated obliviously (an
+//! energy attacker that knows it can only stop below its threshold; the report gives the mean
+//! cost of what passes): an adaptive run is refused. Feature squeezing
+//! with one squeezer has an adaptive attacker: it crafts through the squeezer (BPDA for bit
+//! depth, exact for the median), so its examples keep their effect when squeezed and the
+//! squeezed copy no longer gives them away.
 
 use dynrobust_attacks::evaluate::{run_attack_on, PerSample};
 use dynrobust_core::attack::Attack;
@@ -50,10 +54,17 @@ pub fn run_defended(
     batch: i64,
     on_batch: &mut dyn FnMut(i64),
 ) -> Result<DefendedOutcome> {
-    let mode = if defense.is_detector() { Adaptivity::Oblivious } else { mode };
+    defense.check_mode(mode)?;
     let mut extra = json!({ "defense_mode": mode });
     let (eval, craft): (Box<dyn DynamicModel>, Option<Box<dyn DynamicModel>>) = match defense {
-        DefenseSpec::None | DefenseSpec::Monitor(_) | DefenseSpec::Squeeze(_) => (Box::new(net), None),
+        DefenseSpec::None | DefenseSpec::Monitor(_) => (Box::new(net), None),
+        DefenseSpec::Squeeze(cfg) => {
+            let through_squeezer = match mode {
+                Adaptivity::Adaptive => Some(Box::new(Defended::new(load()?, cfg.adaptive_squeezer()?)) as Box<dyn DynamicModel>),
+                Adaptivity::Oblivious => None,
+            };
+            (Box::new(net), through_squeezer)
+        }
         DefenseSpec::Trained { checkpoint, .. } => {
             let dir = dynrobust_models::checkpoint::resolve(checkpoint)?;
             let trained = AnyModel::Native(dynrobust_models::checkpoint::load(&dir, data.images.device())?.0);

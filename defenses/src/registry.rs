@@ -2,7 +2,7 @@
 //! plus JSON params over the defaults (unknown fields refused with the field named; values
 //! validated by each constructor).
 
-use dynrobust_core::defense::{DefenseKind, InputTransform};
+use dynrobust_core::defense::{Adaptivity, DefenseKind, InputTransform};
 use dynrobust_core::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -48,10 +48,12 @@ pub fn kind(name: &str) -> Result<DefenseKind> {
 }
 
 /// True for the detectors (`monitor`, `squeeze`): they flag inputs and leave the model as it
-/// is, so attacks craft on the bare model (always an oblivious evaluation).
+/// is.
 pub fn is_detector(name: &str) -> bool {
     matches!(name, "monitor" | "squeeze")
 }
+
+
 
 /// Params of the denoiser defense.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,6 +159,29 @@ impl DefenseSpec {
     /// True for a detector (see [`is_detector`]).
     pub fn is_detector(&self) -> bool {
         matches!(self, DefenseSpec::Monitor(_) | DefenseSpec::Squeeze(_))
+    }
+
+    /// The attacker mode used when none is asked for: adaptive, except where there is no
+    /// adaptive attacker — the cost monitor (an energy attacker that knows it can do no more
+    /// than stop below its threshold) and feature squeezing with two squeezers.
+    pub fn default_mode(&self) -> Adaptivity {
+        if self.check_mode(Adaptivity::Adaptive).is_ok() {
+            Adaptivity::Adaptive
+        } else {
+            Adaptivity::Oblivious
+        }
+    }
+
+    /// Refuses a mode the defense has no attacker for (see [`DefenseSpec::default_mode`]).
+    pub fn check_mode(&self, mode: Adaptivity) -> Result<()> {
+        match (self, mode) {
+            (DefenseSpec::Monitor(_), Adaptivity::Adaptive) => Err(Error::config(
+                "mode",
+                "the cost monitor has no adaptive attacker (an energy attack that knows it can only stop below its threshold; the report gives the cost of what passes): evaluate it obliviously",
+            )),
+            (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) => cfg.adaptive_squeezer().map(|_| ()),
+            _ => Ok(()),
+        }
     }
 
     /// Clean training images a detector calibrates on (`None` for other defenses).

@@ -13,10 +13,14 @@
 //!
 //! The threshold is the clean score's `percentile` on `calibration` clean *training* images, so
 //! about (100 − percentile) % of clean inputs are flagged (Xu et al. use 5 %). The detector does
-//! not change the model: attacks craft on the bare model and know nothing of it (an oblivious
-//! evaluation; detector-aware attacks are not implemented). The report gives the clean false-
-//! positive rate, the attacked true-positive rate and the mean cost of the attacked inputs that
-//! pass unflagged — what an attacker still gets through.
+//! not change the model. An **oblivious** attacker crafts on the bare model and knows nothing
+//! of it; the **adaptive** one (the default with one squeezer) crafts through the squeezer —
+//! BPDA for bit depth, exact gradients for the median — so that its examples keep their
+//! effect when squeezed, which is what the detector looks for (the evasion of He et al.,
+//! "Adversarial Example Defenses: Ensembles of Weak Defenses are not Strong", WOOT 2017, for an
+//! energy attacker). The report gives the clean false-positive rate, the attacked true-positive
+//! rate and the mean cost of the attacked inputs that pass unflagged — what an attacker still
+//! gets through.
 //!
 //! **Defaults: 4 bits, no median filter, score `both`** — not Xu et al.'s MNIST squeezers
 //! (1 bit and a 2×2 median, joined by the max). On Fashion-MNIST those destroy the texture of
@@ -97,6 +101,18 @@ impl SqueezeConfig {
             return Err(Error::config("bits", "bits = 0 and median = 0: expected at least one squeezer"));
         }
         Ok(squeezers)
+    }
+}
+
+impl SqueezeConfig {
+    /// The one squeezer an adaptive attacker crafts through; with both squeezers configured
+    /// there is none (the joint detector's adaptive attack is not implemented).
+    pub fn adaptive_squeezer(&self) -> Result<Box<dyn InputTransform>> {
+        let mut squeezers = self.squeezers()?;
+        if squeezers.len() != 1 {
+            return Err(Error::config("median", "the adaptive attack on feature squeezing crafts through one squeezer: set `bits` or `median` to 0, or evaluate the joint detector obliviously"));
+        }
+        Ok(squeezers.remove(0))
     }
 }
 

@@ -22,10 +22,10 @@
 //!
 //! In gate-consistency g_j are the soft gate probabilities (τ thresholds them; `--tau`). The
 //! crafting attack's random start is reseeded per batch from the config's seed
-//! ([`reseeded_attack`]). The committed `*-pgd-at` and `sdn-deepsloth-at` checkpoints were
-//! trained before that change, with one start pattern for every batch (their sidecars' loss
-//! text has no "reseeded" note); the gate-consistency ones at τ = 0.5, where the old and the
-//! new penalty have the same gradient.
+//! ([`reseeded_attack`]); the committed `*-pgd-at`, `sdn-deepsloth-at` and `sdn-mixs`
+//! checkpoints were trained so (their sidecars' loss text says "reseeded per batch"), the
+//! gate-consistency ones at τ = 0.5, where the penalty on soft probabilities has the same
+//! gradient as the earlier one on hard decisions.
 
 
 use dynrobust_core::data::Dataset;

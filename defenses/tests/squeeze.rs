@@ -1,8 +1,9 @@
 //! The feature-squeezing detector (Xu et al., NDSS 2018, with the compute comparison for
 //! dynamic models): its score by hand on tiny tensors, images its squeezers leave unchanged
 //! score exactly 0, calibration flags at most (100 − p) % of the calibration images, it flags
-//! energy-attack examples on the committed checkpoints far more often than clean inputs, and a
-//! defended run records it as an oblivious detector whatever mode was asked for.
+//! energy-attack examples on the committed checkpoints far more often than clean inputs; a
+//! defended run crafts through the squeezer when adaptive and on the bare model when
+//! oblivious, and refuses an adaptive run where there is no adaptive attacker.
 
 use dynrobust_attacks::registry;
 use dynrobust_core::data::{DataSource, Split};
@@ -10,6 +11,7 @@ use dynrobust_core::defense::Adaptivity;
 use dynrobust_core::testing::{test_images, torch_lock};
 use dynrobust_core::{cost_of, DynamicModel, Pass};
 use dynrobust_defenses::evaluate::run_defended;
+use dynrobust_defenses::Defended;
 use dynrobust_defenses::registry::DefenseSpec;
 use dynrobust_defenses::squeeze::{squeeze_score, SqueezeConfig, SqueezeDetector, SqueezeScore};
 use dynrobust_models::checkpoint::load_committed;
@@ -80,27 +82,51 @@ fn flags_energy_attack_examples_far_more_often_than_clean_inputs() {
 }
 
 #[test]
-fn defended_run_records_an_oblivious_detector() {
+fn defended_runs_craft_through_the_squeezer_when_adaptive_and_on_the_bare_model_when_oblivious() {
     let _lock = torch_lock();
     let calibration = DataSource::FashionMnist.load(Split::Train, None).unwrap().take(200);
     let data = test_images(64);
     let spec = DefenseSpec::parse("squeeze", &json!({ "calibration": 200 })).unwrap();
     assert!(spec.is_detector() && spec.calibration_images() == Some(200));
+    assert_eq!(spec.default_mode(), Adaptivity::Adaptive);
     let attack = registry::build("deepsloth", &json!({ "eps": EPS, "steps": 10 })).unwrap();
     let load = || Ok(AnyModel::Native(load_committed("sdn")));
-    let outcome = run_defended(load().unwrap(), &load, &spec, Adaptivity::Adaptive, &*attack, &data, Some(&calibration), 64, &mut |_| {}).unwrap();
-    let r = &outcome.record;
-    assert_eq!(r["defense_mode"], "oblivious", "{r}");
-    assert_eq!(r["detector"]["kind"], "squeeze");
-    // the same rates as the detector computed directly on the returned examples
     let net = load_committed("sdn");
     let DefenseSpec::Squeeze(config) = spec.clone() else { unreachable!() };
-    let detector = SqueezeDetector::calibrate(config, &net, &calibration.images, 64).unwrap();
-    let direct = detector.report(&net, &data.images, &outcome.x_adv, &outcome.per_sample.adv_cost, 64).unwrap();
-    assert_eq!(r["detector"]["threshold"].as_f64().unwrap(), direct.threshold);
-    assert_eq!(r["detector"]["true_positive_rate"].as_f64().unwrap(), direct.true_positive_rate);
-    assert_eq!(r["detector"]["false_positive_rate"].as_f64().unwrap(), direct.false_positive_rate);
-    // and with no calibration data the run is refused, naming it
+    let detector = SqueezeDetector::calibrate(config.clone(), &net, &calibration.images, 64).unwrap();
+    let through_squeezer = Defended::new(load_committed("sdn"), config.adaptive_squeezer().unwrap());
+    for (mode, crafted_on) in [(Adaptivity::Adaptive, &through_squeezer as &dyn DynamicModel), (Adaptivity::Oblivious, &net as &dyn DynamicModel)] {
+        let outcome = run_defended(load().unwrap(), &load, &spec, mode, &*attack, &data, Some(&calibration), 64, &mut |_| {}).unwrap();
+        let r = &outcome.record;
+        assert_eq!(r["defense_mode"], json!(mode), "{r}");
+        assert_eq!(r["detector"]["kind"], "squeeze");
+        // the examples are the attack's on the model it should craft on, evaluated on the bare model
+        let expected = attack.perturb(crafted_on, &data.images, &data.labels).unwrap();
+        assert!(outcome.x_adv.equal(&expected), "{mode:?}: examples differ from the attack on the crafting model");
+        let adv_cost = cost_of(&net.forward_trace(&expected, Pass::Sparse).unwrap(), &net).mean(tch::Kind::Double).double_value(&[]);
+        assert!((r["adv_cost"].as_f64().unwrap() - adv_cost).abs() < 1e-9, "{mode:?}: cost measured on the bare model");
+        // the same rates as the detector computed directly on the returned examples
+        let direct = detector.report(&net, &data.images, &outcome.x_adv, &outcome.per_sample.adv_cost, 64).unwrap();
+        assert_eq!(r["detector"]["threshold"].as_f64().unwrap(), direct.threshold);
+        assert_eq!(r["detector"]["true_positive_rate"].as_f64().unwrap(), direct.true_positive_rate);
+        assert_eq!(r["detector"]["false_positive_rate"].as_f64().unwrap(), direct.false_positive_rate);
+    }
+    // with no calibration data the run is refused, naming it
     let err = run_defended(load().unwrap(), &load, &spec, Adaptivity::Oblivious, &*attack, &data, None, 64, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("calibration"), "{err}");
+}
+
+#[test]
+fn modes_without_an_adaptive_attacker_are_refused() {
+    let _lock = torch_lock();
+    let data = test_images(8);
+    let attack = registry::build("deepsloth", &json!({ "eps": EPS, "steps": 1 })).unwrap();
+    let load = || Ok(AnyModel::Native(load_committed("sdn")));
+    let monitor = DefenseSpec::parse("monitor", &json!({})).unwrap();
+    let joint = DefenseSpec::parse("squeeze", &json!({ "median": 2 })).unwrap();
+    for (spec, named) in [(&monitor, "`mode`"), (&joint, "one squeezer")] {
+        assert_eq!(spec.default_mode(), Adaptivity::Oblivious);
+        let err = run_defended(load().unwrap(), &load, spec, Adaptivity::Adaptive, &*attack, &data, Some(&data), 8, &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains(named), "{err}");
+    }
 }

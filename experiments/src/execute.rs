@@ -193,8 +193,8 @@ impl Executor for RealExecutor {
 /// detector, or any oblivious cell), so they equal those of every other such cell.
 fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
     match spec {
-        DefenseSpec::None | DefenseSpec::Monitor(_) | DefenseSpec::Squeeze(_) => true,
-        DefenseSpec::Trained { .. } | DefenseSpec::Transform { .. } | DefenseSpec::Budget(_) => mode == Adaptivity::Oblivious,
+        DefenseSpec::None | DefenseSpec::Monitor(_) => true,
+        DefenseSpec::Squeeze(_) | DefenseSpec::Trained { .. } | DefenseSpec::Transform { .. } | DefenseSpec::Budget(_) => mode == Adaptivity::Oblivious,
     }
 }
 

@@ -151,49 +151,45 @@ fn is_detector(r: &Row) -> bool {
     r.detector.is_some() || dynrobust_defenses::registry::is_detector(&r.defense_name)
 }
 
-/// Per detector × model × attack × ε (seeds averaged): how many clean and attacked inputs it
-/// flags, and the mean cost of the attacked inputs it lets through against the attacked cost
-/// without it. The attacks do not know the detectors (oblivious).
+/// Per detector × attacker mode × model × attack × ε (seeds averaged): how many clean and
+/// attacked inputs it flags, and the mean cost of the attacked inputs it lets through against
+/// the attacked cost without it.
 pub(crate) fn detector_table(rows: &[Row]) -> String {
     let detected: Vec<&Row> = rows.iter().filter(|r| r.detector.is_some() && r.surrogate.is_none()).collect();
     if detected.is_empty() {
         return String::new();
     }
-    let mut md = String::from("## Detectors
-
-A detector leaves the model as it is and flags inputs; the attacks craft on the bare model and do not know it (oblivious). FPR: clean test inputs flagged (calibrated on clean training images); TPR: attacked inputs flagged; passed cost: mean cost of the attacked inputs it lets through.
-
-");
-    md += "| detector | model | attack | ε | threshold | FPR % | TPR % | clean cost | attacked cost: all → passed |
-|---|---|---|---|---|---|---|---|---|
-";
-    let mut keys: Vec<(String, String, String, Option<u64>)> = detected.iter().map(|r| (r.defense.clone(), r.model.clone(), r.label.clone(), r.eps.map(f64::to_bits))).collect();
+    let mut md = String::from("## Detectors\n\nA detector leaves the model as it is and flags inputs. Oblivious: the attack crafts on the bare model, not knowing it; adaptive (feature squeezing): the attack crafts through the squeezer, so its examples survive squeezing. FPR: clean test inputs flagged (calibrated on clean training images); TPR: attacked inputs flagged; passed cost: mean cost of the attacked inputs it lets through.\n\n");
+    md += "| detector | mode | model | attack | ε | threshold | FPR % | TPR % | clean cost | attacked cost: all → passed |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    type Key = (String, Option<String>, String, String, Option<u64>);
+    let key = |r: &Row| -> Key { (r.defense.clone(), r.mode.clone(), r.model.clone(), r.label.clone(), r.eps.map(f64::to_bits)) };
+    let mut keys: Vec<Key> = detected.iter().map(|r| key(r)).collect();
     keys.sort();
     keys.dedup();
-    let mut best: Option<(f64, String)> = None;
-    for (defense, model, label, eps) in keys {
-        let group: Vec<&Row> = detected.iter().copied().filter(|r| r.defense == defense && r.model == model && r.label == label && r.eps.map(f64::to_bits) == eps).collect();
-        let field = |k: &str| avg(group.iter().copied(), |r| r.detector.as_ref().and_then(|d| d.get(k)).and_then(serde_json::Value::as_f64));
+    let mut weakest: Option<(f64, String)> = None;
+    for k in keys {
+        let group: Vec<&Row> = detected.iter().copied().filter(|r| key(r) == k).collect();
+        let field = |f: &str| avg(group.iter().copied(), |r| r.detector.as_ref().and_then(|d| d.get(f)).and_then(serde_json::Value::as_f64));
         let (fpr, tpr) = (field("false_positive_rate"), field("true_positive_rate"));
+        let (defense, mode, model, label, eps) = k;
+        let mode = mode.unwrap_or_else(|| "–".into());
         let _ = writeln!(
             md,
-            "| {defense} | {model} | {label} | {} | {} | {} | {} | {} | {} → {} |",
+            "| {defense} | {mode} | {model} | {label} | {} | {} | {} | {} | {} | {} → {} |",
             eps_text(eps.map(f64::from_bits)), fixed(field("threshold"), 4), pct(fpr), pct(tpr),
             fixed(avg(group.iter().copied(), |r| r.clean_cost), 3), fixed(avg(group.iter().copied(), |r| r.adv_cost), 3), fixed(field("undetected_adv_cost"), 3)
         );
+        // the detector's worst case: the lowest TPR − FPR over the attacker modes
         if let (Some(f), Some(t)) = (fpr, tpr) {
-            if best.as_ref().is_none_or(|(b, _)| t - f > *b) {
-                best = Some((t - f, format!("{defense} on {model} vs {label} (TPR {} % at FPR {} %)", pct(Some(t)), pct(Some(f)))));
+            if weakest.as_ref().is_none_or(|(w, _)| t - f < *w) {
+                weakest = Some((t - f, format!("{defense} on {model} vs {label} ({mode}: TPR {} % at FPR {} %)", pct(Some(t)), pct(Some(f)))));
             }
         }
     }
-    if let Some((_, words)) = best {
-        let _ = write!(md, "
-Largest TPR − FPR: **{words}**.
-");
+    if let Some((_, words)) = weakest {
+        let _ = write!(md, "\nWeakest row (lowest TPR − FPR): **{words}**.\n");
     }
-    md + "
-"
+    md + "\n"
 }
 
 /// One defended row's changes against the undefended model (fractions, not points).

@@ -403,23 +403,24 @@ impl Cx<'_> {
             let params = d.params.as_ref().map_or(serde_json::json!({}), |p| table_json(p.get_ref()));
             let span = d.params.as_ref().map_or_else(|| d.name.span(), |p| p.span());
             self.check_defense(&name, &params, &span, "defenses.params")?;
-            for mode in self.modes(&name, d)? {
+            for mode in self.modes(&name, d, &params)? {
                 out.push(DefenseRef { name: name.clone(), label: label.clone(), mode, params: params.clone() });
             }
         }
         Ok(out)
     }
 
-    fn modes(&self, name: &str, d: &RawDefense) -> Result<Vec<Option<DefenseMode>>> {
+    fn modes(&self, name: &str, d: &RawDefense, params: &serde_json::Value) -> Result<Vec<Option<DefenseMode>>> {
         if name == "none" {
             if let Some(span) = d.modes.as_ref().map(|m| m.span()).or(d.params.as_ref().map(|p| p.span())) {
                 return Err(self.err(&span, "defense `none` takes no `modes` or `params`"));
             }
             return Ok(vec![None]);
         }
-        // a detector leaves the model as it is: the attack never sees it (oblivious)
-        let detector = dynrobust_defenses::registry::is_detector(name);
-        let default = if detector { DefenseMode::Oblivious } else { DefenseMode::Adaptive };
+        // a defense with no adaptive attacker (the cost monitor) defaults to oblivious cells
+        let spec = dynrobust_defenses::registry::DefenseSpec::parse(name, params).ok();
+        let adaptive_refused = spec.as_ref().and_then(|s| s.check_mode(dynrobust_core::defense::Adaptivity::Adaptive).err());
+        let default = if adaptive_refused.is_some() { DefenseMode::Oblivious } else { DefenseMode::Adaptive };
         let Some(modes) = &d.modes else { return Ok(vec![Some(default)]) };
         self.non_empty("defenses.modes", modes)?;
         let mut out = Vec::new();
@@ -427,9 +428,8 @@ impl Cx<'_> {
             let mode = DefenseMode::parse(m.get_ref()).ok_or_else(|| {
                 self.err(&m.span(), format!("`defenses.modes`: unknown mode `{}`; expected one of: adaptive, oblivious", m.get_ref()))
             })?;
-            if detector && mode == DefenseMode::Adaptive {
-                let why = "is a detector: attacks craft on the bare model and do not know it (no adaptive attack on detectors is implemented); drop `modes` or use [\"oblivious\"]";
-                return Err(self.err(&m.span(), format!("`defenses.modes`: `{name}` {why}")));
+            if let (Some(why), DefenseMode::Adaptive) = (&adaptive_refused, mode) {
+                return Err(self.err(&m.span(), format!("`defenses.modes`: `adaptive` for `{name}`: {why}; drop `modes` or use [\"oblivious\"]")));
             }
             if out.contains(&Some(mode)) {
                 return Err(self.err(&m.span(), format!("`defenses.modes`: `{}` is listed twice", m.get_ref())));

@@ -155,19 +155,21 @@ fn plots_without_data_are_skipped_and_said_so() {
 
 #[test]
 fn detectors_get_their_own_table_not_the_defense_verdict() {
-    let text = "name = \"det\"\ndata = \"fashion-mnist\"\nn = 4\neps = [\"8/255\"]\nmodels = [\"sdn\"]\n[[attacks]]\nname = \"deepsloth\"\n[[defenses]]\nname = \"none\"\n[[defenses]]\nname = \"squeeze\"\n";
+    let text = "name = \"det\"\ndata = \"fashion-mnist\"\nn = 4\neps = [\"8/255\"]\nmodels = [\"sdn\"]\n[[attacks]]\nname = \"deepsloth\"\n[[defenses]]\nname = \"none\"\n[[defenses]]\nname = \"squeeze\"\nmodes = [\"adaptive\", \"oblivious\"]\n";
     let study = Study::parse(text, "det.toml", &registry()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cells = stored(&study);
     for c in &mut cells {
         if c.cell.defense.name == "squeeze" {
-            c.record["detector"] = serde_json::json!({ "kind": "squeeze", "threshold": 0.1786, "false_positive_rate": 0.038, "true_positive_rate": 0.656, "undetected_adv_cost": 0.4312 });
+            let tpr = if c.cell.defense.mode.is_some_and(|m| m.as_str() == "oblivious") { 0.2 } else { 0.656 };
+            c.record["detector"] = serde_json::json!({ "kind": "squeeze", "threshold": 0.1786, "false_positive_rate": 0.038, "true_positive_rate": tpr, "undetected_adv_cost": 0.4312 });
         }
     }
     let files = write_report(dir.path(), "det", &cells).unwrap();
     let md = fs::read_to_string(&files.markdown).unwrap();
     assert!(!md.contains("## Defenses"), "a detector is not judged as a defense that changes the model:\n{md}");
     assert!(md.contains("## Detectors"), "{md}");
-    assert!(md.contains("| squeeze | sdn | deepsloth | 8/255 | 0.1786 | 3.8 | 65.6 | 0.500 | 0.563 → 0.431 |"), "{md}");
-    assert!(md.contains("Largest TPR − FPR: **squeeze on sdn vs deepsloth (TPR 65.6 % at FPR 3.8 %)**"), "{md}");
+    assert!(md.contains("| squeeze | adaptive | sdn | deepsloth | 8/255 | 0.1786 | 3.8 | 65.6 | 0.500 | 0.814 → 0.431 |"), "{md}");
+    assert!(md.contains("| squeeze | oblivious | sdn | deepsloth | 8/255 | 0.1786 | 3.8 | 20.0 | 0.500 | 0.563 → 0.431 |"), "{md}");
+    assert!(md.contains("Weakest row (lowest TPR − FPR): **squeeze on sdn vs deepsloth (oblivious: TPR 20.0 % at FPR 3.8 %)**"), "{md}");
 }

@@ -19,7 +19,7 @@ fn shipped(name: &str) -> Study {
 fn shipped_studies_parse_and_expand() {
     let quick = shipped("quick.toml");
     assert_eq!(quick.name, "quick");
-    assert_eq!(quick.cells.len(), 66, "quick.toml grid size changed");
+    assert_eq!(quick.cells.len(), 74, "quick.toml grid size changed");
     for c in &quick.cells {
         let k = &c.config;
         match k.attack.name.as_str() {
@@ -42,11 +42,12 @@ fn shipped_studies_parse_and_expand() {
     for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "squeeze", "gate-consistency", "deepsloth-at"] {
         assert!(labels.contains(label), "defenses.toml lacks {label}");
     }
-    assert_eq!(defenses.cells.len(), 113, "defenses.toml grid size changed");
-    // detectors are evaluated obliviously: the attacks do not know them
-    for cell in defenses.cells.iter().filter(|c| ["monitor", "squeeze"].contains(&c.config.defense.name.as_str())) {
-        assert_eq!(cell.config.defense.mode, Some(DefenseMode::Oblivious), "{}", cell.config.defense.name);
-    }
+    assert_eq!(defenses.cells.len(), 118, "defenses.toml grid size changed");
+    // the cost monitor has no adaptive attacker: its cells default to oblivious
+    let monitor: BTreeSet<_> = defenses.cells.iter().filter(|c| c.config.defense.name == "monitor").map(|c| c.config.defense.mode).collect();
+    assert_eq!(monitor, BTreeSet::from([Some(DefenseMode::Oblivious)]));
+    let squeeze: BTreeSet<_> = defenses.cells.iter().filter(|c| c.config.defense.name == "squeeze").map(|c| c.config.defense.mode).collect();
+    assert_eq!(squeeze, BTreeSet::from([Some(DefenseMode::Adaptive), Some(DefenseMode::Oblivious)]));
     // every training-time defense a cell names is a committed checkpoint
     for cell in &defenses.cells {
         if let Some(path) = cell.config.defense.params.get("checkpoint").and_then(|v| v.as_str()) {
@@ -139,7 +140,7 @@ fn malformed() -> Vec<(String, usize, &'static str)> {
         (format!("{base}[[defenses]]\nname = \"bitdepht\"\n"), 8, "defenses.name"),
         (format!("{base}[[defenses]]\nname = \"median\"\nmodes = [\"adaptiv\"]\n"), 9, "modes"),
         (format!("{base}[[defenses]]\nname = \"none\"\nmodes = [\"adaptive\"]\n"), 9, "none"),
-        (format!("{base}[[defenses]]\nname = \"squeeze\"\nmodes = [\"adaptive\"]\n"), 9, "detector"),
+        (format!("{base}[[defenses]]\nname = \"squeeze\"\nparams = {{ median = 2 }}\nmodes = [\"adaptive\"]\n"), 10, "one squeezer"),
         (format!("{base}[[defenses]]\nname = \"monitor\"\nmodes = [\"oblivious\", \"adaptive\"]\n"), 9, "monitor"),
         (format!("{base}[[defenses]]\nname = \"squeeze\"\nparams = {{ bits = 9 }}\n"), 9, "bits"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\nthreshold = 1.5\n"), 10, "threshold"),
