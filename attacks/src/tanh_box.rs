@@ -254,8 +254,9 @@ impl Adam {
         Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, m: w.zeros_like(), v: w.zeros_like(), t: 0 }
     }
     /// One step: returns the updated parameter. The moments are updated in place and the
-    /// update is `torch.optim.Adam`'s own arrangement — `w − (lr / bc₁)·m / (√v / √bc₂ + ε)`
-    /// with the bias corrections bc = 1 − βᵗ as scalars — so a step is eight tensor calls.
+    /// update is arranged as `torch.optim.Adam` arranges it — `w − (lr / bc₁)·m / (√v / √bc₂ + ε)`
+    /// with the bias corrections bc = 1 − βᵗ as scalars (equal to it up to rounding) — so a
+    /// step is eight tensor calls.
     pub fn step(&mut self, w: &Tensor, g: &Tensor) -> Tensor {
         self.t += 1;
         let _ = self.m.lerp_(g, 1.0 - self.beta1);

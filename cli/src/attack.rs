@@ -170,7 +170,8 @@ fn load_victim(args: &AttackArgs, device: tch::Device, probe: &Tensor) -> Result
     Ok(victim)
 }
 
-/// `dynrobust attack --defense ...`: the defended evaluation (adaptive unless --oblivious).
+/// `dynrobust attack --defense ...`: the defended evaluation (adaptive unless --oblivious or
+/// the defense has no adaptive attacker: the cost monitor, two-squeezer feature squeezing).
 fn run_defended(args: AttackArgs) -> Result<()> {
     use dynrobust_core::defense::Adaptivity;
     use dynrobust_defenses::registry::DefenseSpec;
@@ -198,7 +199,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     let how = match (mode, matches!(spec, DefenseSpec::Squeeze(_))) {
         (Adaptivity::Oblivious, _) if spec.is_detector() => "detector; OBLIVIOUS attack: crafted on the bare model, not knowing it",
         (Adaptivity::Oblivious, _) => "OBLIVIOUS attack: crafted on the bare model",
-        (Adaptivity::Adaptive, true) => "detector; adaptive attack: crafted through the squeezer",
+        (Adaptivity::Adaptive, true) => "detector; adaptive attack: crafted on x and its squeezed copy (EOT)",
         (Adaptivity::Adaptive, false) => "adaptive attack",
     };
     eprintln!("defense     {} ({how})", r["defense_label"].as_str().unwrap_or("?"));

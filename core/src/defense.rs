@@ -11,8 +11,9 @@
 //! - a **training-time** procedure that yields a new checkpoint (adversarial training, gate
 //!   regularisation);
 //! - a **runtime guard**: a compute budget cap, or a detector that flags inputs and leaves the
-//!   model as it is (a cost monitor; feature squeezing). Detectors are evaluated obliviously:
-//!   the attacks do not know them.
+//!   model as it is (a cost monitor; feature squeezing). The cost monitor is evaluated
+//!   obliviously only; feature squeezing also against an adaptive attacker that averages its
+//!   objective over the input and its squeezed copy.
 //!
 //! Configs are serde structs that reject unknown fields and are validated on construction.
 

@@ -7,9 +7,9 @@
 //! model as it is and only flags inputs. The cost monitor is always evaluated obliviously (an
 //! energy attacker that knows it can only stop below its threshold; the report gives the mean
 //! cost of what passes): an adaptive run is refused. Feature squeezing
-//! with one squeezer has an adaptive attacker: it crafts through the squeezer (BPDA for bit
-//! depth, exact for the median), so its examples keep their effect when squeezed and the
-//! squeezed copy no longer gives them away.
+//! with one squeezer has an adaptive attacker: it averages its objective over the input and
+//! its squeezed copy (EOT over {identity, squeezer}; BPDA for bit depth, exact for the
+//! median), so that the two copies the detector compares behave alike.
 
 use dynrobust_attacks::evaluate::{run_attack_on, PerSample};
 use dynrobust_core::attack::Attack;
@@ -87,7 +87,10 @@ pub fn run_defended(
     };
     let craft_model: &dyn DynamicModel = craft.as_deref().unwrap_or(&*eval);
     let first = data.images.narrow(0, 0, batch.min(data.len()));
-    let mut flags = gradient_flags(&*eval, &first, &data.labels.narrow(0, 0, batch.min(data.len())), attack.goal())?;
+    // the gradient checks look at the model the attack differentiates (adaptive) — for
+    // feature squeezing that is the squeezer's view, not the bare model it is evaluated on
+    let checked: &dyn DynamicModel = if mode == Adaptivity::Adaptive { craft_model } else { &*eval };
+    let mut flags = gradient_flags(checked, &first, &data.labels.narrow(0, 0, batch.min(data.len())), attack.goal())?;
     let outcome = run_attack_on(craft_model, &*eval, attack, &data.images, &data.labels, batch, on_batch)?;
     if defense.is_detector() {
         let calibration = calibration.ok_or_else(|| dynrobust_core::Error::config("calibration", "a detector needs clean calibration data"))?;

@@ -14,11 +14,13 @@
 //! The threshold is the clean score's `percentile` on `calibration` clean *training* images, so
 //! about (100 − percentile) % of clean inputs are flagged (Xu et al. use 5 %). The detector does
 //! not change the model. An **oblivious** attacker crafts on the bare model and knows nothing
-//! of it; the **adaptive** one (the default with one squeezer) crafts through the squeezer —
-//! BPDA for bit depth, exact gradients for the median — so that its examples keep their
-//! effect when squeezed, which is what the detector looks for (the evasion of He et al.,
+//! of it; the **adaptive** one (the default with one squeezer) averages its objective over the
+//! input and its squeezed copy (EOT over {identity, squeezer}, [`SqueezeOrIdentity`]; BPDA for
+//! bit depth, exact gradients for the median), so that its examples have their effect on both
+//! — and the two copies the detector compares no longer differ (in the spirit of He et al.,
 //! "Adversarial Example Defenses: Ensembles of Weak Defenses are not Strong", WOOT 2017, for an
-//! energy attacker). The report gives the clean false-positive rate, the attacked true-positive
+//! energy attacker). It does not penalise the score itself: a stronger detector-aware attack
+//! may exist. The report gives the clean false-positive rate, the attacked true-positive
 //! rate and the mean cost of the attacked inputs that pass unflagged — what an attacker still
 //! gets through.
 //!
@@ -105,14 +107,55 @@ impl SqueezeConfig {
 }
 
 impl SqueezeConfig {
-    /// The one squeezer an adaptive attacker crafts through; with both squeezers configured
-    /// there is none (the joint detector's adaptive attack is not implemented).
+    /// What an adaptive attacker crafts through: [`SqueezeOrIdentity`] over the one squeezer;
+    /// with both squeezers configured there is none (the joint detector's adaptive attack is
+    /// not implemented).
     pub fn adaptive_squeezer(&self) -> Result<Box<dyn InputTransform>> {
         let mut squeezers = self.squeezers()?;
         if squeezers.len() != 1 {
-            return Err(Error::config("median", "the adaptive attack on feature squeezing crafts through one squeezer: set `bits` or `median` to 0, or evaluate the joint detector obliviously"));
+            return Err(Error::config("mode", "the adaptive attack on feature squeezing crafts through one squeezer: set `bits` or `median` to 0, or evaluate the joint detector obliviously"));
         }
-        Ok(squeezers.remove(0))
+        Ok(Box::new(SqueezeOrIdentity { squeezer: squeezers.remove(0), calls: std::cell::Cell::new(0) }))
+    }
+}
+
+/// The adaptive attacker's view of a squeezing detector: the identity and the squeezer in
+/// turn, two EOT draws per gradient, so the attack's objective is averaged over `x` and `s(x)`
+/// — it pushes both, and the detector compares exactly these two (any two consecutive calls
+/// cover both, whatever else the attack evaluates in between). Gradients pass through the
+/// squeezer as it says (BPDA for bit depth, exact for the median).
+pub struct SqueezeOrIdentity {
+    squeezer: Box<dyn InputTransform>,
+    calls: std::cell::Cell<u64>,
+}
+
+impl InputTransform for SqueezeOrIdentity {
+    fn name(&self) -> &'static str {
+        "squeeze"
+    }
+    fn label(&self) -> String {
+        format!("identity|{}", self.squeezer.label())
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::json!({ "eot_over": ["identity", self.squeezer.config_json()] })
+    }
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        if call % 2 == 0 {
+            Ok(x.shallow_clone())
+        } else {
+            self.squeezer.apply(x)
+        }
+    }
+    fn backward(&self) -> dynrobust_core::defense::Backward {
+        self.squeezer.backward()
+    }
+    fn randomized(&self) -> bool {
+        true
+    }
+    fn eot_samples(&self) -> usize {
+        2
     }
 }
 

@@ -68,10 +68,11 @@ fn flags_energy_attack_examples_far_more_often_than_clean_inputs() {
     for (name, attack, params) in cases {
         let net = load_committed(name);
         let detector = SqueezeDetector::calibrate(SqueezeConfig { calibration: 1000, ..SqueezeConfig::default() }, &net, &calibration.images, 250).unwrap();
-        // on its own calibration images at most 5 % are above the 95th percentile
+        // the threshold is the 95th percentile of the calibration scores (ties aside: 3–5 %
+        // of them above it; a threshold at the maximum or the median would fail this)
         let calibration_scores = detector.scores(&net, &calibration.images, 250).unwrap();
         let flagged = calibration_scores.gt(detector.threshold).sum(tch::Kind::Double).double_value(&[]) / 1000.0;
-        assert!(flagged <= 0.05, "{name}: {flagged} of the calibration images flagged");
+        assert!((0.03..=0.05).contains(&flagged), "{name}: {flagged} of the calibration images flagged");
         let x_adv = registry::build(attack, &params).unwrap().perturb(&net, &data.images, &data.labels).unwrap();
         let adv_costs: Vec<f64> = Vec::try_from(cost_of(&net.forward_trace(&x_adv, Pass::Sparse).unwrap(), &net)).unwrap();
         let report = detector.report(&net, &data.images, &x_adv, &adv_costs, 128).unwrap();
@@ -95,6 +96,7 @@ fn defended_runs_craft_through_the_squeezer_when_adaptive_and_on_the_bare_model_
     let DefenseSpec::Squeeze(config) = spec.clone() else { unreachable!() };
     let detector = SqueezeDetector::calibrate(config.clone(), &net, &calibration.images, 64).unwrap();
     let through_squeezer = Defended::new(load_committed("sdn"), config.adaptive_squeezer().unwrap());
+    assert_eq!(through_squeezer.eot_samples(), 2, "EOT over the identity and the squeezer");
     for (mode, crafted_on) in [(Adaptivity::Adaptive, &through_squeezer as &dyn DynamicModel), (Adaptivity::Oblivious, &net as &dyn DynamicModel)] {
         let outcome = run_defended(load().unwrap(), &load, &spec, mode, &*attack, &data, Some(&calibration), 64, &mut |_| {}).unwrap();
         let r = &outcome.record;

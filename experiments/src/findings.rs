@@ -159,7 +159,7 @@ pub(crate) fn detector_table(rows: &[Row]) -> String {
     if detected.is_empty() {
         return String::new();
     }
-    let mut md = String::from("## Detectors\n\nA detector leaves the model as it is and flags inputs. Oblivious: the attack crafts on the bare model, not knowing it; adaptive (feature squeezing): the attack crafts through the squeezer, so its examples survive squeezing. FPR: clean test inputs flagged (calibrated on clean training images); TPR: attacked inputs flagged; passed cost: mean cost of the attacked inputs it lets through.\n\n");
+    let mut md = String::from("## Detectors\n\nA detector leaves the model as it is and flags inputs. Oblivious: the attack crafts on the bare model, not knowing it; adaptive (feature squeezing): the attack's objective is averaged over the input and its squeezed copy, so the two behave alike. FPR: clean test inputs flagged (calibrated on clean training images); TPR: attacked inputs flagged; passed cost: mean cost of the attacked inputs it lets through.\n\n");
     md += "| detector | mode | model | attack | ε | threshold | FPR % | TPR % | clean cost | attacked cost: all → passed |\n|---|---|---|---|---|---|---|---|---|---|\n";
     type Key = (String, Option<String>, String, String, Option<u64>);
     let key = |r: &Row| -> Key { (r.defense.clone(), r.mode.clone(), r.model.clone(), r.label.clone(), r.eps.map(f64::to_bits)) };
@@ -179,7 +179,7 @@ pub(crate) fn detector_table(rows: &[Row]) -> String {
             eps_text(eps.map(f64::from_bits)), fixed(field("threshold"), 4), pct(fpr), pct(tpr),
             fixed(avg(group.iter().copied(), |r| r.clean_cost), 3), fixed(avg(group.iter().copied(), |r| r.adv_cost), 3), fixed(field("undetected_adv_cost"), 3)
         );
-        // the detector's worst case: the lowest TPR − FPR over the attacker modes
+        // the weakest row of the table: the lowest TPR − FPR over every detector, mode, model, attack and ε
         if let (Some(f), Some(t)) = (fpr, tpr) {
             if weakest.as_ref().is_none_or(|(w, _)| t - f < *w) {
                 weakest = Some((t - f, format!("{defense} on {model} vs {label} ({mode}: TPR {} % at FPR {} %)", pct(Some(t)), pct(Some(f)))));
