@@ -142,7 +142,7 @@ impl InputTransform for SqueezeOrIdentity {
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let call = self.calls.get();
         self.calls.set(call + 1);
-        if call % 2 == 0 {
+        if call.is_multiple_of(2) {
             Ok(x.shallow_clone())
         } else {
             self.squeezer.apply(x)
