@@ -38,6 +38,10 @@ pub struct TrainArgs {
     /// Use only the first K training images of each class (weak surrogates: 1, 10, 100).
     #[arg(long)]
     per_class: Option<i64>,
+    /// With --per-class: draw the K images of each class at random with this seed instead of
+    /// taking the first K (one independent draw per seed).
+    #[arg(long, requires = "per_class")]
+    per_class_draw: Option<u64>,
     /// Evaluate on the first N test images (default: all).
     #[arg(long)]
     eval_samples: Option<i64>,
@@ -91,7 +95,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut train_set = args.data.load(Split::Train, args.train_samples)?;
     if let Some(k) = args.per_class {
         anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");
-        train_set = train_set.per_class(k)?;
+        train_set = match args.per_class_draw {
+            Some(draw) => train_set.per_class_drawn(k, draw)?,
+            None => train_set.per_class(k)?,
+        };
     }
     let defaults = TrainConfig::default_for(&mechanism);
     let cfg = TrainConfig {

@@ -68,18 +68,43 @@ impl Dataset {
     /// on k samples per class). Errors when a class has fewer than `k`.
     /// Classes are `0..=max label`, so a class without samples is an error too.
     pub fn per_class(&self, k: i64) -> Result<Dataset> {
+        self.pick_per_class(k, format!("[{k}/class]"), |_, idx| idx[..k as usize].to_vec())
+    }
+
+    /// `k` samples of every class drawn at random without replacement with `seed` (a seeded
+    /// Fisher–Yates shuffle of each class's indices with [`crate::rng::SeededRng`], the class
+    /// mixed into the seed), kept in
+    /// data-set order: one independent draw per seed, so the spread of a k-shot result over
+    /// draws can be measured. The same errors as [`Dataset::per_class`].
+    pub fn per_class_drawn(&self, k: i64, seed: u64) -> Result<Dataset> {
+        self.pick_per_class(k, format!("[{k}/class, draw {seed}]"), |class, idx| {
+            let mut rng = crate::rng::SeededRng::new(seed ^ (class as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut idx = idx.to_vec();
+            for i in (1..idx.len()).rev() {
+                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+                idx.swap(i, j);
+            }
+            idx.truncate(k as usize);
+            idx
+        })
+    }
+
+    fn pick_per_class(&self, k: i64, suffix: String, choose: impl Fn(i64, &[i64]) -> Vec<i64>) -> Result<Dataset> {
+        if k < 1 {
+            return Err(Error::config("per_class", format!("{k}: expected ≥ 1")));
+        }
         let mut picks = Vec::new();
         for class in 0..self.num_classes() {
-            let idx = self.labels.eq(class).nonzero().squeeze_dim(1);
-            let have = idx.size()[0];
-            if have < k {
-                return Err(Error::config("per_class", format!("{k}: class {class} of {} has only {have} samples", self.name)));
+            let idx: Vec<i64> = Vec::try_from(self.labels.eq(class).nonzero().squeeze_dim(1))?;
+            if (idx.len() as i64) < k {
+                return Err(Error::config("per_class", format!("{k}: class {class} of {} has only {} samples", self.name, idx.len())));
             }
-            picks.push(idx.narrow(0, 0, k));
+            picks.extend(choose(class, &idx));
         }
-        let idx = Tensor::cat(&picks, 0).sort(0, false).0;
+        picks.sort_unstable();
+        let idx = Tensor::from_slice(&picks).to_device(self.labels.device());
         Ok(Dataset {
-            name: format!("{}[{k}/class]", self.name),
+            name: format!("{}{suffix}", self.name),
             images: self.images.index_select(0, &idx),
             labels: self.labels.index_select(0, &idx),
         })
@@ -524,3 +549,4 @@ fn parse_csv_row(path: &Path, line_no: usize, line: &str, labels: &mut Vec<u8>, 
     }
     Ok(())
 }
+

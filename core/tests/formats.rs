@@ -806,6 +806,9 @@ fn per_class_handles_more_than_ten_classes() {
     assert_eq!(tensor_i64(&one.labels), (0..12).collect::<Vec<i64>>());
     let msg = set.per_class(3).unwrap_err().to_string();
     assert!(msg.contains("class 0") && msg.contains("only 2"), "{msg}");
+    let msg = set.per_class_drawn(3, 7).unwrap_err().to_string();
+    assert!(msg.contains("`per_class`") && msg.contains("only 2"), "{msg}");
+    assert!(set.per_class(0).unwrap_err().to_string().contains("expected ≥ 1"));
 
     // A class with no samples (label 5 missing) is reported.
     let gap: Vec<i64> = vec![0, 1, 2, 3, 4, 6];
@@ -814,4 +817,32 @@ fn per_class_handles_more_than_ten_classes() {
     let set = load_npy_pair(&img, &lab).unwrap();
     let msg = set.per_class(1).unwrap_err().to_string();
     assert!(msg.contains("class 5") && msg.contains("only 0"), "{msg}");
+}
+
+#[test]
+fn per_class_draws_are_seeded_subsets_in_order() {
+    let root = tmp();
+    let d = root.path();
+    // 3 classes × 20 samples, pixel value = sample index so picks can be identified
+    let labels: Vec<i64> = (0..60).map(|i| i % 3).collect();
+    let pixels: Vec<u8> = (0..60).map(|i| i as u8).collect();
+    let img = write(&d.join("img.npy"), &npy_bytes("|u1", &[60, 1, 1], &pixels));
+    let lab = write(&d.join("lab.npy"), &i64_bytes_npy(&labels));
+    let set = load_npy_pair(&img, &lab).unwrap();
+    let index_of = |s: &Dataset| -> Vec<i64> { Vec::<f32>::try_from(s.images.flatten(0, -1)).unwrap().iter().map(|p| (p * 255.0).round() as i64).collect() };
+    let draw = |seed| set.per_class_drawn(4, seed).unwrap();
+    let a = index_of(&draw(1));
+    assert_eq!(a, index_of(&draw(1)), "same seed, same draw");
+    assert_ne!(a, index_of(&draw(2)), "another seed, another draw");
+    assert_eq!(a.len(), 12);
+    assert!(a.windows(2).all(|w| w[0] < w[1]), "kept in data-set order: {a:?}");
+    for class in 0..3 {
+        assert_eq!(a.iter().filter(|&&i| i % 3 == class).count(), 4, "4 of class {class}: {a:?}");
+    }
+    assert_eq!(tensor_i64(&draw(1).labels), a.iter().map(|i| i % 3).collect::<Vec<_>>(), "labels follow their images");
+    // not simply the first k: over a few seeds some draw reaches past the first 4 of a class
+    assert!((0..5).any(|seed| index_of(&draw(seed)).iter().any(|&i| i >= 12)));
+    assert!(draw(1).name.contains("draw 1"));
+    // a draw of all of a class is the whole class
+    assert_eq!(index_of(&set.per_class_drawn(20, 9).unwrap()), (0..60).collect::<Vec<_>>());
 }

@@ -230,6 +230,9 @@ pub struct VariantTrain {
     pub epochs: Option<i64>,
     /// Training images per class (default: the whole training split).
     pub per_class: Option<i64>,
+    /// With `per_class`: draw them at random with this seed instead of taking the first of
+    /// each class (one independent draw per seed).
+    pub per_class_draw: Option<u64>,
     /// Data set it trains on (default: the cell's), e.g. `mnist` for a cross-data-set
     /// surrogate (DeepSloth's scenario 2).
     pub data: Option<String>,
@@ -311,9 +314,12 @@ fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()
     let source = DataSpec::parse(v.data.as_deref().unwrap_or(data))?;
     let mut train_set = source.load(Split::Train, None)?;
     let config = config_for_data(mechanism.clone(), &source, &train_set)?;
-    if let Some(k) = v.per_class {
-        train_set = train_set.per_class(k)?;
-    }
+    train_set = match (v.per_class, v.per_class_draw) {
+        (Some(k), Some(draw)) => train_set.per_class_drawn(k, draw)?,
+        (Some(k), None) => train_set.per_class(k)?,
+        (None, Some(_)) => return Err(Error::config("per_class_draw", "needs `per_class` (the images per class to draw)")),
+        (None, None) => train_set,
+    };
     let defaults = TrainConfig::default_for(&mechanism);
     let epochs = v.epochs.unwrap_or_else(|| default_epochs(defaults.epochs, train_set.len(), defaults.batch_size));
     let cfg = TrainConfig { epochs, lr: v.lr.unwrap_or(defaults.lr), seed: v.seed, ..defaults }.validated()?;

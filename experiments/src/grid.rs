@@ -337,8 +337,12 @@ impl Cx<'_> {
         let train = v.train.as_ref().map(|t| table_json(t.get_ref()));
         if let (Some(t), Some(json)) = (&v.train, &train) {
             // the table's keys and types now, not when the runner gets to training it
-            if let Err(e) = serde_json::from_value::<crate::execute::VariantTrain>(json.clone()) {
-                return Err(self.err(&t.span(), format!("variant `{name}`: `train`: {e}")));
+            match serde_json::from_value::<crate::execute::VariantTrain>(json.clone()) {
+                Err(e) => return Err(self.err(&t.span(), format!("variant `{name}`: `train`: {e}"))),
+                Ok(table) if table.per_class_draw.is_some() && table.per_class.is_none() => {
+                    return Err(self.err(&t.span(), format!("variant `{name}`: `train.per_class_draw` needs `per_class` (the images per class to draw)")));
+                }
+                Ok(_) => {}
             }
         }
         // a set of block indices: its order must not change the cell id

@@ -148,6 +148,7 @@ fn malformed() -> Vec<(String, usize, &'static str)> {
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"vgg\" }}\n"), 9, "train.model"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", taget_rate = 0.3 }}\n"), 9, "taget_rate"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", per_class = \"ten\" }}\n"), 9, "`train`"),
+        (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", per_class_draw = 3 }}\n"), 9, "per_class_draw"),
         (format!("{base}[[variants]]\nname = \"sdn\"\nthreshold = 0.5\n"), 8, "variants.name"),
         (format!("{base}[[exclude]]\nmodel = \"sdn\"\n"), 7, "exclude"),
         (format!("{base}[[include]]\nmodle = \"sdn\"\n"), 8, "modle"),
