@@ -17,14 +17,30 @@ const MARGIN: f64 = 0.01;
 const TARGET_RECOVERY_DROP: f64 = 0.30;
 const TARGET_CLEAN_LOSS: f64 = 0.03;
 
+/// Behind a detector: the compute an attacker gets past it per attacked input,
+/// (1 − TPR) × the mean cost of the inputs it passes (0 when it flags them all).
+fn compute_past_detector(r: &Row) -> Option<f64> {
+    let d = r.detector.as_ref()?;
+    let tpr = d.get("true_positive_rate")?.as_f64()?;
+    let passed = d.get("undetected_adv_cost").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    Some((1.0 - tpr) * passed)
+}
+
 /// True when `weak` did better than `strong` for their shared goal by more than the margin.
+/// Behind a detector the energy goal is the compute that gets past it, not the attacked cost:
+/// the adaptive attacker trades some cost for not being flagged.
 fn beats(weak: &Row, strong: &Row) -> Option<String> {
-    let cost = |r: &Row| r.adv_cost.unwrap_or(f64::NAN);
+    let behind_detector = weak.detector.is_some() && strong.detector.is_some();
+    let (cost, what): (fn(&Row) -> f64, &str) = if behind_detector {
+        (|r| compute_past_detector(r).unwrap_or(f64::NAN), "compute past the detector per attacked input")
+    } else {
+        (|r| r.adv_cost.unwrap_or(f64::NAN), "adv cost")
+    };
     let acc = |r: &Row| r.adv_acc.unwrap_or(f64::NAN);
     let energy = weak.goal != "accuracy" && cost(weak) > cost(strong) + MARGIN;
     let accuracy = weak.goal != "energy" && acc(weak) < acc(strong) - MARGIN;
     match (energy, accuracy) {
-        (true, _) => Some(format!("adv cost {:.3} vs {:.3}", cost(weak), cost(strong))),
+        (true, _) => Some(format!("{what} {:.3} vs {:.3}", cost(weak), cost(strong))),
         (_, true) => Some(format!("adv acc {} % vs {} %", pct(Some(acc(weak))), pct(Some(acc(strong))))),
         _ => None,
     }
