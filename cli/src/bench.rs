@@ -13,8 +13,9 @@ use crate::common::{load_checkpoint, DataArgs, DeviceArgs};
 /// Options of `dynrobust bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to measure: `sparse` (sparse-pass time vs cost against the static model) or
-    /// `attacks` (time per attack iteration vs one bare forward+backward).
+    /// What to measure: `sparse` (sparse-pass time vs cost against the static model),
+    /// `attacks` (time per attack iteration vs one bare forward+backward) or `torchscript`
+    /// (the TorchScript adapter's overhead against the native models; see --script-dir).
     what: String,
     /// Models to compare with `static`.
     #[arg(long, value_delimiter = ',', default_value = "sdn,gated,skipnet")]

@@ -55,7 +55,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 5.0)]
     cost_weight: f64,
     /// Static checkpoint to start from (sdn, gated, skipnet); a name, a directory, or `none` to
-    /// train from scratch (default: `static` on Fashion-MNIST/MNIST, `none` for other data).
+    /// train from scratch. Default: the committed `static` when training on the whole
+    /// Fashion-MNIST training split (the data it was trained on); `none` with --per-class,
+    /// --train-samples or other data, so a weak surrogate does not inherit the victim's training.
     #[arg(long)]
     init: Option<String>,
     #[command(flatten)]

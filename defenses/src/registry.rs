@@ -27,9 +27,9 @@ pub const DEFENSES: &[(&str, DefenseKind, &str)] = [
     ("pgd-at", DefenseKind::Training, "PGD adversarial training (`dynrobust defend --recipe pgd-at`)"),
     ("deepsloth-at", DefenseKind::Training, "DeepSloth adversarial training, 'same_logits' (sdn)"),
     ("mixs", DefenseKind::Training, "DeepSloth's mixs: PGD and DeepSloth examples with the true labels (sdn)"),
-    ("slowdown-at", DefenseKind::Training, "slowdown adversarial training on GradMDM examples (gated)"),
-    ("gate-consistency", DefenseKind::Training, "penalise gates off on x but on for x_adv (gated)"),
-    ("cost-cap", DefenseKind::Training, "penalise expected cost(x_adv) above cost(x) (gated)"),
+    ("slowdown-at", DefenseKind::Training, "slowdown adversarial training on GradMDM examples (gated, skipnet)"),
+    ("gate-consistency", DefenseKind::Training, "penalise gates off on x but on for x_adv (gated, skipnet)"),
+    ("cost-cap", DefenseKind::Training, "penalise expected cost(x_adv) above cost(x) (gated, skipnet)"),
 ]
 .as_slice();
 
@@ -98,13 +98,19 @@ pub fn merged<C: Serialize + DeserializeOwned>(defaults: C, overrides: &serde_js
     })
 }
 
-/// Resolves a path relative to the project root when it is not found as given.
+/// Resolves a path: as given, else relative to the project root, else a committed checkpoint
+/// name (`denoiser-adv` → `models/checkpoints/denoiser-adv`, as training-time defenses take
+/// their checkpoints).
 fn project_path(p: &str) -> std::path::PathBuf {
     let as_given = std::path::PathBuf::from(p);
+    let under_root = dynrobust_core::data::project_root().join(p);
+    let committed = dynrobust_models::checkpoint::committed_dir(p);
     if as_given.exists() {
         as_given
+    } else if under_root.exists() || !committed.is_dir() {
+        under_root // when nothing is found, the loader's error names this path
     } else {
-        dynrobust_core::data::project_root().join(p)
+        committed
     }
 }
 

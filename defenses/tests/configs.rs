@@ -58,3 +58,14 @@ fn budget_above_the_block_count_is_refused_naming_the_field() {
     let mut stat = dynrobust_models::checkpoint::load_committed("static");
     assert!(apply_budget(&mut stat, &BudgetConfig { max_blocks: 3 }).unwrap_err().to_string().contains("gates or early exits"));
 }
+
+#[test]
+fn a_denoiser_checkpoint_may_be_named_like_the_committed_checkpoints() {
+    let _lock = torch_lock();
+    let x = dynrobust_core::testing::test_images(4).images;
+    let by_name = build_transform("denoiser", &json!({ "checkpoint": "denoiser-adv" })).unwrap();
+    let by_path = build_transform("denoiser", &json!({ "checkpoint": "models/checkpoints/denoiser-adv" })).unwrap();
+    assert!(by_name.apply(&x).unwrap().equal(&by_path.apply(&x).unwrap()));
+    let err = build_transform("denoiser", &json!({ "checkpoint": "no-such-denoiser" })).err().unwrap().to_string();
+    assert!(err.contains("no-such-denoiser"), "{err}");
+}
