@@ -624,7 +624,10 @@ impl Filter {
     }
 }
 
-/// The full cross product (surrogate equal to the cell's model is white-box: `None`).
+/// The full cross product (surrogate equal to the cell's model is white-box: `None`). A
+/// transfer attack crafts on its surrogate, which knows nothing of the victim's defense: its
+/// defended cells are oblivious whatever modes the defense lists (the adaptive twin would be
+/// the same experiment under a wrong label; `finish` merges them).
 fn cross(base: &Base, models: &[ModelRef], defenses: &[DefenseRef], attacks: &[AttackPlan]) -> Vec<CellConfig> {
     let mut out = Vec::new();
     for model in models {
@@ -632,6 +635,10 @@ fn cross(base: &Base, models: &[ModelRef], defenses: &[DefenseRef], attacks: &[A
             for plan in attacks {
                 for surrogate in &plan.surrogates {
                     let surrogate = surrogate.clone().filter(|s| s.name != model.name);
+                    let mut defense = defense.clone();
+                    if surrogate.is_some() && defense.mode.is_some() {
+                        defense.mode = Some(DefenseMode::Oblivious);
+                    }
                     for eps in &plan.eps {
                         for seed in &base.seeds {
                             out.push(CellConfig {
