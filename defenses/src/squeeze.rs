@@ -34,6 +34,19 @@
 //! (11–20 %); 4 bits alone, score `both`: 65.6 % of the DeepSloth examples at 3.8 % of clean
 //! inputs on `sdn`, 67.4 % / 3.6 % of GradMDM's on `gated`, 54.4 % / 3.8 % on `skipnet`
 //! (500 test images, ε = 8/255, 2026-12-01).
+//!
+//! ```no_run
+//! use dynrobust_core::data::{DataSource, Split};
+//! use dynrobust_defenses::squeeze::{SqueezeConfig, SqueezeDetector};
+//! use dynrobust_models::checkpoint;
+//! # fn main() -> dynrobust_core::Result<()> {
+//! let (sdn, _) = checkpoint::load(&checkpoint::resolve("sdn")?, tch::Device::Cpu)?;
+//! let clean_train = DataSource::FashionMnist.load(Split::Train, None)?.take(2000);
+//! let detector = SqueezeDetector::calibrate(SqueezeConfig::default(), &sdn, &clean_train.images, 250)?;
+//! let test = DataSource::FashionMnist.load(Split::Test, None)?.take(256);
+//! let flagged = detector.scores(&sdn, &test.images, 256)?.gt(detector.threshold); // [256] bool
+//! # let _ = flagged; Ok(()) }
+//! ```
 
 use dynrobust_core::defense::InputTransform;
 use dynrobust_core::{cost_of, DynamicModel, Error, Pass, Result};
