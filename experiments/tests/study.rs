@@ -42,7 +42,7 @@ fn shipped_studies_parse_and_expand() {
     for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "squeeze", "gate-consistency", "deepsloth-at"] {
         assert!(labels.contains(label), "defenses.toml lacks {label}");
     }
-    assert_eq!(defenses.cells.len(), 118, "defenses.toml grid size changed");
+    assert_eq!(defenses.cells.len(), 255, "defenses.toml grid size changed");
     // the cost monitor has no adaptive attacker: its cells default to oblivious
     let monitor: BTreeSet<_> = defenses.cells.iter().filter(|c| c.config.defense.name == "monitor").map(|c| c.config.defense.mode).collect();
     assert_eq!(monitor, BTreeSet::from([Some(DefenseMode::Oblivious)]));
