@@ -155,11 +155,15 @@ pub(crate) fn defense_table(rows: &[Row]) -> String {
         }
         if let (Some(dr), Some(da), Some(dc)) = (d_rec, d_acc, d_cost) {
             let adv_acc = avg(adaptive.iter().copied(), |r| r.adv_acc).zip(avg(base.iter().copied(), |r| r.adv_acc)).map_or(0.0, |(a, b)| a - b);
-            verdicts.push(Verdict { d_rec: dr, d_acc: da, d_cost: dc, d_adv_acc: adv_acc, defense: defense.clone(), model: model.clone(), attack: label.clone() });
+            let goal = adaptive.first().or(base.first()).map_or("energy".to_string(), |r| r.goal.clone());
+            verdicts.push(Verdict { d_rec: dr, d_acc: da, d_cost: dc, d_adv_acc: adv_acc, defense: defense.clone(), model: model.clone(), attack: label.clone(), goal });
         }
     }
     md.push('\n');
-    md += &verdict(&verdicts, undecided);
+    // the recovery target judges the attacks that aim at compute; accuracy attacks get their own line
+    let (energy, accuracy): (Vec<Verdict>, Vec<Verdict>) = verdicts.into_iter().partition(|v| v.goal != "accuracy");
+    md += &verdict(&energy, undecided);
+    md += &accuracy_verdict(&accuracy);
     md
 }
 
@@ -219,6 +223,22 @@ struct Verdict {
     defense: String,
     model: String,
     attack: String,
+    /// The attack's goal: `energy`, `accuracy` or `both`.
+    goal: String,
+}
+
+/// For accuracy attacks: the defended row that keeps the most attacked accuracy within the
+/// clean-accuracy limit.
+fn accuracy_verdict(verdicts: &[Verdict]) -> String {
+    let within = verdicts.iter().filter(|v| v.d_acc >= -TARGET_CLEAN_LOSS);
+    match within.max_by(|a, b| a.d_adv_acc.partial_cmp(&b.d_adv_acc).unwrap_or(std::cmp::Ordering::Equal)) {
+        Some(best) => format!(
+            "**Accuracy attacks** ({} defended rows): the most attacked accuracy kept within ≤ {:.0} points of clean accuracy is **{}**.\n\n",
+            verdicts.len(), 100.0 * TARGET_CLEAN_LOSS, best.words()
+        ),
+        None if verdicts.is_empty() => String::new(),
+        None => format!("**Accuracy attacks** ({} defended rows): no defense stays within {:.0} points of clean accuracy.\n\n", verdicts.len(), 100.0 * TARGET_CLEAN_LOSS),
+    }
 }
 
 impl Verdict {

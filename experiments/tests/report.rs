@@ -46,6 +46,7 @@ fn record(cell: &Cell) -> serde_json::Value {
     let oblivious = c.defense.mode.is_some_and(|m| m.as_str() == "oblivious");
     serde_json::json!({
         "model": c.model.name, "attack": c.attack.name, "label": c.attack.label, "defense": c.defense.name,
+        "goal": if c.attack.name == "ilfo" { "energy" } else { "accuracy" },
         "defense_mode": c.defense.mode, "surrogate": c.surrogate.as_ref().map(|s| &s.name), "eps": c.eps,
         "seed": c.seed, "n": c.n,
         "clean_acc": 0.9, "adv_acc": (0.9 - 8.0 * eps - if c.surrogate.is_some() { -0.3 } else { 0.0 }).max(0.0),
@@ -121,6 +122,12 @@ fn report_writes_tables_plots_and_raw_files() {
     assert!(md.contains("### Flagged cells") && md.contains("adv cost above 1"));
     // The defense table compares modes.
     assert!(md.contains("| bitdepth | sdn | pgd-linf | 8/255 |"), "{md}");
+    // the recovery target judges the energy attack's rows only; the accuracy attack's get their own line
+    let target = md.lines().find(|l| l.starts_with("**Target: lower adaptive recovery")).unwrap();
+    assert!(!target.contains("pgd-linf"), "{target}");
+    assert!(target.contains("vs ilfo"), "{target}");
+    let accuracy = md.lines().find(|l| l.starts_with("**Accuracy attacks**")).unwrap_or_else(|| panic!("{md}"));
+    assert!(accuracy.contains("pgd-linf") && !accuracy.contains("ilfo"), "{accuracy}");
 
     let jsonl = fs::read_to_string(&files.results_jsonl).unwrap();
     let ids: Vec<String> = jsonl.lines().map(|l| serde_json::from_str::<StoredCell>(l).unwrap().id).collect();
