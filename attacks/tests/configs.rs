@@ -150,7 +150,8 @@ fn non_object_overrides_are_refused() {
         assert!(err.to_string().contains("object"), "{o}: {err}");
     }
     // null means no overrides
-    assert!(registry::build("pgd-linf", &Value::Null).is_ok());
+    // null means no overrides: the defaults
+    assert_eq!(registry::build("pgd-linf", &Value::Null).unwrap().config_json(), registry::build("pgd-linf", &json!({})).unwrap().config_json());
 }
 
 #[test]

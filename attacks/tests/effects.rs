@@ -9,7 +9,7 @@ mod common;
 
 use dynrobust_attacks::evaluate::{run_attack, AttackRecord, COST_DROP_FLAG};
 use dynrobust_attacks::registry;
-use dynrobust_attacks::testing::build_prepared;
+use dynrobust_attacks::testing::{build_prepared, check_contract};
 use dynrobust_attacks::transfer::Transfer;
 use dynrobust_core::attack::Attack;
 use serde_json::{json, Value};
@@ -22,6 +22,10 @@ fn run(model_name: &str, attack: &dyn Attack, n: i64) -> AttackRecord {
     let data = common::test_images(n);
     let out = run_attack(&model, attack, &data.images, &data.labels, n, &mut |_| {})
         .unwrap_or_else(|e| panic!("{} on {model_name}: {e}", attack.name()));
+    // every example inside [0,1] and, per sample, inside the attack's ε-ball
+    if let Err(broken) = check_contract(attack, &data.images, &out.x_adv) {
+        panic!("{} on {model_name}: {broken}", attack.name());
+    }
     let r = out.record;
     eprintln!(
         "{:<20} on {:<8} n={:<3} acc {:.3} → {:.3}   cost {:.4} → {:.4}   L∞ {:.4}  L2 {:.3}   {:.1} s",
@@ -37,14 +41,20 @@ fn build(name: &str, overrides: Value) -> Box<dyn Attack> {
     registry::build(name, &overrides).unwrap_or_else(|e| panic!("{name} {overrides}: {e}"))
 }
 
-fn assert_raises_cost(r: &AttackRecord) {
+/// The attack raises the mean cost and recovers at least `min_recovery` of the compute the
+/// model saves — about half of what it recovers on these images today (the measured values
+/// are in each test's comment), so a regression that keeps the sign but loses most of the
+/// effect fails.
+fn assert_raises_cost(r: &AttackRecord, min_recovery: f64) {
     assert!(
-        r.adv_cost > r.clean_cost,
-        "{} on {} should raise the mean cost: clean {:.4}, adversarial {:.4}",
+        r.adv_cost > r.clean_cost && r.recovery >= min_recovery,
+        "{} on {} should raise the mean cost and recover ≥ {:.0} % of the saved compute: clean {:.4}, adversarial {:.4}, recovery {:.1} %",
         r.attack,
         r.model,
+        100.0 * min_recovery,
         r.clean_cost,
-        r.adv_cost
+        r.adv_cost,
+        100.0 * r.recovery
     );
 }
 
@@ -54,7 +64,7 @@ fn deepsloth_raises_sdn_cost() {
     // the authors' per-sample L∞ settings: faithful, ε = 8/256, 30 steps of 0.002
     let r = run("sdn", &*build("deepsloth", json!({})), N);
     assert_eq!(r.eps, Some(0.03125));
-    assert_raises_cost(&r);
+    assert_raises_cost(&r, 0.25); // measured 52.9 % (64 images)
     // and fewer samples leave early: the efficacy (area under exits-vs-cost) drops
     let (clean, adv) = (r.clean_efficacy.unwrap(), r.adv_efficacy.unwrap());
     assert!(adv < clean, "efficacy {clean:.3} → {adv:.3}");
@@ -67,7 +77,7 @@ fn deepsloth_universal_raises_sdn_cost() {
     // it has never seen
     let attack = build_prepared("deepsloth-universal", &json!({})).unwrap();
     let r = run("sdn", &*attack, N);
-    assert_raises_cost(&r);
+    assert_raises_cost(&r, 0.08); // measured 16.2 % (64 images)
 }
 
 #[test]
@@ -104,7 +114,7 @@ fn gradmdm_raises_gated_and_skipnet_cost() {
     for model in ["gated", "skipnet"] {
         // fixed mode in the ε-ball, the authors' 100 iterations (10 of warm-up)
         let r = run(model, &*build("gradmdm", json!({"mode": "fixed", "eps": EPS})), N);
-        assert_raises_cost(&r);
+        assert_raises_cost(&r, 0.15); // measured gated 39.0 %, skipnet 75.5 % (64 images)
     }
 }
 
@@ -114,7 +124,7 @@ fn faithful_gradmdm_raises_skipnet_cost() {
     // the authors' box, no ε (measured on 1,000 images: recovery 36.1 %; tests/tanh_box.rs
     // checks the gradient reaches the pixels the box pushes outside [0,1])
     let r = run("skipnet", &*build("gradmdm", json!({})), N);
-    assert_raises_cost(&r);
+    assert_raises_cost(&r, 0.12); // measured 26.3 % (64 images)
 }
 
 #[test]
@@ -126,7 +136,7 @@ fn deepsloth_l2_raises_sdn_cost_in_both_modes() {
         let r = run("sdn", &*build("deepsloth-l2", json!({"mode": mode, "steps": 100})), N);
         assert_eq!(r.eps, Some(0.9), "{mode}: the budget is the radius after the decay");
         assert!(r.l2_mean <= 0.9 + 1e-4, "{mode}: L2 {}", r.l2_mean);
-        assert_raises_cost(&r);
+        assert_raises_cost(&r, 0.40); // measured faithful 80.4 %, fixed 78.9 % (64 images)
     }
 }
 
@@ -137,7 +147,7 @@ fn gradauto_raises_gated_and_skipnet_cost() {
         // 100 of the authors' 300 iterations (measured: 300 take 30 s per model here and raise
         // the cost on gated 0.646 → 0.764; 100 already give 0.646 → 0.727)
         let r = run(model, &*build("gradauto", json!({"iterations": 100})), N);
-        assert_raises_cost(&r);
+        assert_raises_cost(&r, 0.20); // measured gated 42.7 %, skipnet 93.7 % (64 images)
     }
 }
 
@@ -149,7 +159,7 @@ fn ilfo_raises_gated_and_skipnet_cost() {
     // the code's box, R(x) ≠ x, first moves the image off its gates' operating point)
     for model in ["gated", "skipnet"] {
         let r = run(model, &*build("ilfo", json!({})), 32);
-        assert_raises_cost(&r);
+        assert_raises_cost(&r, 0.15); // measured gated 31.0 %, skipnet 65.8 % (32 images)
     }
 }
 
@@ -158,7 +168,7 @@ fn mechanism_raises_sdn_and_gated_cost() {
     let _lock = common::torch_lock();
     for model in ["sdn", "gated"] {
         let r = run(model, &*build("mechanism", json!({})), N);
-        assert_raises_cost(&r);
+        assert_raises_cost(&r, 0.12); // measured sdn 53.9 %, gated 27.4 % (64 images)
     }
 }
 
@@ -169,7 +179,7 @@ fn stealthy_mechanism_raises_cost_and_keeps_the_predictions() {
     // gated 40.7 % with 0.1 % (the joint variant changes 42 % / 79 %)
     for model in ["sdn", "gated"] {
         let r = run(model, &*build("mechanism-stealthy", json!({})), N);
-        assert_raises_cost(&r);
+        assert_raises_cost(&r, 0.20); // measured sdn 56.6 %, gated 40.9 % (64 images)
         assert!(r.fooled_rate <= 0.05, "{model}: the stealthy variant changed {:.1} % of the predictions", 100.0 * r.fooled_rate);
     }
 }

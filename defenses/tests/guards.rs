@@ -100,7 +100,11 @@ fn cost_monitor_flags_slowdown_examples() {
     eprintln!("{report:?}");
     assert!(report.false_positive_rate <= 0.2, "clean test inputs flagged at {}", report.false_positive_rate);
     assert!(report.true_positive_rate > report.false_positive_rate + 0.2, "{report:?}");
-    if let Some(c) = report.undetected_adv_cost {
-        assert!(c <= monitor.threshold);
-    }
+    // what passes: the attacked inputs at or under the threshold, their mean cost below the
+    // attacked mean (the monitor removed the most expensive ones)
+    let passed: Vec<f64> = adv.iter().copied().filter(|&c| c <= monitor.threshold).collect();
+    assert!(!passed.is_empty() && passed.len() < adv.len(), "{} of {} passed", passed.len(), adv.len());
+    let passed_mean = passed.iter().sum::<f64>() / passed.len() as f64;
+    assert!((report.undetected_adv_cost.unwrap() - passed_mean).abs() < 1e-12, "{report:?} vs {passed_mean}");
+    assert!(passed_mean < adv.iter().sum::<f64>() / adv.len() as f64);
 }

@@ -68,11 +68,17 @@ fn passes_agree_with_exit_placement_and_budget_caps() {
                 assert_eq!(trace.executed.select(1, b as i64).sum(Kind::Double).double_value(&[]), 0.0, "exit{block} ran");
             }
         }
+        let mut capped = 0;
         for budget in 1..=6 {
-            if sdn.set_budget(Some(budget)).is_ok() {
+            // a cap needs an active exit at or before its last block to force samples out
+            let res = sdn.set_budget(Some(budget));
+            assert_eq!(res.is_ok(), exits.iter().any(|&e| e < budget), "exits {exits:?} budget {budget}: {res:?}");
+            if res.is_ok() {
+                capped += 1;
                 assert_passes_agree(&sdn, &data.images, &format!("sdn exits {exits:?} budget {budget}"));
             }
         }
+        assert!(capped >= 1, "exits {exits:?}: no budget cap was tested");
     }
     for name in ["gated", "skipnet"] {
         let mut net = common::committed(name);
@@ -113,5 +119,22 @@ proptest! {
         tch::manual_seed(seed + 1);
         let x = Tensor::rand([batch, 1, 28, 28], (Kind::Float, Device::Cpu));
         assert_passes_agree(&net, &x, "random");
+    }
+
+    /// Freshly initialised gates are all on (their biases start them open), so the committed
+    /// nets on randomly perturbed test images are where the sparse pass really skips: the
+    /// batches must mix executed and skipped blocks (or exits), and both passes still agree.
+    #[test]
+    fn passes_agree_on_perturbed_images_where_blocks_are_skipped(start in 0i64..900, batch in 16i64..64, family in 0usize..3, noise in 0.0f64..0.5, seed in 0i64..1000) {
+        let net = common::committed(["sdn", "gated", "skipnet"][family]);
+        let images = common::test_images(1000).images.narrow(0, start, batch);
+        tch::manual_seed(seed);
+        let x = (&images + (Tensor::rand_like(&images) * 2.0 - 1.0) * noise).clamp(0.0, 1.0);
+        let trace = net.forward_trace(&x, Pass::Sparse).unwrap();
+        let ran = trace.executed.sum(Kind::Double).double_value(&[]);
+        prop_assert!(ran > 0.0 && ran < trace.executed.numel() as f64, "nothing skipped");
+        let mixed_rows = trace.macs.max().double_value(&[]) > trace.macs.min().double_value(&[]);
+        prop_assert!(mixed_rows, "every sample ran the same units: the sparse pass had nothing to gather");
+        assert_passes_agree(&net, &x, "perturbed");
     }
 }
