@@ -68,11 +68,21 @@ fn budget_bound_is_attained() {
     let trace = sdn.forward_trace(&data.images, Pass::Sparse).unwrap();
     assert_eq!(trace.macs.max().double_value(&[]), sdn.budget_bound_macs().unwrap() as f64);
     assert_eq!(trace.exit_index.unwrap().max().int64_value(&[]), 1);
-    // gated with a budget of all 6 blocks: the twin's cost (every gate on) is the bound
+    // gated with a budget of all 6 blocks: the bound is every unit (every gate on), and the
+    // samples an energy attack gets to run every block spend exactly that
     let mut gated = load_committed("gated");
     apply_budget(&mut gated, &BudgetConfig { max_blocks: 6 }).unwrap();
     let every_unit: u64 = gated.units().iter().map(|u| u.macs).sum();
     assert_eq!(gated.budget_bound_macs().unwrap(), every_unit);
+    let attack = registry::build("gradmdm", &json!({"mode": "fixed", "eps": 0.1, "iterations": 30, "warmup": 3})).unwrap();
+    let x_adv = attack.perturb(&gated, &data.images, &data.labels).unwrap();
+    let trace = gated.forward_trace(&x_adv, Pass::Sparse).unwrap();
+    let all_blocks = blocks_run(&gated, &trace.executed).eq(6.0);
+    let rows = all_blocks.sum(Kind::Int64).int64_value(&[]);
+    assert!(rows > 0, "no attacked sample ran every block");
+    let at_bound = trace.macs.masked_select(&all_blocks);
+    assert!(at_bound.eq(every_unit as f64).all().int64_value(&[]) == 1, "{rows} samples ran every block, but not all at the bound {every_unit}");
+    assert_eq!(trace.macs.max().double_value(&[]), every_unit as f64);
     // budget 0 on AIG: only the always-on units run
     apply_budget(&mut gated, &BudgetConfig { max_blocks: 0 }).unwrap();
     let trace = gated.forward_trace(&data.images, Pass::Sparse).unwrap();
