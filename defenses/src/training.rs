@@ -103,9 +103,16 @@ pub struct DefendConfig {
 
 impl DefendConfig {
     /// Defaults for `recipe`.
+    /// The peak learning rate is DeepSloth's Adam 1e-3 for its IC-only recipes (`deepsloth-at`,
+    /// `mixs`; `model_funcs.py::sdn_ic_only_step_adv`), 5e-4 for the others (which are not the
+    /// DeepSloth code's: `pgd-at` fine-tunes gated and skipnet backbones too).
     pub fn for_recipe(recipe: Recipe) -> Self {
         let (attack, attack_params) = recipe.default_attack();
-        DefendConfig { recipe, epochs: 1, batch_size: 128, lr: 5e-4, weight: 5.0, tau: 0.5, attack: attack.into(), attack_params, seed: 0 }
+        let lr = match recipe {
+            Recipe::DeepslothAt | Recipe::Mixs => 1e-3,
+            _ => 5e-4,
+        };
+        DefendConfig { recipe, epochs: 1, batch_size: 128, lr, weight: 5.0, tau: 0.5, attack: attack.into(), attack_params, seed: 0 }
     }
 
     /// Its epochs, batch size, learning rate and seed.
