@@ -97,10 +97,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut train_set = args.data.load(Split::Train, args.train_samples)?;
     if let Some(k) = args.per_class {
         anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");
-        train_set = match args.per_class_draw {
-            Some(draw) => train_set.per_class_drawn(k, draw)?,
-            None => train_set.per_class(k)?,
-        };
+        train_set = train_set.per_class_or_drawn(k, args.per_class_draw)?;
     }
     let defaults = TrainConfig::default_for(&mechanism);
     let cfg = TrainConfig {

@@ -89,6 +89,14 @@ impl Dataset {
         })
     }
 
+    /// [`Dataset::per_class_drawn`] with `draw`, else [`Dataset::per_class`] (the first `k`).
+    pub fn per_class_or_drawn(&self, k: i64, draw: Option<u64>) -> Result<Dataset> {
+        match draw {
+            Some(seed) => self.per_class_drawn(k, seed),
+            None => self.per_class(k),
+        }
+    }
+
     fn pick_per_class(&self, k: i64, suffix: String, choose: impl Fn(i64, &[i64]) -> Vec<i64>) -> Result<Dataset> {
         if k < 1 {
             return Err(Error::config("per_class", format!("{k}: expected ≥ 1")));
@@ -549,4 +557,3 @@ fn parse_csv_row(path: &Path, line_no: usize, line: &str, labels: &mut Vec<u8>, 
     }
     Ok(())
 }
-

@@ -53,8 +53,6 @@ pub fn is_detector(name: &str) -> bool {
     matches!(name, "monitor" | "squeeze")
 }
 
-
-
 /// Params of the denoiser defense.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

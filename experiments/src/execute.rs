@@ -241,6 +241,16 @@ pub struct VariantTrain {
     pub seed: u64,
 }
 
+impl VariantTrain {
+    /// What serde cannot check: `per_class_draw` needs `per_class`.
+    pub fn check(&self) -> Result<()> {
+        if self.per_class_draw.is_some() && self.per_class.is_none() {
+            return Err(Error::config("per_class_draw", "needs `per_class` (the images per class to draw)"));
+        }
+        Ok(())
+    }
+}
+
 /// Trains every variant of `study` that has a training table and no checkpoint yet in
 /// `variants_dir`, one after another (each training uses every core).
 pub fn prepare_variants(study: &Study, variants_dir: &Path) -> Result<()> {
@@ -314,12 +324,10 @@ fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()
     let source = DataSpec::parse(v.data.as_deref().unwrap_or(data))?;
     let mut train_set = source.load(Split::Train, None)?;
     let config = config_for_data(mechanism.clone(), &source, &train_set)?;
-    train_set = match (v.per_class, v.per_class_draw) {
-        (Some(k), Some(draw)) => train_set.per_class_drawn(k, draw)?,
-        (Some(k), None) => train_set.per_class(k)?,
-        (None, Some(_)) => return Err(Error::config("per_class_draw", "needs `per_class` (the images per class to draw)")),
-        (None, None) => train_set,
-    };
+    v.check()?;
+    if let Some(k) = v.per_class {
+        train_set = train_set.per_class_or_drawn(k, v.per_class_draw)?;
+    }
     let defaults = TrainConfig::default_for(&mechanism);
     let epochs = v.epochs.unwrap_or_else(|| default_epochs(defaults.epochs, train_set.len(), defaults.batch_size));
     let cfg = TrainConfig { epochs, lr: v.lr.unwrap_or(defaults.lr), seed: v.seed, ..defaults }.validated()?;

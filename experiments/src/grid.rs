@@ -337,12 +337,9 @@ impl Cx<'_> {
         let train = v.train.as_ref().map(|t| table_json(t.get_ref()));
         if let (Some(t), Some(json)) = (&v.train, &train) {
             // the table's keys and types now, not when the runner gets to training it
-            match serde_json::from_value::<crate::execute::VariantTrain>(json.clone()) {
-                Err(e) => return Err(self.err(&t.span(), format!("variant `{name}`: `train`: {e}"))),
-                Ok(table) if table.per_class_draw.is_some() && table.per_class.is_none() => {
-                    return Err(self.err(&t.span(), format!("variant `{name}`: `train.per_class_draw` needs `per_class` (the images per class to draw)")));
-                }
-                Ok(_) => {}
+            let checked = serde_json::from_value::<crate::execute::VariantTrain>(json.clone()).map_err(|e| e.to_string()).and_then(|table| table.check().map_err(|e| e.to_string()));
+            if let Err(e) = checked {
+                return Err(self.err(&t.span(), format!("variant `{name}`: `train`: {e}")));
             }
         }
         // a set of block indices: its order must not change the cell id
@@ -406,15 +403,16 @@ impl Cx<'_> {
             let label = self.label(&d.label, &d.name, &mut seen, "defenses")?;
             let params = d.params.as_ref().map_or(serde_json::json!({}), |p| table_json(p.get_ref()));
             let span = d.params.as_ref().map_or_else(|| d.name.span(), |p| p.span());
-            self.check_defense(&name, &params, &span, "defenses.params")?;
-            for mode in self.modes(&name, d, &params)? {
+            let spec = self.check_defense(&name, &params, &span, "defenses.params")?;
+            for mode in self.modes(&name, d, spec.as_ref())? {
                 out.push(DefenseRef { name: name.clone(), label: label.clone(), mode, params: params.clone() });
             }
         }
         Ok(out)
     }
 
-    fn modes(&self, name: &str, d: &RawDefense, params: &serde_json::Value) -> Result<Vec<Option<DefenseMode>>> {
+    /// `spec`: the parsed defense (`None` for a name outside the defenses registry).
+    fn modes(&self, name: &str, d: &RawDefense, spec: Option<&dynrobust_defenses::registry::DefenseSpec>) -> Result<Vec<Option<DefenseMode>>> {
         if name == "none" {
             if let Some(span) = d.modes.as_ref().map(|m| m.span()).or(d.params.as_ref().map(|p| p.span())) {
                 return Err(self.err(&span, "defense `none` takes no `modes` or `params`"));
@@ -422,8 +420,7 @@ impl Cx<'_> {
             return Ok(vec![None]);
         }
         // a defense with no adaptive attacker (the cost monitor) defaults to oblivious cells
-        let spec = dynrobust_defenses::registry::DefenseSpec::parse(name, params).ok();
-        let adaptive_refused = spec.as_ref().and_then(|s| s.check_mode(dynrobust_core::defense::Adaptivity::Adaptive).err());
+        let adaptive_refused = spec.and_then(|s| s.check_mode(dynrobust_core::defense::Adaptivity::Adaptive).err());
         let default = if adaptive_refused.is_some() { DefenseMode::Oblivious } else { DefenseMode::Adaptive };
         let Some(modes) = &d.modes else { return Ok(vec![Some(default)]) };
         self.non_empty("defenses.modes", modes)?;
@@ -524,11 +521,13 @@ impl Cx<'_> {
 
     /// As [`Self::check_attack`], for a defense's params (a training-time defense's checkpoint
     /// path may hold `{model}`, filled in per cell, so only its keys are checked here).
-    fn check_defense(&self, name: &str, params: &serde_json::Value, span: &Span, key: &str) -> Result<()> {
+    /// The parsed defense, or its error located at `span`; `None` for a name outside the
+    /// defenses registry.
+    fn check_defense(&self, name: &str, params: &serde_json::Value, span: &Span, key: &str) -> Result<Option<dynrobust_defenses::registry::DefenseSpec>> {
         if !dynrobust_defenses::registry::names().contains(&name) {
-            return Ok(());
+            return Ok(None);
         }
-        dynrobust_defenses::registry::DefenseSpec::parse(name, params).map(|_| ()).map_err(|e| self.err(span, format!("`{key}` of defense `{name}`: {e}")))
+        dynrobust_defenses::registry::DefenseSpec::parse(name, params).map(Some).map_err(|e| self.err(span, format!("`{key}` of defense `{name}`: {e}")))
     }
 
     fn filter(&self, raw: &RawStudy, axes: &Axes, configs: Vec<CellConfig>) -> Result<Vec<CellConfig>> {

@@ -81,11 +81,17 @@ pub(crate) struct Design {
     pub(crate) target_rate: Option<f64>,
 }
 
+/// Base checkpoints' mechanisms by name, each sidecar read once per report.
+type BaseMechanisms = BTreeMap<String, Option<dynrobust_models::Mechanism>>;
+
 impl Design {
-    fn of(model: &crate::study::ModelRef) -> Design {
+    fn of(model: &crate::study::ModelRef, bases: &mut BaseMechanisms) -> Design {
         use dynrobust_models::checkpoint;
         use dynrobust_models::Mechanism;
-        let base = checkpoint::resolve(&model.base).ok().and_then(|d| checkpoint::read_sidecar(&d).ok()).map(|s| s.architecture.mechanism);
+        let base = bases
+            .entry(model.base.clone())
+            .or_insert_with(|| checkpoint::resolve(&model.base).ok().and_then(|d| checkpoint::read_sidecar(&d).ok()).map(|s| s.architecture.mechanism))
+            .clone();
         let (family, threshold, target_rate) = match base {
             Some(Mechanism::Static) => ("static", None, None),
             Some(Mechanism::Sdn { threshold }) => ("sdn", Some(threshold), None),
@@ -107,7 +113,7 @@ impl Design {
 }
 
 impl Row {
-    fn of(c: &StoredCell) -> Row {
+    fn of(c: &StoredCell, bases: &mut BaseMechanisms) -> Row {
         let (k, r) = (&c.cell, &c.record);
         Row {
             id: c.id.clone(),
@@ -132,7 +138,7 @@ impl Row {
             adv_gate_rates: nums(r, "adv_gate_rates"),
             flags: r.get("flags").and_then(Value::as_array).map_or(Vec::new(), |a| a.iter().map(flag_text).collect()),
             detector: r.get("detector").cloned(),
-            design: Design::of(&k.model),
+            design: Design::of(&k.model, bases),
         }
     }
 
@@ -199,7 +205,8 @@ pub fn write_report(dir: impl AsRef<Path>, title: &str, cells: &[StoredCell]) ->
     };
     write_jsonl(&files.results_jsonl, &sorted)?;
     write_per_sample(dir, &files.per_sample_csv, &sorted)?;
-    let mut rows: Vec<Row> = sorted.iter().map(|c| Row::of(c)).collect();
+    let mut bases = BaseMechanisms::new();
+    let mut rows: Vec<Row> = sorted.iter().map(|c| Row::of(c, &mut bases)).collect();
     crate::findings::add_cross_cell_flags(&mut rows);
     rows.sort_by(|a, b| row_key(a).partial_cmp(&row_key(b)).unwrap_or(std::cmp::Ordering::Equal));
     let md = markdown(title, &rows, &plot_dir, &mut files)?;
