@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynrobust_core::atomic_file::{sweep_stale_temporaries, STALE_TEMPORARY_AGE};
 use dynrobust_experiments::execute::{prepare_variants, registry, RealExecutor};
-use dynrobust_experiments::{merge, parse_shard, run_cells, shard, slurm_script, write_report, Store, Study};
+use dynrobust_experiments::{merge, parse_shard, run_cells, shard, slurm_script, stale_cells, write_report, Cell, Store, Study};
 
 /// Options of `dynrobust run`.
 #[derive(Args, Debug)]
@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// Print the cells and exit.
     #[arg(long)]
     dry_run: bool,
+    /// Recompute finished cells whose checkpoints changed since they ran (their results move
+    /// to OUT/cells/stale/); without it such a run stops and names them.
+    #[arg(long)]
+    rerun_stale: bool,
     #[command(flatten)]
     device: crate::common::DeviceArgs,
     /// Do not share crafted examples between cells that craft on the bare model (oblivious and
@@ -79,6 +83,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     prepare_variants(&study, &variants)?;
     eprintln!("study {}: {} cells into {} ({} workers × {} libtorch threads)", study.name, cells.len(), out.display(), workers, threads);
     let exec = RealExecutor { variants_dir: variants, threads_per_worker: threads, device, craft_cache: (!args.no_craft_cache).then(|| out.join("craft-cache")) };
+    if args.rerun_stale {
+        retire_stale(&exec, &cells, &store)?;
+    }
     let summary = run_cells(&exec, &cells, &store, workers, true)?;
     eprintln!("finished {} cells, skipped {} already done, {} failed, in {:.0} s", summary.finished, summary.skipped, summary.failures.len(), summary.seconds);
     for f in &summary.failures {
@@ -89,6 +96,37 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if !summary.failures.is_empty() {
         bail!("{} cells failed (rerun the same command to retry them; finished cells are kept)", summary.failures.len());
+    }
+    Ok(())
+}
+
+/// Says on stderr which stored cells ran with checkpoints that have changed since (the report
+/// still shows them: they are what was measured, with the weights of that time).
+fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) -> Result<()> {
+    let exec = RealExecutor { variants_dir: dir.join("models"), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
+    let as_cells: Vec<Cell> = cells.iter().map(|c| Cell { id: c.id.clone(), config: c.cell.clone() }).collect();
+    let stale = stale_cells(&exec, &as_cells, &Store::open_existing(dir)?)?;
+    if !stale.is_empty() {
+        let ids: Vec<&str> = stale.iter().take(5).map(|s| s.id.as_str()).collect();
+        eprintln!(
+            "report: warning: {} cell(s) ran with a checkpoint that has changed since ({}{}); `dynrobust run STUDY --out {} --rerun-stale` recomputes them",
+            stale.len(),
+            ids.join(", "),
+            if stale.len() > 5 { ", …" } else { "" },
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Moves the finished cells whose checkpoints changed since they ran to `cells/stale/`, so
+/// that the run recomputes them.
+fn retire_stale(exec: &RealExecutor, cells: &[Cell], store: &Store) -> Result<()> {
+    let stale = stale_cells(exec, cells, store)?;
+    for cell in &stale {
+        let moved = store.retire(&cell.id)?;
+        let what: Vec<&str> = cell.changed.iter().map(|c| c.input.as_str()).collect();
+        eprintln!("stale: cell {} ({}) ran with an older {} checkpoint; its result moved to {}", cell.id, cell.cell, what.join(" and "), moved.display());
     }
     Ok(())
 }
@@ -119,6 +157,7 @@ fn report_dir(dir: &Path, title: &str) -> Result<()> {
             eprintln!("report: left out {} stored cells that are not in {} (from an earlier study forced over this directory)", stored - cells.len(), store.study_path().display());
         }
     }
+    warn_stale(dir, &cells)?;
     let files = write_report(dir, title, &cells)?;
     eprintln!("report: {} ({} plots)", files.markdown.display(), files.plots.len());
     Ok(())

@@ -239,3 +239,60 @@ fn a_run_sweeps_temporary_files_that_interrupted_writers_left_behind() {
     assert!(fresh.exists(), "a temporary file under a minute old may belong to a live writer: kept");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Copies a committed checkpoint directory to `to`.
+fn copy_checkpoint(name: &str, to: &Path) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/checkpoints").join(name);
+    std::fs::create_dir_all(to).unwrap();
+    for file in ["model.json", "model.safetensors"] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
+}
+
+#[test]
+fn a_checkpoint_changed_under_a_finished_cell_stops_the_run_until_it_is_rerun() {
+    let dir = scratch("stale");
+    let (model, defended) = (dir.join("model"), dir.join("defended"));
+    copy_checkpoint("static", &model);
+    copy_checkpoint("static", &defended);
+    let study = dir.join("two.toml");
+    let text = format!(
+        "name = \"two\"\ndata = \"fashion-mnist\"\nn = 8\nbatch = 8\neps = [\"8/255\"]\nmodels = [\"{}\"]\n\n[[attacks]]\nname = \"fgsm\"\n\n\
+         [[defenses]]\nname = \"none\"\n\n[[defenses]]\nname = \"pgd-at\"\nparams = {{ checkpoint = \"{}\" }}\n",
+        model.display(),
+        defended.display()
+    );
+    std::fs::write(&study, text).unwrap();
+    let out = dir.join("out");
+    let o = run(&study, &out, &["--no-report"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = records(&out);
+    assert!(before.values().all(|v| v["inputs"]["model"].is_string()), "inputs stored: {before:?}");
+
+    // the defense's checkpoint changes (its normalisation): the run stops and names the cell
+    let sidecar = defended.join("model.json");
+    let mut value: Value = serde_json::from_str(&std::fs::read_to_string(&sidecar).unwrap()).unwrap();
+    value["architecture"]["mean"] = serde_json::json!([0.3]);
+    std::fs::write(&sidecar, value.to_string()).unwrap();
+    let o = run(&study, &out, &["--no-report"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a stale cell was skipped silently: {err}");
+    let stale_id = before.iter().find(|(_, v)| v["cell"]["defense"]["name"] == "pgd-at").map(|(id, _)| id.clone()).unwrap();
+    assert!(err.contains("1 finished cell(s)") && err.contains("defense checkpoint") && err.contains(&stale_id) && err.contains("--rerun-stale"), "{err}");
+    assert_eq!(records(&out), before, "nothing stored is touched");
+
+    let o = dynrobust(&["report", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("warning: 1 cell(s) ran with a checkpoint that has changed") && err.contains(&stale_id), "{err}");
+
+    let o = run(&study, &out, &["--no-report", "--rerun-stale"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains(&format!("stale: cell {stale_id}")), "{err}");
+    let after = records(&out);
+    assert_eq!(after.len(), 2);
+    assert_ne!(after[&stale_id]["inputs"]["defense"], before[&stale_id]["inputs"]["defense"], "rerun with the new checkpoint");
+    let kept: Vec<_> = std::fs::read_dir(out.join("cells/stale")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(kept.len(), 2, "the old result is kept: {kept:?}");
+    assert!(kept.iter().all(|name| name.starts_with(&stale_id)), "{kept:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

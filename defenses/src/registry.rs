@@ -188,6 +188,18 @@ impl DefenseSpec {
         }
     }
 
+    /// The checkpoint a defense reads — a training-time defense's network, a learned
+    /// denoiser — resolved as its loader resolves it (`None` for the others).
+    pub fn checkpoint_path(&self) -> Result<Option<std::path::PathBuf>> {
+        Ok(match self {
+            DefenseSpec::Trained { checkpoint, .. } => Some(dynrobust_models::checkpoint::resolve(checkpoint)?),
+            DefenseSpec::Transform { name, params } if name == "denoiser" => {
+                Some(project_path(&merged(DenoiserParams::default(), params)?.checkpoint))
+            }
+            _ => None,
+        })
+    }
+
     /// Clean training images a detector calibrates on (`None` for other defenses).
     pub fn calibration_images(&self) -> Option<i64> {
         match self {

@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use tch::Device;
 
 use crate::craft_cache::CraftCache;
+use crate::provenance::{checkpoint_digest, Inputs};
 use crate::runner::{CellOutput, Executor};
 use crate::study::{Cell, DefenseMode, ModelRef, Registry, Study};
 
@@ -82,6 +83,16 @@ impl RealExecutor {
             any.native_mut("exit placement (`exits`)")?.set_active_exits(exits.clone())?;
         }
         Ok(any)
+    }
+
+    /// The checkpoint a model reference reads: a trained variant's directory (`None` until the
+    /// runner has trained it), a TorchScript file or a checkpoint directory.
+    fn model_path(&self, model: &ModelRef) -> Result<Option<PathBuf>> {
+        Ok(match &model.train {
+            Some(_) => Some(self.variants_dir.join(&model.name)).filter(|dir| dir.is_dir()),
+            None if dynrobust_models::any::is_torchscript(&model.base) => Some(PathBuf::from(&model.base)),
+            None => Some(checkpoint::resolve(&model.base)?),
+        })
     }
 
     fn defense(&self, cell: &Cell) -> Result<(DefenseSpec, Adaptivity)> {
@@ -156,7 +167,8 @@ impl Executor for RealExecutor {
         let attack = self.attack(cell, &probe)?;
         prepare_fit(&*attack, |n| Ok(worker.data(&c.data, Split::Train)?.take(n).images))?;
         let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
-        let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c));
+        let crafting_weights = self.model_path(c.surrogate.as_ref().unwrap_or(&c.model))?.map(|p| checkpoint_digest(&p)).transpose()?;
+        let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c, crafting_weights));
         let load = || self.load(&c.model, &probe);
         let outcome = run_defended(net, &load, &spec, mode, &attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {})?;
         let mut record = outcome.record;
@@ -180,6 +192,17 @@ impl Executor for RealExecutor {
         Ok(CellOutput { record, per_sample_csv: per_sample_csv(&outcome.per_sample) })
     }
 
+    /// Digests of the model's, the surrogate's and the defense's checkpoints.
+    fn inputs(&self, cell: &Cell) -> Result<Inputs> {
+        let c = &cell.config;
+        let paths = [
+            ("model", self.model_path(&c.model)?),
+            ("surrogate", c.surrogate.as_ref().map(|s| self.model_path(s)).transpose()?.flatten()),
+            ("defense", self.defense(cell)?.0.checkpoint_path()?),
+        ];
+        paths.into_iter().filter_map(|(role, path)| path.map(|p| Ok((role.to_string(), checkpoint_digest(&p)?)))).collect()
+    }
+
     fn versions(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             ("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string()),
@@ -198,12 +221,14 @@ fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
     }
 }
 
-/// Everything the crafted examples depend on. A transfer attack crafts on its surrogate
-/// whatever the victim and its defense, so its cells share examples across victims.
-fn craft_identity(c: &crate::study::CellConfig) -> Value {
+/// Everything the crafted examples depend on, the crafting model's weights included (a
+/// retrained checkpoint must not be served the old network's examples). A transfer attack
+/// crafts on its surrogate whatever the victim and its defense, so its cells share examples
+/// across victims.
+fn craft_identity(c: &crate::study::CellConfig, crafting_weights: Option<String>) -> Value {
     let crafting_model = c.surrogate.as_ref().unwrap_or(&c.model);
-    json!({ "crafting_model": crafting_model, "transfer": c.surrogate.is_some(), "attack": c.attack.name, "params": c.attack.params,
-            "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch })
+    json!({ "crafting_model": crafting_model, "weights": crafting_weights, "transfer": c.surrogate.is_some(), "attack": c.attack.name,
+            "params": c.attack.params, "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch })
 }
 
 /// Per-sample rows: index, costs, correctness, exits.

@@ -13,13 +13,14 @@ mod findings;
 mod grid;
 mod location;
 mod plots;
+pub mod provenance;
 pub mod report;
 pub mod runner;
 pub mod slurm;
 pub mod store;
 pub mod study;
 
-pub use runner::{run_cells, CellFailure, CellOutput, Executor, RunSummary};
+pub use runner::{run_cells, stale_cells, CellFailure, CellOutput, Executor, RunSummary, StaleCell};
 pub use report::{write_report, ReportFiles};
 pub use slurm::{merge, slurm_script};
 pub use store::{Store, StoredCell};

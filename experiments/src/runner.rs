@@ -16,6 +16,7 @@ use std::time::Instant;
 use dynrobust_core::{Error, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::provenance::{changed, Changed, Inputs};
 use crate::store::Store;
 use crate::study::Cell;
 
@@ -47,6 +48,12 @@ pub trait Executor: Sync {
     /// Versions stored with every result; by default only this crate's.
     fn versions(&self) -> BTreeMap<String, String> {
         BTreeMap::from([("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string())])
+    }
+    /// A digest of every checkpoint `cell` reads, by role ([`crate::provenance`]), stored with
+    /// its result; a finished cell whose inputs have changed since is stale. By default none.
+    fn inputs(&self, cell: &Cell) -> Result<Inputs> {
+        let _ = cell;
+        Ok(Inputs::new())
     }
 }
 
@@ -88,10 +95,65 @@ struct Shared<'a, E: Executor> {
     log_lines: bool,
 }
 
-/// Runs every unfinished cell of `cells` with `workers` threads, storing each result at once.
+/// A finished cell computed with a checkpoint that has changed since.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaleCell {
+    pub id: String,
+    /// [`crate::CellConfig::summary`] of the cell.
+    pub cell: String,
+    pub changed: Vec<Changed>,
+}
+
+/// The finished cells among `cells` whose stored inputs differ from
+/// [`Executor::inputs`] now (see [`crate::provenance::changed`]). A cell whose inputs cannot be
+/// digested now (its checkpoint is gone) cannot be compared and is not reported.
+pub fn stale_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store) -> Result<Vec<StaleCell>> {
+    let done = store.finished_ids()?;
+    let mut seen = BTreeSet::new();
+    let mut stale = Vec::new();
+    for cell in cells.iter().filter(|c| done.contains(&c.id) && seen.insert(c.id.as_str())) {
+        let Ok(now) = exec.inputs(cell) else { continue };
+        let changed = changed(&store.load(&cell.id)?.inputs, &now);
+        if !changed.is_empty() {
+            stale.push(StaleCell { id: cell.id.clone(), cell: cell.config.summary(), changed });
+        }
+    }
+    Ok(stale)
+}
+
+/// The error for stale cells: which ones (the first five), what changed, what to do.
+fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
+    let listed: Vec<String> = stale
+        .iter()
+        .take(5)
+        .map(|s| {
+            let what: Vec<String> = s.changed.iter().map(|c| format!("{} checkpoint {} → {}", c.input, c.stored, c.now)).collect();
+            format!("  {} ({}): {}", s.id, s.cell, what.join(", "))
+        })
+        .collect();
+    let more = if stale.len() > 5 { format!("\n  … and {} more", stale.len() - 5) } else { String::new() };
+    Error::data(
+        store.cells_dir(),
+        format!(
+            "{} finished cell(s) were computed with a checkpoint that has changed since:\n{}{more}\n\
+             restore those checkpoints, or recompute the cells (`dynrobust run … --rerun-stale` moves their results to {}, then runs them)",
+            stale.len(),
+            listed.join("\n"),
+            store.stale_dir().display()
+        ),
+    )
+}
+
+/// Runs every unfinished cell of `cells` with `workers` threads, storing each result at once
+/// with its [`Executor::inputs`]. Refuses to go on, naming them, when finished cells are stale
+/// (their checkpoints changed since; [`Store::retire`] moves them aside to be run again).
 /// With `progress`, a progress bar on stderr when it is a terminal, else a line per cell.
 pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: usize, progress: bool) -> Result<RunSummary> {
     let start = Instant::now();
+    let stale = stale_cells(exec, cells, store)?;
+    if !stale.is_empty() {
+        return Err(stale_error(store, &stale));
+    }
     let done = store.finished_ids()?;
     let mut seen = BTreeSet::new();
     let distinct: Vec<&Cell> = cells.iter().filter(|c| seen.insert(c.id.as_str())).collect();
@@ -153,10 +215,11 @@ fn worker_loop<E: Executor>(shared: &Shared<E>) {
         let Some(cell) = shared.todo.get(i).copied() else { break };
         shared.bar.set_message(cell.config.summary());
         let started = Instant::now();
-        let outcome = catch_unwind(AssertUnwindSafe(|| shared.exec.run(&mut worker, cell)));
+        // the inputs are digested before the cell reads them
+        let outcome = catch_unwind(AssertUnwindSafe(|| shared.exec.inputs(cell).and_then(|inputs| Ok((shared.exec.run(&mut worker, cell)?, inputs)))));
         let panicked = outcome.is_err();
         match outcome {
-            Ok(Ok(out)) => match shared.store.write_cell(cell, &out, &shared.versions) {
+            Ok(Ok((out, inputs))) => match shared.store.write_cell(cell, &out, &shared.versions, &inputs) {
                 Ok(()) => {
                     let n = shared.finished.fetch_add(1, Ordering::SeqCst) + 1;
                     if shared.log_lines {

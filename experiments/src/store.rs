@@ -3,7 +3,8 @@
 //! ```text
 //! DIR/study.toml          copy of the study file; a different study is refused (unless forced)
 //! DIR/cells/<id>.csv      per-sample rows of a finished cell (written first)
-//! DIR/cells/<id>.json     the finished cell: {id, cell, record, versions, finished_at}
+//! DIR/cells/<id>.json     the finished cell: {id, cell, record, versions, finished_at, inputs}
+//! DIR/cells/stale/        results of cells retired because a checkpoint changed (kept, not read)
 //! ```
 //! A cell is finished exactly when its JSON exists. Every file is written to
 //! `<name>.tmp.<host>.<pid>.<nonce>.<n>`, fsynced, renamed into place, and the directory fsynced,
@@ -22,6 +23,7 @@ pub use dynrobust_core::atomic_file::write_atomic;
 use dynrobust_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::provenance::Inputs;
 use crate::runner::CellOutput;
 use crate::study::{Cell, CellConfig};
 
@@ -36,6 +38,10 @@ pub struct StoredCell {
     pub versions: BTreeMap<String, String>,
     /// RFC 3339 UTC time the cell finished.
     pub finished_at: String,
+    /// Digests of the checkpoints it read, by role ([`crate::provenance`]); empty in cells
+    /// stored before they were recorded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: Inputs,
 }
 
 /// A result directory.
@@ -117,13 +123,14 @@ impl Store {
     }
 
     /// Writes a finished cell: per-sample CSV first, then the JSON that marks it finished.
-    pub fn write_cell(&self, cell: &Cell, output: &CellOutput, versions: &BTreeMap<String, String>) -> Result<()> {
+    pub fn write_cell(&self, cell: &Cell, output: &CellOutput, versions: &BTreeMap<String, String>, inputs: &Inputs) -> Result<()> {
         let stored = StoredCell {
             id: cell.id.clone(),
             cell: cell.config.clone(),
             record: output.record.clone(),
             versions: versions.clone(),
             finished_at: rfc3339(SystemTime::now()),
+            inputs: inputs.clone(),
         };
         let json = serde_json::to_string_pretty(&stored)?;
         write_atomic(&self.csv_path(&cell.id), output.per_sample_csv.as_bytes())?;
@@ -155,6 +162,27 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(&path, e)),
         }
+    }
+
+    /// `DIR/cells/stale`: where [`Store::retire`] moves results.
+    pub fn stale_dir(&self) -> PathBuf {
+        self.cells_dir().join("stale")
+    }
+
+    /// Moves a finished cell's files to [`Store::stale_dir`] as `<id>-<finished_at>.json` /
+    /// `.csv` (nothing is deleted), so that the cell counts as unfinished and runs again.
+    pub fn retire(&self, id: &str) -> Result<PathBuf> {
+        let stored = self.load(id)?;
+        let dir = self.stale_dir();
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let stamp = stored.finished_at.replace(':', "");
+        let target = |ext: &str| dir.join(format!("{id}-{stamp}.{ext}"));
+        // the CSV first: the JSON is what marks the cell finished
+        if self.csv_path(id).is_file() {
+            fs::rename(self.csv_path(id), target("csv")).map_err(|e| Error::io(self.csv_path(id), e))?;
+        }
+        fs::rename(self.json_path(id), target("json")).map_err(|e| Error::io(self.json_path(id), e))?;
+        Ok(target("json"))
     }
 
     fn json_path(&self, id: &str) -> PathBuf {

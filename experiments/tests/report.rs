@@ -74,6 +74,7 @@ fn stored(study: &Study) -> Vec<StoredCell> {
             record: record(c),
             versions: versions.clone(),
             finished_at: "2025-01-01T00:00:00Z".into(),
+            inputs: Default::default(),
         })
         .collect()
 }

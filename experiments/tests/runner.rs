@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use common::{small_study, Fake, SMALL};
-use dynrobust_experiments::{merge, run_cells, shard, Store, StoredCell};
+use dynrobust_experiments::{merge, run_cells, shard, stale_cells, Store, StoredCell};
 
 fn without_times(mut cells: Vec<StoredCell>) -> Vec<StoredCell> {
     for c in &mut cells {
@@ -58,6 +58,44 @@ fn failing_cells_are_collected_and_retried_later() {
     let s = run_cells(&good, &study.cells, &store, 1, false).unwrap();
     assert_eq!((s.skipped, s.finished, s.failures.len()), (study.cells.len() - failing, failing, 0));
     assert_eq!(good.runs.load(Ordering::SeqCst), failing, "only the failed cells run again");
+}
+
+#[test]
+fn cells_of_a_retrained_checkpoint_are_refused_then_rerun_once_retired() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = small_study();
+    let store = Store::open(dir.path(), SMALL, false).unwrap();
+    run_cells(&Fake::default(), &study.cells, &store, 2, false).unwrap();
+    assert!(store.load_all().unwrap().iter().all(|c| c.inputs["model"] == format!("{}-v1", c.cell.model.name)), "inputs stored");
+
+    // sdn retrained: the run refuses, names the sdn cells and what changed, runs nothing
+    let retrained = Fake { retrained: Some("sdn".into()), ..Default::default() };
+    let err = run_cells(&retrained, &study.cells, &store, 2, false).unwrap_err().to_string();
+    let sdn: Vec<&str> = study.cells.iter().filter(|c| c.config.model.name == "sdn").map(|c| c.id.as_str()).collect();
+    assert!(err.contains(&format!("{} finished cell(s)", sdn.len())) && err.contains("model checkpoint sdn-v1 → sdn-v2"), "{err}");
+    assert!(err.contains(sdn[0]) && err.contains("--rerun-stale") && err.contains("stale"), "{err}");
+    assert!(!study.cells.iter().filter(|c| c.config.model.name != "sdn").any(|c| err.contains(&c.id)), "only sdn cells are stale: {err}");
+    assert_eq!(retrained.runs.load(Ordering::SeqCst), 0);
+    assert_eq!(store.finished_ids().unwrap(), study.ids(), "nothing is lost");
+
+    // retired: moved aside (kept), then exactly these run again with the new inputs
+    let stale = stale_cells(&retrained, &study.cells, &store).unwrap();
+    assert_eq!(stale.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), sdn);
+    for cell in &stale {
+        let moved = store.retire(&cell.id).unwrap();
+        assert!(moved.starts_with(store.stale_dir()) && moved.is_file() && moved.with_extension("csv").is_file());
+    }
+    let s = run_cells(&retrained, &study.cells, &store, 2, false).unwrap();
+    assert_eq!((s.finished, s.skipped), (sdn.len(), study.cells.len() - sdn.len()));
+    assert!(store.load_all().unwrap().iter().filter(|c| c.cell.model.name == "sdn").all(|c| c.inputs["model"] == "sdn-v2"));
+    assert_eq!(std::fs::read_dir(store.stale_dir()).unwrap().count(), 2 * sdn.len(), "old results kept");
+
+    // a cell stored before inputs were recorded cannot be compared, so it is not stale
+    let old_format = store.cells_dir().join(format!("{}.json", sdn[0]));
+    let mut value: serde_json::Value = serde_json::from_str(&fs::read_to_string(&old_format).unwrap()).unwrap();
+    value.as_object_mut().unwrap().remove("inputs");
+    fs::write(&old_format, value.to_string()).unwrap();
+    assert!(stale_cells(&Fake::default(), &study.cells, &store).unwrap().iter().all(|s| s.id != sdn[0]));
 }
 
 #[test]

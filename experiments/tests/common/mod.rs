@@ -51,6 +51,8 @@ pub fn small_study() -> Study {
 pub struct Fake {
     pub fail_model: Option<String>,
     pub panic_model: Option<String>,
+    /// The model whose checkpoint is "retrained": its digest reads `v2` instead of `v1`.
+    pub retrained: Option<String>,
     pub runs: AtomicUsize,
     pub workers: AtomicUsize,
 }
@@ -61,6 +63,12 @@ impl Executor for Fake {
     fn worker(&self) -> Result<Self::Worker> {
         self.workers.fetch_add(1, Ordering::SeqCst);
         Ok(std::rc::Rc::new("worker".into()))
+    }
+
+    fn inputs(&self, cell: &Cell) -> Result<dynrobust_experiments::provenance::Inputs> {
+        let model = &cell.config.model.name;
+        let version = if self.retrained.as_ref() == Some(model) { "v2" } else { "v1" };
+        Ok([("model".to_string(), format!("{model}-{version}"))].into())
     }
 
     fn run(&self, _worker: &mut Self::Worker, cell: &Cell) -> Result<CellOutput> {

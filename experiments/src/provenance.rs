@@ -1,0 +1,135 @@
+//! Which weights a cell was computed with, so that a resumed run notices a checkpoint that
+//! changed under it.
+//!
+//! A cell's id names its *configuration* (model name, attack, ε, …), not the weights behind a
+//! name: retraining `models/checkpoints/sdn-pgd-at` and resuming a study would otherwise mix
+//! cells of the old and the new network in one report without a word. So every stored cell
+//! carries its **inputs** — a digest of each checkpoint it read (the model, the surrogate, the
+//! defense's checkpoint) — and a run compares them with the checkpoints on disk before it
+//! skips a finished cell ([`crate::runner::run_cells`]).
+//!
+//! The digest ([`checkpoint_digest`]) covers what changes a result: every `*.safetensors` file
+//! of a checkpoint directory, and the `architecture` of its JSON sidecars (exit threshold,
+//! gate settings, normalisation). It leaves out the sidecar's training log and evaluation, so
+//! re-evaluating a checkpoint does not make its cells stale. A TorchScript file is digested
+//! whole.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use dynrobust_core::{Error, Result};
+use sha2::{Digest, Sha256};
+
+/// What a cell read, e.g. `{"model": "3f…", "defense": "9a…"}`: role → [`checkpoint_digest`].
+pub type Inputs = BTreeMap<String, String>;
+
+/// First 16 hex digits of a SHA-256 over the parts of a checkpoint (a directory, or a
+/// TorchScript file) that change its results: the weights and the sidecars' `architecture`.
+pub fn checkpoint_digest(path: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    if path.is_file() {
+        hasher.update(fs::read(path).map_err(|e| Error::io(path, e))?);
+    } else {
+        let mut names: Vec<_> = fs::read_dir(path).map_err(|e| Error::io(path, e))?.flatten().map(|e| e.file_name()).collect();
+        names.sort();
+        let mut digested = 0;
+        for name in names.iter().filter_map(|n| n.to_str()).filter(|n| !n.contains(".tmp.")) {
+            let file = path.join(name);
+            let part = if name.ends_with(".safetensors") {
+                fs::read(&file).map_err(|e| Error::io(&file, e))?
+            } else if name.ends_with(".json") {
+                architecture_of(&file)?.into_bytes()
+            } else {
+                continue;
+            };
+            hasher.update((name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(&part);
+            digested += 1;
+        }
+        if digested == 0 {
+            return Err(Error::checkpoint(path, "no *.safetensors or *.json file to digest: not a checkpoint directory"));
+        }
+    }
+    Ok(hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// The canonical text of a sidecar's `architecture` (the whole file when it has none).
+fn architecture_of(file: &Path) -> Result<String> {
+    let text = fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::checkpoint(file, e.to_string()))?;
+    Ok(value.get("architecture").unwrap_or(&value).to_string())
+}
+
+/// One input whose checkpoint differs from the one a stored cell was computed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    /// The role, e.g. `model`.
+    pub input: String,
+    /// Digest stored with the cell.
+    pub stored: String,
+    /// Digest of the checkpoint on disk now.
+    pub now: String,
+}
+
+/// The inputs recorded in both `stored` and `now` whose digests differ. An input missing from
+/// either side cannot be compared and is not reported: cells stored before inputs were
+/// recorded, and variants not trained yet (the runner trains them before any cell runs).
+pub fn changed(stored: &Inputs, now: &Inputs) -> Vec<Changed> {
+    stored
+        .iter()
+        .filter_map(|(input, old)| {
+            now.get(input).filter(|new| *new != old).map(|new| Changed { input: input.clone(), stored: old.clone(), now: new.clone() })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(pairs: &[(&str, &str)]) -> Inputs {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn only_inputs_on_both_sides_are_compared() {
+        let stored = inputs(&[("model", "aa"), ("defense", "bb"), ("surrogate", "cc")]);
+        let now = inputs(&[("model", "aa"), ("defense", "b2")]);
+        assert_eq!(changed(&stored, &now), vec![Changed { input: "defense".into(), stored: "bb".into(), now: "b2".into() }]);
+        assert!(changed(&Inputs::new(), &now).is_empty(), "a cell stored without inputs is not stale");
+    }
+
+    #[test]
+    fn the_digest_follows_weights_and_architecture_not_the_training_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let sidecar = |threshold: f64, seconds: f64| {
+            serde_json::json!({ "architecture": { "threshold": threshold }, "training": { "seconds": seconds } }).to_string()
+        };
+        fs::write(dir.path().join("model.safetensors"), [1u8, 2, 3]).unwrap();
+        fs::write(dir.path().join("model.json"), sidecar(0.8, 10.0)).unwrap();
+        let first = checkpoint_digest(dir.path()).unwrap();
+        assert_eq!(first.len(), 16);
+
+        fs::write(dir.path().join("model.json"), sidecar(0.8, 99.0)).unwrap();
+        assert_eq!(checkpoint_digest(dir.path()).unwrap(), first, "training log and evaluation are left out");
+        fs::write(dir.path().join("notes.txt"), "anything").unwrap();
+        assert_eq!(checkpoint_digest(dir.path()).unwrap(), first, "other files are left out");
+
+        fs::write(dir.path().join("model.json"), sidecar(0.9, 99.0)).unwrap();
+        let other_threshold = checkpoint_digest(dir.path()).unwrap();
+        assert_ne!(other_threshold, first, "the architecture counts");
+
+        fs::write(dir.path().join("model.safetensors"), [1u8, 2, 4]).unwrap();
+        assert_ne!(checkpoint_digest(dir.path()).unwrap(), other_threshold, "the weights count");
+    }
+
+    #[test]
+    fn a_directory_without_checkpoint_files_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = checkpoint_digest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&dir.path().display().to_string()) && err.contains("not a checkpoint directory"), "{err}");
+    }
+}
