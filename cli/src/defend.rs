@@ -35,7 +35,8 @@ pub struct DefendArgs {
     /// Epochs.
     #[arg(long)]
     epochs: Option<i64>,
-    /// Peak learning rate.
+    /// Peak learning rate (default: 1e-3 on an SDN, whose recipes train the internal
+    /// classifiers only, as DeepSloth's code does; 5e-4 on the gated models).
     #[arg(long)]
     lr: Option<f64>,
     /// Regulariser weight λ.
@@ -70,7 +71,9 @@ pub fn run(args: DefendArgs) -> Result<()> {
         tch::set_num_threads(t);
     }
     let recipe = Recipe::parse(&args.recipe)?;
-    let mut cfg = DefendConfig::for_recipe(recipe);
+    let device = args.device.device()?;
+    let (mut net, base, dir) = load_checkpoint(&args.model, device)?;
+    let mut cfg = DefendConfig::for_recipe(recipe, &net.config().mechanism);
     cfg.seed = args.seed;
     if let Some(e) = args.epochs {
         cfg.epochs = e;
@@ -92,8 +95,6 @@ pub fn run(args: DefendArgs) -> Result<()> {
         map.extend(extra);
     }
     let cfg = cfg.validated()?;
-    let device = args.device.device()?;
-    let (mut net, base, dir) = load_checkpoint(&args.model, device)?;
     let train_set = args.data.load(Split::Train, None)?.per_class(args.per_class)?.to_device(device);
     let test_set = args.data.load(Split::Test, Some(args.eval_samples))?.to_device(device);
     eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());

@@ -102,14 +102,15 @@ pub struct DefendConfig {
 }
 
 impl DefendConfig {
-    /// Defaults for `recipe`.
-    /// The peak learning rate is DeepSloth's Adam 1e-3 for its IC-only recipes (`deepsloth-at`,
-    /// `mixs`; `model_funcs.py::sdn_ic_only_step_adv`), 5e-4 for the others (which are not the
-    /// DeepSloth code's: `pgd-at` fine-tunes gated and skipnet backbones too).
-    pub fn for_recipe(recipe: Recipe) -> Self {
+    /// Defaults for `recipe` on a model with `mechanism`.
+    /// The peak learning rate is DeepSloth's Adam 1e-3 for every recipe on an SDN — each trains
+    /// the internal classifiers only, as `model_funcs.py::sdn_ic_only_step_adv` does for its
+    /// `PGD`, `ours` and `mixs` modes — and 5e-4 for the gated and recurrent-gate models, whose
+    /// recipes fine-tune the backbone and are not the DeepSloth code's.
+    pub fn for_recipe(recipe: Recipe, mechanism: &Mechanism) -> Self {
         let (attack, attack_params) = recipe.default_attack();
-        let lr = match recipe {
-            Recipe::DeepslothAt | Recipe::Mixs => 1e-3,
+        let lr = match mechanism {
+            Mechanism::Sdn { .. } => 1e-3,
             _ => 5e-4,
         };
         DefendConfig { recipe, epochs: 1, batch_size: 128, lr, weight: 5.0, tau: 0.5, attack: attack.into(), attack_params, seed: 0 }

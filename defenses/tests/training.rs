@@ -22,7 +22,8 @@ fn gate_consistency_lowers_the_blocks_the_attack_switches_on() {
     let measure = |net: &dynrobust_models::Net| run_attack(net, &*attack, &test.images, &test.labels, 128, &mut |_| {}).unwrap().record;
     let mut net = load_committed("gated");
     let before = measure(&net);
-    let report = defend(&mut net, &train, &DefendConfig::for_recipe(Recipe::GateConsistency)).unwrap();
+    let cfg = DefendConfig::for_recipe(Recipe::GateConsistency, &net.config().mechanism);
+    let report = defend(&mut net, &train, &cfg).unwrap();
     let after = measure(&net);
     eprintln!(
         "gate consistency ({:.0} s): switched on {:.3} → {:.3}; recovery {:.3} → {:.3}; clean acc {:.3} → {:.3}; clean cost {:.3} → {:.3}",
@@ -40,7 +41,7 @@ fn mixs_trains_only_the_internal_classifiers_and_changes_them() {
     let train = DataSource::FashionMnist.load(Split::Train, None).unwrap().per_class(2).unwrap();
     let mut net = load_committed("sdn");
     let before: Vec<(String, tch::Tensor)> = net.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
-    let mut cfg = DefendConfig::for_recipe(Recipe::Mixs);
+    let mut cfg = DefendConfig::for_recipe(Recipe::Mixs, &net.config().mechanism);
     cfg.attack_params = json!({"eps": 8.0 / 255.0, "steps": 2});
     let report = defend(&mut net, &train, &cfg).unwrap();
     assert!(report.loss.contains("mixs") && report.loss.contains("x_sloth"), "{}", report.loss);

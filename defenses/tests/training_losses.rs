@@ -40,7 +40,7 @@ fn expected_cost_is_the_mac_weighted_gate_sum() {
 #[test]
 fn adversarial_training_reseeds_random_starts_per_batch() {
     use dynrobust_defenses::training::{reseeded_attack, DefendConfig, Recipe};
-    let cfg = DefendConfig::for_recipe(Recipe::PgdAt);
+    let cfg = DefendConfig::for_recipe(Recipe::PgdAt, &dynrobust_models::checkpoint::load_committed("static").config().mechanism);
     let attack = dynrobust_attacks::registry::build(&cfg.attack, &cfg.attack_params).unwrap();
     let seed_of = |batch| reseeded_attack(&cfg, &*attack, batch).unwrap().expect("PGD has a seed").config_json()["seed"].as_u64().unwrap();
     assert_ne!(seed_of(0), seed_of(1), "two batches, two random starts");
