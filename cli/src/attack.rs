@@ -171,7 +171,7 @@ fn load_victim(args: &AttackArgs, device: tch::Device, probe: &Tensor) -> Result
 }
 
 /// `dynrobust attack --defense ...`: the defended evaluation (adaptive unless --oblivious or
-/// the defense has no adaptive attacker: the cost monitor, two-squeezer feature squeezing).
+/// the defense has no adaptive attacker: the cost monitor).
 fn run_defended(args: AttackArgs) -> Result<()> {
     use dynrobust_core::defense::Adaptivity;
     use dynrobust_defenses::registry::DefenseSpec;
@@ -196,10 +196,12 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     let r = &outcome.record;
     let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     eprintln!("model       {}", r["model"].as_str().unwrap_or("?"));
+    let fixed_point = matches!(&spec, DefenseSpec::Squeeze(c) if c.attacker == dynrobust_defenses::squeeze::SqueezeAttacker::FixedPoint);
     let how = match (mode, matches!(spec, DefenseSpec::Squeeze(_))) {
         (Adaptivity::Oblivious, _) if spec.is_detector() => "detector; OBLIVIOUS attack: crafted on the bare model, not knowing it",
         (Adaptivity::Oblivious, _) => "OBLIVIOUS attack: crafted on the bare model",
-        (Adaptivity::Adaptive, true) => "detector; adaptive attack: crafted on x and its squeezed copy (EOT)",
+        (Adaptivity::Adaptive, true) if fixed_point => "detector; adaptive attack: crafted through the squeezer, submits the squeezed example (a fixed point)",
+        (Adaptivity::Adaptive, true) => "detector; adaptive attack: crafted on x and its squeezed copies (EOT)",
         (Adaptivity::Adaptive, false) => "adaptive attack",
     };
     eprintln!("defense     {} ({how})", r["defense_label"].as_str().unwrap_or("?"));

@@ -13,7 +13,7 @@
 //! - a **runtime guard**: a compute budget cap, or a detector that flags inputs and leaves the
 //!   model as it is (a cost monitor; feature squeezing). The cost monitor is evaluated
 //!   obliviously only; feature squeezing also against an adaptive attacker that averages its
-//!   objective over the input and its squeezed copy.
+//!   objective over the input and its squeezed copies.
 //!
 //! Configs are serde structs that reject unknown fields and are validated on construction.
 

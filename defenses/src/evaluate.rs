@@ -6,10 +6,10 @@
 //! then measured behind the defense. A detector (cost monitor, feature squeezing) leaves the
 //! model as it is and only flags inputs. The cost monitor is always evaluated obliviously (an
 //! energy attacker that knows it can only stop below its threshold; the report gives the mean
-//! cost of what passes): an adaptive run is refused. Feature squeezing
-//! with one squeezer has an adaptive attacker: it averages its objective over the input and
-//! its squeezed copy (EOT over {identity, squeezer}; BPDA for bit depth, exact for the
-//! median), so that the two copies the detector compares behave alike.
+//! cost of what passes): an adaptive run is refused. Feature squeezing has an adaptive
+//! attacker: it averages its objective over the input and its squeezed copies (EOT over
+//! {identity, each squeezer}; BPDA for bit depth, exact for the median), so that the copies
+//! the detector compares behave alike.
 
 use dynrobust_attacks::evaluate::{run_attack_on, PerSample};
 use dynrobust_core::attack::Attack;
@@ -56,6 +56,12 @@ pub fn run_defended(
 ) -> Result<DefendedOutcome> {
     defense.check_mode(mode)?;
     let mut extra = json!({ "defense_mode": mode });
+    // the squeezing detector's fixed-point attacker submits squeezed examples
+    let adaptive_squeeze = match (defense, mode) {
+        (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) => Some(cfg.adaptive_attack(attack)?),
+        _ => None,
+    };
+    let attack: &dyn Attack = adaptive_squeeze.as_deref().unwrap_or(attack);
     let (eval, craft): (Box<dyn DynamicModel>, Option<Box<dyn DynamicModel>>) = match defense {
         DefenseSpec::None | DefenseSpec::Monitor(_) => (Box::new(net), None),
         DefenseSpec::Squeeze(cfg) => {
@@ -152,7 +158,10 @@ fn describe(defense: &DefenseSpec) -> Result<(String, String, Value)> {
         }
         DefenseSpec::Budget(cfg) => ("budget".into(), format!("budget({})", cfg.max_blocks), serde_json::to_value(cfg)?),
         DefenseSpec::Monitor(cfg) => ("monitor".into(), format!("monitor(p{})", cfg.percentile), serde_json::to_value(cfg)?),
-        DefenseSpec::Squeeze(cfg) => ("squeeze".into(), format!("squeeze(b{},m{},{:?},p{})", cfg.bits, cfg.median, cfg.score, cfg.percentile).to_lowercase(), serde_json::to_value(cfg)?),
+        DefenseSpec::Squeeze(cfg) => {
+            let attacker = if cfg.attacker == crate::squeeze::SqueezeAttacker::FixedPoint { ",fixed-point" } else { "" };
+            ("squeeze".into(), format!("squeeze(b{},m{},{:?},p{}{attacker})", cfg.bits, cfg.median, cfg.score, cfg.percentile).to_lowercase(), serde_json::to_value(cfg)?)
+        }
         DefenseSpec::Trained { recipe, checkpoint } => (recipe.clone(), recipe.clone(), json!({ "checkpoint": checkpoint })),
     })
 }

@@ -167,7 +167,7 @@ impl DefenseSpec {
 
     /// The attacker mode used when none is asked for: adaptive, except where there is no
     /// adaptive attacker — the cost monitor (an energy attacker that knows it can do no more
-    /// than stop below its threshold) and feature squeezing with two squeezers.
+    /// than stop below its threshold).
     pub fn default_mode(&self) -> Adaptivity {
         if self.check_mode(Adaptivity::Adaptive).is_ok() {
             Adaptivity::Adaptive

@@ -14,10 +14,10 @@
 //! The threshold is the clean score's `percentile` on `calibration` clean *training* images, so
 //! about (100 − percentile) % of clean inputs are flagged (Xu et al. use 5 %). The detector does
 //! not change the model. An **oblivious** attacker crafts on the bare model and knows nothing
-//! of it; the **adaptive** one (the default with one squeezer) averages its objective over the
-//! input and its squeezed copy (EOT over {identity, squeezer}, [`SqueezeOrIdentity`]; BPDA for
-//! bit depth, exact gradients for the median), so that its examples have their effect on both
-//! — and the two copies the detector compares no longer differ (in the spirit of He et al.,
+//! of it; the **adaptive** one (the default) averages its objective over the input and its
+//! squeezed copies (EOT over {identity, each squeezer}, [`SqueezeOrIdentity`]; BPDA for bit
+//! depth, exact gradients for the median), so that its examples have their effect on all of
+//! them — and the copies the detector compares no longer differ (in the spirit of He et al.,
 //! "Adversarial Example Defenses: Ensembles of Weak Defenses are not Strong", WOOT 2017, for an
 //! energy attacker). It does not penalise the score itself: a stronger detector-aware attack
 //! may exist. The report gives the clean false-positive rate, the attacked true-positive
@@ -48,6 +48,7 @@
 //! # let _ = flagged; Ok(()) }
 //! ```
 
+use dynrobust_core::attack::{project, Attack, Goal, Norm, Requirements};
 use dynrobust_core::defense::InputTransform;
 use dynrobust_core::{cost_of, DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
@@ -68,6 +69,22 @@ pub enum SqueezeScore {
     Both,
 }
 
+/// How the adaptive attacker goes about a squeezing detector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SqueezeAttacker {
+    /// Average the attack's objective over the input and its squeezed copies
+    /// ([`SqueezeOrIdentity`]), so that x and every s(x) have the attack's effect.
+    #[default]
+    Eot,
+    /// Submit a fixed point of the squeezer: craft through it (the adaptive attack on the
+    /// bit-depth defense, BPDA), then send the squeezed example projected back onto the budget
+    /// ([`SubmitSqueezed`]) — x and s(x) then (nearly) coincide and the score is (nearly) 0;
+    /// the attacker keeps what survives the squeezing. Bit depth only: a median filter is not
+    /// idempotent.
+    FixedPoint,
+}
+
 /// Config of the feature-squeezing detector.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,11 +99,14 @@ pub struct SqueezeConfig {
     pub percentile: f64,
     /// Clean calibration images (from the training split, never the test images).
     pub calibration: i64,
+    /// The adaptive attacker: `eot` or `fixed-point` (ignored by an oblivious run).
+    #[serde(default)]
+    pub attacker: SqueezeAttacker,
 }
 
 impl Default for SqueezeConfig {
     fn default() -> Self {
-        SqueezeConfig { bits: 4, median: 0, score: SqueezeScore::Both, percentile: 95.0, calibration: 2000 }
+        SqueezeConfig { bits: 4, median: 0, score: SqueezeScore::Both, percentile: 95.0, calibration: 2000, attacker: SqueezeAttacker::Eot }
     }
 }
 
@@ -99,6 +119,12 @@ impl SqueezeConfig {
         }
         if self.calibration < 10 {
             return Err(Error::config("calibration", format!("{}: expected ≥ 10 calibration images", self.calibration)));
+        }
+        if self.attacker == SqueezeAttacker::FixedPoint && (self.bits == 0 || self.median != 0) {
+            return Err(Error::config(
+                "attacker",
+                format!("`fixed-point` submits a fixed point of the bit-depth squeezer: it needs bits ≥ 1 and median = 0 (a median filter is not idempotent), got bits = {}, median = {}; use attacker = \"eot\"", self.bits, self.median),
+            ));
         }
         Ok(self)
     }
@@ -120,26 +146,135 @@ impl SqueezeConfig {
 }
 
 impl SqueezeConfig {
-    /// What an adaptive attacker crafts through: [`SqueezeOrIdentity`] over the one squeezer;
-    /// with both squeezers configured there is none (the joint detector's adaptive attack is
-    /// not implemented).
+    /// What an adaptive attacker crafts through: [`SqueezeOrIdentity`] over the configured
+    /// squeezers (one, or both for the joint detector) for `eot`; the squeezer itself for
+    /// `fixed-point`.
     pub fn adaptive_squeezer(&self) -> Result<Box<dyn InputTransform>> {
         let mut squeezers = self.squeezers()?;
-        if squeezers.len() != 1 {
-            return Err(Error::config("mode", "the adaptive attack on feature squeezing crafts through one squeezer: set `bits` or `median` to 0, or evaluate the joint detector obliviously"));
-        }
-        Ok(Box::new(SqueezeOrIdentity { squeezer: squeezers.remove(0), calls: std::cell::Cell::new(0) }))
+        Ok(match self.attacker {
+            SqueezeAttacker::Eot => Box::new(SqueezeOrIdentity { squeezers, calls: std::cell::Cell::new(0) }),
+            SqueezeAttacker::FixedPoint => squeezers.remove(0),
+        })
+    }
+
+    /// The attack an adaptive attacker runs: `attack` itself for `eot`, wrapped in
+    /// [`SubmitSqueezed`] for `fixed-point`.
+    pub fn adaptive_attack<'a>(&self, attack: &'a dyn Attack) -> Result<Box<dyn Attack + 'a>> {
+        Ok(match self.attacker {
+            SqueezeAttacker::Eot => Box::new(Borrowed(attack)),
+            SqueezeAttacker::FixedPoint => Box::new(SubmitSqueezed { inner: attack, squeezer: self.squeezers()?.remove(0) }),
+        })
     }
 }
 
-/// The adaptive attacker's view of a squeezing detector: the identity and the squeezer in
-/// turn, two EOT draws per gradient, so the attack's objective is averaged over `x` and `s(x)`
-/// — it pushes both, and the detector compares exactly these two (any two consecutive calls
-/// cover both, whatever else the attack evaluates in between). Gradients pass through the
-/// squeezer as it says (BPDA for bit depth, exact for the median).
-pub struct SqueezeOrIdentity {
+/// The fixed-point attacker's attack: `inner`'s examples, squeezed, then projected back onto
+/// `inner`'s budget (ε-ball and [0,1] box). A pixel whose squeezed value lies within the budget
+/// is a fixed point of the squeezer; one whose rounding would leave the ball stays at its edge.
+pub struct SubmitSqueezed<'a> {
+    inner: &'a dyn Attack,
     squeezer: Box<dyn InputTransform>,
+}
+
+impl Attack for SubmitSqueezed<'_> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn goal(&self) -> Goal {
+        self.inner.goal()
+    }
+    fn requirements(&self) -> Requirements {
+        self.inner.requirements()
+    }
+    fn config_json(&self) -> serde_json::Value {
+        let mut config = self.inner.config_json();
+        if let Some(map) = config.as_object_mut() {
+            map.insert("submits".into(), serde_json::json!(format!("fixed point of {}", self.squeezer.label())));
+        }
+        config
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        self.inner.budget()
+    }
+    fn iterations(&self) -> Option<usize> {
+        self.inner.iterations()
+    }
+    fn batch_independent(&self) -> bool {
+        self.inner.batch_independent()
+    }
+    fn fit_images(&self) -> Option<i64> {
+        self.inner.fit_images()
+    }
+    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
+        self.inner.set_fit_data(images)
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let crafted = self.inner.perturb(model, x, y)?;
+        let squeezed = tch::no_grad(|| self.squeezer.apply(&crafted))?;
+        Ok(match self.inner.budget() {
+            Some((eps, norm)) => project(&squeezed, x, eps, norm),
+            None => squeezed.clamp(0.0, 1.0),
+        })
+    }
+}
+
+/// An attack passed through unchanged (the `eot` attacker's).
+struct Borrowed<'a>(&'a dyn Attack);
+
+impl Attack for Borrowed<'_> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn goal(&self) -> Goal {
+        self.0.goal()
+    }
+    fn requirements(&self) -> Requirements {
+        self.0.requirements()
+    }
+    fn config_json(&self) -> serde_json::Value {
+        self.0.config_json()
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        self.0.budget()
+    }
+    fn iterations(&self) -> Option<usize> {
+        self.0.iterations()
+    }
+    fn batch_independent(&self) -> bool {
+        self.0.batch_independent()
+    }
+    fn fit_images(&self) -> Option<i64> {
+        self.0.fit_images()
+    }
+    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
+        self.0.set_fit_data(images)
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.0.perturb(model, x, y)
+    }
+}
+
+/// The adaptive attacker's view of a squeezing detector: the identity and each squeezer in
+/// turn, one EOT draw each per gradient (2 with one squeezer, 3 for the joint detector), so the
+/// attack's objective is averaged over `x` and every `s(x)` — it pushes all of them, and the
+/// detector compares exactly these (any `1 + squeezers` consecutive calls cover each once,
+/// whatever else the attack evaluates in between). Gradients pass through each squeezer as it
+/// says: BPDA (identity) for bit depth, exact for the median, which routes each output's
+/// gradient to the input pixel it selected.
+pub struct SqueezeOrIdentity {
+    squeezers: Vec<Box<dyn InputTransform>>,
     calls: std::cell::Cell<u64>,
+}
+
+impl SqueezeOrIdentity {
+    /// The view the next call applies: `None` for the identity, else the squeezer.
+    fn next_view(&self) -> Option<&dyn InputTransform> {
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        match (call % (self.squeezers.len() as u64 + 1)) as usize {
+            0 => None,
+            i => Some(self.squeezers[i - 1].as_ref()),
+        }
+    }
 }
 
 impl InputTransform for SqueezeOrIdentity {
@@ -147,28 +282,42 @@ impl InputTransform for SqueezeOrIdentity {
         "squeeze"
     }
     fn label(&self) -> String {
-        format!("identity|{}", self.squeezer.label())
+        let views: Vec<String> = self.squeezers.iter().map(|s| s.label()).collect();
+        format!("identity|{}", views.join("|"))
     }
     fn config_json(&self) -> serde_json::Value {
-        serde_json::json!({ "eot_over": ["identity", self.squeezer.config_json()] })
+        let views = std::iter::once(serde_json::json!("identity")).chain(self.squeezers.iter().map(|s| s.config_json()));
+        serde_json::json!({ "eot_over": views.collect::<Vec<_>>() })
     }
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let call = self.calls.get();
-        self.calls.set(call + 1);
-        if call.is_multiple_of(2) {
-            Ok(x.shallow_clone())
-        } else {
-            self.squeezer.apply(x)
+        match self.next_view() {
+            None => Ok(x.shallow_clone()),
+            Some(squeezer) => squeezer.apply(x),
         }
     }
+    /// The next view, differentiated as that view says (BPDA for bit depth, exact for the
+    /// median and the identity).
+    fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
+        match self.next_view() {
+            None => Ok(x.shallow_clone()),
+            Some(squeezer) => squeezer.forward_differentiable(x),
+        }
+    }
+    /// BPDA when any squeezer needs it (bit depth); each view is differentiated its own way
+    /// by [`InputTransform::forward_differentiable`] above.
     fn backward(&self) -> dynrobust_core::defense::Backward {
-        self.squeezer.backward()
+        use dynrobust_core::defense::Backward;
+        if self.squeezers.iter().any(|s| s.backward() == Backward::BpdaIdentity) {
+            Backward::BpdaIdentity
+        } else {
+            Backward::Exact
+        }
     }
     fn randomized(&self) -> bool {
         true
     }
     fn eot_samples(&self) -> usize {
-        2
+        self.squeezers.len() + 1
     }
 }
 

@@ -125,10 +125,81 @@ fn modes_without_an_adaptive_attacker_are_refused() {
     let attack = registry::build("deepsloth", &json!({ "eps": EPS, "steps": 1 })).unwrap();
     let load = || Ok(AnyModel::Native(load_committed("sdn")));
     let monitor = DefenseSpec::parse("monitor", &json!({})).unwrap();
-    let joint = DefenseSpec::parse("squeeze", &json!({ "median": 2 })).unwrap();
-    for (spec, named) in [(&monitor, "`mode`"), (&joint, "one squeezer")] {
-        assert_eq!(spec.default_mode(), Adaptivity::Oblivious);
-        let err = run_defended(load().unwrap(), &load, spec, Adaptivity::Adaptive, &*attack, &data, Some(&data), 8, &mut |_| {}).unwrap_err().to_string();
-        assert!(err.contains(named), "{err}");
+    assert_eq!(monitor.default_mode(), Adaptivity::Oblivious);
+    let err = run_defended(load().unwrap(), &load, &monitor, Adaptivity::Adaptive, &*attack, &data, Some(&data), 8, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("`mode`"), "{err}");
+}
+
+#[test]
+fn the_joint_detectors_adaptive_attacker_averages_over_the_input_and_both_squeezers() {
+    let _lock = torch_lock();
+    let x = test_images(16).images;
+    let config = SqueezeConfig { median: 2, ..SqueezeConfig::default() };
+    let spec = DefenseSpec::parse("squeeze", &json!({ "median": 2 })).unwrap();
+    assert_eq!(spec.default_mode(), Adaptivity::Adaptive, "two squeezers have an adaptive attacker too");
+    let views = config.adaptive_squeezer().unwrap();
+    assert_eq!(views.eot_samples(), 3);
+    let squeezers = config.squeezers().unwrap();
+    // three consecutive calls: x, bit depth, median; then around again
+    let expected = [x.shallow_clone(), squeezers[0].apply(&x).unwrap(), squeezers[1].apply(&x).unwrap()];
+    for round in 0..2 {
+        for (i, want) in expected.iter().enumerate() {
+            assert!(views.apply(&x).unwrap().equal(want), "round {round}, view {i}");
+        }
     }
+    // gradients: the identity for the identity and the bit depth (BPDA), the median's selection
+    let x_var = x.detach().set_requires_grad(true);
+    let grads: Vec<Tensor> = (0..3)
+        .map(|_| {
+            let out = views.forward_differentiable(&x_var).unwrap();
+            Tensor::run_backward(&[&out.sum(tch::Kind::Float)], &[&x_var], false, false).remove(0)
+        })
+        .collect();
+    assert!(grads[0].equal(&x.ones_like()) && grads[1].equal(&x.ones_like()), "identity and BPDA bit depth pass the gradient through");
+    let median_grad = &grads[2];
+    assert_eq!(median_grad.sum(tch::Kind::Double).double_value(&[]), x.numel() as f64, "each median output routes its gradient to one input pixel");
+    assert!(!median_grad.equal(&x.ones_like()), "and not to every pixel alike");
+}
+
+#[test]
+fn the_fixed_point_attacker_submits_squeezed_examples_inside_the_budget() {
+    let _lock = torch_lock();
+    let calibration = DataSource::FashionMnist.load(Split::Train, None).unwrap().take(200);
+    let data = test_images(32);
+    let spec = DefenseSpec::parse("squeeze", &json!({ "calibration": 200, "attacker": "fixed-point" })).unwrap();
+    let DefenseSpec::Squeeze(config) = spec.clone() else { unreachable!() };
+    let attack = registry::build("deepsloth", &json!({ "eps": EPS, "steps": 5 })).unwrap();
+    let load = || Ok(AnyModel::Native(load_committed("sdn")));
+    let outcome = run_defended(load().unwrap(), &load, &spec, Adaptivity::Adaptive, &*attack, &data, Some(&calibration), 32, &mut |_| {}).unwrap();
+    assert!(outcome.record["defense_label"].as_str().unwrap().contains("fixed-point"), "{}", outcome.record);
+    assert!(outcome.record["config"]["submits"].as_str().unwrap().contains("bitdepth"), "{}", outcome.record["config"]);
+
+    // what it submits: the attack's examples on the bit-depth-defended model, squeezed, then
+    // projected onto the ε-ball and the box
+    let through_squeezer = Defended::new(load_committed("sdn"), config.adaptive_squeezer().unwrap());
+    let crafted = attack.perturb(&through_squeezer, &data.images, &data.labels).unwrap();
+    let squeezer = &config.squeezers().unwrap()[0];
+    let squeezed = squeezer.apply(&crafted).unwrap();
+    let expected = dynrobust_core::attack::project(&squeezed, &data.images, EPS, dynrobust_core::attack::Norm::Linf);
+    assert!(outcome.x_adv.equal(&expected));
+    let x_adv = &outcome.x_adv;
+    let delta = (x_adv - &data.images).abs().max().double_value(&[]);
+    assert!(delta <= EPS + 1e-6 && x_adv.min().double_value(&[]) >= 0.0 && x_adv.max().double_value(&[]) <= 1.0, "outside the budget: {delta}");
+    // every pixel whose squeezed value lies in the ball is a fixed point of the squeezer
+    let in_ball = (&squeezed - &data.images).abs().le(EPS);
+    let fixed = squeezer.apply(x_adv).unwrap().eq_tensor(x_adv);
+    assert!(fixed.logical_or(&in_ball.logical_not()).all().int64_value(&[]) == 1, "a pixel inside the ball is not a fixed point");
+    assert!(in_ball.to_kind(tch::Kind::Double).mean(tch::Kind::Double).double_value(&[]) > 0.9, "most pixels can be rounded within 8/255");
+    // and the detector scores most of them below its threshold
+    assert!(outcome.record["detector"]["true_positive_rate"].as_f64().unwrap() < 0.5, "{}", outcome.record["detector"]);
+}
+
+#[test]
+fn the_fixed_point_attacker_needs_an_idempotent_squeezer() {
+    for params in [json!({ "attacker": "fixed-point", "median": 2 }), json!({ "attacker": "fixed-point", "bits": 0, "median": 3 })] {
+        let err = DefenseSpec::parse("squeeze", &params).unwrap_err().to_string();
+        assert!(err.contains("attacker") && err.contains("idempotent"), "{err}");
+    }
+    let err = DefenseSpec::parse("squeeze", &json!({ "attacker": "fixpoint" })).unwrap_err().to_string();
+    assert!(err.contains("attacker") && err.contains("fixed-point"), "{err}");
 }

@@ -143,7 +143,6 @@ fn malformed() -> Vec<(String, usize, &'static str)> {
         (format!("{base}[[defenses]]\nname = \"bitdepht\"\n"), 8, "defenses.name"),
         (format!("{base}[[defenses]]\nname = \"median\"\nmodes = [\"adaptiv\"]\n"), 9, "modes"),
         (format!("{base}[[defenses]]\nname = \"none\"\nmodes = [\"adaptive\"]\n"), 9, "none"),
-        (format!("{base}[[defenses]]\nname = \"squeeze\"\nparams = {{ median = 2 }}\nmodes = [\"adaptive\"]\n"), 10, "one squeezer"),
         (format!("{base}[[defenses]]\nname = \"monitor\"\nmodes = [\"oblivious\", \"adaptive\"]\n"), 9, "monitor"),
         (format!("{base}[[defenses]]\nname = \"squeeze\"\nparams = {{ bits = 9 }}\n"), 9, "bits"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\nthreshold = 1.5\n"), 10, "threshold"),
