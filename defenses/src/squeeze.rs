@@ -19,10 +19,13 @@
 //! depth, exact gradients for the median), so that its examples have their effect on all of
 //! them — and the copies the detector compares no longer differ (in the spirit of He et al.,
 //! "Adversarial Example Defenses: Ensembles of Weak Defenses are not Strong", WOOT 2017, for an
-//! energy attacker). It does not penalise the score itself: a stronger detector-aware attack
-//! may exist. The report gives the clean false-positive rate, the attacked true-positive
-//! rate and the mean cost of the attacked inputs that pass unflagged — what an attacker still
-//! gets through.
+//! energy attacker). The second adaptive attacker, `fixed-point` ([`SqueezeAttacker`]), crafts
+//! through the bit-depth squeezer and submits the squeezed example, projected onto the budget
+//! ([`SubmitSqueezed`]): a fixed point of the squeezer scores (nearly) 0, and the attacker
+//! keeps what survives the quantisation. Neither penalises the score itself: a stronger
+//! detector-aware attack may exist. The report gives the clean false-positive rate, the
+//! attacked true-positive rate and the mean cost of the attacked inputs that pass unflagged —
+//! what an attacker still gets through.
 //!
 //! **Defaults: 4 bits, no median filter, score `both`** — not Xu et al.'s MNIST squeezers
 //! (1 bit and a 2×2 median, joined by the max). On Fashion-MNIST those destroy the texture of

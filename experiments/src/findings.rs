@@ -179,7 +179,7 @@ pub(crate) fn detector_table(rows: &[Row]) -> String {
     if detected.is_empty() {
         return String::new();
     }
-    let mut md = String::from("## Detectors\n\nA detector leaves the model as it is and flags inputs. Oblivious: the attack crafts on the bare model, not knowing it; adaptive (feature squeezing): the attack's objective is averaged over the input and its squeezed copies (one per squeezer), so they behave alike. FPR: clean test inputs flagged (calibrated on clean training images); TPR: attacked inputs flagged; passed cost: mean cost of the attacked inputs it lets through.\n\n");
+    let mut md = String::from("## Detectors\n\nA detector leaves the model as it is and flags inputs. Oblivious: the attack crafts on the bare model, not knowing it; adaptive (feature squeezing): `eot` averages the attack's objective over the input and its squeezed copies (one per squeezer), so they behave alike; `fixed-point` crafts through the bit-depth squeezer and submits the squeezed example, which the squeezer leaves (nearly) unchanged. FPR: clean test inputs flagged (calibrated on clean training images); TPR: attacked inputs flagged; passed cost: mean cost of the attacked inputs it lets through.\n\n");
     md += "| detector | mode | model | attack | ε | threshold | FPR % | TPR % | clean cost | attacked cost: all → passed |\n|---|---|---|---|---|---|---|---|---|---|\n";
     type Key = (String, Option<String>, String, String, Option<u64>);
     let key = |r: &Row| -> Key { (r.defense.clone(), r.mode.clone(), r.model.clone(), r.label.clone(), r.eps.map(f64::to_bits)) };
