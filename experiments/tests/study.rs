@@ -19,7 +19,7 @@ fn shipped(name: &str) -> Study {
 fn shipped_studies_parse_and_expand() {
     let quick = shipped("quick.toml");
     assert_eq!(quick.name, "quick");
-    assert_eq!(quick.cells.len(), 74, "quick.toml grid size changed");
+    assert_eq!(quick.cells.len(), 82, "quick.toml grid size changed");
     for c in &quick.cells {
         let k = &c.config;
         match k.attack.name.as_str() {
@@ -39,15 +39,17 @@ fn shipped_studies_parse_and_expand() {
     assert!(defenses.cells.iter().all(|c| c.config.n == 1000 && c.config.model.name != "static"));
     assert!(defenses.cells.iter().any(|c| c.config.defense.mode == Some(DefenseMode::Oblivious)));
     let labels: BTreeSet<_> = defenses.cells.iter().map(|c| c.config.defense.label.as_str()).collect();
-    for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "squeeze", "gate-consistency", "deepsloth-at"] {
+    for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "squeeze", "squeeze-fixed-point", "gate-consistency", "deepsloth-at"] {
         assert!(labels.contains(label), "defenses.toml lacks {label}");
     }
-    assert_eq!(defenses.cells.len(), 255, "defenses.toml grid size changed");
+    assert_eq!(defenses.cells.len(), 266, "defenses.toml grid size changed");
     // the cost monitor has no adaptive attacker: its cells default to oblivious
     let monitor: BTreeSet<_> = defenses.cells.iter().filter(|c| c.config.defense.name == "monitor").map(|c| c.config.defense.mode).collect();
     assert_eq!(monitor, BTreeSet::from([Some(DefenseMode::Oblivious)]));
     let squeeze: BTreeSet<_> = defenses.cells.iter().filter(|c| c.config.defense.name == "squeeze").map(|c| c.config.defense.mode).collect();
     assert_eq!(squeeze, BTreeSet::from([Some(DefenseMode::Adaptive), Some(DefenseMode::Oblivious)]));
+    // the fixed-point attacker is adaptive by nature: an oblivious cell of it would repeat the eot entry's
+    assert!(defenses.cells.iter().filter(|c| c.config.defense.label == "squeeze-fixed-point").all(|c| c.config.defense.mode == Some(DefenseMode::Adaptive)));
     // every training-time defense a cell names is a committed checkpoint
     for cell in &defenses.cells {
         if let Some(path) = cell.config.defense.params.get("checkpoint").and_then(|v| v.as_str()) {
