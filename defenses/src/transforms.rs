@@ -6,6 +6,13 @@
 //! Each has a typed config (`deny_unknown_fields`) validated on construction; errors name the
 //! field. Bit-depth and JPEG are not differentiable and are attacked with BPDA (identity
 //! backward); median, blur and noise are differentiated exactly.
+//!
+//! None of them adds to the cost: their work is not multiply-accumulates of the network's
+//! kind, and it is small — the largest, blur at σ = 1 (a 5 × 5 kernel), would be
+//! 25 × 784 = 19.6 k MACs per 28 × 28 image, 0.4 % of a static pass (5.074 M); bit depth and
+//! noise are one elementwise op, the median a sort of k² values per pixel, JPEG an 8 × 8 DCT
+//! per block. The learned denoiser, whose convolutions are as large as a backbone block's, is
+//! counted ([`crate::denoiser`]).
 
 use dynrobust_core::defense::{Backward, InputTransform};
 use dynrobust_core::rng::SeededRng;
