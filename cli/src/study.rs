@@ -29,7 +29,7 @@ pub struct RunArgs {
     /// Run into a directory that holds results of a different study file.
     #[arg(long)]
     force: bool,
-    /// Print the cells and exit.
+    /// Print the cells, each with what a run would do with it (todo / done / stale), and exit.
     #[arg(long)]
     dry_run: bool,
     /// Recompute finished cells whose checkpoints changed since they ran (their results move
@@ -65,11 +65,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         None => study.cells.clone(),
     };
     if args.dry_run {
-        for c in &cells {
-            println!("{}  {}", c.id, c.config.summary());
-        }
-        eprintln!("{} cells", cells.len());
-        return Ok(());
+        return dry_run(&cells, &out);
     }
     let store = Store::open(&out, &study.source, args.force)?;
     let variant_dirs = std::fs::read_dir(out.join("models")).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir());
@@ -116,6 +112,26 @@ fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) -> Result
             dir.display()
         );
     }
+    Ok(())
+}
+
+/// `--dry-run`: every cell with what a run into `out` would do with it — `todo`, `done`
+/// (skipped), or `stale` (finished with a checkpoint that has changed since).
+fn dry_run(cells: &[Cell], out: &Path) -> Result<()> {
+    let (done, stale) = match Store::open_existing(out) {
+        Ok(store) => {
+            let exec = RealExecutor { variants_dir: out.join("models"), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
+            let stale: std::collections::BTreeSet<String> = stale_cells(&exec, cells, &store)?.into_iter().map(|s| s.id).collect();
+            (store.finished_ids()?, stale)
+        }
+        Err(_) => Default::default(),
+    };
+    let status = |id: &String| if stale.contains(id) { "stale" } else if done.contains(id) { "done " } else { "todo " };
+    for c in cells {
+        println!("{}  {}  {}", c.id, status(&c.id), c.config.summary());
+    }
+    let finished = cells.iter().filter(|c| done.contains(&c.id)).count();
+    eprintln!("{} cells: {} finished in {} ({} of them stale), {} to run", cells.len(), finished, out.display(), stale.len(), cells.len() - finished);
     Ok(())
 }
 

@@ -280,6 +280,10 @@ fn a_checkpoint_changed_under_a_finished_cell_stops_the_run_until_it_is_rerun() 
     let stale_id = before.iter().find(|(_, v)| v["cell"]["defense"]["name"] == "pgd-at").map(|(id, _)| id.clone()).unwrap();
     assert!(err.contains("1 finished cell(s)") && err.contains("defense checkpoint") && err.contains(&stale_id) && err.contains("--rerun-stale"), "{err}");
     assert_eq!(records(&out), before, "nothing stored is touched");
+    let o = dynrobust(&["run", study.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dry-run"]);
+    let (listing, summary) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && listing.contains(&format!("{stale_id}  stale")) && listing.matches("  done ").count() == 1, "{listing}");
+    assert!(summary.contains("2 cells: 2 finished") && summary.contains("(1 of them stale), 0 to run"), "{summary}");
 
     let o = dynrobust(&["report", out.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -57,11 +57,14 @@ pub fn run_defended(
     defense.check_mode(mode)?;
     let mut extra = json!({ "defense_mode": mode });
     // the squeezing detector's fixed-point attacker submits squeezed examples
-    let adaptive_squeeze = match (defense, mode) {
-        (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) => Some(cfg.adaptive_attack(attack)?),
+    let fixed_point = match (defense, mode) {
+        (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) => cfg.fixed_point_attack(attack)?,
         _ => None,
     };
-    let attack: &dyn Attack = adaptive_squeeze.as_deref().unwrap_or(attack);
+    let attack: &dyn Attack = match &fixed_point {
+        Some(submit) => submit,
+        None => attack,
+    };
     let (eval, craft): (Box<dyn DynamicModel>, Option<Box<dyn DynamicModel>>) = match defense {
         DefenseSpec::None | DefenseSpec::Monitor(_) => (Box::new(net), None),
         DefenseSpec::Squeeze(cfg) => {

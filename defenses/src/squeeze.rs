@@ -160,12 +160,12 @@ impl SqueezeConfig {
         })
     }
 
-    /// The attack an adaptive attacker runs: `attack` itself for `eot`, wrapped in
-    /// [`SubmitSqueezed`] for `fixed-point`.
-    pub fn adaptive_attack<'a>(&self, attack: &'a dyn Attack) -> Result<Box<dyn Attack + 'a>> {
+    /// The `fixed-point` attacker's wrapper of `attack` ([`SubmitSqueezed`]); `None` for `eot`,
+    /// which runs the attack as it is.
+    pub fn fixed_point_attack<'a>(&self, attack: &'a dyn Attack) -> Result<Option<SubmitSqueezed<'a>>> {
         Ok(match self.attacker {
-            SqueezeAttacker::Eot => Box::new(Borrowed(attack)),
-            SqueezeAttacker::FixedPoint => Box::new(SubmitSqueezed { inner: attack, squeezer: self.squeezers()?.remove(0) }),
+            SqueezeAttacker::Eot => None,
+            SqueezeAttacker::FixedPoint => Some(SubmitSqueezed { inner: attack, squeezer: self.squeezers()?.remove(0) }),
         })
     }
 }
@@ -217,42 +217,6 @@ impl Attack for SubmitSqueezed<'_> {
             Some((eps, norm)) => project(&squeezed, x, eps, norm),
             None => squeezed.clamp(0.0, 1.0),
         })
-    }
-}
-
-/// An attack passed through unchanged (the `eot` attacker's).
-struct Borrowed<'a>(&'a dyn Attack);
-
-impl Attack for Borrowed<'_> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn goal(&self) -> Goal {
-        self.0.goal()
-    }
-    fn requirements(&self) -> Requirements {
-        self.0.requirements()
-    }
-    fn config_json(&self) -> serde_json::Value {
-        self.0.config_json()
-    }
-    fn budget(&self) -> Option<(f64, Norm)> {
-        self.0.budget()
-    }
-    fn iterations(&self) -> Option<usize> {
-        self.0.iterations()
-    }
-    fn batch_independent(&self) -> bool {
-        self.0.batch_independent()
-    }
-    fn fit_images(&self) -> Option<i64> {
-        self.0.fit_images()
-    }
-    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
-        self.0.set_fit_data(images)
-    }
-    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        self.0.perturb(model, x, y)
     }
 }
 
