@@ -202,4 +202,9 @@ fn the_fixed_point_attacker_needs_an_idempotent_squeezer() {
     }
     let err = DefenseSpec::parse("squeeze", &json!({ "attacker": "fixpoint" })).unwrap_err().to_string();
     assert!(err.contains("attacker") && err.contains("fixed-point"), "{err}");
+    // it is an adaptive attacker: an oblivious run of it is refused, naming the field
+    let spec = DefenseSpec::parse("squeeze", &json!({ "attacker": "fixed-point" })).unwrap();
+    assert_eq!(spec.default_mode(), Adaptivity::Adaptive);
+    let err = spec.check_mode(Adaptivity::Oblivious).unwrap_err().to_string();
+    assert!(err.contains("attacker") && err.contains("adaptive"), "{err}");
 }

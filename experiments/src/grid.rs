@@ -432,6 +432,10 @@ impl Cx<'_> {
             if let (Some(why), DefenseMode::Adaptive) = (&adaptive_refused, mode) {
                 return Err(self.err(&m.span(), format!("`defenses.modes`: `adaptive` for `{name}`: {why}; drop `modes` or use [\"oblivious\"]")));
             }
+            let oblivious_refused = spec.and_then(|s| s.check_mode(dynrobust_core::defense::Adaptivity::Oblivious).err());
+            if let (Some(why), DefenseMode::Oblivious) = (oblivious_refused, mode) {
+                return Err(self.err(&m.span(), format!("`defenses.modes`: `oblivious` for `{name}`: {why}")));
+            }
             if out.contains(&Some(mode)) {
                 return Err(self.err(&m.span(), format!("`defenses.modes`: `{}` is listed twice", m.get_ref())));
             }

@@ -146,6 +146,7 @@ fn malformed() -> Vec<(String, usize, &'static str)> {
         (format!("{base}[[defenses]]\nname = \"median\"\nmodes = [\"adaptiv\"]\n"), 9, "modes"),
         (format!("{base}[[defenses]]\nname = \"none\"\nmodes = [\"adaptive\"]\n"), 9, "none"),
         (format!("{base}[[defenses]]\nname = \"monitor\"\nmodes = [\"oblivious\", \"adaptive\"]\n"), 9, "monitor"),
+        (format!("{base}[[defenses]]\nname = \"squeeze\"\nparams = {{ attacker = \"fixed-point\" }}\nmodes = [\"adaptive\", \"oblivious\"]\n"), 10, "attacker"),
         (format!("{base}[[defenses]]\nname = \"squeeze\"\nparams = {{ bits = 9 }}\n"), 9, "bits"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\nthreshold = 1.5\n"), 10, "threshold"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"nope\"\nthreshold = 0.5\n"), 9, "variants.base"),
