@@ -1,7 +1,7 @@
 //! # dynrobust-defenses
 //!
 //! Defenses for dynamic networks, in the three kinds of [`dynrobust_core::defense`]:
-//! - input transforms ([`transforms`], [`denoiser`]) wrapped around a model by
+//! - input transforms ([`transforms`], [`denoiser`], chained: [`chain`]) wrapped around a model by
 //!   [`Defended`] — itself a `DynamicModel`, so attacks are adaptive by default (exact, BPDA or
 //!   EOT gradients);
 //! - training-time defenses ([`training`]): PGD-AT, DeepSloth-AT, slowdown AT, gate
@@ -21,6 +21,7 @@
 //! # let _ = defended; Ok(()) }
 //! ```
 
+pub mod chain;
 pub mod defended;
 pub mod denoiser;
 pub mod evaluate;

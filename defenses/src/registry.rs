@@ -7,6 +7,7 @@ use dynrobust_core::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::chain::{in_step, Chain, ChainParams, ChainStep};
 use crate::denoiser::{Denoiser, DenoiserTransform};
 use crate::guards::{BudgetConfig, MonitorConfig};
 use crate::squeeze::SqueezeConfig;
@@ -21,6 +22,7 @@ pub const DEFENSES: &[(&str, DefenseKind, &str)] = [
     ("jpeg", DefenseKind::Transform, "JPEG re-encoding at `quality`; BPDA"),
     ("noise", DefenseKind::Transform, "additive Gaussian noise (`sigma`), randomised; EOT over `eot` draws"),
     ("denoiser", DefenseKind::Transform, "learned residual conv denoiser (`checkpoint`, from `dynrobust train-denoiser`); exact gradients, MACs counted"),
+    ("chain", DefenseKind::Transform, "input transforms one after another (`steps = [{ name, params }, …]`); each differentiated its own way (BPDA only where needed)"),
     ("budget", DefenseKind::Guard, "compute budget cap: at most `max_blocks` residual branches per sample (worst case bounded)"),
     ("monitor", DefenseKind::Guard, "cost monitor (detector): flags inputs above the clean cost's `percentile`; reports TPR/FPR"),
     ("squeeze", DefenseKind::Guard, "feature squeezing (detector, Xu et al. NDSS 2018): flags inputs whose prediction or cost moves when squeezed (`bits`, `median`); TPR/FPR"),
@@ -133,6 +135,11 @@ pub fn build_transform_on(name: &str, params: &serde_json::Value, device: tch::D
             let (net, _) = Denoiser::load(&dir, device)?;
             Box::new(DenoiserTransform::new(net, p.checkpoint))
         }
+        "chain" => {
+            let steps = chain_steps(params)?;
+            let built = steps.iter().enumerate().map(|(i, s)| build_transform_on(&s.name, &s.params, device).map_err(|e| in_step(e, i)));
+            Box::new(Chain::new(built.collect::<Result<Vec<_>>>()?)?)
+        }
         other => {
             return Err(match kind(other)? {
                 DefenseKind::Transform => Error::config("defense", format!("`{other}` is not an input transform")),
@@ -140,6 +147,29 @@ pub fn build_transform_on(name: &str, params: &serde_json::Value, device: tch::D
             })
         }
     })
+}
+
+/// The denoiser checkpoint an input transform reads, if any (a chain's first).
+fn transform_checkpoint(name: &str, params: &serde_json::Value) -> Result<Option<std::path::PathBuf>> {
+    Ok(match name {
+        "denoiser" => Some(project_path(&merged(DenoiserParams::default(), params)?.checkpoint)),
+        "chain" => chain_steps(params)?.iter().map(|s| transform_checkpoint(&s.name, &s.params)).find_map(|p| p.transpose()).transpose()?,
+        _ => None,
+    })
+}
+
+/// The steps of a `chain` defense's params (a step may not be `none` or another chain).
+fn chain_steps(params: &serde_json::Value) -> Result<Vec<ChainStep>> {
+    let p: ChainParams = serde_path_to_error::deserialize(params.clone()).map_err(|e| {
+        let field = if e.path().to_string() == "." { "steps".to_string() } else { e.path().to_string() };
+        Error::config(field, format!("{} (expected steps = [{{ name = \"bitdepth\", params = {{ bits = 4 }} }}, {{ name = \"denoiser\" }}])", e.inner()))
+    })?;
+    for (i, step) in p.steps.iter().enumerate() {
+        if matches!(step.name.as_str(), "none" | "chain") {
+            return Err(Error::config(format!("steps[{i}].name"), format!("`{}` cannot be a step of a chain", step.name)));
+        }
+    }
+    Ok(p.steps)
 }
 
 /// A parsed defense for one evaluation.
@@ -193,13 +223,12 @@ impl DefenseSpec {
     }
 
     /// The checkpoint a defense reads — a training-time defense's network, a learned
-    /// denoiser — resolved as its loader resolves it (`None` for the others).
+    /// denoiser (also as a step of a chain: the first one) — resolved as its loader resolves it
+    /// (`None` for the others).
     pub fn checkpoint_path(&self) -> Result<Option<std::path::PathBuf>> {
         Ok(match self {
             DefenseSpec::Trained { checkpoint, .. } => Some(dynrobust_models::checkpoint::resolve(checkpoint)?),
-            DefenseSpec::Transform { name, params } if name == "denoiser" => {
-                Some(project_path(&merged(DenoiserParams::default(), params)?.checkpoint))
-            }
+            DefenseSpec::Transform { name, params } => transform_checkpoint(name, params)?,
             _ => None,
         })
     }

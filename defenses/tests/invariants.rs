@@ -18,7 +18,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-const DEFENSES: &[&str] = &["bitdepth", "median", "blur", "jpeg", "noise", "denoiser", "budget", "squeeze"];
+const DEFENSES: &[&str] = &["bitdepth", "median", "blur", "jpeg", "noise", "denoiser", "chain", "budget", "squeeze"];
 
 /// `model` behind `defense`; `None` where the pair does not exist (a budget cap on the static
 /// model, which has nothing to cap).
@@ -37,6 +37,7 @@ fn defended(model: &str, defense: &str) -> Option<Box<dyn DynamicModel>> {
         "blur" => json!({"sigma": 0.8}),
         "jpeg" => json!({"quality": 60}),
         "noise" => json!({"sigma": 0.05, "eot": 2}),
+        "chain" => json!({"steps": [{"name": "bitdepth", "params": {"bits": 3}}, {"name": "blur", "params": {"sigma": 0.8}}]}),
         _ => json!({}),
     };
     Some(Box::new(Defended::new(net, build_transform(defense, &params).unwrap())))
