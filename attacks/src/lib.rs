@@ -3,6 +3,7 @@
 //! One file per attack family, each opening with its paper:
 //! [`deepsloth`] (Hong et al., ICLR 2021), [`gradmdm`] (Pan et al., TPAMI 2023, and GradAuto,
 //! ECCV 2022), [`ilfo`] (Haque et al., CVPR 2020), [`pgd`] (FGSM, PGD-L∞/L2, MI-FGSM),
+//! [`apgd`] (APGD-CE, Croce & Hein, ICML 2020),
 //! [`transfer`] (surrogate → victim, feature-level PGD), [`mechanism`] (the dynamic-mechanism
 //! attack of the seed study, joint and stealthy). [`registry`] builds them by name from JSON
 //! overrides of the authors' defaults; [`evaluate::run_attack`] measures a run in the one
@@ -10,6 +11,7 @@
 //! Attacks see only [`dynrobust_core::DynamicModel`], so they run unchanged on every model
 //! family and on defended models.
 
+pub mod apgd;
 pub mod deepsloth;
 pub mod evaluate;
 pub mod gradmdm;

@@ -168,6 +168,7 @@ fn every_registered_attack_is_covered_here() {
         "fgsm",
         "pgd-linf",
         "pgd-l2",
+        "apgd-ce",
         "mi-fgsm",
         "feature-pgd",
         "mechanism",
@@ -223,6 +224,11 @@ fn contract_pgd_linf() {
 #[test]
 fn contract_pgd_l2() {
     check_attack("pgd-l2");
+}
+
+#[test]
+fn contract_apgd_ce() {
+    check_attack("apgd-ce");
 }
 
 #[test]
