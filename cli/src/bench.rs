@@ -140,8 +140,9 @@ fn attack_reps(reps: usize, batch: i64) -> usize {
 pub fn attacks(args: &BenchArgs) -> Result<()> {
     let data = args.data.load(Split::Test, Some(128))?.to_device(args.device.device()?);
     // (attack, model, overrides with the iteration count, iterations)
-    let cases: [(&str, &str, serde_json::Value, usize); 6] = [
+    let cases: [(&str, &str, serde_json::Value, usize); 7] = [
         ("pgd-linf", "static", json!({"steps": 10}), 10),
+        ("apgd-ce", "static", json!({"steps": 10}), 10),
         ("pgd-linf", "sdn", json!({"steps": 10}), 10),
         ("deepsloth", "sdn", json!({"steps": 10}), 10),
         ("ilfo", "skipnet", json!({"steps": 10}), 10),
