@@ -1,7 +1,8 @@
-//! APGD-CE (Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
-//! diverse parameter-free attacks", ICML 2020): PGD with momentum and a step size that halves
-//! on its own when the loss stops rising — the attack at the core of AutoAttack, and the usual
-//! yardstick for "robust accuracy". Follows `autoattack/autopgd_base.py` (`attack_single_run`,
+//! APGD-CE and APGD-DLR (Croce & Hein, "Reliable evaluation of adversarial robustness with an
+//! ensemble of diverse parameter-free attacks", ICML 2020): PGD with momentum and a step size
+//! that halves on its own when the loss stops rising — the attack at the core of AutoAttack,
+//! and the usual yardstick for "robust accuracy" — on the cross-entropy or on the
+//! difference-of-logits ratio ([`crate::losses::dlr_per_sample`]). Follows `autoattack/autopgd_base.py` (`attack_single_run`,
 //! L∞ and L2):
 //!
 //! - start `x + ε·t/‖t‖` (L∞: t uniform in [−1, 1]; L2: t Gaussian), clipped to [0, 1];
@@ -14,7 +15,7 @@
 //!   step halved and restarts from its best point;
 //! - `restarts` runs from fresh random starts, attacking every sample each time.
 //!
-//! The loss is the cross-entropy of the output `loss` names (final head by default, as PGD's);
+//! The loss is read on the output `loss` names (final head by default, as PGD's);
 //! "fooled" is judged on the deployed prediction, the one accuracy is measured on. Per sample
 //! it returns the last iterate that fooled the model (AutoAttack's `x_best_adv`) or, for a
 //! sample never fooled, the highest-loss iterate (AutoAttack keeps the random start there;
@@ -28,9 +29,20 @@ use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::losses::{accuracy_loss_per_sample, ExitLoss};
+use crate::losses::{ce_per_sample, dlr_per_sample, output_loss_per_sample, ExitLoss};
 
-/// Config of APGD-CE.
+/// The loss APGD ascends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApgdLoss {
+    /// Cross-entropy (APGD-CE).
+    Ce,
+    /// Difference of logits ratio (APGD-DLR): shift- and scale-invariant, so a defense that
+    /// squashes or rescales the logits does not mask its gradient.
+    Dlr,
+}
+
+/// Config of APGD (`apgd-ce`, `apgd-dlr`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApgdConfig {
@@ -44,15 +56,17 @@ pub struct ApgdConfig {
     pub restarts: usize,
     /// Fraction of rising steps below which the step size is halved at a checkpoint.
     pub rho: f64,
-    /// Which output the cross-entropy reads (`maxruns` is PGD's only).
+    /// Which output the loss reads (`maxruns` is PGD's only).
     pub loss: ExitLoss,
+    /// `ce` or `dlr` (set by the attack's name).
+    pub objective: ApgdLoss,
     /// RNG seed of the random starts.
     pub seed: u64,
 }
 
 impl Default for ApgdConfig {
     fn default() -> Self {
-        ApgdConfig { eps: 8.0 / 255.0, norm: Norm::Linf, steps: 100, restarts: 1, rho: 0.75, loss: ExitLoss::Final, seed: 0 }
+        ApgdConfig { eps: 8.0 / 255.0, norm: Norm::Linf, steps: 100, restarts: 1, rho: 0.75, loss: ExitLoss::Final, objective: ApgdLoss::Ce, seed: 0 }
     }
 }
 
@@ -133,7 +147,11 @@ impl Apgd {
             let mut right = None;
             let (g, _) = input_grad(x_adv, |xa| {
                 let trace = model.forward_trace(xa, Pass::Dense)?;
-                let l = accuracy_loss_per_sample(&trace, y, self.cfg.loss);
+                let objective = match self.cfg.objective {
+                    ApgdLoss::Ce => ce_per_sample,
+                    ApgdLoss::Dlr => dlr_per_sample,
+                };
+                let l = output_loss_per_sample(&trace, y, self.cfg.loss, objective);
                 per_sample = Some(l.detach());
                 right = Some(trace.logits.argmax(1, false).eq_tensor(y));
                 Ok(l.sum(Kind::Float))
@@ -229,7 +247,10 @@ pub fn rose_too_rarely(loss_steps: &Tensor, i: usize, k: usize, rho: f64) -> Ten
 
 impl Attack for Apgd {
     fn name(&self) -> &'static str {
-        "apgd-ce"
+        match self.cfg.objective {
+            ApgdLoss::Ce => "apgd-ce",
+            ApgdLoss::Dlr => "apgd-dlr",
+        }
     }
     fn goal(&self) -> Goal {
         Goal::Accuracy

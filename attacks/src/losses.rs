@@ -93,23 +93,55 @@ pub enum ExitLoss {
     MaxRuns,
 }
 
+/// Per-sample cross-entropy `[B]` of `[B,K]` logits.
+pub fn ce_per_sample(z: &Tensor, y: &Tensor) -> Tensor {
+    z.log_softmax(1, Kind::Float).nll_loss_nd::<Tensor>(y, None, Reduction::None, -100)
+}
+
+/// Per-sample difference-of-logits-ratio loss `[B]` (Croce & Hein, ICML 2020, AutoAttack's
+/// `dlr_loss`): `−(z_y − max_{i≠y} z_i) / (z_π1 − z_π3 + 1e-12)` with π the logits sorted in
+/// decreasing order. Invariant to shifting and scaling the logits. Needs ≥ 3 classes.
+pub fn dlr_per_sample(z: &Tensor, y: &Tensor) -> Tensor {
+    let (sorted, order) = z.sort(1, false);
+    let k = z.size()[1];
+    let top = sorted.select(1, k - 1);
+    let second = sorted.select(1, k - 2);
+    let third = sorted.select(1, k - 3);
+    let y_is_top = order.select(1, k - 1).eq_tensor(y).to_kind(Kind::Float);
+    let z_y = z.gather(1, &y.unsqueeze(1), false).squeeze_dim(1);
+    let best_other: Tensor = &second * &y_is_top + &top * (1.0 - &y_is_top);
+    let margin: Tensor = z_y - best_other;
+    let spread: Tensor = top - third + 1e-12;
+    -(margin / spread)
+}
+
+/// `loss` `[B]` of every output, the internal classifiers first and the final head last,
+/// stacked `[B, E+1]`.
+fn per_output(trace: &Trace, y: &Tensor, loss: fn(&Tensor, &Tensor) -> Tensor) -> Tensor {
+    Tensor::stack(&trace.exit_logits.iter().chain(std::iter::once(&trace.final_logits)).map(|z| loss(z, y)).collect::<Vec<_>>(), 1)
+}
+
 /// Cross-entropy `[B]` of every output, the internal classifiers first and the final head
 /// last, stacked `[B, E+1]`.
 pub fn per_output_ce(trace: &Trace, y: &Tensor) -> Tensor {
-    let ce = |z: &Tensor| z.log_softmax(1, Kind::Float).nll_loss_nd::<Tensor>(y, None, Reduction::None, -100);
-    Tensor::stack(&trace.exit_logits.iter().chain(std::iter::once(&trace.final_logits)).map(ce).collect::<Vec<_>>(), 1)
+    per_output(trace, y, ce_per_sample)
 }
 
 /// Cross-entropy `[B]` (per sample) of the output chosen by `which`.
 pub fn accuracy_loss_per_sample(trace: &Trace, y: &Tensor, which: ExitLoss) -> Tensor {
-    let ce = |z: &Tensor| z.log_softmax(1, Kind::Float).nll_loss_nd::<Tensor>(y, None, Reduction::None, -100);
+    output_loss_per_sample(trace, y, which, ce_per_sample)
+}
+
+/// `loss` `[B]` (per sample; cross-entropy, DLR) of the output chosen by `which`: one output,
+/// or the mean / the largest over the internal classifiers and the final head.
+pub fn output_loss_per_sample(trace: &Trace, y: &Tensor, which: ExitLoss, loss: fn(&Tensor, &Tensor) -> Tensor) -> Tensor {
     match which {
-        ExitLoss::Deployed => return ce(&trace.logits),
-        _ if trace.exit_logits.is_empty() || matches!(which, ExitLoss::Final | ExitLoss::MaxRuns) => return ce(&trace.final_logits),
+        ExitLoss::Deployed => return loss(&trace.logits, y),
+        _ if trace.exit_logits.is_empty() || matches!(which, ExitLoss::Final | ExitLoss::MaxRuns) => return loss(&trace.final_logits, y),
         _ => {}
     }
     // every internal classifier plus the final head
-    let stacked = per_output_ce(trace, y);
+    let stacked = per_output(trace, y, loss);
     match which {
         ExitLoss::Avg => stacked.mean_dim(&[1i64][..], false, Kind::Float),
         _ => stacked.amax(&[1i64][..], false),

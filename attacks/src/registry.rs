@@ -7,7 +7,7 @@ use dynrobust_core::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::apgd::{Apgd, ApgdConfig};
+use crate::apgd::{Apgd, ApgdConfig, ApgdLoss};
 use crate::deepsloth::{DeepSloth, DeepSlothConfig, Variant};
 use crate::gradmdm::{GradAuto, GradAutoConfig, GradMdm, GradMdmConfig};
 use crate::ilfo::{Ilfo, IlfoConfig};
@@ -28,6 +28,7 @@ pub const ATTACKS: &[(&str, &str, &str)] = [
     ("pgd-linf", "accuracy", "PGD L∞ (Madry et al., ICLR 2018); loss on final head / deployed exit / avg / max over exits"),
     ("pgd-l2", "accuracy", "PGD L2 (Madry et al., ICLR 2018)"),
     ("apgd-ce", "accuracy", "APGD-CE (Croce & Hein, ICML 2020; AutoAttack's core): momentum PGD with a self-halving step size; `norm` linf or l2"),
+    ("apgd-dlr", "accuracy", "APGD-DLR (Croce & Hein, ICML 2020): APGD on the shift- and scale-invariant difference-of-logits-ratio loss"),
     ("mi-fgsm", "accuracy", "MI-FGSM (Dong et al., CVPR 2018): momentum iterative FGSM, for transfer"),
     ("feature-pgd", "accuracy", "PGD on an early feature map of a (surrogate) model, for lightweight black-box transfer"),
     ("mechanism", "both", "dynamic-mechanism attack: misclassify and maximise compute (joint objective)"),
@@ -83,7 +84,15 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
         "pgd-linf" => Box::new(Pgd::new(merged(PgdConfig::default(), overrides)?)?),
         "pgd-l2" => Box::new(Pgd::new(merged(PgdConfig { norm: dynrobust_core::attack::Norm::L2, eps: 1.0, ..Default::default() }, overrides)?)?),
         "mi-fgsm" => Box::new(MiFgsm::new(merged(MiFgsmConfig::default(), overrides)?)?),
-        "apgd-ce" => Box::new(Apgd::new(merged(ApgdConfig::default(), overrides)?)?),
+        "apgd-ce" | "apgd-dlr" => {
+            let objective = if name == "apgd-ce" { ApgdLoss::Ce } else { ApgdLoss::Dlr };
+            let mut cfg: ApgdConfig = merged(ApgdConfig { objective, ..Default::default() }, overrides)?;
+            if cfg.objective != objective {
+                return Err(Error::config("objective", format!("`{name}` ascends {}; use the other attack's name for the other loss", if name == "apgd-ce" { "the cross-entropy" } else { "the DLR loss" })));
+            }
+            cfg.objective = objective;
+            Box::new(Apgd::new(cfg)?)
+        }
         "feature-pgd" => Box::new(FeaturePgd::new(merged(FeaturePgdConfig::default(), overrides)?)?),
         "mechanism" | "mechanism-stealthy" => {
             let variant = if name == "mechanism" { MechanismVariant::Joint } else { MechanismVariant::Stealthy };

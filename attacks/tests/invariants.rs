@@ -169,6 +169,7 @@ fn every_registered_attack_is_covered_here() {
         "pgd-linf",
         "pgd-l2",
         "apgd-ce",
+        "apgd-dlr",
         "mi-fgsm",
         "feature-pgd",
         "mechanism",
@@ -229,6 +230,11 @@ fn contract_pgd_l2() {
 #[test]
 fn contract_apgd_ce() {
     check_attack("apgd-ce");
+}
+
+#[test]
+fn contract_apgd_dlr() {
+    check_attack("apgd-dlr");
 }
 
 #[test]

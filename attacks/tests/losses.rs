@@ -548,3 +548,21 @@ fn mechanism_energy_term_by_hand() {
     // a static model has neither: refused
     assert!(energy_term(&hand_trace(t2(&[&[0.0; 3]]), vec![], vec![])).is_err());
 }
+
+#[test]
+fn dlr_loss_matches_hand_computed_values_and_ignores_shift_and_scale() {
+    use dynrobust_attacks::losses::dlr_per_sample;
+    // sample 0: y = 0 is the top logit → −(z_y − second)/(top − third) = −(4 − 2)/(4 − 1)
+    // sample 1: y = 2 is not the top → −(z_y − top)/(top − third) = −(1 − 5)/(5 − 1)
+    let z = Tensor::from_slice(&[4.0f32, 2.0, 1.0, 0.0, 0.5, 3.0, 1.0, 5.0]).view([2, 4]);
+    let y = Tensor::from_slice(&[0i64, 2]);
+    let got: Vec<f32> = Vec::try_from(dlr_per_sample(&z, &y)).unwrap();
+    let want = [-(4.0 - 2.0) / (4.0 - 1.0), -(1.0 - 5.0) / (5.0 - 1.0)];
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+    let moved: Vec<f32> = Vec::try_from(dlr_per_sample(&(&z * 7.0 + 3.0), &y)).unwrap();
+    for (g, m) in got.iter().zip(&moved) {
+        assert!((g - m).abs() < 1e-5, "not shift/scale invariant: {got:?} vs {moved:?}");
+    }
+}
