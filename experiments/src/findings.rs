@@ -167,7 +167,7 @@ pub(crate) fn defense_table(rows: &[Row]) -> String {
     md
 }
 
-fn is_detector(r: &Row) -> bool {
+pub(crate) fn is_detector(r: &Row) -> bool {
     r.detector.is_some() || dynrobust_defenses::registry::is_detector(&r.defense_name)
 }
 

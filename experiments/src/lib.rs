@@ -19,6 +19,7 @@ pub mod runner;
 pub mod slurm;
 pub mod store;
 pub mod study;
+mod worst_case;
 
 pub use runner::{run_cells, stale_cells, CellFailure, CellOutput, Executor, RunSummary, StaleCell};
 pub use report::{write_report, ReportFiles};

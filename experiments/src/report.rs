@@ -209,7 +209,8 @@ pub fn write_report(dir: impl AsRef<Path>, title: &str, cells: &[StoredCell]) ->
     let mut rows: Vec<Row> = sorted.iter().map(|c| Row::of(c, &mut bases)).collect();
     crate::findings::add_cross_cell_flags(&mut rows);
     rows.sort_by(|a, b| row_key(a).partial_cmp(&row_key(b)).unwrap_or(std::cmp::Ordering::Equal));
-    let md = markdown(title, &rows, &plot_dir, &mut files)?;
+    let worst_case = crate::worst_case::worst_case_table(dir, &rows);
+    let md = markdown(title, &rows, &worst_case, &plot_dir, &mut files)?;
     write_atomic(&files.markdown, md.as_bytes())?;
     Ok(files)
 }
@@ -265,12 +266,13 @@ fn write_per_sample(dir: &Path, path: &Path, cells: &[&StoredCell]) -> Result<()
 }
 
 /// The whole markdown document; plots are drawn on the way.
-fn markdown(title: &str, rows: &[Row], plot_dir: &Path, files: &mut ReportFiles) -> Result<String> {
+fn markdown(title: &str, rows: &[Row], worst_case: &str, plot_dir: &Path, files: &mut ReportFiles) -> Result<String> {
     let mut md = format!("# {title}\n\n{} cells. Raw results: [results.jsonl](results.jsonl), ", rows.len());
     md += "per-sample rows: [per_sample.csv](per_sample.csv).\n\n";
     md += "Accuracy in %, cost in MACs / static MACs, recovery = (adv cost − clean cost) / (1 − clean cost) in %.\n\n";
     md += &crate::findings::research_questions(rows);
     md += &summary_table(rows);
+    md += worst_case;
     md += &crate::findings::defense_table(rows);
     md += &crate::findings::detector_table(rows);
     md += "## Plots\n\n";

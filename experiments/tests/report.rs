@@ -185,3 +185,34 @@ fn detectors_get_their_own_table_not_the_defense_verdict() {
     // (1 − TPR) × passed cost: here the oblivious attacker gets more past it than the adaptive one
     assert!(md.contains("oblivious attack beats the white-box adaptive one (compute past the detector per attacked input 0.345 vs 0.148)"), "{md}");
 }
+
+#[test]
+fn the_worst_case_over_attacks_is_counted_per_sample() {
+    let text = "name = \"worst\"\ndata = \"fashion-mnist\"\nn = 4\neps = [\"8/255\"]\nmodels = [\"sdn\"]\n\n[[attacks]]\nname = \"pgd-linf\"\n\n[[attacks]]\nname = \"mechanism\"\n\n[[attacks]]\nname = \"deepsloth\"\n";
+    let study = Study::parse(text, "worst.toml", &registry()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), text, false).unwrap();
+    // per attack: its goal, per-sample adv_correct and adv_cost (clean cost 0.5 everywhere)
+    let per_attack = |name: &str| match name {
+        "pgd-linf" => ("accuracy", [1, 0, 1, 1], [0.5, 0.5, 0.5, 0.5]),
+        "mechanism" => ("both", [1, 1, 0, 1], [0.9, 0.5, 0.6, 0.5]),
+        _ => ("energy", [1, 1, 1, 1], [0.6, 0.8, 0.5, 0.5]),
+    };
+    let mut cells = stored(&study);
+    for c in &mut cells {
+        let (goal, correct, cost) = per_attack(&c.cell.attack.name);
+        c.record["goal"] = serde_json::json!(goal);
+        let mut csv = String::from("index,clean_cost,adv_cost,clean_correct,adv_correct,clean_exit,adv_exit\n");
+        for i in 0..4 {
+            csv += &format!("{i},0.5,{},1,{},0,6\n", cost[i], correct[i]);
+        }
+        fs::write(store.cells_dir().join(format!("{}.csv", c.id)), csv).unwrap();
+    }
+    let md = fs::read_to_string(write_report(dir.path(), "worst", &cells).unwrap().markdown).unwrap();
+    // accuracy side: pgd and mechanism each keep 3 of 4, but only samples 0 and 3 resist both;
+    // energy side: mechanism 0.625, deepsloth 0.600, per-sample max 0.9, 0.8, 0.6, 0.5 → 0.700,
+    // recovery (0.7 − 0.5) / 0.5
+    let row = md.lines().find(|l| l.starts_with("| sdn | none |") && l.contains("**")).unwrap_or_else(|| panic!("no worst-case row in\n{md}"));
+    assert_eq!(row, "| sdn | none | – | 8/255 | 2 | 75.0 (mechanism) | **50.0** | 2 | 0.625 (mechanism) | **0.700** | 40.0 |", "{md}");
+    assert!(md.contains("## Worst case over attacks (per sample)"));
+}
