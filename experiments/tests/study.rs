@@ -19,7 +19,7 @@ fn shipped(name: &str) -> Study {
 fn shipped_studies_parse_and_expand() {
     let quick = shipped("quick.toml");
     assert_eq!(quick.name, "quick");
-    assert_eq!(quick.cells.len(), 82, "quick.toml grid size changed");
+    assert_eq!(quick.cells.len(), 90, "quick.toml grid size changed");
     for c in &quick.cells {
         let k = &c.config;
         match k.attack.name.as_str() {
