@@ -1,10 +1,10 @@
-"""APGD-CE / APGD-DLR agreement check: torchattacks' APGD (a port of AutoAttack's `autopgd_base.py`) on the
+"""APGD-CE / APGD-DLR / Square agreement check: torchattacks' APGD and Square (a port of AutoAttack's `autopgd_base.py`) on the
 committed `static` checkpoint rebuilt in PyTorch (scripts/torch_reference.py), first N test
 images, against `dynrobust attack --attack apgd-ce` (or `apgd-dlr`, `--loss dlr`) on the same weights and images. The random
 starts differ, so the robust accuracies agree up to sampling noise, not bit for bit.
 
     pip install --target DIR torchattacks==3.5.1 scipy   # not in the project's requirements
-    PYTHONPATH=DIR .venv/bin/python scripts/apgd_reference.py [--n 1000] [--eps 8/255] [--norm Linf|L2] [--loss ce|dlr]
+    PYTHONPATH=DIR .venv/bin/python scripts/apgd_reference.py [--n 1000] [--eps 8/255] [--norm Linf|L2] [--loss ce|dlr] [--square QUERIES]
 """
 import argparse, json, os, sys
 
@@ -32,13 +32,17 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--loss", default="ce", choices=["ce", "dlr"])
+    ap.add_argument("--square", type=int, default=0, help="run torchattacks' Square (L∞, margin loss) with this many queries instead")
     args = ap.parse_args()
     num, _, den = args.eps.partition("/")
     eps = float(num) / float(den or 1)
     torch.set_num_threads(2)
     model = Logits("static").eval()
     x, y = load_test_images(args.n)
-    attack = torchattacks.APGD(model, norm=args.norm, eps=eps, steps=args.steps, n_restarts=1, loss=args.loss, rho=0.75, seed=0)
+    if args.square:
+        attack = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=args.square, n_restarts=1, p_init=0.8, loss="margin", resc_schedule=True, seed=0)
+    else:
+        attack = torchattacks.APGD(model, norm=args.norm, eps=eps, steps=args.steps, n_restarts=1, loss=args.loss, rho=0.75, seed=0)
     clean = adv = 0
     for i in range(0, args.n, args.batch):
         xb, yb = x[i:i + args.batch], y[i:i + args.batch]
@@ -48,7 +52,7 @@ def main():
         assert (xa - xb).abs().max().item() <= eps + 1e-6 or args.norm != "Linf"
         with torch.no_grad():
             adv += (model(xa).argmax(1) == yb).sum().item()
-    print(json.dumps({"attack": "torchattacks.APGD", "loss": args.loss, "norm": args.norm, "eps": args.eps, "steps": args.steps, "n": args.n,
+    print(json.dumps({"attack": "torchattacks.Square" if args.square else "torchattacks.APGD", "queries": args.square or None, "loss": "margin" if args.square else args.loss, "norm": args.norm, "eps": args.eps, "steps": args.steps, "n": args.n,
                       "clean_acc": clean / args.n, "adv_acc": adv / args.n}))
 
 

@@ -3,7 +3,8 @@
 //! One file per attack family, each opening with its paper:
 //! [`deepsloth`] (Hong et al., ICLR 2021), [`gradmdm`] (Pan et al., TPAMI 2023, and GradAuto,
 //! ECCV 2022), [`ilfo`] (Haque et al., CVPR 2020), [`pgd`] (FGSM, PGD-L∞/L2, MI-FGSM),
-//! [`apgd`] (APGD-CE, Croce & Hein, ICML 2020),
+//! [`apgd`] (APGD-CE / APGD-DLR, Croce & Hein, ICML 2020), [`square`] (Square Attack,
+//! Andriushchenko et al., ECCV 2020: black-box, no gradients),
 //! [`transfer`] (surrogate → victim, feature-level PGD), [`mechanism`] (the dynamic-mechanism
 //! attack of the seed study, joint and stealthy). [`registry`] builds them by name from JSON
 //! overrides of the authors' defaults; [`evaluate::run_attack`] measures a run in the one
@@ -22,4 +23,5 @@ pub mod tanh_box;
 pub mod testing;
 pub mod mechanism;
 pub mod registry;
+pub mod square;
 pub mod transfer;

@@ -14,6 +14,7 @@ use crate::ilfo::{Ilfo, IlfoConfig};
 use crate::losses::ExitLoss;
 use crate::mechanism::{Mechanism, MechanismConfig, MechanismVariant};
 use crate::pgd::{MiFgsm, MiFgsmConfig, Pgd, PgdConfig};
+use crate::square::{Square, SquareConfig};
 use crate::transfer::{FeaturePgd, FeaturePgdConfig};
 
 /// Name, goal and one-line description of every attack.
@@ -28,6 +29,7 @@ pub const ATTACKS: &[(&str, &str, &str)] = [
     ("pgd-linf", "accuracy", "PGD L∞ (Madry et al., ICLR 2018); loss on final head / deployed exit / avg / max over exits"),
     ("pgd-l2", "accuracy", "PGD L2 (Madry et al., ICLR 2018)"),
     ("apgd-ce", "accuracy", "APGD-CE (Croce & Hein, ICML 2020; AutoAttack's core): momentum PGD with a self-halving step size; `norm` linf or l2"),
+    ("square", "accuracy", "Square Attack L∞ (Andriushchenko et al., ECCV 2020): score-based black-box random search on the deployed model's margin; no gradients"),
     ("apgd-dlr", "accuracy", "APGD-DLR (Croce & Hein, ICML 2020): APGD on the shift- and scale-invariant difference-of-logits-ratio loss"),
     ("mi-fgsm", "accuracy", "MI-FGSM (Dong et al., CVPR 2018): momentum iterative FGSM, for transfer"),
     ("feature-pgd", "accuracy", "PGD on an early feature map of a (surrogate) model, for lightweight black-box transfer"),
@@ -84,6 +86,7 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
         "pgd-linf" => Box::new(Pgd::new(merged(PgdConfig::default(), overrides)?)?),
         "pgd-l2" => Box::new(Pgd::new(merged(PgdConfig { norm: dynrobust_core::attack::Norm::L2, eps: 1.0, ..Default::default() }, overrides)?)?),
         "mi-fgsm" => Box::new(MiFgsm::new(merged(MiFgsmConfig::default(), overrides)?)?),
+        "square" => Box::new(Square::new(merged(SquareConfig::default(), overrides)?)?),
         "apgd-ce" | "apgd-dlr" => {
             let objective = if name == "apgd-ce" { ApgdLoss::Ce } else { ApgdLoss::Dlr };
             let mut cfg: ApgdConfig = merged(ApgdConfig { objective, ..Default::default() }, overrides)?;

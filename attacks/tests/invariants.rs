@@ -170,6 +170,7 @@ fn every_registered_attack_is_covered_here() {
         "pgd-l2",
         "apgd-ce",
         "apgd-dlr",
+        "square",
         "mi-fgsm",
         "feature-pgd",
         "mechanism",
@@ -235,6 +236,11 @@ fn contract_apgd_ce() {
 #[test]
 fn contract_apgd_dlr() {
     check_attack("apgd-dlr");
+}
+
+#[test]
+fn contract_square() {
+    check_attack("square");
 }
 
 #[test]
