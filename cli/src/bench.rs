@@ -140,9 +140,12 @@ fn attack_reps(reps: usize, batch: i64) -> usize {
 pub fn attacks(args: &BenchArgs) -> Result<()> {
     let data = args.data.load(Split::Test, Some(128))?.to_device(args.device.device()?);
     // (attack, model, overrides with the iteration count, iterations)
-    let cases: [(&str, &str, serde_json::Value, usize); 7] = [
+    let cases: [(&str, &str, serde_json::Value, usize); 8] = [
         ("pgd-linf", "static", json!({"steps": 10}), 10),
         ("apgd-ce", "static", json!({"steps": 10}), 10),
+        // one sparse forward per query and no backward; at ε = 0 no sample is fooled, so every
+        // query runs (a run that fools every sample stops early and would look faster)
+        ("square", "static", json!({"queries": 10, "eps": 0.0}), 10),
         ("pgd-linf", "sdn", json!({"steps": 10}), 10),
         ("deepsloth", "sdn", json!({"steps": 10}), 10),
         ("ilfo", "skipnet", json!({"steps": 10}), 10),
