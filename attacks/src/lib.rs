@@ -4,7 +4,8 @@
 //! [`deepsloth`] (Hong et al., ICLR 2021), [`gradmdm`] (Pan et al., TPAMI 2023, and GradAuto,
 //! ECCV 2022), [`ilfo`] (Haque et al., CVPR 2020), [`pgd`] (FGSM, PGD-L∞/L2, MI-FGSM),
 //! [`apgd`] (APGD-CE / APGD-DLR, Croce & Hein, ICML 2020), [`square`] (Square Attack,
-//! Andriushchenko et al., ECCV 2020: black-box, no gradients),
+//! Andriushchenko et al., ECCV 2020: black-box, no gradients), [`ensemble`] (AutoAttack-style
+//! worst case over members),
 //! [`transfer`] (surrogate → victim, feature-level PGD), [`mechanism`] (the dynamic-mechanism
 //! attack of the seed study, joint and stealthy). [`registry`] builds them by name from JSON
 //! overrides of the authors' defaults; [`evaluate::run_attack`] measures a run in the one
@@ -14,6 +15,7 @@
 
 pub mod apgd;
 pub mod deepsloth;
+pub mod ensemble;
 pub mod evaluate;
 pub mod gradmdm;
 pub mod ilfo;

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::apgd::{Apgd, ApgdConfig, ApgdLoss};
 use crate::deepsloth::{DeepSloth, DeepSlothConfig, Variant};
+use crate::ensemble::{Ensemble, EnsembleConfig};
 use crate::gradmdm::{GradAuto, GradAutoConfig, GradMdm, GradMdmConfig};
 use crate::ilfo::{Ilfo, IlfoConfig};
 use crate::losses::ExitLoss;
@@ -29,6 +30,7 @@ pub const ATTACKS: &[(&str, &str, &str)] = [
     ("pgd-linf", "accuracy", "PGD L∞ (Madry et al., ICLR 2018); loss on final head / deployed exit / avg / max over exits"),
     ("pgd-l2", "accuracy", "PGD L2 (Madry et al., ICLR 2018)"),
     ("apgd-ce", "accuracy", "APGD-CE (Croce & Hein, ICML 2020; AutoAttack's core): momentum PGD with a self-halving step size; `norm` linf or l2"),
+    ("ensemble", "accuracy", "AutoAttack-style ensemble: members (default APGD-CE, APGD-DLR, Square) run on the samples still correct; robust only if all fail"),
     ("square", "accuracy", "Square Attack L∞ (Andriushchenko et al., ECCV 2020): score-based black-box random search on the deployed model's margin; no gradients"),
     ("apgd-dlr", "accuracy", "APGD-DLR (Croce & Hein, ICML 2020): APGD on the shift- and scale-invariant difference-of-logits-ratio loss"),
     ("mi-fgsm", "accuracy", "MI-FGSM (Dong et al., CVPR 2018): momentum iterative FGSM, for transfer"),
@@ -87,6 +89,7 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
         "pgd-l2" => Box::new(Pgd::new(merged(PgdConfig { norm: dynrobust_core::attack::Norm::L2, eps: 1.0, ..Default::default() }, overrides)?)?),
         "mi-fgsm" => Box::new(MiFgsm::new(merged(MiFgsmConfig::default(), overrides)?)?),
         "square" => Box::new(Square::new(merged(SquareConfig::default(), overrides)?)?),
+        "ensemble" => Box::new(Ensemble::new(merged(EnsembleConfig::default(), overrides)?, build)?),
         "apgd-ce" | "apgd-dlr" => {
             let objective = if name == "apgd-ce" { ApgdLoss::Ce } else { ApgdLoss::Dlr };
             let mut cfg: ApgdConfig = merged(ApgdConfig { objective, ..Default::default() }, overrides)?;

@@ -68,6 +68,7 @@ pub fn quick_overrides(name: &str, c: &QuickCase) -> Value {
         "pgd-linf" => json!({"eps": eps, "steps": 3, "loss": loss, "random_start": v % 2 == 0}),
         "pgd-l2" => json!({"eps": eps2, "steps": 3, "loss": loss}),
         "square" => json!({"eps": eps, "queries": 20 + 10 * v, "seed": c.seed}),
+        "ensemble" => json!({"eps": eps, "seed": c.seed, "attacks": [{"name": "apgd-ce", "params": {"steps": 3, "loss": loss}}, {"name": "square", "params": {"queries": 10}}]}),
         "apgd-ce" | "apgd-dlr" if v % 2 == 0 => json!({"eps": eps, "steps": 5, "loss": loss, "seed": c.seed}),
         "apgd-ce" | "apgd-dlr" => json!({"eps": eps2, "steps": 5, "norm": "l2", "loss": loss, "restarts": 2}),
         "mi-fgsm" => json!({"eps": eps, "steps": 3, "loss": loss}),

@@ -218,6 +218,29 @@ fn square_fools_the_static_model_without_gradients() {
 }
 
 #[test]
+fn the_ensemble_fools_every_sample_its_first_member_fools_and_more() {
+    let _lock = common::torch_lock();
+    let eps = 4.0 / 255.0;
+    let data = common::test_images(128);
+    let model = common::committed("sdn");
+    let fooled = |name: &str, params: Value| -> Vec<bool> {
+        let attack = build(name, params);
+        let x_adv = attack.perturb(&model, &data.images, &data.labels).unwrap();
+        let pred = tch::no_grad(|| dynrobust_core::DynamicModel::forward_trace(&model, &x_adv, dynrobust_core::Pass::Sparse).unwrap().logits.argmax(1, false));
+        Vec::try_from(pred.ne_tensor(&data.labels)).unwrap()
+    };
+    let members = json!([{"name": "apgd-ce", "params": {"steps": 20}}, {"name": "square", "params": {"queries": 300}}]);
+    let alone = fooled("apgd-ce", json!({"eps": eps, "steps": 20}));
+    let together = fooled("ensemble", json!({"eps": eps, "attacks": members}));
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert!(!a || *t, "sample {i}: fooled by APGD-CE alone, not by the ensemble that runs it first");
+    }
+    let (n_alone, n_together) = (alone.iter().filter(|&&f| f).count(), together.iter().filter(|&&f| f).count());
+    eprintln!("fooled of 128: APGD-CE {n_alone}, APGD-CE then Square {n_together}");
+    assert!(n_together >= n_alone);
+}
+
+#[test]
 fn pgd_transfers_from_static_to_gated() {
     let _lock = common::torch_lock();
     let surrogate = common::committed("static");

@@ -171,6 +171,7 @@ fn every_registered_attack_is_covered_here() {
         "apgd-ce",
         "apgd-dlr",
         "square",
+        "ensemble",
         "mi-fgsm",
         "feature-pgd",
         "mechanism",
@@ -241,6 +242,11 @@ fn contract_apgd_dlr() {
 #[test]
 fn contract_square() {
     check_attack("square");
+}
+
+#[test]
+fn contract_ensemble() {
+    check_attack("ensemble");
 }
 
 #[test]

@@ -1,0 +1,151 @@
+//! An ensemble of accuracy attacks run one after another on the samples still classified
+//! correctly, the way AutoAttack counts robust accuracy (Croce & Hein, ICML 2020): a sample is
+//! robust only if every member fails on it. The default members are APGD-CE and APGD-DLR on
+//! the deployed prediction (the exit an early-exit model answers with) and the black-box
+//! Square Attack (5,000 queries) — two white-box losses and a gradient-free search, so a
+//! defense that masks gradients is still caught. This is AutoAttack's idea with the
+//! attacks dynrobust has, not its standard version (that one runs APGD-CE, targeted APGD-DLR,
+//! targeted FAB and Square).
+//!
+//! Per sample the output is the first member's example that fools the deployed model (read
+//! through the sparse pass), else the first member's own example (its highest-loss point).
+//!
+//! ```toml
+//! [[attacks]]
+//! name = "ensemble"
+//! params = { attacks = [{ name = "apgd-ce" }, { name = "square", params = { queries = 1000 } }] }
+//! ```
+
+use dynrobust_core::attack::{check_eps, Attack, Goal, Norm, Requirements};
+use dynrobust_core::{DynamicModel, Error, Pass, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tch::{Kind, Tensor};
+
+/// One member: a registry attack name and its overrides (its `eps` and `seed` are the
+/// ensemble's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub name: String,
+    #[serde(default)]
+    pub params: Value,
+}
+
+/// Config of the ensemble.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleConfig {
+    /// L∞ budget ε, shared by every member.
+    pub eps: f64,
+    /// Seed handed to every member that has one.
+    pub seed: u64,
+    /// The members, in the order they run.
+    pub attacks: Vec<Member>,
+}
+
+impl Default for EnsembleConfig {
+    fn default() -> Self {
+        let member = |name: &str, params: Value| Member { name: name.into(), params };
+        EnsembleConfig {
+            eps: 8.0 / 255.0,
+            seed: 0,
+            attacks: vec![
+                member("apgd-ce", json!({ "loss": "deployed" })),
+                member("apgd-dlr", json!({ "loss": "deployed" })),
+                member("square", json!({ "queries": 5000 })),
+            ],
+        }
+    }
+}
+
+/// The ensemble.
+pub struct Ensemble {
+    cfg: EnsembleConfig,
+    members: Vec<Box<dyn Attack>>,
+}
+
+impl Ensemble {
+    /// Builds every member through `build` (the registry), each with the ensemble's ε and seed;
+    /// a member must be an L∞ accuracy attack.
+    pub fn new(cfg: EnsembleConfig, build: impl Fn(&str, &Value) -> Result<Box<dyn Attack>>) -> Result<Self> {
+        check_eps("eps", cfg.eps)?;
+        if cfg.attacks.is_empty() {
+            return Err(Error::config("attacks", "no members: expected at least one accuracy attack"));
+        }
+        let mut members = Vec::new();
+        for (i, m) in cfg.attacks.iter().enumerate() {
+            let field = |f: &str| format!("attacks[{i}].{f}");
+            if m.name == "ensemble" {
+                return Err(Error::config(field("name"), "an ensemble cannot contain an ensemble"));
+            }
+            let mut params = if m.params.is_null() { json!({}) } else { m.params.clone() };
+            let map = params.as_object_mut().ok_or_else(|| Error::config(field("params"), "expected a table of parameters"))?;
+            if map.contains_key("eps") || map.contains_key("seed") {
+                return Err(Error::config(field("params"), "`eps` and `seed` are the ensemble's: set them on the ensemble"));
+            }
+            map.insert("eps".into(), json!(cfg.eps));
+            let seeded = build(&m.name, &json!({})).is_ok_and(|a| a.config_json().get("seed").is_some());
+            if seeded {
+                map.insert("seed".into(), json!(cfg.seed));
+            }
+            let attack = build(&m.name, &params).map_err(|e| match e {
+                Error::Config { field: f, problem } => Error::config(field(&f), problem),
+                other => other,
+            })?;
+            if attack.goal() != Goal::Accuracy || attack.budget().map(|b| b.1) != Some(Norm::Linf) {
+                return Err(Error::config(field("name"), format!("`{}` is not an L∞ accuracy attack; an ensemble counts misclassified samples", m.name)));
+            }
+            members.push(attack);
+        }
+        Ok(Ensemble { cfg, members })
+    }
+}
+
+/// `[B]` bool: the deployed prediction (sparse pass) differs from `y`.
+fn misclassified(model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    Ok(model.forward_trace(x, Pass::Sparse)?.logits.argmax(1, false).ne_tensor(y))
+}
+
+impl Attack for Ensemble {
+    fn name(&self) -> &'static str {
+        "ensemble"
+    }
+    fn goal(&self) -> Goal {
+        Goal::Accuracy
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements::default()
+    }
+    fn config_json(&self) -> Value {
+        let members: Vec<Value> = self.members.iter().map(|m| json!({ "name": m.name(), "config": m.config_json() })).collect();
+        json!({ "eps": self.cfg.eps, "seed": self.cfg.seed, "attacks": members })
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        Some((self.cfg.eps, Norm::Linf))
+    }
+    /// Every member's iterations, summed (an upper bound: later members see fewer samples).
+    fn iterations(&self) -> Option<usize> {
+        Some(self.members.iter().filter_map(|m| m.iterations()).sum())
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let mut x_out = x.copy();
+        let mut fooled = Tensor::zeros([x.size()[0]], (Kind::Bool, x.device()));
+        for (i, member) in self.members.iter().enumerate() {
+            let todo = fooled.logical_not().nonzero().squeeze_dim(1);
+            if todo.numel() == 0 {
+                break;
+            }
+            let (xs, ys) = (x.index_select(0, &todo), y.index_select(0, &todo));
+            let adv = member.perturb(model, &xs, &ys)?.detach();
+            let now_fooled = misclassified(model, &adv, &ys)?;
+            // the first member's examples stand for the samples no member fools
+            let take = if i == 0 { now_fooled.ones_like() } else { now_fooled.shallow_clone() };
+            let kept = x_out.index_select(0, &todo);
+            x_out = x_out.index_copy(0, &todo, &adv.where_self(&take.view([-1, 1, 1, 1]), &kept));
+            fooled = fooled.index_copy(0, &todo, &now_fooled);
+        }
+        Ok(x_out)
+    }
+}
