@@ -1,5 +1,6 @@
 //! What a report concludes across cells: sanity flags that need several cells (a transfer or
-//! oblivious attack beating the white-box adaptive one; clean numbers of a deterministic
+//! oblivious attack beating the white-box adaptive one; the gradient-free Square Attack beating
+//! a gradient attack — masked gradients; clean numbers of a deterministic
 //! defense changing with the seed), the defense table with its verdict, and one-sentence
 //! answers to the seed study's research questions (arXiv 2308.08709) when the cells for them
 //! exist.
@@ -69,9 +70,37 @@ pub(crate) fn add_cross_cell_flags(rows: &mut [Row]) {
             }
         }
     }
+    masking_flags(rows, &mut extra);
     seed_flags(rows, &mut extra);
     for (i, flags) in extra {
         rows[i].flags.extend(flags);
+    }
+}
+
+/// Attacks that read no gradient: when one does better than a white-box gradient attack on the
+/// same cell, the gradients are likely masked (Athalye, Carlini & Wagner, ICML 2018; the check
+/// AutoAttack runs Square for).
+const GRADIENT_FREE: &[&str] = &["square"];
+
+/// Flags a white-box gradient accuracy attack that a gradient-free one beats on the same model,
+/// defense, mode, ε and seed.
+fn masking_flags(rows: &[Row], extra: &mut BTreeMap<usize, Vec<String>>) {
+    let same_cell = |a: &Row, b: &Row| a.model == b.model && a.defense == b.defense && a.mode == b.mode && a.eps == b.eps && a.seed == b.seed;
+    for (i, gradient) in rows.iter().enumerate() {
+        let white_box_gradient = gradient.surrogate.is_none() && gradient.goal != "energy" && !GRADIENT_FREE.contains(&gradient.attack.as_str()) && gradient.attack != "ensemble";
+        if !white_box_gradient {
+            continue;
+        }
+        for free in rows.iter().filter(|r| r.surrogate.is_none() && GRADIENT_FREE.contains(&r.attack.as_str()) && same_cell(r, gradient)) {
+            if let (Some(f), Some(g)) = (free.adv_acc, gradient.adv_acc) {
+                if f < g - MARGIN {
+                    extra.entry(i).or_default().push(format!(
+                        "the gradient-free `{}` beats this gradient attack (adv acc {} % vs {} %): its gradients are likely masked; trust the lower number",
+                        free.label, pct(Some(f)), pct(Some(g))
+                    ));
+                }
+            }
+        }
     }
 }
 
@@ -499,6 +528,20 @@ mod tests {
         assert!(rows[1].flags.is_empty());
         // a transfer attack that does worse raises nothing
         let mut rows = vec![row("none", None, None, 0.80, 0.80, 0.40), row("none", None, Some("static"), 0.85, 0.70, 0.10)];
+        add_cross_cell_flags(&mut rows);
+        assert!(rows.iter().all(|r| r.flags.is_empty()));
+    }
+
+    #[test]
+    fn a_gradient_free_attack_beating_a_gradient_attack_flags_masking() {
+        let attack = |name: &str, adv_acc: f64| Row { goal: "accuracy".into(), attack: name.into(), label: name.into(), ..row("jpeg", Some("adaptive"), None, adv_acc, 0.7, 0.1) };
+        let mut rows = vec![attack("pgd-linf", 0.60), attack("square", 0.40), attack("apgd-ce", 0.395)];
+        add_cross_cell_flags(&mut rows);
+        assert_eq!(rows[0].flags.len(), 1, "{:?}", rows[0].flags);
+        assert!(rows[0].flags[0].contains("gradient-free `square` beats") && rows[0].flags[0].contains("40.0 % vs 60.0 %"), "{:?}", rows[0].flags);
+        assert!(rows[1].flags.is_empty() && rows[2].flags.is_empty(), "square itself, and a gradient attack as strong, are not flagged");
+        // another defense's Square cell says nothing about this one
+        let mut rows = vec![attack("pgd-linf", 0.60), Row { defense: "none".into(), ..attack("square", 0.40) }];
         add_cross_cell_flags(&mut rows);
         assert!(rows.iter().all(|r| r.flags.is_empty()));
     }

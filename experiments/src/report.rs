@@ -43,6 +43,8 @@ pub(crate) struct Row {
     pub(crate) goal: String,
     /// The defense's registry name (`defense` is its label).
     pub(crate) defense_name: String,
+    /// The attack's registry name (`label` is what the study calls it).
+    pub(crate) attack: String,
     pub(crate) model: String,
     pub(crate) defense: String,
     pub(crate) mode: Option<String>,
@@ -119,6 +121,7 @@ impl Row {
             id: c.id.clone(),
             goal: r.get("goal").and_then(Value::as_str).unwrap_or("accuracy").to_string(),
             defense_name: k.defense.name.clone(),
+            attack: k.attack.name.clone(),
             model: k.model.name.clone(),
             defense: k.defense.label.clone(),
             mode: k.defense.mode.map(|m| m.as_str().to_string()),
