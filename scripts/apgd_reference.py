@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--loss", default="ce", choices=["ce", "dlr"])
+    ap.add_argument("--targeted", action="store_true", help="torchattacks' APGDT (targeted DLR, 9 target classes)")
     ap.add_argument("--square", type=int, default=0, help="run torchattacks' Square (L∞, margin loss) with this many queries instead")
     args = ap.parse_args()
     num, _, den = args.eps.partition("/")
@@ -41,6 +42,8 @@ def main():
     x, y = load_test_images(args.n)
     if args.square:
         attack = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=args.square, n_restarts=1, p_init=0.8, loss="margin", resc_schedule=True, seed=0)
+    elif args.targeted:
+        attack = torchattacks.APGDT(model, norm=args.norm, eps=eps, steps=args.steps, n_restarts=1, n_classes=10, rho=0.75, seed=0)
     else:
         attack = torchattacks.APGD(model, norm=args.norm, eps=eps, steps=args.steps, n_restarts=1, loss=args.loss, rho=0.75, seed=0)
     clean = adv = 0
@@ -52,7 +55,7 @@ def main():
         assert (xa - xb).abs().max().item() <= eps + 1e-6 or args.norm != "Linf"
         with torch.no_grad():
             adv += (model(xa).argmax(1) == yb).sum().item()
-    print(json.dumps({"attack": "torchattacks.Square" if args.square else "torchattacks.APGD", "queries": args.square or None, "loss": "margin" if args.square else args.loss, "norm": args.norm, "eps": args.eps, "steps": args.steps, "n": args.n,
+    print(json.dumps({"attack": "torchattacks.Square" if args.square else ("torchattacks.APGDT" if args.targeted else "torchattacks.APGD"), "queries": args.square or None, "loss": "margin" if args.square else ("dlr-targeted" if args.targeted else args.loss), "norm": args.norm, "eps": args.eps, "steps": args.steps, "n": args.n,
                       "clean_acc": clean / args.n, "adv_acc": adv / args.n}))
 
 

@@ -13,7 +13,10 @@
 //!   at least 0.06 N: a sample whose loss rose in at most ρ·k of the last k steps (ρ = 0.75),
 //!   or whose best loss did not improve since a checkpoint that did not halve its step, has its
 //!   step halved and restarts from its best point;
-//! - `restarts` runs from fresh random starts, attacking every sample each time.
+//! - `restarts` runs from fresh random starts, attacking every sample each time;
+//! - APGD-T (`apgd-t`, `targets` > 0): the targeted DLR loss towards the 2nd, 3rd, … most
+//!   likely clean class in turn, each target on the samples not fooled yet (`targets = 9`,
+//!   AutoAttack's standard version).
 //!
 //! The loss is read on the output `loss` names (final head by default, as PGD's);
 //! "fooled" is judged on the deployed prediction, the one accuracy is measured on. Per sample
@@ -29,7 +32,7 @@ use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::losses::{ce_per_sample, dlr_per_sample, output_loss_per_sample, ExitLoss};
+use crate::losses::{ce_per_sample, dlr_per_sample, dlr_targeted_per_sample, output_loss_per_sample, ExitLoss};
 
 /// The loss APGD ascends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,13 +63,17 @@ pub struct ApgdConfig {
     pub loss: ExitLoss,
     /// `ce` or `dlr` (set by the attack's name).
     pub objective: ApgdLoss,
+    /// Target classes of APGD-T (`apgd-t`: the 2nd, 3rd, … most likely clean classes in turn,
+    /// on the samples not yet fooled; AutoAttack: 9); 0 for the untargeted attacks.
+    #[serde(default)]
+    pub targets: usize,
     /// RNG seed of the random starts.
     pub seed: u64,
 }
 
 impl Default for ApgdConfig {
     fn default() -> Self {
-        ApgdConfig { eps: 8.0 / 255.0, norm: Norm::Linf, steps: 100, restarts: 1, rho: 0.75, loss: ExitLoss::Final, objective: ApgdLoss::Ce, seed: 0 }
+        ApgdConfig { eps: 8.0 / 255.0, norm: Norm::Linf, steps: 100, restarts: 1, rho: 0.75, loss: ExitLoss::Final, objective: ApgdLoss::Ce, targets: 0, seed: 0 }
     }
 }
 
@@ -77,6 +84,9 @@ impl ApgdConfig {
         check_steps("restarts", self.restarts)?;
         if !(self.rho > 0.0 && self.rho < 1.0) {
             return Err(Error::config("rho", format!("{}: expected a value in (0, 1)", self.rho)));
+        }
+        if self.targets > 0 && self.objective != ApgdLoss::Dlr {
+            return Err(Error::config("targets", "targeted APGD ascends the targeted DLR loss: use `apgd-t`"));
         }
         if self.loss == ExitLoss::MaxRuns {
             return Err(Error::config("loss", "`maxruns` is DeepSloth's PGD-max (one PGD per output); APGD takes final, deployed, avg or max"));
@@ -139,7 +149,7 @@ fn per_image(mask: &Tensor) -> Tensor {
 }
 
 impl Apgd {
-    fn probe(&self, model: &dyn DynamicModel, x_adv: &Tensor, y: &Tensor) -> Result<Probe> {
+    fn probe(&self, model: &dyn DynamicModel, x_adv: &Tensor, y: &Tensor, target: Option<&Tensor>) -> Result<Probe> {
         let draws = model.eot_samples().max(1);
         let (mut grad, mut loss, mut correct) = (None::<Tensor>, None::<Tensor>, None);
         for _ in 0..draws {
@@ -147,9 +157,11 @@ impl Apgd {
             let mut right = None;
             let (g, _) = input_grad(x_adv, |xa| {
                 let trace = model.forward_trace(xa, Pass::Dense)?;
-                let objective = match self.cfg.objective {
-                    ApgdLoss::Ce => ce_per_sample,
-                    ApgdLoss::Dlr => dlr_per_sample,
+                let targeted = |z: &Tensor, y: &Tensor| dlr_targeted_per_sample(z, y, target.expect("a target"));
+                let objective: &dyn Fn(&Tensor, &Tensor) -> Tensor = match (self.cfg.objective, target) {
+                    (ApgdLoss::Ce, _) => &ce_per_sample,
+                    (ApgdLoss::Dlr, None) => &dlr_per_sample,
+                    (ApgdLoss::Dlr, Some(_)) => &targeted,
                 };
                 let l = output_loss_per_sample(&trace, y, self.cfg.loss, objective);
                 per_sample = Some(l.detach());
@@ -179,11 +191,11 @@ impl Apgd {
         (x + t * scale).clamp(0.0, 1.0)
     }
 
-    fn run(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor, rng: &mut SeededRng) -> Result<RunResult> {
+    fn run(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor, target: Option<&Tensor>, rng: &mut SeededRng) -> Result<RunResult> {
         let c = &self.cfg;
         let budget = (c.eps, c.norm);
         let mut x_adv = self.random_start(x, rng);
-        let mut probe = self.probe(model, &x_adv, y)?;
+        let mut probe = self.probe(model, &x_adv, y, target)?;
         let mut fooled = probe.correct.logical_not();
         let mut x_fool = x_adv.shallow_clone();
         let (mut x_best, mut grad_best, mut loss_best) = (x_adv.shallow_clone(), probe.grad.shallow_clone(), probe.loss.shallow_clone());
@@ -202,7 +214,7 @@ impl Apgd {
                 x_old = x_adv.shallow_clone();
                 next
             });
-            probe = self.probe(model, &x_adv, y)?;
+            probe = self.probe(model, &x_adv, y, target)?;
             tch::no_grad(|| {
                 let newly = probe.correct.logical_not();
                 x_fool = x_adv.where_self(&per_image(&newly), &x_fool);
@@ -247,9 +259,10 @@ pub fn rose_too_rarely(loss_steps: &Tensor, i: usize, k: usize, rho: f64) -> Ten
 
 impl Attack for Apgd {
     fn name(&self) -> &'static str {
-        match self.cfg.objective {
-            ApgdLoss::Ce => "apgd-ce",
-            ApgdLoss::Dlr => "apgd-dlr",
+        match (self.cfg.objective, self.cfg.targets) {
+            (ApgdLoss::Ce, _) => "apgd-ce",
+            (ApgdLoss::Dlr, 0) => "apgd-dlr",
+            (ApgdLoss::Dlr, _) => "apgd-t",
         }
     }
     fn goal(&self) -> Goal {
@@ -264,15 +277,46 @@ impl Attack for Apgd {
     fn budget(&self) -> Option<(f64, Norm)> {
         Some((self.cfg.eps, self.cfg.norm))
     }
-    /// Iterations of all runs.
+    /// Iterations of all runs (every target's, for APGD-T: an upper bound, later targets see
+    /// fewer samples).
     fn iterations(&self) -> Option<usize> {
-        Some(self.cfg.steps * self.cfg.restarts)
+        Some(self.cfg.steps * self.cfg.restarts * self.cfg.targets.max(1))
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let mut rng = SeededRng::new(self.cfg.seed);
+        if self.cfg.targets == 0 {
+            let best = self.restarts(model, x, y, None, &mut rng)?;
+            return Ok(best.x_fool.where_self(&per_image(&best.fooled), &best.x_best).detach());
+        }
+        // APGD-T: the target classes in turn, each on the samples not fooled yet; a sample no
+        // target fools keeps the first target's highest-loss point
+        let order = tch::no_grad(|| model.forward_trace(x, Pass::Sparse).map(|t| t.logits.argsort(1, true)))?;
+        let mut x_out = x.copy();
+        let mut fooled = Tensor::zeros([x.size()[0]], (Kind::Bool, x.device()));
+        for rank in 1..=self.cfg.targets.min(order.size()[1] as usize - 1) {
+            let todo = fooled.logical_not().nonzero().squeeze_dim(1);
+            if todo.numel() == 0 {
+                break;
+            }
+            let target = order.index_select(0, &todo).select(1, rank as i64);
+            let run = self.restarts(model, &x.index_select(0, &todo), &y.index_select(0, &todo), Some(&target), &mut rng)?;
+            tch::no_grad(|| {
+                let take = if rank == 1 { run.fooled.ones_like() } else { run.fooled.shallow_clone() };
+                let found = run.x_fool.where_self(&per_image(&run.fooled), &run.x_best);
+                x_out = x_out.index_copy(0, &todo, &found.where_self(&per_image(&take), &x_out.index_select(0, &todo)));
+                fooled = fooled.index_copy(0, &todo, &run.fooled);
+            });
+        }
+        Ok(x_out.detach())
+    }
+}
+
+impl Apgd {
+    /// The best of `restarts` runs from fresh random starts.
+    fn restarts(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor, target: Option<&Tensor>, rng: &mut SeededRng) -> Result<RunResult> {
         let mut best: Option<RunResult> = None;
         for _ in 0..self.cfg.restarts {
-            let run = self.run(model, x, y, &mut rng)?;
+            let run = self.run(model, x, y, target, rng)?;
             best = Some(match best {
                 None => run,
                 Some(kept) => tch::no_grad(|| {
@@ -288,8 +332,7 @@ impl Attack for Apgd {
                 }),
             });
         }
-        let best = best.expect("restarts ≥ 1");
-        Ok(best.x_fool.where_self(&per_image(&best.fooled), &best.x_best).detach())
+        Ok(best.expect("restarts ≥ 1"))
     }
 }
 

@@ -115,26 +115,38 @@ pub fn dlr_per_sample(z: &Tensor, y: &Tensor) -> Tensor {
     -(margin / spread)
 }
 
+/// Per-sample targeted DLR loss `[B]` (AutoAttack's `dlr_loss_targeted`, for APGD-T):
+/// `−(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12)` for target classes `t` `[B]`; ascending it
+/// lifts the target's logit over the true class's. Needs ≥ 4 classes.
+pub fn dlr_targeted_per_sample(z: &Tensor, y: &Tensor, target: &Tensor) -> Tensor {
+    let (sorted, _) = z.sort(1, false);
+    let k = z.size()[1];
+    let pick = |t: &Tensor| z.gather(1, &t.unsqueeze(1), false).squeeze_dim(1);
+    let spread: Tensor = sorted.select(1, k - 1) - (sorted.select(1, k - 3) + sorted.select(1, k - 4)) * 0.5 + 1e-12;
+    let margin: Tensor = pick(y) - pick(target);
+    -(margin / spread)
+}
+
 /// `loss` `[B]` of every output, the internal classifiers first and the final head last,
 /// stacked `[B, E+1]`.
-fn per_output(trace: &Trace, y: &Tensor, loss: fn(&Tensor, &Tensor) -> Tensor) -> Tensor {
+fn per_output(trace: &Trace, y: &Tensor, loss: &dyn Fn(&Tensor, &Tensor) -> Tensor) -> Tensor {
     Tensor::stack(&trace.exit_logits.iter().chain(std::iter::once(&trace.final_logits)).map(|z| loss(z, y)).collect::<Vec<_>>(), 1)
 }
 
 /// Cross-entropy `[B]` of every output, the internal classifiers first and the final head
 /// last, stacked `[B, E+1]`.
 pub fn per_output_ce(trace: &Trace, y: &Tensor) -> Tensor {
-    per_output(trace, y, ce_per_sample)
+    per_output(trace, y, &ce_per_sample)
 }
 
 /// Cross-entropy `[B]` (per sample) of the output chosen by `which`.
 pub fn accuracy_loss_per_sample(trace: &Trace, y: &Tensor, which: ExitLoss) -> Tensor {
-    output_loss_per_sample(trace, y, which, ce_per_sample)
+    output_loss_per_sample(trace, y, which, &ce_per_sample)
 }
 
 /// `loss` `[B]` (per sample; cross-entropy, DLR) of the output chosen by `which`: one output,
 /// or the mean / the largest over the internal classifiers and the final head.
-pub fn output_loss_per_sample(trace: &Trace, y: &Tensor, which: ExitLoss, loss: fn(&Tensor, &Tensor) -> Tensor) -> Tensor {
+pub fn output_loss_per_sample(trace: &Trace, y: &Tensor, which: ExitLoss, loss: &dyn Fn(&Tensor, &Tensor) -> Tensor) -> Tensor {
     match which {
         ExitLoss::Deployed => return loss(&trace.logits, y),
         _ if trace.exit_logits.is_empty() || matches!(which, ExitLoss::Final | ExitLoss::MaxRuns) => return loss(&trace.final_logits, y),

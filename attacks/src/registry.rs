@@ -30,9 +30,10 @@ pub const ATTACKS: &[(&str, &str, &str)] = [
     ("pgd-linf", "accuracy", "PGD L∞ (Madry et al., ICLR 2018); loss on final head / deployed exit / avg / max over exits"),
     ("pgd-l2", "accuracy", "PGD L2 (Madry et al., ICLR 2018)"),
     ("apgd-ce", "accuracy", "APGD-CE (Croce & Hein, ICML 2020; AutoAttack's core): momentum PGD with a self-halving step size; `norm` linf or l2"),
-    ("ensemble", "accuracy", "AutoAttack-style ensemble: members (default APGD-CE, APGD-DLR, Square) run on the samples still correct; robust only if all fail"),
+    ("ensemble", "accuracy", "AutoAttack-style ensemble: members (default APGD-CE, APGD-T, Square: AutoAttack's standard without FAB-T) run on the samples still correct"),
     ("square", "accuracy", "Square Attack L∞ (Andriushchenko et al., ECCV 2020): score-based black-box random search on the deployed model's margin; no gradients"),
     ("apgd-dlr", "accuracy", "APGD-DLR (Croce & Hein, ICML 2020): APGD on the shift- and scale-invariant difference-of-logits-ratio loss"),
+    ("apgd-t", "accuracy", "APGD-T (Croce & Hein, ICML 2020): targeted DLR towards the `targets` most likely wrong classes in turn (AutoAttack: 9)"),
     ("mi-fgsm", "accuracy", "MI-FGSM (Dong et al., CVPR 2018): momentum iterative FGSM, for transfer"),
     ("feature-pgd", "accuracy", "PGD on an early feature map of a (surrogate) model, for lightweight black-box transfer"),
     ("mechanism", "both", "dynamic-mechanism attack: misclassify and maximise compute (joint objective)"),
@@ -90,13 +91,19 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
         "mi-fgsm" => Box::new(MiFgsm::new(merged(MiFgsmConfig::default(), overrides)?)?),
         "square" => Box::new(Square::new(merged(SquareConfig::default(), overrides)?)?),
         "ensemble" => Box::new(Ensemble::new(merged(EnsembleConfig::default(), overrides)?, build)?),
-        "apgd-ce" | "apgd-dlr" => {
-            let objective = if name == "apgd-ce" { ApgdLoss::Ce } else { ApgdLoss::Dlr };
-            let mut cfg: ApgdConfig = merged(ApgdConfig { objective, ..Default::default() }, overrides)?;
+        "apgd-ce" | "apgd-dlr" | "apgd-t" => {
+            let (objective, targets) = match name {
+                "apgd-ce" => (ApgdLoss::Ce, 0),
+                "apgd-dlr" => (ApgdLoss::Dlr, 0),
+                _ => (ApgdLoss::Dlr, 9),
+            };
+            let cfg: ApgdConfig = merged(ApgdConfig { objective, targets, ..Default::default() }, overrides)?;
             if cfg.objective != objective {
-                return Err(Error::config("objective", format!("`{name}` ascends {}; use the other attack's name for the other loss", if name == "apgd-ce" { "the cross-entropy" } else { "the DLR loss" })));
+                return Err(Error::config("objective", format!("`{name}` ascends the {} loss; apgd-ce is the cross-entropy's, apgd-dlr and apgd-t the DLR's", if objective == ApgdLoss::Ce { "cross-entropy" } else { "DLR" })));
             }
-            cfg.objective = objective;
+            if (cfg.targets > 0) != (targets > 0) {
+                return Err(Error::config("targets", format!("{}: `apgd-t` is the targeted attack (targets ≥ 1); `{name}` is untargeted", cfg.targets)));
+            }
             Box::new(Apgd::new(cfg)?)
         }
         "feature-pgd" => Box::new(FeaturePgd::new(merged(FeaturePgdConfig::default(), overrides)?)?),

@@ -69,6 +69,8 @@ pub fn quick_overrides(name: &str, c: &QuickCase) -> Value {
         "pgd-l2" => json!({"eps": eps2, "steps": 3, "loss": loss}),
         "square" => json!({"eps": eps, "queries": 20 + 10 * v, "seed": c.seed}),
         "ensemble" => json!({"eps": eps, "seed": c.seed, "attacks": [{"name": "apgd-ce", "params": {"steps": 3, "loss": loss}}, {"name": "square", "params": {"queries": 10}}]}),
+        "apgd-t" if v % 2 == 0 => json!({"eps": eps, "steps": 3, "targets": 1 + v % 3, "loss": loss, "seed": c.seed}),
+        "apgd-t" => json!({"eps": eps2, "norm": "l2", "steps": 3, "targets": 1 + v % 3, "loss": loss}),
         "apgd-ce" | "apgd-dlr" if v % 2 == 0 => json!({"eps": eps, "steps": 5, "loss": loss, "seed": c.seed}),
         "apgd-ce" | "apgd-dlr" => json!({"eps": eps2, "steps": 5, "norm": "l2", "loss": loss, "restarts": 2}),
         "mi-fgsm" => json!({"eps": eps, "steps": 3, "loss": loss}),

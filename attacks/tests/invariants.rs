@@ -170,6 +170,7 @@ fn every_registered_attack_is_covered_here() {
         "pgd-l2",
         "apgd-ce",
         "apgd-dlr",
+        "apgd-t",
         "square",
         "ensemble",
         "mi-fgsm",
@@ -237,6 +238,11 @@ fn contract_apgd_ce() {
 #[test]
 fn contract_apgd_dlr() {
     check_attack("apgd-dlr");
+}
+
+#[test]
+fn contract_apgd_t() {
+    check_attack("apgd-t");
 }
 
 #[test]

@@ -566,3 +566,12 @@ fn dlr_loss_matches_hand_computed_values_and_ignores_shift_and_scale() {
         assert!((g - m).abs() < 1e-5, "not shift/scale invariant: {got:?} vs {moved:?}");
     }
 }
+
+#[test]
+fn targeted_dlr_loss_matches_hand_computed_values() {
+    use dynrobust_attacks::losses::dlr_targeted_per_sample;
+    // sorted: 4 > 2 > 1 > 0 → spread 4 − (1 + 0)/2 = 3.5; y = 0 (z 4), target 1 (z 2): −(4 − 2)/3.5
+    let z = Tensor::from_slice(&[4.0f32, 2.0, 1.0, 0.0]).view([1, 4]);
+    let got = dlr_targeted_per_sample(&z, &Tensor::from_slice(&[0i64]), &Tensor::from_slice(&[1i64])).double_value(&[0]);
+    assert!((got - (-(4.0 - 2.0) / 3.5)).abs() < 1e-6, "{got}");
+}

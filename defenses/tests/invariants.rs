@@ -98,6 +98,7 @@ attack_tests! {
     pgd_l2 => "pgd-l2",
     apgd_ce => "apgd-ce",
     apgd_dlr => "apgd-dlr",
+    apgd_t => "apgd-t",
     square => "square",
     ensemble => "ensemble",
     mi_fgsm => "mi-fgsm",
