@@ -196,11 +196,16 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     let r = &outcome.record;
     let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     eprintln!("model       {}", r["model"].as_str().unwrap_or("?"));
-    let fixed_point = matches!(&spec, DefenseSpec::Squeeze(c) if c.attacker == dynrobust_defenses::squeeze::SqueezeAttacker::FixedPoint);
+    use dynrobust_defenses::squeeze::SqueezeAttacker;
+    let attacker = match &spec {
+        DefenseSpec::Squeeze(c) => Some(c.attacker),
+        _ => None,
+    };
     let how = match (mode, matches!(spec, DefenseSpec::Squeeze(_))) {
         (Adaptivity::Oblivious, _) if spec.is_detector() => "detector; OBLIVIOUS attack: crafted on the bare model, not knowing it",
         (Adaptivity::Oblivious, _) => "OBLIVIOUS attack: crafted on the bare model",
-        (Adaptivity::Adaptive, true) if fixed_point => "detector; adaptive attack: crafted through the squeezer, submits the squeezed example (a fixed point)",
+        (Adaptivity::Adaptive, true) if attacker == Some(SqueezeAttacker::FixedPoint) => "detector; adaptive attack: crafted through the squeezer, submits the squeezed example (a fixed point)",
+        (Adaptivity::Adaptive, true) if attacker == Some(SqueezeAttacker::Best) => "detector; adaptive attack: eot and fixed-point, per sample the example that passes and costs more",
         (Adaptivity::Adaptive, true) => "detector; adaptive attack: crafted on x and its squeezed copies (EOT)",
         (Adaptivity::Adaptive, false) => "adaptive attack",
     };

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tch::Tensor;
 
 use crate::guards::{apply_budget, CostMonitor, DetectionReport};
-use crate::squeeze::SqueezeDetector;
+use crate::squeeze::{BestOfBoth, SqueezeAttacker, SqueezeDetector};
 use crate::registry::{build_transform, build_transform_on, DefenseSpec};
 use crate::sanity::gradient_flags;
 use crate::Defended;
@@ -95,6 +95,26 @@ pub fn run_defended(
         }
     };
     let craft_model: &dyn DynamicModel = craft.as_deref().unwrap_or(&*eval);
+    // the `best` squeeze attacker: both adaptive attackers, then per sample the better example
+    let best_parts = match (defense, mode) {
+        (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) if cfg.attacker == SqueezeAttacker::Best => {
+            let calibration = calibration.ok_or_else(|| dynrobust_core::Error::config("calibration", "a detector needs clean calibration data"))?;
+            let detector = SqueezeDetector::calibrate(cfg.clone(), &*eval, &calibration.images, batch)?;
+            let through_squeezer = Defended::new(load()?, cfg.squeezers()?.remove(0));
+            Some((cfg, detector, through_squeezer))
+        }
+        _ => None,
+    };
+    let best = match &best_parts {
+        Some((cfg, detector, through_squeezer)) => {
+            Some(BestOfBoth { inner: attack, eot: craft_model, fixed: cfg.submit_squeezed(attack)?, through_squeezer, bare: &*eval, detector, batch })
+        }
+        None => None,
+    };
+    let attack: &dyn Attack = match &best {
+        Some(b) => b,
+        None => attack,
+    };
     let first = data.images.narrow(0, 0, batch.min(data.len()));
     // the gradient checks look at the model the attack differentiates (adaptive) — for
     // feature squeezing that is the squeezer's view, not the bare model it is evaluated on
@@ -162,7 +182,11 @@ fn describe(defense: &DefenseSpec) -> Result<(String, String, Value)> {
         DefenseSpec::Budget(cfg) => ("budget".into(), format!("budget({})", cfg.max_blocks), serde_json::to_value(cfg)?),
         DefenseSpec::Monitor(cfg) => ("monitor".into(), format!("monitor(p{})", cfg.percentile), serde_json::to_value(cfg)?),
         DefenseSpec::Squeeze(cfg) => {
-            let attacker = if cfg.attacker == crate::squeeze::SqueezeAttacker::FixedPoint { ",fixed-point" } else { "" };
+            let attacker = match cfg.attacker {
+                SqueezeAttacker::Eot => "",
+                SqueezeAttacker::FixedPoint => ",fixed-point",
+                SqueezeAttacker::Best => ",best",
+            };
             ("squeeze".into(), format!("squeeze(b{},m{},{:?},p{}{attacker})", cfg.bits, cfg.median, cfg.score, cfg.percentile).to_lowercase(), serde_json::to_value(cfg)?)
         }
         DefenseSpec::Trained { recipe, checkpoint } => (recipe.clone(), recipe.clone(), json!({ "checkpoint": checkpoint })),

@@ -214,9 +214,9 @@ impl DefenseSpec {
                 "the cost monitor has no adaptive attacker (an energy attack that knows it can only stop below its threshold; the report gives the cost of what passes): evaluate it obliviously",
             )),
             (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) => cfg.adaptive_squeezer().map(|_| ()),
-            (DefenseSpec::Squeeze(cfg), Adaptivity::Oblivious) if cfg.attacker == crate::squeeze::SqueezeAttacker::FixedPoint => Err(Error::config(
+            (DefenseSpec::Squeeze(cfg), Adaptivity::Oblivious) if cfg.attacker != crate::squeeze::SqueezeAttacker::Eot => Err(Error::config(
                 "attacker",
-                "`fixed-point` is an adaptive attacker: an oblivious run would ignore it (and repeat the plain oblivious cell); drop `attacker` or evaluate adaptively",
+                "`fixed-point` and `best` are adaptive attackers: an oblivious run would ignore them (and repeat the plain oblivious cell); drop `attacker` or evaluate adaptively",
             )),
             _ => Ok(()),
         }

@@ -22,7 +22,8 @@
 //! energy attacker). The second adaptive attacker, `fixed-point` ([`SqueezeAttacker`]), crafts
 //! through the bit-depth squeezer and submits the squeezed example, projected onto the budget
 //! ([`SubmitSqueezed`]): a fixed point of the squeezer scores (nearly) 0, and the attacker
-//! keeps what survives the quantisation. Neither penalises the score itself: a stronger
+//! keeps what survives the quantisation. `best` runs both and submits per sample the better
+//! example for the attacker ([`BestOfBoth`]). None penalises the score itself: a stronger
 //! detector-aware attack may exist. The report gives the clean false-positive rate, the
 //! attacked true-positive rate and the mean cost of the attacked inputs that pass unflagged —
 //! what an attacker still gets through.
@@ -86,6 +87,17 @@ pub enum SqueezeAttacker {
     /// the attacker keeps what survives the squeezing. Bit depth only: a median filter is not
     /// idempotent.
     FixedPoint,
+    /// Both, then per sample the better example for the attacker ([`BestOfBoth`]): one the
+    /// calibrated detector lets pass over one it flags, else the one that costs more (for an
+    /// accuracy attack: that fools the model). A white-box attacker knows the threshold.
+    Best,
+}
+
+impl SqueezeAttacker {
+    /// True for the attackers that submit squeezed examples (bit depth only).
+    pub fn uses_fixed_point(self) -> bool {
+        matches!(self, SqueezeAttacker::FixedPoint | SqueezeAttacker::Best)
+    }
 }
 
 /// Config of the feature-squeezing detector.
@@ -123,10 +135,10 @@ impl SqueezeConfig {
         if self.calibration < 10 {
             return Err(Error::config("calibration", format!("{}: expected ≥ 10 calibration images", self.calibration)));
         }
-        if self.attacker == SqueezeAttacker::FixedPoint && (self.bits == 0 || self.median != 0) {
+        if self.attacker.uses_fixed_point() && (self.bits == 0 || self.median != 0) {
             return Err(Error::config(
                 "attacker",
-                format!("`fixed-point` submits a fixed point of the bit-depth squeezer: it needs bits ≥ 1 and median = 0 (a median filter is not idempotent), got bits = {}, median = {}; use attacker = \"eot\"", self.bits, self.median),
+                format!("`fixed-point` and `best` submit a fixed point of the bit-depth squeezer: they need bits ≥ 1 and median = 0 (a median filter is not idempotent), got bits = {}, median = {}; use attacker = \"eot\"", self.bits, self.median),
             ));
         }
         Ok(self)
@@ -155,7 +167,7 @@ impl SqueezeConfig {
     pub fn adaptive_squeezer(&self) -> Result<Box<dyn InputTransform>> {
         let mut squeezers = self.squeezers()?;
         Ok(match self.attacker {
-            SqueezeAttacker::Eot => Box::new(SqueezeOrIdentity { squeezers, calls: std::cell::Cell::new(0) }),
+            SqueezeAttacker::Eot | SqueezeAttacker::Best => Box::new(SqueezeOrIdentity { squeezers, calls: std::cell::Cell::new(0) }),
             SqueezeAttacker::FixedPoint => squeezers.remove(0),
         })
     }
@@ -164,9 +176,86 @@ impl SqueezeConfig {
     /// which runs the attack as it is.
     pub fn fixed_point_attack<'a>(&self, attack: &'a dyn Attack) -> Result<Option<SubmitSqueezed<'a>>> {
         Ok(match self.attacker {
-            SqueezeAttacker::Eot => None,
-            SqueezeAttacker::FixedPoint => Some(SubmitSqueezed { inner: attack, squeezer: self.squeezers()?.remove(0) }),
+            SqueezeAttacker::Eot | SqueezeAttacker::Best => None,
+            SqueezeAttacker::FixedPoint => Some(self.submit_squeezed(attack)?),
         })
+    }
+
+    /// `attack` wrapped to submit squeezed examples ([`SubmitSqueezed`]).
+    pub fn submit_squeezed<'a>(&self, attack: &'a dyn Attack) -> Result<SubmitSqueezed<'a>> {
+        Ok(SubmitSqueezed { inner: attack, squeezer: self.squeezers()?.remove(0) })
+    }
+}
+
+/// The `best` attacker: `inner` crafted both ways — on the EOT views (`eot`) and through the
+/// squeezer then squeezed (`fixed`, on `through_squeezer`) — and per sample the example better
+/// for the attacker under the calibrated `detector` of the bare model: unflagged beats flagged;
+/// then the higher cost (energy goals) or the fooled prediction (accuracy).
+pub struct BestOfBoth<'a> {
+    pub inner: &'a dyn Attack,
+    pub eot: &'a dyn DynamicModel,
+    pub fixed: SubmitSqueezed<'a>,
+    pub through_squeezer: &'a dyn DynamicModel,
+    pub bare: &'a dyn DynamicModel,
+    pub detector: &'a SqueezeDetector,
+    pub batch: i64,
+}
+
+impl BestOfBoth<'_> {
+    /// Per sample: passes the detector, and the attacker's value of the example.
+    fn judge(&self, x_adv: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let passes = self.detector.scores(self.bare, x_adv, self.batch)?.le(self.detector.threshold);
+        let _guard = tch::no_grad_guard();
+        let trace = self.bare.forward_trace(x_adv, Pass::Sparse)?;
+        let value = match self.inner.goal() {
+            Goal::Accuracy => trace.logits.argmax(1, false).ne_tensor(y).to_kind(Kind::Double),
+            Goal::Energy | Goal::Both => cost_of(&trace, self.bare).to_kind(Kind::Double),
+        };
+        Ok((passes.to_device(value.device()), value))
+    }
+}
+
+impl Attack for BestOfBoth<'_> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn goal(&self) -> Goal {
+        self.inner.goal()
+    }
+    fn requirements(&self) -> Requirements {
+        self.inner.requirements()
+    }
+    fn config_json(&self) -> serde_json::Value {
+        let mut config = self.inner.config_json();
+        if let Some(map) = config.as_object_mut() {
+            map.insert("submits".into(), serde_json::json!("per sample the better of the eot and fixed-point examples"));
+        }
+        config
+    }
+    fn budget(&self) -> Option<(f64, Norm)> {
+        self.inner.budget()
+    }
+    /// Both attackers' iterations.
+    fn iterations(&self) -> Option<usize> {
+        self.inner.iterations().map(|n| 2 * n)
+    }
+    fn batch_independent(&self) -> bool {
+        self.inner.batch_independent()
+    }
+    fn fit_images(&self) -> Option<i64> {
+        self.inner.fit_images()
+    }
+    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
+        self.inner.set_fit_data(images)
+    }
+    fn perturb(&self, _model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let by_eot = self.inner.perturb(self.eot, x, y)?;
+        let by_fixed = self.fixed.perturb(self.through_squeezer, x, y)?;
+        let ((pass_e, value_e), (pass_f, value_f)) = (self.judge(&by_eot, y)?, self.judge(&by_fixed, y)?);
+        let only_fixed_passes = pass_f.logical_and(&pass_e.logical_not());
+        let tie_fixed_better = pass_f.eq_tensor(&pass_e).logical_and(&value_f.gt_tensor(&value_e));
+        let take_fixed = only_fixed_passes.logical_or(&tie_fixed_better).view([-1, 1, 1, 1]);
+        Ok(by_fixed.where_self(&take_fixed, &by_eot))
     }
 }
 

@@ -208,3 +208,26 @@ fn the_fixed_point_attacker_needs_an_idempotent_squeezer() {
     let err = spec.check_mode(Adaptivity::Oblivious).unwrap_err().to_string();
     assert!(err.contains("attacker") && err.contains("adaptive"), "{err}");
 }
+
+#[test]
+fn the_best_attacker_is_flagged_only_where_both_attackers_are() {
+    let _lock = torch_lock();
+    let calibration = DataSource::FashionMnist.load(Split::Train, None).unwrap().take(200);
+    let data = test_images(64);
+    let attack = registry::build("deepsloth", &json!({ "eps": EPS, "steps": 10 })).unwrap();
+    let load = || Ok(AnyModel::Native(load_committed("sdn")));
+    let run = |attacker: &str| {
+        let spec = DefenseSpec::parse("squeeze", &json!({ "calibration": 200, "attacker": attacker })).unwrap();
+        let outcome = run_defended(load().unwrap(), &load, &spec, Adaptivity::Adaptive, &*attack, &data, Some(&calibration), 64, &mut |_| {}).unwrap();
+        let d = &outcome.record["detector"];
+        (d["true_positive_rate"].as_f64().unwrap(), d["undetected_adv_cost"].as_f64().unwrap_or(0.0), outcome.x_adv)
+    };
+    let ((tpr_eot, _, x_eot), (tpr_fixed, _, x_fixed), (tpr_best, _, x_best)) = (run("eot"), run("fixed-point"), run("best"));
+    eprintln!("TPR eot {tpr_eot:.3}, fixed-point {tpr_fixed:.3}, best {tpr_best:.3}");
+    // per sample it submits one of the two attackers' examples …
+    let same = |a: &Tensor, b: &Tensor| a.eq_tensor(b).flatten(1, -1).all_dim(1, false);
+    let from_either: Vec<bool> = Vec::try_from(same(&x_best, &x_eot).logical_or(&same(&x_best, &x_fixed))).unwrap();
+    assert!(from_either.iter().all(|&b| b), "an example that is neither attacker's");
+    // … and is flagged only where both are
+    assert!(tpr_best <= tpr_eot.min(tpr_fixed) + 1e-9, "best {tpr_best} vs eot {tpr_eot}, fixed-point {tpr_fixed}");
+}
