@@ -98,8 +98,7 @@ pub fn run_defended(
     // the `best` squeeze attacker: both adaptive attackers, then per sample the better example
     let best_parts = match (defense, mode) {
         (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) if cfg.attacker == SqueezeAttacker::Best => {
-            let calibration = calibration.ok_or_else(|| dynrobust_core::Error::config("calibration", "a detector needs clean calibration data"))?;
-            let detector = SqueezeDetector::calibrate(cfg.clone(), &*eval, &calibration.images, batch)?;
+            let detector = SqueezeDetector::calibrate(cfg.clone(), &*eval, &needed(calibration)?.images, batch)?;
             let through_squeezer = Defended::new(load()?, cfg.squeezers()?.remove(0));
             Some((cfg, detector, through_squeezer))
         }
@@ -122,8 +121,7 @@ pub fn run_defended(
     let mut flags = gradient_flags(checked, &first, &data.labels.narrow(0, 0, batch.min(data.len())), attack.goal())?;
     let outcome = run_attack_on(craft_model, &*eval, attack, &data.images, &data.labels, batch, on_batch)?;
     if defense.is_detector() {
-        let calibration = calibration.ok_or_else(|| dynrobust_core::Error::config("calibration", "a detector needs clean calibration data"))?;
-        let report = detect(defense, &*eval, calibration, data, &outcome.x_adv, &outcome.per_sample, batch)?;
+        let report = detect(defense, &*eval, needed(calibration)?, data, &outcome.x_adv, &outcome.per_sample, batch)?;
         extra["detector"] = serde_json::to_value(report)?;
     }
     let (name, label, params) = describe(defense)?;
@@ -142,6 +140,11 @@ pub fn run_defended(
         }
     }
     Ok(DefendedOutcome { record, per_sample: outcome.per_sample, x_adv: outcome.x_adv })
+}
+
+/// The clean calibration data a detector needs, or an error naming it.
+fn needed(calibration: Option<&Dataset>) -> Result<&Dataset> {
+    calibration.ok_or_else(|| dynrobust_core::Error::config("calibration", "a detector needs clean calibration data"))
 }
 
 /// A detector's rates: calibrated on `calibration`, measured on the clean test images and
