@@ -26,12 +26,13 @@
 //! the accuracy is the same). On a randomised defense the gradient and the loss are averaged
 //! over the model's EOT draws, and "fooled" read from the last draw, as AutoAttack does.
 
-use dynrobust_core::attack::{check_eps, check_steps, input_grad, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_steps, eot_average, input_grad, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
 use dynrobust_core::rng::SeededRng;
 use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::ensemble::in_turn;
 use crate::losses::{ce_per_sample, dlr_per_sample, dlr_targeted_per_sample, output_loss_per_sample, ExitLoss};
 
 /// The loss APGD ascends.
@@ -151,8 +152,8 @@ fn per_image(mask: &Tensor) -> Tensor {
 impl Apgd {
     fn probe(&self, model: &dyn DynamicModel, x_adv: &Tensor, y: &Tensor, target: Option<&Tensor>) -> Result<Probe> {
         let draws = model.eot_samples().max(1);
-        let (mut grad, mut loss, mut correct) = (None::<Tensor>, None::<Tensor>, None);
-        for _ in 0..draws {
+        let (mut loss, mut correct) = (None::<Tensor>, None);
+        let grad = eot_average(draws, || {
             let mut per_sample = None;
             let mut right = None;
             let (g, _) = input_grad(x_adv, |xa| {
@@ -169,12 +170,11 @@ impl Apgd {
                 Ok(l.sum(Kind::Float))
             })?;
             let l = per_sample.expect("the loss ran");
-            grad = Some(grad.map_or(g.shallow_clone(), |acc| acc + &g));
-            loss = Some(loss.map_or(l.shallow_clone(), |acc| acc + &l));
+            loss = Some(loss.take().map_or(l.shallow_clone(), |acc| acc + &l));
             correct = right;
-        }
-        let k = draws as f64;
-        Ok(Probe { grad: grad.expect("≥ 1 draw") / k, loss: loss.expect("≥ 1 draw") / k, correct: correct.expect("≥ 1 draw") })
+            Ok(g)
+        })?;
+        Ok(Probe { grad, loss: loss.expect("≥ 1 draw") / draws as f64, correct: correct.expect("≥ 1 draw") })
     }
 
     fn random_start(&self, x: &Tensor, rng: &mut SeededRng) -> Tensor {
@@ -291,23 +291,13 @@ impl Attack for Apgd {
         // APGD-T: the target classes in turn, each on the samples not fooled yet; a sample no
         // target fools keeps the first target's highest-loss point
         let order = tch::no_grad(|| model.forward_trace(x, Pass::Sparse).map(|t| t.logits.argsort(1, true)))?;
-        let mut x_out = x.copy();
-        let mut fooled = Tensor::zeros([x.size()[0]], (Kind::Bool, x.device()));
-        for rank in 1..=self.cfg.targets.min(order.size()[1] as usize - 1) {
-            let todo = fooled.logical_not().nonzero().squeeze_dim(1);
-            if todo.numel() == 0 {
-                break;
-            }
-            let target = order.index_select(0, &todo).select(1, rank as i64);
-            let run = self.restarts(model, &x.index_select(0, &todo), &y.index_select(0, &todo), Some(&target), &mut rng)?;
-            tch::no_grad(|| {
-                let take = if rank == 1 { run.fooled.ones_like() } else { run.fooled.shallow_clone() };
-                let found = run.x_fool.where_self(&per_image(&run.fooled), &run.x_best);
-                x_out = x_out.index_copy(0, &todo, &found.where_self(&per_image(&take), &x_out.index_select(0, &todo)));
-                fooled = fooled.index_copy(0, &todo, &run.fooled);
-            });
-        }
-        Ok(x_out.detach())
+        let targets = self.cfg.targets.min(order.size()[1] as usize - 1);
+        in_turn(x, targets, |i, todo| {
+            let target = order.index_select(0, todo).select(1, i as i64 + 1);
+            let run = self.restarts(model, &x.index_select(0, todo), &y.index_select(0, todo), Some(&target), &mut rng)?;
+            let found = tch::no_grad(|| run.x_fool.where_self(&per_image(&run.fooled), &run.x_best));
+            Ok((found, run.fooled))
+        })
     }
 }
 

@@ -84,14 +84,10 @@ impl Ensemble {
                 return Err(Error::config(field("params"), "`eps` and `seed` are the ensemble's: set them on the ensemble"));
             }
             map.insert("eps".into(), json!(cfg.eps));
-            let seeded = build(&m.name, &json!({})).is_ok_and(|a| a.config_json().get("seed").is_some());
-            if seeded {
+            if crate::registry::has_seed(&m.name) {
                 map.insert("seed".into(), json!(cfg.seed));
             }
-            let attack = build(&m.name, &params).map_err(|e| match e {
-                Error::Config { field: f, problem } => Error::config(field(&f), problem),
-                other => other,
-            })?;
+            let attack = build(&m.name, &params).map_err(|e| e.within(&format!("attacks[{i}]")))?;
             if attack.goal() != Goal::Accuracy || attack.budget().map(|b| b.1) != Some(Norm::Linf) {
                 return Err(Error::config(field("name"), format!("`{}` is not an L∞ accuracy attack; an ensemble counts misclassified samples", m.name)));
             }
@@ -129,22 +125,34 @@ impl Attack for Ensemble {
         Some(self.members.iter().filter_map(|m| m.iterations()).sum())
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let mut x_out = x.copy();
-        let mut fooled = Tensor::zeros([x.size()[0]], (Kind::Bool, x.device()));
-        for (i, member) in self.members.iter().enumerate() {
-            let todo = fooled.logical_not().nonzero().squeeze_dim(1);
-            if todo.numel() == 0 {
-                break;
-            }
-            let (xs, ys) = (x.index_select(0, &todo), y.index_select(0, &todo));
-            let adv = member.perturb(model, &xs, &ys)?.detach();
-            let now_fooled = misclassified(model, &adv, &ys)?;
-            // the first member's examples stand for the samples no member fools
-            let take = if i == 0 { now_fooled.ones_like() } else { now_fooled.shallow_clone() };
-            let kept = x_out.index_select(0, &todo);
-            x_out = x_out.index_copy(0, &todo, &adv.where_self(&take.view([-1, 1, 1, 1]), &kept));
-            fooled = fooled.index_copy(0, &todo, &now_fooled);
-        }
-        Ok(x_out)
+        in_turn(x, self.members.len(), |i, todo| {
+            let ys = y.index_select(0, todo);
+            let adv = self.members[i].perturb(model, &x.index_select(0, todo), &ys)?.detach();
+            let fooled = misclassified(model, &adv, &ys)?;
+            Ok((adv, fooled))
+        })
     }
+}
+
+/// Runs `attempts` attempts one after another, each on the samples of `x` that no earlier one
+/// fooled: `attempt(i, todo)` gets the indices `[T]` of those samples and returns its examples
+/// for them `[T,…]` and which of them fool `[T]` bool. Per sample the result is the first
+/// fooling example, else the first attempt's own (its highest-loss point). The ensemble's
+/// members and APGD-T's target classes run this way.
+pub(crate) fn in_turn(x: &Tensor, attempts: usize, mut attempt: impl FnMut(usize, &Tensor) -> Result<(Tensor, Tensor)>) -> Result<Tensor> {
+    let mut x_out = x.copy();
+    let mut fooled = Tensor::zeros([x.size()[0]], (Kind::Bool, x.device()));
+    for i in 0..attempts {
+        let todo = fooled.logical_not().nonzero().squeeze_dim(1);
+        if todo.numel() == 0 {
+            break;
+        }
+        let (adv, now_fooled) = attempt(i, &todo)?;
+        tch::no_grad(|| {
+            let take = if i == 0 { now_fooled.ones_like() } else { now_fooled.shallow_clone() };
+            x_out = x_out.index_copy(0, &todo, &adv.where_self(&take.view([-1, 1, 1, 1]), &x_out.index_select(0, &todo)));
+            fooled = fooled.index_copy(0, &todo, &now_fooled);
+        });
+    }
+    Ok(x_out.detach())
 }

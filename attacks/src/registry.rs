@@ -119,6 +119,11 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
     })
 }
 
+/// True when attack `name` has a `seed` (a random start or search) that a caller may set.
+pub fn has_seed(name: &str) -> bool {
+    build(name, &serde_json::json!({})).is_ok_and(|a| a.config_json().get("seed").is_some())
+}
+
 /// Convenience: the accuracy-loss choice from a CLI string.
 pub fn exit_loss(s: &str) -> Result<ExitLoss> {
     serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| Error::config("loss", format!("`{s}`: expected final, deployed, avg or max")))

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynrobust_core::atomic_file::{sweep_stale_temporaries, STALE_TEMPORARY_AGE};
 use dynrobust_experiments::execute::{prepare_variants, registry, RealExecutor};
-use dynrobust_experiments::{merge, parse_shard, run_cells, shard, slurm_script, stale_cells, write_report, Cell, Store, Study};
+use dynrobust_experiments::{merge, parse_shard, run_cells, shard, slurm_script, stale_cell, stale_cells, write_report, Cell, Store, Study};
 
 /// Options of `dynrobust run`.
 #[derive(Args, Debug)]
@@ -98,10 +98,9 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 /// Says on stderr which stored cells ran with checkpoints that have changed since (the report
 /// still shows them: they are what was measured, with the weights of that time).
-fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) -> Result<()> {
-    let exec = RealExecutor { variants_dir: dir.join("models"), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
-    let as_cells: Vec<Cell> = cells.iter().map(|c| Cell { id: c.id.clone(), config: c.cell.clone() }).collect();
-    let stale = stale_cells(&exec, &as_cells, &Store::open_existing(dir)?)?;
+fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) {
+    let exec = inspector(dir);
+    let stale: Vec<_> = cells.iter().filter_map(|c| stale_cell(&exec, &Cell { id: c.id.clone(), config: c.cell.clone() }, &c.inputs)).collect();
     if !stale.is_empty() {
         let ids: Vec<&str> = stale.iter().take(5).map(|s| s.id.as_str()).collect();
         eprintln!(
@@ -112,7 +111,12 @@ fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) -> Result
             dir.display()
         );
     }
-    Ok(())
+}
+
+/// An executor that only digests the checkpoints of the cells of the run directory `out` (for
+/// `--dry-run` and the report's warning; it runs nothing).
+fn inspector(out: &Path) -> RealExecutor {
+    RealExecutor { variants_dir: out.join("models"), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None }
 }
 
 /// `--dry-run`: every cell with what a run into `out` would do with it — `todo`, `done`
@@ -120,8 +124,7 @@ fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) -> Result
 fn dry_run(cells: &[Cell], out: &Path) -> Result<()> {
     let (done, stale) = match Store::open_existing(out) {
         Ok(store) => {
-            let exec = RealExecutor { variants_dir: out.join("models"), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
-            let stale: std::collections::BTreeSet<String> = stale_cells(&exec, cells, &store)?.into_iter().map(|s| s.id).collect();
+            let stale: std::collections::BTreeSet<String> = stale_cells(&inspector(out), cells, &store)?.into_iter().map(|s| s.id).collect();
             (store.finished_ids()?, stale)
         }
         Err(_) => Default::default(),
@@ -173,7 +176,7 @@ fn report_dir(dir: &Path, title: &str) -> Result<()> {
             eprintln!("report: left out {} stored cells that are not in {} (from an earlier study forced over this directory)", stored - cells.len(), store.study_path().display());
         }
     }
-    warn_stale(dir, &cells)?;
+    warn_stale(dir, &cells);
     let files = write_report(dir, title, &cells)?;
     eprintln!("report: {} ({} plots)", files.markdown.display(), files.plots.len());
     Ok(())

@@ -50,6 +50,15 @@ impl Error {
         Error::Config { field: field.into(), problem: problem.into() }
     }
 
+    /// This error as one of a nested config's: a config error's field becomes
+    /// `prefix.field` (e.g. `steps[1].bits`); other errors are left as they are.
+    pub fn within(self, prefix: &str) -> Self {
+        match self {
+            Error::Config { field, problem } => Error::Config { field: format!("{prefix}.{field}"), problem },
+            other => other,
+        }
+    }
+
     /// A data-format error on `path`.
     pub fn data(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
         Error::Data { path: path.into(), problem: problem.into() }

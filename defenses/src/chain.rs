@@ -103,8 +103,8 @@ impl InputTransform for Chain {
 /// step's `name`).
 pub(crate) fn in_step(e: Error, i: usize) -> Error {
     match e {
-        Error::Config { field, problem } if field == "defense" => Error::config(format!("steps[{i}].name"), problem),
-        Error::Config { field, problem } => Error::config(format!("steps[{i}].{field}"), problem),
+        Error::Config { field, problem } if field == "defense" => Error::config("name", problem),
         other => other,
     }
+    .within(&format!("steps[{i}]"))
 }

@@ -56,15 +56,6 @@ pub fn run_defended(
 ) -> Result<DefendedOutcome> {
     defense.check_mode(mode)?;
     let mut extra = json!({ "defense_mode": mode });
-    // the squeezing detector's fixed-point attacker submits squeezed examples
-    let fixed_point = match (defense, mode) {
-        (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) => cfg.fixed_point_attack(attack)?,
-        _ => None,
-    };
-    let attack: &dyn Attack = match &fixed_point {
-        Some(submit) => submit,
-        None => attack,
-    };
     let (eval, craft): (Box<dyn DynamicModel>, Option<Box<dyn DynamicModel>>) = match defense {
         DefenseSpec::None | DefenseSpec::Monitor(_) => (Box::new(net), None),
         DefenseSpec::Squeeze(cfg) => {
@@ -95,25 +86,28 @@ pub fn run_defended(
         }
     };
     let craft_model: &dyn DynamicModel = craft.as_deref().unwrap_or(&*eval);
-    // the `best` squeeze attacker: both adaptive attackers, then per sample the better example
-    let best_parts = match (defense, mode) {
-        (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) if cfg.attacker == SqueezeAttacker::Best => {
+    // feature squeezing's adaptive attackers beyond `eot` wrap the attack: `fixed-point`
+    // submits squeezed examples; `best` also needs the calibrated detector and a second
+    // crafting model (through the squeezer alone)
+    let squeeze = match (defense, mode) {
+        (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) => Some(cfg),
+        _ => None,
+    };
+    let best_parts = match squeeze {
+        Some(cfg) if cfg.attacker == SqueezeAttacker::Best => {
             let detector = SqueezeDetector::calibrate(cfg.clone(), &*eval, &needed(calibration)?.images, batch)?;
-            let through_squeezer = Defended::new(load()?, cfg.squeezers()?.remove(0));
-            Some((cfg, detector, through_squeezer))
+            Some((detector, Defended::new(load()?, cfg.squeezers()?.remove(0))))
         }
         _ => None,
     };
-    let best = match &best_parts {
-        Some((cfg, detector, through_squeezer)) => {
-            Some(BestOfBoth { inner: attack, eot: craft_model, fixed: cfg.submit_squeezed(attack)?, through_squeezer, bare: &*eval, detector, batch })
+    let wrapped: Option<Box<dyn Attack + '_>> = match (squeeze, &best_parts) {
+        (Some(cfg), Some((detector, through_squeezer))) => {
+            Some(Box::new(BestOfBoth { inner: attack, eot: craft_model, fixed: cfg.submit_squeezed(attack)?, through_squeezer, bare: &*eval, detector, batch }))
         }
-        None => None,
+        (Some(cfg), None) if cfg.attacker == SqueezeAttacker::FixedPoint => Some(Box::new(cfg.submit_squeezed(attack)?)),
+        _ => None,
     };
-    let attack: &dyn Attack = match &best {
-        Some(b) => b,
-        None => attack,
-    };
+    let attack: &dyn Attack = wrapped.as_deref().unwrap_or(attack);
     let first = data.images.narrow(0, 0, batch.min(data.len()));
     // the gradient checks look at the model the attack differentiates (adaptive) — for
     // feature squeezing that is the squeezer's view, not the bare model it is evaluated on

@@ -172,15 +172,6 @@ impl SqueezeConfig {
         })
     }
 
-    /// The `fixed-point` attacker's wrapper of `attack` ([`SubmitSqueezed`]); `None` for `eot`,
-    /// which runs the attack as it is.
-    pub fn fixed_point_attack<'a>(&self, attack: &'a dyn Attack) -> Result<Option<SubmitSqueezed<'a>>> {
-        Ok(match self.attacker {
-            SqueezeAttacker::Eot | SqueezeAttacker::Best => None,
-            SqueezeAttacker::FixedPoint => Some(self.submit_squeezed(attack)?),
-        })
-    }
-
     /// `attack` wrapped to submit squeezed examples ([`SubmitSqueezed`]).
     pub fn submit_squeezed<'a>(&self, attack: &'a dyn Attack) -> Result<SubmitSqueezed<'a>> {
         Ok(SubmitSqueezed { inner: attack, squeezer: self.squeezers()?.remove(0) })
@@ -226,11 +217,7 @@ impl Attack for BestOfBoth<'_> {
         self.inner.requirements()
     }
     fn config_json(&self) -> serde_json::Value {
-        let mut config = self.inner.config_json();
-        if let Some(map) = config.as_object_mut() {
-            map.insert("submits".into(), serde_json::json!("per sample the better of the eot and fixed-point examples"));
-        }
-        config
+        with_submits(self.inner, "per sample the better of the eot and fixed-point examples".into())
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         self.inner.budget()
@@ -259,6 +246,15 @@ impl Attack for BestOfBoth<'_> {
     }
 }
 
+/// `inner`'s config with a `submits` entry saying what a wrapping attacker sends instead.
+fn with_submits(inner: &dyn Attack, submits: String) -> serde_json::Value {
+    let mut config = inner.config_json();
+    if let Some(map) = config.as_object_mut() {
+        map.insert("submits".into(), serde_json::json!(submits));
+    }
+    config
+}
+
 /// The fixed-point attacker's attack: `inner`'s examples, squeezed, then projected back onto
 /// `inner`'s budget (ε-ball and [0,1] box). A pixel whose squeezed value lies within the budget
 /// is a fixed point of the squeezer; one whose rounding would leave the ball stays at its edge.
@@ -278,11 +274,7 @@ impl Attack for SubmitSqueezed<'_> {
         self.inner.requirements()
     }
     fn config_json(&self) -> serde_json::Value {
-        let mut config = self.inner.config_json();
-        if let Some(map) = config.as_object_mut() {
-            map.insert("submits".into(), serde_json::json!(format!("fixed point of {}", self.squeezer.label())));
-        }
-        config
+        with_submits(self.inner, format!("fixed point of {}", self.squeezer.label()))
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         self.inner.budget()

@@ -118,8 +118,7 @@ impl RealExecutor {
         }
         // the cell's seed drives every attack that has one (random starts), unless the study
         // sets the attack's own
-        let seeded = attacks::build(&c.attack.name, &json!({})).is_ok_and(|a| a.config_json().get("seed").is_some());
-        if let Some(map) = params.as_object_mut().filter(|_| seeded) {
+        if let Some(map) = params.as_object_mut().filter(|_| attacks::has_seed(&c.attack.name)) {
             map.entry("seed").or_insert(json!(c.seed));
         }
         let inner = attacks::build(&c.attack.name, &params)?;

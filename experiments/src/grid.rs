@@ -421,6 +421,7 @@ impl Cx<'_> {
         }
         // a defense with no adaptive attacker (the cost monitor) defaults to oblivious cells
         let adaptive_refused = spec.and_then(|s| s.check_mode(dynrobust_core::defense::Adaptivity::Adaptive).err());
+        let oblivious_refused = spec.and_then(|s| s.check_mode(dynrobust_core::defense::Adaptivity::Oblivious).err());
         let default = if adaptive_refused.is_some() { DefenseMode::Oblivious } else { DefenseMode::Adaptive };
         let Some(modes) = &d.modes else { return Ok(vec![Some(default)]) };
         self.non_empty("defenses.modes", modes)?;
@@ -432,8 +433,7 @@ impl Cx<'_> {
             if let (Some(why), DefenseMode::Adaptive) = (&adaptive_refused, mode) {
                 return Err(self.err(&m.span(), format!("`defenses.modes`: `adaptive` for `{name}`: {why}; drop `modes` or use [\"oblivious\"]")));
             }
-            let oblivious_refused = spec.and_then(|s| s.check_mode(dynrobust_core::defense::Adaptivity::Oblivious).err());
-            if let (Some(why), DefenseMode::Oblivious) = (oblivious_refused, mode) {
+            if let (Some(why), DefenseMode::Oblivious) = (&oblivious_refused, mode) {
                 return Err(self.err(&m.span(), format!("`defenses.modes`: `oblivious` for `{name}`: {why}")));
             }
             if out.contains(&Some(mode)) {

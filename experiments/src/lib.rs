@@ -21,7 +21,7 @@ pub mod store;
 pub mod study;
 mod worst_case;
 
-pub use runner::{run_cells, stale_cells, CellFailure, CellOutput, Executor, RunSummary, StaleCell};
+pub use runner::{run_cells, stale_cell, stale_cells, CellFailure, CellOutput, Executor, RunSummary, StaleCell};
 pub use report::{write_report, ReportFiles};
 pub use slurm::{merge, slurm_script};
 pub use store::{Store, StoredCell};

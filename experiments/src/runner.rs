@@ -112,13 +112,17 @@ pub fn stale_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store) -> Resu
     let mut seen = BTreeSet::new();
     let mut stale = Vec::new();
     for cell in cells.iter().filter(|c| done.contains(&c.id) && seen.insert(c.id.as_str())) {
-        let Ok(now) = exec.inputs(cell) else { continue };
-        let changed = changed(&store.load(&cell.id)?.inputs, &now);
-        if !changed.is_empty() {
-            stale.push(StaleCell { id: cell.id.clone(), cell: cell.config.summary(), changed });
-        }
+        stale.extend(stale_cell(exec, cell, &store.load(&cell.id)?.inputs));
     }
     Ok(stale)
+}
+
+/// `cell` as a [`StaleCell`] when the `stored` inputs it ran with differ from
+/// [`Executor::inputs`] now; `None` when they agree or cannot be compared (see
+/// [`stale_cells`]).
+pub fn stale_cell<E: Executor>(exec: &E, cell: &Cell, stored: &Inputs) -> Option<StaleCell> {
+    let changed = changed(stored, &exec.inputs(cell).ok()?);
+    (!changed.is_empty()).then(|| StaleCell { id: cell.id.clone(), cell: cell.config.summary(), changed })
 }
 
 /// The error for stale cells: which ones (the first five), what changed, what to do.
