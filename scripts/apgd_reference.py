@@ -1,10 +1,10 @@
-"""APGD-CE / APGD-DLR / Square agreement check: torchattacks' APGD and Square (a port of AutoAttack's `autopgd_base.py`) on the
+"""APGD-CE / APGD-DLR / APGD-T / FAB / FAB-T / Square agreement check: torchattacks' APGD, FAB and Square (a port of AutoAttack's `autopgd_base.py`) on the
 committed `static` checkpoint rebuilt in PyTorch (scripts/torch_reference.py), first N test
 images, against `dynrobust attack --attack apgd-ce` (or `apgd-dlr`, `--loss dlr`) on the same weights and images. The random
 starts differ, so the robust accuracies agree up to sampling noise, not bit for bit.
 
     pip install --target DIR torchattacks==3.5.1 scipy   # not in the project's requirements
-    PYTHONPATH=DIR .venv/bin/python scripts/apgd_reference.py [--n 1000] [--eps 8/255] [--norm Linf|L2] [--loss ce|dlr] [--square QUERIES]
+    PYTHONPATH=DIR .venv/bin/python scripts/apgd_reference.py [--n 1000] [--eps 8/255] [--norm Linf|L2] [--loss ce|dlr] [--targeted] [--fab] [--square QUERIES]
 """
 import argparse, json, os, sys
 
@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--loss", default="ce", choices=["ce", "dlr"])
     ap.add_argument("--targeted", action="store_true", help="torchattacks' APGDT (targeted DLR, 9 target classes)")
+    ap.add_argument("--fab", action="store_true", help="torchattacks' FAB (with --targeted: FAB-T over the 9 other classes, as AutoAttack's standard version)")
     ap.add_argument("--square", type=int, default=0, help="run torchattacks' Square (L∞, margin loss) with this many queries instead")
     args = ap.parse_args()
     num, _, den = args.eps.partition("/")
@@ -42,6 +43,8 @@ def main():
     x, y = load_test_images(args.n)
     if args.square:
         attack = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=args.square, n_restarts=1, p_init=0.8, loss="margin", resc_schedule=True, seed=0)
+    elif args.fab:
+        attack = torchattacks.FAB(model, norm=args.norm, eps=eps, steps=args.steps, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9, seed=0, multi_targeted=args.targeted, n_classes=10)
     elif args.targeted:
         attack = torchattacks.APGDT(model, norm=args.norm, eps=eps, steps=args.steps, n_restarts=1, n_classes=10, rho=0.75, seed=0)
     else:
@@ -55,7 +58,9 @@ def main():
         assert (xa - xb).abs().max().item() <= eps + 1e-6 or args.norm != "Linf"
         with torch.no_grad():
             adv += (model(xa).argmax(1) == yb).sum().item()
-    print(json.dumps({"attack": "torchattacks.Square" if args.square else ("torchattacks.APGDT" if args.targeted else "torchattacks.APGD"), "queries": args.square or None, "loss": "margin" if args.square else ("dlr-targeted" if args.targeted else args.loss), "norm": args.norm, "eps": args.eps, "steps": args.steps, "n": args.n,
+    name = "torchattacks." + ("Square" if args.square else ("FAB" + ("-T" if args.targeted else "") if args.fab else ("APGDT" if args.targeted else "APGD")))
+    loss = "margin" if args.square else ("boundary" if args.fab else ("dlr-targeted" if args.targeted else args.loss))
+    print(json.dumps({"attack": name, "queries": args.square or None, "loss": loss, "norm": args.norm, "eps": args.eps, "steps": args.steps, "n": args.n,
                       "clean_acc": clean / args.n, "adv_acc": adv / args.n}))
 
 

@@ -1,10 +1,10 @@
 //! An ensemble of accuracy attacks run one after another on the samples still classified
 //! correctly, the way AutoAttack counts robust accuracy (Croce & Hein, ICML 2020): a sample is
 //! robust only if every member fails on it. The default members are AutoAttack's standard
-//! version without FAB-T: APGD-CE and APGD-T (targeted DLR, 9 target classes) on the deployed
-//! prediction (the exit an early-exit model answers with), then the black-box Square Attack
-//! (5,000 queries) — two white-box losses and a gradient-free search, so a defense that masks
-//! gradients is still caught.
+//! version: APGD-CE, APGD-T (targeted DLR, 9 target classes) and FAB-T (9 target classes), all
+//! on the deployed prediction (the exit an early-exit model answers with), then the black-box
+//! Square Attack (5,000 queries) — two white-box losses, a boundary search and a
+//! gradient-free search, so a defense that masks gradients is still caught.
 //!
 //! Per sample the output is the first member's example that fools the deployed model (read
 //! through the sparse pass), else the first member's own example (its highest-loss point).
@@ -52,6 +52,7 @@ impl Default for EnsembleConfig {
             attacks: vec![
                 member("apgd-ce", json!({ "loss": "deployed" })),
                 member("apgd-t", json!({ "loss": "deployed" })),
+                member("fab-t", json!({ "loss": "deployed" })),
                 member("square", json!({ "queries": 5000 })),
             ],
         }

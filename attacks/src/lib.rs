@@ -3,7 +3,8 @@
 //! One file per attack family, each opening with its paper:
 //! [`deepsloth`] (Hong et al., ICLR 2021), [`gradmdm`] (Pan et al., TPAMI 2023, and GradAuto,
 //! ECCV 2022), [`ilfo`] (Haque et al., CVPR 2020), [`pgd`] (FGSM, PGD-L∞/L2, MI-FGSM),
-//! [`apgd`] (APGD-CE / APGD-DLR, Croce & Hein, ICML 2020), [`square`] (Square Attack,
+//! [`apgd`] (APGD-CE / APGD-DLR, Croce & Hein, ICML 2020), [`fab`] (FAB / FAB-T, minimum-distortion boundary attack,
+//! Croce & Hein, ICML 2020), [`square`] (Square Attack,
 //! Andriushchenko et al., ECCV 2020: black-box, no gradients), [`ensemble`] (AutoAttack-style
 //! worst case over members),
 //! [`transfer`] (surrogate → victim, feature-level PGD), [`mechanism`] (the dynamic-mechanism
@@ -17,6 +18,7 @@ pub mod apgd;
 pub mod deepsloth;
 pub mod ensemble;
 pub mod evaluate;
+pub mod fab;
 pub mod gradmdm;
 pub mod ilfo;
 pub mod losses;

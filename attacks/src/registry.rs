@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::apgd::{Apgd, ApgdConfig, ApgdLoss};
 use crate::deepsloth::{DeepSloth, DeepSlothConfig, Variant};
 use crate::ensemble::{Ensemble, EnsembleConfig};
+use crate::fab::{Fab, FabConfig};
 use crate::gradmdm::{GradAuto, GradAutoConfig, GradMdm, GradMdmConfig};
 use crate::ilfo::{Ilfo, IlfoConfig};
 use crate::losses::ExitLoss;
@@ -30,10 +31,12 @@ pub const ATTACKS: &[(&str, &str, &str)] = [
     ("pgd-linf", "accuracy", "PGD L∞ (Madry et al., ICLR 2018); loss on final head / deployed exit / avg / max over exits"),
     ("pgd-l2", "accuracy", "PGD L2 (Madry et al., ICLR 2018)"),
     ("apgd-ce", "accuracy", "APGD-CE (Croce & Hein, ICML 2020; AutoAttack's core): momentum PGD with a self-halving step size; `norm` linf or l2"),
-    ("ensemble", "accuracy", "AutoAttack-style ensemble: members (default APGD-CE, APGD-T, Square: AutoAttack's standard without FAB-T) run on the samples still correct"),
+    ("ensemble", "accuracy", "AutoAttack-style ensemble: members (default AutoAttack's standard: APGD-CE, APGD-T, FAB-T, Square) run on the samples still correct"),
     ("square", "accuracy", "Square Attack L∞ (Andriushchenko et al., ECCV 2020): score-based black-box random search on the deployed model's margin; no gradients"),
     ("apgd-dlr", "accuracy", "APGD-DLR (Croce & Hein, ICML 2020): APGD on the shift- and scale-invariant difference-of-logits-ratio loss"),
     ("apgd-t", "accuracy", "APGD-T (Croce & Hein, ICML 2020): targeted DLR towards the `targets` most likely wrong classes in turn (AutoAttack: 9)"),
+    ("fab", "accuracy", "FAB (Croce & Hein, ICML 2020): minimum-distortion boundary attack, steps onto the closest linearised decision boundary; fooled only within ε"),
+    ("fab-t", "accuracy", "FAB-T (AutoAttack's standard ensemble): FAB towards the `targets` most likely wrong classes in turn (AutoAttack: 9)"),
     ("mi-fgsm", "accuracy", "MI-FGSM (Dong et al., CVPR 2018): momentum iterative FGSM, for transfer"),
     ("feature-pgd", "accuracy", "PGD on an early feature map of a (surrogate) model, for lightweight black-box transfer"),
     ("mechanism", "both", "dynamic-mechanism attack: misclassify and maximise compute (joint objective)"),
@@ -105,6 +108,14 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
                 return Err(Error::config("targets", format!("{}: `apgd-t` is the targeted attack (targets ≥ 1); `{name}` is untargeted", cfg.targets)));
             }
             Box::new(Apgd::new(cfg)?)
+        }
+        "fab" | "fab-t" => {
+            let targets = if name == "fab" { 0 } else { 9 };
+            let cfg: FabConfig = merged(FabConfig { targets, ..Default::default() }, overrides)?;
+            if (cfg.targets > 0) != (targets > 0) {
+                return Err(Error::config("targets", format!("{}: `fab-t` is the targeted attack (targets ≥ 1); `{name}` is untargeted", cfg.targets)));
+            }
+            Box::new(Fab::new(cfg)?)
         }
         "feature-pgd" => Box::new(FeaturePgd::new(merged(FeaturePgdConfig::default(), overrides)?)?),
         "mechanism" | "mechanism-stealthy" => {

@@ -40,6 +40,7 @@ pub fn quick_overrides(name: &str, c: &QuickCase) -> Value {
     let (eps, eps2, v) = (c.eps, c.eps * 10.0, c.variant);
     let mode = ["faithful", "fixed"][v % 2];
     let loss = ["final", "deployed", "avg", "max"][v % 4];
+    let fab_loss = ["final", "deployed"][v % 4 / 2];
     match name {
         "deepsloth" => json!({"eps": eps, "steps": 2, "mode": mode, "seed": c.seed}),
         "deepsloth-l2" => json!({"eps": eps2, "steps": 3, "mode": mode}),
@@ -73,6 +74,10 @@ pub fn quick_overrides(name: &str, c: &QuickCase) -> Value {
         "apgd-t" => json!({"eps": eps2, "norm": "l2", "steps": 3, "targets": 1 + v % 3, "loss": loss}),
         "apgd-ce" | "apgd-dlr" if v % 2 == 0 => json!({"eps": eps, "steps": 5, "loss": loss, "seed": c.seed}),
         "apgd-ce" | "apgd-dlr" => json!({"eps": eps2, "steps": 5, "norm": "l2", "loss": loss, "restarts": 2}),
+        "fab" if v % 2 == 0 => json!({"eps": eps, "steps": 3, "seed": c.seed, "restarts": 1 + v % 3}),
+        "fab" => json!({"eps": eps2, "norm": "l2", "steps": 3, "loss": fab_loss}),
+        "fab-t" if v % 2 == 0 => json!({"eps": eps, "steps": 3, "targets": 1 + v % 3, "restarts": 2, "seed": c.seed}),
+        "fab-t" => json!({"eps": eps2, "norm": "l2", "steps": 3, "targets": 1 + v % 3}),
         "mi-fgsm" => json!({"eps": eps, "steps": 3, "loss": loss}),
         "feature-pgd" => json!({"eps": eps, "steps": 3, "layer": v}),
         "mechanism" | "mechanism-stealthy" => {

@@ -172,6 +172,8 @@ fn every_registered_attack_is_covered_here() {
         "apgd-dlr",
         "apgd-t",
         "square",
+        "fab",
+        "fab-t",
         "ensemble",
         "mi-fgsm",
         "feature-pgd",
@@ -248,6 +250,16 @@ fn contract_apgd_t() {
 #[test]
 fn contract_square() {
     check_attack("square");
+}
+
+#[test]
+fn contract_fab() {
+    check_attack("fab");
+}
+
+#[test]
+fn contract_fab_t() {
+    check_attack("fab-t");
 }
 
 #[test]

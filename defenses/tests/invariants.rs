@@ -100,6 +100,8 @@ attack_tests! {
     apgd_dlr => "apgd-dlr",
     apgd_t => "apgd-t",
     square => "square",
+    fab => "fab",
+    fab_t => "fab-t",
     ensemble => "ensemble",
     mi_fgsm => "mi-fgsm",
     feature_pgd => "feature-pgd",
