@@ -19,6 +19,7 @@ use dynrobust_core::attack::{check_eps, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::cell::{Cell, RefCell};
 use tch::{Kind, Tensor};
 
 /// One member: a registry attack name and its overrides (its `eps` and `seed` are the
@@ -63,6 +64,10 @@ impl Default for EnsembleConfig {
 pub struct Ensemble {
     cfg: EnsembleConfig,
     members: Vec<Box<dyn Attack>>,
+    /// Since the last [`Attack::take_tally`]: images perturbed, and per member the samples it
+    /// was the first to fool (the first member's count includes those misclassified clean).
+    seen: Cell<i64>,
+    fooled_by: RefCell<Vec<i64>>,
 }
 
 impl Ensemble {
@@ -94,7 +99,8 @@ impl Ensemble {
             }
             members.push(attack);
         }
-        Ok(Ensemble { cfg, members })
+        let fooled_by = RefCell::new(vec![0; members.len()]);
+        Ok(Ensemble { cfg, members, seen: Cell::new(0), fooled_by })
     }
 }
 
@@ -126,12 +132,34 @@ impl Attack for Ensemble {
         Some(self.members.iter().filter_map(|m| m.iterations()).sum())
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        in_turn(x, self.members.len(), |i, todo| {
+        let x_adv = in_turn(x, self.members.len(), |i, todo| {
             let ys = y.index_select(0, todo);
             let adv = self.members[i].perturb(model, &x.index_select(0, todo), &ys)?.detach();
             let fooled = misclassified(model, &adv, &ys)?;
+            self.fooled_by.borrow_mut()[i] += fooled.sum(Kind::Int64).int64_value(&[]);
             Ok((adv, fooled))
-        })
+        })?;
+        self.seen.set(self.seen.get() + x.size()[0]);
+        Ok(x_adv)
+    }
+    /// `{"images": N, "members": [{"name", "fooled", "robust_after"}, …]}`: per member the
+    /// samples it was the first to fool and the accuracy left after it — AutoAttack's
+    /// "robust accuracy after APGD-CE: …" lines (read through the sparse pass on the model
+    /// the ensemble attacked).
+    fn take_tally(&self) -> Option<Value> {
+        let images = self.seen.replace(0);
+        let fooled = std::mem::replace(&mut *self.fooled_by.borrow_mut(), vec![0; self.members.len()]);
+        let mut left = images;
+        let members: Vec<Value> = self
+            .members
+            .iter()
+            .zip(fooled)
+            .map(|(m, k)| {
+                left -= k;
+                json!({ "name": m.name(), "fooled": k, "robust_after": left as f64 / images.max(1) as f64 })
+            })
+            .collect();
+        Some(json!({ "images": images, "members": members }))
     }
 }
 

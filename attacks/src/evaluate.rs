@@ -54,6 +54,9 @@ pub struct AttackRecord {
     pub rapl_attack_j: Option<f64>,
     /// Why RAPL is not reported, when it is not.
     pub rapl_note: Option<String>,
+    /// What the attack counted on the way ([`Attack::take_tally`]: the ensemble's robust
+    /// accuracy after each member), when it counts anything.
+    pub tally: Option<serde_json::Value>,
     pub config: serde_json::Value,
 }
 
@@ -159,6 +162,7 @@ pub fn run_attack_on(
     let mut advs = Vec::new();
     let mut seconds = 0.0;
     let mut rapl: std::result::Result<f64, String> = Ok(0.0);
+    let _ = attack.take_tally(); // count this run only
     for start in (0..n).step_by(batch.max(1) as usize) {
         let len = batch.min(n - start);
         let (x, y) = (images.narrow(0, start, len), labels.narrow(0, start, len));
@@ -178,7 +182,8 @@ pub fn run_attack_on(
         advs.push(x_adv);
         on_batch(start + len);
     }
-    let (record, per_sample) = summarise(model, attack, &acc, n, seconds, rapl);
+    let (mut record, per_sample) = summarise(model, attack, &acc, n, seconds, rapl);
+    record.tally = attack.take_tally();
     Ok(AttackOutcome { record, per_sample, x_adv: Tensor::cat(&advs, 0) })
 }
 
@@ -246,6 +251,7 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         adv_energy_j: mean(&energy.joules(&adv_exec, model.units())),
         rapl_attack_j: rapl.as_ref().ok().copied(),
         rapl_note: rapl.err(),
+        tally: None,
         config: attack.config_json(),
     };
     let per_sample = PerSample {

@@ -2,7 +2,7 @@
 //! test images (clean): every energy attack raises the mean cost (MACs / static MACs) of the
 //! model it targets, PGD-L∞ at ε = 8/255 takes more than 30 points of accuracy off the static
 //! model and the SDN, APGD-CE fools more than PGD with as many iterations, the black-box Square
-//! Attack fools the static model, and PGD crafted on
+//! Attack and the boundary attack FAB-T fool the static model, and PGD crafted on
 //! `static` transfers to `gated`.
 //!
 //! Each measurement is printed (`--nocapture`) so a regression shows its numbers.
@@ -218,6 +218,43 @@ fn square_fools_the_static_model_without_gradients() {
 }
 
 #[test]
+fn fab_t_fools_the_static_model_within_the_budget() {
+    let _lock = common::torch_lock();
+    // measured (500 images): FAB-T 8/255 0.4 %, 4/255 39.0 % robust accuracy from 91.8 % clean;
+    // torchattacks' FAB-T on the same weights 0.4 % and 39.0 % (scripts/apgd_reference.py --fab --targeted)
+    let r = run("static", &*build("fab-t", json!({"eps": EPS, "steps": 100})), 128);
+    assert!(r.adv_acc < r.clean_acc - 0.5, "FAB-T at 8/255: accuracy {:.3} → {:.3}", r.clean_acc, r.adv_acc);
+}
+
+#[test]
+fn fab_searches_the_same_at_every_budget_and_counts_only_examples_within_it() {
+    use dynrobust_core::{DynamicModel, Pass};
+    let _lock = common::torch_lock();
+    // untargeted FAB with one run starts at the clean image, so its search does not depend on
+    // ε: a sample fooled within 4/255 is fooled within 8/255 by the very same example
+    let model = common::committed("static");
+    let data = common::test_images(128);
+    let examples = |eps: f64| build("fab", json!({"eps": eps, "steps": 30})).perturb(&model, &data.images, &data.labels).unwrap();
+    let (small, large) = (examples(4.0 / 255.0), examples(EPS));
+    let moved = |x_adv: &tch::Tensor| -> Vec<bool> { Vec::try_from((x_adv - &data.images).abs().flatten(1, -1).amax(&[1i64][..], false).gt(0.0)).unwrap() };
+    let fooled = |x_adv: &tch::Tensor| -> Vec<bool> {
+        let pred = tch::no_grad(|| model.forward_trace(x_adv, Pass::Sparse).unwrap().logits.argmax(1, false));
+        Vec::try_from(pred.ne_tensor(&data.labels)).unwrap()
+    };
+    let (moved_small, moved_large, fooled_small, wrong_clean) = (moved(&small), moved(&large), fooled(&small), fooled(&data.images));
+    for i in 0..128 {
+        let found = fooled_small[i] && !wrong_clean[i];
+        assert_eq!(moved_small[i], found, "sample {i}: FAB returns the clean image unless it found an example within ε (misclassified clean: {})", wrong_clean[i]);
+        if moved_small[i] {
+            assert!(small.get(i as i64).equal(&large.get(i as i64)), "sample {i}: fooled within 4/255, not by the same example at 8/255");
+        }
+    }
+    let (n_small, n_large) = (moved_small.iter().filter(|&&m| m).count(), moved_large.iter().filter(|&&m| m).count());
+    eprintln!("FAB, 30 steps: fooled within 4/255 {n_small}, within 8/255 {n_large} of 128");
+    assert!(n_small > 10 && n_large > n_small);
+}
+
+#[test]
 fn the_ensemble_fools_every_sample_its_first_member_fools_and_more() {
     let _lock = common::torch_lock();
     let eps = 4.0 / 255.0;
@@ -238,6 +275,17 @@ fn the_ensemble_fools_every_sample_its_first_member_fools_and_more() {
     let (n_alone, n_together) = (alone.iter().filter(|&&f| f).count(), together.iter().filter(|&&f| f).count());
     eprintln!("fooled of 128: APGD-CE {n_alone}, APGD-CE then Square {n_together}");
     assert!(n_together >= n_alone);
+    // its tally: per member the samples it fooled first, and the accuracy left after it; the
+    // last member's is the measured robust accuracy, the first's APGD-CE's alone
+    let r = run("sdn", &*build("ensemble", json!({"eps": eps, "attacks": members})), 128);
+    let tally = r.tally.as_ref().expect("the ensemble reports its tally");
+    assert_eq!(tally["images"], 128);
+    let after: Vec<f64> = tally["members"].as_array().unwrap().iter().map(|m| m["robust_after"].as_f64().unwrap()).collect();
+    let fooled: i64 = tally["members"].as_array().unwrap().iter().map(|m| m["fooled"].as_i64().unwrap()).sum();
+    assert_eq!(after.len(), 2);
+    assert!((after[1] - r.adv_acc).abs() < 1e-12, "robust after the last member {} vs measured {}", after[1], r.adv_acc);
+    assert!((after[0] - (128 - n_alone) as f64 / 128.0).abs() < 1e-12, "robust after APGD-CE {} vs APGD-CE alone {}", after[0], 128 - n_alone);
+    assert_eq!(fooled, 128 - (r.adv_acc * 128.0).round() as i64);
 }
 
 #[test]

@@ -251,6 +251,10 @@ fn print_table(r: &AttackRecord) {
     }
     let normalised = r.mse_normalised.map_or(String::new(), |m| format!(" ({m:.2e} in normalised units)"));
     eprintln!("perturbation L2 mean {:.4}  L∞ max {:.4}  MSE {:.2e}{normalised}", r.l2_mean, r.linf_max, r.mse);
+    if let Some(members) = r.tally.as_ref().and_then(|t| t["members"].as_array()) {
+        let after: Vec<String> = members.iter().map(|m| format!("{} {}", m["name"].as_str().unwrap_or("?"), pct(m["robust_after"].as_f64().unwrap_or(f64::NAN)))).collect();
+        eprintln!("robust after {}", after.join(" → "));
+    }
     eprintln!("energy (est.) clean {:.3} µJ  adv {:.3} µJ per image", r.clean_energy_j * 1e6, r.adv_energy_j * 1e6);
     match (&r.rapl_attack_j, &r.rapl_note) {
         (Some(j), _) => eprintln!("RAPL        {j:.3} J spent crafting"),

@@ -140,7 +140,7 @@ fn attack_reps(reps: usize, batch: i64) -> usize {
 pub fn attacks(args: &BenchArgs) -> Result<()> {
     let data = args.data.load(Split::Test, Some(128))?.to_device(args.device.device()?);
     // (attack, model, overrides with the iteration count, iterations)
-    let cases: [(&str, &str, serde_json::Value, usize); 8] = [
+    let cases: [(&str, &str, serde_json::Value, usize); 9] = [
         ("pgd-linf", "static", json!({"steps": 10}), 10),
         // at its default 100 iterations: 101 gradient evaluations (the random start is one),
         // where 10 iterations would carry 10 % for the start
@@ -148,6 +148,8 @@ pub fn attacks(args: &BenchArgs) -> Result<()> {
         // one sparse forward per query and no backward; at ε = 0 no sample is fooled, so every
         // query runs (a run that fools every sample stops early and would look faster)
         ("square", "static", json!({"queries": 10, "eps": 0.0}), 10),
+        // one target's run; at ε = 0 no example counts, but FAB searches the same whatever ε
+        ("fab-t", "static", json!({"steps": 10, "targets": 1, "eps": 0.0}), 10),
         ("pgd-linf", "sdn", json!({"steps": 10}), 10),
         ("deepsloth", "sdn", json!({"steps": 10}), 10),
         ("ilfo", "skipnet", json!({"steps": 10}), 10),

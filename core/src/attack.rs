@@ -96,6 +96,13 @@ pub trait Attack {
         Ok(())
     }
 
+    /// What the attack counted over the batches it perturbed since the last call, for attacks
+    /// that learn more than their examples (the ensemble: how many samples each member
+    /// fooled); the counts restart at zero. `None` for every other attack.
+    fn take_tally(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Refuses models that lack what the attack needs, naming both.
     fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
         let req = self.requirements();
