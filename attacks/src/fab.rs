@@ -111,19 +111,22 @@ fn dot(u: &Tensor, v: &Tensor) -> Tensor {
     (u * v).sum_dim_intlist(&[1i64][..], false, Kind::Float)
 }
 
-/// Row-wise bisection shared by both projections: the largest index `i` in `[0, d − 1)` (as
-/// floats, `⌈log₂ d⌉` halvings from `[0, d − 1]`) for which `above(i)` holds, `above` being
-/// monotone along each row. Returns `[N,1]` indices.
-fn bisect(rows: i64, d: i64, device: tch::Device, above: impl Fn(&Tensor) -> Tensor) -> Tensor {
-    let mut lb = Tensor::zeros([rows], (Kind::Float, device));
-    let mut ub = Tensor::full([rows], (d - 1) as f64, (Kind::Float, device));
+/// Row-wise bisection shared by both projections, as `fab_projections.py` runs it: from
+/// `[0, d − 1]`, `⌈log₂ d⌉` halvings, moving the lower end to the midpoint where `holds` `[N,d]`
+/// (the condition, monotone along each row, evaluated at every index at once — the same
+/// element-wise operations as at the midpoints only, so the same bits) is true there and the
+/// upper end otherwise. Returns the lower ends `[N,1]`.
+fn bisect(holds: &Tensor) -> Tensor {
+    let (rows, d) = (holds.size()[0], holds.size()[1]);
+    let mut lb = Tensor::zeros([rows, 1], (Kind::Int64, holds.device()));
+    let mut ub = Tensor::full([rows, 1], d - 1, (Kind::Int64, holds.device()));
     for _ in 0..(d as f64).log2().ceil() as usize {
-        let mid = ((&lb + &ub) / 2.0).floor();
-        let holds = above(&mid.to_kind(Kind::Int64).unsqueeze(1));
-        lb = mid.where_self(&holds, &lb);
-        ub = ub.where_self(&holds, &mid);
+        let mid = (&lb + &ub).floor_divide_scalar(2);
+        let at = holds.gather(1, &mid, false);
+        lb = mid.where_self(&at, &lb);
+        ub = ub.where_self(&at, &mid);
     }
-    lb.to_kind(Kind::Int64).unsqueeze(1)
+    lb
 }
 
 /// `[N,D]` the smallest-L∞ step `d` taking each point `t` (row of `[N,D]`) onto the hyperplane
@@ -131,7 +134,6 @@ fn bisect(rows: i64, d: i64, device: tch::Device, above: impl Fn(&Tensor) -> Ten
 /// does not meet the box, the step to the box corner nearest to it. AutoAttack's
 /// `projection_linf`, computed on every row (the rows of each case selected at the end).
 pub fn project_linf(t: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
-    let (rows, d) = (t.size()[0], t.size()[1]);
     let sign = (dot(w, t) - b).ge(0.0).to_kind(Kind::Float) * 2.0 - 1.0;
     let w = w * sign.unsqueeze(1);
     let b = b * &sign;
@@ -150,11 +152,9 @@ pub fn project_linf(t: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
     let b2 = sb.select(1, -1) - s.select(1, -1) * p.gather(1, &indp.narrow(1, 0, 1), false).squeeze_dim(1);
     let whole = (&b - &b2).gt(0.0);
     let partial = (&b - &b0).gt(0.0).logical_and(&(&b - &b2).le(0.0));
-    let lb = bisect(rows, d, t.device(), |at| {
-        let current = indp.gather(1, &(-at + (d - 1)), false);
-        let b2 = sb.gather(1, at, false) - s.gather(1, at, false) * p.gather(1, &current, false);
-        (&b - b2.squeeze_dim(1)).gt(0.0)
-    });
+    // at index i: b − (sb_i − s_i · p at indp[d − 1 − i]) > 0
+    let b2_all = &sb - &s * p.gather(1, &indp2, false);
+    let lb = bisect(&(b.unsqueeze(1) - b2_all).gt(0.0));
     let lambda_whole = ((&b - sb.select(1, -1)) / -s.select(1, -1)).clamp_min(0.0).unsqueeze(1);
     let step_whole = (&a * 2.0 - 1.0) * lambda_whole;
     let lambda = ((&b - sb.gather(1, &lb, false).squeeze_dim(1)) / -s.gather(1, &lb, false).squeeze_dim(1)).clamp_min(0.0).unsqueeze(1);
@@ -166,7 +166,7 @@ pub fn project_linf(t: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
 /// `[N,D]` the smallest-L2 step taking each row of `t` onto the hyperplane `w·z = b` inside the
 /// box [0,1] (AutoAttack's `projection_l2`, computed on every row).
 pub fn project_l2(t: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
-    let (rows, d) = (t.size()[0], t.size()[1]);
+    let d = t.size()[1];
     let c = dot(w, t) - b;
     let sign = c.lt(0.0).to_kind(Kind::Float) * -2.0 + 1.0;
     let w = w * sign.unsqueeze(1);
@@ -188,7 +188,7 @@ pub fn project_l2(t: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
     let onto = (s.select(1, 0) + &c).lt(0.0);
     let corner = (dot(&step, &w) + &c).gt(0.0);
     let partial = onto.logical_not().logical_and(&corner.logical_not());
-    let lb = bisect(rows, d, t.device(), |at| (s.gather(1, at, false).squeeze_dim(1) + &c).gt(0.0));
+    let lb = bisect(&(s.narrow(1, 0, d) + c.unsqueeze(1)).gt(0.0));
     let step_onto = -(&c / w5.squeeze_dim(1)).unsqueeze(1) * &w;
     let ws_lb = ws.gather(1, &lb, false);
     let alpha = ((s.gather(1, &lb, false) + c.unsqueeze(1)) / &ws_lb + rs.gather(1, &lb, false)).masked_fill(&ws_lb.eq(0.0), 0.0);
