@@ -105,7 +105,7 @@ impl Ensemble {
 }
 
 /// `[B]` bool: the deployed prediction (sparse pass) differs from `y`.
-fn misclassified(model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+pub(crate) fn misclassified(model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
     Ok(model.forward_trace(x, Pass::Sparse)?.logits.argmax(1, false).ne_tensor(y))
 }

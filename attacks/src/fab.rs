@@ -37,6 +37,7 @@ use dynrobust_core::{DynamicModel, Error, Pass, Result, Trace};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::ensemble::misclassified;
 use crate::losses::ExitLoss;
 
 /// Config of FAB (`fab`) and FAB-T (`fab-t`).
@@ -293,7 +294,7 @@ impl Fab {
             let from_here = &x1 + d1.view(shape.as_slice()) * c.eta;
             let from_clean = x + d2.view(shape.as_slice()) * c.eta;
             x1 = (from_here * (-&alpha + 1.0) + from_clean * &alpha).clamp(0.0, 1.0);
-            let fooled = model.forward_trace(&x1, Pass::Sparse)?.logits.argmax(1, false).ne_tensor(y);
+            let fooled = misclassified(model, &x1, y)?;
             let dist = norm_of(&(&x1 - x), c.norm);
             let closer = fooled.logical_and(&dist.lt_tensor(&dist_best));
             adv = x1.where_self(&closer.view([-1, 1, 1, 1]), &adv);
@@ -313,12 +314,6 @@ impl Fab {
         let scale = norm_of(&u, self.cfg.norm).clamp_min(1e-12).reciprocal().view([-1, 1, 1, 1]) * (0.5 * self.cfg.eps);
         (x + u * scale).clamp(0.0, 1.0)
     }
-}
-
-/// `[B]` bool: the deployed prediction (sparse pass) differs from `y`.
-fn misclassified(model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let _guard = tch::no_grad_guard();
-    Ok(model.forward_trace(x, Pass::Sparse)?.logits.argmax(1, false).ne_tensor(y))
 }
 
 impl Attack for Fab {

@@ -197,6 +197,14 @@ fn other_bad_values_are_refused_naming_the_field() {
         ("mi-fgsm", json!({"momentum": -1.0}), "momentum"),
         ("mechanism", json!({"energy_weight": -1.0}), "energy_weight"),
         ("feature-pgd", json!({"step_size": 0.0}), "step_size"),
+        ("apgd-ce", json!({"rho": 1.0}), "rho"),
+        ("fab", json!({"alpha_max": 1.5}), "alpha_max"),
+        ("fab", json!({"eta": 0.0}), "eta"),
+        ("fab-t", json!({"beta": 0.0}), "beta"),
+        ("fab", json!({"loss": "avg"}), "loss"),
+        ("fab", json!({"targets": 3}), "targets"),
+        ("fab-t", json!({"targets": 0}), "targets"),
+        ("fab-t", json!({"restarts": 0}), "restarts"),
     ];
     for (name, o, field) in cases {
         let err = build_err(name, &o);
