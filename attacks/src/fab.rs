@@ -356,7 +356,7 @@ impl Attack for Fab {
             for restart in 0..self.cfg.restarts {
                 let todo = robust.nonzero().squeeze_dim(1);
                 if todo.numel() == 0 {
-                    return Ok(out);
+                    return Ok(out.detach());
                 }
                 let (xs, ys) = (x.index_select(0, &todo), y.index_select(0, &todo));
                 let target = rank.map(|r| order.index_select(0, &todo).select(1, r));

@@ -109,6 +109,16 @@ impl Attack for CraftCache {
     fn set_fit_data(&self, images: &Tensor) -> Result<()> {
         self.inner.set_fit_data(images)
     }
+    /// The inner attack's tally, unless a batch came from the cache (its counts were not
+    /// made in this run, so the tally would cover only part of it).
+    fn take_tally(&self) -> Option<Value> {
+        let inner = self.inner.take_tally();
+        if self.hits.get() > 0 {
+            None
+        } else {
+            inner
+        }
+    }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let Some(dir) = &self.dir else { return self.inner.perturb(model, x, y) };
         let batch = self.calls.get();

@@ -82,6 +82,7 @@ impl RealExecutor {
         if let Some(exits) = &model.exits {
             any.native_mut("exit placement (`exits`)")?.set_active_exits(exits.clone())?;
         }
+        any.set_twin(model.twin)?;
         Ok(any)
     }
 

@@ -48,6 +48,7 @@ struct RawVariant {
     threshold: Option<Spanned<f64>>,
     exits: Option<Spanned<Vec<usize>>>,
     train: Option<Spanned<toml::Table>>,
+    twin: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -303,7 +304,7 @@ impl Cx<'_> {
         }
         let script = dynrobust_models::any::is_torchscript(n) && Path::new(n).is_file();
         if self.registry.models.iter().any(|m| m == n) || Path::new(n).is_dir() || script {
-            return Ok(ModelRef { name: n.to_string(), base: n.to_string(), threshold: None, exits: None, train: None });
+            return Ok(ModelRef { name: n.to_string(), base: n.to_string(), threshold: None, exits: None, train: None, twin: false });
         }
         let mut valid: Vec<&str> = self.registry.models.iter().map(String::as_str).collect();
         valid.extend(variants.keys().map(String::as_str).filter(|v| !self.registry.models.iter().any(|m| m == v)));
@@ -319,8 +320,12 @@ impl Cx<'_> {
             let why = if name.is_empty() { "must not be empty" } else { "is already a model or variant name" };
             return Err(self.err(&v.name.span(), format!("`variants.name` = {name:?} {why}")));
         }
-        if v.threshold.is_none() && v.train.is_none() && v.exits.is_none() {
-            return Err(self.err(&v.name.span(), format!("variant `{name}`: set `threshold`, `exits` and/or `train`")));
+        let twin = v.twin.as_ref().is_some_and(|t| *t.get_ref());
+        if v.threshold.is_none() && v.train.is_none() && v.exits.is_none() && !twin {
+            return Err(self.err(&v.name.span(), format!("variant `{name}`: set `threshold`, `exits`, `train` and/or `twin`")));
+        }
+        if let (true, Some(t)) = (twin, v.threshold.as_ref().map(|t| t.span()).or(v.exits.as_ref().map(|e| e.span()))) {
+            return Err(self.err(&t, format!("variant `{name}`: a static twin has no exits or gates to tune: drop `threshold` / `exits`, or `twin`")));
         }
         if let Some(e) = &v.exits {
             if e.get_ref().is_empty() || e.get_ref().iter().any(|&b| b > 63) {
@@ -349,7 +354,7 @@ impl Cx<'_> {
             blocks.dedup();
             blocks
         });
-        Ok(ModelRef { name: name.to_string(), base, threshold, exits, train })
+        Ok(ModelRef { name: name.to_string(), base, threshold, exits, train, twin })
     }
 
     /// `base`, else `train.model`; either must be a registry model (or a directory for `base`).

@@ -97,6 +97,10 @@ pub struct ModelRef {
     pub exits: Option<Vec<usize>>,
     /// Free-form training table (variants trained by the runner), as JSON.
     pub train: Option<serde_json::Value>,
+    /// The static twin of the base model (gates forced open / no early exit), for variants.
+    /// Left out of the stored config when false, so cells of other models keep their ids.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub twin: bool,
 }
 
 /// An attack entry: registry name, label (defaults to the name) and parameter overrides.

@@ -155,6 +155,8 @@ fn malformed() -> Vec<(String, usize, &'static str)> {
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", per_class = \"ten\" }}\n"), 9, "`train`"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", per_class_draw = 3 }}\n"), 9, "per_class_draw"),
         (format!("{base}[[variants]]\nname = \"sdn\"\nthreshold = 0.5\n"), 8, "variants.name"),
+        (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\ntwin = true\nthreshold = 0.5\n"), 11, "twin"),
+        (format!("{base}[[variants]]\nname = \"v\"\nbase = \"gated\"\ntwin = false\n"), 8, "`twin`"),
         (format!("{base}[[exclude]]\nmodel = \"sdn\"\n"), 7, "exclude"),
         (format!("{base}[[include]]\nmodle = \"sdn\"\n"), 8, "modle"),
         (format!("{base}[[include]]\nmodel = \"gated\"\n"), 8, "include.model"),

@@ -1,8 +1,9 @@
-//! Trained study variants: a variant whose training table changed since its checkpoint was
-//! trained is refused (a study edited and forced over the same directory would otherwise
-//! evaluate new cells on the old network).
+//! Study variants: a variant whose training table changed since its checkpoint was trained is
+//! refused (a study edited and forced over the same directory would otherwise evaluate new
+//! cells on the old network); a `twin` variant is the base model's static twin.
 
-use dynrobust_experiments::execute::{prepare_variants, registry};
+use dynrobust_core::{cost_of, DynamicModel, Pass};
+use dynrobust_experiments::execute::{prepare_variants, registry, RealExecutor};
 use dynrobust_experiments::Study;
 
 fn study(epochs: i64) -> Study {
@@ -28,4 +29,29 @@ fn a_variant_trained_from_another_table_is_refused_naming_it() {
     // a checkpoint from before tables were saved is taken as it is
     std::fs::remove_file(variant.join("variant-train.json")).unwrap();
     prepare_variants(&study(2), dir.path()).unwrap();
+}
+
+#[test]
+fn a_twin_variant_runs_every_block_of_its_base_and_keeps_the_other_ids() {
+    let text = "name = \"t\"\ndata = \"fashion-mnist\"\nn = 8\nmodels = [\"gated\", \"gated-twin\"]\n\
+                [[variants]]\nname = \"gated-twin\"\nbase = \"gated\"\ntwin = true\n[[attacks]]\nname = \"fgsm\"\n";
+    let study = Study::parse(text, "t.toml", &registry()).unwrap();
+    let twin_ref = &study.cells.iter().find(|c| c.config.model.name == "gated-twin").unwrap().config.model;
+    let plain_ref = &study.cells.iter().find(|c| c.config.model.name == "gated").unwrap().config.model;
+    assert!(twin_ref.twin && !plain_ref.twin);
+    // `twin = false` is left out of the stored config: the plain model's id is as before twins existed
+    let stored = serde_json::to_value(plain_ref).unwrap();
+    assert!(stored.get("twin").is_none(), "{stored}");
+    let exec = RealExecutor { variants_dir: std::env::temp_dir(), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
+    let images = dynrobust_core::data::DataSource::FashionMnist.load(dynrobust_core::data::Split::Test, None).unwrap().take(64).images;
+    let cost = |m: &dynrobust_experiments::study::ModelRef| {
+        let net = exec.load(m, &images.narrow(0, 0, 1)).unwrap();
+        let trace = tch::no_grad(|| net.forward_trace(&images, Pass::Sparse).unwrap());
+        let c = cost_of(&trace, &net);
+        (c.min().double_value(&[]), c.mean(tch::Kind::Double).double_value(&[]))
+    };
+    let ((twin_min, twin_mean), (_, plain_mean)) = (cost(twin_ref), cost(plain_ref));
+    // every block runs on every image: at least the static model's MACs (the gates' own on top)
+    assert!(twin_min >= 1.0 && (twin_mean - twin_min).abs() < 1e-9, "twin cost {twin_min} .. {twin_mean}");
+    assert!(plain_mean < 0.9, "gated saves compute: {plain_mean}");
 }
