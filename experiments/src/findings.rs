@@ -495,6 +495,68 @@ fn axis(name: &str, rows: &[&Row], key: impl Fn(&Row) -> Option<String>) -> Opti
 /// Clean cost at or above which a design counts as not dynamic in practice.
 const SATURATED_COST: f64 = 0.97;
 
+/// Dynamic models side by side with their static twins (study variants with `twin = true`):
+/// per attack, defense, mode and ε where both were attacked, clean and attacked accuracy and
+/// cost of each. Empty when the study has no twin next to its base model.
+pub(crate) fn twin_table(rows: &[Row]) -> String {
+    let mut lines = Vec::new();
+    for twin in rows.iter().filter(|r| r.twin_of.is_some()) {
+        let base = twin.twin_of.as_deref().unwrap_or_default();
+        let dynamic = rows.iter().find(|r| {
+            r.model == base && r.label == twin.label && r.defense == twin.defense && r.mode == twin.mode && r.eps == twin.eps && r.seed == twin.seed && r.surrogate == twin.surrogate
+        });
+        let Some(d) = dynamic else { continue };
+        lines.push(format!(
+            "| {base} | {} | {} | {} | {} → {} | {} → {} | {} → {} | {} → {} |",
+            twin.label,
+            twin.defense,
+            eps_text(twin.eps),
+            pct(d.clean_acc),
+            pct(d.adv_acc),
+            pct(twin.clean_acc),
+            pct(twin.adv_acc),
+            fixed(d.clean_cost, 3),
+            fixed(d.adv_cost, 3),
+            fixed(twin.clean_cost, 3),
+            fixed(twin.adv_cost, 3),
+        ));
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("## Dynamic models vs their static twins\n\n");
+    md += "The twin is the same network with every gate open / no early exit. Accuracy in %, clean → attacked.\n\n";
+    md += "| model | attack | defense | ε | dynamic acc | twin acc | dynamic cost | twin cost |\n|---|---|---|---|---|---|---|---|\n";
+    for l in lines {
+        md += &l;
+        md.push('\n');
+    }
+    md.push('\n');
+    md
+}
+
+/// The ensembles' robust accuracy after each member (their `tally`), AutoAttack's per-attack
+/// lines. Empty when no cell kept a tally.
+pub(crate) fn ensemble_table(rows: &[Row]) -> String {
+    let tallied: Vec<&Row> = rows.iter().filter(|r| r.tally.is_some()).collect();
+    if tallied.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("## Ensembles: robust accuracy after each member\n\n");
+    md += "Each member runs on the samples no earlier member fooled (accuracy in %).\n\n";
+    md += "| model | defense | mode | attack | ε | clean | after each member |\n|---|---|---|---|---|---|---|\n";
+    for r in tallied {
+        let members = r.tally.as_ref().and_then(|t| t.get("members")).and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
+        let after: Vec<String> = members
+            .iter()
+            .map(|m| format!("{} {}", m.get("name").and_then(serde_json::Value::as_str).unwrap_or("?"), pct(m.get("robust_after").and_then(serde_json::Value::as_f64))))
+            .collect();
+        let _ = writeln!(md, "| {} | {} | {} | {} | {} | {} | {} |", r.model, r.defense, r.mode.as_deref().unwrap_or("–"), r.label, eps_text(r.eps), pct(r.clean_acc), after.join(" → "));
+    }
+    md.push('\n');
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,5 +693,32 @@ mod tests {
         let s = rq1(&rows).unwrap();
         assert!(s.contains("over 1 and 1 cells"), "{s}");
         assert!(s.contains("Left out: sdn→static, static→sdn"), "{s}");
+    }
+
+    #[test]
+    fn twins_sit_beside_their_base_model_and_tallies_are_listed_per_member() {
+        let cell = |model: &str, twin_of: Option<&str>, adv_acc: f64, clean_cost: f64| Row {
+            goal: "accuracy".into(),
+            attack: "ensemble".into(),
+            label: "ensemble".into(),
+            model: model.into(),
+            defense: "none".into(),
+            eps: Some(8.0 / 255.0),
+            clean_acc: Some(0.9),
+            adv_acc: Some(adv_acc),
+            clean_cost: Some(clean_cost),
+            adv_cost: Some(clean_cost),
+            twin_of: twin_of.map(String::from),
+            ..Row::default()
+        };
+        let mut tallied = cell("gated", None, 0.086, 0.66);
+        tallied.tally = Some(serde_json::json!({"images": 500, "members": [{"name": "apgd-ce", "fooled": 428, "robust_after": 0.144}, {"name": "square", "fooled": 29, "robust_after": 0.086}]}));
+        let rows = vec![tallied, cell("gated-twin", Some("gated"), 0.05, 1.02), cell("skipnet-twin", Some("skipnet"), 0.1, 1.0)];
+        let twins = twin_table(&rows);
+        assert!(twins.contains("| gated | ensemble | none | 8/255 | 90.0 → 8.6 | 90.0 → 5.0 | 0.660 → 0.660 | 1.020 → 1.020 |"), "{twins}");
+        assert!(!twins.contains("| skipnet |"), "a twin without its base model has no row: {twins}");
+        let tallies = ensemble_table(&rows);
+        assert!(tallies.contains("| gated | none | – | ensemble | 8/255 | 90.0 | apgd-ce 14.4 → square 8.6 |"), "{tallies}");
+        assert_eq!(ensemble_table(&rows[1..]), "", "no tally, no section");
     }
 }

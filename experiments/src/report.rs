@@ -66,6 +66,10 @@ pub(crate) struct Row {
     /// A detector's rates (`kind`, `threshold`, `false_positive_rate`, `true_positive_rate`,
     /// `undetected_adv_cost`), for detector cells.
     pub(crate) detector: Option<Value>,
+    /// The attack's tally (the ensemble's robust accuracy after each member), when it kept one.
+    pub(crate) tally: Option<Value>,
+    /// For a static-twin variant, the model it is the twin of.
+    pub(crate) twin_of: Option<String>,
     /// The design the model stands for (RQ3's axes).
     pub(crate) design: Design,
 }
@@ -141,6 +145,8 @@ impl Row {
             adv_gate_rates: nums(r, "adv_gate_rates"),
             flags: r.get("flags").and_then(Value::as_array).map_or(Vec::new(), |a| a.iter().map(flag_text).collect()),
             detector: r.get("detector").cloned(),
+            tally: r.get("tally").filter(|t| !t.is_null()).cloned(),
+            twin_of: k.model.twin.then(|| k.model.base.clone()),
             design: Design::of(&k.model, bases),
         }
     }
@@ -278,6 +284,8 @@ fn markdown(title: &str, rows: &[Row], worst_case: &str, plot_dir: &Path, files:
     md += worst_case;
     md += &crate::findings::defense_table(rows);
     md += &crate::findings::detector_table(rows);
+    md += &crate::findings::twin_table(rows);
+    md += &crate::findings::ensemble_table(rows);
     md += "## Plots\n\n";
     let sections: [(&str, PlotFn); 6] = [
         ("Cost vs ε (white-box, undefended)", |r, d| eps_plots(r, d, "cost", COST)),
