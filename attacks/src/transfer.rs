@@ -27,35 +27,19 @@ impl Transfer {
 }
 
 impl Attack for Transfer {
+    dynrobust_core::delegate_attack!(inner; goal, iterations, budget, batch_independent, fit_images, set_fit_data);
     fn name(&self) -> &'static str {
         "transfer"
     }
-    fn goal(&self) -> Goal {
-        self.inner.goal()
-    }
+    /// The surrogate's gradients, not the victim's: nothing is asked of the victim.
     fn requirements(&self) -> Requirements {
         Requirements::default()
     }
     fn config_json(&self) -> serde_json::Value {
         serde_json::json!({"inner": self.inner.name(), "inner_config": self.inner.config_json(), "surrogate": self.surrogate.name()})
     }
-    fn iterations(&self) -> Option<usize> {
-        self.inner.iterations()
-    }
-    fn budget(&self) -> Option<(f64, Norm)> {
-        self.inner.budget()
-    }
     fn perturb(&self, _victim: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         self.inner.perturb(&*self.surrogate, x, y)
-    }
-    fn batch_independent(&self) -> bool {
-        self.inner.batch_independent()
-    }
-    fn fit_images(&self) -> Option<i64> {
-        self.inner.fit_images()
-    }
-    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
-        self.inner.set_fit_data(images)
     }
 }
 

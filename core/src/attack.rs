@@ -233,3 +233,46 @@ pub fn steepest(g: &Tensor, norm: Norm) -> Tensor {
         Norm::L2 => g / per_sample_norm(g, 2.0).clamp_min(1e-12).view([-1, 1, 1, 1]),
     }
 }
+
+/// Writes the [`Attack`] methods a wrapper hands on unchanged to the attack it wraps: inside an
+/// `impl Attack for W`, `delegate_attack!(inner; name, goal, budget)` forwards those methods to
+/// `self.inner` (a `Box<dyn Attack>`, `&dyn Attack` or any attack). The method names are any of
+/// `name`, `goal`, `requirements`, `config_json`, `budget`, `iterations`, `batch_independent`,
+/// `fit_images`, `set_fit_data` and `take_tally`; the wrapper writes `perturb` and whatever
+/// it changes itself.
+#[macro_export]
+macro_rules! delegate_attack {
+    ($inner:ident; $($method:ident),+ $(,)?) => {
+        $( $crate::delegate_attack!(@one $inner $method); )+
+    };
+    (@one $inner:ident name) => {
+        fn name(&self) -> &'static str { self.$inner.name() }
+    };
+    (@one $inner:ident goal) => {
+        fn goal(&self) -> $crate::attack::Goal { self.$inner.goal() }
+    };
+    (@one $inner:ident requirements) => {
+        fn requirements(&self) -> $crate::attack::Requirements { self.$inner.requirements() }
+    };
+    (@one $inner:ident config_json) => {
+        fn config_json(&self) -> ::serde_json::Value { self.$inner.config_json() }
+    };
+    (@one $inner:ident budget) => {
+        fn budget(&self) -> ::std::option::Option<(f64, $crate::attack::Norm)> { self.$inner.budget() }
+    };
+    (@one $inner:ident iterations) => {
+        fn iterations(&self) -> ::std::option::Option<usize> { self.$inner.iterations() }
+    };
+    (@one $inner:ident batch_independent) => {
+        fn batch_independent(&self) -> bool { self.$inner.batch_independent() }
+    };
+    (@one $inner:ident fit_images) => {
+        fn fit_images(&self) -> ::std::option::Option<i64> { self.$inner.fit_images() }
+    };
+    (@one $inner:ident set_fit_data) => {
+        fn set_fit_data(&self, images: &::tch::Tensor) -> $crate::Result<()> { self.$inner.set_fit_data(images) }
+    };
+    (@one $inner:ident take_tally) => {
+        fn take_tally(&self) -> ::std::option::Option<::serde_json::Value> { self.$inner.take_tally() }
+    };
+}

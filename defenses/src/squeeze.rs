@@ -52,7 +52,7 @@
 //! # let _ = flagged; Ok(()) }
 //! ```
 
-use dynrobust_core::attack::{project, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{project, Attack, Goal};
 use dynrobust_core::defense::InputTransform;
 use dynrobust_core::{cost_of, DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
@@ -207,33 +207,13 @@ impl BestOfBoth<'_> {
 }
 
 impl Attack for BestOfBoth<'_> {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn goal(&self) -> Goal {
-        self.inner.goal()
-    }
-    fn requirements(&self) -> Requirements {
-        self.inner.requirements()
-    }
+    dynrobust_core::delegate_attack!(inner; name, goal, requirements, budget, batch_independent, fit_images, set_fit_data);
     fn config_json(&self) -> serde_json::Value {
         with_submits(self.inner, "per sample the better of the eot and fixed-point examples".into())
-    }
-    fn budget(&self) -> Option<(f64, Norm)> {
-        self.inner.budget()
     }
     /// Both attackers' iterations.
     fn iterations(&self) -> Option<usize> {
         self.inner.iterations().map(|n| 2 * n)
-    }
-    fn batch_independent(&self) -> bool {
-        self.inner.batch_independent()
-    }
-    fn fit_images(&self) -> Option<i64> {
-        self.inner.fit_images()
-    }
-    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
-        self.inner.set_fit_data(images)
     }
     fn perturb(&self, _model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let by_eot = self.inner.perturb(self.eot, x, y)?;
@@ -264,32 +244,9 @@ pub struct SubmitSqueezed<'a> {
 }
 
 impl Attack for SubmitSqueezed<'_> {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn goal(&self) -> Goal {
-        self.inner.goal()
-    }
-    fn requirements(&self) -> Requirements {
-        self.inner.requirements()
-    }
+    dynrobust_core::delegate_attack!(inner; name, goal, requirements, budget, iterations, batch_independent, fit_images, set_fit_data);
     fn config_json(&self) -> serde_json::Value {
         with_submits(self.inner, format!("fixed point of {}", self.squeezer.label()))
-    }
-    fn budget(&self) -> Option<(f64, Norm)> {
-        self.inner.budget()
-    }
-    fn iterations(&self) -> Option<usize> {
-        self.inner.iterations()
-    }
-    fn batch_independent(&self) -> bool {
-        self.inner.batch_independent()
-    }
-    fn fit_images(&self) -> Option<i64> {
-        self.inner.fit_images()
-    }
-    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
-        self.inner.set_fit_data(images)
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let crafted = self.inner.perturb(model, x, y)?;

@@ -13,7 +13,7 @@
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
-use dynrobust_core::attack::{Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::Attack;
 use dynrobust_core::{DynamicModel, Error, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -82,33 +82,7 @@ impl CraftCache {
 }
 
 impl Attack for CraftCache {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn goal(&self) -> Goal {
-        self.inner.goal()
-    }
-    fn requirements(&self) -> Requirements {
-        self.inner.requirements()
-    }
-    fn config_json(&self) -> Value {
-        self.inner.config_json()
-    }
-    fn iterations(&self) -> Option<usize> {
-        self.inner.iterations()
-    }
-    fn budget(&self) -> Option<(f64, Norm)> {
-        self.inner.budget()
-    }
-    fn batch_independent(&self) -> bool {
-        self.inner.batch_independent()
-    }
-    fn fit_images(&self) -> Option<i64> {
-        self.inner.fit_images()
-    }
-    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
-        self.inner.set_fit_data(images)
-    }
+    dynrobust_core::delegate_attack!(inner; name, goal, requirements, config_json, iterations, budget, batch_independent, fit_images, set_fit_data);
     /// The inner attack's tally, unless a batch came from the cache (its counts were not
     /// made in this run, so the tally would cover only part of it).
     fn take_tally(&self) -> Option<Value> {
