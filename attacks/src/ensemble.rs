@@ -6,6 +6,12 @@
 //! Square Attack (5,000 queries) — two white-box losses, a boundary search and a
 //! gradient-free search, so a defense that masks gradients is still caught.
 //!
+//! `version` picks AutoAttack's other presets (`autoattack.py`, `set_version`): `plus` —
+//! APGD-CE and APGD-DLR with 5 restarts each, FAB with 5 restarts, Square (5,000 queries),
+//! APGD-T, FAB-T; `rand`, for randomised defenses — APGD-CE and APGD-DLR, with the gradient
+//! averaged over the defense's own EOT draws (AutoAttack fixes 20; here the defense's `eot`
+//! setting decides). `attacks` lists members by hand instead.
+//!
 //! Per sample the output is the first member's example that fools the deployed model (read
 //! through the sparse pass), else the first member's own example (its highest-loss point).
 //!
@@ -13,6 +19,11 @@
 //! [[attacks]]
 //! name = "ensemble"
 //! params = { attacks = [{ name = "apgd-ce" }, { name = "square", params = { queries = 1000 } }] }
+//!
+//! [[attacks]]
+//! name = "ensemble"
+//! label = "autoattack-plus"
+//! params = { version = "plus" }
 //! ```
 
 use dynrobust_core::attack::{check_eps, Attack, Goal, Norm, Requirements};
@@ -32,6 +43,49 @@ pub struct Member {
     pub params: Value,
 }
 
+/// AutoAttack's presets (`autoattack.py`, `set_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Version {
+    /// APGD-CE, APGD-T, FAB-T, Square (5,000 queries).
+    Standard,
+    /// APGD-CE and APGD-DLR (5 restarts each), FAB (5 restarts), Square, APGD-T, FAB-T.
+    Plus,
+    /// APGD-CE and APGD-DLR, for randomised defenses (EOT over the defense's draws).
+    Rand,
+}
+
+impl Version {
+    /// The preset's members, all on the deployed prediction.
+    pub fn members(self) -> Vec<Member> {
+        let member = |name: &str, params: Value| Member { name: name.into(), params };
+        let deployed = |extra: Value| {
+            let mut p = json!({ "loss": "deployed" });
+            if let (Some(map), Some(more)) = (p.as_object_mut(), extra.as_object()) {
+                map.extend(more.clone());
+            }
+            p
+        };
+        match self {
+            Version::Standard => vec![
+                member("apgd-ce", deployed(json!({}))),
+                member("apgd-t", deployed(json!({}))),
+                member("fab-t", deployed(json!({}))),
+                member("square", json!({ "queries": 5000 })),
+            ],
+            Version::Plus => vec![
+                member("apgd-ce", deployed(json!({ "restarts": 5 }))),
+                member("apgd-dlr", deployed(json!({ "restarts": 5 }))),
+                member("fab", deployed(json!({ "restarts": 5 }))),
+                member("square", json!({ "queries": 5000 })),
+                member("apgd-t", deployed(json!({}))),
+                member("fab-t", deployed(json!({}))),
+            ],
+            Version::Rand => vec![member("apgd-ce", deployed(json!({}))), member("apgd-dlr", deployed(json!({})))],
+        }
+    }
+}
+
 /// Config of the ensemble.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,22 +94,27 @@ pub struct EnsembleConfig {
     pub eps: f64,
     /// Seed handed to every member that has one.
     pub seed: u64,
-    /// The members, in the order they run.
-    pub attacks: Vec<Member>,
+    /// One of AutoAttack's presets (`standard` when neither this nor `attacks` is set).
+    #[serde(default)]
+    pub version: Option<Version>,
+    /// The members by hand, in the order they run (instead of a `version`).
+    #[serde(default)]
+    pub attacks: Option<Vec<Member>>,
 }
 
 impl Default for EnsembleConfig {
     fn default() -> Self {
-        let member = |name: &str, params: Value| Member { name: name.into(), params };
-        EnsembleConfig {
-            eps: 8.0 / 255.0,
-            seed: 0,
-            attacks: vec![
-                member("apgd-ce", json!({ "loss": "deployed" })),
-                member("apgd-t", json!({ "loss": "deployed" })),
-                member("fab-t", json!({ "loss": "deployed" })),
-                member("square", json!({ "queries": 5000 })),
-            ],
+        EnsembleConfig { eps: 8.0 / 255.0, seed: 0, version: None, attacks: None }
+    }
+}
+
+impl EnsembleConfig {
+    /// The members this config runs: its own list, or its version's (standard by default).
+    pub fn members(&self) -> Result<Vec<Member>> {
+        match (&self.attacks, self.version) {
+            (Some(_), Some(_)) => Err(Error::config("version", "set `version` (a preset) or `attacks` (members by hand), not both")),
+            (Some(list), None) => Ok(list.clone()),
+            (None, version) => Ok(version.unwrap_or(Version::Standard).members()),
         }
     }
 }
@@ -75,11 +134,12 @@ impl Ensemble {
     /// a member must be an L∞ accuracy attack.
     pub fn new(cfg: EnsembleConfig, build: impl Fn(&str, &Value) -> Result<Box<dyn Attack>>) -> Result<Self> {
         check_eps("eps", cfg.eps)?;
-        if cfg.attacks.is_empty() {
+        let listed = cfg.members()?;
+        if listed.is_empty() {
             return Err(Error::config("attacks", "no members: expected at least one accuracy attack"));
         }
         let mut members = Vec::new();
-        for (i, m) in cfg.attacks.iter().enumerate() {
+        for (i, m) in listed.iter().enumerate() {
             let field = |f: &str| format!("attacks[{i}].{f}");
             if m.name == "ensemble" {
                 return Err(Error::config(field("name"), "an ensemble cannot contain an ensemble"));
@@ -122,7 +182,7 @@ impl Attack for Ensemble {
     }
     fn config_json(&self) -> Value {
         let members: Vec<Value> = self.members.iter().map(|m| json!({ "name": m.name(), "config": m.config_json() })).collect();
-        json!({ "eps": self.cfg.eps, "seed": self.cfg.seed, "attacks": members })
+        json!({ "eps": self.cfg.eps, "seed": self.cfg.seed, "version": self.cfg.version, "attacks": members })
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         Some((self.cfg.eps, Norm::Linf))

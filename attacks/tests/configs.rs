@@ -205,6 +205,9 @@ fn other_bad_values_are_refused_naming_the_field() {
         ("fab", json!({"targets": 3}), "targets"),
         ("fab-t", json!({"targets": 0}), "targets"),
         ("fab-t", json!({"restarts": 0}), "restarts"),
+        ("ensemble", json!({"version": "plus", "attacks": [{"name": "apgd-ce"}]}), "version"),
+        ("ensemble", json!({"version": "fast"}), "version"),
+        ("ensemble", json!({"attacks": []}), "attacks"),
     ];
     for (name, o, field) in cases {
         let err = build_err(name, &o);
@@ -284,4 +287,33 @@ fn transfer_refuses_a_surrogate_without_the_mechanism() {
     let inner = registry::build("pgd-linf", &json!({"steps": 1})).unwrap();
     let t = Transfer::new(inner, Box::new(common::committed("sdn"))).unwrap();
     assert!(t.check_model(&common::committed("static")).is_ok());
+}
+
+#[test]
+fn ensemble_versions_are_autoattacks_presets() {
+    // autoattack.py's set_version: the members in order, restarts and target classes
+    let members = |overrides: Value| -> Vec<(String, Value)> {
+        let attack = registry::build("ensemble", &overrides).unwrap();
+        let config = attack.config_json();
+        config["attacks"].as_array().unwrap().iter().map(|m| (m["name"].as_str().unwrap().to_string(), m["config"].clone())).collect()
+    };
+    let names = |ms: &[(String, Value)]| ms.iter().map(|m| m.0.clone()).collect::<Vec<_>>();
+    let standard = members(json!({}));
+    assert_eq!(names(&standard), ["apgd-ce", "apgd-t", "fab-t", "square"]);
+    assert_eq!(standard, members(json!({"version": "standard"})));
+    assert_eq!(standard[1].1["targets"], 9);
+    assert_eq!(standard[2].1["targets"], 9);
+    assert_eq!(standard[3].1["queries"], 5000);
+    let plus = members(json!({"version": "plus"}));
+    assert_eq!(names(&plus), ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]);
+    for m in &plus[..3] {
+        assert_eq!(m.1["restarts"], 5, "{}", m.0);
+    }
+    assert_eq!(plus[4].1["restarts"], 1);
+    assert_eq!(names(&members(json!({"version": "rand"}))), ["apgd-ce", "apgd-dlr"]);
+    // every preset member reads the deployed prediction and the ensemble's ε
+    for (name, config) in plus.iter().filter(|m| m.0 != "square") {
+        assert_eq!(config["loss"], "deployed", "{name}");
+    }
+    assert!(plus.iter().all(|m| m.1["eps"] == json!(8.0 / 255.0)));
 }
