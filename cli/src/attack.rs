@@ -221,6 +221,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
         let passed = d["undetected_adv_cost"].as_f64().map_or("none passed".to_string(), |c| format!("{c:.4}"));
         eprintln!("detector    {}: flags {:.1} % of attacked inputs, {:.1} % of clean ones (threshold {:.4}); mean cost of the attacked inputs it passes {passed}", d["kind"].as_str().unwrap_or("?"), rate("true_positive_rate"), rate("false_positive_rate"), d["threshold"].as_f64().unwrap_or(f64::NAN));
     }
+    print_tally(r.get("tally"));
     for flag in r["flags"].as_array().into_iter().flatten() {
         eprintln!("WARNING     {}", flag.as_str().unwrap_or("?"));
     }
@@ -232,6 +233,14 @@ fn run_defended(args: AttackArgs) -> Result<()> {
         println!("{}", serde_json::to_string(r)?);
     }
     Ok(())
+}
+
+/// The ensemble's robust accuracy after each member, when the record has a tally.
+fn print_tally(tally: Option<&Value>) {
+    if let Some(members) = tally.and_then(|t| t["members"].as_array()) {
+        let after: Vec<String> = members.iter().map(|m| format!("{} {:.2} %", m["name"].as_str().unwrap_or("?"), 100.0 * m["robust_after"].as_f64().unwrap_or(f64::NAN))).collect();
+        eprintln!("robust after {}", after.join(" → "));
+    }
 }
 
 fn print_table(r: &AttackRecord) {
@@ -251,10 +260,7 @@ fn print_table(r: &AttackRecord) {
     }
     let normalised = r.mse_normalised.map_or(String::new(), |m| format!(" ({m:.2e} in normalised units)"));
     eprintln!("perturbation L2 mean {:.4}  L∞ max {:.4}  MSE {:.2e}{normalised}", r.l2_mean, r.linf_max, r.mse);
-    if let Some(members) = r.tally.as_ref().and_then(|t| t["members"].as_array()) {
-        let after: Vec<String> = members.iter().map(|m| format!("{} {}", m["name"].as_str().unwrap_or("?"), pct(m["robust_after"].as_f64().unwrap_or(f64::NAN)))).collect();
-        eprintln!("robust after {}", after.join(" → "));
-    }
+    print_tally(r.tally.as_ref());
     eprintln!("energy (est.) clean {:.3} µJ  adv {:.3} µJ per image", r.clean_energy_j * 1e6, r.adv_energy_j * 1e6);
     match (&r.rapl_attack_j, &r.rapl_note) {
         (Some(j), _) => eprintln!("RAPL        {j:.3} J spent crafting"),
