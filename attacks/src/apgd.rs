@@ -177,24 +177,10 @@ impl Apgd {
         Ok(Probe { grad, loss: loss.expect("≥ 1 draw") / draws as f64, correct: correct.expect("≥ 1 draw") })
     }
 
-    fn random_start(&self, x: &Tensor, rng: &mut SeededRng) -> Tensor {
-        let c = &self.cfg;
-        let t = match c.norm {
-            Norm::Linf => rng.uniform_like(x) * 2.0 - 1.0,
-            Norm::L2 => rng.normal_like(x),
-        };
-        let p = match c.norm {
-            Norm::Linf => f64::INFINITY,
-            Norm::L2 => 2.0,
-        };
-        let scale = per_sample_norm(&t, p).clamp_min(1e-12).reciprocal().view([-1, 1, 1, 1]) * c.eps;
-        (x + t * scale).clamp(0.0, 1.0)
-    }
-
     fn run(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor, target: Option<&Tensor>, rng: &mut SeededRng) -> Result<RunResult> {
         let c = &self.cfg;
         let budget = (c.eps, c.norm);
-        let mut x_adv = self.random_start(x, rng);
+        let mut x_adv = start_on_sphere(x, c.norm, c.eps, rng);
         let mut probe = self.probe(model, &x_adv, y, target)?;
         let mut fooled = probe.correct.logical_not();
         let mut x_fool = x_adv.shallow_clone();
@@ -241,6 +227,17 @@ impl Apgd {
         }
         Ok(RunResult { x_fool, fooled, x_best, loss_best })
     }
+}
+
+/// AutoAttack's random start (APGD's, and FAB's restarts): `x + r·t/‖t‖` on the sphere of
+/// radius `r` in `norm` (L∞: t uniform in [−1, 1]; L2: t Gaussian), clipped to [0, 1].
+pub(crate) fn start_on_sphere(x: &Tensor, norm: Norm, radius: f64, rng: &mut SeededRng) -> Tensor {
+    let t = match norm {
+        Norm::Linf => rng.uniform_like(x) * 2.0 - 1.0,
+        Norm::L2 => rng.normal_like(x),
+    };
+    let scale = per_sample_norm(&t, norm.p()).clamp_min(1e-12).reciprocal().view([-1, 1, 1, 1]) * radius;
+    (x + t * scale).clamp(0.0, 1.0)
 }
 
 /// AutoAttack's `check_oscillation`: per sample, true when the loss rose in at most `rho·k`

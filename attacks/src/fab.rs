@@ -37,7 +37,8 @@ use dynrobust_core::{DynamicModel, Error, Pass, Result, Trace};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::ensemble::misclassified;
+use crate::apgd::start_on_sphere;
+use crate::ensemble::{in_turn, misclassified};
 use crate::losses::ExitLoss;
 
 /// Config of FAB (`fab`) and FAB-T (`fab-t`).
@@ -207,11 +208,6 @@ struct Boundaries {
     grad: Tensor,
 }
 
-/// `[B]` per-sample norm of `[B,…]` in the attack's norm.
-fn norm_of(t: &Tensor, norm: Norm) -> Tensor {
-    per_sample_norm(t, if norm == Norm::Linf { f64::INFINITY } else { 2.0 })
-}
-
 impl Fab {
     fn logits<'a>(&self, trace: &'a Trace) -> &'a Tensor {
         if self.cfg.loss == ExitLoss::Final {
@@ -281,38 +277,27 @@ impl Fab {
         let batch = x.size()[0];
         let shape = x.size();
         let x0 = x.view([batch, -1]);
-        let mut x1 = if random_start { self.random_start(x, rng) } else { x.copy() };
+        let mut x1 = if random_start { start_on_sphere(x, c.norm, 0.5 * c.eps, rng) } else { x.copy() };
         let mut adv = x.copy();
         let mut dist_best = Tensor::full([batch], 1e10, (Kind::Float, x.device()));
         for _ in 0..c.steps {
             let bounds = self.boundaries(model, &x1, y, target)?;
             let _guard = tch::no_grad_guard();
             let (d1, d2) = self.steps_onto_boundary(&bounds, &x1.view([batch, -1]), &x0);
-            let length = |d: &Tensor| norm_of(d, c.norm).clamp_min(1e-8);
+            let length = |d: &Tensor| per_sample_norm(d, c.norm.p()).clamp_min(1e-8);
             let (a1, a2) = (length(&d1), length(&d2));
             let alpha = (&a1 / (&a1 + &a2)).clamp(0.0, c.alpha_max).view([-1, 1, 1, 1]);
             let from_here = &x1 + d1.view(shape.as_slice()) * c.eta;
             let from_clean = x + d2.view(shape.as_slice()) * c.eta;
             x1 = (from_here * (-&alpha + 1.0) + from_clean * &alpha).clamp(0.0, 1.0);
             let fooled = misclassified(model, &x1, y)?;
-            let dist = norm_of(&(&x1 - x), c.norm);
+            let dist = per_sample_norm(&(&x1 - x), c.norm.p());
             let closer = fooled.logical_and(&dist.lt_tensor(&dist_best));
             adv = x1.where_self(&closer.view([-1, 1, 1, 1]), &adv);
             dist_best = dist.where_self(&closer, &dist_best);
             x1 = (x + (&x1 - x) * c.beta).where_self(&fooled.view([-1, 1, 1, 1]), &x1);
         }
         Ok((adv, dist_best))
-    }
-
-    /// AutoAttack's restart point: `x + (ε/2)·u/‖u‖` (L∞: u uniform in [−1, 1]; L2: Gaussian),
-    /// clipped to [0, 1].
-    fn random_start(&self, x: &Tensor, rng: &mut SeededRng) -> Tensor {
-        let u = match self.cfg.norm {
-            Norm::Linf => rng.uniform_like(x) * 2.0 - 1.0,
-            Norm::L2 => rng.normal_like(x),
-        };
-        let scale = norm_of(&u, self.cfg.norm).clamp_min(1e-12).reciprocal().view([-1, 1, 1, 1]) * (0.5 * self.cfg.eps);
-        (x + u * scale).clamp(0.0, 1.0)
     }
 }
 
@@ -346,29 +331,23 @@ impl Attack for Fab {
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let mut rng = SeededRng::new(self.cfg.seed);
         let order = tch::no_grad(|| model.forward_trace(x, Pass::Sparse).map(|t| t.logits.argsort(1, true)))?;
-        let mut robust = order.select(1, 0).eq_tensor(y);
-        let mut out = x.copy();
-        let targets: Vec<Option<i64>> = match self.cfg.targets.min(order.size()[1] as usize - 1) {
+        // only the samples classified correctly are attacked (AutoAttack's `pred`)
+        let correct = order.select(1, 0).eq_tensor(y).nonzero().squeeze_dim(1);
+        let (xc, yc, order) = (x.index_select(0, &correct), y.index_select(0, &correct), order.index_select(0, &correct));
+        let ranks: Vec<Option<i64>> = match self.cfg.targets.min(order.size()[1] as usize - 1) {
             0 => vec![None],
             n => (1..=n as i64).map(Some).collect(),
         };
-        for rank in targets {
-            for restart in 0..self.cfg.restarts {
-                let todo = robust.nonzero().squeeze_dim(1);
-                if todo.numel() == 0 {
-                    return Ok(out.detach());
-                }
-                let (xs, ys) = (x.index_select(0, &todo), y.index_select(0, &todo));
-                let target = rank.map(|r| order.index_select(0, &todo).select(1, r));
-                let (adv, dist) = self.run(model, &xs, &ys, target.as_ref(), restart > 0, &mut rng)?;
-                let success = misclassified(model, &adv, &ys)?.logical_and(&dist.le(self.cfg.eps));
-                tch::no_grad(|| {
-                    out = out.index_copy(0, &todo, &adv.where_self(&success.view([-1, 1, 1, 1]), &xs));
-                    robust = robust.index_copy(0, &todo, &success.logical_not());
-                });
-            }
-        }
-        Ok(out.detach())
+        // every target's restarts in turn, each on the samples no earlier run fooled
+        let restarts = self.cfg.restarts;
+        let found = in_turn(&xc, ranks.len() * restarts, |i, todo| {
+            let (xs, ys) = (xc.index_select(0, todo), yc.index_select(0, todo));
+            let target = ranks[i / restarts].map(|r| order.index_select(0, todo).select(1, r));
+            let (adv, dist) = self.run(model, &xs, &ys, target.as_ref(), i % restarts > 0, &mut rng)?;
+            let success = misclassified(model, &adv, &ys)?.logical_and(&dist.le(self.cfg.eps));
+            Ok((tch::no_grad(|| adv.where_self(&success.view([-1, 1, 1, 1]), &xs)), success))
+        })?;
+        Ok(x.index_copy(0, &correct, &found).detach())
     }
 }
 

@@ -51,6 +51,14 @@ impl Norm {
             other => Err(Error::config("norm", format!("`{other}`: expected linf or l2"))),
         }
     }
+
+    /// The norm's p, for [`per_sample_norm`] (∞ for L∞).
+    pub fn p(self) -> f64 {
+        match self {
+            Norm::Linf => f64::INFINITY,
+            Norm::L2 => 2.0,
+        }
+    }
 }
 
 /// A white-box or transfer attack.
