@@ -206,6 +206,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
         (Adaptivity::Oblivious, _) => "OBLIVIOUS attack: crafted on the bare model",
         (Adaptivity::Adaptive, true) if attacker == Some(SqueezeAttacker::FixedPoint) => "detector; adaptive attack: crafted through the squeezer, submits the squeezed example (a fixed point)",
         (Adaptivity::Adaptive, true) if attacker == Some(SqueezeAttacker::Best) => "detector; adaptive attack: eot and fixed-point, per sample the example that passes and costs more",
+        (Adaptivity::Adaptive, true) if attacker == Some(SqueezeAttacker::Penalty) => "detector; adaptive attack: best, then refined against a penalty on the detector's own score",
         (Adaptivity::Adaptive, true) => "detector; adaptive attack: crafted on x and its squeezed copies (EOT)",
         (Adaptivity::Adaptive, false) => "adaptive attack",
     };

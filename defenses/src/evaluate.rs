@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tch::Tensor;
 
 use crate::guards::{apply_budget, CostMonitor, DetectionReport};
-use crate::squeeze::{BestOfBoth, SqueezeAttacker, SqueezeDetector};
+use crate::squeeze::{BestOfBoth, PenaltyRefined, SqueezeAttacker, SqueezeDetector};
 use crate::registry::{build_transform, build_transform_on, DefenseSpec};
 use crate::sanity::gradient_flags;
 use crate::Defended;
@@ -88,13 +88,13 @@ pub fn run_defended(
     let craft_model: &dyn DynamicModel = craft.as_deref().unwrap_or(&*eval);
     // feature squeezing's adaptive attackers beyond `eot` wrap the attack: `fixed-point`
     // submits squeezed examples; `best` also needs the calibrated detector and a second
-    // crafting model (through the squeezer alone)
+    // crafting model (through the squeezer alone); `penalty` refines `best`'s examples
     let squeeze = match (defense, mode) {
         (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) => Some(cfg),
         _ => None,
     };
     let best_parts = match squeeze {
-        Some(cfg) if cfg.attacker == SqueezeAttacker::Best => {
+        Some(cfg) if cfg.attacker.knows_threshold() => {
             let detector = SqueezeDetector::calibrate(cfg.clone(), &*eval, &needed(calibration)?.images, batch)?;
             Some((detector, Defended::new(load()?, cfg.squeezers()?.remove(0))))
         }
@@ -102,7 +102,11 @@ pub fn run_defended(
     };
     let wrapped: Option<Box<dyn Attack + '_>> = match (squeeze, &best_parts) {
         (Some(cfg), Some((detector, through_squeezer))) => {
-            Some(Box::new(BestOfBoth { inner: attack, eot: craft_model, fixed: cfg.submit_squeezed(attack)?, through_squeezer, bare: &*eval, detector, batch }))
+            let best = BestOfBoth { inner: attack, eot: craft_model, fixed: cfg.submit_squeezed(attack)?, through_squeezer, bare: &*eval, detector, batch };
+            Some(match cfg.attacker {
+                SqueezeAttacker::Penalty => Box::new(PenaltyRefined { start: best, steps: cfg.penalty_steps }),
+                _ => Box::new(best),
+            })
         }
         (Some(cfg), None) if cfg.attacker == SqueezeAttacker::FixedPoint => Some(Box::new(cfg.submit_squeezed(attack)?)),
         _ => None,
@@ -183,6 +187,7 @@ fn describe(defense: &DefenseSpec) -> Result<(String, String, Value)> {
                 SqueezeAttacker::Eot => "",
                 SqueezeAttacker::FixedPoint => ",fixed-point",
                 SqueezeAttacker::Best => ",best",
+                SqueezeAttacker::Penalty => ",penalty",
             };
             ("squeeze".into(), format!("squeeze(b{},m{},{:?},p{}{attacker})", cfg.bits, cfg.median, cfg.score, cfg.percentile).to_lowercase(), serde_json::to_value(cfg)?)
         }

@@ -216,7 +216,7 @@ impl DefenseSpec {
             (DefenseSpec::Squeeze(cfg), Adaptivity::Adaptive) => cfg.adaptive_squeezer().map(|_| ()),
             (DefenseSpec::Squeeze(cfg), Adaptivity::Oblivious) if cfg.attacker != crate::squeeze::SqueezeAttacker::Eot => Err(Error::config(
                 "attacker",
-                "`fixed-point` and `best` are adaptive attackers: an oblivious run would ignore them (and repeat the plain oblivious cell); drop `attacker` or evaluate adaptively",
+                "`fixed-point`, `best` and `penalty` are adaptive attackers: an oblivious run would ignore them (and repeat the plain oblivious cell); drop `attacker` or evaluate adaptively",
             )),
             _ => Ok(()),
         }

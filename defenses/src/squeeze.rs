@@ -52,7 +52,8 @@
 //! # let _ = flagged; Ok(()) }
 //! ```
 
-use dynrobust_core::attack::{project, Attack, Goal};
+use dynrobust_attacks::losses::soft_cost_per_sample;
+use dynrobust_core::attack::{input_grad, project, steepest, Attack, Goal};
 use dynrobust_core::defense::InputTransform;
 use dynrobust_core::{cost_of, DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
@@ -91,12 +92,21 @@ pub enum SqueezeAttacker {
     /// calibrated detector lets pass over one it flags, else the one that costs more (for an
     /// accuracy attack: that fools the model). A white-box attacker knows the threshold.
     Best,
+    /// `best`, then `penalty_steps` steps of projected gradient ascent on the attack's value
+    /// minus a penalty on the detector's own score above 0.9 × its threshold
+    /// ([`PenaltyRefined`]); per sample the better example for the attacker over `best`'s and
+    /// every step's, judged as `best` judges.
+    Penalty,
 }
 
 impl SqueezeAttacker {
     /// True for the attackers that submit squeezed examples (bit depth only).
     pub fn uses_fixed_point(self) -> bool {
-        matches!(self, SqueezeAttacker::FixedPoint | SqueezeAttacker::Best)
+        matches!(self, SqueezeAttacker::FixedPoint | SqueezeAttacker::Best | SqueezeAttacker::Penalty)
+    }
+    /// The attackers that judge examples by the calibrated detector (`best`, `penalty`).
+    pub fn knows_threshold(self) -> bool {
+        matches!(self, SqueezeAttacker::Best | SqueezeAttacker::Penalty)
     }
 }
 
@@ -114,14 +124,27 @@ pub struct SqueezeConfig {
     pub percentile: f64,
     /// Clean calibration images (from the training split, never the test images).
     pub calibration: i64,
-    /// The adaptive attacker: `eot` or `fixed-point` (ignored by an oblivious run).
+    /// The adaptive attacker: `eot`, `fixed-point`, `best` or `penalty` (an oblivious run
+    /// refuses all but `eot`).
     #[serde(default)]
     pub attacker: SqueezeAttacker,
+    /// Refinement steps of the `penalty` attacker, ≥ 1 (omitted from stored configs at its
+    /// default, 50).
+    #[serde(default = "default_penalty_steps", skip_serializing_if = "is_default_penalty_steps")]
+    pub penalty_steps: usize,
+}
+
+fn default_penalty_steps() -> usize {
+    50
+}
+
+fn is_default_penalty_steps(steps: &usize) -> bool {
+    *steps == default_penalty_steps()
 }
 
 impl Default for SqueezeConfig {
     fn default() -> Self {
-        SqueezeConfig { bits: 4, median: 0, score: SqueezeScore::Both, percentile: 95.0, calibration: 2000, attacker: SqueezeAttacker::Eot }
+        SqueezeConfig { bits: 4, median: 0, score: SqueezeScore::Both, percentile: 95.0, calibration: 2000, attacker: SqueezeAttacker::Eot, penalty_steps: default_penalty_steps() }
     }
 }
 
@@ -138,8 +161,11 @@ impl SqueezeConfig {
         if self.attacker.uses_fixed_point() && (self.bits == 0 || self.median != 0) {
             return Err(Error::config(
                 "attacker",
-                format!("`fixed-point` and `best` submit a fixed point of the bit-depth squeezer: they need bits ≥ 1 and median = 0 (a median filter is not idempotent), got bits = {}, median = {}; use attacker = \"eot\"", self.bits, self.median),
+                format!("`fixed-point`, `best` and `penalty` submit a fixed point of the bit-depth squeezer: they need bits ≥ 1 and median = 0 (a median filter is not idempotent), got bits = {}, median = {}; use attacker = \"eot\"", self.bits, self.median),
             ));
+        }
+        if self.penalty_steps == 0 {
+            return Err(Error::config("penalty_steps", "0: expected ≥ 1 refinement steps"));
         }
         Ok(self)
     }
@@ -167,7 +193,7 @@ impl SqueezeConfig {
     pub fn adaptive_squeezer(&self) -> Result<Box<dyn InputTransform>> {
         let mut squeezers = self.squeezers()?;
         Ok(match self.attacker {
-            SqueezeAttacker::Eot | SqueezeAttacker::Best => Box::new(SqueezeOrIdentity { squeezers, calls: std::cell::Cell::new(0) }),
+            SqueezeAttacker::Eot | SqueezeAttacker::Best | SqueezeAttacker::Penalty => Box::new(SqueezeOrIdentity { squeezers, calls: std::cell::Cell::new(0) }),
             SqueezeAttacker::FixedPoint => squeezers.remove(0),
         })
     }
@@ -223,6 +249,93 @@ impl Attack for BestOfBoth<'_> {
         let tie_fixed_better = pass_f.eq_tensor(&pass_e).logical_and(&value_f.gt_tensor(&value_e));
         let take_fixed = only_fixed_passes.logical_or(&tie_fixed_better).view([-1, 1, 1, 1]);
         Ok(by_fixed.where_self(&take_fixed, &by_eot))
+    }
+}
+
+/// Weight λ of the `penalty` attacker's score penalty (the attack's value is a cost in [0, 1]
+/// or a logit margin; λ = 10 makes any excess over the margin dominate the step's sign).
+pub const PENALTY_WEIGHT: f64 = 10.0;
+/// The penalty starts at this fraction of the detector's threshold, so that the refined
+/// examples keep a little slack under it.
+pub const PENALTY_MARGIN: f64 = 0.9;
+
+/// The `penalty` attacker: a detector-aware refinement in the spirit of Carlini & Wagner
+/// ("Adversarial Examples Are Not Easily Detected: Bypassing Ten Detection Methods", AISec
+/// 2017), who add the detector's score to the attack's loss. It starts from the `best`
+/// attacker's examples ([`BestOfBoth`]) and takes `steps` projected steepest-ascent steps
+/// (signed for L∞, normalised for L2, α = 2.5·ε/steps, inside `inner`'s budget) on
+/// `J(x) = V(x) − λ·relu(Ŝ(x) − m·τ)` per sample (λ [`PENALTY_WEIGHT`], m [`PENALTY_MARGIN`],
+/// τ the calibrated threshold):
+/// - `V`: the attack's value on the bare model's dense pass — the soft cost
+///   ([`soft_cost_per_sample`]) for energy goals, `−relu(z_y − max_{j≠y} z_j)` (zero once
+///   fooled) for accuracy, their sum for both;
+/// - `Ŝ`: the detector's score ([`squeeze_score`]) with the soft cost in its compute part,
+///   each squeezer differentiated as it says (BPDA for bit depth).
+///
+/// After every step each sample keeps the better example for the attacker, judged as `best`
+/// judges (the real detector and the real cost), so it is never worse than `best`.
+pub struct PenaltyRefined<'a> {
+    pub start: BestOfBoth<'a>,
+    pub steps: usize,
+}
+
+impl PenaltyRefined<'_> {
+    /// `J` summed over the batch (see the type's docs).
+    fn objective(&self, x_adv: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let (bare, detector) = (self.start.bare, self.start.detector);
+        let outputs = |x: &Tensor| -> Result<(Tensor, Tensor)> {
+            let trace = bare.forward_trace(x, Pass::Dense)?;
+            Ok((trace.logits.softmax(1, Kind::Float), soft_cost_per_sample(bare, &trace)))
+        };
+        let trace = bare.forward_trace(x_adv, Pass::Dense)?;
+        let (probs, cost) = (trace.logits.softmax(1, Kind::Float), soft_cost_per_sample(bare, &trace));
+        let squeezed = detector.squeezers.iter().map(|s| outputs(&s.forward_differentiable(x_adv)?)).collect::<Result<Vec<_>>>()?;
+        let score = squeeze_score(detector.config.score, &probs, &cost, &squeezed);
+        let fooling = || -> Tensor {
+            let others = trace.logits.scatter_value(1, &y.unsqueeze(1), f64::NEG_INFINITY).amax(&[1i64][..], false);
+            -(trace.logits.gather(1, &y.unsqueeze(1), false).squeeze_dim(1) - others).relu()
+        };
+        let value = match self.start.inner.goal() {
+            Goal::Energy => cost.shallow_clone(),
+            Goal::Accuracy => fooling(),
+            Goal::Both => &cost + fooling(),
+        };
+        let penalty = (score - PENALTY_MARGIN * detector.threshold).relu() * PENALTY_WEIGHT;
+        Ok((value.to_kind(Kind::Double) - penalty).sum(Kind::Double))
+    }
+}
+
+impl Attack for PenaltyRefined<'_> {
+    dynrobust_core::delegate_attack!(start; name, goal, requirements, budget, batch_independent, fit_images, set_fit_data);
+    fn config_json(&self) -> serde_json::Value {
+        with_submits(
+            self.start.inner,
+            format!("per sample the best of the eot and fixed-point examples and {} detector-penalised refinement steps (λ {PENALTY_WEIGHT}, margin {PENALTY_MARGIN})", self.steps),
+        )
+    }
+    /// `best`'s iterations and the refinement steps.
+    fn iterations(&self) -> Option<usize> {
+        self.start.iterations().map(|n| n + self.steps)
+    }
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let Some((eps, norm)) = self.start.inner.budget() else {
+            return Err(Error::config("attacker", format!("`penalty` refines within the attack's ε-ball, and `{}` has none here; use attacker = \"best\"", self.start.inner.name())));
+        };
+        let mut best = self.start.perturb(model, x, y)?;
+        let (mut best_passes, mut best_value) = self.start.judge(&best, y)?;
+        let mut x_adv = best.shallow_clone();
+        let alpha = 2.5 * eps / self.steps as f64;
+        for _ in 0..self.steps {
+            let (g, _) = input_grad(&x_adv, |xa| self.objective(xa, y))?;
+            x_adv = tch::no_grad(|| project(&(&x_adv + steepest(&g, norm) * alpha), x, eps, norm));
+            let (passes, value) = self.start.judge(&x_adv, y)?;
+            let newly_passes = passes.logical_and(&best_passes.logical_not());
+            let better = newly_passes.logical_or(&passes.eq_tensor(&best_passes).logical_and(&value.gt_tensor(&best_value)));
+            best = x_adv.where_self(&better.view([-1, 1, 1, 1]), &best);
+            best_passes = best_passes.logical_or(&passes);
+            best_value = value.where_self(&better, &best_value);
+        }
+        Ok(best)
     }
 }
 
