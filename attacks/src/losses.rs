@@ -180,22 +180,32 @@ pub fn efficacy_auc(histogram: &[i64], exit_costs: &[f64]) -> f64 {
     xs.windows(2).zip(ys.windows(2)).map(|(x, y)| (x[1] - x[0]) * (y[0] + y[1]) / 2.0).sum()
 }
 
-/// Temperature of the soft exit rule in [`soft_cost_per_sample`]: `σ((conf − q)/T)`.
-pub const SOFT_EXIT_TEMPERATURE: f64 = 0.05;
+/// Temperature of the soft decisions in [`soft_cost_per_sample`]: a gate runs its block with
+/// weight `σ((p − 0.5)/T)`, an exit takes a sample with `σ((conf − q)/T)`.
+pub const SOFT_DECISION_TEMPERATURE: f64 = 0.05;
+
+/// The soft form of the decision `value > threshold`: `σ((value − threshold)/T)`.
+fn soft_decision(value: &Tensor, threshold: f64) -> Tensor {
+    ((value.to_kind(Kind::Float) - threshold) / SOFT_DECISION_TEMPERATURE).sigmoid()
+}
 
 /// A differentiable stand-in `[B]` for the per-sample cost of a (dense) trace, for attacks
 /// that must trade compute against another term:
-/// - gated models: `Σ_j g_j·w_j`, each gate's soft probability times the share of the static
-///   MACs its block holds (the same expected cost the cost-cap defense penalises), plus the
-///   share of the ungated blocks;
+/// - gated models: `Σ_j σ((p_j − 0.5)/T)·w_j`, each gate's soft decision on its execute
+///   probability `p_j` times the share of the static MACs its block holds, plus the share of
+///   the ungated blocks (T [`SOFT_DECISION_TEMPERATURE`]; the gates decide `p_j > 0.5`, and
+///   the committed gates' `p_j` mostly lie in 0.3–0.8, so `Σ p_j·w_j` — the expected cost the
+///   cost-cap defense penalises — follows the hard cost less closely: Pearson correlation with
+///   the hard cost over the first 32 test images 0.44 for `gated`, 0.68 with the soft decision;
+///   0.50 for `skipnet`, 0.97 for `sdn`);
 /// - exit models: the expected cost under a soft exit rule, sample leaves at exit i with
-///   probability `e_i Π_{j<i} (1 − e_j)`, `e_i = σ((max softmax(z_i) − q)/T)`
-///   ([`SOFT_EXIT_TEMPERATURE`]), and at the final head with `Π_j (1 − e_j)`, each exit
-///   weighted by its cost ([`DynamicModel::exit_costs`]);
+///   probability `e_i Π_{j<i} (1 − e_j)`, `e_i = σ((max softmax(z_i) − q)/T)`, and at the
+///   final head with `Π_j (1 − e_j)`, each exit weighted by its cost
+///   ([`DynamicModel::exit_costs`]);
 /// - a model with no dynamic mechanism (or its static twin): its constant cost 1.
 ///
-/// It is not the cost metric, which counts the hard decisions: as T → 0 and the gates saturate
-/// it tends to the cost up to the constant units (stem, shortcuts, head, gates, ICs).
+/// It is not the cost metric, which counts the hard decisions: as T → 0 it tends to the cost
+/// up to the units every sample runs (stem, shortcuts, head, gates, ICs).
 pub fn soft_cost_per_sample(model: &dyn dynrobust_core::DynamicModel, trace: &Trace) -> Tensor {
     use dynrobust_core::{Family, UnitKind};
     let batch = trace.logits.size()[0];
@@ -206,14 +216,14 @@ pub fn soft_cost_per_sample(model: &dyn dynrobust_core::DynamicModel, trace: &Tr
             let blocks: Vec<f64> = model.units().iter().filter(|u| u.kind == UnitKind::Block).map(|u| u.macs as f64 / stat).collect();
             let gated = &blocks[blocks.len().saturating_sub(gates)..];
             let ungated: f64 = blocks[..blocks.len().saturating_sub(gates)].iter().sum();
-            trace.gate_probs.iter().zip(gated).fold(constant(ungated), |cost, (g, w)| cost + g.to_kind(Kind::Float) * *w)
+            trace.gate_probs.iter().zip(gated).fold(constant(ungated), |cost, (p, w)| cost + soft_decision(p, 0.5) * *w)
         }
         (Family::EarlyExit { threshold, .. }, Some(exit_costs)) if exit_costs.len() == trace.exit_logits.len() + 1 => {
             let mut remaining = constant(1.0);
             let mut cost = constant(0.0);
             for (z, c) in trace.exit_logits.iter().zip(&exit_costs) {
                 let confidence = z.softmax(1, Kind::Float).amax(&[1i64][..], false);
-                let leaves = ((confidence - threshold) / SOFT_EXIT_TEMPERATURE).sigmoid();
+                let leaves = soft_decision(&confidence, threshold);
                 cost = cost + &remaining * &leaves * *c;
                 remaining = &remaining * (1.0 - leaves);
             }

@@ -231,3 +231,66 @@ fn the_best_attacker_is_flagged_only_where_both_attackers_are() {
     // … and is flagged only where both are
     assert!(tpr_best <= tpr_eot.min(tpr_fixed) + 1e-9, "best {tpr_best} vs eot {tpr_eot}, fixed-point {tpr_fixed}");
 }
+
+#[test]
+fn the_penalty_attacker_is_never_worse_than_best_per_sample() {
+    let _lock = torch_lock();
+    let calibration = DataSource::FashionMnist.load(Split::Train, None).unwrap().take(200);
+    let data = test_images(64);
+    let attack = registry::build("deepsloth", &json!({ "eps": EPS, "steps": 10 })).unwrap();
+    let sdn = load_committed("sdn");
+    let load = || Ok(AnyModel::Native(load_committed("sdn")));
+    let run = |attacker: &str| {
+        let spec = DefenseSpec::parse("squeeze", &json!({ "calibration": 200, "attacker": attacker, "penalty_steps": 10 })).unwrap();
+        run_defended(load().unwrap(), &load, &spec, Adaptivity::Adaptive, &*attack, &data, Some(&calibration), 64, &mut |_| {}).unwrap()
+    };
+    let (best, penalty) = (run("best"), run("penalty"));
+    assert_eq!(penalty.record["iterations"].as_u64(), best.record["iterations"].as_u64().map(|n| n + 10), "{}", penalty.record);
+    // the same detector the runs were judged by
+    let config = SqueezeConfig { calibration: 200, ..SqueezeConfig::default() };
+    let detector = SqueezeDetector::calibrate(config, &sdn, &calibration.images, 64).unwrap();
+    let judge = |x: &Tensor| -> (Vec<bool>, Vec<f64>) {
+        let passes = Vec::try_from(detector.scores(&sdn, x, 64).unwrap().le(detector.threshold)).unwrap();
+        let costs = Vec::try_from(cost_of(&tch::no_grad(|| sdn.forward_trace(x, Pass::Sparse)).unwrap(), &sdn)).unwrap();
+        (passes, costs)
+    };
+    let ((pass_best, cost_best), (pass_pen, cost_pen)) = (judge(&best.x_adv), judge(&penalty.x_adv));
+    let mut strictly_better = 0;
+    for i in 0..64 {
+        assert!(pass_pen[i] || !pass_best[i], "sample {i}: best's example passes, penalty's is flagged");
+        if pass_pen[i] == pass_best[i] {
+            assert!(cost_pen[i] >= cost_best[i] - 1e-12, "sample {i}: cost {} under penalty vs {} under best", cost_pen[i], cost_best[i]);
+        }
+        strictly_better += usize::from(pass_pen[i] > pass_best[i] || (pass_pen[i] == pass_best[i] && cost_pen[i] > cost_best[i] + 1e-12));
+    }
+    let tpr = |o: &dynrobust_defenses::evaluate::DefendedOutcome| o.record["detector"]["true_positive_rate"].as_f64().unwrap();
+    eprintln!("TPR best {:.3}, penalty {:.3}; penalty better on {strictly_better} of 64 samples", tpr(&best), tpr(&penalty));
+    assert!(tpr(&penalty) <= tpr(&best) + 1e-12);
+    // and the refinement finds something on the committed sdn: flagged examples it gets
+    // through or passing ones it makes costlier
+    assert!(strictly_better > 0, "the refinement never improved on best");
+    // within the budget
+    let delta = (&penalty.x_adv - &data.images).abs().max().double_value(&[]);
+    assert!(delta <= EPS + 1e-6 && penalty.x_adv.min().double_value(&[]) >= 0.0 && penalty.x_adv.max().double_value(&[]) <= 1.0, "outside the budget: {delta}");
+}
+
+#[test]
+fn the_penalty_attacker_needs_steps_a_budget_and_an_adaptive_run() {
+    let err = DefenseSpec::parse("squeeze", &json!({ "attacker": "penalty", "penalty_steps": 0 })).unwrap_err().to_string();
+    assert!(err.contains("penalty_steps"), "{err}");
+    let err = DefenseSpec::parse("squeeze", &json!({ "attacker": "penalty", "median": 2 })).unwrap_err().to_string();
+    assert!(err.contains("attacker") && err.contains("idempotent"), "{err}");
+    let spec = DefenseSpec::parse("squeeze", &json!({ "attacker": "penalty" })).unwrap();
+    let err = spec.check_mode(Adaptivity::Oblivious).unwrap_err().to_string();
+    assert!(err.contains("attacker") && err.contains("adaptive"), "{err}");
+    // an attack with no ε-ball (ILFO's faithful box) has nothing to refine within
+    let _lock = torch_lock();
+    let calibration = DataSource::FashionMnist.load(Split::Train, None).unwrap().take(20);
+    let data = test_images(4);
+    let attack = registry::build("ilfo", &json!({ "steps": 2 })).unwrap();
+    assert!(attack.budget().is_none(), "ILFO's default has no ε budget");
+    let load = || Ok(AnyModel::Native(load_committed("skipnet")));
+    let spec = DefenseSpec::parse("squeeze", &json!({ "calibration": 20, "attacker": "penalty" })).unwrap();
+    let err = run_defended(load().unwrap(), &load, &spec, Adaptivity::Adaptive, &*attack, &data, Some(&calibration), 4, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("attacker") && err.contains("ε"), "{err}");
+}
