@@ -23,8 +23,11 @@
 //! through the bit-depth squeezer and submits the squeezed example, projected onto the budget
 //! ([`SubmitSqueezed`]): a fixed point of the squeezer scores (nearly) 0, and the attacker
 //! keeps what survives the quantisation. `best` runs both and submits per sample the better
-//! example for the attacker ([`BestOfBoth`]). None penalises the score itself: a stronger
-//! detector-aware attack may exist. The report gives the clean false-positive rate, the
+//! example for the attacker ([`BestOfBoth`]). `penalty` ([`PenaltyRefined`]) goes on from
+//! `best`'s examples and penalises the detector's score itself (Carlini & Wagner, AISec 2017,
+//! add a detector's score to the attack's loss): projected ascent on the attack's value
+//! (a differentiable cost, or the logit margin) minus λ·relu(score − 0.9·threshold), keeping
+//! per sample the better example. The report gives the clean false-positive rate, the
 //! attacked true-positive rate and the mean cost of the attacked inputs that pass unflagged —
 //! what an attacker still gets through.
 //!
