@@ -19,7 +19,7 @@ fn shipped(name: &str) -> Study {
 fn shipped_studies_parse_and_expand() {
     let quick = shipped("quick.toml");
     assert_eq!(quick.name, "quick");
-    assert_eq!(quick.cells.len(), 90, "quick.toml grid size changed");
+    assert_eq!(quick.cells.len(), 88, "quick.toml grid size changed");
     for c in &quick.cells {
         let k = &c.config;
         match k.attack.name.as_str() {
@@ -32,6 +32,10 @@ fn shipped_studies_parse_and_expand() {
             assert_eq!(k.defense.name, "none");
         }
     }
+    // the detector-aware attacker refines inside an ε-ball: DeepSloth and GradMDM at both ε
+    let penalised: Vec<_> = quick.cells.iter().filter(|c| c.config.defense.label == "squeeze-penalty").collect();
+    assert_eq!(penalised.len(), 6);
+    assert!(penalised.iter().all(|c| c.config.eps.is_some() && c.config.defense.mode == Some(DefenseMode::Adaptive)));
     let gradmdm = quick.cells.iter().find(|c| c.config.attack.name == "gradmdm").unwrap();
     assert_eq!(gradmdm.config.attack.params["mode"], "fixed");
 
