@@ -220,7 +220,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     if let Some(d) = r.get("detector") {
         let rate = |k: &str| 100.0 * d[k].as_f64().unwrap_or(f64::NAN);
         let passed = d["undetected_adv_cost"].as_f64().map_or("none passed".to_string(), |c| format!("{c:.4}"));
-        eprintln!("detector    {}: flags {:.1} % of attacked inputs, {:.1} % of clean ones (threshold {:.4}); mean cost of the attacked inputs it passes {passed}", d["kind"].as_str().unwrap_or("?"), rate("true_positive_rate"), rate("false_positive_rate"), d["threshold"].as_f64().unwrap_or(f64::NAN));
+        eprintln!("detector    {}: flags {:.1} % of attacked inputs, {:.1} % of clean ones (threshold {:.4}); mean cost of the attacked inputs it passes {passed}; misclassified and passed {:.1} %", d["kind"].as_str().unwrap_or("?"), rate("true_positive_rate"), rate("false_positive_rate"), d["threshold"].as_f64().unwrap_or(f64::NAN), rate("undetected_error_rate"));
     }
     print_tally(r.get("tally"));
     for flag in r["flags"].as_array().into_iter().flatten() {

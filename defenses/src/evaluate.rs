@@ -151,11 +151,11 @@ fn detect(defense: &DefenseSpec, model: &dyn DynamicModel, calibration: &Dataset
     let (kind, report): (&str, DetectionReport) = match defense {
         DefenseSpec::Monitor(cfg) => {
             let monitor = CostMonitor::calibrate(cfg.clone(), &clean_costs(model, calibration, batch)?)?;
-            ("monitor", monitor.report(&per_sample.clean_cost, &per_sample.adv_cost))
+            ("monitor", monitor.report(&per_sample.clean_cost, &per_sample.adv_cost, &per_sample.adv_correct))
         }
         DefenseSpec::Squeeze(cfg) => {
             let detector = SqueezeDetector::calibrate(cfg.clone(), model, &calibration.images, batch)?;
-            ("squeeze", detector.report(model, &data.images, x_adv, &per_sample.adv_cost, batch)?)
+            ("squeeze", detector.report(model, &data.images, x_adv, &per_sample.adv_cost, &per_sample.adv_correct, batch)?)
         }
         _ => return Err(dynrobust_core::Error::config("defense", "not a detector")),
     };

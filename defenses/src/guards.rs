@@ -85,11 +85,16 @@ pub struct DetectionReport {
     pub true_positive_rate: f64,
     /// Mean cost of the attacked inputs that were not flagged (what an attacker gets through).
     pub undetected_adv_cost: Option<f64>,
+    /// Fraction of attacked inputs that the model misclassifies *and* the detector lets pass:
+    /// what an accuracy attacker gets through (Carlini & Wagner's success rate against a
+    /// detector). One minus it is the robust accuracy with flagged inputs counted as caught.
+    pub undetected_error_rate: f64,
 }
 
 impl DetectionReport {
-    /// From per-sample scores of the clean and attacked inputs and the attacked inputs' costs.
-    pub fn new(threshold: f64, clean_scores: &[f64], adv_scores: &[f64], adv_costs: &[f64]) -> Self {
+    /// From per-sample scores of the clean and attacked inputs, and the attacked inputs' costs
+    /// and whether the model still classifies them correctly.
+    pub fn new(threshold: f64, clean_scores: &[f64], adv_scores: &[f64], adv_costs: &[f64], adv_correct: &[bool]) -> Self {
         let rate = |v: &[f64]| v.iter().filter(|&&s| s > threshold).count() as f64 / v.len().max(1) as f64;
         let passed: Vec<f64> = adv_scores.iter().zip(adv_costs).filter(|(&s, _)| s <= threshold).map(|(_, &c)| c).collect();
         DetectionReport {
@@ -97,6 +102,7 @@ impl DetectionReport {
             false_positive_rate: rate(clean_scores),
             true_positive_rate: rate(adv_scores),
             undetected_adv_cost: (!passed.is_empty()).then(|| passed.iter().sum::<f64>() / passed.len() as f64),
+            undetected_error_rate: adv_scores.iter().zip(adv_correct).filter(|(&s, &correct)| s <= threshold && !correct).count() as f64 / adv_scores.len().max(1) as f64,
         }
     }
 }
@@ -115,8 +121,9 @@ impl CostMonitor {
         costs.to_kind(Kind::Double).gt(self.threshold)
     }
 
-    /// Rates on a clean set and an attacked set (per-sample costs, which are the scores).
-    pub fn report(&self, clean_costs: &[f64], adv_costs: &[f64]) -> DetectionReport {
-        DetectionReport::new(self.threshold, clean_costs, adv_costs, adv_costs)
+    /// Rates on a clean set and an attacked set (per-sample costs, which are the scores, and
+    /// whether each attacked input is still classified correctly).
+    pub fn report(&self, clean_costs: &[f64], adv_costs: &[f64], adv_correct: &[bool]) -> DetectionReport {
+        DetectionReport::new(self.threshold, clean_costs, adv_costs, adv_costs, adv_correct)
     }
 }

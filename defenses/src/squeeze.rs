@@ -511,10 +511,11 @@ impl SqueezeDetector {
         Ok(Tensor::cat(&scores, 0))
     }
 
-    /// Rates on clean and attacked images; `adv_costs` are the attacked images' per-sample costs.
-    pub fn report(&self, model: &dyn DynamicModel, clean: &Tensor, adv: &Tensor, adv_costs: &[f64], batch: i64) -> Result<DetectionReport> {
+    /// Rates on clean and attacked images; `adv_costs` are the attacked images' per-sample
+    /// costs, `adv_correct` whether the model still classifies each correctly.
+    pub fn report(&self, model: &dyn DynamicModel, clean: &Tensor, adv: &Tensor, adv_costs: &[f64], adv_correct: &[bool], batch: i64) -> Result<DetectionReport> {
         let clean_scores: Vec<f64> = Vec::try_from(self.scores(model, clean, batch)?)?;
         let adv_scores: Vec<f64> = Vec::try_from(self.scores(model, adv, batch)?)?;
-        Ok(DetectionReport::new(self.threshold, &clean_scores, &adv_scores, adv_costs))
+        Ok(DetectionReport::new(self.threshold, &clean_scores, &adv_scores, adv_costs, adv_correct))
     }
 }

@@ -106,7 +106,8 @@ fn cost_monitor_flags_slowdown_examples() {
     let x_adv = attack.perturb(&gated, &data.images, &data.labels).unwrap();
     let adv_trace = gated.forward_trace(&x_adv, Pass::Sparse).unwrap();
     let adv: Vec<f64> = Vec::try_from(dynrobust_core::cost_of(&adv_trace, &gated)).unwrap();
-    let report = monitor.report(&clean, &adv);
+    let adv_correct: Vec<bool> = Vec::try_from(adv_trace.logits.argmax(1, false).eq_tensor(&data.labels)).unwrap();
+    let report = monitor.report(&clean, &adv, &adv_correct);
     eprintln!("{report:?}");
     assert!(report.false_positive_rate <= 0.2, "clean test inputs flagged at {}", report.false_positive_rate);
     assert!(report.true_positive_rate > report.false_positive_rate + 0.2, "{report:?}");
@@ -117,4 +118,25 @@ fn cost_monitor_flags_slowdown_examples() {
     let passed_mean = passed.iter().sum::<f64>() / passed.len() as f64;
     assert!((report.undetected_adv_cost.unwrap() - passed_mean).abs() < 1e-12, "{report:?} vs {passed_mean}");
     assert!(passed_mean < adv.iter().sum::<f64>() / adv.len() as f64);
+    let fooled_and_passed = adv.iter().zip(&adv_correct).filter(|(&c, &ok)| c <= monitor.threshold && !ok).count();
+    assert_eq!(report.undetected_error_rate, fooled_and_passed as f64 / adv.len() as f64, "{report:?}");
+}
+
+#[test]
+fn detection_report_by_hand() {
+    use dynrobust_defenses::guards::DetectionReport;
+    // threshold 0.5: scores above it are flagged
+    let clean = [0.1, 0.6, 0.2, 0.3];
+    let adv = [0.7, 0.4, 0.5, 0.9, 0.1];
+    let costs = [0.9, 0.8, 0.6, 1.0, 0.4];
+    let correct = [false, false, true, false, true];
+    let report = DetectionReport::new(0.5, &clean, &adv, &costs, &correct);
+    assert_eq!(report.false_positive_rate, 0.25);
+    assert_eq!(report.true_positive_rate, 0.4);
+    // passed: samples 1, 2, 4 (score ≤ 0.5), mean cost (0.8 + 0.6 + 0.4) / 3
+    assert!((report.undetected_adv_cost.unwrap() - 0.6).abs() < 1e-12, "{report:?}");
+    // misclassified and passed: sample 1 only
+    assert_eq!(report.undetected_error_rate, 0.2);
+    let all_flagged = DetectionReport::new(0.0, &clean, &[0.3, 0.2], &[1.0, 1.0], &[false, false]);
+    assert_eq!((all_flagged.undetected_adv_cost, all_flagged.undetected_error_rate), (None, 0.0));
 }

@@ -74,8 +74,10 @@ fn flags_energy_attack_examples_far_more_often_than_clean_inputs() {
         let flagged = calibration_scores.gt(detector.threshold).sum(tch::Kind::Double).double_value(&[]) / 1000.0;
         assert!((0.03..=0.05).contains(&flagged), "{name}: {flagged} of the calibration images flagged");
         let x_adv = registry::build(attack, &params).unwrap().perturb(&net, &data.images, &data.labels).unwrap();
-        let adv_costs: Vec<f64> = Vec::try_from(cost_of(&net.forward_trace(&x_adv, Pass::Sparse).unwrap(), &net)).unwrap();
-        let report = detector.report(&net, &data.images, &x_adv, &adv_costs, 128).unwrap();
+        let adv_trace = net.forward_trace(&x_adv, Pass::Sparse).unwrap();
+        let adv_costs: Vec<f64> = Vec::try_from(cost_of(&adv_trace, &net)).unwrap();
+        let adv_correct: Vec<bool> = Vec::try_from(adv_trace.logits.argmax(1, false).eq_tensor(&data.labels)).unwrap();
+        let report = detector.report(&net, &data.images, &x_adv, &adv_costs, &adv_correct, 128).unwrap();
         eprintln!("{name} / {attack}: {report:?}");
         assert!(report.false_positive_rate <= 0.15, "{name}: clean test inputs flagged at {}", report.false_positive_rate);
         assert!(report.true_positive_rate > report.false_positive_rate + 0.2, "{name}: {report:?}");
@@ -108,10 +110,11 @@ fn defended_runs_craft_through_the_squeezer_when_adaptive_and_on_the_bare_model_
         let adv_cost = cost_of(&net.forward_trace(&expected, Pass::Sparse).unwrap(), &net).mean(tch::Kind::Double).double_value(&[]);
         assert!((r["adv_cost"].as_f64().unwrap() - adv_cost).abs() < 1e-9, "{mode:?}: cost measured on the bare model");
         // the same rates as the detector computed directly on the returned examples
-        let direct = detector.report(&net, &data.images, &outcome.x_adv, &outcome.per_sample.adv_cost, 64).unwrap();
+        let direct = detector.report(&net, &data.images, &outcome.x_adv, &outcome.per_sample.adv_cost, &outcome.per_sample.adv_correct, 64).unwrap();
         assert_eq!(r["detector"]["threshold"].as_f64().unwrap(), direct.threshold);
         assert_eq!(r["detector"]["true_positive_rate"].as_f64().unwrap(), direct.true_positive_rate);
         assert_eq!(r["detector"]["false_positive_rate"].as_f64().unwrap(), direct.false_positive_rate);
+        assert_eq!(r["detector"]["undetected_error_rate"].as_f64().unwrap(), direct.undetected_error_rate);
     }
     // with no calibration data the run is refused, naming it
     let err = run_defended(load().unwrap(), &load, &spec, Adaptivity::Oblivious, &*attack, &data, None, 64, &mut |_| {}).unwrap_err();

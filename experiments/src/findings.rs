@@ -208,8 +208,8 @@ pub(crate) fn detector_table(rows: &[Row]) -> String {
     if detected.is_empty() {
         return String::new();
     }
-    let mut md = String::from("## Detectors\n\nA detector leaves the model as it is and flags inputs. Oblivious: the attack crafts on the bare model, not knowing it; adaptive (feature squeezing): `eot` averages the attack's objective over the input and its squeezed copies (one per squeezer), so they behave alike; `fixed-point` crafts through the bit-depth squeezer and submits the squeezed example, which the squeezer leaves (nearly) unchanged; `best` submits per sample the better of the two for the attacker (passes, then costs more); `penalty` goes on from `best`'s examples with steps that penalise the detector's own score. FPR: clean test inputs flagged (calibrated on clean training images); TPR: attacked inputs flagged; passed cost: mean cost of the attacked inputs it lets through.\n\n");
-    md += "| detector | mode | model | attack | ε | threshold | FPR % | TPR % | clean cost | attacked cost: all → passed |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    let mut md = String::from("## Detectors\n\nA detector leaves the model as it is and flags inputs. Oblivious: the attack crafts on the bare model, not knowing it; adaptive (feature squeezing): `eot` averages the attack's objective over the input and its squeezed copies (one per squeezer), so they behave alike; `fixed-point` crafts through the bit-depth squeezer and submits the squeezed example, which the squeezer leaves (nearly) unchanged; `best` submits per sample the better of the two for the attacker (passes, then costs more); `penalty` goes on from `best`'s examples with steps that penalise the detector's own score. FPR: clean test inputs flagged (calibrated on clean training images); TPR: attacked inputs flagged; passed cost: mean cost of the attacked inputs it lets through; misclassified & passed: attacked inputs the model gets wrong and the detector lets through (an accuracy attacker's success against it).\n\n");
+    md += "| detector | mode | model | attack | ε | threshold | FPR % | TPR % | misclassified & passed % | clean cost | attacked cost: all → passed |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
     type Key = (String, Option<String>, String, String, Option<u64>);
     let key = |r: &Row| -> Key { (r.defense.clone(), r.mode.clone(), r.model.clone(), r.label.clone(), r.eps.map(f64::to_bits)) };
     let mut keys: Vec<Key> = detected.iter().map(|r| key(r)).collect();
@@ -224,8 +224,8 @@ pub(crate) fn detector_table(rows: &[Row]) -> String {
         let mode = mode.unwrap_or_else(|| "–".into());
         let _ = writeln!(
             md,
-            "| {defense} | {mode} | {model} | {label} | {} | {} | {} | {} | {} | {} → {} |",
-            eps_text(eps.map(f64::from_bits)), fixed(field("threshold"), 4), pct(fpr), pct(tpr),
+            "| {defense} | {mode} | {model} | {label} | {} | {} | {} | {} | {} | {} | {} → {} |",
+            eps_text(eps.map(f64::from_bits)), fixed(field("threshold"), 4), pct(fpr), pct(tpr), pct(field("undetected_error_rate")),
             fixed(avg(group.iter().copied(), |r| r.clean_cost), 3), fixed(avg(group.iter().copied(), |r| r.adv_cost), 3), fixed(field("undetected_adv_cost"), 3)
         );
         // the weakest row of the table: the lowest TPR − FPR over every detector, mode, model, attack and ε

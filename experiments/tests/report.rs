@@ -170,16 +170,16 @@ fn detectors_get_their_own_table_not_the_defense_verdict() {
     for c in &mut cells {
         c.record["goal"] = serde_json::json!("energy");
         if c.cell.defense.name == "squeeze" {
-            let tpr = if c.cell.defense.mode.is_some_and(|m| m.as_str() == "oblivious") { 0.2 } else { 0.656 };
-            c.record["detector"] = serde_json::json!({ "kind": "squeeze", "threshold": 0.1786, "false_positive_rate": 0.038, "true_positive_rate": tpr, "undetected_adv_cost": 0.4312 });
+            let (tpr, fooled_passed) = if c.cell.defense.mode.is_some_and(|m| m.as_str() == "oblivious") { (0.2, 0.125) } else { (0.656, 0.031) };
+            c.record["detector"] = serde_json::json!({ "kind": "squeeze", "threshold": 0.1786, "false_positive_rate": 0.038, "true_positive_rate": tpr, "undetected_adv_cost": 0.4312, "undetected_error_rate": fooled_passed });
         }
     }
     let files = write_report(dir.path(), "det", &cells).unwrap();
     let md = fs::read_to_string(&files.markdown).unwrap();
     assert!(!md.contains("## Defenses"), "a detector is not judged as a defense that changes the model:\n{md}");
     assert!(md.contains("## Detectors"), "{md}");
-    assert!(md.contains("| squeeze | adaptive | sdn | deepsloth | 8/255 | 0.1786 | 3.8 | 65.6 | 0.500 | 0.814 → 0.431 |"), "{md}");
-    assert!(md.contains("| squeeze | oblivious | sdn | deepsloth | 8/255 | 0.1786 | 3.8 | 20.0 | 0.500 | 0.563 → 0.431 |"), "{md}");
+    assert!(md.contains("| squeeze | adaptive | sdn | deepsloth | 8/255 | 0.1786 | 3.8 | 65.6 | 3.1 | 0.500 | 0.814 → 0.431 |"), "{md}");
+    assert!(md.contains("| squeeze | oblivious | sdn | deepsloth | 8/255 | 0.1786 | 3.8 | 20.0 | 12.5 | 0.500 | 0.563 → 0.431 |"), "{md}");
     assert!(md.contains("Weakest row (lowest TPR − FPR): **squeeze on sdn vs deepsloth (oblivious: TPR 20.0 % at FPR 3.8 %)**"), "{md}");
     // behind a detector the cross-cell check compares the compute that gets past it,
     // (1 − TPR) × passed cost: here the oblivious attacker gets more past it than the adaptive one
