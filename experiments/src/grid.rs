@@ -169,6 +169,7 @@ pub(crate) fn expand(src: Source, registry: &Registry) -> Result<Expanded> {
         cx.apply_override(o, &axes, &mut configs)?;
     }
     let configs = cx.filter(&raw, &axes, configs)?;
+    cx.check_pairs(&raw, &configs)?;
     let cells = finish(configs);
     let description = raw.description.unwrap_or_default();
     Ok(Expanded { name: base.name, description, cells })
@@ -537,6 +538,35 @@ impl Cx<'_> {
             return Ok(None);
         }
         dynrobust_defenses::registry::DefenseSpec::parse(name, params).map(Some).map_err(|e| self.err(span, format!("`{key}` of defense `{name}`: {e}")))
+    }
+
+    /// Defense × attack pairs that cannot run, refused at load rather than cell by cell:
+    /// feature squeezing's `penalty` attacker refines inside the attack's ε-ball, so every
+    /// attack it meets adaptively needs one (ILFO's faithful box has none).
+    fn check_pairs(&self, raw: &RawStudy, configs: &[CellConfig]) -> Result<()> {
+        use dynrobust_defenses::registry::DefenseSpec;
+        for c in configs.iter().filter(|c| c.defense.name == "squeeze" && c.defense.mode == Some(DefenseMode::Adaptive)) {
+            let Ok(DefenseSpec::Squeeze(cfg)) = DefenseSpec::parse("squeeze", &c.defense.params) else { continue };
+            if cfg.attacker != dynrobust_defenses::squeeze::SqueezeAttacker::Penalty || !dynrobust_attacks::registry::names().contains(&c.attack.name.as_str()) {
+                continue;
+            }
+            let mut params = if c.attack.params.is_null() { serde_json::json!({}) } else { c.attack.params.clone() };
+            if let (Some(eps), Some(map)) = (c.eps, params.as_object_mut()) {
+                map.insert("eps".into(), serde_json::json!(eps));
+            }
+            let has_ball = dynrobust_attacks::registry::build(&c.attack.name, &params).map(|a| a.budget().is_some()).unwrap_or(true);
+            if !has_ball {
+                let entry = raw.defenses.iter().flat_map(|l| l.get_ref()).map(|d| d.get_ref()).find(|d| d.label.as_ref().unwrap_or(&d.name).get_ref() == &c.defense.label);
+                let span = entry.map_or(0..0, |d| d.params.as_ref().map_or_else(|| d.name.span(), |p| p.span()));
+                let why = format!(
+                    "defense `{label}` (attacker = \"penalty\") meets attack `{attack}`, which has no ε-ball to refine in; add [[exclude]] with attack = \"{attack}\" and defense = \"{label}\", or use attacker = \"best\"",
+                    label = c.defense.label,
+                    attack = c.attack.label
+                );
+                return Err(self.err(&span, why));
+            }
+        }
+        Ok(())
     }
 
     fn filter(&self, raw: &RawStudy, axes: &Axes, configs: Vec<CellConfig>) -> Result<Vec<CellConfig>> {

@@ -152,6 +152,7 @@ fn malformed() -> Vec<(String, usize, &'static str)> {
         (format!("{base}[[defenses]]\nname = \"monitor\"\nmodes = [\"oblivious\", \"adaptive\"]\n"), 9, "monitor"),
         (format!("{base}[[defenses]]\nname = \"squeeze\"\nparams = {{ attacker = \"fixed-point\" }}\nmodes = [\"adaptive\", \"oblivious\"]\n"), 10, "attacker"),
         (format!("{base}[[defenses]]\nname = \"squeeze\"\nparams = {{ bits = 9 }}\n"), 9, "bits"),
+        (format!("{base}[[attacks]]\nname = \"ilfo\"\n[[defenses]]\nname = \"squeeze\"\nlabel = \"squeeze-penalty\"\nparams = {{ attacker = \"penalty\" }}\n"), 12, "meets attack `ilfo`, which has no ε-ball"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\nthreshold = 1.5\n"), 10, "threshold"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"nope\"\nthreshold = 0.5\n"), 9, "variants.base"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"vgg\" }}\n"), 9, "train.model"),
