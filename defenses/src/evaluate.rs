@@ -104,7 +104,7 @@ pub fn run_defended(
         (Some(cfg), Some((detector, through_squeezer))) => {
             let best = BestOfBoth { inner: attack, eot: craft_model, fixed: cfg.submit_squeezed(attack)?, through_squeezer, bare: &*eval, detector, batch };
             Some(match cfg.attacker {
-                SqueezeAttacker::Penalty => Box::new(PenaltyRefined { start: best, steps: cfg.penalty_steps }),
+                SqueezeAttacker::Penalty => Box::new(PenaltyRefined { start: best, steps: cfg.penalty_steps, weight: cfg.penalty_weight, margin: cfg.penalty_margin }),
                 _ => Box::new(best),
             })
         }

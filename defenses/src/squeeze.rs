@@ -135,6 +135,13 @@ pub struct SqueezeConfig {
     /// default, 50).
     #[serde(default = "default_penalty_steps", skip_serializing_if = "is_default_penalty_steps")]
     pub penalty_steps: usize,
+    /// Weight λ of the `penalty` attacker's score penalty, > 0 (omitted at its default, 10).
+    #[serde(default = "default_penalty_weight", skip_serializing_if = "is_default_penalty_weight")]
+    pub penalty_weight: f64,
+    /// Fraction m of the threshold where the `penalty` attacker's penalty starts, in (0, 1]
+    /// (omitted at its default, 0.9).
+    #[serde(default = "default_penalty_margin", skip_serializing_if = "is_default_penalty_margin")]
+    pub penalty_margin: f64,
 }
 
 fn default_penalty_steps() -> usize {
@@ -145,9 +152,35 @@ fn is_default_penalty_steps(steps: &usize) -> bool {
     *steps == default_penalty_steps()
 }
 
+fn default_penalty_weight() -> f64 {
+    10.0
+}
+
+fn is_default_penalty_weight(weight: &f64) -> bool {
+    *weight == default_penalty_weight()
+}
+
+fn default_penalty_margin() -> f64 {
+    0.9
+}
+
+fn is_default_penalty_margin(margin: &f64) -> bool {
+    *margin == default_penalty_margin()
+}
+
 impl Default for SqueezeConfig {
     fn default() -> Self {
-        SqueezeConfig { bits: 4, median: 0, score: SqueezeScore::Both, percentile: 95.0, calibration: 2000, attacker: SqueezeAttacker::Eot, penalty_steps: default_penalty_steps() }
+        SqueezeConfig {
+            bits: 4,
+            median: 0,
+            score: SqueezeScore::Both,
+            percentile: 95.0,
+            calibration: 2000,
+            attacker: SqueezeAttacker::Eot,
+            penalty_steps: default_penalty_steps(),
+            penalty_weight: default_penalty_weight(),
+            penalty_margin: default_penalty_margin(),
+        }
     }
 }
 
@@ -169,6 +202,12 @@ impl SqueezeConfig {
         }
         if self.penalty_steps == 0 {
             return Err(Error::config("penalty_steps", "0: expected ≥ 1 refinement steps"));
+        }
+        if !(self.penalty_weight.is_finite() && self.penalty_weight > 0.0) {
+            return Err(Error::config("penalty_weight", format!("{}: expected a finite weight > 0", self.penalty_weight)));
+        }
+        if !(self.penalty_margin > 0.0 && self.penalty_margin <= 1.0) {
+            return Err(Error::config("penalty_margin", format!("{}: expected a fraction of the threshold in (0, 1]", self.penalty_margin)));
         }
         Ok(self)
     }
@@ -255,20 +294,15 @@ impl Attack for BestOfBoth<'_> {
     }
 }
 
-/// Weight λ of the `penalty` attacker's score penalty (the attack's value is a cost in [0, 1]
-/// or a logit margin; λ = 10 makes any excess over the margin dominate the step's sign).
-pub const PENALTY_WEIGHT: f64 = 10.0;
-/// The penalty starts at this fraction of the detector's threshold, so that the refined
-/// examples keep a little slack under it.
-pub const PENALTY_MARGIN: f64 = 0.9;
-
 /// The `penalty` attacker: a detector-aware refinement in the spirit of Carlini & Wagner
 /// ("Adversarial Examples Are Not Easily Detected: Bypassing Ten Detection Methods", AISec
 /// 2017), who add the detector's score to the attack's loss. It starts from the `best`
 /// attacker's examples ([`BestOfBoth`]) and takes `steps` projected steepest-ascent steps
 /// (signed for L∞, normalised for L2, α = 2.5·ε/steps, inside `inner`'s budget) on
-/// `J(x) = V(x) − λ·relu(Ŝ(x) − m·τ)` per sample (λ [`PENALTY_WEIGHT`], m [`PENALTY_MARGIN`],
-/// τ the calibrated threshold):
+/// `J(x) = V(x) − λ·relu(Ŝ(x) − m·τ)` per sample (λ `penalty_weight`, default 10: the
+/// attack's value is a cost in [0, 1] or a logit margin, so any excess over the margin
+/// dominates the step's sign; m `penalty_margin`, default 0.9, so that the refined examples
+/// keep a little slack under the threshold; τ the calibrated threshold):
 /// - `V`: the attack's value on the bare model's dense pass — the soft cost
 ///   ([`soft_cost_per_sample`]) for energy goals, `−relu(z_y − max_{j≠y} z_j)` (zero once
 ///   fooled) for accuracy, their sum for both;
@@ -280,6 +314,8 @@ pub const PENALTY_MARGIN: f64 = 0.9;
 pub struct PenaltyRefined<'a> {
     pub start: BestOfBoth<'a>,
     pub steps: usize,
+    pub weight: f64,
+    pub margin: f64,
 }
 
 impl PenaltyRefined<'_> {
@@ -303,7 +339,7 @@ impl PenaltyRefined<'_> {
             Goal::Accuracy => fooling(),
             Goal::Both => &cost + fooling(),
         };
-        let penalty = (score - PENALTY_MARGIN * detector.threshold).relu() * PENALTY_WEIGHT;
+        let penalty = (score - self.margin * detector.threshold).relu() * self.weight;
         Ok((value.to_kind(Kind::Double) - penalty).sum(Kind::Double))
     }
 }
@@ -313,7 +349,7 @@ impl Attack for PenaltyRefined<'_> {
     fn config_json(&self) -> serde_json::Value {
         with_submits(
             self.start.inner,
-            format!("per sample the best of the eot and fixed-point examples and {} detector-penalised refinement steps (λ {PENALTY_WEIGHT}, margin {PENALTY_MARGIN})", self.steps),
+            format!("per sample the best of the eot and fixed-point examples and {} detector-penalised refinement steps (λ {}, margin {})", self.steps, self.weight, self.margin),
         )
     }
     /// `best`'s iterations and the refinement steps.

@@ -279,8 +279,10 @@ fn the_penalty_attacker_is_never_worse_than_best_per_sample() {
 
 #[test]
 fn the_penalty_attacker_needs_steps_a_budget_and_an_adaptive_run() {
-    let err = DefenseSpec::parse("squeeze", &json!({ "attacker": "penalty", "penalty_steps": 0 })).unwrap_err().to_string();
-    assert!(err.contains("penalty_steps"), "{err}");
+    for (field, bad) in [("penalty_steps", json!(0)), ("penalty_weight", json!(0.0)), ("penalty_weight", json!(-1.0)), ("penalty_margin", json!(0.0)), ("penalty_margin", json!(1.5))] {
+        let err = DefenseSpec::parse("squeeze", &json!({ "attacker": "penalty", field: bad })).unwrap_err().to_string();
+        assert!(err.contains(field), "{field} = {bad}: {err}");
+    }
     let err = DefenseSpec::parse("squeeze", &json!({ "attacker": "penalty", "median": 2 })).unwrap_err().to_string();
     assert!(err.contains("attacker") && err.contains("idempotent"), "{err}");
     let spec = DefenseSpec::parse("squeeze", &json!({ "attacker": "penalty" })).unwrap();
