@@ -264,7 +264,7 @@ fn the_penalty_attacker_is_never_worse_than_best_per_sample() {
         if pass_pen[i] == pass_best[i] {
             assert!(cost_pen[i] >= cost_best[i] - 1e-12, "sample {i}: cost {} under penalty vs {} under best", cost_pen[i], cost_best[i]);
         }
-        strictly_better += usize::from(pass_pen[i] > pass_best[i] || (pass_pen[i] == pass_best[i] && cost_pen[i] > cost_best[i] + 1e-12));
+        strictly_better += usize::from((pass_pen[i] && !pass_best[i]) || (pass_pen[i] == pass_best[i] && cost_pen[i] > cost_best[i] + 1e-12));
     }
     let tpr = |o: &dynrobust_defenses::evaluate::DefendedOutcome| o.record["detector"]["true_positive_rate"].as_f64().unwrap();
     eprintln!("TPR best {:.3}, penalty {:.3}; penalty better on {strictly_better} of 64 samples", tpr(&best), tpr(&penalty));
