@@ -25,7 +25,7 @@ pub const DEFENSES: &[(&str, DefenseKind, &str)] = [
     ("chain", DefenseKind::Transform, "input transforms one after another (`steps = [{ name, params }, …]`); each differentiated its own way (BPDA only where needed)"),
     ("budget", DefenseKind::Guard, "compute budget cap: at most `max_blocks` residual branches per sample (worst case bounded)"),
     ("monitor", DefenseKind::Guard, "cost monitor (detector): flags inputs above the clean cost's `percentile`; reports TPR/FPR"),
-    ("squeeze", DefenseKind::Guard, "feature squeezing (detector, Xu et al. NDSS 2018): flags inputs whose prediction or cost moves when squeezed (`bits`, `median`); TPR/FPR"),
+    ("squeeze", DefenseKind::Guard, "feature squeezing (detector, Xu et al. NDSS 2018): flags inputs whose prediction or cost moves when squeezed (`bits`, `median`); TPR/FPR; adaptive `attacker` eot, fixed-point, best or penalty"),
     ("pgd-at", DefenseKind::Training, "PGD adversarial training (`dynrobust defend --recipe pgd-at`)"),
     ("deepsloth-at", DefenseKind::Training, "DeepSloth adversarial training, 'same_logits' (sdn)"),
     ("mixs", DefenseKind::Training, "DeepSloth's mixs: PGD and DeepSloth examples with the true labels (sdn)"),
