@@ -189,6 +189,15 @@ fn soft_decision(value: &Tensor, threshold: f64) -> Tensor {
     ((value.to_kind(Kind::Float) - threshold) / SOFT_DECISION_TEMPERATURE).sigmoid()
 }
 
+/// Each residual block's share of the static MACs, split into the ungated blocks' total and
+/// the gated blocks' shares in gate order (the last `gates` blocks carry the gates).
+pub fn gated_block_shares(model: &dyn dynrobust_core::DynamicModel, gates: usize) -> (f64, Vec<f64>) {
+    let stat = model.static_macs() as f64;
+    let blocks: Vec<f64> = model.units().iter().filter(|u| u.kind == dynrobust_core::UnitKind::Block).map(|u| u.macs as f64 / stat).collect();
+    let first_gated = blocks.len().saturating_sub(gates);
+    (blocks[..first_gated].iter().sum(), blocks[first_gated..].to_vec())
+}
+
 /// A differentiable stand-in `[B]` for the per-sample cost of a (dense) trace, for attacks
 /// that must trade compute against another term:
 /// - gated models: `Σ_j σ((p_j − 0.5)/T)·w_j`, each gate's soft decision on its execute
@@ -207,16 +216,13 @@ fn soft_decision(value: &Tensor, threshold: f64) -> Tensor {
 /// It is not the cost metric, which counts the hard decisions: as T → 0 it tends to the cost
 /// up to the units every sample runs (stem, shortcuts, head, gates, ICs).
 pub fn soft_cost_per_sample(model: &dyn dynrobust_core::DynamicModel, trace: &Trace) -> Tensor {
-    use dynrobust_core::{Family, UnitKind};
+    use dynrobust_core::Family;
     let batch = trace.logits.size()[0];
     let constant = |c: f64| Tensor::full([batch], c, (Kind::Float, trace.logits.device()));
     match (model.family(), model.exit_costs()) {
         (Family::Gated { gates, .. }, _) if !trace.gate_probs.is_empty() => {
-            let stat = model.static_macs() as f64;
-            let blocks: Vec<f64> = model.units().iter().filter(|u| u.kind == UnitKind::Block).map(|u| u.macs as f64 / stat).collect();
-            let gated = &blocks[blocks.len().saturating_sub(gates)..];
-            let ungated: f64 = blocks[..blocks.len().saturating_sub(gates)].iter().sum();
-            trace.gate_probs.iter().zip(gated).fold(constant(ungated), |cost, (p, w)| cost + soft_decision(p, 0.5) * *w)
+            let (ungated, gated) = gated_block_shares(model, gates);
+            trace.gate_probs.iter().zip(&gated).fold(constant(ungated), |cost, (p, w)| cost + soft_decision(p, 0.5) * *w)
         }
         (Family::EarlyExit { threshold, .. }, Some(exit_costs)) if exit_costs.len() == trace.exit_logits.len() + 1 => {
             let mut remaining = constant(1.0);

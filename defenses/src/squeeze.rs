@@ -58,7 +58,7 @@
 use dynrobust_attacks::losses::soft_cost_per_sample;
 use dynrobust_core::attack::{input_grad, project, steepest, Attack, Goal};
 use dynrobust_core::defense::InputTransform;
-use dynrobust_core::{cost_of, DynamicModel, Error, Pass, Result};
+use dynrobust_core::{cost_of, DynamicModel, Error, Pass, Result, Trace};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -263,12 +263,11 @@ pub struct BestOfBoth<'a> {
 impl BestOfBoth<'_> {
     /// Per sample: passes the detector, and the attacker's value of the example.
     fn judge(&self, x_adv: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
-        let passes = self.detector.scores(self.bare, x_adv, self.batch)?.le(self.detector.threshold);
-        let _guard = tch::no_grad_guard();
-        let trace = self.bare.forward_trace(x_adv, Pass::Sparse)?;
+        let (scores, predictions, costs) = self.detector.scores_predictions_costs(self.bare, x_adv, self.batch)?;
+        let passes = scores.le(self.detector.threshold);
         let value = match self.inner.goal() {
-            Goal::Accuracy => trace.logits.argmax(1, false).ne_tensor(y).to_kind(Kind::Double),
-            Goal::Energy | Goal::Both => cost_of(&trace, self.bare).to_kind(Kind::Double),
+            Goal::Accuracy => predictions.ne_tensor(y).to_kind(Kind::Double),
+            Goal::Energy | Goal::Both => costs.to_kind(Kind::Double),
         };
         Ok((passes.to_device(value.device()), value))
     }
@@ -322,13 +321,10 @@ impl PenaltyRefined<'_> {
     /// `J` summed over the batch (see the type's docs).
     fn objective(&self, x_adv: &Tensor, y: &Tensor) -> Result<Tensor> {
         let (bare, detector) = (self.start.bare, self.start.detector);
-        let outputs = |x: &Tensor| -> Result<(Tensor, Tensor)> {
-            let trace = bare.forward_trace(x, Pass::Dense)?;
-            Ok((trace.logits.softmax(1, Kind::Float), soft_cost_per_sample(bare, &trace)))
-        };
+        let outputs = |trace: &Trace| (trace.logits.softmax(1, Kind::Float), soft_cost_per_sample(bare, trace));
         let trace = bare.forward_trace(x_adv, Pass::Dense)?;
-        let (probs, cost) = (trace.logits.softmax(1, Kind::Float), soft_cost_per_sample(bare, &trace));
-        let squeezed = detector.squeezers.iter().map(|s| outputs(&s.forward_differentiable(x_adv)?)).collect::<Result<Vec<_>>>()?;
+        let (probs, cost) = outputs(&trace);
+        let squeezed = detector.squeezers.iter().map(|s| Ok(outputs(&bare.forward_trace(&s.forward_differentiable(x_adv)?, Pass::Dense)?))).collect::<Result<Vec<_>>>()?;
         let score = squeeze_score(detector.config.score, &probs, &cost, &squeezed);
         let fooling = || -> Tensor {
             let others = trace.logits.scatter_value(1, &y.unsqueeze(1), f64::NEG_INFINITY).amax(&[1i64][..], false);
@@ -531,20 +527,28 @@ impl SqueezeDetector {
 
     /// `[N]` float64 score of every image in `images` (batches of `batch`, sparse pass, no gradient).
     pub fn scores(&self, model: &dyn DynamicModel, images: &Tensor, batch: i64) -> Result<Tensor> {
+        Ok(self.scores_predictions_costs(model, images, batch)?.0)
+    }
+
+    /// The scores `[N]`, with the deployed predictions `[N]` (int64) and the costs `[N]` of the
+    /// unsqueezed images, read from the same sparse passes.
+    pub fn scores_predictions_costs(&self, model: &dyn DynamicModel, images: &Tensor, batch: i64) -> Result<(Tensor, Tensor, Tensor)> {
         let _guard = tch::no_grad_guard();
-        let outputs = |x: &Tensor| -> Result<(Tensor, Tensor)> {
+        let outputs = |x: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
             let trace = model.forward_trace(x, Pass::Sparse)?;
-            Ok((trace.logits.softmax(1, Kind::Float), cost_of(&trace, model)))
+            Ok((trace.logits.softmax(1, Kind::Float), cost_of(&trace, model), trace.logits.argmax(1, false)))
         };
-        let mut scores = Vec::new();
+        let (mut scores, mut predictions, mut costs) = (Vec::new(), Vec::new(), Vec::new());
         let n = images.size()[0];
         for start in (0..n).step_by(batch.max(1) as usize) {
             let x = images.narrow(0, start, batch.min(n - start));
-            let (probs, costs) = outputs(&x)?;
-            let squeezed = self.squeezers.iter().map(|s| outputs(&s.apply(&x)?)).collect::<Result<Vec<_>>>()?;
-            scores.push(squeeze_score(self.config.score, &probs, &costs, &squeezed));
+            let (probs, cost, prediction) = outputs(&x)?;
+            let squeezed = self.squeezers.iter().map(|s| outputs(&s.apply(&x)?).map(|(p, c, _)| (p, c))).collect::<Result<Vec<_>>>()?;
+            scores.push(squeeze_score(self.config.score, &probs, &cost, &squeezed));
+            predictions.push(prediction);
+            costs.push(cost);
         }
-        Ok(Tensor::cat(&scores, 0))
+        Ok((Tensor::cat(&scores, 0), Tensor::cat(&predictions, 0), Tensor::cat(&costs, 0)))
     }
 
     /// Rates on clean and attacked images; `adv_costs` are the attacked images' per-sample

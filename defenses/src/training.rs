@@ -278,11 +278,8 @@ pub fn gate_flip_penalty(clean: &[Tensor], adv: &[Tensor], tau: f64) -> Tensor {
 /// MACs of each gated block over the static MACs, in gate order.
 fn gated_block_weights(net: &Net) -> Vec<f64> {
     use dynrobust_core::DynamicModel;
-    let units = net.units();
-    let blocks: Vec<f64> = units.iter().filter(|u| u.kind == UnitKind::Block).map(|u| u.macs as f64).collect();
-    let gates = units.iter().filter(|u| u.kind == UnitKind::Gate).count();
-    let stat = net.static_macs() as f64;
-    blocks[blocks.len() - gates..].iter().map(|m| m / stat).collect()
+    let gates = net.units().iter().filter(|u| u.kind == UnitKind::Gate).count();
+    dynrobust_attacks::losses::gated_block_shares(net, gates).1
 }
 
 /// Differentiable expected cost `[B]` of the gated blocks: Σ_j g_j·w_j.

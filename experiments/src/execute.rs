@@ -113,10 +113,7 @@ impl RealExecutor {
 
     fn attack(&self, cell: &Cell, probe: &tch::Tensor) -> Result<Box<dyn Attack>> {
         let c = &cell.config;
-        let mut params = if c.attack.params.is_null() { json!({}) } else { c.attack.params.clone() };
-        if let (Some(eps), Some(map)) = (c.eps, params.as_object_mut()) {
-            map.insert("eps".into(), json!(eps));
-        }
+        let mut params = c.attack_params();
         // the cell's seed drives every attack that has one (random starts), unless the study
         // sets the attack's own
         if let Some(map) = params.as_object_mut().filter(|_| attacks::has_seed(&c.attack.name)) {

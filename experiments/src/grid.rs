@@ -70,6 +70,13 @@ struct RawDefense {
     modes: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
+impl RawDefense {
+    /// Where an error about the entry's params points: the params, else the name.
+    fn params_span(&self) -> Span {
+        self.params.as_ref().map_or_else(|| self.name.span(), |p| p.span())
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOverride {
@@ -408,7 +415,7 @@ impl Cx<'_> {
             let name = self.plugin("defense", "defenses.name", &d.name, &self.registry.defenses)?;
             let label = self.label(&d.label, &d.name, &mut seen, "defenses")?;
             let params = d.params.as_ref().map_or(serde_json::json!({}), |p| table_json(p.get_ref()));
-            let span = d.params.as_ref().map_or_else(|| d.name.span(), |p| p.span());
+            let span = d.params_span();
             let spec = self.check_defense(&name, &params, &span, "defenses.params")?;
             for mode in self.modes(&name, d, spec.as_ref())? {
                 out.push(DefenseRef { name: name.clone(), label: label.clone(), mode, params: params.clone() });
@@ -550,14 +557,10 @@ impl Cx<'_> {
             if cfg.attacker != dynrobust_defenses::squeeze::SqueezeAttacker::Penalty || !dynrobust_attacks::registry::names().contains(&c.attack.name.as_str()) {
                 continue;
             }
-            let mut params = if c.attack.params.is_null() { serde_json::json!({}) } else { c.attack.params.clone() };
-            if let (Some(eps), Some(map)) = (c.eps, params.as_object_mut()) {
-                map.insert("eps".into(), serde_json::json!(eps));
-            }
-            let has_ball = dynrobust_attacks::registry::build(&c.attack.name, &params).map(|a| a.budget().is_some()).unwrap_or(true);
+            let has_ball = dynrobust_attacks::registry::build(&c.attack.name, &c.attack_params()).map(|a| a.budget().is_some()).unwrap_or(true);
             if !has_ball {
                 let entry = raw.defenses.iter().flat_map(|l| l.get_ref()).map(|d| d.get_ref()).find(|d| d.label.as_ref().unwrap_or(&d.name).get_ref() == &c.defense.label);
-                let span = entry.map_or(0..0, |d| d.params.as_ref().map_or_else(|| d.name.span(), |p| p.span()));
+                let span = entry.map_or(0..0, RawDefense::params_span);
                 let why = format!(
                     "defense `{label}` (attacker = \"penalty\") meets attack `{attack}`, which has no ε-ball to refine in; add [[exclude]] with attack = \"{attack}\" and defense = \"{label}\", or use attacker = \"best\"",
                     label = c.defense.label,

@@ -154,6 +154,15 @@ impl DefenseMode {
 }
 
 impl CellConfig {
+    /// The attack's parameters as the cell runs it: the study's params with the cell's ε.
+    pub fn attack_params(&self) -> serde_json::Value {
+        let mut params = if self.attack.params.is_null() { serde_json::json!({}) } else { self.attack.params.clone() };
+        if let (Some(eps), Some(map)) = (self.eps, params.as_object_mut()) {
+            map.insert("eps".into(), serde_json::json!(eps));
+        }
+        params
+    }
+
     /// The canonical JSON text the id is computed from (keys sorted, no whitespace).
     pub fn canonical_json(&self) -> String {
         // serde_json's Value keeps object keys in a BTreeMap, so this is sorted at every level.
