@@ -13,7 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::location::Source;
-use crate::study::{AttackRef, Cell, CellConfig, DefenseMode, DefenseRef, ModelRef, Registry};
+use crate::study::{format_eps, AttackRef, Cell, CellConfig, DefenseMode, DefenseRef, ModelRef, Registry};
 
 type Span = Range<usize>;
 
@@ -96,6 +96,9 @@ struct RawFilter {
     defense: Option<Spanned<OneOrMany>>,
     mode: Option<Spanned<OneOrMany>>,
     surrogate: Option<Spanned<OneOrMany>>,
+    /// Budgets as written on the `eps` axis (`"8/255"`, `"0.1"`), or `"none"` for an attack
+    /// with no ε (ILFO's faithful box).
+    eps: Option<Spanned<OneOrMany>>,
 }
 
 /// ε as written: a number, or a string `a/b` (or a number in a string).
@@ -591,29 +594,33 @@ impl Cx<'_> {
     /// Validates a filter: at least one key, and every value one the study actually has.
     fn filter_of(&self, f: &Spanned<RawFilter>, axes: &Axes, key: &str) -> Result<Filter> {
         let raw = f.get_ref();
-        let keys: [(&str, &Option<Spanned<OneOrMany>>); 6] = [
+        let keys: [(&str, &Option<Spanned<OneOrMany>>); 7] = [
             ("model", &raw.model),
             ("attack", &raw.attack),
             ("label", &raw.label),
             ("defense", &raw.defense),
             ("mode", &raw.mode),
             ("surrogate", &raw.surrogate),
+            ("eps", &raw.eps),
         ];
         let mut filter = Filter::default();
         for (axis, value) in keys {
             let Some(value) = value else { continue };
             let allowed = axes.values(axis);
-            for v in &value.get_ref().0 {
-                if !allowed.contains(v) {
+            let mut accepted = BTreeSet::new();
+            for written in &value.get_ref().0 {
+                let v = if axis == "eps" { normalised_eps(written).map_err(|why| self.err(&value.span(), format!("`{key}.eps`: {why}")))? } else { written.clone() };
+                if !allowed.contains(&v) {
                     let all: Vec<&str> = allowed.iter().map(String::as_str).collect();
-                    let why = format!("`{key}.{axis}`: no {axis} `{v}` in this study; expected one of: {}", all.join(", "));
+                    let why = format!("`{key}.{axis}`: no {axis} `{written}` in this study; expected one of: {}", all.join(", "));
                     return Err(self.err(&value.span(), why));
                 }
+                accepted.insert(v);
             }
-            filter.keys.insert(axis, value.get_ref().0.iter().cloned().collect());
+            filter.keys.insert(axis, accepted);
         }
         if filter.keys.is_empty() {
-            return Err(self.err(&f.span(), format!("`{key}` has no keys; use model, attack, label, defense, mode, surrogate")));
+            return Err(self.err(&f.span(), format!("`{key}` has no keys; use {}", AXES.join(", "))));
         }
         Ok(filter)
     }
@@ -638,7 +645,16 @@ impl Axes {
     }
 }
 
-const AXES: [&str; 6] = ["model", "attack", "label", "defense", "mode", "surrogate"];
+const AXES: [&str; 7] = ["model", "attack", "label", "defense", "mode", "surrogate", "eps"];
+
+/// A filter's ε as the `eps` axis spells it: `"none"` as is, anything else parsed (`"8/255"`,
+/// `"0.0313725490196"`) and formatted by [`format_eps`], so both spellings match.
+fn normalised_eps(written: &str) -> std::result::Result<String, String> {
+    if written == "none" {
+        return Ok(written.to_string());
+    }
+    parse_eps(&RawEps::Text(written.to_string())).map(format_eps)
+}
 
 /// The values by which a filter key can match cell `c` on `axis`.
 fn axis_values(c: &CellConfig, axis: &str) -> Vec<String> {
@@ -649,6 +665,7 @@ fn axis_values(c: &CellConfig, axis: &str) -> Vec<String> {
         "defense" => vec![c.defense.name.clone(), c.defense.label.clone()],
         "mode" => c.defense.mode.map(|m| vec![m.as_str().to_string()]).unwrap_or_default(),
         "surrogate" => vec![c.surrogate.as_ref().map_or("self".to_string(), |s| s.name.clone())],
+        "eps" => vec![c.eps.map_or("none".to_string(), format_eps)],
         _ => Vec::new(),
     }
 }

@@ -5,7 +5,8 @@
 //! attacks (with free-form parameter overrides and optional transfer surrogates) and defenses
 //! (with adaptive and/or oblivious attacker modes). The cross product
 //! models × defenses × modes × attacks × surrogates × ε × seeds is expanded, `[[overrides]]` merge
-//! parameters into matching cells, and `[[include]]`/`[[exclude]]` filter them.
+//! parameters into matching cells, and `[[include]]`/`[[exclude]]` filter them (on model,
+//! attack, label, defense, mode, surrogate and ε).
 //!
 //! Every cell carries a normalised [`CellConfig`]; its id is the first 16 hex digits of the
 //! SHA-256 of the config's canonical JSON (sorted keys), so ids do not depend on the order in

@@ -44,10 +44,14 @@ fn shipped_studies_parse_and_expand() {
     assert!(defenses.cells.iter().all(|c| c.config.n == 1000 && c.config.model.name != "static"));
     assert!(defenses.cells.iter().any(|c| c.config.defense.mode == Some(DefenseMode::Oblivious)));
     let labels: BTreeSet<_> = defenses.cells.iter().map(|c| c.config.defense.label.as_str()).collect();
-    for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "squeeze", "squeeze-fixed-point", "gate-consistency", "deepsloth-at"] {
+    for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "squeeze", "squeeze-fixed-point", "squeeze-penalty", "gate-consistency", "deepsloth-at"] {
         assert!(labels.contains(label), "defenses.toml lacks {label}");
     }
-    assert_eq!(defenses.cells.len(), 266, "defenses.toml grid size changed");
+    assert_eq!(defenses.cells.len(), 275, "defenses.toml grid size changed");
+    // the detector-aware attacker: every attack with an ε-ball on every model it targets, never ILFO
+    let penalised: Vec<_> = defenses.cells.iter().filter(|c| c.config.defense.label == "squeeze-penalty").collect();
+    assert_eq!(penalised.len(), 9, "deepsloth on sdn, gradmdm on gated and skipnet, pgd and mechanism on all three");
+    assert!(penalised.iter().all(|c| c.config.eps.is_some() && c.config.attack.name != "ilfo" && c.config.defense.mode == Some(DefenseMode::Adaptive)));
     // the cost monitor has no adaptive attacker: its cells default to oblivious
     let monitor: BTreeSet<_> = defenses.cells.iter().filter(|c| c.config.defense.name == "monitor").map(|c| c.config.defense.mode).collect();
     assert_eq!(monitor, BTreeSet::from([Some(DefenseMode::Oblivious)]));
@@ -64,6 +68,12 @@ fn shipped_studies_parse_and_expand() {
             assert!(dir.join(sidecar).is_file(), "cell {} names checkpoint {path}, which is not committed", cell.id);
         }
     }
+
+    let robust = shipped("robust-accuracy.toml");
+    assert_eq!(robust.cells.len(), 24, "robust-accuracy.toml grid size changed");
+    let defended: Vec<_> = robust.cells.iter().filter(|c| c.config.defense.name != "none").collect();
+    assert_eq!(defended.len(), 2 * 4, "bitdepth-4 and denoiser-adv × static, sdn, gated, skipnet");
+    assert!(defended.iter().all(|c| c.config.attack.name == "ensemble" && c.config.eps == Some(8.0 / 255.0) && c.config.defense.mode == Some(DefenseMode::Adaptive) && !c.config.model.name.ends_with("-twin")));
 
     let seed = shipped("seed-study.toml");
     let transfer = seed.cells.iter().filter(|c| c.config.surrogate.is_some()).count();
@@ -105,6 +115,20 @@ fn overrides_and_filters_apply() {
         let steps = if c.config.model.name == "gated" { 7 } else { 2 };
         assert_eq!(c.config.attack.params["steps"], steps, "{}", c.config.summary());
     }
+}
+
+#[test]
+fn filters_match_eps_in_either_spelling_and_none() {
+    // no defended cell at 8/255 (written as a decimal) or without ε (ILFO): defended PGD at 4/255 only
+    let text = format!("{SMALL}\n[[exclude]]\ndefense = \"bitdepth\"\neps = [\"0.031372549019607843\", \"none\"]\n");
+    let s = Study::parse(&text, "e.toml", &registry()).unwrap();
+    let defended: Vec<_> = s.cells.iter().filter(|c| c.config.defense.name == "bitdepth").collect();
+    assert_eq!(defended.len(), 3 * 2 * 2, "3 models × 2 modes × 2 seeds, PGD at 4/255 only");
+    assert!(defended.iter().all(|c| c.config.attack.name == "pgd-linf" && c.config.eps == Some(4.0 / 255.0)));
+    assert_eq!(s.cells.iter().filter(|c| c.config.eps.is_none()).count(), 3 * 2, "ILFO undefended: 3 models × 2 seeds");
+    // the same filter written as a fraction gives the same grid
+    let fraction = text.replace("\"0.031372549019607843\"", "\"8/255\"");
+    assert_eq!(Study::parse(&fraction, "e.toml", &registry()).unwrap().cells, s.cells);
 }
 
 #[test]
@@ -167,6 +191,8 @@ fn malformed() -> Vec<(String, usize, &'static str)> {
         (format!("{base}[[include]]\nmodle = \"sdn\"\n"), 8, "modle"),
         (format!("{base}[[include]]\nmodel = \"gated\"\n"), 8, "include.model"),
         (format!("{base}[[include]]\n"), 7, "include"),
+        (format!("eps = [\"8/255\"]\n{base}[[include]]\neps = \"4/255\"\n"), 9, "no eps `4/255`"),
+        (format!("eps = [\"8/255\"]\n{base}[[include]]\neps = \"eight\"\n"), 9, "include.eps"),
         (format!("{base}[[overrides]]\nmatch = {{ attack = \"ilfo\" }}\nparams = {{ steps = 1 }}\n"), 8, "overrides.match.attack"),
         (format!("{base}surrogates = [\"self\", \"resnet\"]\n"), 7, "attacks.surrogates"),
     ]
