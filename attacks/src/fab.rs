@@ -31,7 +31,7 @@
 //! final head instead. On a randomised defense the logits and their gradients are averaged
 //! over the model's EOT draws.
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, per_sample_norm, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, eot_average, per_sample_norm, Attack, Goal, Norm, Requirements};
 use dynrobust_core::rng::SeededRng;
 use dynrobust_core::{DynamicModel, Error, Pass, Result, Trace};
 use serde::{Deserialize, Serialize};
@@ -208,6 +208,21 @@ struct Boundaries {
     grad: Tensor,
 }
 
+/// Sums and scalar division, entry by entry, so [`eot_average`] averages boundaries over draws.
+impl std::ops::Add for Boundaries {
+    type Output = Boundaries;
+    fn add(self, other: Boundaries) -> Boundaries {
+        Boundaries { f: self.f + other.f, grad: self.grad + other.grad }
+    }
+}
+
+impl std::ops::Div<f64> for Boundaries {
+    type Output = Boundaries;
+    fn div(self, by: f64) -> Boundaries {
+        Boundaries { f: self.f / by, grad: self.grad / by }
+    }
+}
+
 impl Fab {
     fn logits<'a>(&self, trace: &'a Trace) -> &'a Tensor {
         if self.cfg.loss == ExitLoss::Final {
@@ -241,13 +256,7 @@ impl Fab {
 
     /// The boundaries averaged over the model's EOT draws (one draw for a deterministic model).
     fn boundaries(&self, model: &dyn DynamicModel, x1: &Tensor, y: &Tensor, target: Option<&Tensor>) -> Result<Boundaries> {
-        let draws = model.eot_samples().max(1);
-        let mut sum = self.boundaries_once(model, x1, y, target)?;
-        for _ in 1..draws {
-            let more = self.boundaries_once(model, x1, y, target)?;
-            sum = Boundaries { f: sum.f + more.f, grad: sum.grad + more.grad };
-        }
-        Ok(if draws > 1 { Boundaries { f: sum.f / draws as f64, grad: sum.grad / draws as f64 } } else { sum })
+        eot_average(model.eot_samples(), || self.boundaries_once(model, x1, y, target))
     }
 
     /// The steps onto the closest linearised boundary from `x1` and from the clean `x0`

@@ -214,8 +214,12 @@ pub fn input_grad(x: &Tensor, loss: impl FnOnce(&Tensor) -> Result<Tensor>) -> R
 }
 
 /// Mean of `k` draws of `sample()` (EOT: with a randomised model each call draws new
-/// randomness; with `k = 1` this is one call).
-pub fn eot_average(k: usize, mut sample: impl FnMut() -> Result<Tensor>) -> Result<Tensor> {
+/// randomness; with `k = 1` this is one call). `T` is a tensor, or anything that adds and
+/// divides by a scalar like one (FAB's linearised boundaries).
+pub fn eot_average<T>(k: usize, mut sample: impl FnMut() -> Result<T>) -> Result<T>
+where
+    T: std::ops::Add<Output = T> + std::ops::Div<f64, Output = T>,
+{
     let mut sum = sample()?;
     for _ in 1..k.max(1) {
         sum = sum + sample()?;
