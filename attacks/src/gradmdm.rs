@@ -389,24 +389,24 @@ impl Attack for GradAuto {
         let chw = (x.numel() as i64 / x.size()[0]) as f64;
         optimise_modifier(&bx, x, c.lr, c.iterations, self.budget(), |_, w_leaf, x_adv| {
             let draws = model.eot_samples().max(1);
-            let mut sum: Option<Tensor> = None;
-            for draw in 0..draws {
+            let mut drawn = 0;
+            eot_average(draws, || {
+                drawn += 1;
                 let gates = gate_matrix(&model.forward_trace(x_adv, Pass::Dense)?)?;
                 let (lpos, lneg) = (gradauto_lpos(&gates), gradauto_lneg(&gates));
                 let l2 = bx.l2(x_adv, x);
-                let last = draw + 1 == draws;
+                // x_adv's graph back to the modifier serves every draw: keep it until the last
+                let last = drawn == draws;
                 let g_pos = Tensor::f_run_backward(&[&lpos], &[w_leaf], true, false)?.remove(0);
                 let g_neg = Tensor::f_run_backward(&[&lneg], &[w_leaf], true, false)?.remove(0);
                 let g_l2 = Tensor::f_run_backward(&[&l2], &[w_leaf], !last, false)?.remove(0);
-                let g = tch::no_grad(|| {
+                Ok(tch::no_grad(|| {
                     let u = unit(&g_pos);
                     let pi = (&g_neg * &u).flatten(1, -1).sum_dim_intlist(&[1i64][..], false, Kind::Float).clamp_max(0.0);
                     let g_neg = unit(&(&g_neg - pi.view(&view_shape(&u)[..]) * &u));
                     g_neg * (c.k * chw) + g_l2
-                });
-                sum = Some(match sum { Some(s) => s + g, None => g });
-            }
-            Ok(sum.expect("at least one draw") / draws as f64)
+                }))
+            })
         })
     }
 }
