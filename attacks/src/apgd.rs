@@ -9,8 +9,8 @@
 //!   step size η = 2ε per sample;
 //! - `z = Π(x_k + η·steepest(∇L(x_k)))`, `x_{k+1} = Π(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1}))`
 //!   with α = 0.75 (1 on the first step);
-//! - checkpoints every `k` iterations, `k` starting at ⌈0.22 N⌉ and shrinking by 0.03 N to
-//!   at least 0.06 N: a sample whose loss rose in at most ρ·k of the last k steps (ρ = 0.75),
+//! - checkpoints every `k` iterations, `k` starting at ⌊0.22 N⌋ and shrinking by ⌊0.03 N⌋ to
+//!   at least ⌊0.06 N⌋: a sample whose loss rose in at most ρ·k of the last k steps (ρ = 0.75),
 //!   or whose best loss did not improve since a checkpoint that did not halve its step, has its
 //!   step halved and restarts from its best point;
 //! - `restarts` runs from fresh random starts, attacking every sample each time;
@@ -23,8 +23,8 @@
 //! it returns the last iterate that fooled the model (AutoAttack's `x_best_adv`) or, for a
 //! sample never fooled, the highest-loss iterate (AutoAttack keeps the random start there;
 //! the highest-loss point is what a cost measurement on the attacked input should see, and
-//! the accuracy is the same). On a randomised defense the gradient and the loss are averaged
-//! over the model's EOT draws, and "fooled" read from the last draw, as AutoAttack does.
+//! the accuracy is the same). On a randomised defense the gradient is averaged over the
+//! model's EOT draws, and the loss and "fooled" are read from the last draw, as AutoAttack does.
 
 use dynrobust_core::attack::{check_eps, check_steps, eot_average, input_grad, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
 use dynrobust_core::rng::SeededRng;
@@ -153,9 +153,8 @@ impl Apgd {
     fn probe(&self, model: &dyn DynamicModel, x_adv: &Tensor, y: &Tensor, target: Option<&Tensor>) -> Result<Probe> {
         let draws = model.eot_samples().max(1);
         let (mut loss, mut correct) = (None::<Tensor>, None);
+        // the loss and the verdict of the last draw, as AutoAttack's EOT loop leaves them
         let grad = eot_average(draws, || {
-            let mut per_sample = None;
-            let mut right = None;
             let (g, _) = input_grad(x_adv, |xa| {
                 let trace = model.forward_trace(xa, Pass::Dense)?;
                 let targeted = |z: &Tensor, y: &Tensor| dlr_targeted_per_sample(z, y, target.expect("a target"));
@@ -165,16 +164,13 @@ impl Apgd {
                     (ApgdLoss::Dlr, Some(_)) => &targeted,
                 };
                 let l = output_loss_per_sample(&trace, y, self.cfg.loss, objective);
-                per_sample = Some(l.detach());
-                right = Some(trace.logits.argmax(1, false).eq_tensor(y));
+                loss = Some(l.detach());
+                correct = Some(trace.logits.argmax(1, false).eq_tensor(y));
                 Ok(l.sum(Kind::Float))
             })?;
-            let l = per_sample.expect("the loss ran");
-            loss = Some(loss.take().map_or(l.shallow_clone(), |acc| acc + &l));
-            correct = right;
             Ok(g)
         })?;
-        Ok(Probe { grad, loss: loss.expect("≥ 1 draw") / draws as f64, correct: correct.expect("≥ 1 draw") })
+        Ok(Probe { grad, loss: loss.expect("≥ 1 draw"), correct: correct.expect("≥ 1 draw") })
     }
 
     fn run(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor, target: Option<&Tensor>, rng: &mut SeededRng) -> Result<RunResult> {

@@ -12,8 +12,10 @@
 //! averaged over the defense's own EOT draws (AutoAttack fixes 20; here the defense's `eot`
 //! setting decides). `attacks` lists members by hand instead.
 //!
-//! Per sample the output is the first member's example that fools the deployed model (read
-//! through the sparse pass), else the first member's own example (its highest-loss point).
+//! As in AutoAttack, only the samples classified correctly (deployed prediction, sparse pass)
+//! are attacked; the others come back unchanged. Per attacked sample the output is the first
+//! member's example that fools the deployed model, else the first member's own example (its
+//! highest-loss point).
 //!
 //! ```toml
 //! [[attacks]]
@@ -71,13 +73,13 @@ impl Version {
                 member("apgd-ce", deployed(json!({}))),
                 member("apgd-t", deployed(json!({}))),
                 member("fab-t", deployed(json!({}))),
-                member("square", json!({ "queries": 5000 })),
+                member("square", json!({ "queries": 5000, "rescale_schedule": false })),
             ],
             Version::Plus => vec![
                 member("apgd-ce", deployed(json!({ "restarts": 5 }))),
                 member("apgd-dlr", deployed(json!({ "restarts": 5 }))),
                 member("fab", deployed(json!({ "restarts": 5 }))),
-                member("square", json!({ "queries": 5000 })),
+                member("square", json!({ "queries": 5000, "rescale_schedule": false })),
                 member("apgd-t", deployed(json!({}))),
                 member("fab-t", deployed(json!({}))),
             ],
@@ -123,9 +125,10 @@ impl EnsembleConfig {
 pub struct Ensemble {
     cfg: EnsembleConfig,
     members: Vec<Box<dyn Attack>>,
-    /// Since the last [`Attack::take_tally`]: images perturbed, and per member the samples it
-    /// was the first to fool (the first member's count includes those misclassified clean).
+    /// Since the last [`Attack::take_tally`]: images perturbed, those misclassified before any
+    /// attack, and per member the samples it was the first to fool.
     seen: Cell<i64>,
+    wrong_clean: Cell<i64>,
     fooled_by: RefCell<Vec<i64>>,
 }
 
@@ -160,7 +163,7 @@ impl Ensemble {
             members.push(attack);
         }
         let fooled_by = RefCell::new(vec![0; members.len()]);
-        Ok(Ensemble { cfg, members, seen: Cell::new(0), fooled_by })
+        Ok(Ensemble { cfg, members, seen: Cell::new(0), wrong_clean: Cell::new(0), fooled_by })
     }
 }
 
@@ -191,25 +194,36 @@ impl Attack for Ensemble {
     fn iterations(&self) -> Option<usize> {
         Some(self.members.iter().filter_map(|m| m.iterations()).sum())
     }
+    /// As AutoAttack's `run_standard_evaluation`: the samples misclassified clean are not
+    /// attacked and come back unchanged; the others go through the members in turn.
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let x_adv = in_turn(x, self.members.len(), |i, todo| {
-            let ys = y.index_select(0, todo);
-            let adv = self.members[i].perturb(model, &x.index_select(0, todo), &ys)?.detach();
+        let wrong_clean = misclassified(model, x, y)?;
+        self.seen.set(self.seen.get() + x.size()[0]);
+        self.wrong_clean.set(self.wrong_clean.get() + wrong_clean.sum(Kind::Int64).int64_value(&[]));
+        let correct = wrong_clean.logical_not().nonzero().squeeze_dim(1);
+        if correct.numel() == 0 {
+            return Ok(x.copy());
+        }
+        let (xc, yc) = (x.index_select(0, &correct), y.index_select(0, &correct));
+        let attacked = in_turn(&xc, self.members.len(), |i, todo| {
+            let ys = yc.index_select(0, todo);
+            let adv = self.members[i].perturb(model, &xc.index_select(0, todo), &ys)?.detach();
             let fooled = misclassified(model, &adv, &ys)?;
             self.fooled_by.borrow_mut()[i] += fooled.sum(Kind::Int64).int64_value(&[]);
             Ok((adv, fooled))
         })?;
-        self.seen.set(self.seen.get() + x.size()[0]);
-        Ok(x_adv)
+        Ok(tch::no_grad(|| x.index_copy(0, &correct, &attacked)))
     }
-    /// `{"images": N, "members": [{"name", "fooled", "robust_after"}, …]}`: per member the
-    /// samples it was the first to fool and the accuracy left after it — AutoAttack's
-    /// "robust accuracy after APGD-CE: …" lines (read through the sparse pass on the model
-    /// the ensemble attacked).
+    /// `{"images": N, "misclassified_clean": K, "members": [{"name", "fooled", "robust_after"},
+    /// …]}`: the samples wrong before any attack, then per member the samples it was the first
+    /// to fool and the accuracy left after it — AutoAttack's "initial accuracy" and "robust
+    /// accuracy after APGD-CE: …" lines (read through the sparse pass on the model the
+    /// ensemble attacked).
     fn take_tally(&self) -> Option<Value> {
         let images = self.seen.replace(0);
+        let wrong_clean = self.wrong_clean.replace(0);
         let fooled = std::mem::replace(&mut *self.fooled_by.borrow_mut(), vec![0; self.members.len()]);
-        let mut left = images;
+        let mut left = images - wrong_clean;
         let members: Vec<Value> = self
             .members
             .iter()
@@ -219,7 +233,7 @@ impl Attack for Ensemble {
                 json!({ "name": m.name(), "fooled": k, "robust_after": left as f64 / images.max(1) as f64 })
             })
             .collect();
-        Some(json!({ "images": images, "members": members }))
+        Some(json!({ "images": images, "misclassified_clean": wrong_clean, "members": members }))
     }
 }
 

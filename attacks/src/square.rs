@@ -3,12 +3,16 @@
 //! `autoattack/square.py` runs it (`attack_single_run`, L∞, untargeted, margin loss):
 //!
 //! - start from vertical stripes: `x + ε·s` with one random sign `s` per channel and column;
-//! - each query draws one square window of side `⌈√(p·h·w)⌉` (p from `p_init`, halved on the
-//!   schedule of `p_selection`) at one random position, and one random sign per channel; every
+//! - each query draws one square window of side `round(√(p·h·w))` (p from `p_init`, halved on
+//!   the schedule of `p_selection`, at query counts rescaled to a 10,000-query run as
+//!   `square.py` does by default, or at the raw query counts — `rescale_schedule = false`, what
+//!   AutoAttack's ensemble sets) at one random position, and one random sign per channel; every
 //!   sample still classified correctly tries its current best point with that window set to
 //!   `±2ε` (projected back onto the ball and the box) and keeps it when its margin
 //!   `z_y − max_{i≠y} z_i` falls (or turns negative);
-//! - a sample leaves once misclassified; `queries` bounds the search.
+//! - a sample leaves once misclassified; `queries` bounds the search. Every sample comes back
+//!   at its lowest-margin point, also one never fooled (`square.py` returns the clean image
+//!   for those; the verdict is the same, the perturbation statistics differ).
 //!
 //! It reads only the **deployed** model's logits, through the sparse pass — no gradient, no
 //! surrogate, so BPDA, EOT and non-differentiable mechanisms (hard gates, early exits, JPEG)
@@ -33,14 +37,22 @@ pub struct SquareConfig {
     pub queries: usize,
     /// Initial fraction of the image a window covers (AutoAttack: 0.8).
     pub p_init: f64,
+    /// Halve the window at query counts rescaled to a 10,000-query run (`square.py`'s default,
+    /// `resc_schedule=True`); `false` halves at the raw counts, as AutoAttack's ensemble runs it.
+    #[serde(default = "yes")]
+    pub rescale_schedule: bool,
     /// RNG seed of the stripes, windows and signs.
     pub seed: u64,
 }
 
 impl Default for SquareConfig {
     fn default() -> Self {
-        SquareConfig { eps: 8.0 / 255.0, queries: 5000, p_init: 0.8, seed: 0 }
+        SquareConfig { eps: 8.0 / 255.0, queries: 5000, p_init: 0.8, rescale_schedule: true, seed: 0 }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The Square Attack.
@@ -61,10 +73,11 @@ impl Square {
     }
 }
 
-/// AutoAttack's `p_selection`: the window's share of the image at query `i` of `queries`,
-/// halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 ten-thousandths of the run.
-pub fn window_fraction(p_init: f64, i: usize, queries: usize) -> f64 {
-    let at = (i as f64 / queries as f64 * 10000.0) as usize;
+/// `square.py`'s `p_selection`: the window's share of the image at query `i`, halved after
+/// queries 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 — of a run rescaled to 10,000
+/// queries when `rescale` (`i` of `queries` becomes `i / queries · 10000`), else as counted.
+pub fn window_fraction(p_init: f64, i: usize, queries: usize, rescale: bool) -> f64 {
+    let at = if rescale { (i as f64 / queries as f64 * 10000.0) as usize } else { i };
     let halvings = [10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000].iter().filter(|&&t| at > t).count();
     p_init / f64::powi(2.0, halvings as i32)
 }
@@ -118,7 +131,7 @@ impl Attack for Square {
             if to_fool.numel() == 0 {
                 break;
             }
-            let side = ((window_fraction(c.p_init, i, c.queries) * pixels).sqrt().round() as i64).clamp(1, h.min(w));
+            let side = ((window_fraction(c.p_init, i, c.queries, c.rescale_schedule) * pixels).sqrt().round() as i64).clamp(1, h.min(w));
             // AutoAttack's random_int(0, h − s): floor(U·(h − s)), so never the last position
             let row = (rng.next_f32() as f64 * (h - side) as f64) as i64;
             let col = (rng.next_f32() as f64 * (w - side) as f64) as i64;
@@ -141,9 +154,13 @@ mod tests {
     use super::window_fraction;
 
     #[test]
-    fn the_window_shrinks_on_autoattacks_schedule() {
-        let at = |i| window_fraction(0.8, i, 5000);
+    fn the_window_shrinks_on_square_pys_schedule_rescaled_or_not() {
+        let at = |i| window_fraction(0.8, i, 5000, true);
         assert_eq!([at(0), at(5), at(6), at(25), at(26)], [0.8, 0.8, 0.4, 0.4, 0.2]);
         assert_eq!([at(4000), at(4001), at(4999)], [0.8 / 256.0, 0.8 / 512.0, 0.8 / 512.0]);
+        // AutoAttack's ensemble (resc_schedule=False): the raw counts, so /128 is the last step
+        let raw = |i| window_fraction(0.8, i, 5000, false);
+        assert_eq!([raw(10), raw(11), raw(50), raw(51), raw(200), raw(201)], [0.8, 0.4, 0.4, 0.2, 0.2, 0.1]);
+        assert_eq!([raw(4000), raw(4001), raw(4999)], [0.8 / 64.0, 0.8 / 128.0, 0.8 / 128.0]);
     }
 }

@@ -304,12 +304,16 @@ fn ensemble_versions_are_autoattacks_presets() {
     assert_eq!(standard[1].1["targets"], 9);
     assert_eq!(standard[2].1["targets"], 9);
     assert_eq!(standard[3].1["queries"], 5000);
+    // AutoAttack builds its Square with resc_schedule=False; Square on its own keeps square.py's default
+    assert_eq!(standard[3].1["rescale_schedule"], false);
+    assert_eq!(registry::build("square", &json!({})).unwrap().config_json()["rescale_schedule"], true);
     let plus = members(json!({"version": "plus"}));
     assert_eq!(names(&plus), ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]);
     for m in &plus[..3] {
         assert_eq!(m.1["restarts"], 5, "{}", m.0);
     }
     assert_eq!(plus[4].1["restarts"], 1);
+    assert_eq!(plus[3].1["rescale_schedule"], false);
     assert_eq!(names(&members(json!({"version": "rand"}))), ["apgd-ce", "apgd-dlr"]);
     // every preset member reads the deployed prediction and the ensemble's ε
     for (name, config) in plus.iter().filter(|m| m.0 != "square") {

@@ -15,6 +15,7 @@ use dynrobust_attacks::testing::{build_prepared, check_contract};
 use dynrobust_attacks::transfer::Transfer;
 use dynrobust_core::attack::Attack;
 use serde_json::{json, Value};
+use tch::Tensor;
 
 const N: i64 = 64;
 const EPS: f64 = 8.0 / 255.0;
@@ -260,32 +261,52 @@ fn the_ensemble_fools_every_sample_its_first_member_fools_and_more() {
     let eps = 4.0 / 255.0;
     let data = common::test_images(128);
     let model = common::committed("sdn");
-    let fooled = |name: &str, params: Value| -> Vec<bool> {
-        let attack = build(name, params);
-        let x_adv = attack.perturb(&model, &data.images, &data.labels).unwrap();
-        let pred = tch::no_grad(|| dynrobust_core::DynamicModel::forward_trace(&model, &x_adv, dynrobust_core::Pass::Sparse).unwrap().logits.argmax(1, false));
-        Vec::try_from(pred.ne_tensor(&data.labels)).unwrap()
+    let wrong = |x: &Tensor, y: &Tensor| -> Vec<bool> {
+        let pred = tch::no_grad(|| dynrobust_core::DynamicModel::forward_trace(&model, x, dynrobust_core::Pass::Sparse).unwrap().logits.argmax(1, false));
+        Vec::try_from(pred.ne_tensor(y)).unwrap()
     };
+    let fooled_on = |x: &Tensor| wrong(x, &data.labels);
+    let fooled_by = |attack: &dyn Attack, x: &Tensor, y: &Tensor| wrong(&attack.perturb(&model, x, y).unwrap(), y);
+    let fooled = |name: &str, params: Value| fooled_by(&*build(name, params), &data.images, &data.labels);
     let members = json!([{"name": "apgd-ce", "params": {"steps": 20}}, {"name": "square", "params": {"queries": 300}}]);
-    let alone = fooled("apgd-ce", json!({"eps": eps, "steps": 20}));
+    let wrong_clean = fooled_on(&data.images);
     let together = fooled("ensemble", json!({"eps": eps, "attacks": members}));
-    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
-        assert!(!a || *t, "sample {i}: fooled by APGD-CE alone, not by the ensemble that runs it first");
+    // as AutoAttack: the samples wrong before any attack are left as they are (and stay wrong)
+    let x_adv = build("ensemble", json!({"eps": eps, "attacks": members})).perturb(&model, &data.images, &data.labels).unwrap();
+    for (i, &w) in wrong_clean.iter().enumerate() {
+        if w {
+            assert!(together[i], "sample {i}: wrong clean, right after the ensemble");
+            assert_eq!(f64::try_from((x_adv.get(i as i64) - data.images.get(i as i64)).abs().max()).unwrap(), 0.0, "sample {i}: wrong clean, yet perturbed");
+        }
     }
-    let (n_alone, n_together) = (alone.iter().filter(|&&f| f).count(), together.iter().filter(|&&f| f).count());
-    eprintln!("fooled of 128: APGD-CE {n_alone}, APGD-CE then Square {n_together}");
-    assert!(n_together >= n_alone);
+    // the first member sees exactly the samples classified correctly: APGD-CE alone on those
+    let correct: Vec<i64> = (0..128).filter(|&i| !wrong_clean[i as usize]).collect();
+    let correct = Tensor::from_slice(&correct);
+    let (xc, yc) = (data.images.index_select(0, &correct), data.labels.index_select(0, &correct));
+    let alone_on_correct = fooled_by(&*build("apgd-ce", json!({"eps": eps, "steps": 20})), &xc, &yc);
+    for (k, a) in alone_on_correct.iter().enumerate() {
+        let i = correct.int64_value(&[k as i64]) as usize;
+        assert!(!a || together[i], "sample {i}: fooled by APGD-CE alone, not by the ensemble that runs it first");
+    }
+    let n_clean_wrong = wrong_clean.iter().filter(|&&f| f).count();
+    let n_alone = alone_on_correct.iter().filter(|&&f| f).count();
+    let n_together = together.iter().filter(|&&f| f).count();
+    eprintln!("of 128: wrong clean {n_clean_wrong}, + fooled by APGD-CE {n_alone}, + by APGD-CE then Square {}", n_together - n_clean_wrong);
+    assert!(n_together >= n_clean_wrong + n_alone);
     // its tally: per member the samples it fooled first, and the accuracy left after it; the
     // last member's is the measured robust accuracy, the first's APGD-CE's alone
     let r = run("sdn", &*build("ensemble", json!({"eps": eps, "attacks": members})), 128);
     let tally = r.tally.as_ref().expect("the ensemble reports its tally");
     assert_eq!(tally["images"], 128);
+    assert_eq!(tally["misclassified_clean"], n_clean_wrong as i64);
+    assert!((r.clean_acc - (128 - n_clean_wrong) as f64 / 128.0).abs() < 1e-12);
     let after: Vec<f64> = tally["members"].as_array().unwrap().iter().map(|m| m["robust_after"].as_f64().unwrap()).collect();
     let fooled: i64 = tally["members"].as_array().unwrap().iter().map(|m| m["fooled"].as_i64().unwrap()).sum();
     assert_eq!(after.len(), 2);
     assert!((after[1] - r.adv_acc).abs() < 1e-12, "robust after the last member {} vs measured {}", after[1], r.adv_acc);
-    assert!((after[0] - (128 - n_alone) as f64 / 128.0).abs() < 1e-12, "robust after APGD-CE {} vs APGD-CE alone {}", after[0], 128 - n_alone);
-    assert_eq!(fooled, 128 - (r.adv_acc * 128.0).round() as i64);
+    let after_apgd = (128 - n_clean_wrong - n_alone) as f64 / 128.0;
+    assert!((after[0] - after_apgd).abs() < 1e-12, "robust after APGD-CE {} vs APGD-CE alone on the correct samples {after_apgd}", after[0]);
+    assert_eq!(fooled, 128 - n_clean_wrong as i64 - (r.adv_acc * 128.0).round() as i64);
 }
 
 #[test]
