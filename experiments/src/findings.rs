@@ -543,7 +543,7 @@ pub(crate) fn ensemble_table(rows: &[Row]) -> String {
         return String::new();
     }
     let mut md = String::from("## Ensembles: robust accuracy after each member\n\n");
-    md += "Each member runs on the samples no earlier member fooled (accuracy in %).\n\n";
+    md += "As in AutoAttack, only the samples classified correctly are attacked, and each member runs on those no earlier member fooled (accuracy in %).\n\n";
     md += "| model | defense | mode | attack | ε | clean | after each member |\n|---|---|---|---|---|---|---|\n";
     for r in tallied {
         let members = r.tally.as_ref().and_then(|t| t.get("members")).and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
