@@ -267,12 +267,11 @@ fn the_ensemble_fools_every_sample_its_first_member_fools_and_more() {
     };
     let fooled_on = |x: &Tensor| wrong(x, &data.labels);
     let fooled_by = |attack: &dyn Attack, x: &Tensor, y: &Tensor| wrong(&attack.perturb(&model, x, y).unwrap(), y);
-    let fooled = |name: &str, params: Value| fooled_by(&*build(name, params), &data.images, &data.labels);
     let members = json!([{"name": "apgd-ce", "params": {"steps": 20}}, {"name": "square", "params": {"queries": 300}}]);
     let wrong_clean = fooled_on(&data.images);
-    let together = fooled("ensemble", json!({"eps": eps, "attacks": members}));
-    // as AutoAttack: the samples wrong before any attack are left as they are (and stay wrong)
     let x_adv = build("ensemble", json!({"eps": eps, "attacks": members})).perturb(&model, &data.images, &data.labels).unwrap();
+    let together = fooled_on(&x_adv);
+    // as AutoAttack: the samples wrong before any attack are left as they are (and stay wrong)
     for (i, &w) in wrong_clean.iter().enumerate() {
         if w {
             assert!(together[i], "sample {i}: wrong clean, right after the ensemble");
