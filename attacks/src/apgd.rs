@@ -13,15 +13,16 @@
 //!   at least ⌊0.06 N⌋: a sample whose loss rose in at most ρ·k of the last k steps (ρ = 0.75),
 //!   or whose best loss did not improve since a checkpoint that did not halve its step, has its
 //!   step halved and restarts from its best point;
-//! - `restarts` runs from fresh random starts, attacking every sample each time;
+//! - `restarts` runs from fresh random starts, each on the samples no earlier run fooled (as
+//!   AutoAttack's `perturb` does);
 //! - APGD-T (`apgd-t`, `targets` > 0): the targeted DLR loss towards the 2nd, 3rd, … most
-//!   likely clean class in turn, each target on the samples not fooled yet (`targets = 9`,
-//!   AutoAttack's standard version).
+//!   likely clean class in turn, each target (and each of its restarts) on the samples not
+//!   fooled yet (`targets = 9`, AutoAttack's standard version).
 //!
 //! The loss is read on the output `loss` names (final head by default, as PGD's);
 //! "fooled" is judged on the deployed prediction, the one accuracy is measured on. Per sample
 //! it returns the last iterate that fooled the model (AutoAttack's `x_best_adv`) or, for a
-//! sample never fooled, the highest-loss iterate (AutoAttack keeps the random start there;
+//! sample never fooled, the first run's highest-loss iterate (AutoAttack keeps the clean image there;
 //! the highest-loss point is what a cost measurement on the attacked input should see, and
 //! the accuracy is the same). On a randomised defense the gradient is averaged over the
 //! model's EOT draws, and the loss and "fooled" are read from the last draw, as AutoAttack does.
@@ -141,7 +142,6 @@ struct RunResult {
     x_fool: Tensor,
     fooled: Tensor,
     x_best: Tensor,
-    loss_best: Tensor,
 }
 
 /// `[B] → [B,1,1,1]` for per-sample selection over images.
@@ -221,7 +221,7 @@ impl Apgd {
                 });
             }
         }
-        Ok(RunResult { x_fool, fooled, x_best, loss_best })
+        Ok(RunResult { x_fool, fooled, x_best })
     }
 }
 
@@ -277,45 +277,22 @@ impl Attack for Apgd {
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let mut rng = SeededRng::new(self.cfg.seed);
-        if self.cfg.targets == 0 {
-            let best = self.restarts(model, x, y, None, &mut rng)?;
-            return Ok(best.x_fool.where_self(&per_image(&best.fooled), &best.x_best).detach());
-        }
-        // APGD-T: the target classes in turn, each on the samples not fooled yet; a sample no
-        // target fools keeps the first target's highest-loss point
-        let order = tch::no_grad(|| model.forward_trace(x, Pass::Sparse).map(|t| t.logits.argsort(1, true)))?;
-        let targets = self.cfg.targets.min(order.size()[1] as usize - 1);
-        in_turn(x, targets, |i, todo| {
-            let target = order.index_select(0, todo).select(1, i as i64 + 1);
-            let run = self.restarts(model, &x.index_select(0, todo), &y.index_select(0, todo), Some(&target), &mut rng)?;
+        // APGD-T's target classes: the 2nd, 3rd, … most likely clean class
+        let order = match self.cfg.targets {
+            0 => None,
+            _ => Some(tch::no_grad(|| model.forward_trace(x, Pass::Sparse).map(|t| t.logits.argsort(1, true)))?),
+        };
+        let targets = order.as_ref().map_or(1, |o| self.cfg.targets.min(o.size()[1] as usize - 1));
+        let restarts = self.cfg.restarts;
+        // autopgd_base.py's loops: per target class, its restarts; each run attacks only the
+        // samples no earlier run fooled, and a sample no run fools keeps the first run's
+        // highest-loss point
+        in_turn(x, targets * restarts, |i, todo| {
+            let target = order.as_ref().map(|o| o.index_select(0, todo).select(1, (i / restarts) as i64 + 1));
+            let run = self.run(model, &x.index_select(0, todo), &y.index_select(0, todo), target.as_ref(), &mut rng)?;
             let found = tch::no_grad(|| run.x_fool.where_self(&per_image(&run.fooled), &run.x_best));
             Ok((found, run.fooled))
         })
-    }
-}
-
-impl Apgd {
-    /// The best of `restarts` runs from fresh random starts.
-    fn restarts(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor, target: Option<&Tensor>, rng: &mut SeededRng) -> Result<RunResult> {
-        let mut best: Option<RunResult> = None;
-        for _ in 0..self.cfg.restarts {
-            let run = self.run(model, x, y, target, rng)?;
-            best = Some(match best {
-                None => run,
-                Some(kept) => tch::no_grad(|| {
-                    // a run that fools a sample the kept one did not wins it; among unfooled, the higher loss
-                    let take_fool = run.fooled.logical_and(&kept.fooled.logical_not());
-                    let take_best = run.loss_best.gt_tensor(&kept.loss_best);
-                    RunResult {
-                        x_fool: run.x_fool.where_self(&per_image(&take_fool), &kept.x_fool),
-                        fooled: kept.fooled.logical_or(&run.fooled),
-                        x_best: run.x_best.where_self(&per_image(&take_best), &kept.x_best),
-                        loss_best: run.loss_best.where_self(&take_best, &kept.loss_best),
-                    }
-                }),
-            });
-        }
-        Ok(best.expect("restarts ≥ 1"))
     }
 }
 

@@ -241,7 +241,7 @@ impl Attack for Ensemble {
 /// fooled: `attempt(i, todo)` gets the indices `[T]` of those samples and returns its examples
 /// for them `[T,…]` and which of them fool `[T]` bool. Per sample the result is the first
 /// fooling example, else the first attempt's own (its highest-loss point). The ensemble's
-/// members, APGD-T's target classes and FAB's targets × restarts run this way.
+/// members and APGD's and FAB's targets × restarts run this way.
 pub(crate) fn in_turn(x: &Tensor, attempts: usize, mut attempt: impl FnMut(usize, &Tensor) -> Result<(Tensor, Tensor)>) -> Result<Tensor> {
     let mut x_out = x.copy();
     let mut fooled = Tensor::zeros([x.size()[0]], (Kind::Bool, x.device()));

@@ -386,3 +386,56 @@ fn faithful_ilfo_starts_away_from_the_clean_input_and_the_cost_drop_is_flagged()
     assert!(fixed.l2_mean < 0.05, "fixed start L2 {}", fixed.l2_mean);
     assert!(fixed.outcome_flags().is_empty(), "{:?}", fixed.outcome_flags());
 }
+
+/// Wraps a model and records the batch size of every forward pass an attack makes.
+struct RecordingBatches<'a> {
+    inner: &'a dyn dynrobust_core::DynamicModel,
+    rows: std::cell::RefCell<Vec<i64>>,
+}
+
+impl dynrobust_core::DynamicModel for RecordingBatches<'_> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn forward_trace(&self, x: &Tensor, pass: dynrobust_core::Pass) -> dynrobust_core::Result<dynrobust_core::Trace> {
+        self.rows.borrow_mut().push(x.size()[0]);
+        self.inner.forward_trace(x, pass)
+    }
+    fn units(&self) -> &[dynrobust_core::Unit] {
+        self.inner.units()
+    }
+    fn family(&self) -> dynrobust_core::Family {
+        self.inner.family()
+    }
+}
+
+#[test]
+fn apgd_restarts_attack_only_the_samples_no_earlier_run_fooled() {
+    use dynrobust_core::{DynamicModel, Pass};
+    let _lock = common::torch_lock();
+    // autopgd_base.py's `perturb`: each restart runs on `acc.nonzero()`, the samples still
+    // classified correctly; the first run is the same with or without later restarts (same seed)
+    let model = common::committed("static");
+    let data = common::test_images(N);
+    let steps = 5;
+    let cfg = |restarts: usize| json!({"eps": 2.0 / 255.0, "steps": steps, "restarts": restarts, "seed": 3});
+    let one_run = build("apgd-ce", cfg(1)).perturb(&model, &data.images, &data.labels).unwrap();
+    let correct = |x: &Tensor| tch::no_grad(|| model.forward_trace(x, Pass::Sparse).unwrap().logits.argmax(1, false).eq_tensor(&data.labels));
+    let left_after_one = correct(&one_run).sum(tch::Kind::Int64).int64_value(&[]);
+    let recording = RecordingBatches { inner: &model, rows: Default::default() };
+    let three_runs = build("apgd-ce", cfg(3)).perturb(&recording, &data.images, &data.labels).unwrap();
+    let rows = recording.rows.into_inner();
+    // a run probes its start and every step: steps + 1 passes, all on the run's samples
+    let calls = steps as usize + 1;
+    eprintln!("APGD-CE 2/255, 5 steps: robust after one run {left_after_one} of {N}; rows per pass {rows:?}");
+    assert!(left_after_one > 0 && left_after_one < N, "the test needs a first run that fools some samples but not all: {left_after_one} left");
+    assert!(rows.len() >= 2 * calls, "{} passes for three runs of {steps} steps", rows.len());
+    assert!(rows[..calls].iter().all(|&r| r == N), "the first run attacks every sample: {rows:?}");
+    assert!(rows[calls..2 * calls].iter().all(|&r| r == left_after_one), "the second run attacks the {left_after_one} samples the first left: {rows:?}");
+    let left_after_three = correct(&three_runs).sum(tch::Kind::Int64).int64_value(&[]);
+    assert!(left_after_three <= left_after_one);
+    // a sample the first run fooled keeps that run's example
+    let fooled_first = correct(&one_run).logical_not();
+    let same = (&one_run - &three_runs).abs().flatten(1, -1).amax(&[1i64][..], false).eq(0.0);
+    assert!(same.logical_or(&fooled_first.logical_not()).all().int64_value(&[]) == 1, "a sample fooled by the first run changed its example");
+}
