@@ -1,6 +1,6 @@
 //! `dynrobust eval` and `dynrobust info`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use dynrobust_core::data::Split;
 use dynrobust_core::DynamicModel;
@@ -36,6 +36,25 @@ pub struct EvalArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Choose the SDN threshold as DeepSloth does: the q in 0.05, 0.10, …, 0.95 of least
+    /// mean cost whose accuracy stays within RAD percent (relative) of the final head's
+    /// (the paper uses 5 and 15); the evaluation then runs at that q.
+    #[arg(long, value_name = "RAD")]
+    calibrate_rad: Option<f64>,
+    /// Images the calibration sweeps: the first N of the training split (default, so the
+    /// evaluated test images play no part in the choice) or the evaluated test images.
+    #[arg(long, value_enum, default_value = "train", requires = "calibrate_rad")]
+    calibrate_on: CalibrateOn,
+    /// How many training images the calibration sweeps (with `--calibrate-on train`).
+    #[arg(long, default_value_t = 10_000, requires = "calibrate_rad")]
+    calibrate_n: i64,
+}
+
+/// Where `--calibrate-rad` sweeps its thresholds.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CalibrateOn {
+    Train,
+    Test,
 }
 
 /// Runs `dynrobust eval`.
@@ -48,6 +67,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         net.set_threshold(q)?;
     }
     net.set_twin(args.twin)?;
+    let calibration = match args.calibrate_rad {
+        Some(rad) => Some(calibrate(&mut net, &args, &data, rad)?),
+        None => None,
+    };
     let record = evaluate(&net, &data, 256)?;
     let (lat1, lat128) = if args.no_latency {
         (None, None)
@@ -71,6 +94,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "gate_rates": record.gate_rates,
         "latency_ms_per_image_batch1": lat1,
         "latency_ms_per_image_batch128": lat128,
+        "threshold": net.as_native().filter(|n| n.family().has_exits()).map(|n| n.threshold()),
+        "calibration": calibration,
     });
     eprintln!("model       {} ({})", net.name(), dir.display());
     eprintln!("data        {} ({} images)", record.data, record.n);
@@ -90,6 +115,32 @@ pub fn run(args: EvalArgs) -> Result<()> {
         println!("{out}");
     }
     Ok(())
+}
+
+/// Runs DeepSloth's threshold selection on the images `--calibrate-on` names, prints the
+/// sweep and leaves the chosen q (if any) on `net`.
+fn calibrate(net: &mut dynrobust_models::AnyModel, args: &EvalArgs, test: &dynrobust_core::data::Dataset, rad: f64) -> Result<dynrobust_models::calibrate::Calibration> {
+    let train;
+    let images = match args.calibrate_on {
+        CalibrateOn::Test => test,
+        CalibrateOn::Train => {
+            train = args.data.load(Split::Train, Some(args.calibrate_n)).context("--calibrate-on train")?.to_device(test.images.device());
+            &train
+        }
+    };
+    let native = net.native_mut("--calibrate-rad")?;
+    let c = dynrobust_models::calibrate::calibrate_threshold(native, images, rad)?;
+    eprintln!("calibration RAD {rad} % on {} ({} images): final head {:.2} %, floor {:.2} %", c.data, c.n, 100.0 * c.final_accuracy, 100.0 * c.accuracy_floor);
+    eprintln!("            {:>5} {:>9} {:>9}", "q", "accuracy", "cost");
+    for p in &c.sweep {
+        let mark = if Some(p.threshold) == c.chosen { "  ← chosen" } else if p.keeps_accuracy { "" } else { "  below the floor" };
+        eprintln!("            {:>5.2} {:>8.2} % {:>9.4}{mark}", p.threshold, 100.0 * p.accuracy, p.mean_cost);
+    }
+    match c.chosen {
+        Some(q) => eprintln!("threshold   {q:.2} (chosen)"),
+        None => eprintln!("WARNING: no threshold keeps the accuracy within {rad} %; the model's own q = {} stays", native.threshold()),
+    }
+    Ok(c)
 }
 
 /// Options of `dynrobust info`.

@@ -31,6 +31,27 @@ fn eval_json_prints_one_object_with_the_schema_fields() {
 }
 
 #[test]
+fn eval_calibrates_the_sdn_threshold_and_evaluates_at_it() {
+    let out = dynrobust(&["eval", "--model", "sdn", "--n", "300", "--no-latency", "--json", "--calibrate-rad", "15", "--calibrate-on", "test"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = &v["calibration"];
+    assert_eq!(c["rad_percent"], 15.0);
+    assert_eq!(c["n"], 300);
+    assert_eq!(c["sweep"].as_array().unwrap().len(), 19);
+    let q = c["chosen"].as_f64().expect("a threshold within 15 % of the final head");
+    assert_eq!(v["threshold"].as_f64().unwrap(), q);
+    // calibrated on the evaluated images: the evaluation is the sweep's point at q
+    let point = c["sweep"].as_array().unwrap().iter().find(|p| p["threshold"].as_f64() == Some(q)).unwrap();
+    assert_eq!(point["accuracy"], v["accuracy"]);
+    assert_eq!(point["mean_cost"], v["mean_cost"]);
+    assert!(stderr(&out).contains("← chosen"));
+    // its options need --calibrate-rad
+    let out = dynrobust(&["eval", "--model", "sdn", "--n", "10", "--calibrate-on", "test"]);
+    assert!(!out.status.success() && stderr(&out).contains("--calibrate-rad"), "{}", stderr(&out));
+}
+
+#[test]
 fn eval_twin_costs_exactly_one() {
     let out = dynrobust(&["eval", "--model", "gated", "--n", "100", "--no-latency", "--twin", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));

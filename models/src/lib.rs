@@ -18,6 +18,7 @@
 //! [`torchscript::ScriptModel`]; [`AnyModel`] holds either kind.
 
 pub mod any;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod config;
 pub mod layers;
