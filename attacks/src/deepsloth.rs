@@ -11,7 +11,8 @@
 //! norm, `renorm(maxnorm=1)`, so steps are mostly far shorter than the radius; fixed: a
 //! unit-norm gradient, DDN's intent), and the L∞ universal perturbation (one δ for a data
 //! set: `δ ← clip(δ − 0.005·sign(∇_δ L), −ε, ε)`, 20 iterations per batch; faithful: fitted on
-//! `x + δ` unclipped, as the code; fixed: on `clip(x + δ, 0, 1)`). The universal δ is
+//! `x + δ` unclipped, as the code; fixed: on `clip(x + δ, 0, 1)`, and with the fixed mode's step
+//! 2.5·ε/steps instead of 0.005). The universal δ is
 //! fitted once and applied unchanged to every batch. As in the authors' code it is fitted on
 //! training images (`fit_on = "train"`, the default: the first `universal_batch` ×
 //! `universal_batches` training images — the code's first batch of 250), which the caller hands
@@ -81,7 +82,8 @@ pub struct DeepSlothConfig {
     pub eps: f64,
     /// Iterations (linf 30, universal 20 per batch, l2 550).
     pub steps: Option<usize>,
-    /// Step size (linf 0.002, universal 0.005); fixed-mode default 2.5·ε/steps.
+    /// Step size (linf 0.002, universal 0.005; l2: the SGD learning rate, 1.0); fixed-mode
+    /// default 2.5·ε/steps for linf and universal.
     pub step_size: Option<f64>,
     /// l2: radius decay γ applied every 50 iterations.
     pub l2_decay: f64,

@@ -1,6 +1,7 @@
 //! The dynamic-mechanism attack (after Haque & Yang, "Dynamic Neural Network is All You Need",
 //! ICCV-W 2023, arXiv 2308.08709, who propose attacking the dynamic mechanism itself but do not
-//! publish its loss). What dynrobust optimises, by PGD (sign ascent, L∞ or L2 ball):
+//! publish its loss). What dynrobust optimises, by PGD (sign ascent in the L∞ ball, normalised-gradient
+//! ascent in the L2 ball):
 //!
 //! - `joint`: `CE_avg(x_adv, y) + λ·E(x_adv)` — misclassify *and* raise compute;
 //! - `stealthy`: `−CE_final(x_adv, ŷ_clean) + λ·E(x_adv)` — keep the clean (deployed)

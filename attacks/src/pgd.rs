@@ -1,7 +1,15 @@
 //! Accuracy attacks: FGSM (Goodfellow, Shlens, Szegedy, ICLR 2015), PGD-L∞ / PGD-L2 (Madry,
 //! Makelov, Schmidt, Tsipras, Vladu, ICLR 2018) and MI-FGSM (Dong et al., CVPR 2018), with the
 //! loss on the final head, the deployed exit, averaged over exits or the worst exit
-//! (DeepSloth's PGD / PGD-avg / PGD-max, Hong et al., ICLR 2021).
+//! (the losses of DeepSloth's PGD / PGD-avg / PGD-max, Hong et al., ICLR 2021).
+//!
+//! The step defaults are Madry's (α = 2.5·ε/steps, random start), not DeepSloth's baseline
+//! settings (`PGDs.py`: ε = 0.03125, 20 steps of 0.001 from `U(−ε, ε)`, so the 20 steps reach
+//! at most 0.02 < ε): for the paper's baseline pass `--eps 0.03125 --set step_size=0.001`.
+//! With `loss = "maxruns"` (PGD-max) the attack runs one PGD per exit and the final head, so
+//! it takes (exits + 1) × `steps` gradient steps, while its record's `iterations` says
+//! `steps`. The L2 random start is `ε·U(0,1)` along a Gaussian direction (the spec's
+//! formula; not uniform in the ball's volume).
 
 use dynrobust_core::rng::SeededRng;
 use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
@@ -24,7 +32,8 @@ pub struct PgdConfig {
     pub steps: usize,
     /// Step size α; default 2.5·ε/steps (Madry et al.).
     pub step_size: Option<f64>,
-    /// Start from a uniform random point of the ball.
+    /// Start from a random point of the ball (L∞: uniform; L2: radius ε·U(0,1) along a
+    /// Gaussian direction).
     pub random_start: bool,
     /// Which output the cross-entropy reads.
     pub loss: ExitLoss,

@@ -137,5 +137,5 @@ pub fn has_seed(name: &str) -> bool {
 
 /// Convenience: the accuracy-loss choice from a CLI string.
 pub fn exit_loss(s: &str) -> Result<ExitLoss> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| Error::config("loss", format!("`{s}`: expected final, deployed, avg or max")))
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| Error::config("loss", format!("`{s}`: expected final, deployed, avg, max or maxruns")))
 }

@@ -81,6 +81,10 @@ impl<M: DynamicModel> DynamicModel for Defended<M> {
     fn static_macs(&self) -> u64 {
         self.inner.static_macs()
     }
+    /// The model's exit costs plus the transform's MACs, which every sample pays before its
+    /// first exit; DeepSloth's efficacy (normalised by the last exit's cost) therefore counts
+    /// the defense's compute as spent before any exit, which lowers clean and attacked efficacy
+    /// alike.
     fn exit_costs(&self) -> Option<Vec<f64>> {
         let extra = self.extra_macs / self.inner.static_macs() as f64;
         self.inner.exit_costs().map(|c| c.into_iter().map(|v| v + extra).collect())

@@ -17,8 +17,17 @@
 //!   penalty on gates that are off on x but switched on by the attack. (The spec writes
 //!   relu(τ − g_j(x_adv)), which penalises gates being *off* on x_adv — the opposite of its own
 //!   words; we implement the words.)
-//! - `cost-cap`, gated: task loss + λ·mean relu(ĉ(x_adv) − ĉ(x)) with the differentiable
-//!   expected cost ĉ = Σ_j g_j·MACs_j / static MACs.
+//! - `cost-cap`, gated: task loss + λ·mean relu(ĉ(x_adv) − ĉ(x)) with the gate cost
+//!   ĉ = Σ_j g_j·MACs_j / static MACs over the straight-through gates g_j (the hard 0/1
+//!   decisions in value — AIG's Gumbel draws in training — with the soft probabilities'
+//!   gradient), so the penalty acts on batches whose attacked *executed* cost exceeds the
+//!   clean one; ĉ(x) is not detached, as the spec writes it.
+//!
+//! On the SDN every recipe is DeepSloth's stage 2 only: the internal classifiers are trained
+//! on a frozen backbone. DeepSloth first adversarially trains the backbone itself (stage 1,
+//! PGD-AT ε 8/255, 10 steps of 2/255) and trains the ICs on that AT-CNN; here the backbone
+//! (and so the final head) stays the committed, clean-trained one, so a sample an attack
+//! pushes to the final head is classified exactly as on the undefended SDN.
 //!
 //! In gate-consistency g_j are the soft gate probabilities (τ thresholds them; `--tau`). The
 //! crafting attack's random start is reseeded per batch from the config's seed
