@@ -60,6 +60,11 @@ pub struct DefendArgs {
     /// Output checkpoint directory.
     #[arg(long)]
     out: PathBuf,
+    /// SDN only: first replace the backbone and final head with those of this static
+    /// checkpoint (DeepSloth's stage 1, e.g. one made by `defend --model static --recipe
+    /// pgd-at`), then train the internal classifiers on it (stage 2).
+    #[arg(long, value_name = "DIR")]
+    backbone: Option<String>,
     /// libtorch threads.
     #[arg(long)]
     threads: Option<i32>,
@@ -73,6 +78,13 @@ pub fn run(args: DefendArgs) -> Result<()> {
     let recipe = Recipe::parse(&args.recipe)?;
     let device = args.device.device()?;
     let (mut net, base, dir) = load_checkpoint(&args.model, device)?;
+    let root = dynrobust_core::data::project_root();
+    let shown = |d: &std::path::Path| d.strip_prefix(&root).unwrap_or(d).display().to_string();
+    let mut init_from = shown(&dir);
+    if let Some(backbone) = &args.backbone {
+        let from = swap_backbone(&mut net, backbone)?;
+        init_from = format!("{init_from}, backbone and final head from {}", shown(&from));
+    }
     let mut cfg = DefendConfig::for_recipe(recipe, &net.config().mechanism);
     cfg.seed = args.seed;
     if let Some(e) = args.epochs {
@@ -103,15 +115,34 @@ pub fn run(args: DefendArgs) -> Result<()> {
     net.fold_batch_norm();
     let evaluation = evaluate(&net, &test_set, 256)?;
     eprintln!("done in {:.0} s; test accuracy {:.2} %, mean cost {:.3}", report.run.seconds, 100.0 * evaluation.accuracy, evaluation.mean_cost);
-    let root = dynrobust_core::data::project_root();
     let sidecar = Sidecar {
         architecture: base.architecture.clone(),
-        training: train_record(&train_set, &report.schedule, &report.run, report.loss.clone(), Some(dir.strip_prefix(&root).unwrap_or(&dir).display().to_string()), crate::common::command_line()),
+        training: train_record(&train_set, &report.schedule, &report.run, report.loss.clone(), Some(init_from), crate::common::command_line()),
         evaluation,
     };
     checkpoint::save(&net, &sidecar, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// DeepSloth's two-stage recipe: loads the backbone and final head of the static checkpoint
+/// `backbone` into the SDN `net`, keeping its internal classifiers; returns the directory.
+fn swap_backbone(net: &mut dynrobust_models::Net, backbone: &str) -> Result<PathBuf> {
+    if !net.family().has_exits() {
+        anyhow::bail!("--backbone applies to an SDN (its internal classifiers are trained on the new backbone); `{}` has no early exits", net.name());
+    }
+    let from = checkpoint::resolve(backbone)?;
+    let sidecar = checkpoint::read_sidecar(&from)?;
+    let (theirs, ours) = (&sidecar.architecture, net.config());
+    if theirs.mechanism != dynrobust_models::Mechanism::Static || theirs.widths != ours.widths || theirs.blocks_per_stage != ours.blocks_per_stage {
+        anyhow::bail!("--backbone {}: expected a static checkpoint with the SDN's widths {:?} and {} blocks per stage, found {:?} with widths {:?}", from.display(), ours.widths, ours.blocks_per_stage, theirs.mechanism, theirs.widths);
+    }
+    let left = checkpoint::init_from(net, &from.join(checkpoint::WEIGHTS_FILE)).with_context(|| format!("--backbone {}", from.display()))?;
+    if let Some(name) = left.iter().find(|n| !n.starts_with("exits.")) {
+        anyhow::bail!("--backbone {}: tensor `{name}` of the SDN's backbone is missing from it", from.display());
+    }
+    eprintln!("backbone    and final head from {} (its internal classifiers kept)", from.display());
+    Ok(from)
 }
 
 /// Options of `dynrobust train-denoiser`.

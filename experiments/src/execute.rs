@@ -99,6 +99,7 @@ impl RealExecutor {
     fn defense(&self, cell: &Cell) -> Result<(DefenseSpec, Adaptivity)> {
         let d = &cell.config.defense;
         let mut params = d.params.clone();
+        seed_randomised(&d.name, &mut params, cell.config.seed);
         // trained defenses may name their checkpoint per model: "models/checkpoints/{model}-gate-consistency"
         if let Some(Value::String(path)) = params.get_mut("checkpoint") {
             *path = path.replace("{model}", &cell.config.model.base);
@@ -385,4 +386,31 @@ pub fn config_for_data(mechanism: Mechanism, source: &DataSpec, train: &Dataset)
     let dims = train.images.size();
     let classes = (i64::try_from(train.labels.max())? + 1).max(2);
     ModelConfig::for_input(mechanism, dims[1], dims[2], classes, mean, std)
+}
+
+/// Gives every randomised transform of a defense — `noise`, alone or as a step of a `chain` —
+/// the cell's seed unless the study sets its own, so cells that differ only by seed draw
+/// different noise (as the cell's seed drives every attack's random start).
+pub fn seed_randomised(name: &str, params: &mut Value, seed: u64) {
+    let seed_noise = |params: &mut Value| {
+        if params.is_null() {
+            *params = json!({});
+        }
+        if let Some(map) = params.as_object_mut() {
+            map.entry("seed").or_insert(json!(seed));
+        }
+    };
+    match name {
+        "noise" => seed_noise(params),
+        "chain" => {
+            for step in params.get_mut("steps").and_then(Value::as_array_mut).into_iter().flatten() {
+                if step.get("name").and_then(Value::as_str) == Some("noise") {
+                    if let Some(map) = step.as_object_mut() {
+                        seed_noise(map.entry("params").or_insert(Value::Null));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
 }
