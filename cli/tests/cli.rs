@@ -248,3 +248,32 @@ fn a_training_time_defense_is_evaluated_on_its_checkpoint() {
     assert_eq!(oblivious["clean_acc"], direct["clean_acc"], "evaluated on the checkpoint");
     assert_ne!(oblivious["adv_acc"], direct["adv_acc"], "crafted on the bare model, not on the checkpoint");
 }
+
+#[test]
+fn defend_with_a_backbone_trains_the_sdns_classifiers_on_the_static_checkpoints_weights() {
+    // DeepSloth's two stages: the committed adversarially trained static net as the backbone,
+    // then IC-only training on it — the written backbone is that checkpoint's, bit for bit
+    let out_dir = std::env::temp_dir().join(format!("dynrobust-test-{}-backbone", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = dynrobust(&["defend", "--model", "sdn", "--recipe", "pgd-at", "--backbone", "static-pgd-at", "--per-class", "3", "--epochs", "1", "--eval-samples", "20", "--attack-set", "steps=2", "--out", out_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = |p: std::path::PathBuf| -> std::collections::HashMap<String, tch::Tensor> { tch::Tensor::read_safetensors(p).unwrap().into_iter().collect() };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("models/checkpoints");
+    let (written, backbone, sdn) = (read(out_dir.join("model.safetensors")), read(root.join("static-pgd-at/model.safetensors")), read(root.join("sdn/model.safetensors")));
+    assert_eq!(written.len(), sdn.len());
+    for (name, t) in &written {
+        match backbone.get(name) {
+            Some(b) => assert!(t.equal(b), "{name} is not the backbone's"),
+            None => assert!(name.starts_with("exits."), "{name} is neither the backbone's nor an internal classifier's"),
+        }
+    }
+    assert!(written.iter().any(|(n, t)| n.starts_with("exits.") && !t.equal(&sdn[n])), "the internal classifiers were not trained");
+    let sidecar: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("model.json")).unwrap()).unwrap();
+    assert!(sidecar["training"]["init_from"].as_str().unwrap().contains("backbone and final head from models/checkpoints/static-pgd-at"), "{}", sidecar["training"]);
+    let _ = std::fs::remove_dir_all(&out_dir);
+    // refused: a backbone that is not a static net, and a model without exits
+    for (model, backbone, expect) in [("sdn", "gated", "expected a static checkpoint"), ("gated", "static-pgd-at", "applies to an SDN")] {
+        let out = dynrobust(&["defend", "--model", model, "--recipe", "pgd-at", "--backbone", backbone, "--per-class", "1", "--out", "/tmp/never-written"]);
+        assert!(!out.status.success() && stderr(&out).contains(expect), "{model} + {backbone}: {}", stderr(&out));
+    }
+}
