@@ -25,9 +25,11 @@
 //!
 //! On the SDN every recipe is DeepSloth's stage 2 only: the internal classifiers are trained
 //! on a frozen backbone. DeepSloth first adversarially trains the backbone itself (stage 1,
-//! PGD-AT ε 8/255, 10 steps of 2/255) and trains the ICs on that AT-CNN; here the backbone
-//! (and so the final head) stays the committed, clean-trained one, so a sample an attack
-//! pushes to the final head is classified exactly as on the undefended SDN.
+//! PGD-AT ε 8/255, 10 steps of 2/255) and trains the ICs on that AT-CNN. By default the
+//! backbone (and so the final head) stays the SDN's own, so a sample an attack pushes to the
+//! final head is classified exactly as on the undefended SDN; `dynrobust defend --backbone DIR`
+//! first swaps in a static checkpoint's backbone and head (stage 1 made by `pgd-at` on the
+//! static model: the committed `static-pgd-at`, with `sdn-atcnn-*` trained on it).
 //!
 //! In gate-consistency g_j are the soft gate probabilities (τ thresholds them; `--tau`). The
 //! crafting attack's random start is reseeded per batch from the config's seed
