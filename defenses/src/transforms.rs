@@ -99,13 +99,24 @@ impl Median {
     }
 }
 
-/// `[B,C,H,W,k·k]` windows of `x` with reflect padding; an even window (k = 2) covers the
-/// pixel and its upper-left neighbours, as `scipy.ndimage.median_filter(size=2)` does.
+/// `[B,C,H,W,k·k]` windows of `x` padded as `scipy.ndimage.median_filter`'s default
+/// `mode = "reflect"` (the edge pixel repeated: `d c b a | a b c d | d c b a`, which feature
+/// squeezing's code uses); an even window (k = 2) covers the pixel and its upper-left
+/// neighbours, as `median_filter(size=2)` does.
 fn windows(x: &Tensor, k: i64) -> Tensor {
     let (before, after) = if k % 2 == 1 { (k / 2, k / 2) } else { (k / 2, k / 2 - 1) };
-    let padded = x.reflection_pad2d([before, after, before, after]);
+    let padded = symmetric_pad(&symmetric_pad(x, 2, before, after), 3, before, after);
     let dims = x.size();
     padded.unfold(2, k, 1).unfold(3, k, 1).reshape([dims[0], dims[1], dims[2], dims[3], k * k])
+}
+
+/// Pads dimension `dim` by mirroring with the edge included (scipy's and NumPy's "symmetric"
+/// `reflect`): `before` leading and `after` trailing entries, each at most the dimension's size.
+fn symmetric_pad(x: &Tensor, dim: i64, before: i64, after: i64) -> Tensor {
+    let n = x.size()[dim as usize];
+    let lead = x.narrow(dim, 0, before).flip([dim]);
+    let trail = x.narrow(dim, n - after, after).flip([dim]);
+    Tensor::cat(&[lead, x.shallow_clone(), trail], dim)
 }
 
 impl InputTransform for Median {

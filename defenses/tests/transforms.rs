@@ -142,11 +142,22 @@ fn median_is_a_median_by_hand() {
 }
 
 #[test]
+fn median_pads_the_border_as_scipy() {
+    let _lock = torch_lock();
+    // the first row of scipy.ndimage.median_filter(np.arange(36).reshape(6, 6) / 36, size=5):
+    // a 5×5 window reaches two pixels past the edge, where "reflect" repeats the edge pixel
+    let ramp = Tensor::arange(36, (tch::Kind::Float, tch::Device::Cpu)).view([1, 1, 6, 6]) / 36.0;
+    let y = build_transform("median", &json!({ "kernel": 5 })).unwrap().apply(&ramp).unwrap();
+    let scipy = Tensor::from_slice(&[6.0f32, 6.0, 7.0, 8.0, 9.0, 10.0]) / 36.0;
+    assert!(max_diff(&y.get(0).get(0).get(0), &scipy) < 1e-7, "{}", y.get(0).get(0).get(0));
+}
+
+#[test]
 fn median_2x2_by_hand() {
     let _lock = torch_lock();
     let median2 = build_transform("median", &json!({ "kernel": 2 })).unwrap();
     // 3×3 image; each output pixel takes the upper of the two middle values of its window
-    // {itself, left, up, up-left}, reflecting at the top/left edge (row −1 = row 1)
+    // {itself, left, up, up-left}, the edge row/column repeated (row −1 = row 0), as scipy
     let x = Tensor::from_slice(&[0.1f32, 0.9, 0.3, 0.5, 0.2, 0.8, 0.7, 0.4, 0.6]).view([1, 1, 3, 3]);
     let y = median2.apply(&x).unwrap();
     // pixel (1,1): window (0,0) 0.1, (0,1) 0.9, (1,0) 0.5, (1,1) 0.2 → sorted 0.1 0.2 0.5 0.9 → 0.5
@@ -154,6 +165,9 @@ fn median_2x2_by_hand() {
     // pixel (2,2): 0.2, 0.8, 0.4, 0.6 → 0.2 0.4 0.6 0.8 → 0.6
     assert!((y.double_value(&[0, 0, 2, 2]) - 0.6).abs() < 1e-6, "{y}");
     assert_eq!(y.size(), x.size());
+    // the whole output, as scipy.ndimage.median_filter(x, size=2) (mode "reflect") gives it
+    let scipy = Tensor::from_slice(&[0.1f32, 0.9, 0.9, 0.5, 0.5, 0.8, 0.7, 0.5, 0.6]).view([1, 1, 3, 3]);
+    assert_eq!(max_diff(&y, &scipy), 0.0, "{y}");
     // even sides other than 2 are refused, naming the field
     let err = build_transform("median", &json!({ "kernel": 4 })).err().expect("refused").to_string();
     assert!(err.contains("kernel"), "{err}");
