@@ -1,6 +1,6 @@
 //! Helpers shared by the subcommands: loading data and checkpoints from CLI options.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -116,4 +116,11 @@ pub fn list(what: &str) -> Result<()> {
 /// binary was started from, which differs between machines and build directories).
 pub fn command_line() -> String {
     std::iter::once("dynrobust".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ")
+}
+
+/// `dir` relative to the project root when it lies inside it (how sidecars name the
+/// checkpoint a model was initialised from), else as given.
+pub fn project_relative(dir: &Path) -> String {
+    let root = dynrobust_core::data::project_root();
+    dir.strip_prefix(&root).unwrap_or(dir).display().to_string()
 }

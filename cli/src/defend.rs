@@ -14,7 +14,7 @@ use serde_json::Value;
 use tch::Tensor;
 
 use crate::attack::parse_sets;
-use crate::common::{load_checkpoint, DataArgs, DeviceArgs};
+use crate::common::{load_checkpoint, project_relative, DataArgs, DeviceArgs};
 
 /// Options of `dynrobust defend`.
 #[derive(Args, Debug)]
@@ -78,12 +78,10 @@ pub fn run(args: DefendArgs) -> Result<()> {
     let recipe = Recipe::parse(&args.recipe)?;
     let device = args.device.device()?;
     let (mut net, base, dir) = load_checkpoint(&args.model, device)?;
-    let root = dynrobust_core::data::project_root();
-    let shown = |d: &std::path::Path| d.strip_prefix(&root).unwrap_or(d).display().to_string();
-    let mut init_from = shown(&dir);
+    let mut init_from = project_relative(&dir);
     if let Some(backbone) = &args.backbone {
         let from = swap_backbone(&mut net, backbone)?;
-        init_from = format!("{init_from}, backbone and final head from {}", shown(&from));
+        init_from = format!("{init_from}, backbone and final head from {}", project_relative(&from));
     }
     let mut cfg = DefendConfig::for_recipe(recipe, &net.config().mechanism);
     cfg.seed = args.seed;

@@ -147,7 +147,5 @@ fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism, from_sta
     let dir = checkpoint::resolve(&init).with_context(|| format!("--init {init}: the {} model starts from static weights; train `static` first (or pass --init none)", args.model))?;
     let fresh = checkpoint::init_from(net, &dir.join(checkpoint::WEIGHTS_FILE))?;
     eprintln!("initialised from {} ({} new tensors)", dir.display(), fresh.len());
-    let root = dynrobust_core::data::project_root();
-    let shown = dir.strip_prefix(&root).unwrap_or(&dir);
-    Ok(Some(shown.display().to_string()))
+    Ok(Some(crate::common::project_relative(&dir)))
 }
