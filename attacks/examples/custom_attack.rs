@@ -68,7 +68,8 @@ impl Attack for RandomSign {
         Some((self.cfg.eps, Norm::Linf))
     }
     fn perturb(&self, _model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> dynrobust_core::Result<Tensor> {
-        let signs = (SeededRng::new(self.cfg.seed).uniform_like(x) - 0.5).sign();
+        // the seed mixed with the batch's pixels: every batch its own signs, reproducibly
+        let signs = (SeededRng::for_batch(self.cfg.seed, x).uniform_like(x) - 0.5).sign();
         Ok((x + signs * self.cfg.eps).clamp(0.0, 1.0))
     }
 }

@@ -69,7 +69,9 @@ pub struct ApgdConfig {
     /// on the samples not yet fooled; AutoAttack: 9); 0 for the untargeted attacks.
     #[serde(default)]
     pub targets: usize,
-    /// RNG seed of the random starts.
+    /// RNG seed of the random starts, re-seeded at every `perturb` call as AutoAttack's `perturb`
+    /// does (`torch.random.manual_seed(self.seed)`): every batch of the same size draws the same
+    /// starts.
     pub seed: u64,
 }
 

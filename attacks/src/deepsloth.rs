@@ -93,7 +93,9 @@ pub struct DeepSlothConfig {
     pub universal_batches: usize,
     /// universal: fit δ on training images (`train`, the code) or on the first attacked batch.
     pub fit_on: FitOn,
-    /// RNG seed.
+    /// RNG seed. linf and l2 mix it with the batch's pixels ([`SeededRng::for_batch`]), so
+    /// every batch draws its own start, as the authors' running generator does; the universal
+    /// δ starts from the seed alone (it is fitted once).
     pub seed: u64,
 }
 
@@ -325,13 +327,13 @@ impl Attack for DeepSloth {
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
         self.check_model(model)?;
-        let rng = &mut SeededRng::new(self.cfg.seed);
+        let seed = self.cfg.seed;
         match self.cfg.variant {
-            Variant::Linf => self.linf(model, x, rng),
-            Variant::L2 => self.l2(model, x, rng),
+            Variant::Linf => self.linf(model, x, &mut SeededRng::for_batch(seed, x)),
+            Variant::L2 => self.l2(model, x, &mut SeededRng::for_batch(seed, x)),
             Variant::Universal => {
                 // one δ for the whole input set, applied to every batch
-                let delta = self.universal_delta(model, x, rng)?;
+                let delta = self.universal_delta(model, x, &mut SeededRng::new(seed))?;
                 Ok((x + delta).clamp(0.0, 1.0))
             }
         }

@@ -66,7 +66,9 @@ pub struct FabConfig {
     /// 9); 0 for the untargeted FAB.
     #[serde(default)]
     pub targets: usize,
-    /// RNG seed of the random restarts.
+    /// RNG seed of the random restarts, re-seeded at every `perturb` call as AutoAttack's `perturb`
+    /// does (`torch.random.manual_seed(self.seed)`): every batch of the same size draws the same
+    /// starts.
     pub seed: u64,
 }
 

@@ -51,7 +51,7 @@ pub struct MechanismConfig {
     pub energy_weight: f64,
     /// Uniform random start in the ball.
     pub random_start: bool,
-    /// RNG seed.
+    /// RNG seed of the random start, mixed with the batch's pixels (every batch draws its own).
     pub seed: u64,
 }
 
@@ -122,7 +122,7 @@ impl Attack for Mechanism {
         };
         let sign = if c.variant == MechanismVariant::Joint { 1.0 } else { -1.0 };
         let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
-        let start = if c.random_start { random_start(x, c.eps, c.norm, &mut dynrobust_core::rng::SeededRng::new(c.seed)) } else { x.copy() };
+        let start = if c.random_start { random_start(x, c.eps, c.norm, &mut dynrobust_core::rng::SeededRng::for_batch(c.seed, x)) } else { x.copy() };
         ascend(x, start, (c.eps, c.norm), c.steps, alpha, model.eot_samples(), |leaf| {
             let trace = model.forward_trace(leaf, Pass::Dense)?;
             let keep_or_fool = match c.variant {

@@ -37,7 +37,8 @@ pub struct PgdConfig {
     pub random_start: bool,
     /// Which output the cross-entropy reads.
     pub loss: ExitLoss,
-    /// RNG seed of the random start.
+    /// RNG seed of the random start, mixed with the batch's pixels ([`SeededRng::for_batch`]):
+    /// every batch draws its own start.
     pub seed: u64,
     /// Only for `loss = "maxruns"` (DeepSloth's PGD-max) with `random_start`: `faithful` starts
     /// every run at DeepSloth's `x + (2x − 1)·ε` (its code draws the noise, then uses the image
@@ -157,7 +158,12 @@ impl Attack for Pgd {
     }
     fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        let start = || if c.random_start { random_start(x, c.eps, c.norm, &mut SeededRng::new(c.seed)) } else { x.copy() };
+        // one draw per batch: every run of PGD-max starts from it
+        let batch_rng = c.random_start.then(|| SeededRng::for_batch(c.seed, x));
+        let start = || match &batch_rng {
+            Some(rng) => random_start(x, c.eps, c.norm, &mut rng.clone()),
+            None => x.copy(),
+        };
         let exits = match model.family() {
             dynrobust_core::Family::EarlyExit { exits, .. } => exits,
             _ => 0,

@@ -41,7 +41,9 @@ pub struct SquareConfig {
     /// `resc_schedule=True`); `false` halves at the raw counts, as AutoAttack's ensemble runs it.
     #[serde(default = "yes")]
     pub rescale_schedule: bool,
-    /// RNG seed of the stripes, windows and signs.
+    /// RNG seed of the stripes, windows and signs, re-seeded at every `perturb` call as
+    /// AutoAttack's `perturb` does (`torch.random.manual_seed(self.seed)`): every batch of the same
+    /// size draws the same stripes.
     pub seed: u64,
 }
 

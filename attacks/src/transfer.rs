@@ -55,7 +55,7 @@ pub struct FeaturePgdConfig {
     pub step_size: Option<f64>,
     /// Index of the block whose output is perturbed (0 = the first, shallowest).
     pub layer: usize,
-    /// RNG seed of the random start.
+    /// RNG seed of the random start, mixed with the batch's pixels (every batch draws its own).
     pub seed: u64,
 }
 
@@ -111,7 +111,7 @@ impl Attack for FeaturePgd {
         };
         let clean = tch::no_grad(|| layer_of(x))?.detach();
         let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
-        let start = random_start(x, c.eps, Norm::Linf, &mut dynrobust_core::rng::SeededRng::new(c.seed));
+        let start = random_start(x, c.eps, Norm::Linf, &mut dynrobust_core::rng::SeededRng::for_batch(c.seed, x));
         ascend(x, start, (c.eps, Norm::Linf), c.steps, alpha, model.eot_samples(), |leaf| Ok((layer_of(leaf)? - &clean).square().sum(Kind::Float)))
     }
 }

@@ -20,6 +20,15 @@ impl SeededRng {
         SeededRng { state: seed ^ 0x5DEE_CE66_D1CE_4E5B }
     }
 
+    /// A generator for one batch: `seed` mixed with a hash of the batch's pixel values, so that
+    /// every batch draws its own noise — as the authors' code does, drawing each batch's
+    /// random start from one running generator — while a batch's draws still depend only on
+    /// the seed and that batch (never on the batches perturbed before it, so results can be
+    /// cached and replayed batch by batch). The same batch and seed give the same draws.
+    pub fn for_batch(seed: u64, x: &Tensor) -> Self {
+        SeededRng::new(seed ^ content_hash(x))
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -71,6 +80,16 @@ impl SeededRng {
     }
 }
 
+/// A 64-bit hash of `x`'s shape and values (FNV-1a over the f32 bit patterns), for
+/// [`SeededRng::for_batch`].
+fn content_hash(x: &Tensor) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01B3;
+    let values = Vec::<f32>::try_from(x.detach().to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default();
+    let shape = x.size().into_iter().map(|d| d as u64);
+    let words = shape.chain(values.into_iter().map(|v| v.to_bits() as u64));
+    words.fold(0xCBF2_9CE4_8422_2325, |hash, word| (hash ^ word).wrapping_mul(PRIME))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +106,18 @@ mod tests {
         let (m, s) = (n.mean(Kind::Double).double_value(&[]), n.std(true).double_value(&[]));
         assert!(m.abs() < 0.06 && (s - 1.0).abs() < 0.06, "{m} {s}");
         assert!(!SeededRng::new(8).uniform(&[10], Device::Cpu).equal(&SeededRng::new(7).uniform(&[10], Device::Cpu)));
+    }
+
+    #[test]
+    fn batch_generators_depend_on_seed_and_batch_only() {
+        let first = Tensor::from_slice(&[0.1f32, 0.2, 0.3, 0.4]).view([2, 2]);
+        let second = Tensor::from_slice(&[0.1f32, 0.2, 0.3, 0.5]).view([2, 2]);
+        let draw = |seed: u64, x: &Tensor| SeededRng::for_batch(seed, x).uniform(&[16], Device::Cpu);
+        assert!(draw(3, &first).equal(&draw(3, &first.copy())), "same seed and batch, same draws");
+        assert!(!draw(3, &first).equal(&draw(3, &second)), "another batch draws other noise");
+        assert!(!draw(3, &first).equal(&draw(4, &first)), "another seed draws other noise");
+        // the shape is part of the hash: the same values laid out differently are another batch
+        assert!(!draw(3, &first).equal(&draw(3, &first.view([4, 1]))));
+        assert!(!draw(3, &first).equal(&SeededRng::new(3).uniform(&[16], Device::Cpu)));
     }
 }
