@@ -18,7 +18,11 @@
 //! `universal_batches` training images — the code's first batch of 250), which the caller hands
 //! over through [`Attack::set_fit_data`] ([`dynrobust_core::attack::prepare_fit`]); with
 //! `fit_on = "attacked"` it is fitted on the first batch it is asked to perturb instead, so
-//! that batch is attacked with a δ fitted on itself and the rest with a held-out one.
+//! that batch is attacked with a δ fitted on itself and the rest with a held-out one. The
+//! class-universal variant (the code's `ours-class`) fits one such δ_c per class c on the first
+//! `universal_batch` × `universal_batches` training images of that class (the code's
+//! per-class loader) and perturbs each input with the δ of its label — an attacker who knows
+//! the true class; it always fits on training images.
 
 use std::cell::RefCell;
 
@@ -57,6 +61,16 @@ pub enum Variant {
     L2,
     /// One L∞ perturbation for the whole input set.
     Universal,
+    /// One L∞ perturbation per class (the code's `ours-class`): δ_c is fitted, as the
+    /// universal one, on training images of class c and applied to the inputs labelled c.
+    ClassUniversal,
+}
+
+impl Variant {
+    /// The universal variants: fitted once, then applied unchanged.
+    fn is_universal(self) -> bool {
+        matches!(self, Variant::Universal | Variant::ClassUniversal)
+    }
 }
 
 /// Which images the universal perturbation is fitted on.
@@ -73,7 +87,7 @@ pub enum FitOn {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeepSlothConfig {
-    /// linf, l2 or universal.
+    /// linf, l2, universal or class-universal.
     pub variant: Variant,
     /// faithful (code's init and step) or fixed (init in the full ball, step 2.5·ε/steps).
     pub mode: Mode,
@@ -131,6 +145,13 @@ impl DeepSlothConfig {
         if self.universal_batch < 1 {
             return Err(Error::config("universal_batch", format!("{}: expected ≥ 1", self.universal_batch)));
         }
+        if self.variant == Variant::ClassUniversal && self.fit_on == FitOn::Attacked {
+            return Err(Error::config(
+                "fit_on",
+                "`attacked` with variant class-universal: each class's perturbation is fitted on that class's training images; \
+                 an attacked batch need not hold every class (use fit_on = \"train\")",
+            ));
+        }
         Ok(self)
     }
     /// The authors' defaults of `variant`: those of [`Default`] (per-sample L∞), except that
@@ -143,15 +164,15 @@ impl DeepSlothConfig {
     pub fn steps(&self) -> usize {
         self.steps.unwrap_or(match self.variant {
             Variant::Linf => 30,
-            Variant::Universal => 20,
+            Variant::Universal | Variant::ClassUniversal => 20,
             Variant::L2 => 550,
         })
     }
     /// Step size in force.
     pub fn step_size(&self) -> f64 {
         self.step_size.unwrap_or(match (self.mode, self.variant) {
-            (Mode::Fixed, Variant::Linf | Variant::Universal) => 2.5 * self.eps / self.steps() as f64,
-            (_, Variant::Universal) => 0.005,
+            (Mode::Fixed, Variant::Linf | Variant::Universal | Variant::ClassUniversal) => 2.5 * self.eps / self.steps() as f64,
+            (_, Variant::Universal | Variant::ClassUniversal) => 0.005,
             (_, Variant::Linf) => 0.002,
             (_, Variant::L2) => 1.0,
         })
@@ -167,17 +188,17 @@ impl DeepSlothConfig {
 #[derive(Debug)]
 pub struct DeepSloth {
     cfg: DeepSlothConfig,
-    /// The universal variant's δ, fitted at the first batch perturbed and reused for every
-    /// later one.
+    /// The universal variants' δ, fitted at the first batch perturbed and reused for every
+    /// later one: `[1,C,H,W]`, or `[classes,C,H,W]` for class-universal.
     universal: RefCell<Option<Tensor>>,
-    /// The training images the universal δ is fitted on (`fit_on = "train"`).
-    fit_images: RefCell<Option<Tensor>>,
+    /// The training images and labels the universal δ is fitted on (`fit_on = "train"`).
+    fit_images: RefCell<Option<(Tensor, Tensor)>>,
 }
 
 impl Clone for DeepSloth {
     /// A copy with the same config and fitting images, and no fitted universal δ.
     fn clone(&self) -> Self {
-        let fit_images = self.fit_images.borrow().as_ref().map(Tensor::shallow_clone);
+        let fit_images = self.fit_images.borrow().as_ref().map(|(images, labels)| (images.shallow_clone(), labels.shallow_clone()));
         DeepSloth { cfg: self.cfg.clone(), universal: Default::default(), fit_images: RefCell::new(fit_images) }
     }
 }
@@ -188,28 +209,46 @@ impl DeepSloth {
         Ok(DeepSloth { cfg: cfg.validated()?, universal: Default::default(), fit_images: Default::default() })
     }
 
-    /// The universal δ `[1,C,H,W]` in force, fitted now if this is the first batch: on the
-    /// training images handed over (`fit_on = "train"`) or on `x` (`attacked`).
-    fn universal_delta(&self, model: &dyn DynamicModel, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
+    /// The universal δ in force (`[1,C,H,W]`, or `[classes,C,H,W]` for class-universal),
+    /// fitted now if this is the first batch: on the training images handed over
+    /// (`fit_on = "train"`) or on `x` and its labels `y` (`attacked`).
+    fn universal_delta(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
         let mut fitted = self.universal.borrow_mut();
         if fitted.is_none() {
-            let delta = match self.cfg.fit_on {
-                FitOn::Attacked => self.fit_universal(model, x, rng)?,
+            let (images, labels) = match self.cfg.fit_on {
+                FitOn::Attacked => (x.shallow_clone(), y.shallow_clone()),
                 FitOn::Train => {
-                    let images = self.fit_images.borrow();
-                    let Some(images) = images.as_ref() else {
+                    let handed = self.fit_images.borrow();
+                    let Some((images, labels)) = handed.as_ref() else {
                         return Err(Error::config(
                             "fit_on",
-                            "`train`: deepsloth-universal fits its perturbation on training images, but none were handed over \
-                             (Attack::set_fit_data / prepare_fit); set fit_on = \"attacked\" to fit on the first attacked batch",
+                            format!(
+                                "`train`: {} fits its perturbation on training images, but none were handed over \
+                                 (Attack::set_fit_data / prepare_fit); set fit_on = \"attacked\" to fit on the first attacked batch",
+                                self.name()
+                            ),
                         ));
                     };
-                    self.fit_universal(model, &images.to_device(x.device()), rng)?
+                    (images.to_device(x.device()), labels.to_device(x.device()))
                 }
+            };
+            let delta = match self.cfg.variant {
+                Variant::ClassUniversal => self.fit_class_universal(model, &images, &labels, rng)?,
+                _ => self.fit_universal(model, &images, rng)?,
             };
             *fitted = Some(delta);
         }
         Ok(fitted.as_ref().expect("fitted above").to_device(x.device()))
+    }
+
+    /// Applies the class-universal perturbations `deltas` `[classes,C,H,W]` to `x` by its labels.
+    fn apply_by_class(deltas: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let classes = deltas.size()[0];
+        if y.numel() > 0 && y.max().int64_value(&[]) >= classes {
+            let label = y.max().int64_value(&[]);
+            return Err(Error::config("labels", format!("deepsloth-class-universal: label {label}, but perturbations were fitted for classes 0..{classes} only")));
+        }
+        Ok((x + deltas.index_select(0, y)).clamp(0.0, 1.0))
     }
 
     /// Summed DeepSloth loss of the model on `x` (per-sample losses are independent).
@@ -271,6 +310,29 @@ impl DeepSloth {
         Ok((x + delta).clamp(0.0, 1.0))
     }
 
+    /// Fits one L∞ perturbation per class, `[classes,C,H,W]` (classes = the largest label + 1):
+    /// δ_c by [`DeepSloth::fit_universal`] on the images labelled c, in their order — the
+    /// code's per-class loader, whose first batch of 250 is all it fits on by default.
+    pub fn fit_class_universal(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
+        if y.numel() == 0 {
+            return Err(Error::config("fit data", "deepsloth-class-universal: no labelled images to fit on"));
+        }
+        let classes = y.max().int64_value(&[]) + 1;
+        let deltas = (0..classes)
+            .map(|class| {
+                let rows = y.eq(class).nonzero().squeeze_dim(1);
+                if rows.numel() == 0 {
+                    return Err(Error::config(
+                        "fit data",
+                        format!("deepsloth-class-universal: no image of class {class} among the {} handed over to fit on", y.numel()),
+                    ));
+                }
+                self.fit_universal(model, &x.index_select(0, &rows), rng)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&deltas, 0))
+    }
+
     /// Fits one L∞ perturbation `[1,C,H,W]` on `x` (the code: `universal_batches` batches of
     /// `universal_batch`, `steps` sign steps each).
     pub fn fit_universal(&self, model: &dyn DynamicModel, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
@@ -307,6 +369,7 @@ impl Attack for DeepSloth {
             Variant::Linf => "deepsloth",
             Variant::L2 => "deepsloth-l2",
             Variant::Universal => "deepsloth-universal",
+            Variant::ClassUniversal => "deepsloth-class-universal",
         }
     }
     fn goal(&self) -> Goal {
@@ -325,7 +388,7 @@ impl Attack for DeepSloth {
             _ => (self.cfg.eps, Norm::Linf),
         })
     }
-    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, _y: &Tensor) -> Result<Tensor> {
+    fn perturb(&self, model: &dyn DynamicModel, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         self.check_model(model)?;
         let seed = self.cfg.seed;
         match self.cfg.variant {
@@ -333,27 +396,40 @@ impl Attack for DeepSloth {
             Variant::L2 => self.l2(model, x, &mut SeededRng::for_batch(seed, x)),
             Variant::Universal => {
                 // one δ for the whole input set, applied to every batch
-                let delta = self.universal_delta(model, x, &mut SeededRng::new(seed))?;
+                let delta = self.universal_delta(model, x, y, &mut SeededRng::new(seed))?;
                 Ok((x + delta).clamp(0.0, 1.0))
+            }
+            Variant::ClassUniversal => {
+                // one δ per class, applied by the input's label (the code's `ours-class`)
+                let deltas = self.universal_delta(model, x, y, &mut SeededRng::new(seed))?;
+                Self::apply_by_class(&deltas, x, y)
             }
         }
     }
     fn batch_independent(&self) -> bool {
-        self.cfg.variant != Variant::Universal
+        !self.cfg.variant.is_universal()
     }
     fn iterations(&self) -> Option<usize> {
         Some(self.cfg.steps())
     }
     fn fit_images(&self) -> Option<i64> {
         let c = &self.cfg;
-        (c.variant == Variant::Universal && c.fit_on == FitOn::Train)
-            .then(|| if c.universal_batches == 0 { i64::MAX } else { c.universal_batch.saturating_mul(c.universal_batches as i64) })
+        let per_set = if c.universal_batches == 0 { i64::MAX } else { c.universal_batch.saturating_mul(c.universal_batches as i64) };
+        match (c.variant, c.fit_on) {
+            (_, FitOn::Attacked) | (Variant::Linf | Variant::L2, _) => None,
+            (Variant::Universal, FitOn::Train) => Some(per_set),
+            // the first images of every class: the whole split, filtered when fitting
+            (Variant::ClassUniversal, FitOn::Train) => Some(i64::MAX),
+        }
     }
-    fn set_fit_data(&self, images: &Tensor) -> Result<()> {
+    fn set_fit_data(&self, images: &Tensor, labels: &Tensor) -> Result<()> {
         if images.dim() != 4 || images.size()[0] == 0 {
             return Err(Error::config("fit data", format!("{:?}: expected a non-empty [N,C,H,W] batch of training images", images.size())));
         }
-        *self.fit_images.borrow_mut() = Some(images.shallow_clone());
+        if labels.size() != [images.size()[0]] {
+            return Err(Error::config("fit data", format!("labels {:?}: expected one per image ({})", labels.size(), images.size()[0])));
+        }
+        *self.fit_images.borrow_mut() = Some((images.shallow_clone(), labels.shallow_clone()));
         *self.universal.borrow_mut() = None;
         Ok(())
     }

@@ -19,7 +19,7 @@ pub struct QuickCase {
 /// perturbation), hands it the first training images it asks for, at most 256.
 pub fn build_prepared(name: &str, cfg: &Value) -> Result<Box<dyn Attack>> {
     let attack = crate::registry::build(name, cfg)?;
-    prepare_fit(&*attack, |n| Ok(dynrobust_core::testing::train_images(n.min(256)).images))?;
+    prepare_fit(&*attack, |n| Ok(dynrobust_core::testing::train_images(n.min(256))))?;
     Ok(attack)
 }
 
@@ -27,7 +27,7 @@ pub fn build_prepared(name: &str, cfg: &Value) -> Result<Box<dyn Attack>> {
 pub fn models_for(name: &str, v: usize) -> Vec<&'static str> {
     let dynamic = ["sdn", "gated", "skipnet"][v % 3];
     match name {
-        "deepsloth" | "deepsloth-l2" | "deepsloth-universal" => vec!["sdn"],
+        "deepsloth" | "deepsloth-l2" | "deepsloth-universal" | "deepsloth-class-universal" => vec!["sdn"],
         "gradmdm" | "gradauto" | "ilfo" => vec!["gated", "skipnet"],
         "mechanism" | "mechanism-stealthy" => vec!["sdn", "gated"],
         _ => vec!["static", dynamic],
@@ -51,6 +51,14 @@ pub fn quick_overrides(name: &str, c: &QuickCase) -> Value {
                 json!({"eps": eps, "steps": 2, "universal_batch": 2, "universal_batches": 0, "fit_on": "attacked"})
             } else {
                 json!({"eps": eps, "steps": 2})
+            }
+        }
+        // variants 2 and 3 fit each class's δ on its first 3 training images only
+        "deepsloth-class-universal" => {
+            if v >= 2 {
+                json!({"eps": eps, "steps": 2, "universal_batch": 3, "mode": mode})
+            } else {
+                json!({"eps": eps, "steps": 2, "mode": mode})
             }
         }
         "gradmdm" => match v {

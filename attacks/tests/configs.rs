@@ -186,6 +186,7 @@ fn other_bad_values_are_refused_naming_the_field() {
         ("deepsloth", json!({"step_size": 0.0}), "step_size"),
         ("deepsloth-l2", json!({"l2_decay": 1.0}), "l2_decay"),
         ("deepsloth-universal", json!({"universal_batch": 0}), "universal_batch"),
+        ("deepsloth-class-universal", json!({"fit_on": "attacked"}), "fit_on"),
         ("gradmdm", json!({"lr": -0.01}), "lr"),
         ("gradmdm", json!({"p_neg": 0.0}), "p_neg"),
         ("gradmdm", json!({"std": 0.0}), "std"),

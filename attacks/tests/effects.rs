@@ -10,10 +10,12 @@
 mod common;
 
 use dynrobust_attacks::evaluate::{run_attack, AttackRecord, COST_DROP_FLAG};
+use dynrobust_attacks::deepsloth::DeepSloth;
 use dynrobust_attacks::registry;
 use dynrobust_attacks::testing::{build_prepared, check_contract};
 use dynrobust_attacks::transfer::Transfer;
-use dynrobust_core::attack::Attack;
+use dynrobust_core::attack::{prepare_fit, Attack};
+use dynrobust_core::rng::SeededRng;
 use serde_json::{json, Value};
 use tch::Tensor;
 
@@ -109,6 +111,46 @@ fn deepsloth_universal_fits_on_training_images_not_on_the_attacked_ones() {
     assert_eq!(bare.fit_images(), Some(250));
     let x_adv = own.perturb(&sdn, &a, &ya).unwrap();
     assert!(!x_adv.equal(&a));
+}
+
+#[test]
+fn deepsloth_class_universal_applies_each_class_its_own_delta_fitted_on_that_class() {
+    let _lock = common::torch_lock();
+    let sdn = common::committed("sdn");
+    let train = dynrobust_core::testing::train_images(256);
+    let cfg = json!({"steps": 3, "universal_batch": 8});
+    let attack = build_prepared("deepsloth-class-universal", &cfg).unwrap();
+    assert_eq!(attack.fit_images(), Some(i64::MAX), "every class's first images: the whole split");
+    // on a blank image every pixel of δ_c survives the clip where δ_c ≥ 0; use mid-grey
+    let grey = tch::Tensor::full([10, 1, 28, 28], 0.5, (tch::Kind::Float, tch::Device::Cpu));
+    let labels = tch::Tensor::arange(10, (tch::Kind::Int64, tch::Device::Cpu));
+    let deltas = attack.perturb(&sdn, &grey, &labels).unwrap() - &grey;
+    // δ_0 is DeepSloth's universal fit on the first 8 training images of class 0, drawn first
+    let class0 = train.images.index_select(0, &train.labels.eq(0).nonzero().squeeze_dim(1));
+    let universal = DeepSloth::new(serde_json::from_value(json!({"variant": "universal", "steps": 3, "universal_batch": 8})).unwrap()).unwrap();
+    let expected = universal.fit_universal(&sdn, &class0, &mut SeededRng::new(1221)).unwrap();
+    // (to within the rounding of (0.5 + δ) − 0.5)
+    let gap = common::max_abs_diff(&deltas.get(0), &expected.get(0));
+    assert!(gap < 1e-7, "δ_0 is not the universal fit on class 0's images (max gap {gap:.2e})");
+    // the ten classes' perturbations differ, and a label picks its class's δ
+    for class in 1..10 {
+        assert!(common::max_abs_diff(&deltas.get(0), &deltas.get(class)) > 1e-3, "class {class} shares class 0's δ");
+    }
+    let again = attack.perturb(&sdn, &grey.narrow(0, 0, 2), &tch::Tensor::from_slice(&[7i64, 7])).unwrap() - grey.narrow(0, 0, 2);
+    assert!(again.get(0).equal(&deltas.get(7)) && again.get(1).equal(&deltas.get(7)));
+    // a label with no fitted δ is refused, naming it
+    let err = attack.perturb(&sdn, &grey.narrow(0, 0, 1), &tch::Tensor::from_slice(&[10i64])).unwrap_err().to_string();
+    assert!(err.contains("label 10"), "{err}");
+}
+
+#[test]
+fn deepsloth_class_universal_raises_sdn_cost() {
+    let _lock = common::torch_lock();
+    // the authors' set-up: each class's δ fitted on its first 250 training images, 20 steps
+    let attack = registry::build("deepsloth-class-universal", &json!({})).unwrap();
+    prepare_fit(&*attack, |n| Ok(dynrobust_core::testing::train_images(n.min(60_000)))).unwrap();
+    let r = run("sdn", &*attack, N);
+    assert_raises_cost(&r, 0.08); // measured 26.2 % (64 images; the universal δ: 16.2 %)
 }
 
 #[test]

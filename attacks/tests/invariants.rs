@@ -162,6 +162,7 @@ fn every_registered_attack_is_covered_here() {
         "deepsloth",
         "deepsloth-l2",
         "deepsloth-universal",
+        "deepsloth-class-universal",
         "gradmdm",
         "gradauto",
         "ilfo",
@@ -200,6 +201,11 @@ fn contract_deepsloth_l2() {
 #[test]
 fn contract_deepsloth_universal() {
     check_attack("deepsloth-universal");
+}
+
+#[test]
+fn contract_deepsloth_class_universal() {
+    check_attack("deepsloth-class-universal");
 }
 
 #[test]

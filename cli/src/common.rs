@@ -40,7 +40,7 @@ pub fn prepare_attack_fit(attack: &dyn dynrobust_core::attack::Attack, data: &Da
     let Some(n) = attack.fit_images() else { return Ok(()) };
     let train = data.load(Split::Train, Some(n)).with_context(|| format!("{}: loading the training images it fits on", attack.name()))?;
     eprintln!("fitting     {} on the first {} training images", attack.name(), train.len());
-    attack.set_fit_data(&train.images.to_device(device))?;
+    attack.set_fit_data(&train.images.to_device(device), &train.labels.to_device(device))?;
     Ok(())
 }
 

@@ -97,10 +97,11 @@ pub trait Attack {
         None
     }
 
-    /// Hands over the training images asked for by [`Attack::fit_images`]. The attack fits on
-    /// them lazily, with the model of its first `perturb` call (the defended model for an
-    /// adaptive attack, the surrogate for a transfer attack).
-    fn set_fit_data(&self, _images: &Tensor) -> Result<()> {
+    /// Hands over the training images asked for by [`Attack::fit_images`], with their labels
+    /// (DeepSloth's class-universal perturbations are fitted one class at a time). The attack
+    /// fits on them lazily, with the model of its first `perturb` call (the defended model for
+    /// an adaptive attack, the surrogate for a transfer attack).
+    fn set_fit_data(&self, _images: &Tensor, _labels: &Tensor) -> Result<()> {
         Ok(())
     }
 
@@ -136,9 +137,12 @@ pub trait Attack {
 
 /// Loads the training images `attack` fits on (if it asks for any, through `load(n)`) and
 /// hands them over; a no-op for every attack that does not fit on training data.
-pub fn prepare_fit(attack: &dyn Attack, load: impl FnOnce(i64) -> Result<Tensor>) -> Result<()> {
+pub fn prepare_fit(attack: &dyn Attack, load: impl FnOnce(i64) -> Result<crate::data::Dataset>) -> Result<()> {
     match attack.fit_images() {
-        Some(n) => attack.set_fit_data(&load(n)?),
+        Some(n) => {
+            let data = load(n)?;
+            attack.set_fit_data(&data.images, &data.labels)
+        }
         None => Ok(()),
     }
 }
@@ -282,7 +286,7 @@ macro_rules! delegate_attack {
         fn fit_images(&self) -> ::std::option::Option<i64> { self.$inner.fit_images() }
     };
     (@one $inner:ident set_fit_data) => {
-        fn set_fit_data(&self, images: &::tch::Tensor) -> $crate::Result<()> { self.$inner.set_fit_data(images) }
+        fn set_fit_data(&self, images: &::tch::Tensor, labels: &::tch::Tensor) -> $crate::Result<()> { self.$inner.set_fit_data(images, labels) }
     };
     (@one $inner:ident take_tally) => {
         fn take_tally(&self) -> ::std::option::Option<::serde_json::Value> { self.$inner.take_tally() }

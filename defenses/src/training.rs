@@ -163,7 +163,7 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
     cfg.recipe.check(&mechanism)?;
     let attack = dynrobust_attacks::registry::build(&cfg.attack, &cfg.attack_params)?;
     attack.check_model(net)?;
-    dynrobust_core::attack::prepare_fit(&*attack, |n| Ok(data.take(n).images))?;
+    dynrobust_core::attack::prepare_fit(&*attack, |n| Ok(data.take(n)))?;
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
     let schedule = cfg.schedule();
     // mixs' second term: DeepSloth L∞ examples at the authors' settings

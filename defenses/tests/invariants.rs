@@ -90,6 +90,7 @@ attack_tests! {
     deepsloth => "deepsloth",
     deepsloth_l2 => "deepsloth-l2",
     deepsloth_universal => "deepsloth-universal",
+    deepsloth_class_universal => "deepsloth-class-universal",
     gradmdm => "gradmdm",
     gradauto => "gradauto",
     ilfo => "ilfo",

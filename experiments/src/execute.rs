@@ -163,7 +163,7 @@ impl Executor for RealExecutor {
         // a training-time defense loads its own checkpoint (run_defended); `net` is the bare model
         let net = self.load(&c.model, &probe)?;
         let attack = self.attack(cell, &probe)?;
-        prepare_fit(&*attack, |n| Ok(worker.data(&c.data, Split::Train)?.take(n).images))?;
+        prepare_fit(&*attack, |n| Ok(worker.data(&c.data, Split::Train)?.take(n)))?;
         let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
         let crafting_weights = self.model_path(c.surrogate.as_ref().unwrap_or(&c.model))?.map(|p| checkpoint_digest(&p)).transpose()?;
         let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c, crafting_weights));
