@@ -22,7 +22,12 @@
 //! class-universal variant (the code's `ours-class`) fits one such δ_c per class c on the first
 //! `universal_batch` × `universal_batches` training images of that class (the code's
 //! per-class loader) and perturbs each input with the δ of its label — an attacker who knows
-//! the true class; it always fits on training images.
+//! the true class; it always fits on training images. The L2 universal variant
+//! (`ours_l2.py`'s `craft_universal_perturb_attack`) starts from a random direction of norm
+//! ε = 1 and takes, per epoch (11), 50 SGD steps (learning rate 0.1) on each of the first 5
+//! training batches of 250, on the batch-mean loss at `clip(x + δ, 0, 1)` with the gradient
+//! capped at unit norm, capping δ at the current radius after every step; radius and learning
+//! rate shrink by (1 − γ) after each epoch, so δ ends inside 1 · 0.9¹⁰ ≈ 0.349.
 
 use std::cell::RefCell;
 
@@ -64,12 +69,15 @@ pub enum Variant {
     /// One L∞ perturbation per class (the code's `ours-class`): δ_c is fitted, as the
     /// universal one, on training images of class c and applied to the inputs labelled c.
     ClassUniversal,
+    /// One L2 perturbation for the whole input set (`ours_l2.py`'s universal attack): SGD on
+    /// δ with a per-epoch decay of both the radius and the learning rate.
+    L2Universal,
 }
 
 impl Variant {
     /// The universal variants: fitted once, then applied unchanged.
     fn is_universal(self) -> bool {
-        matches!(self, Variant::Universal | Variant::ClassUniversal)
+        matches!(self, Variant::Universal | Variant::ClassUniversal | Variant::L2Universal)
     }
 }
 
@@ -87,24 +95,29 @@ pub enum FitOn {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeepSlothConfig {
-    /// linf, l2, universal or class-universal.
+    /// linf, l2, universal, class-universal or l2-universal.
     pub variant: Variant,
     /// faithful (code's init and step) or fixed (init in the full ball, step 2.5·ε/steps).
     pub mode: Mode,
-    /// L∞ budget (linf, universal) or starting radius (l2; outputs obey the radius after the
-    /// last decay, [`DeepSlothConfig::final_radius`], which is what records report as ε).
+    /// L∞ budget (linf, universal, class-universal) or starting radius (l2, l2-universal;
+    /// outputs obey the radius after the last decay, [`DeepSlothConfig::final_radius`], which
+    /// is what records report as ε).
     pub eps: f64,
-    /// Iterations (linf 30, universal 20 per batch, l2 550).
+    /// Iterations (linf 30, universal 20 per batch, l2 550, l2-universal 50 per batch).
     pub steps: Option<usize>,
-    /// Step size (linf 0.002, universal 0.005; l2: the SGD learning rate, 1.0); fixed-mode
-    /// default 2.5·ε/steps for linf and universal.
+    /// Step size (linf 0.002, universal 0.005; l2: the SGD learning rate, 1.0; l2-universal:
+    /// its starting learning rate, 0.1); fixed-mode default 2.5·ε/steps for the L∞ variants.
     pub step_size: Option<f64>,
-    /// l2: radius decay γ applied every 50 iterations.
+    /// l2: radius decay γ applied every 50 iterations; l2-universal: applied to the radius and
+    /// the learning rate after every epoch.
     pub l2_decay: f64,
-    /// universal: batch size and number of batches used to fit δ (the code: 250 and 1).
+    /// universal variants: batch size used to fit δ (the code: 250).
     pub universal_batch: i64,
-    /// universal: batches used (0 = all).
+    /// universal variants: batches used (0 = all; the code: 1, l2-universal 5).
     pub universal_batches: usize,
+    /// universal variants: passes over those batches (the code: 1, l2-universal 11).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub universal_epochs: Option<usize>,
     /// universal: fit δ on training images (`train`, the code) or on the first attacked batch.
     pub fit_on: FitOn,
     /// RNG seed. linf and l2 mix it with the batch's pixels ([`SeededRng::for_batch`]), so
@@ -124,6 +137,7 @@ impl Default for DeepSlothConfig {
             l2_decay: 0.1,
             universal_batch: 250,
             universal_batches: 1,
+            universal_epochs: None,
             fit_on: FitOn::Train,
             seed: 1221,
         }
@@ -142,6 +156,9 @@ impl DeepSlothConfig {
         if !(0.0..1.0).contains(&self.l2_decay) {
             return Err(Error::config("l2_decay", format!("{}: expected 0 ≤ γ < 1", self.l2_decay)));
         }
+        if let Some(e) = self.universal_epochs {
+            check_steps("universal_epochs", e)?;
+        }
         if self.universal_batch < 1 {
             return Err(Error::config("universal_batch", format!("{}: expected ≥ 1", self.universal_batch)));
         }
@@ -155,10 +172,17 @@ impl DeepSlothConfig {
         Ok(self)
     }
     /// The authors' defaults of `variant`: those of [`Default`] (per-sample L∞), except that
-    /// the L2 variant's ε is its starting radius, 1.0 (`ours_l2.py`; decayed to ≈ 0.349).
+    /// the L2 variants' ε is their starting radius, 1.0 (`ours_l2.py`; decayed to ≈ 0.349),
+    /// and l2-universal fits on 5 batches (its `nbatch`).
     pub fn for_variant(variant: Variant) -> Self {
-        let eps = if variant == Variant::L2 { 1.0 } else { 0.03125 };
-        DeepSlothConfig { variant, eps, ..Default::default() }
+        let l2 = matches!(variant, Variant::L2 | Variant::L2Universal);
+        let eps = if l2 { 1.0 } else { 0.03125 };
+        let universal_batches = if variant == Variant::L2Universal { 5 } else { 1 };
+        DeepSlothConfig { variant, eps, universal_batches, ..Default::default() }
+    }
+    /// Epochs of a universal fit in force.
+    pub fn universal_epochs(&self) -> usize {
+        self.universal_epochs.unwrap_or(if self.variant == Variant::L2Universal { 11 } else { 1 })
     }
     /// Iterations in force.
     pub fn steps(&self) -> usize {
@@ -166,6 +190,7 @@ impl DeepSlothConfig {
             Variant::Linf => 30,
             Variant::Universal | Variant::ClassUniversal => 20,
             Variant::L2 => 550,
+            Variant::L2Universal => 50,
         })
     }
     /// Step size in force.
@@ -175,12 +200,17 @@ impl DeepSlothConfig {
             (_, Variant::Universal | Variant::ClassUniversal) => 0.005,
             (_, Variant::Linf) => 0.002,
             (_, Variant::L2) => 1.0,
+            (_, Variant::L2Universal) => 0.1,
         })
     }
-    /// L2: the radius after all decays (the final budget).
+    /// The L2 variants: the radius after all decays (the final budget) — every 50 iterations
+    /// for l2, after every epoch but the last for l2-universal.
     pub fn final_radius(&self) -> f64 {
-        let decays = (self.steps().saturating_sub(1) / 50) as i32;
-        self.eps * (1.0 - self.l2_decay).powi(decays)
+        let decays = match self.variant {
+            Variant::L2Universal => self.universal_epochs() - 1,
+            _ => self.steps().saturating_sub(1) / 50,
+        };
+        self.eps * (1.0 - self.l2_decay).powi(decays as i32)
     }
 }
 
@@ -234,6 +264,7 @@ impl DeepSloth {
             };
             let delta = match self.cfg.variant {
                 Variant::ClassUniversal => self.fit_class_universal(model, &images, &labels, rng)?,
+                Variant::L2Universal => self.fit_l2_universal(model, &images, rng)?,
                 _ => self.fit_universal(model, &images, rng)?,
             };
             *fitted = Some(delta);
@@ -333,26 +364,65 @@ impl DeepSloth {
         Ok(Tensor::cat(&deltas, 0))
     }
 
-    /// Fits one L∞ perturbation `[1,C,H,W]` on `x` (the code: `universal_batches` batches of
-    /// `universal_batch`, `steps` sign steps each).
+    /// The batches of `x` a universal δ is fitted on: the first `universal_batches` of
+    /// `universal_batch` images (all of them for 0).
+    fn fit_batches(&self, x: &Tensor) -> Vec<Tensor> {
+        let c = &self.cfg;
+        let n = x.size()[0];
+        let batches = (n + c.universal_batch - 1) / c.universal_batch;
+        let used = if c.universal_batches == 0 { batches } else { (c.universal_batches as i64).min(batches) };
+        (0..used).map(|b| x.narrow(0, b * c.universal_batch, c.universal_batch.min(n - b * c.universal_batch))).collect()
+    }
+
+    /// Fits one L2 perturbation `[1,C,H,W]` on `x` as `ours_l2.py`'s universal attack: a random
+    /// direction of norm ε to start; per epoch, `steps` SGD steps on each fitting batch, each
+    /// on the batch-mean loss at `clip(x + δ, 0, 1)` with the gradient capped at unit norm
+    /// (faithful, `renorm(maxnorm=1)`; fixed: normalised to it), then δ capped at the current
+    /// radius; after each epoch the radius and the learning rate shrink by (1 − γ).
+    pub fn fit_l2_universal(&self, model: &dyn DynamicModel, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
+        let c = &self.cfg;
+        let shape: Vec<i64> = std::iter::once(1).chain(x.size()[1..].iter().copied()).collect();
+        let direction = rng.normal(&shape, x.device());
+        let mut delta = &direction / per_sample_norm(&direction, 2.0).clamp_min(1e-12).view([-1, 1, 1, 1]) * c.eps;
+        let (mut radius, mut lr) = (c.eps, c.step_size());
+        let batches = self.fit_batches(x);
+        for _ in 0..c.universal_epochs() {
+            for xb in &batches {
+                let scale = xb.size()[0] as f64;
+                for _ in 0..c.steps() {
+                    let (g, _) = input_grad_eot(model.eot_samples(), &delta, |d| Ok(Self::loss(model, &(xb + d).clamp(0.0, 1.0))? / scale))?;
+                    delta = tch::no_grad(|| {
+                        let g = match c.mode {
+                            Mode::Faithful => cap_norm_per_sample(&g, 1.0),
+                            Mode::Fixed => &g / per_sample_norm(&g, 2.0).clamp_min(1e-12).view([-1, 1, 1, 1]),
+                        };
+                        cap_norm_per_sample(&(&delta - g * lr), radius)
+                    });
+                }
+            }
+            radius *= 1.0 - c.l2_decay;
+            lr *= 1.0 - c.l2_decay;
+        }
+        Ok(delta)
+    }
+
+    /// Fits one L∞ perturbation `[1,C,H,W]` on `x` (the code: `universal_epochs` passes over
+    /// `universal_batches` batches of `universal_batch`, `steps` sign steps on each).
     pub fn fit_universal(&self, model: &dyn DynamicModel, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
         let c = &self.cfg;
         let a = c.step_size();
         let shape: Vec<i64> = std::iter::once(1).chain(x.size()[1..].iter().copied()).collect();
         let mut delta = rng.uniform(&shape, x.device()) * (2.0 * c.eps) - c.eps;
-        let n = x.size()[0];
-        let batches = (n + c.universal_batch - 1) / c.universal_batch;
-        let used = if c.universal_batches == 0 { batches } else { (c.universal_batches as i64).min(batches) };
-        for b in 0..used {
-            let xb = x.narrow(0, b * c.universal_batch, c.universal_batch.min(n - b * c.universal_batch));
+        let batches = self.fit_batches(x);
+        for xb in (0..c.universal_epochs()).flat_map(|_| batches.iter()) {
             for _ in 0..c.steps() {
                 let scale = xb.size()[0] as f64;
                 // the code fits on x + δ unclipped (and clips only when applying δ); fixed mode
                 // fits on the images δ will produce, clip(x + δ, 0, 1)
                 let (g, _) = input_grad_eot(model.eot_samples(), &delta, |d| {
                     let perturbed = match c.mode {
-                        Mode::Faithful => &xb + d,
-                        Mode::Fixed => (&xb + d).clamp(0.0, 1.0),
+                        Mode::Faithful => xb + d,
+                        Mode::Fixed => (xb + d).clamp(0.0, 1.0),
                     };
                     Ok(Self::loss(model, &perturbed)? / scale)
                 })?;
@@ -370,6 +440,7 @@ impl Attack for DeepSloth {
             Variant::L2 => "deepsloth-l2",
             Variant::Universal => "deepsloth-universal",
             Variant::ClassUniversal => "deepsloth-class-universal",
+            Variant::L2Universal => "deepsloth-l2-universal",
         }
     }
     fn goal(&self) -> Goal {
@@ -384,7 +455,7 @@ impl Attack for DeepSloth {
     fn budget(&self) -> Option<(f64, Norm)> {
         Some(match self.cfg.variant {
             // the hard budget of the output: the radius after the last decay
-            Variant::L2 => (self.cfg.final_radius(), Norm::L2),
+            Variant::L2 | Variant::L2Universal => (self.cfg.final_radius(), Norm::L2),
             _ => (self.cfg.eps, Norm::Linf),
         })
     }
@@ -394,7 +465,7 @@ impl Attack for DeepSloth {
         match self.cfg.variant {
             Variant::Linf => self.linf(model, x, &mut SeededRng::for_batch(seed, x)),
             Variant::L2 => self.l2(model, x, &mut SeededRng::for_batch(seed, x)),
-            Variant::Universal => {
+            Variant::Universal | Variant::L2Universal => {
                 // one δ for the whole input set, applied to every batch
                 let delta = self.universal_delta(model, x, y, &mut SeededRng::new(seed))?;
                 Ok((x + delta).clamp(0.0, 1.0))
@@ -417,7 +488,7 @@ impl Attack for DeepSloth {
         let per_set = if c.universal_batches == 0 { i64::MAX } else { c.universal_batch.saturating_mul(c.universal_batches as i64) };
         match (c.variant, c.fit_on) {
             (_, FitOn::Attacked) | (Variant::Linf | Variant::L2, _) => None,
-            (Variant::Universal, FitOn::Train) => Some(per_set),
+            (Variant::Universal | Variant::L2Universal, FitOn::Train) => Some(per_set),
             // the first images of every class: the whole split, filtered when fitting
             (Variant::ClassUniversal, FitOn::Train) => Some(i64::MAX),
         }

@@ -27,7 +27,7 @@ pub fn build_prepared(name: &str, cfg: &Value) -> Result<Box<dyn Attack>> {
 pub fn models_for(name: &str, v: usize) -> Vec<&'static str> {
     let dynamic = ["sdn", "gated", "skipnet"][v % 3];
     match name {
-        "deepsloth" | "deepsloth-l2" | "deepsloth-universal" | "deepsloth-class-universal" => vec!["sdn"],
+        "deepsloth" | "deepsloth-l2" | "deepsloth-universal" | "deepsloth-class-universal" | "deepsloth-l2-universal" => vec!["sdn"],
         "gradmdm" | "gradauto" | "ilfo" => vec!["gated", "skipnet"],
         "mechanism" | "mechanism-stealthy" => vec!["sdn", "gated"],
         _ => vec!["static", dynamic],
@@ -52,6 +52,11 @@ pub fn quick_overrides(name: &str, c: &QuickCase) -> Value {
             } else {
                 json!({"eps": eps, "steps": 2})
             }
+        }
+        // 2 epochs of 2 steps on 2 batches of 4 training images (variants 2, 3: on the attacked batch)
+        "deepsloth-l2-universal" => {
+            let fit_on = if v >= 2 { "attacked" } else { "train" };
+            json!({"eps": eps2, "steps": 2, "universal_batch": 4, "universal_batches": 2, "universal_epochs": 2, "mode": mode, "fit_on": fit_on})
         }
         // variants 2 and 3 fit each class's δ on its first 3 training images only
         "deepsloth-class-universal" => {

@@ -60,10 +60,10 @@ fn every_attack_but_ilfo_has_an_eps_field() {
         match name {
             "ilfo" => assert!(ok.is_err(), "ilfo has no ε"),
             // ε is the starting radius; the output's budget is the radius after its ten
-            // decays (×0.9 at iterations 50, 100, …, 500 of 550)
-            "deepsloth-l2" => {
+            // decays (×0.9 at iterations 50, 100, …, 500 of 550; after epochs 1–10 of 11)
+            "deepsloth-l2" | "deepsloth-l2-universal" => {
                 let budget = ok.ok().flatten().map(|b| b.0).expect("a budget");
-                assert!((budget - 0.05 * 0.9f64.powi(10)).abs() < 1e-12, "deepsloth-l2 budget {budget}");
+                assert!((budget - 0.05 * 0.9f64.powi(10)).abs() < 1e-12, "{name} budget {budget}");
             }
             _ => assert_eq!(ok.ok().flatten().map(|b| b.0), Some(0.05), "{name}: eps 0.05 is its budget"),
         }
@@ -187,6 +187,7 @@ fn other_bad_values_are_refused_naming_the_field() {
         ("deepsloth-l2", json!({"l2_decay": 1.0}), "l2_decay"),
         ("deepsloth-universal", json!({"universal_batch": 0}), "universal_batch"),
         ("deepsloth-class-universal", json!({"fit_on": "attacked"}), "fit_on"),
+        ("deepsloth-l2-universal", json!({"universal_epochs": 0}), "universal_epochs"),
         ("gradmdm", json!({"lr": -0.01}), "lr"),
         ("gradmdm", json!({"p_neg": 0.0}), "p_neg"),
         ("gradmdm", json!({"std": 0.0}), "std"),

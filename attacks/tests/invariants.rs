@@ -163,6 +163,7 @@ fn every_registered_attack_is_covered_here() {
         "deepsloth-l2",
         "deepsloth-universal",
         "deepsloth-class-universal",
+        "deepsloth-l2-universal",
         "gradmdm",
         "gradauto",
         "ilfo",
@@ -206,6 +207,11 @@ fn contract_deepsloth_universal() {
 #[test]
 fn contract_deepsloth_class_universal() {
     check_attack("deepsloth-class-universal");
+}
+
+#[test]
+fn contract_deepsloth_l2_universal() {
+    check_attack("deepsloth-l2-universal");
 }
 
 #[test]

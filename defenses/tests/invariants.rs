@@ -91,6 +91,7 @@ attack_tests! {
     deepsloth_l2 => "deepsloth-l2",
     deepsloth_universal => "deepsloth-universal",
     deepsloth_class_universal => "deepsloth-class-universal",
+    deepsloth_l2_universal => "deepsloth-l2-universal",
     gradmdm => "gradmdm",
     gradauto => "gradauto",
     ilfo => "ilfo",
