@@ -43,8 +43,8 @@ use crate::tanh_box::Mode;
 
 /// The batch size of the authors' per-sample L2 runs (`run_attacks.py --batch-size`): their
 /// loss is a mean over it, which scales every sample's gradient by 1/250 before the unit cap.
-/// Faithful mode applies that scale whatever dynrobust's own batch size, so a sample's result
-/// does not depend on the batch it is in.
+/// Faithful mode applies that scale whatever dynrobust's own batch size, so a sample's gradient
+/// scale does not depend on the size of the batch it is in.
 pub const AUTHORS_L2_BATCH: f64 = 250.0;
 
 /// Per-sample `renorm(p=2, dim=0, maxnorm)` of PyTorch: rows of `g` whose L2 norm exceeds
@@ -54,6 +54,21 @@ pub fn cap_norm_per_sample(g: &Tensor, maxnorm: f64) -> Tensor {
     let over = norm.gt(maxnorm);
     let scale = ((norm + 1e-7).reciprocal() * maxnorm).where_scalarother(&over, 1.0);
     g * scale.view([-1, 1, 1, 1])
+}
+
+/// The first `per_class` images of every class in `labels` (in their order, class by class),
+/// with their labels.
+fn first_of_each_class(images: &Tensor, labels: &Tensor, per_class: i64) -> (Tensor, Tensor) {
+    let classes = if labels.numel() == 0 { 0 } else { labels.max().int64_value(&[]) + 1 };
+    let rows: Vec<Tensor> = (0..classes)
+        .map(|class| {
+            let of_class = labels.eq(class).nonzero().squeeze_dim(1);
+            let n = of_class.size()[0];
+            of_class.narrow(0, 0, per_class.min(n))
+        })
+        .collect();
+    let rows = Tensor::cat(&rows, 0);
+    (images.index_select(0, &rows), labels.index_select(0, &rows))
 }
 
 /// Which DeepSloth variant.
@@ -118,7 +133,8 @@ pub struct DeepSlothConfig {
     /// universal variants: passes over those batches (the code: 1, l2-universal 11).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub universal_epochs: Option<usize>,
-    /// universal: fit δ on training images (`train`, the code) or on the first attacked batch.
+    /// universal variants: fit δ on training images (`train`, the code) or on the first attacked
+    /// batch (not for class-universal, which needs every class).
     pub fit_on: FitOn,
     /// RNG seed. linf and l2 mix it with the batch's pixels ([`SeededRng::for_batch`]), so
     /// every batch draws its own start, as the authors' running generator does; the universal
@@ -272,14 +288,23 @@ impl DeepSloth {
         Ok(fitted.as_ref().expect("fitted above").to_device(x.device()))
     }
 
+    /// The images a universal δ is fitted on — of each class for class-universal:
+    /// `universal_batch` × `universal_batches` (all of them for 0).
+    fn fit_set_size(&self) -> i64 {
+        let c = &self.cfg;
+        if c.universal_batches == 0 { i64::MAX } else { c.universal_batch.saturating_mul(c.universal_batches as i64) }
+    }
+
     /// Applies the class-universal perturbations `deltas` `[classes,C,H,W]` to `x` by its labels.
     fn apply_by_class(deltas: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let classes = deltas.size()[0];
-        if y.numel() > 0 && y.max().int64_value(&[]) >= classes {
-            let label = y.max().int64_value(&[]);
+        let y = y.to_device(deltas.device());
+        let (lowest, highest) = if y.numel() > 0 { (y.min().int64_value(&[]), y.max().int64_value(&[])) } else { (0, 0) };
+        if lowest < 0 || highest >= classes {
+            let label = if lowest < 0 { lowest } else { highest };
             return Err(Error::config("labels", format!("deepsloth-class-universal: label {label}, but perturbations were fitted for classes 0..{classes} only")));
         }
-        Ok((x + deltas.index_select(0, y)).clamp(0.0, 1.0))
+        Ok((x + deltas.index_select(0, &y).to_device(x.device())).clamp(0.0, 1.0))
     }
 
     /// Summed DeepSloth loss of the model on `x` (per-sample losses are independent).
@@ -485,10 +510,9 @@ impl Attack for DeepSloth {
     }
     fn fit_images(&self) -> Option<i64> {
         let c = &self.cfg;
-        let per_set = if c.universal_batches == 0 { i64::MAX } else { c.universal_batch.saturating_mul(c.universal_batches as i64) };
         match (c.variant, c.fit_on) {
             (_, FitOn::Attacked) | (Variant::Linf | Variant::L2, _) => None,
-            (Variant::Universal | Variant::L2Universal, FitOn::Train) => Some(per_set),
+            (Variant::Universal | Variant::L2Universal, FitOn::Train) => Some(self.fit_set_size()),
             // the first images of every class: the whole split, filtered when fitting
             (Variant::ClassUniversal, FitOn::Train) => Some(i64::MAX),
         }
@@ -500,7 +524,12 @@ impl Attack for DeepSloth {
         if labels.size() != [images.size()[0]] {
             return Err(Error::config("fit data", format!("labels {:?}: expected one per image ({})", labels.size(), images.size()[0])));
         }
-        *self.fit_images.borrow_mut() = Some((images.shallow_clone(), labels.shallow_clone()));
+        let kept = match self.cfg.variant {
+            // only the images each class's δ is fitted on are kept (the split may be large)
+            Variant::ClassUniversal => first_of_each_class(images, labels, self.fit_set_size()),
+            _ => (images.shallow_clone(), labels.shallow_clone()),
+        };
+        *self.fit_images.borrow_mut() = Some(kept);
         *self.universal.borrow_mut() = None;
         Ok(())
     }

@@ -16,8 +16,9 @@ use dynrobust_attacks::testing::{build_prepared, check_contract};
 use dynrobust_attacks::transfer::Transfer;
 use dynrobust_core::attack::{prepare_fit, Attack, Norm};
 use dynrobust_core::rng::SeededRng;
+use dynrobust_core::{DynamicModel, Pass};
 use serde_json::{json, Value};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 const N: i64 = 64;
 const EPS: f64 = 8.0 / 255.0;
@@ -139,8 +140,57 @@ fn deepsloth_class_universal_applies_each_class_its_own_delta_fitted_on_that_cla
     let again = attack.perturb(&sdn, &grey.narrow(0, 0, 2), &tch::Tensor::from_slice(&[7i64, 7])).unwrap() - grey.narrow(0, 0, 2);
     assert!(again.get(0).equal(&deltas.get(7)) && again.get(1).equal(&deltas.get(7)));
     // a label with no fitted δ is refused, naming it
-    let err = attack.perturb(&sdn, &grey.narrow(0, 0, 1), &tch::Tensor::from_slice(&[10i64])).unwrap_err().to_string();
-    assert!(err.contains("label 10"), "{err}");
+    for label in [10i64, -1] {
+        let err = attack.perturb(&sdn, &grey.narrow(0, 0, 1), &tch::Tensor::from_slice(&[label])).unwrap_err().to_string();
+        assert!(err.contains(&format!("label {label}")), "{err}");
+    }
+}
+
+/// `ours_l2.py::craft_universal_perturb_attack` transcribed: per epoch, `iters` SGD steps on
+/// each batch on Σ_ICs batch-mean CE(softmax, uniform) at clamp(x + δ, 0, 1), the gradient
+/// renormed to ≤ 1, δ renormed to ≤ the radius; radius and lr × (1 − γ) after each epoch.
+fn authors_l2_universal(model: &dyn DynamicModel, batches: &[Tensor], (epochs, iters, gamma, lr): (usize, usize, f64, f64), start: &Tensor) -> Tensor {
+    // torch.renorm(p=2, dim=0, maxnorm) of a [1,…] tensor
+    let renorm = |t: &Tensor, maxnorm: f64| {
+        let norm = t.norm().double_value(&[]);
+        if norm > maxnorm { t * (maxnorm / (norm + 1e-7)) } else { t.copy() }
+    };
+    let (mut delta, mut radius, mut lr) = (start.copy(), 1.0, lr);
+    for _ in 0..epochs {
+        for xb in batches {
+            for _ in 0..iters {
+                let d = delta.detach().set_requires_grad(true);
+                let trace = model.forward_trace(&(xb + &d).clamp(0.0, 1.0), Pass::Dense).unwrap();
+                let loss = trace.exit_logits.iter().map(|z| -(z.softmax(1, Kind::Float) + 1e-9).log().mean(Kind::Float)).reduce(|a, b| a + b).unwrap();
+                let grad = Tensor::run_backward(&[loss], &[&d], false, false).remove(0);
+                delta = tch::no_grad(|| renorm(&(&d - renorm(&grad, 1.0) * lr), radius));
+            }
+        }
+        radius *= 1.0 - gamma;
+        lr *= 1.0 - gamma;
+    }
+    delta
+}
+
+#[test]
+fn deepsloth_l2_universal_follows_the_authors_schedule() {
+    let _lock = common::torch_lock();
+    let sdn = common::committed("sdn");
+    let train = dynrobust_core::testing::train_images(8);
+    // 3 epochs of 4 steps on each of 2 batches of 4 images: radius 1 → 0.9 → 0.81
+    let cfg = json!({"variant": "l2-universal", "eps": 1.0, "steps": 4, "universal_batch": 4, "universal_batches": 2, "universal_epochs": 3});
+    let attack = DeepSloth::new(serde_json::from_value(cfg).unwrap()).unwrap();
+    let fitted = attack.fit_l2_universal(&sdn, &train.images, &mut SeededRng::new(1221)).unwrap();
+    let direction = SeededRng::new(1221).normal(&[1, 1, 28, 28], tch::Device::Cpu);
+    let start = &direction / direction.norm();
+    let batches = [train.images.narrow(0, 0, 4), train.images.narrow(0, 4, 4)];
+    let expected = authors_l2_universal(&sdn, &batches, (3, 4, 0.1, 0.1), &start);
+    let gap = common::max_abs_diff(&fitted, &expected);
+    assert!(gap < 1e-5, "the fit departs from the authors' loop (max gap {gap:.2e})");
+    // the last epoch's cap binds: δ ends on the final radius
+    let norm = fitted.norm().double_value(&[]);
+    assert!((norm - 0.81).abs() < 1e-4, "‖δ‖₂ = {norm}, the final radius is 0.81");
+    assert_eq!(attack.budget(), Some((1.0 * 0.81, Norm::L2)));
 }
 
 #[test]

@@ -139,7 +139,7 @@ pub fn run(args: AttackArgs) -> Result<()> {
         None => inner,
     };
     attack.check_model(&victim)?;
-    prepare_attack_fit(&*attack, &args.data, device)?;
+    prepare_attack_fit(&*attack, &args.data)?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}", args.attack, victim.name()));
     let outcome = run_attack(&victim, &*attack, &data.images, &data.labels, args.batch, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
@@ -188,7 +188,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     let calibration = spec.calibration_images().map(|n| args.data.load(Split::Train, Some(n))).transpose()?.map(|d| d.to_device(device));
     let victim = load_victim(&args, device, &data.images)?;
     attack.check_model(&victim)?;
-    prepare_attack_fit(&*attack, &args.data, device)?;
+    prepare_attack_fit(&*attack, &args.data)?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}+{name}", args.attack, victim.name()));
     let load = || load_victim(&args, device, &data.images).map_err(|e| dynrobust_core::Error::config("model", e.to_string()));
     let outcome = dynrobust_defenses::evaluate::run_defended(victim, &load, &spec, mode, &*attack, &data, calibration.as_ref(), args.batch, &mut |d| bar.set_position(d as u64))?;

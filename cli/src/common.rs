@@ -36,11 +36,16 @@ impl DataArgs {
 
 /// Hands `attack` the training images it fits on, if it asks for any (DeepSloth's universal
 /// perturbation: the first 250 training images by default), and says so on stderr.
-pub fn prepare_attack_fit(attack: &dyn dynrobust_core::attack::Attack, data: &DataArgs, device: Device) -> Result<()> {
+pub fn prepare_attack_fit(attack: &dyn dynrobust_core::attack::Attack, data: &DataArgs) -> Result<()> {
     let Some(n) = attack.fit_images() else { return Ok(()) };
     let train = data.load(Split::Train, Some(n)).with_context(|| format!("{}: loading the training images it fits on", attack.name()))?;
-    eprintln!("fitting     {} on the first {} training images", attack.name(), train.len());
-    attack.set_fit_data(&train.images.to_device(device), &train.labels.to_device(device))?;
+    if n == i64::MAX {
+        eprintln!("fitting     {} on its pick of the {} training images", attack.name(), train.len());
+    } else {
+        eprintln!("fitting     {} on the first {} training images", attack.name(), train.len());
+    }
+    // handed over on the CPU: the attack keeps what it fits on and moves that to the device
+    attack.set_fit_data(&train.images, &train.labels)?;
     Ok(())
 }
 

@@ -195,7 +195,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     if let Some(name) = &args.attack {
         let (victim, _, _) = load_checkpoint(&args.attack_model, device)?;
         let attack = dynrobust_attacks::registry::build(name, &Value::Object(parse_sets(&args.attack_set)?))?;
-        crate::common::prepare_attack_fit(&*attack, &args.data, device)?;
+        crate::common::prepare_attack_fit(&*attack, &args.data)?;
         let subset = train.take(args.attack_samples);
         let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));
         let mut advs = Vec::new();

@@ -84,7 +84,7 @@ impl SeededRng {
 /// [`SeededRng::for_batch`].
 fn content_hash(x: &Tensor) -> u64 {
     const PRIME: u64 = 0x0000_0100_0000_01B3;
-    let values = Vec::<f32>::try_from(x.detach().to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default();
+    let values = Vec::<f32>::try_from(x.detach().to_kind(Kind::Float).flatten(0, -1)).expect("a float tensor converts to Vec<f32>");
     let shape = x.size().into_iter().map(|d| d as u64);
     let words = shape.chain(values.into_iter().map(|v| v.to_bits() as u64));
     words.fold(0xCBF2_9CE4_8422_2325, |hash, word| (hash ^ word).wrapping_mul(PRIME))

@@ -186,8 +186,9 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
 
 /// For an attack with a seeded random start (PGD, DeepSloth, the mechanism attack): a copy
 /// whose seed is drawn from `cfg.seed` and the batch index, so every training batch starts
-/// from fresh noise, as Madry et al.'s adversarial training does (an attack reseeds its own
-/// generator at every call, so one instance would give every batch the same noise). `None`
+/// from fresh noise, as Madry et al.'s adversarial training does. (PGD, DeepSloth and the
+/// mechanism attack also mix their seed with the batch's pixels; APGD, FAB and Square re-seed
+/// at every call, so for them one instance would give every batch the same noise.) `None`
 /// for an attack without a seed, and for a universal one.
 pub fn reseeded_attack(cfg: &DefendConfig, attack: &dyn dynrobust_core::attack::Attack, batch: u64) -> Result<Option<Box<dyn dynrobust_core::attack::Attack>>> {
     reseeded(&cfg.attack, cfg.seed, attack, batch)

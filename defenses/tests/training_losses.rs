@@ -46,7 +46,7 @@ fn adversarial_training_reseeds_random_starts_per_batch() {
     assert_ne!(seed_of(0), seed_of(1), "two batches, two random starts");
     assert_eq!(seed_of(3), seed_of(3), "and reproducible");
     // GradMDM has no random start; a universal DeepSloth δ is fitted once and kept
-    for name in ["gradmdm", "deepsloth-universal"] {
+    for name in ["gradmdm", "deepsloth-universal", "deepsloth-class-universal", "deepsloth-l2-universal"] {
         let a = dynrobust_attacks::registry::build(name, &serde_json::json!({})).unwrap();
         let c = DefendConfig { attack: name.into(), ..cfg.clone() };
         assert!(reseeded_attack(&c, &*a, 1).unwrap().is_none(), "{name}");

@@ -222,11 +222,14 @@ fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
 /// Everything the crafted examples depend on, the crafting model's weights included (a
 /// retrained checkpoint must not be served the old network's examples). A transfer attack
 /// crafts on its surrogate whatever the victim and its defense, so its cells share examples
-/// across victims.
+/// across victims. `random_starts` names how seeded attacks draw their starts (one per batch
+/// since 2026-12-02, [`dynrobust_core::rng::SeededRng::for_batch`]), so a cache written
+/// before is not served to them.
 fn craft_identity(c: &crate::study::CellConfig, crafting_weights: Option<String>) -> Value {
     let crafting_model = c.surrogate.as_ref().unwrap_or(&c.model);
     json!({ "crafting_model": crafting_model, "weights": crafting_weights, "transfer": c.surrogate.is_some(), "attack": c.attack.name,
-            "params": c.attack.params, "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch })
+            "params": c.attack.params, "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch,
+            "random_starts": "per-batch" })
 }
 
 /// Per-sample rows: index, costs, correctness, exits.
