@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 /// Robustness evaluation of dynamic (early-exit, gated) neural networks against energy and
 /// accuracy attacks, side by side with their static twins.
 #[derive(Parser)]
-#[command(name = "dynrobust", version, about, long_about = None)]
+#[command(name = "dynrobust", version = dynrobust_core::VERSION_LINE, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -204,6 +204,7 @@ impl Executor for RealExecutor {
     fn versions(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             ("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("dynrobust_commit".to_string(), dynrobust_core::SOURCE_COMMIT.to_string()),
             ("tch".to_string(), "0.26.0".to_string()),
             ("libtorch".to_string(), "2.13.0".to_string()),
         ])

@@ -45,9 +45,13 @@ pub trait Executor: Sync {
         let _ = cell;
         1.0
     }
-    /// Versions stored with every result; by default only this crate's.
+    /// Versions stored with every result; by default this crate's and the commit it was built
+    /// from ([`dynrobust_core::SOURCE_COMMIT`]).
     fn versions(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string())])
+        BTreeMap::from([
+            ("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("dynrobust_commit".to_string(), dynrobust_core::SOURCE_COMMIT.to_string()),
+        ])
     }
     /// A digest of every checkpoint `cell` reads, by role ([`crate::provenance`]), stored with
     /// its result; a finished cell whose inputs have changed since is stale. By default none.

@@ -48,6 +48,10 @@ pub struct TrainRecord {
     pub command: String,
     /// dynrobust version.
     pub dynrobust_version: String,
+    /// The git commit it was trained with ([`dynrobust_core::SOURCE_COMMIT`]); absent in
+    /// sidecars written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_commit: Option<String>,
 }
 
 /// What a checkpoint scores on a test set.

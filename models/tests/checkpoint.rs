@@ -24,6 +24,7 @@ fn sidecar(config: ModelConfig) -> Sidecar {
             final_loss: 0.0,
             command: "test".into(),
             dynrobust_version: "test".into(),
+            source_commit: Some("0123456789ab".into()),
         },
         evaluation: EvalRecord { data: "none".into(), n: 0, accuracy: 0.0, mean_cost: 0.0, exit_histogram: None, gate_rates: None },
     }
