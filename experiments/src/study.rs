@@ -196,10 +196,11 @@ impl Cell {
     }
 }
 
-/// Formats ε as `k/255` when it is one (to 1e-9), else as a short decimal.
+/// Formats ε as `k/255` when it is one (to 1e-9) below 1, else as a short decimal (an L2
+/// radius of 1 reads `1`, not `255/255`).
 pub fn format_eps(eps: f64) -> String {
     let k = eps * 255.0;
-    if (k - k.round()).abs() < 1e-9 && k.round() >= 1.0 {
+    if (k - k.round()).abs() < 1e-9 && k.round() >= 1.0 && eps < 1.0 {
         format!("{}/255", k.round() as i64)
     } else {
         format!("{eps}")

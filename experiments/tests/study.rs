@@ -75,6 +75,14 @@ fn shipped_studies_parse_and_expand() {
     assert_eq!(defended.len(), 2 * 4, "bitdepth-4 and denoiser-adv × static, sdn, gated, skipnet");
     assert!(defended.iter().all(|c| c.config.attack.name == "ensemble" && c.config.eps == Some(8.0 / 255.0) && c.config.defense.mode == Some(DefenseMode::Adaptive) && !c.config.model.name.ends_with("-twin")));
 
+    let variants = shipped("deepsloth-variants.toml");
+    assert_eq!(variants.cells.len(), 5 * 2, "five DeepSloth variants × the SDN at two thresholds");
+    for c in &variants.cells {
+        let l2 = c.config.attack.name.starts_with("deepsloth-l2");
+        assert_eq!(c.config.eps, Some(if l2 { 1.0 } else { 8.0 / 256.0 }), "{}", c.config.attack.name);
+        assert!(c.config.model.name == "sdn" || c.config.model.threshold == Some(0.65));
+    }
+
     let seed = shipped("seed-study.toml");
     let transfer = seed.cells.iter().filter(|c| c.config.surrogate.is_some()).count();
     assert_eq!(transfer, 4 * 3 * 2, "4 targets × 3 foreign surrogates × 2 seeds");
@@ -309,4 +317,14 @@ fn exit_placement_order_does_not_change_ids() {
     let b = Study::parse(&t("[5, 2]"), "a.toml", &registry()).unwrap();
     assert_eq!(a.ids(), b.ids());
     assert_eq!(a.cells[0].config.model.exits, Some(vec![2, 5]));
+}
+
+#[test]
+fn eps_reads_as_k_over_255_below_one_and_as_a_decimal_otherwise() {
+    use dynrobust_experiments::study::format_eps;
+    assert_eq!(format_eps(8.0 / 255.0), "8/255");
+    assert_eq!(format_eps(0.03125), "0.03125");
+    // an L2 radius of 1 is not 255/255
+    assert_eq!(format_eps(1.0), "1");
+    assert_eq!(format_eps(2.5), "2.5");
 }
