@@ -219,7 +219,7 @@ pub fn write_report(dir: impl AsRef<Path>, title: &str, cells: &[StoredCell]) ->
     crate::findings::add_cross_cell_flags(&mut rows);
     rows.sort_by(|a, b| row_key(a).partial_cmp(&row_key(b)).unwrap_or(std::cmp::Ordering::Equal));
     let worst_case = crate::worst_case::worst_case_table(dir, &rows);
-    let md = markdown(title, &rows, &worst_case, &plot_dir, &mut files)?;
+    let md = markdown(title, &rows, &code_versions(&sorted), &worst_case, &plot_dir, &mut files)?;
     write_atomic(&files.markdown, md.as_bytes())?;
     Ok(files)
 }
@@ -275,9 +275,32 @@ fn write_per_sample(dir: &Path, path: &Path, cells: &[&StoredCell]) -> Result<()
 }
 
 /// The whole markdown document; plots are drawn on the way.
-fn markdown(title: &str, rows: &[Row], worst_case: &str, plot_dir: &Path, files: &mut ReportFiles) -> Result<String> {
+/// Which code computed the cells: one line naming the git commit when they agree, a warning
+/// naming every commit (and its cell count) when a resumed run mixed code versions.
+fn code_versions(cells: &[&StoredCell]) -> String {
+    let mut commits: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in cells {
+        *commits.entry(c.versions.get("dynrobust_commit").map_or("not recorded", String::as_str)).or_default() += 1;
+    }
+    match commits.len() {
+        0 => String::new(),
+        1 => format!("Computed by dynrobust at commit `{}`.\n\n", commits.keys().next().expect("one")),
+        _ => {
+            let each: Vec<String> = commits.iter().map(|(commit, n)| format!("`{commit}` ({n} cell{})", if *n == 1 { "" } else { "s" })).collect();
+            format!(
+                "**Computed by {} code versions**: {}. A resumed run mixed them; run the study into a fresh directory \
+                 for results from one version.\n\n",
+                commits.len(),
+                each.join(", ")
+            )
+        }
+    }
+}
+
+fn markdown(title: &str, rows: &[Row], code: &str, worst_case: &str, plot_dir: &Path, files: &mut ReportFiles) -> Result<String> {
     let mut md = format!("# {title}\n\n{} cells. Raw results: [results.jsonl](results.jsonl), ", rows.len());
     md += "per-sample rows: [per_sample.csv](per_sample.csv).\n\n";
+    md += code;
     md += "Accuracy in %, cost in MACs / static MACs, recovery = (adv cost − clean cost) / (1 − clean cost) in %.\n\n";
     md += &crate::findings::research_questions(rows);
     md += &summary_table(rows);

@@ -216,3 +216,26 @@ fn the_worst_case_over_attacks_is_counted_per_sample() {
     assert_eq!(row, "| sdn | none | – | 8/255 | 2 | 75.0 (mechanism) | **50.0** | 2 | 0.625 (mechanism) | **0.700** | 40.0 |", "{md}");
     assert!(md.contains("## Worst case over attacks (per sample)"));
 }
+
+#[test]
+fn the_report_names_the_code_version_and_warns_when_cells_mix_them() {
+    let study = Study::parse(STUDY, "synthetic.toml", &registry()).unwrap();
+    let mut cells = stored(&study);
+    let with_commit = |cells: &mut Vec<StoredCell>, range: std::ops::Range<usize>, commit: &str| {
+        for c in &mut cells[range] {
+            c.versions.insert("dynrobust_commit".into(), commit.into());
+        }
+    };
+    let n = cells.len();
+    with_commit(&mut cells, 0..n, "0123456789ab");
+    let dir = tempfile::tempdir().unwrap();
+    let md = fs::read_to_string(write_report(dir.path(), "synthetic", &cells).unwrap().markdown).unwrap();
+    assert!(md.contains("Computed by dynrobust at commit `0123456789ab`."), "{md}");
+    assert!(!md.contains("code versions"));
+    // a resumed run: two cells from a later commit, one from before commits were recorded
+    with_commit(&mut cells, 0..2, "ba9876543210");
+    cells[2].versions.remove("dynrobust_commit");
+    let md = fs::read_to_string(write_report(dir.path(), "synthetic", &cells).unwrap().markdown).unwrap();
+    let expected = format!("**Computed by 3 code versions**: `0123456789ab` ({} cells), `ba9876543210` (2 cells), `not recorded` (1 cell).", n - 3);
+    assert!(md.contains(&expected), "{expected}\nnot in\n{md}");
+}
