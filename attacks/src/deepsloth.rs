@@ -31,7 +31,7 @@
 
 use std::cell::RefCell;
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
 use dynrobust_core::rng::SeededRng;
 use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
@@ -56,17 +56,17 @@ pub fn cap_norm_per_sample(g: &Tensor, maxnorm: f64) -> Tensor {
     g * scale.view([-1, 1, 1, 1])
 }
 
+/// The row indices of each class 0..=max(labels) in `labels`, in their order (none for no
+/// labels; a class absent below the largest label gets an empty index).
+fn rows_by_class(labels: &Tensor) -> Vec<Tensor> {
+    let classes = if labels.numel() == 0 { 0 } else { labels.max().int64_value(&[]) + 1 };
+    (0..classes).map(|class| labels.eq(class).nonzero().squeeze_dim(1)).collect()
+}
+
 /// The first `per_class` images of every class in `labels` (in their order, class by class),
 /// with their labels.
 fn first_of_each_class(images: &Tensor, labels: &Tensor, per_class: i64) -> (Tensor, Tensor) {
-    let classes = if labels.numel() == 0 { 0 } else { labels.max().int64_value(&[]) + 1 };
-    let rows: Vec<Tensor> = (0..classes)
-        .map(|class| {
-            let of_class = labels.eq(class).nonzero().squeeze_dim(1);
-            let n = of_class.size()[0];
-            of_class.narrow(0, 0, per_class.min(n))
-        })
-        .collect();
+    let rows: Vec<Tensor> = rows_by_class(labels).iter().map(|of_class| of_class.narrow(0, 0, per_class.min(of_class.size()[0]))).collect();
     let rows = Tensor::cat(&rows, 0);
     (images.index_select(0, &rows), labels.index_select(0, &rows))
 }
@@ -339,7 +339,7 @@ impl DeepSloth {
         let steps = c.steps();
         let view = [-1i64, 1, 1, 1];
         let r = rng.normal_like(x);
-        let mut delta = &r / per_sample_norm(&r, 2.0).clamp_min(1e-12).view(view) * c.eps;
+        let mut delta = steepest(&r, Norm::L2) * c.eps;
         let mut radius = c.eps;
         let (lr0, lr_min) = (c.step_size(), 0.01);
         for t in 0..steps {
@@ -356,7 +356,7 @@ impl DeepSloth {
                     // `renorm(p=2, dim=0, maxnorm=1)` — capped at unit norm, not scaled up
                     Mode::Faithful => cap_norm_per_sample(&(&g / AUTHORS_L2_BATCH), 1.0),
                     // DDN's intent (and the spec's reading): a unit-norm step direction
-                    Mode::Fixed => &g / per_sample_norm(&g, 2.0).clamp_min(1e-12).view(view),
+                    Mode::Fixed => steepest(&g, Norm::L2),
                 };
                 let d = &delta - g * lr;
                 let n = per_sample_norm(&d, 2.0).clamp_min(1e-12);
@@ -373,17 +373,17 @@ impl DeepSloth {
         if y.numel() == 0 {
             return Err(Error::config("fit data", "deepsloth-class-universal: no labelled images to fit on"));
         }
-        let classes = y.max().int64_value(&[]) + 1;
-        let deltas = (0..classes)
-            .map(|class| {
-                let rows = y.eq(class).nonzero().squeeze_dim(1);
+        let deltas = rows_by_class(y)
+            .iter()
+            .enumerate()
+            .map(|(class, rows)| {
                 if rows.numel() == 0 {
                     return Err(Error::config(
                         "fit data",
                         format!("deepsloth-class-universal: no image of class {class} among the {} handed over to fit on", y.numel()),
                     ));
                 }
-                self.fit_universal(model, &x.index_select(0, &rows), rng)
+                self.fit_universal(model, &x.index_select(0, rows), rng)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&deltas, 0))
@@ -408,7 +408,7 @@ impl DeepSloth {
         let c = &self.cfg;
         let shape: Vec<i64> = std::iter::once(1).chain(x.size()[1..].iter().copied()).collect();
         let direction = rng.normal(&shape, x.device());
-        let mut delta = &direction / per_sample_norm(&direction, 2.0).clamp_min(1e-12).view([-1, 1, 1, 1]) * c.eps;
+        let mut delta = steepest(&direction, Norm::L2) * c.eps;
         let (mut radius, mut lr) = (c.eps, c.step_size());
         let batches = self.fit_batches(x);
         for _ in 0..c.universal_epochs() {
@@ -419,7 +419,7 @@ impl DeepSloth {
                     delta = tch::no_grad(|| {
                         let g = match c.mode {
                             Mode::Faithful => cap_norm_per_sample(&g, 1.0),
-                            Mode::Fixed => &g / per_sample_norm(&g, 2.0).clamp_min(1e-12).view([-1, 1, 1, 1]),
+                            Mode::Fixed => steepest(&g, Norm::L2),
                         };
                         cap_norm_per_sample(&(&delta - g * lr), radius)
                     });

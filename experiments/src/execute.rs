@@ -202,12 +202,9 @@ impl Executor for RealExecutor {
     }
 
     fn versions(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            ("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-            ("dynrobust_commit".to_string(), dynrobust_core::SOURCE_COMMIT.to_string()),
-            ("tch".to_string(), "0.26.0".to_string()),
-            ("libtorch".to_string(), "2.13.0".to_string()),
-        ])
+        let mut versions = crate::runner::dynrobust_versions();
+        versions.extend([("tch".to_string(), "0.26.0".to_string()), ("libtorch".to_string(), "2.13.0".to_string())]);
+        versions
     }
 }
 

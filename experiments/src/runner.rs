@@ -29,6 +29,15 @@ pub struct CellOutput {
     pub per_sample_csv: String,
 }
 
+/// This crate's version and the commit it was built from ([`dynrobust_core::SOURCE_COMMIT`]):
+/// what every executor stores with its results.
+pub fn dynrobust_versions() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ("dynrobust_commit".to_string(), dynrobust_core::SOURCE_COMMIT.to_string()),
+    ])
+}
+
 /// Runs cells. Shared by all worker threads, hence `Sync`.
 pub trait Executor: Sync {
     /// Per-thread state (e.g. loaded models: tch tensors are not `Sync`).
@@ -48,10 +57,7 @@ pub trait Executor: Sync {
     /// Versions stored with every result; by default this crate's and the commit it was built
     /// from ([`dynrobust_core::SOURCE_COMMIT`]).
     fn versions(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            ("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-            ("dynrobust_commit".to_string(), dynrobust_core::SOURCE_COMMIT.to_string()),
-        ])
+        dynrobust_versions()
     }
     /// A digest of every checkpoint `cell` reads, by role ([`crate::provenance`]), stored with
     /// its result; a finished cell whose inputs have changed since is stale. By default none.
