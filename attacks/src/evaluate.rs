@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use dynrobust_core::attack::{per_sample_norm, Attack, Goal};
 use dynrobust_core::energy::{measure_rapl, EnergyModel};
+use dynrobust_core::queries::Counted;
 use dynrobust_core::metrics::{blocks_switched_on, correct, exit_histogram, fooled_rate, gate_rates, recovery};
 use dynrobust_core::{cost_of, DynamicModel, Pass, Result, Trace};
 use serde::Serialize;
@@ -39,8 +40,15 @@ pub struct AttackRecord {
     /// input std σ — GradMDM's `mse.py` figure; absent when the model does not name its σ.
     pub mse_normalised: Option<f64>,
     pub seconds: f64,
-    /// Attack iterations per batch ([`Attack::iterations`]).
+    /// Attack iterations per batch ([`Attack::iterations`]: the config's `steps`).
     pub iterations: Option<usize>,
+    /// Model passes per attacked image while crafting, measured ([`Counted`]): every pass, and
+    /// those whose input required a gradient (each followed by a backward). Unlike
+    /// `iterations` they include PGD-max's one run per exit, a universal perturbation's fit
+    /// (spread over the attacked images), EOT samples and forward-only candidate checks.
+    /// Absent in records written before they were counted.
+    pub forward_passes: Option<f64>,
+    pub gradient_passes: Option<f64>,
     pub clean_exit_hist: Option<Vec<i64>>,
     pub adv_exit_hist: Option<Vec<i64>>,
     pub clean_efficacy: Option<f64>,
@@ -163,11 +171,12 @@ pub fn run_attack_on(
     let mut seconds = 0.0;
     let mut rapl: std::result::Result<f64, String> = Ok(0.0);
     let _ = attack.take_tally(); // count this run only
+    let counted = Counted::new(craft);
     for start in (0..n).step_by(batch.max(1) as usize) {
         let len = batch.min(n - start);
         let (x, y) = (images.narrow(0, start, len), labels.narrow(0, start, len));
         let t0 = Instant::now();
-        let (x_adv, joules) = measure_rapl(|| attack.perturb(craft, &x, &y));
+        let (x_adv, joules) = measure_rapl(|| attack.perturb(&counted, &x, &y));
         let x_adv = x_adv?.detach();
         seconds += t0.elapsed().as_secs_f64();
         rapl = match (rapl, joules) {
@@ -184,6 +193,8 @@ pub fn run_attack_on(
     }
     let (mut record, per_sample) = summarise(model, attack, &acc, n, seconds, rapl);
     record.tally = attack.take_tally();
+    let (forward, gradient) = counted.count().per_image(n);
+    (record.forward_passes, record.gradient_passes) = (Some(forward), Some(gradient));
     Ok(AttackOutcome { record, per_sample, x_adv: Tensor::cat(&advs, 0) })
 }
 
@@ -241,6 +252,8 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         mse_normalised: acc.std.as_ref().map(|_| acc.sq_sum_normalised / acc.elems.max(1.0)),
         seconds,
         iterations: attack.iterations(),
+        forward_passes: None,
+        gradient_passes: None,
         clean_efficacy: efficacy(&clean_hist),
         adv_efficacy: efficacy(&adv_hist),
         clean_exit_hist: clean_hist,

@@ -8,7 +8,7 @@
 //! at most 0.02 < ε): for the paper's baseline pass `--eps 0.03125 --set step_size=0.001`.
 //! With `loss = "maxruns"` (PGD-max) the attack runs one PGD per exit and the final head, so
 //! it takes (exits + 1) × `steps` gradient steps, while its record's `iterations` says
-//! `steps`. The L2 random start is `ε·U(0,1)` along a Gaussian direction (the spec's
+//! `steps`; the record's measured `gradient_passes` count all of them. The L2 random start is `ε·U(0,1)` along a Gaussian direction (the spec's
 //! formula; not uniform in the ball's volume).
 
 use dynrobust_core::rng::SeededRng;

@@ -29,7 +29,7 @@ pub struct AttackArgs {
     /// Budget ε, e.g. 8/255 or 0.1.
     #[arg(long, value_parser = parse_fraction)]
     eps: Option<f64>,
-    /// Iterations (steps / iterations of the attack).
+    /// Iterations (the attack's `steps`; GradMDM's and GradAuto's `iterations`; Square's `queries`).
     #[arg(long)]
     steps: Option<usize>,
     /// faithful or fixed (GradMDM, GradAuto, ILFO, DeepSloth).
@@ -102,7 +102,11 @@ fn overrides(args: &AttackArgs) -> Result<Value> {
         map.insert("eps".into(), json!(e));
     }
     if let Some(s) = args.steps {
-        let key = if matches!(args.attack.as_str(), "gradmdm" | "gradauto") { "iterations" } else { "steps" };
+        let key = match args.attack.as_str() {
+            "gradmdm" | "gradauto" => "iterations",
+            "square" => "queries",
+            _ => "steps",
+        };
         map.insert(key.into(), json!(s));
     }
     for (key, v) in [("mode", &args.mode), ("norm", &args.norm), ("loss", &args.loss)] {
@@ -227,6 +231,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
         eprintln!("WARNING     {}", flag.as_str().unwrap_or("?"));
     }
     eprintln!("time        {:.2} s", num("seconds"));
+    print_passes(r["forward_passes"].as_f64(), r["gradient_passes"].as_f64());
     if let Some(dir) = &args.save_examples {
         save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;
     }
@@ -269,6 +274,14 @@ fn print_table(r: &AttackRecord) {
         _ => {}
     }
     eprintln!("time        {:.2} s ({} iterations)", r.seconds, r.iterations.map_or("–".into(), |i| i.to_string()));
+    print_passes(r.forward_passes, r.gradient_passes);
+}
+
+/// The measured model passes per image (the attack's queries to the model it attacks).
+fn print_passes(forward: Option<f64>, gradient: Option<f64>) {
+    if let (Some(forward), Some(gradient)) = (forward, gradient) {
+        eprintln!("passes      {gradient:.1} with gradient + {:.1} forward-only per image, through the attacked model", forward - gradient);
+    }
 }
 
 /// Writes `examples.png` (rows: clean, adversarial, perturbation ×10 around grey) for the

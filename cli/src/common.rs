@@ -103,13 +103,15 @@ pub fn list(what: &str) -> Result<()> {
             }
         }
         "attacks" => {
+            let width = dynrobust_attacks::registry::ATTACKS.iter().map(|(name, _, _)| name.len()).max().unwrap_or(0);
             for (name, goal, about) in dynrobust_attacks::registry::ATTACKS {
-                println!("{name:<20} {goal:<8} {about}");
+                println!("{name:<width$} {goal:<8} {about}");
             }
         }
         "defenses" => {
+            let width = dynrobust_defenses::registry::DEFENSES.iter().map(|(name, _, _)| name.len()).max().unwrap_or(0);
             for (name, kind, about) in dynrobust_defenses::registry::DEFENSES {
-                println!("{name:<17} {:<10} {about}", format!("{kind:?}").to_lowercase());
+                println!("{name:<width$} {:<10} {about}", format!("{kind:?}").to_lowercase());
             }
         }
         other => bail!("unknown list `{other}`: expected models, attacks or defenses"),

@@ -90,7 +90,7 @@ fn run_both(tmp: &Path, text: &str) -> (Records, Records) {
 fn assert_same(cached: &[(String, Value)], fresh: &[(String, Value)]) {
     assert_eq!(cached.iter().map(|c| &c.0).collect::<Vec<_>>(), fresh.iter().map(|c| &c.0).collect::<Vec<_>>());
     for ((id, a), (_, b)) in cached.iter().zip(fresh.iter()) {
-        for key in ["clean_acc", "adv_acc", "clean_cost", "adv_cost", "recovery", "l2_mean", "linf_max", "mse", "adv_exit_hist", "flags"] {
+        for key in ["clean_acc", "adv_acc", "clean_cost", "adv_cost", "recovery", "l2_mean", "linf_max", "mse", "adv_exit_hist", "flags", "forward_passes", "gradient_passes"] {
             assert_eq!(a[key], b[key], "cell {id} ({} {}): {key}", a["defense_label"], a["defense_mode"]);
         }
         assert!(b.get("craft_cache").is_none(), "no cache, no hit");
@@ -111,6 +111,8 @@ fn cached_crafting_gives_the_results_of_crafting_every_time() {
     assert!(hits.iter().all(|r| r["seconds"].as_f64().unwrap() > 0.0), "the original crafting time is reported");
     assert!(cached.iter().any(|c| c.1["defense"] == "bitdepth" && c.1["defense_mode"] == "adaptive" && c.1.get("craft_cache").is_none()));
     assert_eq!(std::fs::read_dir(tmp.path().join("cached/craft-cache")).unwrap().count(), 2, "one file per batch");
+    // a cell served from the cache reports the passes its examples took to craft: 3 steps
+    assert!(cached.iter().all(|c| c.1["gradient_passes"] == 3.0 && c.1["forward_passes"] == 3.0), "{cached:?}");
 }
 
 #[test]
@@ -121,5 +123,7 @@ fn transfer_cells_share_the_surrogate_examples_across_victims() {
     assert_same(&cached, &fresh);
     let hits = cached.iter().filter(|c| c.1["craft_cache"] == "hit").count();
     assert_eq!(hits, 2, "crafted once on gated, read for the other two victims: {cached:?}");
+    // the victims are never queried: the examples are crafted on the surrogate
+    assert!(cached.iter().all(|c| c.1["forward_passes"] == 0.0), "{cached:?}");
     assert_eq!(std::fs::read_dir(tmp.path().join("cached/craft-cache")).unwrap().count(), 1);
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod formats;
 pub mod metrics;
 pub mod protocol;
+pub mod queries;
 pub mod rng;
 pub mod testing;
 

@@ -64,6 +64,16 @@ fn eot_averages_k_gradients_of_the_randomised_transform() {
 }
 
 #[test]
+fn an_eot_attack_counts_each_of_its_k_gradient_passes() {
+    let _lock = torch_lock();
+    let data = test_images(8);
+    let defended = Defended::new(load_committed("static"), build_transform("noise", &json!({"sigma": 0.1, "eot": 4, "seed": 42})).unwrap());
+    let attack = dynrobust_attacks::registry::build("pgd-linf", &json!({"eps": 8.0 / 255.0, "steps": 3})).unwrap();
+    let r = dynrobust_attacks::evaluate::run_attack(&defended, &*attack, &data.images, &data.labels, 8, &mut |_| {}).unwrap().record;
+    assert_eq!((r.forward_passes, r.gradient_passes), (Some(12.0), Some(12.0)), "3 steps × 4 EOT draws");
+}
+
+#[test]
 fn denoiser_macs_are_counted_in_the_cost() {
     let _lock = torch_lock();
     let data = test_images(16);

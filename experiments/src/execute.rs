@@ -174,6 +174,11 @@ impl Executor for RealExecutor {
             record["seconds"] = json!(attack.cached_seconds());
             record["craft_cache"] = json!("hit");
         }
+        if let Some(passes) = attack.passes() {
+            // batches served from the cache made no passes now; they report those of their crafting
+            let (forward, gradient) = passes.per_image(record["n"].as_i64().unwrap_or(c.n as i64));
+            (record["forward_passes"], record["gradient_passes"]) = (json!(forward), json!(gradient));
+        }
         let extra = json!({
             "model": c.model.name,
             "label": c.attack.label,

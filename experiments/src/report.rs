@@ -5,6 +5,7 @@
 //! Axes (model, defense, mode, attack label, surrogate, ε, seed) come from the stored cell config;
 //! metrics from the executor's record, each optional: `clean_acc`, `adv_acc` (fractions),
 //! `clean_cost`, `adv_cost` (MACs / static MACs), `recovery` (fraction), `seconds`,
+//! `gradient_passes`/`forward_passes` (model passes per image while crafting),
 //! `clean_exit_hist`/`adv_exit_hist` (counts per exit), `clean_gate_rates`/`adv_gate_rates`
 //! (execute rate per gate), `flags` (sanity warnings), `steps`, `detector` (a detector's
 //! rates). Seeds are averaged in plots.
@@ -58,6 +59,9 @@ pub(crate) struct Row {
     pub(crate) adv_cost: Option<f64>,
     pub(crate) recovery: Option<f64>,
     pub(crate) seconds: Option<f64>,
+    /// Model passes per attacked image while crafting: with a gradient, and all of them.
+    pub(crate) gradient_passes: Option<f64>,
+    pub(crate) forward_passes: Option<f64>,
     pub(crate) clean_exit_hist: Option<Vec<f64>>,
     pub(crate) adv_exit_hist: Option<Vec<f64>>,
     pub(crate) clean_gate_rates: Option<Vec<f64>>,
@@ -139,6 +143,8 @@ impl Row {
             adv_cost: num(r, "adv_cost"),
             recovery: num(r, "recovery"),
             seconds: num(r, "seconds"),
+            gradient_passes: num(r, "gradient_passes"),
+            forward_passes: num(r, "forward_passes"),
             clean_exit_hist: nums(r, "clean_exit_hist"),
             adv_exit_hist: nums(r, "adv_exit_hist"),
             clean_gate_rates: nums(r, "clean_gate_rates"),
@@ -348,15 +354,34 @@ enum Plotted {
 
 type PlotFn = fn(&[Row], &Path) -> Result<Plotted>;
 
+/// `G` gradient passes per image, `+F` forward-only ones when there are any; `–` for cells
+/// recorded before passes were counted.
+fn passes_text(gradient: Option<f64>, forward: Option<f64>) -> String {
+    match (gradient, forward) {
+        (Some(g), Some(f)) if f - g > 0.05 => format!("{} + {} fwd", count_text(g), count_text(f - g)),
+        (Some(g), Some(_)) => count_text(g),
+        _ => "–".to_string(),
+    }
+}
+
+/// A mean count: whole numbers without decimals, others with one.
+fn count_text(v: f64) -> String {
+    if (v - v.round()).abs() < 0.05 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 fn summary_table(rows: &[Row]) -> String {
     let mut md = String::from("## All cells\n\n");
-    md += "| | model | defense | mode | attack | surrogate | ε | clean acc % | adv acc % | clean cost | adv cost | recovery % | s | flags |\n";
-    md += "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n";
+    md += "| | model | defense | mode | attack | surrogate | ε | clean acc % | adv acc % | clean cost | adv cost | recovery % | s | passes / img | flags |\n";
+    md += "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n";
     for r in rows {
         let mark = if r.flags.is_empty() { "" } else { "⚠" };
         let _ = writeln!(
             md,
-            "| {mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.model,
             r.defense,
             r.mode.as_deref().unwrap_or("–"),
@@ -369,6 +394,7 @@ fn summary_table(rows: &[Row]) -> String {
             fixed(r.adv_cost, 3),
             pct(r.recovery),
             fixed(r.seconds, 1),
+            passes_text(r.gradient_passes, r.forward_passes),
             if r.flags.is_empty() { "–".to_string() } else { format!("{} (see below)", r.flags.len()) }
         );
     }

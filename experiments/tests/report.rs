@@ -60,6 +60,7 @@ fn record(cell: &Cell) -> serde_json::Value {
         "clean_efficacy": null, "adv_efficacy": null,
         "flags": if c.model.name == "gated" && c.seed == 1 { serde_json::json!(["adv cost above 1"]) } else { serde_json::json!([]) },
         "steps": 10,
+        "gradient_passes": 10.0, "forward_passes": if exit { 12.5 } else { 10.0 },
     })
 }
 
@@ -118,6 +119,8 @@ fn report_writes_tables_plots_and_raw_files() {
     let exits = fs::read_to_string(dir.path().join("plots/exits_sdn_pgd-linf.svg")).unwrap();
     assert!(exits.contains("samples leaving at this exit (%)") && exits.contains("attacked, ε = 8/255") && exits.contains("\nclean\n"));
 
+    // the measured passes per image, forward-only ones apart
+    assert!(md.contains("| passes / img |") && md.contains("| 10 + 2.5 fwd |") && md.contains("| 1.5 | 10 |"), "{md}");
     // Flagged cells are marked and their flags listed.
     assert!(md.contains("| ⚠ | gated |"));
     assert!(md.contains("### Flagged cells") && md.contains("adv cost above 1"));
