@@ -216,6 +216,14 @@ struct Cx<'a> {
 }
 
 impl Cx<'_> {
+    /// A parameter table as JSON, refusing `nan` and `inf` (which JSON cannot hold) at the table.
+    fn table(&self, t: &Spanned<toml::Table>, key: &str) -> Result<serde_json::Value> {
+        if let Some(bad) = non_finite_key(t.get_ref()) {
+            return Err(self.err(&t.span(), format!("`{key}`: `{bad}`: expected a finite number")));
+        }
+        Ok(table_json(t.get_ref()))
+    }
+
     fn err(&self, span: &Span, problem: impl Into<String>) -> dynrobust_core::Error {
         self.src.error(span, problem)
     }
@@ -270,8 +278,9 @@ impl Cx<'_> {
         let mut out: Vec<Option<f64>> = Vec::new();
         for item in list.get_ref() {
             let eps = parse_eps(item.get_ref()).map_err(|why| self.err(&item.span(), format!("`{key}`: {why}")))?;
-            if out.contains(&Some(eps)) {
-                return Err(self.err(&item.span(), format!("`{key}`: ε = {eps} is listed twice")));
+            // values that print alike (8/255 and 0.0313725490196) would be two cells no table tells apart
+            if let Some(same) = out.iter().flatten().find(|o| format_eps(**o) == format_eps(eps)) {
+                return Err(self.err(&item.span(), format!("`{key}`: ε = {eps} is listed twice (as {same}, both read {})", format_eps(eps))));
             }
             out.push(Some(eps));
         }
@@ -350,7 +359,7 @@ impl Cx<'_> {
             t => t.as_ref().map(|t| *t.get_ref()),
         };
         let base = self.variant_base(name, v)?;
-        let train = v.train.as_ref().map(|t| table_json(t.get_ref()));
+        let train = v.train.as_ref().map(|t| self.table(t, &format!("variant `{name}`: train"))).transpose()?;
         if let (Some(t), Some(json)) = (&v.train, &train) {
             // the table's keys and types now, not when the runner gets to training it
             let checked = serde_json::from_value::<crate::execute::VariantTrain>(json.clone()).map_err(|e| e.to_string()).and_then(|table| table.check().map_err(|e| e.to_string()));
@@ -417,7 +426,7 @@ impl Cx<'_> {
             let d = d.get_ref();
             let name = self.plugin("defense", "defenses.name", &d.name, &self.registry.defenses)?;
             let label = self.label(&d.label, &d.name, &mut seen, "defenses")?;
-            let params = d.params.as_ref().map_or(serde_json::json!({}), |p| table_json(p.get_ref()));
+            let params = d.params.as_ref().map_or(Ok(serde_json::json!({})), |p| self.table(p, "defenses.params"))?;
             let span = d.params_span();
             let spec = self.check_defense(&name, &params, &span, "defenses.params")?;
             for mode in self.modes(&name, d, spec.as_ref())? {
@@ -488,7 +497,7 @@ impl Cx<'_> {
         if p.get_ref().contains_key("eps") {
             return Err(self.err(&p.span(), format!("`{key}.eps`: set ε with the study's `eps` list (or the attack's own `eps = [...]`)")));
         }
-        Ok(table_json(p.get_ref()))
+        self.table(p, key)
     }
 
     fn surrogates(&self, a: &RawAttack, models: &Models) -> Result<Vec<Option<ModelRef>>> {
@@ -515,16 +524,22 @@ impl Cx<'_> {
             return Err(self.err(&o.span(), "`overrides`: set `params` and/or `defense_params`"));
         }
         let params = raw.params.as_ref().map(|_| self.params(&raw.params, "overrides.params")).transpose()?;
-        let defense_params = raw.defense_params.as_ref().map(|p| table_json(p.get_ref()));
+        let defense_params = raw.defense_params.as_ref().map(|p| self.table(p, "overrides.defense_params")).transpose()?;
+        let span_of = |t: &Option<Spanned<toml::Table>>| t.as_ref().map_or_else(|| o.span(), |t| t.span());
+        let mut matched = 0;
         for c in configs.iter_mut().filter(|c| filter.matches(c)) {
+            matched += 1;
             if let Some(p) = &params {
                 merge_object(&mut c.attack.params, p);
-                self.check_attack(&c.attack.name, &c.attack.params, &o.span(), "overrides.params")?;
+                self.check_attack(&c.attack.name, &c.attack.params, &span_of(&raw.params), "overrides.params")?;
             }
             if let Some(p) = &defense_params {
                 merge_object(&mut c.defense.params, p);
-                self.check_defense(&c.defense.name, &c.defense.params, &o.span(), "overrides.defense_params")?;
+                self.check_defense(&c.defense.name, &c.defense.params, &span_of(&raw.defense_params), "overrides.defense_params")?;
             }
+        }
+        if matched == 0 {
+            return Err(self.err(&raw.matcher.span(), "`overrides.match` matches no cell of the grid (each value exists, but not together): the override would change nothing"));
         }
         Ok(())
     }
@@ -578,6 +593,11 @@ impl Cx<'_> {
     fn filter(&self, raw: &RawStudy, axes: &Axes, configs: Vec<CellConfig>) -> Result<Vec<CellConfig>> {
         let include = raw.include.iter().map(|f| self.filter_of(f, axes, "include")).collect::<Result<Vec<_>>>()?;
         let exclude = raw.exclude.iter().map(|f| self.filter_of(f, axes, "exclude")).collect::<Result<Vec<_>>>()?;
+        for (key, raws, filters) in [("include", &raw.include, &include), ("exclude", &raw.exclude, &exclude)] {
+            if let Some((r, _)) = raws.iter().zip(filters.iter()).find(|(_, f)| !configs.iter().any(|c| f.matches(c))) {
+                return Err(self.err(&r.span(), format!("`[[{key}]]` matches no cell of the grid (each value exists, but not together): it would change nothing")));
+            }
+        }
         let before = configs.len();
         let kept: Vec<CellConfig> = configs
             .into_iter()
@@ -607,6 +627,9 @@ impl Cx<'_> {
         for (axis, value) in keys {
             let Some(value) = value else { continue };
             let allowed = axes.values(axis);
+            if value.get_ref().0.is_empty() {
+                return Err(self.err(&value.span(), format!("`{key}.{axis}` is empty: expected a value or a non-empty list")));
+            }
             let mut accepted = BTreeSet::new();
             for written in &value.get_ref().0 {
                 let v = if axis == "eps" { normalised_eps(written).map_err(|why| self.err(&value.span(), format!("`{key}.eps`: {why}")))? } else { written.clone() };
@@ -773,6 +796,20 @@ fn parse_eps(raw: &RawEps) -> std::result::Result<f64, String> {
 
 fn table_json(t: &toml::Table) -> serde_json::Value {
     serde_json::to_value(t).expect("a TOML table is always representable as JSON")
+}
+
+/// The dotted path of the first `nan` or `inf` in `t`: JSON has no such numbers (they would
+/// become `null`, i.e. "not set", and the plugin's default would silently take their place).
+fn non_finite_key(t: &toml::Table) -> Option<String> {
+    fn walk(path: String, v: &toml::Value) -> Option<String> {
+        match v {
+            toml::Value::Float(f) if !f.is_finite() => Some(format!("{path} = {f}")),
+            toml::Value::Table(t) => t.iter().find_map(|(k, v)| walk(format!("{path}.{k}"), v)),
+            toml::Value::Array(a) => a.iter().enumerate().find_map(|(i, v)| walk(format!("{path}[{i}]"), v)),
+            _ => None,
+        }
+    }
+    t.iter().find_map(|(k, v)| walk(k.clone(), v))
 }
 
 /// Shallow merge: keys of `over` replace those of `base` (both JSON objects).
