@@ -165,7 +165,13 @@ pub fn run_attack_on(
     on_batch: &mut dyn FnMut(i64),
 ) -> Result<AttackOutcome> {
     attack.check_model(craft)?;
+    if batch < 1 {
+        return Err(dynrobust_core::Error::config("batch", format!("{batch}: expected ≥ 1")));
+    }
     let n = images.size()[0];
+    if n == 0 || labels.size() != [n] {
+        return Err(dynrobust_core::Error::config("images", format!("{n} images with labels {:?}: expected at least one image and one label per image", labels.size())));
+    }
     let mut acc = Acc { std: model.input_std(), ..Acc::default() };
     let mut advs = Vec::new();
     let mut seconds = 0.0;

@@ -136,7 +136,7 @@ pub fn run(args: AttackArgs) -> Result<()> {
     }
     let device = args.device.device()?;
     let inner = registry::build(&args.attack, &overrides(&args)?)?;
-    let data = args.data.load(Split::Test, Some(args.n))?.to_device(device);
+    let data = args.data.load_exactly(Split::Test, Some(args.n))?.to_device(device);
     let victim = load_victim(&args, device, &data.images)?;
     let attack: Box<dyn Attack> = match &args.surrogate {
         Some(s) => Box::new(Transfer::new(inner, Box::new(load_model(s, device, &data.images)?.0))?),
@@ -187,7 +187,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     }
     let attack = registry::build(&args.attack, &overrides(&args)?)?;
     let device = args.device.device()?;
-    let data = args.data.load(Split::Test, Some(args.n))?.to_device(device);
+    let data = args.data.load_exactly(Split::Test, Some(args.n))?.to_device(device);
     // a detector's own `calibration` count of clean training images (as the runner does)
     let calibration = spec.calibration_images().map(|n| args.data.load(Split::Train, Some(n))).transpose()?.map(|d| d.to_device(device));
     let victim = load_victim(&args, device, &data.images)?;

@@ -68,7 +68,7 @@ fn interleaved(stat: &dyn DynamicModel, model: &dyn DynamicModel, images: &tch::
 }
 
 fn sparse(args: &BenchArgs) -> Result<()> {
-    let data = args.data.load(Split::Test, Some(args.n))?.to_device(args.device.device()?);
+    let data = args.data.load_exactly(Split::Test, Some(args.n))?.to_device(args.device.device()?);
     let (static_net, _, _) = load_checkpoint("static", args.device.device()?)?;
     let b1 = data.images.narrow(0, 0, data.len().min(256));
     eprintln!(

@@ -32,6 +32,16 @@ impl DataArgs {
             None => set,
         })
     }
+
+    /// The first `n` images of `split` (all when `None`), refusing an `--n` larger than the
+    /// split rather than quietly running fewer images than asked for.
+    pub fn load_exactly(&self, split: Split, n: Option<i64>) -> Result<Dataset> {
+        let set = self.load(split, n)?;
+        match n {
+            Some(n) if n > set.len() => bail!("--n {n}: {} has only {} images", set.name, set.len()),
+            _ => Ok(set),
+        }
+    }
 }
 
 /// Hands `attack` the training images it fits on, if it asks for any (DeepSloth's universal

@@ -60,7 +60,7 @@ pub enum CalibrateOn {
 /// Runs `dynrobust eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = args.device.device()?;
-    let data = args.data.load(Split::Test, args.n)?.to_device(device);
+    let data = args.data.load_exactly(Split::Test, args.n)?.to_device(device);
     let (mut net, source) = load_model(&args.model, device, &data.images)?;
     let dir = source.path().to_path_buf();
     if let Some(q) = args.threshold {

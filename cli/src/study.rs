@@ -215,6 +215,7 @@ pub fn merge_cmd(args: MergeArgs) -> Result<()> {
     let study = Study::parse(&store.study_text()?, store.study_path(), &registry())?;
     let cells = merge(&args.dir, &study.cells).with_context(|| format!("merging {}", args.dir.display()))?;
     eprintln!("all {} cells present", cells.len());
+    warn_stale(&args.dir, &cells);
     let files = write_report(&args.dir, &study.name, &cells)?;
     eprintln!("report: {} ({} plots)", files.markdown.display(), files.plots.len());
     Ok(())

@@ -184,6 +184,17 @@ fn attack_errors_name_the_problem() {
     let out = dynrobust(&["attack", "--model", "static", "--attack", "pgd-linf", "--steps", "0", "--n", "8"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("steps"), "{}", stderr(&out));
+
+    for batch in ["0", "-3"] {
+        let out = dynrobust(&["attack", "--model", "static", "--attack", "fgsm", "--n", "4", &format!("--batch={batch}")]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains("batch") && err.contains("expected ≥ 1") && !err.contains("panicked"), "{err}");
+    }
+
+    let out = dynrobust(&["attack", "--model", "static", "--attack", "fgsm", "--n", "20000"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--n 20000") && stderr(&out).contains("only 10000 images"), "{}", stderr(&out));
 }
 
 #[test]

@@ -158,7 +158,11 @@ impl Executor for RealExecutor {
         tch::manual_seed(c.seed as i64);
         let (spec, mode) = self.defense(cell)?;
         let calibration = spec.calibration_images().map(|n| worker.data(&c.data, Split::Train).map(|d| d.take(n))).transpose()?;
-        let data = worker.data(&c.data, Split::Test)?.take(c.n as i64);
+        let test = worker.data(&c.data, Split::Test)?;
+        if c.n as i64 > test.len() {
+            return Err(dynrobust_core::Error::config("n", format!("{}: {} has only {} images", c.n, test.name, test.len())));
+        }
+        let data = test.take(c.n as i64);
         let probe = data.images.narrow(0, 0, data.len().min(8));
         // a training-time defense loads its own checkpoint (run_defended); `net` is the bare model
         let net = self.load(&c.model, &probe)?;

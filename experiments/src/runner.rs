@@ -164,6 +164,9 @@ fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
 /// With `progress`, a progress bar on stderr when it is a terminal, else a line per cell.
 pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: usize, progress: bool) -> Result<RunSummary> {
     let start = Instant::now();
+    for (from, to, why) in store.set_aside_corrupt()? {
+        eprintln!("warning: {} does not parse ({why}); moved to {}, the cell runs again", from.display(), to.display());
+    }
     let stale = stale_cells(exec, cells, store)?;
     if !stale.is_empty() {
         return Err(stale_error(store, &stale));

@@ -17,9 +17,17 @@ pub fn merge(dir: impl AsRef<Path>, study_cells: &[Cell]) -> Result<Vec<StoredCe
     let mut wanted: Vec<&Cell> = study_cells.iter().collect();
     wanted.sort_by(|a, b| a.id.cmp(&b.id));
     wanted.dedup_by(|a, b| a.id == b.id);
-    let missing: Vec<&Cell> = wanted.iter().copied().filter(|c| !done.contains(&c.id)).collect();
+    // the CSV is written before the record, so a record without it was damaged afterwards
+    let missing: Vec<(&Cell, &str)> = wanted
+        .iter()
+        .copied()
+        .filter_map(|c| match done.contains(&c.id) {
+            false => Some((c, "")),
+            true => store.per_sample_csv(&c.id).ok().flatten().is_none().then_some((c, ": its record is there, its per-sample CSV is not")),
+        })
+        .collect();
     if !missing.is_empty() {
-        let list: Vec<String> = missing.iter().map(|c| format!("  {} ({})", c.id, c.config.summary())).collect();
+        let list: Vec<String> = missing.iter().map(|(c, why)| format!("  {} ({}){why}", c.id, c.config.summary())).collect();
         let problem = format!(
             "{} of {} cells are missing (rerun the study or the failed shards into this directory):\n{}",
             missing.len(),

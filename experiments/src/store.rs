@@ -146,8 +146,10 @@ impl Store {
     pub fn load(&self, id: &str) -> Result<StoredCell> {
         let path = self.json_path(id);
         let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let stored: StoredCell =
-            serde_json::from_str(&text).map_err(|e| Error::data(&path, format!("corrupt cell record: {e}")))?;
+        let stored: StoredCell = serde_json::from_str(&text).map_err(|e| {
+            let hint = format!("`dynrobust run` on this directory moves it to {} and computes the cell again", self.corrupt_dir().display());
+            Error::data(&path, format!("corrupt cell record: {e}; {hint}"))
+        })?;
         if stored.id != id {
             return Err(Error::data(&path, format!("holds cell `{}`, not `{id}`", stored.id)));
         }
@@ -162,6 +164,38 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(&path, e)),
         }
+    }
+
+    /// `DIR/cells/corrupt`: where [`Store::set_aside_corrupt`] moves records that do not parse.
+    pub fn corrupt_dir(&self) -> PathBuf {
+        self.cells_dir().join("corrupt")
+    }
+
+    /// Moves every finished cell's record that does not parse (or names another cell) — and
+    /// its CSV — to [`Store::corrupt_dir`] as `<id>-<unix seconds>.json` / `.csv`, so the
+    /// cell counts as unfinished and runs again; nothing is deleted. Records are written
+    /// atomically, so only outside damage (a disk error, a hand edit) leaves one. Returns
+    /// each moved record's old path, new path and why.
+    pub fn set_aside_corrupt(&self) -> Result<Vec<(PathBuf, PathBuf, String)>> {
+        let mut moved = Vec::new();
+        for id in self.finished_ids()? {
+            let why = match self.load(&id) {
+                Ok(_) => continue,
+                // a record that cannot be read (permissions, a disk error) is not judged
+                Err(e @ Error::Io { .. }) => return Err(e),
+                Err(why) => why,
+            };
+            let dir = self.corrupt_dir();
+            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let target = |ext: &str| dir.join(format!("{id}-{stamp}.{ext}"));
+            if self.csv_path(&id).is_file() {
+                fs::rename(self.csv_path(&id), target("csv")).map_err(|e| Error::io(self.csv_path(&id), e))?;
+            }
+            fs::rename(self.json_path(&id), target("json")).map_err(|e| Error::io(self.json_path(&id), e))?;
+            moved.push((self.json_path(&id), target("json"), why.to_string()));
+        }
+        Ok(moved)
     }
 
     /// `DIR/cells/stale`: where [`Store::retire`] moves results.

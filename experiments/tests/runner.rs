@@ -132,6 +132,12 @@ fn merge_names_the_missing_cells() {
     }
     assert!(err.contains("model=") && err.contains("attack=") && err.contains("defense="), "{err}");
     assert!(merge(tempfile::tempdir().unwrap().path(), &study.cells).is_err(), "not a result directory");
+    // every cell present but one lost its per-sample CSV: still incomplete, and named
+    run_cells(&Fake::default(), &study.cells, &store, 2, false).unwrap();
+    assert!(merge(dir.path(), &study.cells).is_ok());
+    fs::remove_file(store.cells_dir().join(format!("{}.csv", study.cells[0].id))).unwrap();
+    let err = merge(dir.path(), &study.cells).unwrap_err().to_string();
+    assert!(err.contains("1 of") && err.contains(&study.cells[0].id) && err.contains("per-sample CSV is not"), "{err}");
 }
 
 #[test]
@@ -169,6 +175,13 @@ fn a_corrupt_record_is_reported_by_file() {
     fs::write(&path, "{ not json").unwrap();
     let err = store.load_all().unwrap_err().to_string();
     assert!(err.contains(&path.display().to_string()) && err.contains("corrupt"), "{err}");
+    assert!(err.contains("dynrobust run") && err.contains("cells/corrupt"), "says how to recover: {err}");
+    // a rerun moves the record aside (kept, not deleted) and computes the cell again
+    let summary = run_cells(&Fake::default(), &study.cells[..2], &store, 1, false).unwrap();
+    assert_eq!((summary.skipped, summary.finished), (1, 1));
+    assert_eq!(without_times(store.load_all().unwrap()).len(), 2);
+    let kept: Vec<String> = fs::read_dir(store.corrupt_dir()).unwrap().map(|e| fs::read_to_string(e.unwrap().path()).unwrap()).collect();
+    assert!(kept.contains(&"{ not json".to_string()), "{kept:?}");
 }
 
 #[test]
