@@ -474,8 +474,11 @@ impl Attack for DeepSloth {
     fn requirements(&self) -> Requirements {
         Requirements { exits: true, ..Default::default() }
     }
+    /// The config with the steps, step size and epochs in force written out.
     fn config_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).expect("serialisable")
+        let c = &self.cfg;
+        let resolved = DeepSlothConfig { steps: Some(c.steps()), step_size: Some(c.step_size()).filter(|a| *a > 0.0), universal_epochs: Some(c.universal_epochs()), ..c.clone() };
+        serde_json::to_value(resolved).expect("serialisable")
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         Some(match self.cfg.variant {

@@ -35,8 +35,8 @@ pub const GRADMDM_FAITHFUL_BOUNDS: (f64, f64) = (-2.4291, 2.5141);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GradMdmConfig {
-    /// faithful (authors' box and bounds) or fixed (true bounds, w₀ = R⁻¹(x); with an L∞ `eps`
-    /// the ball form `clip(x + ε·tanh(w))`, w₀ = 0). With `acc_maintain`, fixed mode also drops
+    /// faithful (authors' box and bounds) or fixed (true bounds, w₀ = R⁻¹(x); with `eps` the
+    /// ball form of [`crate::tanh_box`], w₀ = 0). With `acc_maintain`, fixed mode also drops
     /// the code's count-table quirk: the Lneg pass uses the per-gate suffix counts of the mask
     /// table instead of the single total `C_0` at every node.
     pub mode: Mode,
@@ -45,7 +45,7 @@ pub struct GradMdmConfig {
     /// Warm-up iterations: no gradient adjustment and p = (1, 1).
     pub warmup: usize,
     /// Adam learning rate on the modifier; default 0.01 (the authors'), or 0.1 in fixed mode
-    /// with an L∞ ball, where w is in units of the ball (measured: with 0.01 the 100
+    /// with a ball, where w is in units of the ball (measured: with 0.01 the 100
     /// iterations leave the budget unused, L∞ 0.027 of 8/255 on `gated`).
     pub lr: Option<f64>,
     /// Weight γ of the L2 term.
@@ -98,13 +98,16 @@ impl Default for GradMdmConfig {
 impl GradMdmConfig {
     /// The learning rate in force.
     pub fn lr(&self) -> f64 {
-        self.lr.unwrap_or(match (self.mode, self.eps, self.norm) {
-            (Mode::Fixed, Some(_), Norm::Linf) => 0.1,
+        self.lr.unwrap_or(match (self.mode, self.eps) {
+            (Mode::Fixed, Some(_)) => 0.1,
             _ => 0.01,
         })
     }
     fn validated(self) -> Result<Self> {
         check_steps("iterations", self.iterations)?;
+        if self.adjust && self.warmup >= self.iterations {
+            return Err(Error::config("warmup", format!("{} of {} iterations: the gradient adjustment would never run (it starts after the warm-up); lower `warmup` or set adjust = false", self.warmup, self.iterations)));
+        }
         if let Some(lr) = self.lr {
             check_positive("lr", lr)?;
         }
@@ -272,8 +275,9 @@ impl Attack for GradMdm {
     fn requirements(&self) -> Requirements {
         Requirements { gates: true, ..Default::default() }
     }
+    /// The config with the learning rate in force written out.
     fn config_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).expect("serialisable")
+        serde_json::to_value(GradMdmConfig { lr: Some(self.cfg.lr()), ..self.cfg.clone() }).expect("serialisable")
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         self.cfg.eps.map(|e| (e, self.cfg.norm))
@@ -304,13 +308,13 @@ impl Attack for GradMdm {
     }
 }
 
-/// GradMDM's (and GradAuto's) box: tanh(0.8·), CIFAR bounds in faithful mode, the L∞ ball
-/// form in fixed mode with an L∞ budget.
+/// GradMDM's (and GradAuto's) box: tanh(0.8·), CIFAR bounds in faithful mode, the ball form
+/// in fixed mode with a budget.
 fn gradmdm_box(norm_in: &Normalisation, mode: Mode, eps: Option<f64>, norm: Norm, device: tch::Device) -> TanhBox {
     let bx = TanhBox::new(0.8, GRADMDM_FAITHFUL_BOUNDS, norm_in, mode, device);
-    match (eps, norm) {
-        (Some(eps), Norm::Linf) => bx.with_linf_ball(eps),
-        _ => bx,
+    match eps {
+        Some(eps) => bx.with_ball(eps, norm),
+        None => bx,
     }
 }
 

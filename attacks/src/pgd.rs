@@ -150,8 +150,11 @@ impl Attack for Pgd {
     fn requirements(&self) -> Requirements {
         Requirements::default()
     }
+    /// The config with the step size in force written out.
     fn config_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).expect("serialisable")
+        // (a zero step, at ε = 0, stays unset: a rebuilt config would refuse it)
+        let resolved = PgdConfig { step_size: Some(self.cfg.alpha()).filter(|a| *a > 0.0), ..self.cfg.clone() };
+        serde_json::to_value(resolved).expect("serialisable")
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         Some((self.cfg.eps, self.cfg.norm))

@@ -94,8 +94,10 @@ impl Attack for FeaturePgd {
     fn requirements(&self) -> Requirements {
         Requirements::default()
     }
+    /// The config with the step size in force written out.
     fn config_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).expect("serialisable")
+        let c = &self.cfg;
+        serde_json::to_value(FeaturePgdConfig { step_size: Some(c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64)).filter(|a| *a > 0.0), ..c.clone() }).expect("serialisable")
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         Some((self.cfg.eps, Norm::Linf))

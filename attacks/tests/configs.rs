@@ -210,6 +210,8 @@ fn other_bad_values_are_refused_naming_the_field() {
         ("ensemble", json!({"version": "plus", "attacks": [{"name": "apgd-ce"}]}), "version"),
         ("ensemble", json!({"version": "fast"}), "version"),
         ("ensemble", json!({"attacks": []}), "attacks"),
+        // the adjustment starts after the warm-up: 10 of 10 iterations would never run it
+        ("gradmdm", json!({"iterations": 10}), "warmup"),
     ];
     for (name, o, field) in cases {
         let err = build_err(name, &o);
@@ -262,8 +264,8 @@ fn energy_attacks_refuse_models_without_their_mechanism() {
     assert_refused_on("deepsloth", json!({"steps": 1}), &gated);
     assert_refused_on("deepsloth-l2", json!({"steps": 1}), &sdn_twin);
     assert_refused_on("deepsloth-universal", json!({"steps": 1}), &stat);
-    assert_refused_on("gradmdm", json!({"iterations": 1}), &sdn);
-    assert_refused_on("gradmdm", json!({"iterations": 1}), &gated_twin);
+    assert_refused_on("gradmdm", json!({"iterations": 1, "warmup": 0}), &sdn);
+    assert_refused_on("gradmdm", json!({"iterations": 1, "warmup": 0}), &gated_twin);
     assert_refused_on("gradauto", json!({"iterations": 1}), &sdn);
     assert_refused_on("ilfo", json!({"steps": 1}), &stat);
     assert_refused_on("ilfo", json!({"steps": 1}), &sdn);
@@ -322,4 +324,21 @@ fn ensemble_versions_are_autoattacks_presets() {
         assert_eq!(config["loss"], "deployed", "{name}");
     }
     assert!(plus.iter().all(|m| m.1["eps"] == json!(8.0 / 255.0)));
+}
+
+#[test]
+fn the_saved_config_names_the_values_in_force_not_null() {
+    let config = |name: &str, o: Value| registry::build(name, &o).unwrap().config_json();
+    let sloth = config("deepsloth", json!({}));
+    assert_eq!((sloth["steps"].as_u64(), sloth["step_size"].as_f64()), (Some(30), Some(0.002)), "faithful DeepSloth: 30 × 0.002");
+    let fixed = config("deepsloth", json!({"mode": "fixed", "eps": 0.1}));
+    assert!((fixed["step_size"].as_f64().unwrap() - 2.5 * 0.1 / 30.0).abs() < 1e-12, "{fixed}");
+    assert_eq!(config("gradmdm", json!({}))["lr"], 0.01);
+    assert_eq!(config("gradmdm", json!({"mode": "fixed", "eps": 0.1}))["lr"], 0.1);
+    assert!((config("pgd-linf", json!({"eps": 0.1, "steps": 10}))["step_size"].as_f64().unwrap() - 0.025).abs() < 1e-12);
+    // a config saved beside a result builds the same attack again
+    for name in ["deepsloth", "gradmdm", "pgd-linf", "mechanism", "feature-pgd"] {
+        let saved = config(name, json!({}));
+        assert_eq!(config(name, saved.clone()), saved, "{name}");
+    }
 }

@@ -3,6 +3,7 @@
 mod common;
 
 use dynrobust_attacks::tanh_box::{Adam, Mode, Normalisation, TanhBox};
+use dynrobust_core::attack::Norm;
 use tch::{Device, Kind, Tensor};
 
 const MEAN: f64 = 0.286;
@@ -77,10 +78,29 @@ fn fixed_starts_at_x_inside_the_true_bounds() {
 
 #[test]
 fn linf_ball_form_stays_in_the_ball_and_the_box() {
-    let bx = TanhBox::new(0.8, CIFAR, &fashion(), Mode::Fixed, Device::Cpu).with_linf_ball(0.1);
+    let bx = TanhBox::new(0.8, CIFAR, &fashion(), Mode::Fixed, Device::Cpu).with_ball(0.1, Norm::Linf);
     let x = pixels(&[0.0, 0.5, 0.95]);
     let w = pixels(&[10.0, -10.0, 10.0]);
     assert_all_close(&values(&bx.x_adv(&w, &bx.normalise(&x))), &[0.1, 0.4, 1.0], 1e-5, "x + ε·tanh(w), clipped");
+}
+
+#[test]
+fn l2_ball_form_starts_at_x_and_stays_in_the_ball_and_the_box() {
+    let bx = TanhBox::new(0.8, CIFAR, &fashion(), Mode::Fixed, Device::Cpu).with_ball(0.5, Norm::L2);
+    let x = pixels(&[0.0, 0.5, 0.5]); // D = 3
+    let x_n = bx.normalise(&x);
+    assert_all_close(&values(&bx.x_adv(&bx.init(&x), &x_n)), &[0.0, 0.5, 0.5], 1e-6, "w₀ = 0 is x itself");
+    // u = w/√3 = (0.1, 0.1, −0.1): ‖u‖ < 1, so δ = ε·u, and the pixel at 0 moves (no saturation)
+    let w = pixels(&[0.1, 0.1, -0.1]) * 3f64.sqrt();
+    assert_all_close(&values(&bx.x_adv(&w, &x_n)), &[0.05, 0.55, 0.45], 1e-5, "x + ε·w/√D inside the ball");
+    // ‖u‖ = 2: δ = ε·u/‖u‖, on the sphere; the negative pixel then clips at 0
+    let w = pixels(&[2.0 * 3f32.sqrt(), 0.0, 0.0]) * -1.0;
+    assert_all_close(&values(&bx.x_adv(&w, &x_n)), &[0.0, 0.5, 0.5], 1e-5, "shrunk onto the sphere, clipped to [0,1]");
+    let w = pixels(&[0.0, 2.0 * 3f32.sqrt(), 0.0]);
+    assert_all_close(&values(&bx.x_adv(&w, &x_n)), &[0.0, 1.0, 0.5], 1e-5, "shrunk onto the sphere (δ = 0.5)");
+    // encode inverts x_adv inside the ball
+    let x_adv = pixels(&[0.1, 0.3, 0.6]);
+    assert_all_close(&values(&bx.x_adv(&bx.encode(&x_adv, &x_n), &x_n)), &[0.1, 0.3, 0.6], 1e-5, "encode ∘ x_adv");
 }
 
 #[test]
