@@ -7,7 +7,7 @@ use std::time::Instant;
 use dynrobust_core::attack::{per_sample_norm, Attack, Goal};
 use dynrobust_core::energy::{measure_rapl, EnergyModel};
 use dynrobust_core::queries::Counted;
-use dynrobust_core::metrics::{blocks_switched_on, correct, exit_histogram, fooled_rate, gate_rates, recovery};
+use dynrobust_core::metrics::{block_recovery, blocks_switched_on, correct, exit_histogram, fooled_rate, gate_rates, recovery};
 use dynrobust_core::{cost_of, DynamicModel, Pass, Result, Trace};
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -33,6 +33,9 @@ pub struct AttackRecord {
     pub recovery: f64,
     /// Fraction of the blocks skipped on clean inputs that the attack switched on.
     pub blocks_switched_on: f64,
+    /// Recovery on the equal-weight block percentage (GradMDM's and GradAuto's metric,
+    /// [`dynrobust_core::metrics::block_recovery`]); `recovery` weighs blocks by their MACs.
+    pub recovery_blocks: f64,
     pub l2_mean: f64,
     pub linf_max: f64,
     pub mse: f64,
@@ -252,6 +255,7 @@ fn summarise(model: &dyn DynamicModel, attack: &dyn Attack, acc: &Acc, n: i64, s
         adv_cost: adv_cost_mean,
         recovery: recovery(clean_cost_mean, adv_cost_mean),
         blocks_switched_on: blocks_switched_on(&clean_exec, &adv_exec, model.units()),
+        recovery_blocks: block_recovery(&clean_exec, &adv_exec, model.units()),
         l2_mean: mean(&cat(acc.l2.iter().map(|t| t.shallow_clone()))),
         linf_max: acc.linf,
         mse: acc.sq_sum / acc.elems.max(1.0),

@@ -255,7 +255,7 @@ fn print_table(r: &AttackRecord) {
     eprintln!("attack      {} (goal {:?}, eps {}, norm {})", r.attack, r.goal, r.eps.map_or("–".into(), |e| format!("{e:.4}")), r.norm.map_or("–".into(), |n| format!("{n:?}")));
     eprintln!("images      {}", r.n);
     eprintln!("accuracy    clean {}  adv {}  fooled {} of the clean-correct", pct(r.clean_acc), pct(r.adv_acc), pct(r.fooled_rate));
-    eprintln!("cost        clean {:.4}  adv {:.4}  recovery {}", r.clean_cost, r.adv_cost, pct(r.recovery));
+    eprintln!("cost        clean {:.4}  adv {:.4}  recovery {} (equal-weight blocks {})", r.clean_cost, r.adv_cost, pct(r.recovery), pct(r.recovery_blocks));
     if let (Some(a), Some(b)) = (&r.clean_exit_hist, &r.adv_exit_hist) {
         eprintln!("exits       clean {a:?}\n            adv   {b:?}");
         eprintln!("efficacy    clean {:.4}  adv {:.4}", r.clean_efficacy.unwrap_or(f64::NAN), r.adv_efficacy.unwrap_or(f64::NAN));

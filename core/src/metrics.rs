@@ -19,6 +19,9 @@ pub fn correct(logits: &Tensor, labels: &Tensor) -> Tensor {
 }
 
 /// Share of the saved compute the attacker recovered; 0 when the clean cost is already 1.
+/// Costs are MACs over the static twin's, gates and internal classifiers included, so an
+/// attack that makes a model dearer than its static twin (every exit head run, then the final
+/// one) recovers more than 100 %. [`block_recovery`] is the equal-weight block count variant.
 pub fn recovery(clean_cost: f64, adv_cost: f64) -> f64 {
     if clean_cost >= 1.0 {
         0.0
@@ -51,6 +54,20 @@ pub fn gate_rates(gate_probs: &[Tensor]) -> Vec<f64> {
         .iter()
         .map(|p| p.gt(0.5).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]))
         .collect()
+}
+
+/// Recovery on the equal-weight block percentage of GradMDM's and GradAuto's code (spec
+/// §1.4): `cp = mean executed blocks / blocks`, recovery `(cp_adv − cp_clean) / (1 − cp_clean)`,
+/// every backbone block counted alike whatever its MACs (0 when nothing was skipped).
+/// `executed` masks are `[B,U]` in the column order of `units`.
+pub fn block_recovery(clean_executed: &Tensor, adv_executed: &Tensor, units: &[crate::Unit]) -> f64 {
+    let cols: Vec<i64> = units.iter().enumerate().filter(|(_, u)| u.kind == crate::UnitKind::Block).map(|(i, _)| i as i64).collect();
+    if cols.is_empty() {
+        return 0.0;
+    }
+    let cols = Tensor::from_slice(&cols).to_device(clean_executed.device());
+    let share = |e: &Tensor| e.index_select(1, &cols).gt(0.5).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    recovery(share(clean_executed), share(adv_executed))
 }
 
 /// Fraction of the (sample, block) pairs skipped on the clean input that run on the
