@@ -28,8 +28,9 @@ use tch::{Kind, Tensor};
 use crate::losses::{gate_matrix, gradauto_lneg, gradauto_lpos, gradmdm_lneg, gradmdm_lpos};
 use crate::tanh_box::{check_normalisation, optimise_modifier, Mode, Normalisation, TanhBox};
 
-/// The CIFAR-normalised bounds of [0,1] that GradMDM's code uses for every data set (quirk).
-pub const GRADMDM_FAITHFUL_BOUNDS: (f64, f64) = (-2.4291, 2.5141);
+/// The CIFAR-normalised bounds of [0,1] that GradMDM's code uses for every data set (quirk),
+/// per RGB channel (spec §2.2); a one-channel model gets the first channel's on its channel.
+pub const GRADMDM_FAITHFUL_BOUNDS: ([f64; 3], [f64; 3]) = ([-2.4291, -2.4183, -2.2214], [2.5141, 2.5968, 2.7537]);
 
 /// GradMDM's config; defaults are the authors' (SkipNet SP exponents).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -311,7 +312,8 @@ impl Attack for GradMdm {
 /// GradMDM's (and GradAuto's) box: tanh(0.8·), CIFAR bounds in faithful mode, the ball form
 /// in fixed mode with a budget.
 fn gradmdm_box(norm_in: &Normalisation, mode: Mode, eps: Option<f64>, norm: Norm, device: tch::Device) -> TanhBox {
-    let bx = TanhBox::new(0.8, GRADMDM_FAITHFUL_BOUNDS, norm_in, mode, device);
+    let (lo, hi) = GRADMDM_FAITHFUL_BOUNDS;
+    let bx = TanhBox::new(0.8, (lo[0], hi[0]), norm_in, mode, device).with_faithful_channel_bounds(&lo, &hi);
     match eps {
         Some(eps) => bx.with_ball(eps, norm),
         None => bx,

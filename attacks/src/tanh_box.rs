@@ -118,6 +118,15 @@ impl TanhBox {
         };
         TanhBox { slope, lo, hi, mean, std, mode, ball: None }
     }
+    /// A faithful box on a model with as many input channels as `lo`/`hi` have values takes
+    /// them per channel (GradMDM's CIFAR bounds on an RGB model); any other box is unchanged.
+    pub fn with_faithful_channel_bounds(mut self, lo: &[f64], hi: &[f64]) -> Self {
+        if self.mode == Mode::Faithful && self.mean.numel() == lo.len() && lo.len() == hi.len() {
+            let device = self.mean.device();
+            (self.lo, self.hi) = (per_channel(lo, device), per_channel(hi, device));
+        }
+        self
+    }
     /// Switches a fixed-mode box to the ball form of radius `eps` in `norm` (faithful boxes
     /// stay as they are: the authors' code has no budget).
     pub fn with_ball(mut self, eps: f64, norm: Norm) -> Self {

@@ -234,6 +234,16 @@ fn gradmdm_raises_gated_and_skipnet_cost() {
 }
 
 #[test]
+fn gradmdm_accuracy_maintaining_keeps_predictions_and_still_raises_cost() {
+    let _lock = common::torch_lock();
+    let plain = run("gated", &*build("gradmdm", json!({"mode": "fixed", "eps": EPS})), N);
+    let kept = run("gated", &*build("gradmdm", json!({"mode": "fixed", "eps": EPS, "acc_maintain": true})), N);
+    // measured (64 images): fooled 11.3 % → 1.9 %, cost 0.646 → 0.789 plain, → 0.687 kept
+    assert!(kept.fooled_rate < 0.5 * plain.fooled_rate, "fooled {:.3} with the logits term vs {:.3} without", kept.fooled_rate, plain.fooled_rate);
+    assert!(kept.adv_cost > kept.clean_cost + 0.01, "cost {:.4} → {:.4}", kept.clean_cost, kept.adv_cost);
+}
+
+#[test]
 fn gradmdm_in_an_l2_ball_raises_gated_cost() {
     let _lock = common::torch_lock();
     // the L2 ball form (w₀ = 0); in the box form, where pixels at 0 start saturated, this

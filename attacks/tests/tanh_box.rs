@@ -140,6 +140,20 @@ fn per_channel_normalisation_gives_a_per_channel_box() {
 }
 
 #[test]
+fn gradmdms_faithful_box_takes_cifars_bounds_per_channel_on_an_rgb_model() {
+    use dynrobust_attacks::gradmdm::GRADMDM_FAITHFUL_BOUNDS as B;
+    let rgb = Normalisation { mean: vec![0.4914, 0.4822, 0.4465], std: vec![0.2470, 0.2435, 0.2616] };
+    let bx = TanhBox::new(0.8, (B.0[0], B.1[0]), &rgb, Mode::Faithful, Device::Cpu).with_faithful_channel_bounds(&B.0, &B.1);
+    assert_all_close(&values(&bx.lo), &[-2.4291, -2.4183, -2.2214], 1e-6, "spec §2.2 x_min");
+    assert_all_close(&values(&bx.hi), &[2.5141, 2.5968, 2.7537], 1e-6, "spec §2.2 x_max");
+    // one channel: the first channel's bounds; a fixed box keeps the true range
+    let gray = TanhBox::new(0.8, (B.0[0], B.1[0]), &fashion(), Mode::Faithful, Device::Cpu).with_faithful_channel_bounds(&B.0, &B.1);
+    assert_all_close(&values(&gray.lo), &[-2.4291], 1e-6, "one channel");
+    let fixed = TanhBox::new(0.8, (B.0[0], B.1[0]), &rgb, Mode::Fixed, Device::Cpu).with_faithful_channel_bounds(&B.0, &B.1);
+    assert_all_close(&values(&fixed.lo), &[-0.4914 / 0.2470, -0.4822 / 0.2435, -0.4465 / 0.2616], 1e-5, "fixed: true bounds");
+}
+
+#[test]
 fn the_box_takes_the_attacked_models_own_normalisation() {
     let sdn = common::committed("sdn");
     let own = Normalisation::of(&sdn, None, None);

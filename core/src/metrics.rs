@@ -48,7 +48,9 @@ pub fn exit_histogram(exit_index: &Tensor, exits: usize) -> Vec<i64> {
     Vec::<i64>::try_from(&counts).unwrap_or_default()
 }
 
-/// Fraction of samples for which each gate opened (hard decision p > 0.5).
+/// Fraction of samples for which each gate opened (its own hard decision p > 0.5). A block
+/// budget (the `guard` defense) can still switch off a block whose gate opened; the executed
+/// masks behind `cost` and `recovery_blocks` count what ran.
 pub fn gate_rates(gate_probs: &[Tensor]) -> Vec<f64> {
     gate_probs
         .iter()
