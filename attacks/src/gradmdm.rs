@@ -125,7 +125,16 @@ impl GradMdmConfig {
                 return Err(Error::config("eps", "the faithful mode has no ε-ball (the authors' code has none); set mode = \"fixed\""));
             }
         }
+        check_norm_has_eps(self.norm, self.eps)?;
         Ok(self)
+    }
+}
+
+/// `norm` only shapes the ε-ball: an L2 norm without `eps` would be silently ignored.
+fn check_norm_has_eps(norm: Norm, eps: Option<f64>) -> Result<()> {
+    match (norm, eps) {
+        (Norm::L2, None) => Err(Error::config("norm", "l2 without `eps`: the norm is the ε-ball's, and there is none; set mode = \"fixed\" and eps")),
+        _ => Ok(()),
     }
 }
 
@@ -368,6 +377,7 @@ impl GradAuto {
                 return Err(Error::config("eps", "the faithful mode has no ε-ball; set mode = \"fixed\""));
             }
         }
+        check_norm_has_eps(cfg.norm, cfg.eps)?;
         Ok(GradAuto { cfg })
     }
 }

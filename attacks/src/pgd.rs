@@ -13,7 +13,7 @@
 
 use dynrobust_core::rng::SeededRng;
 use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
-use dynrobust_core::{DynamicModel, Pass, Result};
+use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -64,6 +64,9 @@ impl PgdConfig {
         check_steps("steps", self.steps)?;
         if let Some(a) = self.step_size {
             check_positive("step_size", a)?;
+        }
+        if self.mode == Mode::Fixed && self.loss != ExitLoss::MaxRuns {
+            return Err(Error::config("mode", "fixed only changes PGD-max's start (loss = \"maxruns\"); with another loss it would be ignored"));
         }
         Ok(self)
     }

@@ -212,6 +212,10 @@ fn other_bad_values_are_refused_naming_the_field() {
         ("ensemble", json!({"attacks": []}), "attacks"),
         // the adjustment starts after the warm-up: 10 of 10 iterations would never run it
         ("gradmdm", json!({"iterations": 10}), "warmup"),
+        // fields that would be silently ignored
+        ("gradmdm", json!({"norm": "l2"}), "norm"),
+        ("gradauto", json!({"norm": "l2"}), "norm"),
+        ("pgd-linf", json!({"mode": "fixed"}), "mode"),
     ];
     for (name, o, field) in cases {
         let err = build_err(name, &o);
