@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
-use std::path::Path;
 
 use dynrobust_core::data::DataSource;
 use dynrobust_core::Result;
+use dynrobust_models::checkpoint::{canonical_path_name, locate_path};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
@@ -322,9 +322,16 @@ impl Cx<'_> {
         if let Some(v) = variants.get(n) {
             return Ok(v.clone());
         }
-        let script = dynrobust_models::any::is_torchscript(n) && Path::new(n).is_file();
-        if self.registry.models.iter().any(|m| m == n) || Path::new(n).is_dir() || script {
-            return Ok(ModelRef { name: n.to_string(), base: n.to_string(), threshold: None, exits: None, train: None, twin: false });
+        let plain = |name: String| ModelRef { name: name.clone(), base: name, threshold: None, exits: None, train: None, twin: false };
+        if self.registry.models.iter().any(|m| m == n) {
+            return Ok(plain(n.to_string()));
+        }
+        // a checkpoint directory or TorchScript file: one spelling, whatever the directory the
+        // study is read from, so its cells keep their ids and `merge` works from anywhere
+        let found = locate_path(n);
+        let script = dynrobust_models::any::is_torchscript(n) && found.as_ref().is_some_and(|p| p.is_file());
+        if script || found.as_ref().is_some_and(|p| p.is_dir()) {
+            return Ok(plain(canonical_path_name(n).unwrap_or_else(|| n.to_string())));
         }
         let mut valid: Vec<&str> = self.registry.models.iter().map(String::as_str).collect();
         valid.extend(variants.keys().map(String::as_str).filter(|v| !self.registry.models.iter().any(|m| m == v)));

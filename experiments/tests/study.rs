@@ -348,3 +348,22 @@ fn a_cell_id_is_pinned_across_code_versions() {
     let ids: Vec<&str> = study.cells.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(ids, ["c69be4626b539dff"]);
 }
+
+/// A checkpoint directory has one spelling in the grid: relative to the project root,
+/// whatever the working directory (tests run in `experiments/`) and however it is written, so
+/// its cells keep their ids and `merge`/`report` re-read the study from anywhere.
+#[test]
+fn a_checkpoint_directory_is_one_model_however_it_is_written() {
+    let root = dynrobust_core::data::project_root();
+    let absolute = root.join("models/checkpoints/static").display().to_string();
+    let spellings = [absolute.as_str(), "models/checkpoints/static", "models/checkpoints/static/", "../models/checkpoints/static", "../models/./checkpoints/static"];
+    let parse = |model: &str| {
+        let text = format!("name = \"dir\"\ndata = \"fashion-mnist\"\nn = 16\nmodels = [{model:?}]\neps = [\"8/255\"]\n[[attacks]]\nname = \"fgsm\"\n");
+        Study::parse(&text, "dir.toml", &registry()).unwrap_or_else(|e| panic!("{model}: {e}"))
+    };
+    let first = parse(spellings[0]);
+    assert_eq!(first.cells[0].config.model.name, "models/checkpoints/static");
+    for s in &spellings[1..] {
+        assert_eq!(parse(s).ids(), first.ids(), "{s}");
+    }
+}

@@ -55,7 +55,7 @@ impl AnyModel {
     /// model's protocol; native models ignore it.
     pub fn load(model: &str, device: Device, probe: &Tensor) -> Result<(AnyModel, ModelSource)> {
         if is_torchscript(model) {
-            let path = PathBuf::from(model);
+            let path = checkpoint::locate_path(model).unwrap_or_else(|| PathBuf::from(model));
             let script = ScriptModel::load(&path, device, probe)?;
             return Ok((AnyModel::Script(script), ModelSource::TorchScript { path }));
         }

@@ -200,9 +200,35 @@ pub fn load_committed(name: &str) -> Net {
 
 /// Resolves `--model`: a committed checkpoint name or a checkpoint directory path.
 pub fn resolve(model: &str) -> Result<PathBuf> {
+    resolve_named(model)
+}
+
+/// A model named by a path: as written (relative to the working directory), else relative to
+/// the project root ([`dynrobust_core::data::project_root`]) — so a study that names
+/// `models/checkpoints/x` reads the same from any directory. `None` when neither exists.
+pub fn locate_path(name: &str) -> Option<PathBuf> {
+    let path = Path::new(name);
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    let under_root = dynrobust_core::data::project_root().join(path);
+    (path.is_relative() && under_root.exists()).then_some(under_root)
+}
+
+/// The one spelling of a path-named model ([`locate_path`]) that study cell ids hash:
+/// relative to the project root when it lies inside it (`./x/`, `x` and `/abs/root/x` all
+/// become `x`), else the absolute path. `None` when the path does not exist.
+pub fn canonical_path_name(name: &str) -> Option<String> {
+    let found = std::fs::canonicalize(locate_path(name)?).ok()?;
+    let root = std::fs::canonicalize(dynrobust_core::data::project_root()).ok();
+    let relative = root.and_then(|r| found.strip_prefix(r).ok().map(Path::to_path_buf));
+    Some(relative.unwrap_or(found).display().to_string())
+}
+
+fn resolve_named(model: &str) -> Result<PathBuf> {
     let as_path = PathBuf::from(model);
-    if as_path.join(SIDECAR_FILE).is_file() {
-        return Ok(as_path);
+    if let Some(dir) = locate_path(model).filter(|d| d.join(SIDECAR_FILE).is_file()) {
+        return Ok(dir);
     }
     let committed = committed_dir(model);
     if committed.join(SIDECAR_FILE).is_file() {
