@@ -324,6 +324,20 @@ fn verdict(verdicts: &[Verdict], undecided: usize) -> String {
 const DYNAMIC: [&str; 3] = ["sdn", "gated", "skipnet"];
 
 /// Attack success on a target: the share of its clean accuracy the attack removed.
+/// ` (k of the n cells behind this carry sanity flags: see Flagged cells)`, or nothing.
+fn flagged_note<'a>(rows: impl IntoIterator<Item = &'a Row>) -> String {
+    let (mut n, mut flagged) = (0, 0);
+    for r in rows {
+        n += 1;
+        flagged += usize::from(!r.flags.is_empty());
+    }
+    if flagged == 0 {
+        String::new()
+    } else {
+        format!(" ⚠ {flagged} of the {n} cells behind this carry sanity flags (see Flagged cells).")
+    }
+}
+
 fn success(r: &Row) -> Option<f64> {
     let (c, a) = (r.clean_acc?, r.adv_acc?);
     (c > 0.0).then(|| (c - a) / c)
@@ -386,8 +400,9 @@ fn rq1(rows: &[Row]) -> Option<String> {
         format!(" Left out: {} — their transfer result equals the white-box one exactly (shared weights: white-box in disguise).", twins.join(", "))
     };
     Some(format!(
-        "**RQ1 (transferability):** PGD crafted on a dynamic model removes {:.1} % of the static model's accuracy, crafted on the static model it removes {:.1} % of the dynamic models' (mean over {} and {} cells) — the paper's finding that DyNN→SDNN transfers better than SDNN→DyNN {holds} here; static-crafted examples change the dynamic models' cost by {} on average.{excluded}",
-        100.0 * sd, 100.0 * ss, d2s.len(), s2d.len(), cost_gain.map_or("–".into(), |c| format!("{c:+.3}"))
+        "**RQ1 (transferability):** PGD crafted on a dynamic model removes {:.1} % of the static model's accuracy, crafted on the static model it removes {:.1} % of the dynamic models' (mean over {} and {} cells) — the paper's finding that DyNN→SDNN transfers better than SDNN→DyNN {holds} here; static-crafted examples change the dynamic models' cost by {} on average.{excluded}{}",
+        100.0 * sd, 100.0 * ss, d2s.len(), s2d.len(), cost_gain.map_or("–".into(), |c| format!("{c:+.3}")),
+        flagged_note(d2s.iter().chain(&s2d).copied())
     ))
 }
 
@@ -411,8 +426,8 @@ fn rq2(rows: &[Row]) -> Option<String> {
         _ => "less",
     };
     Some(format!(
-        "**RQ2 (efficiency):** with {k_max} PGD steps the attack removes {} % of the dynamic models' accuracy in {} s per cell vs {} % of the static model's in {} s (1 step: {} % vs {} %) — adversarial examples come {more} cheaply on the dynamic models.",
-        pct(dyn_s), fixed(dyn_t, 1), pct(stat_s), fixed(stat_t, 1), pct(dyn_k1), pct(stat_k1)
+        "**RQ2 (efficiency):** with {k_max} PGD steps the attack removes {} % of the dynamic models' accuracy in {} s per cell vs {} % of the static model's in {} s (1 step: {} % vs {} %) — adversarial examples come {more} cheaply on the dynamic models.{}",
+        pct(dyn_s), fixed(dyn_t, 1), pct(stat_s), fixed(stat_t, 1), pct(dyn_k1), pct(stat_k1), flagged_note(sweep.iter().copied())
     ))
 }
 
@@ -448,6 +463,7 @@ fn rq3(rows: &[Row]) -> Option<String> {
     if !axes.is_empty() {
         sentence += &format!(" Recovery along each design axis (clean cost in brackets): {}.", axes.join("; "));
     }
+    sentence += &flagged_note(mech.iter().copied());
     Some(sentence)
 }
 
@@ -641,6 +657,12 @@ mod tests {
         assert!(s.contains("most robust design is `gated`"), "{s}");
         assert!(s.contains("least robust `sdn`"), "{s}");
         assert!(s.contains("Not ranked") && s.contains("`gated-t0.7` (clean cost 1.000)"), "{s}");
+        assert!(!s.contains("sanity flags"), "{s}");
+        // a flagged cell behind the answer is said in the answer
+        let mut flagged = rows.clone();
+        flagged[1].flags.push("the energy attack lowered the mean cost".into());
+        let s = rq3(&flagged).unwrap();
+        assert!(s.contains("⚠ 1 of the 3 cells behind this carry sanity flags"), "{s}");
     }
 
     #[test]
