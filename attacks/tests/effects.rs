@@ -246,8 +246,8 @@ fn gradmdm_accuracy_maintaining_keeps_predictions_and_still_raises_cost() {
 #[test]
 fn gradmdm_in_an_l2_ball_raises_gated_cost() {
     let _lock = common::torch_lock();
-    // the L2 ball form (w₀ = 0); in the box form, where pixels at 0 start saturated, this
-    // recovered 22 % at ε = 2 on 32 images, against 83 % now
+    // the L2 ball form (w₀ = 0); in the box form, where pixels at 0 start saturated, GradMDM
+    // recovered 22 % at ε = 2 on 32 images, against 83 % in the ball (here ε = 1)
     let r = run("gated", &*build("gradmdm", json!({"mode": "fixed", "eps": 1.0, "norm": "l2"})), N);
     assert_raises_cost(&r, 0.25);
 }

@@ -93,11 +93,15 @@ fn l2_ball_form_starts_at_x_and_stays_in_the_ball_and_the_box() {
     // u = w/√3 = (0.1, 0.1, −0.1): ‖u‖ < 1, so δ = ε·u, and the pixel at 0 moves (no saturation)
     let w = pixels(&[0.1, 0.1, -0.1]) * 3f64.sqrt();
     assert_all_close(&values(&bx.x_adv(&w, &x_n)), &[0.05, 0.55, 0.45], 1e-5, "x + ε·w/√D inside the ball");
-    // ‖u‖ = 2: δ = ε·u/‖u‖, on the sphere; the negative pixel then clips at 0
-    let w = pixels(&[2.0 * 3f32.sqrt(), 0.0, 0.0]) * -1.0;
-    assert_all_close(&values(&bx.x_adv(&w, &x_n)), &[0.0, 0.5, 0.5], 1e-5, "shrunk onto the sphere, clipped to [0,1]");
-    let w = pixels(&[0.0, 2.0 * 3f32.sqrt(), 0.0]);
-    assert_all_close(&values(&bx.x_adv(&w, &x_n)), &[0.0, 1.0, 0.5], 1e-5, "shrunk onto the sphere (δ = 0.5)");
+    // ‖u‖ = 2: δ = ε·u/‖u‖, on the sphere; unshrunk (ε·u) the results below would be
+    // (0.2, 1.0, 0.1) and 0.0 instead
+    let x2 = pixels(&[0.2, 0.5, 0.9]);
+    let x2_n = bx.normalise(&x2);
+    let s3 = 3f32.sqrt();
+    let w = pixels(&[0.0, 1.2 * s3, -1.6 * s3]);
+    assert_all_close(&values(&bx.x_adv(&w, &x2_n)), &[0.2, 0.8, 0.5], 1e-5, "shrunk onto the sphere: δ = (0, 0.3, −0.4)");
+    let w = pixels(&[0.0, 0.0, -2.0 * s3]);
+    assert_all_close(&values(&bx.x_adv(&w, &x2_n)), &[0.2, 0.5, 0.4], 1e-5, "shrunk onto the sphere: δ = (0, 0, −0.5)");
     // encode inverts x_adv inside the ball
     let x_adv = pixels(&[0.1, 0.3, 0.6]);
     assert_all_close(&values(&bx.x_adv(&bx.encode(&x_adv, &x_n), &x_n)), &[0.1, 0.3, 0.6], 1e-5, "encode ∘ x_adv");

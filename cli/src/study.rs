@@ -80,6 +80,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     eprintln!("study {}: {} cells into {} ({} workers × {} libtorch threads)", study.name, cells.len(), out.display(), workers, threads);
     let exec = RealExecutor { variants_dir: variants, threads_per_worker: threads, device, craft_cache: (!args.no_craft_cache).then(|| out.join("craft-cache")) };
     if args.rerun_stale {
+        dynrobust_experiments::runner::set_aside_damaged(&store)?;
         retire_stale(&exec, &cells, &store)?;
     }
     let summary = run_cells(&exec, &cells, &store, workers, true)?;

@@ -15,7 +15,8 @@ use dynrobust_attacks::evaluate::{run_attack_on, PerSample};
 use dynrobust_core::attack::Attack;
 use dynrobust_core::data::Dataset;
 use dynrobust_core::defense::Adaptivity;
-use dynrobust_core::{cost_of, DynamicModel, Pass, Result};
+use dynrobust_core::queries::{Counted, PassCount};
+use dynrobust_core::{cost_of, DynamicModel, Error, Pass, Result};
 use dynrobust_models::AnyModel;
 use serde_json::{json, Value};
 use tch::Tensor;
@@ -55,6 +56,9 @@ pub fn run_defended(
     on_batch: &mut dyn FnMut(i64),
 ) -> Result<DefendedOutcome> {
     defense.check_mode(mode)?;
+    if batch < 1 {
+        return Err(Error::config("batch", format!("{batch}: expected ≥ 1")));
+    }
     let mut extra = json!({ "defense_mode": mode });
     let (eval, craft): (Box<dyn DynamicModel>, Option<Box<dyn DynamicModel>>) = match defense {
         DefenseSpec::None | DefenseSpec::Monitor(_) => (Box::new(net), None),
@@ -100,15 +104,18 @@ pub fn run_defended(
         }
         _ => None,
     };
-    let wrapped: Option<Box<dyn Attack + '_>> = match (squeeze, &best_parts) {
-        (Some(cfg), Some((detector, through_squeezer))) => {
-            let best = BestOfBoth { inner: attack, eot: craft_model, fixed: cfg.submit_squeezed(attack)?, through_squeezer, bare: &*eval, detector, batch };
+    // `best` and `penalty` craft through their own models, not the one `run_attack_on` hands
+    // them: their passes are counted on those
+    let counted = best_parts.as_ref().map(|(_, through)| [Counted::new(craft_model), Counted::new(through), Counted::new(&*eval)]);
+    let wrapped: Option<Box<dyn Attack + '_>> = match (squeeze, &best_parts, &counted) {
+        (Some(cfg), Some((detector, _)), Some([eot, through_squeezer, bare])) => {
+            let best = BestOfBoth { inner: attack, eot, fixed: cfg.submit_squeezed(attack)?, through_squeezer, bare, detector, batch };
             Some(match cfg.attacker {
                 SqueezeAttacker::Penalty => Box::new(PenaltyRefined { start: best, steps: cfg.penalty_steps, weight: cfg.penalty_weight, margin: cfg.penalty_margin }),
                 _ => Box::new(best),
             })
         }
-        (Some(cfg), None) if cfg.attacker == SqueezeAttacker::FixedPoint => Some(Box::new(cfg.submit_squeezed(attack)?)),
+        (Some(cfg), None, _) if cfg.attacker == SqueezeAttacker::FixedPoint => Some(Box::new(cfg.submit_squeezed(attack)?)),
         _ => None,
     };
     let attack: &dyn Attack = wrapped.as_deref().unwrap_or(attack);
@@ -117,7 +124,12 @@ pub fn run_defended(
     // feature squeezing that is the squeezer's view, not the bare model it is evaluated on
     let checked: &dyn DynamicModel = if mode == Adaptivity::Adaptive { craft_model } else { &*eval };
     let mut flags = gradient_flags(checked, &first, &data.labels.narrow(0, 0, batch.min(data.len())), attack.goal())?;
-    let outcome = run_attack_on(craft_model, &*eval, attack, &data.images, &data.labels, batch, on_batch)?;
+    let mut outcome = run_attack_on(craft_model, &*eval, attack, &data.images, &data.labels, batch, on_batch)?;
+    if let Some(counters) = &counted {
+        let total = counters.iter().map(Counted::count).fold(PassCount::default(), |a, b| a + b);
+        let (forward, gradient) = total.per_image(data.len());
+        (outcome.record.forward_passes, outcome.record.gradient_passes) = (Some(forward), Some(gradient));
+    }
     if defense.is_detector() {
         let report = detect(defense, &*eval, needed(calibration)?, data, &outcome.x_adv, &outcome.per_sample, batch)?;
         extra["detector"] = serde_json::to_value(report)?;

@@ -249,6 +249,10 @@ fn the_penalty_attacker_is_never_worse_than_best_per_sample() {
     };
     let (best, penalty) = (run("best"), run("penalty"));
     assert_eq!(penalty.record["iterations"].as_u64(), best.record["iterations"].as_u64().map(|n| n + 10), "{}", penalty.record);
+    // both craft through their own models (the squeezer's view, the bare model): their
+    // passes are counted there — best runs two 10-step attacks, penalty 10 steps more
+    let grad = |o: &dynrobust_defenses::evaluate::DefendedOutcome| o.record["gradient_passes"].as_f64().unwrap_or(0.0);
+    assert!(grad(&best) >= 20.0 && grad(&penalty) >= grad(&best) + 10.0, "gradient passes per image: best {}, penalty {}", grad(&best), grad(&penalty));
     // the same detector the runs were judged by
     let config = SqueezeConfig { calibration: 200, ..SqueezeConfig::default() };
     let detector = SqueezeDetector::calibrate(config, &sdn, &calibration.images, 64).unwrap();

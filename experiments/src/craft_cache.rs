@@ -49,6 +49,11 @@ impl CraftCache {
         CraftCache { inner, dir: dir.map(Path::to_path_buf), key, calls: Cell::new(0), hits: Cell::new(0), store_failures: Cell::new(0), cached_seconds: Cell::new(0.0), passes: Cell::new(Some(PassCount::default())) }
     }
 
+    /// True when the cache is on for this cell.
+    pub fn is_on(&self) -> bool {
+        self.dir.is_some()
+    }
+
     /// True when every batch crafted so far came from the cache.
     pub fn all_hits(&self) -> bool {
         self.calls.get() > 0 && self.hits.get() == self.calls.get()

@@ -91,7 +91,7 @@ impl RealExecutor {
     fn model_path(&self, model: &ModelRef) -> Result<Option<PathBuf>> {
         Ok(match &model.train {
             Some(_) => Some(self.variants_dir.join(&model.name)).filter(|dir| dir.is_dir()),
-            None if dynrobust_models::any::is_torchscript(&model.base) => Some(PathBuf::from(&model.base)),
+            None if dynrobust_models::any::is_torchscript(&model.base) => Some(checkpoint::locate_path(&model.base).unwrap_or_else(|| PathBuf::from(&model.base))),
             None => Some(checkpoint::resolve(&model.base)?),
         })
     }
@@ -178,10 +178,11 @@ impl Executor for RealExecutor {
             record["seconds"] = json!(attack.cached_seconds());
             record["craft_cache"] = json!("hit");
         }
-        if let Some(passes) = attack.passes() {
-            // batches served from the cache made no passes now; they report those of their crafting
-            let (forward, gradient) = passes.per_image(record["n"].as_i64().unwrap_or(c.n as i64));
-            (record["forward_passes"], record["gradient_passes"]) = (json!(forward), json!(gradient));
+        if attack.is_on() {
+            // batches served from the cache made no passes now: they report those of their
+            // crafting, unknown (null) for a cache file written before passes were counted
+            let per_image = attack.passes().map(|p| p.per_image(record["n"].as_i64().unwrap_or(c.n as i64)));
+            (record["forward_passes"], record["gradient_passes"]) = (json!(per_image.map(|p| p.0)), json!(per_image.map(|p| p.1)));
         }
         let extra = json!({
             "model": c.model.name,

@@ -323,8 +323,7 @@ fn verdict(verdicts: &[Verdict], undecided: usize) -> String {
 
 const DYNAMIC: [&str; 3] = ["sdn", "gated", "skipnet"];
 
-/// Attack success on a target: the share of its clean accuracy the attack removed.
-/// ` (k of the n cells behind this carry sanity flags: see Flagged cells)`, or nothing.
+/// ` ⚠ k of the n cells behind this carry sanity flags (see Flagged cells).`, or nothing.
 fn flagged_note<'a>(rows: impl IntoIterator<Item = &'a Row>) -> String {
     let (mut n, mut flagged) = (0, 0);
     for r in rows {
@@ -338,6 +337,7 @@ fn flagged_note<'a>(rows: impl IntoIterator<Item = &'a Row>) -> String {
     }
 }
 
+/// Attack success on a target: the share of its clean accuracy the attack removed.
 fn success(r: &Row) -> Option<f64> {
     let (c, a) = (r.clean_acc?, r.adv_acc?);
     (c > 0.0).then(|| (c - a) / c)

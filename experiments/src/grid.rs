@@ -639,7 +639,12 @@ impl Cx<'_> {
             }
             let mut accepted = BTreeSet::new();
             for written in &value.get_ref().0 {
-                let v = if axis == "eps" { normalised_eps(written).map_err(|why| self.err(&value.span(), format!("`{key}.eps`: {why}")))? } else { written.clone() };
+                let v = match axis {
+                    "eps" => normalised_eps(written).map_err(|why| self.err(&value.span(), format!("`{key}.eps`: {why}")))?,
+                    // a checkpoint path, spelled as the grid spells it (see `model_ref`)
+                    "model" | "surrogate" if !allowed.contains(written) => canonical_path_name(written).filter(|c| allowed.contains(c)).unwrap_or_else(|| written.clone()),
+                    _ => written.clone(),
+                };
                 if !allowed.contains(&v) {
                     let all: Vec<&str> = allowed.iter().map(String::as_str).collect();
                     let why = format!("`{key}.{axis}`: no {axis} `{written}` in this study; expected one of: {}", all.join(", "));

@@ -158,15 +158,22 @@ fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
     )
 }
 
+/// Moves damaged records aside ([`Store::set_aside_corrupt`]), saying so on stderr: their
+/// cells count as unfinished and run again.
+pub fn set_aside_damaged(store: &Store) -> Result<()> {
+    for (from, to, why) in store.set_aside_corrupt()? {
+        eprintln!("warning: {} is damaged ({why}); moved to {}, the cell runs again", from.display(), to.display());
+    }
+    Ok(())
+}
+
 /// Runs every unfinished cell of `cells` with `workers` threads, storing each result at once
 /// with its [`Executor::inputs`]. Refuses to go on, naming them, when finished cells are stale
 /// (their checkpoints changed since; [`Store::retire`] moves them aside to be run again).
-/// With `progress`, a progress bar on stderr when it is a terminal, else a line per cell.
+/// Damaged records are moved aside first ([`set_aside_damaged`]). With `progress`, a progress bar on stderr when it is a terminal, else a line per cell.
 pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: usize, progress: bool) -> Result<RunSummary> {
     let start = Instant::now();
-    for (from, to, why) in store.set_aside_corrupt()? {
-        eprintln!("warning: {} does not parse ({why}); moved to {}, the cell runs again", from.display(), to.display());
-    }
+    set_aside_damaged(store)?;
     let stale = stale_cells(exec, cells, store)?;
     if !stale.is_empty() {
         return Err(stale_error(store, &stale));

@@ -23,7 +23,7 @@ pub fn merge(dir: impl AsRef<Path>, study_cells: &[Cell]) -> Result<Vec<StoredCe
         .copied()
         .filter_map(|c| match done.contains(&c.id) {
             false => Some((c, "")),
-            true => store.per_sample_csv(&c.id).ok().flatten().is_none().then_some((c, ": its record is there, its per-sample CSV is not")),
+            true => (!store.has_per_sample_csv(&c.id)).then_some((c, ": its record is there, its per-sample CSV is not (a rerun recomputes it)")),
         })
         .collect();
     if !missing.is_empty() {

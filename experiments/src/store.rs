@@ -147,13 +147,18 @@ impl Store {
         let path = self.json_path(id);
         let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let stored: StoredCell = serde_json::from_str(&text).map_err(|e| {
-            let hint = format!("`dynrobust run` on this directory moves it to {} and computes the cell again", self.corrupt_dir().display());
+            let hint = format!("if it is not JSON, `dynrobust run` on this directory moves it to {} and computes the cell again", self.corrupt_dir().display());
             Error::data(&path, format!("corrupt cell record: {e}; {hint}"))
         })?;
         if stored.id != id {
             return Err(Error::data(&path, format!("holds cell `{}`, not `{id}`", stored.id)));
         }
         Ok(stored)
+    }
+
+    /// Whether a finished cell's per-sample CSV is there.
+    pub fn has_per_sample_csv(&self, id: &str) -> bool {
+        self.csv_path(id).is_file()
     }
 
     /// The per-sample CSV of a finished cell (`None` if it has none).
@@ -179,23 +184,41 @@ impl Store {
     pub fn set_aside_corrupt(&self) -> Result<Vec<(PathBuf, PathBuf, String)>> {
         let mut moved = Vec::new();
         for id in self.finished_ids()? {
-            let why = match self.load(&id) {
-                Ok(_) => continue,
-                // a record that cannot be read (permissions, a disk error) is not judged
-                Err(e @ Error::Io { .. }) => return Err(e),
-                Err(why) => why,
-            };
+            let Some(why) = self.damage(&id)? else { continue };
             let dir = self.corrupt_dir();
             fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let target = |ext: &str| dir.join(format!("{id}-{stamp}.{ext}"));
+            // another shard may have moved it first: then there is nothing left to do
+            let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
             if self.csv_path(&id).is_file() {
-                fs::rename(self.csv_path(&id), target("csv")).map_err(|e| Error::io(self.csv_path(&id), e))?;
+                fs::rename(self.csv_path(&id), target("csv")).or_else(|e| if gone(&e) { Ok(()) } else { Err(Error::io(self.csv_path(&id), e)) })?;
             }
-            fs::rename(self.json_path(&id), target("json")).map_err(|e| Error::io(self.json_path(&id), e))?;
-            moved.push((self.json_path(&id), target("json"), why.to_string()));
+            match fs::rename(self.json_path(&id), target("json")) {
+                Ok(()) => moved.push((self.json_path(&id), target("json"), why)),
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(Error::io(self.json_path(&id), e)),
+            }
         }
         Ok(moved)
+    }
+
+    /// Why a finished cell's files are damaged — its record is not JSON (a cut-off or
+    /// overwritten file) or its per-sample CSV, written before the record, is gone — or `None`.
+    /// A record that is JSON but not of this version's schema (a newer binary's) is not
+    /// damage: it is left for [`Store::load`] to refuse. A file another shard moved meanwhile
+    /// counts as fine.
+    fn damage(&self, id: &str) -> Result<Option<String>> {
+        let path = self.json_path(id);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
+            return Ok(Some(format!("not JSON: {e}")));
+        }
+        Ok((!self.csv_path(id).is_file() && path.is_file()).then(|| "its per-sample CSV is missing".to_string()))
     }
 
     /// `DIR/cells/stale`: where [`Store::retire`] moves results.

@@ -138,6 +138,11 @@ fn merge_names_the_missing_cells() {
     fs::remove_file(store.cells_dir().join(format!("{}.csv", study.cells[0].id))).unwrap();
     let err = merge(dir.path(), &study.cells).unwrap_err().to_string();
     assert!(err.contains("1 of") && err.contains(&study.cells[0].id) && err.contains("per-sample CSV is not"), "{err}");
+    // as the message says, a rerun recomputes that cell (its record is moved aside, kept)
+    let summary = run_cells(&Fake::default(), &study.cells, &store, 2, false).unwrap();
+    assert_eq!(summary.finished, 1);
+    assert!(merge(dir.path(), &study.cells).is_ok());
+    assert_eq!(fs::read_dir(store.corrupt_dir()).unwrap().count(), 1);
 }
 
 #[test]

@@ -366,4 +366,8 @@ fn a_checkpoint_directory_is_one_model_however_it_is_written() {
     for s in &spellings[1..] {
         assert_eq!(parse(s).ids(), first.ids(), "{s}");
     }
+    // a filter may spell it differently from the models list
+    let text = "name = \"dir\"\ndata = \"fashion-mnist\"\nn = 16\nmodels = [\"sdn\", \"models/checkpoints/static\"]\neps = [\"8/255\"]\n[[attacks]]\nname = \"fgsm\"\n[[exclude]]\nmodel = \"../models/checkpoints/static/\"\n";
+    let filtered = Study::parse(text, "dir.toml", &registry()).unwrap();
+    assert_eq!(filtered.cells.iter().map(|c| c.config.model.name.as_str()).collect::<Vec<_>>(), ["sdn"]);
 }

@@ -219,10 +219,27 @@ pub fn locate_path(name: &str) -> Option<PathBuf> {
 /// relative to the project root when it lies inside it (`./x/`, `x` and `/abs/root/x` all
 /// become `x`), else the absolute path. `None` when the path does not exist.
 pub fn canonical_path_name(name: &str) -> Option<String> {
-    let found = std::fs::canonicalize(locate_path(name)?).ok()?;
-    let root = std::fs::canonicalize(dynrobust_core::data::project_root()).ok();
-    let relative = root.and_then(|r| found.strip_prefix(r).ok().map(Path::to_path_buf));
+    let found = absolute_lexical(&locate_path(name)?)?;
+    let root = absolute_lexical(&dynrobust_core::data::project_root())?;
+    // lexically, so a symlink inside the checkout (to shared storage) keeps its name in it
+    let relative = found.strip_prefix(&root).ok().map(Path::to_path_buf);
     Some(relative.unwrap_or(found).display().to_string())
+}
+
+/// `path` made absolute (against the working directory) with `.` and `..` resolved by name,
+/// symlinks left as they are.
+fn absolute_lexical(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for part in std::path::absolute(path).ok()?.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    Some(out)
 }
 
 fn resolve_named(model: &str) -> Result<PathBuf> {
