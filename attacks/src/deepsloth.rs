@@ -31,7 +31,7 @@
 
 use std::cell::RefCell;
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, saved_step, steepest, Attack, Goal, Norm, Requirements};
 use dynrobust_core::rng::SeededRng;
 use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
@@ -477,7 +477,7 @@ impl Attack for DeepSloth {
     /// The config with the steps, step size and epochs in force written out.
     fn config_json(&self) -> serde_json::Value {
         let c = &self.cfg;
-        let resolved = DeepSlothConfig { steps: Some(c.steps()), step_size: Some(c.step_size()).filter(|a| *a > 0.0), universal_epochs: Some(c.universal_epochs()), ..c.clone() };
+        let resolved = DeepSlothConfig { steps: Some(c.steps()), step_size: saved_step(c.step_size()), universal_epochs: Some(c.universal_epochs()), ..c.clone() };
         serde_json::to_value(resolved).expect("serialisable")
     }
     fn budget(&self) -> Option<(f64, Norm)> {

@@ -46,7 +46,7 @@ pub struct AttackRecord {
     /// Attack iterations per batch ([`Attack::iterations`]: the config's `steps`).
     pub iterations: Option<usize>,
     /// Model passes per attacked image while crafting, measured ([`Counted`]): every pass, and
-    /// those whose input required a gradient (each followed by a backward). Unlike
+    /// those whose input required a gradient (each back-propagated at least once). Unlike
     /// `iterations` they include PGD-max's one run per exit, a universal perturbation's fit
     /// (spread over the attacked images), EOT samples and forward-only candidate checks.
     /// Absent in records written before they were counted.
@@ -181,7 +181,7 @@ pub fn run_attack_on(
     let mut rapl: std::result::Result<f64, String> = Ok(0.0);
     let _ = attack.take_tally(); // count this run only
     let counted = Counted::new(craft);
-    for start in (0..n).step_by(batch.max(1) as usize) {
+    for start in (0..n).step_by(batch as usize) {
         let len = batch.min(n - start);
         let (x, y) = (images.narrow(0, start, len), labels.narrow(0, start, len));
         let t0 = Instant::now();

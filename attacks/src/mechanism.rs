@@ -15,7 +15,7 @@
 //! `−Σ_i CE(softmax z_i, uniform)` (DeepSloth's loss, negated: no IC confident), and for gated
 //! models `Σ_j p_j`, the soft number of executed gated blocks.
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, saved_step, step_in_force, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Error, Pass, Result, Trace};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -110,7 +110,7 @@ impl Attack for Mechanism {
     /// The config with the step size in force written out.
     fn config_json(&self) -> serde_json::Value {
         let c = &self.cfg;
-        serde_json::to_value(MechanismConfig { step_size: Some(c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64)).filter(|a| *a > 0.0), ..c.clone() }).expect("serialisable")
+        serde_json::to_value(MechanismConfig { step_size: saved_step(step_in_force(c.step_size, c.eps, c.steps)), ..c.clone() }).expect("serialisable")
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         Some((self.cfg.eps, self.cfg.norm))
@@ -123,7 +123,7 @@ impl Attack for Mechanism {
             MechanismVariant::Stealthy => tch::no_grad(|| model.forward_trace(x, Pass::Dense))?.logits.argmax(-1, false),
         };
         let sign = if c.variant == MechanismVariant::Joint { 1.0 } else { -1.0 };
-        let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
+        let alpha = step_in_force(c.step_size, c.eps, c.steps);
         let start = if c.random_start { random_start(x, c.eps, c.norm, &mut dynrobust_core::rng::SeededRng::for_batch(c.seed, x)) } else { x.copy() };
         ascend(x, start, (c.eps, c.norm), c.steps, alpha, model.eot_samples(), |leaf| {
             let trace = model.forward_trace(leaf, Pass::Dense)?;

@@ -8,11 +8,11 @@
 //! at most 0.02 < ε): for the paper's baseline pass `--eps 0.03125 --set step_size=0.001`.
 //! With `loss = "maxruns"` (PGD-max) the attack runs one PGD per exit and the final head, so
 //! it takes (exits + 1) × `steps` gradient steps, while its record's `iterations` says
-//! `steps`; the record's measured `gradient_passes` count all of them. The L2 random start is `ε·U(0,1)` along a Gaussian direction (the spec's
-//! formula; not uniform in the ball's volume).
+//! `steps`; the record's measured `gradient_passes` count all of them. The L2 random start is
+//! `ε·U(0,1)` along a Gaussian direction (the spec's formula; not uniform in the ball's volume).
 
 use dynrobust_core::rng::SeededRng;
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, input_grad_eot, per_sample_norm, project, saved_step, steepest, step_in_force, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -71,7 +71,7 @@ impl PgdConfig {
         Ok(self)
     }
     fn alpha(&self) -> f64 {
-        self.step_size.unwrap_or(2.5 * self.eps / self.steps as f64)
+        step_in_force(self.step_size, self.eps, self.steps)
     }
 }
 
@@ -155,8 +155,7 @@ impl Attack for Pgd {
     }
     /// The config with the step size in force written out.
     fn config_json(&self) -> serde_json::Value {
-        // (a zero step, at ε = 0, stays unset: a rebuilt config would refuse it)
-        let resolved = PgdConfig { step_size: Some(self.cfg.alpha()).filter(|a| *a > 0.0), ..self.cfg.clone() };
+        let resolved = PgdConfig { step_size: saved_step(self.cfg.alpha()), ..self.cfg.clone() };
         serde_json::to_value(resolved).expect("serialisable")
     }
     fn budget(&self) -> Option<(f64, Norm)> {

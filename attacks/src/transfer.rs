@@ -5,7 +5,7 @@
 //! perturbing a surrogate's shallow features transfers best, hence [`FeaturePgd`]) or on
 //! another data set.
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_steps, saved_step, step_in_force, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -97,7 +97,7 @@ impl Attack for FeaturePgd {
     /// The config with the step size in force written out.
     fn config_json(&self) -> serde_json::Value {
         let c = &self.cfg;
-        serde_json::to_value(FeaturePgdConfig { step_size: Some(c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64)).filter(|a| *a > 0.0), ..c.clone() }).expect("serialisable")
+        serde_json::to_value(FeaturePgdConfig { step_size: saved_step(step_in_force(c.step_size, c.eps, c.steps)), ..c.clone() }).expect("serialisable")
     }
     fn budget(&self) -> Option<(f64, Norm)> {
         Some((self.cfg.eps, Norm::Linf))
@@ -112,7 +112,7 @@ impl Attack for FeaturePgd {
             Ok(f.swap_remove(c.layer))
         };
         let clean = tch::no_grad(|| layer_of(x))?.detach();
-        let alpha = c.step_size.unwrap_or(2.5 * c.eps / c.steps as f64);
+        let alpha = step_in_force(c.step_size, c.eps, c.steps);
         let start = random_start(x, c.eps, Norm::Linf, &mut dynrobust_core::rng::SeededRng::for_batch(c.seed, x));
         ascend(x, start, (c.eps, Norm::Linf), c.steps, alpha, model.eot_samples(), |leaf| Ok((layer_of(leaf)? - &clean).square().sum(Kind::Float)))
     }

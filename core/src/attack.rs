@@ -173,6 +173,17 @@ pub fn check_positive(field: &str, v: f64) -> Result<()> {
     }
 }
 
+/// The step size in force: `step_size`, else Madry et al.'s default 2.5·ε/steps.
+pub fn step_in_force(step_size: Option<f64>, eps: f64, steps: usize) -> f64 {
+    step_size.unwrap_or(2.5 * eps / steps as f64)
+}
+
+/// A step size as a saved config writes it: unset for a zero step (ε = 0), which a config
+/// rebuilt from it would refuse.
+pub fn saved_step(step: f64) -> Option<f64> {
+    Some(step).filter(|a| *a > 0.0)
+}
+
 /// Validates a step count ≥ 1.
 pub fn check_steps(field: &str, steps: usize) -> Result<()> {
     if steps >= 1 {

@@ -63,21 +63,23 @@ pub fn gate_rates(gate_probs: &[Tensor]) -> Vec<f64> {
 /// every backbone block counted alike whatever its MACs (0 when nothing was skipped).
 /// `executed` masks are `[B,U]` in the column order of `units`.
 pub fn block_recovery(clean_executed: &Tensor, adv_executed: &Tensor, units: &[crate::Unit]) -> f64 {
-    let cols: Vec<i64> = units.iter().enumerate().filter(|(_, u)| u.kind == crate::UnitKind::Block).map(|(i, _)| i as i64).collect();
-    if cols.is_empty() {
-        return 0.0;
-    }
-    let cols = Tensor::from_slice(&cols).to_device(clean_executed.device());
+    let Some(cols) = block_columns(units, clean_executed.device()) else { return 0.0 };
     let share = |e: &Tensor| e.index_select(1, &cols).gt(0.5).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
     recovery(share(clean_executed), share(adv_executed))
+}
+
+/// The columns of the backbone blocks among `units` (the `executed` mask's order), on
+/// `device`; `None` when there are none.
+fn block_columns(units: &[crate::Unit], device: tch::Device) -> Option<Tensor> {
+    let cols: Vec<i64> = units.iter().enumerate().filter(|(_, u)| u.kind == crate::UnitKind::Block).map(|(i, _)| i as i64).collect();
+    (!cols.is_empty()).then(|| Tensor::from_slice(&cols).to_device(device))
 }
 
 /// Fraction of the (sample, block) pairs skipped on the clean input that run on the
 /// adversarial one — how many skip decisions the attack flipped on (0 when nothing was
 /// skipped). `executed` masks are `[B,U]` in the column order of `units`.
 pub fn blocks_switched_on(clean_executed: &Tensor, adv_executed: &Tensor, units: &[crate::Unit]) -> f64 {
-    let cols: Vec<i64> = units.iter().enumerate().filter(|(_, u)| u.kind == crate::UnitKind::Block).map(|(i, _)| i as i64).collect();
-    let cols = Tensor::from_slice(&cols).to_device(clean_executed.device());
+    let Some(cols) = block_columns(units, clean_executed.device()) else { return 0.0 };
     let clean_off = clean_executed.index_select(1, &cols).lt(0.5);
     let adv_on = adv_executed.index_select(1, &cols).gt(0.5);
     let off = clean_off.sum(Kind::Double).double_value(&[]);

@@ -5,10 +5,11 @@
 //! universal perturbation is fitted once on training images, EOT averages k passes per step,
 //! APGD and Square evaluate candidates without gradients. [`Counted`] wraps a model and counts,
 //! per input row, every `forward_trace`, `forward_cut` and `features` call, and separately the
-//! calls whose input requires a gradient (in the shipped attacks each of those is back-propagated
-//! at least once; GradMDM's and GradAuto's passes several times, once per loss). The counts are what query-based comparisons (e.g. the seed study's RQ2,
-//! "how efficiently are adversarial examples generated") need, and what black-box attack
-//! papers report as queries.
+//! calls whose input requires a gradient (in the shipped attacks each of those is
+//! back-propagated at least once; GradMDM's and GradAuto's passes several times, once per
+//! loss). The counts are what query-based comparisons (e.g. the seed study's RQ2, "how
+//! efficiently are adversarial examples generated") need, and what black-box attack papers
+//! report as queries.
 
 use std::cell::Cell;
 

@@ -70,9 +70,9 @@ impl CraftCache {
     }
 
     /// The model passes of every batch so far — crafted now or when the cached batch was
-    /// crafted — when the cache is on and every batch's count is known.
+    /// crafted — when every batch's count is known (meaningful when [`CraftCache::is_on`]).
     pub fn passes(&self) -> Option<PassCount> {
-        self.dir.as_ref().and(self.passes.get())
+        self.passes.get()
     }
 
     fn add_passes(&self, more: Option<PassCount>) {

@@ -171,13 +171,13 @@ impl Store {
         }
     }
 
-    /// `DIR/cells/corrupt`: where [`Store::set_aside_corrupt`] moves records that do not parse.
+    /// `DIR/cells/corrupt`: where [`Store::set_aside_corrupt`] moves damaged records.
     pub fn corrupt_dir(&self) -> PathBuf {
         self.cells_dir().join("corrupt")
     }
 
-    /// Moves every finished cell's record that does not parse (or names another cell) — and
-    /// its CSV — to [`Store::corrupt_dir`] as `<id>-<unix seconds>.json` / `.csv`, so the
+    /// Moves every finished cell's damaged record ([`Store::damage`]) — and its CSV, if any —
+    /// to [`Store::corrupt_dir`] as `<id>-<unix seconds>.json` / `.csv`, so the
     /// cell counts as unfinished and runs again; nothing is deleted. Records are written
     /// atomically, so only outside damage (a disk error, a hand edit) leaves one. Returns
     /// each moved record's old path, new path and why.
@@ -185,22 +185,30 @@ impl Store {
         let mut moved = Vec::new();
         for id in self.finished_ids()? {
             let Some(why) = self.damage(&id)? else { continue };
-            let dir = self.corrupt_dir();
-            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let target = |ext: &str| dir.join(format!("{id}-{stamp}.{ext}"));
             // another shard may have moved it first: then there is nothing left to do
-            let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-            if self.csv_path(&id).is_file() {
-                fs::rename(self.csv_path(&id), target("csv")).or_else(|e| if gone(&e) { Ok(()) } else { Err(Error::io(self.csv_path(&id), e)) })?;
-            }
-            match fs::rename(self.json_path(&id), target("json")) {
-                Ok(()) => moved.push((self.json_path(&id), target("json"), why)),
-                Err(e) if gone(&e) => {}
-                Err(e) => return Err(Error::io(self.json_path(&id), e)),
+            if let Some(target) = self.move_cell_files(&id, &self.corrupt_dir(), &stamp.to_string())? {
+                moved.push((self.json_path(&id), target, why));
             }
         }
         Ok(moved)
+    }
+
+    /// Moves a finished cell's CSV (if any), then its record — the record is what marks it
+    /// finished — into `dir` as `<id>-<stamp>.csv` / `.json`. The record's new path, or `None`
+    /// when it was gone already (another shard moved it).
+    fn move_cell_files(&self, id: &str, dir: &Path, stamp: &str) -> Result<Option<PathBuf>> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let target = |ext: &str| dir.join(format!("{id}-{stamp}.{ext}"));
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        if self.has_per_sample_csv(id) {
+            fs::rename(self.csv_path(id), target("csv")).or_else(|e| if gone(&e) { Ok(()) } else { Err(Error::io(self.csv_path(id), e)) })?;
+        }
+        match fs::rename(self.json_path(id), target("json")) {
+            Ok(()) => Ok(Some(target("json"))),
+            Err(e) if gone(&e) => Ok(None),
+            Err(e) => Err(Error::io(self.json_path(id), e)),
+        }
     }
 
     /// Why a finished cell's files are damaged — its record is not JSON (a cut-off or
@@ -218,7 +226,7 @@ impl Store {
         if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
             return Ok(Some(format!("not JSON: {e}")));
         }
-        Ok((!self.csv_path(id).is_file() && path.is_file()).then(|| "its per-sample CSV is missing".to_string()))
+        Ok((!self.has_per_sample_csv(id)).then(|| "its per-sample CSV is missing".to_string()))
     }
 
     /// `DIR/cells/stale`: where [`Store::retire`] moves results.
@@ -230,16 +238,9 @@ impl Store {
     /// `.csv` (nothing is deleted), so that the cell counts as unfinished and runs again.
     pub fn retire(&self, id: &str) -> Result<PathBuf> {
         let stored = self.load(id)?;
-        let dir = self.stale_dir();
-        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let stamp = stored.finished_at.replace(':', "");
-        let target = |ext: &str| dir.join(format!("{id}-{stamp}.{ext}"));
-        // the CSV first: the JSON is what marks the cell finished
-        if self.csv_path(id).is_file() {
-            fs::rename(self.csv_path(id), target("csv")).map_err(|e| Error::io(self.csv_path(id), e))?;
-        }
-        fs::rename(self.json_path(id), target("json")).map_err(|e| Error::io(self.json_path(id), e))?;
-        Ok(target("json"))
+        self.move_cell_files(id, &self.stale_dir(), &stamp)?
+            .ok_or_else(|| Error::io(self.json_path(id), std::io::Error::new(std::io::ErrorKind::NotFound, "moved away while it was being retired")))
     }
 
     fn json_path(&self, id: &str) -> PathBuf {
