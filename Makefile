@@ -3,7 +3,7 @@
 CARGO ?= cargo
 BIN := $(or $(CARGO_TARGET_DIR),target)/release/dynrobust
 
-.PHONY: demo test setup venv data data-mnist build bench doc clean-runs
+.PHONY: demo test setup tools venv data data-mnist build bench doc clean-runs
 
 demo: setup build
 	scripts/demo.sh
@@ -11,7 +11,10 @@ demo: setup build
 test: setup
 	$(CARGO) test --release --workspace --no-fail-fast
 
-setup: venv data
+setup: tools venv data
+
+tools:
+	scripts/setup.sh tools
 
 venv:
 	scripts/setup.sh venv

@@ -45,10 +45,10 @@ pub struct TrainArgs {
     /// Evaluate on the first N test images (default: all).
     #[arg(long)]
     eval_samples: Option<i64>,
-    /// SDN exit threshold q stored in the checkpoint.
-    #[arg(long, default_value_t = 0.9)]
-    threshold: f64,
-    /// Gate target execution rate t (gated, skipnet).
+    /// SDN exit threshold q stored in the checkpoint [default: 0.8, the committed sdn's].
+    #[arg(long)]
+    threshold: Option<f64>,
+    /// Gate target execution rate t [default: the committed checkpoint's, gated 0.5, skipnet 0.6].
     #[arg(long)]
     target_rate: Option<f64>,
     /// Weight λ of the target-rate loss (gated, skipnet).
@@ -72,13 +72,10 @@ pub struct TrainArgs {
 }
 
 fn mechanism(args: &TrainArgs) -> Result<Mechanism> {
-    Ok(match args.model.as_str() {
-        "static" => Mechanism::Static,
-        "sdn" => Mechanism::Sdn { threshold: args.threshold },
-        "gated" => Mechanism::Gated { target_rate: args.target_rate.unwrap_or(0.6) },
-        "skipnet" => Mechanism::Skipnet { target_rate: args.target_rate.unwrap_or(0.6) },
-        other => bail!("--model `{other}`: expected one of static, sdn, gated, skipnet"),
-    })
+    match Mechanism::family(&args.model, args.threshold, args.target_rate) {
+        Some(m) => Ok(m),
+        None => bail!("--model `{}`: expected one of static, sdn, gated, skipnet", args.model),
+    }
 }
 
 /// Runs `dynrobust train`.

@@ -1,7 +1,7 @@
 //! CIFAR-shaped models end to end: a gated ResNet-20-layout model trains for one epoch on a
 //! generated CIFAR-10-binary fixture, its checkpoint says 3×32×32, and an energy attack runs on
 //! it; an ImageFolder fixture trains an SDN the same way. Also `--device`: asking for CUDA on
-//! a machine without one fails at once.
+//! a machine without one fails at once. And MNIST from its CSV files (`--data mnist`).
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -124,4 +124,47 @@ fn cuda_on_a_machine_without_one_fails_at_once() {
     }
     let out = dynrobust(&["eval", "--model", "sdn", "--device", "tpu"]);
     assert!(stderr(&out).contains("expected cpu, cuda or cuda:N"), "{}", stderr(&out));
+}
+
+/// `--data mnist` end to end on a small CSV fixture in the layout `make data-mnist` unpacks
+/// (`$DYNROBUST_DATA_DIR/mnist/mnist_{train,test}.csv`): train, evaluate, attack.
+#[test]
+fn mnist_csv_trains_evaluates_and_is_attacked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mnist");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (split, rows) in [("train", 60usize), ("test", 20)] {
+        let mut csv = String::from("label");
+        for i in 1..=784 {
+            csv += &format!(",{i}x");
+        }
+        for r in 0..rows {
+            let label = r % 10;
+            // class k: a bright column band at x in [2k+2, 2k+5)
+            let pixels: Vec<String> = (0..784).map(|p| if (2 * label + 2..2 * label + 5).contains(&(p % 28)) { "250".into() } else { format!("{}", (p * 7 + r) % 20) }).collect();
+            csv += &format!("\n{label},{}", pixels.join(","));
+        }
+        std::fs::write(dir.join(format!("mnist_{split}.csv")), csv + "\n").unwrap();
+    }
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_dynrobust")).args(args).env("DYNROBUST_DATA_DIR", tmp.path()).env_remove("LD_LIBRARY_PATH").output().unwrap();
+    let ckpt = tmp.path().join("static-mnist");
+    let out = run(&["train", "--model", "static", "--data", "mnist", "--epochs", "1", "--batch-size", "10", "--out", ckpt.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sidecar: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("model.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["training"]["data"], "mnist/train");
+    assert_eq!(sidecar["training"]["train_samples"], 60);
+    assert_eq!(sidecar["evaluation"]["n"], 20);
+    assert_eq!(sidecar["architecture"]["mean"][0], 0.1307, "MNIST's normalisation, not Fashion-MNIST's");
+
+    let out = run(&["eval", "--model", ckpt.to_str().unwrap(), "--data", "mnist", "--no-latency", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["data"].as_str(), v["n"].as_i64()), (Some("mnist/test"), Some(20)), "{v}");
+    assert_eq!(v["accuracy"], sidecar["evaluation"]["accuracy"], "eval reproduces the sidecar");
+
+    let out = run(&["attack", "--model", ckpt.to_str().unwrap(), "--data", "mnist", "--attack", "fgsm", "--n", "20", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["n"], 20, "{v}");
+    assert!(v["linf_max"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6, "{v}");
 }

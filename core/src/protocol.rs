@@ -73,7 +73,8 @@ pub struct Trace {
     /// `[B,K]` the final head's logits (equal to `logits` for models without exits; computed
     /// for every sample in the dense pass, only for those that reach it in the sparse pass).
     pub final_logits: Tensor,
-    /// `[B,K]` per internal classifier, in order (empty for models without exits).
+    /// `[B,K]` per internal classifier, in order; dense pass only (empty for models without
+    /// exits, and in the sparse pass, where each sample stops at its exit).
     pub exit_logits: Vec<Tensor>,
     /// `[B]` soft execute-probability per gated unit (empty for models without gates).
     pub gate_probs: Vec<Tensor>,

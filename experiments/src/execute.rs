@@ -348,13 +348,8 @@ fn lock_variant(variants_dir: &Path, name: &str) -> Result<std::fs::File> {
 fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()> {
     let field = format!("variants.{name}.train");
     let v: VariantTrain = serde_json::from_value(table.clone()).map_err(|e| Error::config(&field, e.to_string()))?;
-    let mechanism = match v.model.as_str() {
-        "static" => Mechanism::Static,
-        "sdn" => Mechanism::Sdn { threshold: v.threshold.unwrap_or(0.8) },
-        "gated" => Mechanism::Gated { target_rate: v.target_rate.unwrap_or(0.5) },
-        "skipnet" => Mechanism::Skipnet { target_rate: v.target_rate.unwrap_or(0.6) },
-        other => return Err(Error::config(format!("{field}.model"), format!("`{other}`: expected static, sdn, gated or skipnet"))),
-    };
+    let mechanism = Mechanism::family(&v.model, v.threshold, v.target_rate)
+        .ok_or_else(|| Error::config(format!("{field}.model"), format!("`{}`: expected static, sdn, gated or skipnet", v.model)))?;
     let source = DataSpec::parse(v.data.as_deref().unwrap_or(data))?;
     let mut train_set = source.load(Split::Train, None)?;
     let config = config_for_data(mechanism.clone(), &source, &train_set)?;

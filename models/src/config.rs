@@ -30,6 +30,21 @@ pub enum Mechanism {
 }
 
 impl Mechanism {
+    /// The family named `kind` (`static`, `sdn`, `gated`, `skipnet`) with its parameter, or
+    /// when that is `None` the value the committed checkpoint of that family was trained with
+    /// (sdn q = 0.8, gated t = 0.5, skipnet t = 0.6), so `dynrobust train --model M` and a
+    /// study's `train = { model = "M" }` reproduce `models/checkpoints/M`. `None` for an
+    /// unknown family; `static` ignores the parameters.
+    pub fn family(kind: &str, threshold: Option<f64>, target_rate: Option<f64>) -> Option<Self> {
+        Some(match kind {
+            "static" => Mechanism::Static,
+            "sdn" => Mechanism::Sdn { threshold: threshold.unwrap_or(0.8) },
+            "gated" => Mechanism::Gated { target_rate: target_rate.unwrap_or(0.5) },
+            "skipnet" => Mechanism::Skipnet { target_rate: target_rate.unwrap_or(0.6) },
+            _ => return None,
+        })
+    }
+
     /// The CLI name of the family.
     pub fn kind_name(&self) -> &'static str {
         match self {

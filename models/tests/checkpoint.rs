@@ -119,6 +119,9 @@ fn committed_checkpoints_score_what_their_sidecars_say() {
         assert_eq!(eval.accuracy, side.evaluation.accuracy, "{name}: accuracy");
         assert!((eval.mean_cost - side.evaluation.mean_cost).abs() < 1e-9, "{name}: cost");
         assert_eq!(eval.exit_histogram, side.evaluation.exit_histogram, "{name}: exits");
+        // rates of 10,000 decisions are multiples of 1e-4: exact up to float printing
+        let rates = |r: &Option<Vec<f64>>| r.as_ref().map(|v| v.iter().map(|p| (p * 10_000.0).round() as i64).collect::<Vec<_>>());
+        assert_eq!(rates(&eval.gate_rates), rates(&side.evaluation.gate_rates), "{name}: gate rates");
     }
 }
 

@@ -123,3 +123,47 @@ fn per_exit_cost_of_the_sdn_by_hand() {
         assert!(macs.iter().all(|m| (m / stat - want[6]).abs() < 1e-12), "{pass:?}: {macs:?}");
     }
 }
+
+/// A gated model's per-sample MACs from its own gate decisions and hand-counted unit MACs:
+/// stem + head + every gate it computes + the projection shortcuts (they run for skipped
+/// blocks too) + the residual branch of each block whose gate said "on" (p > 0.5). Checks
+/// the executed mask's block columns against the gates as well, so a gate wired to the
+/// wrong block, or a mask the two passes share by mistake, cannot pass.
+#[test]
+fn per_sample_macs_of_the_gated_models_follow_their_gates_by_hand() {
+    use dynrobust_core::Pass;
+    let data = {
+        let d = dynrobust_core::data::DataSource::FashionMnist.load(dynrobust_core::data::Split::Test, None);
+        d.unwrap_or_else(|e| panic!("Fashion-MNIST is needed by this test: {e}")).take(256)
+    };
+    let stem = 56_448u64;
+    let head = 320u64;
+    let residual = [903_168u64, 903_168, 677_376, 903_168, 677_376, 903_168];
+    let shortcuts = 2 * 25_088u64; // blocks 2 and 4
+    // (model, MACs of the gates it always computes, the blocks its gates decide, in order)
+    let aig_gates = 3 * 160 + 2 * 288 + 544;
+    let skipnet_gates = 2 * 890 + 2 * 970 + 1_130;
+    for (name, gate_macs, gated_blocks) in [("gated", aig_gates, vec![0usize, 1, 2, 3, 4, 5]), ("skipnet", skipnet_gates, vec![1, 2, 3, 4, 5])] {
+        let dir = dynrobust_models::checkpoint::committed_dir(name);
+        let net = dynrobust_models::checkpoint::load(&dir, Device::Cpu).unwrap().0;
+        let column = |block: usize| net.units().iter().position(|u| u.name == format!("block{block}.residual")).unwrap();
+        for pass in [Pass::Dense, Pass::Sparse] {
+            let t = net.forward_trace(&data.images, pass).unwrap();
+            assert_eq!(t.gate_probs.len(), gated_blocks.len(), "{name} {pass:?}");
+            let macs = Vec::<f64>::try_from(&t.macs).unwrap();
+            let mut skipped = 0;
+            for (i, got) in macs.iter().enumerate() {
+                let mut want = stem + head + gate_macs + shortcuts + residual[0] * u64::from(!gated_blocks.contains(&0));
+                for (g, &b) in gated_blocks.iter().enumerate() {
+                    let on = t.gate_probs[g].double_value(&[i as i64]) > 0.5;
+                    let ran = t.executed.double_value(&[i as i64, column(b) as i64]);
+                    assert_eq!(ran, if on { 1.0 } else { 0.0 }, "{name} {pass:?} image {i}: block {b} vs gate {g}");
+                    want += residual[b] * u64::from(on);
+                    skipped += usize::from(!on);
+                }
+                assert_eq!(*got, want as f64, "{name} {pass:?} image {i}");
+            }
+            assert!(skipped > 100, "{name} {pass:?}: only {skipped} skipped blocks in 256 images");
+        }
+    }
+}
