@@ -175,3 +175,20 @@ fn saving_leaves_exactly_the_two_files_and_overwrites_whole() {
         }
     }
 }
+
+/// The committed sdn is the committed static plus internal classifiers: IC-only training froze
+/// the backbone, so each of static's tensors is in the sdn bit for bit (the sdn's static twin
+/// is then the static model itself, which the transfer study relies on).
+#[test]
+fn the_committed_sdn_carries_the_static_backbone_bit_for_bit() {
+    let read = |name: &str| tch::Tensor::read_safetensors(checkpoint::committed_dir(name).join("model.safetensors")).unwrap();
+    let backbone = read("static");
+    let sdn: std::collections::HashMap<String, tch::Tensor> = read("sdn").into_iter().collect();
+    assert!(backbone.len() > 70, "{} tensors", backbone.len());
+    for (name, tensor) in &backbone {
+        let theirs = sdn.get(name).unwrap_or_else(|| panic!("sdn lacks {name}"));
+        assert!(tensor.equal(theirs), "{name} differs");
+    }
+    let extra: Vec<&String> = sdn.keys().filter(|k| !backbone.iter().any(|(n, _)| n == *k)).collect();
+    assert!(!extra.is_empty() && extra.iter().all(|k| k.starts_with("exits.")), "{extra:?}");
+}
