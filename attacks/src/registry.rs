@@ -73,8 +73,10 @@ fn merged<C: Serialize + DeserializeOwned>(defaults: C, overrides: &serde_json::
 /// Builds attack `name` with `overrides` (a JSON object of config fields) over its defaults.
 pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack>> {
     let with_variant = |v: Variant| -> Result<Box<dyn Attack>> {
-        let mut cfg: DeepSlothConfig = merged(DeepSlothConfig::for_variant(v), overrides)?;
-        cfg.variant = v;
+        let cfg: DeepSlothConfig = merged(DeepSlothConfig::for_variant(v), overrides)?;
+        if cfg.variant != v {
+            return Err(Error::config("variant", format!("{:?}: the attack's name sets the variant ({v:?}); pick the attack by name instead (`dynrobust list attacks`)", cfg.variant)));
+        }
         Ok(Box::new(DeepSloth::new(cfg)?))
     };
     Ok(match name {
@@ -108,30 +110,37 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
             if cfg.objective != objective {
                 return Err(Error::config("objective", format!("`{name}` ascends the {} loss; apgd-ce is the cross-entropy's, apgd-dlr and apgd-t the DLR's", if objective == ApgdLoss::Ce { "cross-entropy" } else { "DLR" })));
             }
-            if (cfg.targets > 0) != (targets > 0) {
-                return Err(Error::config("targets", format!("{}: `apgd-t` is the targeted attack (targets ≥ 1); `{name}` is untargeted", cfg.targets)));
-            }
+            check_targets(name, "apgd-t", cfg.targets, targets > 0)?;
             Box::new(Apgd::new(cfg)?)
         }
         "fab" | "fab-t" => {
             let targets = if name == "fab" { 0 } else { 9 };
             let cfg: FabConfig = merged(FabConfig { targets, ..Default::default() }, overrides)?;
-            if (cfg.targets > 0) != (targets > 0) {
-                return Err(Error::config("targets", format!("{}: `fab-t` is the targeted attack (targets ≥ 1); `{name}` is untargeted", cfg.targets)));
-            }
+            check_targets(name, "fab-t", cfg.targets, targets > 0)?;
             Box::new(Fab::new(cfg)?)
         }
         "feature-pgd" => Box::new(FeaturePgd::new(merged(FeaturePgdConfig::default(), overrides)?)?),
         "mechanism" | "mechanism-stealthy" => {
             let variant = if name == "mechanism" { MechanismVariant::Joint } else { MechanismVariant::Stealthy };
-            let mut cfg: MechanismConfig = merged(MechanismConfig { variant, ..Default::default() }, overrides)?;
-            cfg.variant = variant;
+            let cfg: MechanismConfig = merged(MechanismConfig { variant, ..Default::default() }, overrides)?;
+            if cfg.variant != variant {
+                return Err(Error::config("variant", format!("{:?}: the attack's name sets the variant ({variant:?}); use `mechanism` or `mechanism-stealthy`", cfg.variant)));
+            }
             Box::new(Mechanism::new(cfg)?)
         }
         other => {
             return Err(Error::config("attack", format!("unknown attack `{other}`; expected one of: {}", names().join(", "))));
         }
     })
+}
+
+/// A targeted attack (`targeted_name`) needs `targets ≥ 1`, its untargeted twin `targets = 0`.
+fn check_targets(name: &str, targeted_name: &str, targets: usize, targeted: bool) -> Result<()> {
+    match (targeted, targets > 0) {
+        (true, false) => Err(Error::config("targets", format!("{targets}: `{name}` is the targeted attack: expected targets ≥ 1 (the number of wrong classes it tries)"))),
+        (false, true) => Err(Error::config("targets", format!("{targets}: `{name}` is untargeted: expected 0 (use `{targeted_name}` for a targeted run)"))),
+        _ => Ok(()),
+    }
 }
 
 /// True when attack `name` has a `seed` (a random start or search) that a caller may set.

@@ -13,7 +13,7 @@ use dynrobust_core::DynamicModel;
 use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
-use crate::common::{load_model, prepare_attack_fit, DataArgs, DeviceArgs};
+use crate::common::{load_model, prepare_attack_fit, prepare_out_dir, DataArgs, DeviceArgs};
 use dynrobust_models::AnyModel;
 
 /// Options of `dynrobust attack`.
@@ -114,23 +114,37 @@ fn overrides(args: &AttackArgs) -> Result<Value> {
             map.insert(key.into(), json!(v.to_ascii_lowercase()));
         }
     }
-    map.extend(parse_sets(&args.set)?);
+    let sets = parse_sets("--set", &args.set)?;
+    // a field given twice, by its own option and by --set, has no obvious winner
+    if let Some(key) = sets.keys().find(|k| map.contains_key(*k)) {
+        bail!("--set {key}=… and the option that sets `{key}` (--{}) are both given: keep one", if ["iterations", "queries"].contains(&key.as_str()) { "steps" } else { key.as_str() });
+    }
+    map.extend(sets);
     Ok(Value::Object(map))
 }
 
-/// Parses `KEY=VALUE` options (VALUE as JSON, else as a string).
-pub fn parse_sets(sets: &[String]) -> Result<Map<String, Value>> {
+/// Parses the `KEY=VALUE` options of `flag` (VALUE as JSON, else as a string); a key given
+/// twice is refused.
+pub fn parse_sets(flag: &str, sets: &[String]) -> Result<Map<String, Value>> {
     let mut map = Map::new();
     for kv in sets {
-        let Some((k, v)) = kv.split_once('=') else { bail!("--set {kv}: expected KEY=VALUE") };
+        let Some((k, v)) = kv.split_once('=') else { bail!("{flag} {kv}: expected KEY=VALUE") };
         let value = serde_json::from_str(v).unwrap_or_else(|_| json!(v));
-        map.insert(k.trim().into(), value);
+        if map.insert(k.trim().into(), value).is_some() {
+            bail!("{flag} {}=…: given twice", k.trim());
+        }
     }
     Ok(map)
 }
 
 /// Runs `dynrobust attack`.
 pub fn run(args: AttackArgs) -> Result<()> {
+    if args.defense.is_none() && (args.oblivious || !args.defense_set.is_empty()) {
+        bail!("{} without --defense: name the defense it applies to", if args.oblivious { "--oblivious" } else { "--defense-set" });
+    }
+    if let Some(dir) = &args.save_examples {
+        prepare_out_dir("--save-examples", dir)?;
+    }
     if args.defense.is_some() {
         return run_defended(args);
     }
@@ -155,12 +169,13 @@ pub fn run(args: AttackArgs) -> Result<()> {
     for flag in record.outcome_flags() {
         eprintln!("WARNING     {flag}");
     }
+    // the record first: it is printed even if saving the examples fails
+    if args.json {
+        println!("{}", serde_json::to_string(&record)?);
+    }
     if let Some(dir) = &args.save_examples {
         save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;
         eprintln!("examples    {}/examples.png, x_adv.npy, x_clean.npy", dir.display());
-    }
-    if args.json {
-        println!("{}", serde_json::to_string(&record)?);
     }
     Ok(())
 }
@@ -180,7 +195,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     use dynrobust_core::defense::Adaptivity;
     use dynrobust_defenses::registry::DefenseSpec;
     let name = args.defense.as_deref().unwrap_or("none");
-    let spec = DefenseSpec::parse(name, &Value::Object(parse_sets(&args.defense_set)?)).with_context(|| format!("--defense {name}"))?;
+    let spec = DefenseSpec::parse(name, &Value::Object(parse_sets("--defense-set", &args.defense_set)?)).with_context(|| format!("--defense {name}"))?;
     let mode = if args.oblivious { Adaptivity::Oblivious } else { spec.default_mode() };
     if args.surrogate.is_some() {
         bail!("--surrogate with --defense: run the transfer attack without --defense, or the defended attack without --surrogate");
@@ -232,11 +247,11 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     }
     eprintln!("time        {:.2} s", num("seconds"));
     print_passes(r["forward_passes"].as_f64(), r["gradient_passes"].as_f64());
-    if let Some(dir) = &args.save_examples {
-        save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;
-    }
     if args.json {
         println!("{}", serde_json::to_string(r)?);
+    }
+    if let Some(dir) = &args.save_examples {
+        save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;
     }
     Ok(())
 }

@@ -24,10 +24,17 @@ pub struct DataArgs {
 impl DataArgs {
     /// Loads `split`, keeping the first `n` samples when given.
     pub fn load(&self, split: Split, n: Option<i64>) -> Result<Dataset> {
+        self.load_as("--n", split, n)
+    }
+
+    /// [`DataArgs::load`] with `n` given by the option `flag` (named in its errors).
+    pub fn load_as(&self, flag: &str, split: Split, n: Option<i64>) -> Result<Dataset> {
+        if let Some(n) = n.filter(|&n| n < 1) {
+            bail!("{flag} {n}: expected ≥ 1");
+        }
         let source = DataSpec::parse(&self.data)?;
         let set = source.load(split, self.data_dir.as_deref())?;
         Ok(match n {
-            Some(n) if n < 1 => bail!("--n {n}: expected ≥ 1"),
             Some(n) => set.take(n),
             None => set,
         })
@@ -140,4 +147,26 @@ pub fn command_line() -> String {
 pub fn project_relative(dir: &Path) -> String {
     let root = dynrobust_core::data::project_root();
     dir.strip_prefix(&root).unwrap_or(dir).display().to_string()
+}
+
+/// Makes sure `dir` can hold the command's output before any work starts: creates it (and its
+/// parents), or fails naming `flag` and the path when a file is in the way, so a typo in an
+/// output path does not throw away a finished training run or attack.
+pub fn prepare_out_dir(flag: &str, dir: &Path) -> Result<()> {
+    if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
+        bail!("{flag} {}: {} is a file, expected a directory (or a path that does not exist yet)", dir.display(), file.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}: cannot create the directory", dir.display()))?;
+    Ok(())
+}
+
+/// Sets libtorch's intra-op thread count, refusing a count below 1 (libtorch would abort).
+pub fn set_threads(threads: Option<i32>) -> Result<()> {
+    if let Some(t) = threads {
+        if t < 1 {
+            bail!("--threads {t}: expected ≥ 1");
+        }
+        tch::set_num_threads(t);
+    }
+    Ok(())
 }

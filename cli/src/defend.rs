@@ -72,9 +72,7 @@ pub struct DefendArgs {
 
 /// Runs `dynrobust defend`.
 pub fn run(args: DefendArgs) -> Result<()> {
-    if let Some(t) = args.threads {
-        tch::set_num_threads(t);
-    }
+    crate::common::set_threads(args.threads)?;
     let recipe = Recipe::parse(&args.recipe)?;
     let device = args.device.device()?;
     let (mut net, base, dir) = load_checkpoint(&args.model, device)?;
@@ -101,12 +99,14 @@ pub fn run(args: DefendArgs) -> Result<()> {
         cfg.attack = a.clone();
         cfg.attack_params = Value::Object(Default::default());
     }
-    if let (Value::Object(map), extra) = (&mut cfg.attack_params, parse_sets(&args.attack_set)?) {
+    if let (Value::Object(map), extra) = (&mut cfg.attack_params, parse_sets("--attack-set", &args.attack_set)?) {
         map.extend(extra);
     }
     let cfg = cfg.validated()?;
     let train_set = args.data.load(Split::Train, None)?.per_class(args.per_class)?.to_device(device);
-    let test_set = args.data.load(Split::Test, Some(args.eval_samples))?.to_device(device);
+    let test_set = args.data.load_as("--eval-samples", Split::Test, Some(args.eval_samples))?.to_device(device);
+    // checked before the long part, so a bad --out does not throw the training away
+    crate::common::prepare_out_dir("--out", &args.out)?;
     eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());
     let report = defend(&mut net, &train_set, &cfg)?;
     // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)
@@ -185,7 +185,8 @@ pub struct DenoiserArgs {
 pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     tch::manual_seed(args.seed as i64);
     let device = args.device.device()?;
-    let train = args.data.load(Split::Train, Some(args.train_samples))?.to_device(device);
+    check_denoiser_args(&args)?;
+    let train = args.data.load_as("--train-samples", Split::Train, Some(args.train_samples))?.to_device(device);
     let test = args.data.load(Split::Test, Some(1000))?.to_device(device);
     let dims = train.images.size();
     let config = DenoiserConfig { in_channels: dims[1], image_size: dims[2], hidden: args.hidden };
@@ -194,8 +195,9 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     let mut attacked_with = None;
     if let Some(name) = &args.attack {
         let (victim, _, _) = load_checkpoint(&args.attack_model, device)?;
-        let attack = dynrobust_attacks::registry::build(name, &Value::Object(parse_sets(&args.attack_set)?))?;
+        let attack = dynrobust_attacks::registry::build(name, &Value::Object(parse_sets("--attack-set", &args.attack_set)?))?;
         crate::common::prepare_attack_fit(&*attack, &args.data)?;
+        crate::common::prepare_out_dir("--out", &args.out)?;
         let subset = train.take(args.attack_samples);
         let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));
         let mut advs = Vec::new();
@@ -208,6 +210,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
         targets = Tensor::cat(&[targets, subset.images.shallow_clone()], 0);
         attacked_with = Some(format!("{}:{name}", args.attack_model));
     }
+    crate::common::prepare_out_dir("--out", &args.out)?;
     let start = std::time::Instant::now();
     let final_loss = net.fit(&inputs, &targets, args.epochs, 128, args.lr, args.noise_sigma)?;
     let test_clean_mse = net.clean_mse(&test.images, 256);
@@ -229,5 +232,19 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     };
     net.save(&sidecar, &args.out)?;
     eprintln!("wrote {} (train MSE {final_loss:.2e}, clean test MSE {test_clean_mse:.2e}, {} MACs/image)", args.out.display(), net.macs());
+    Ok(())
+}
+
+/// Refuses what would train nothing or write a denoiser dynrobust cannot load back.
+fn check_denoiser_args(args: &DenoiserArgs) -> Result<()> {
+    anyhow::ensure!(args.epochs >= 1, "--epochs {}: expected ≥ 1", args.epochs);
+    anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr {}: expected a finite value > 0", args.lr);
+    anyhow::ensure!(args.noise_sigma.is_finite() && args.noise_sigma >= 0.0, "--noise-sigma {}: expected a finite value ≥ 0", args.noise_sigma);
+    anyhow::ensure!(args.hidden >= 1, "--hidden {}: expected ≥ 1", args.hidden);
+    if args.attack.is_some() {
+        anyhow::ensure!(args.attack_samples >= 1, "--attack-samples {}: expected ≥ 1", args.attack_samples);
+    } else if !args.attack_set.is_empty() {
+        anyhow::bail!("--attack-set without --attack: name the attack whose examples the denoiser trains on");
+    }
     Ok(())
 }

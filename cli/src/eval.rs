@@ -124,7 +124,7 @@ fn calibrate(net: &mut dynrobust_models::AnyModel, args: &EvalArgs, test: &dynro
     let images = match args.calibrate_on {
         CalibrateOn::Test => test,
         CalibrateOn::Train => {
-            train = args.data.load(Split::Train, Some(args.calibrate_n)).context("--calibrate-on train")?.to_device(test.images.device());
+            train = args.data.load_as("--calibrate-n", Split::Train, Some(args.calibrate_n)).context("--calibrate-on train")?.to_device(test.images.device());
             &train
         }
     };

@@ -52,11 +52,29 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    dynrobust_core::process::default_sigpipe();
+    dynrobust_core::process::install_panic_hook();
     let cli = Cli::parse();
     // before any worker thread or tensor exists: keep freed tensor buffers for reuse
     dynrobust_core::allocator::keep_freed_memory();
-    match cli.command {
+    if let Err(e) = dispatch(cli.command) {
+        // anyhow's own report, each cause with libtorch's C++ stack cut away
+        let mut causes = e.chain().map(|c| dynrobust_core::error::libtorch_message(&c.to_string()));
+        eprintln!("Error: {}", causes.next().unwrap_or_default());
+        let rest: Vec<String> = causes.collect();
+        if !rest.is_empty() {
+            eprintln!("\nCaused by:");
+            for (i, c) in rest.iter().enumerate() {
+                eprintln!("    {i}: {c}");
+            }
+        }
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Train(a) => train::run(a),
         Command::Attack(a) => attack::run(a),
         Command::Eval(a) => eval::run(a),

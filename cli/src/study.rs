@@ -73,7 +73,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     // inside a Slurm task, the CPUs Slurm granted it; else the machine's
     let slurm_cpus = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&c| c > 0);
     let cores = slurm_cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let workers = args.workers.unwrap_or(cores.min(2)).max(1);
+    if args.workers == Some(0) {
+        anyhow::bail!("--workers 0: expected ≥ 1");
+    }
+    let workers = args.workers.unwrap_or(cores.min(2));
     let threads = (cores / workers).max(1) as i32;
     let variants = out.join("models");
     prepare_variants(&study, &variants)?;
@@ -193,6 +196,9 @@ pub struct ReportArgs {
 /// Runs `dynrobust report`.
 pub fn report(args: ReportArgs) -> Result<()> {
     let store = Store::open_existing(&args.dir)?;
+    if store.finished_ids()?.is_empty() {
+        anyhow::bail!("{}: no finished cells, nothing to report (an existing report.md is left as it is)", store.cells_dir().display());
+    }
     let title = study_name(&store).unwrap_or_else(|| args.dir.display().to_string());
     report_dir(&args.dir, &title)
 }
@@ -248,7 +254,11 @@ pub struct SlurmArgs {
 /// Runs `dynrobust slurm`: validates the study, writes the sbatch array script.
 pub fn slurm(args: SlurmArgs) -> Result<()> {
     let study = load_study(&args.study)?;
+    if args.tasks > study.cells.len() {
+        anyhow::bail!("--tasks {}: the study has {} cells, so at most {} tasks would have work", args.tasks, study.cells.len(), study.cells.len());
+    }
     let out = std::path::absolute(out_dir(&study, &args.out))?;
+    crate::common::prepare_out_dir("--out", &out)?;
     let study_path = std::path::absolute(&args.study)?;
     let binary = std::env::current_exe()?;
     let text = slurm_script(&study_path, &out, args.tasks, args.partition.as_deref(), args.time.as_deref(), args.cpus, &binary)?;

@@ -80,9 +80,7 @@ fn mechanism(args: &TrainArgs) -> Result<Mechanism> {
 
 /// Runs `dynrobust train`.
 pub fn run(args: TrainArgs) -> Result<()> {
-    if let Some(t) = args.threads {
-        tch::set_num_threads(t);
-    }
+    crate::common::set_threads(args.threads)?;
     let mechanism = mechanism(&args)?;
     let device = args.device.device()?;
     let source = DataSpec::parse(&args.data.data)?;
@@ -91,7 +89,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, DataSpec::Named(dynrobust_core::data::DataSource::FashionMnist)) => checkpoint::committed_dir(&args.model),
         (None, _) => bail!("--out DIR is required when training on {} (the committed checkpoints are Fashion-MNIST models)", source.name()),
     };
-    let mut train_set = args.data.load(Split::Train, args.train_samples)?;
+    let mut train_set = args.data.load_as("--train-samples", Split::Train, args.train_samples)?;
     if let Some(k) = args.per_class {
         anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");
         train_set = train_set.per_class_or_drawn(k, args.per_class_draw)?;
@@ -105,13 +103,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cost_weight: args.cost_weight,
     }
     .validated()?;
-    let test_set = args.data.load(Split::Test, args.eval_samples)?.to_device(device);
+    let test_set = args.data.load_as("--eval-samples", Split::Test, args.eval_samples)?.to_device(device);
     let config = dynrobust_experiments::execute::config_for_data(mechanism.clone(), &source, &train_set)?;
     let train_set = train_set.to_device(device);
     tch::manual_seed(args.seed as i64);
     let mut net = Net::new(config.clone(), device)?;
     let subset = args.per_class.is_some() || args.train_samples.is_some();
     let init_from = init_weights(&mut net, &args, &mechanism, may_start_from_committed_static(&config, &source, subset))?;
+    // checked before the long part, so a bad --out does not throw the training away
+    crate::common::prepare_out_dir("--out", &out)?;
     eprintln!("training {} on {} ({} images), {} epochs, seed {}", args.model, train_set.name, train_set.len(), cfg.epochs, cfg.seed);
     let (report, loss) = train_family(&mut net, &train_set, &cfg, init_from.is_some())?;
     // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)

@@ -288,3 +288,71 @@ fn defend_with_a_backbone_trains_the_sdns_classifiers_on_the_static_checkpoints_
         assert!(!out.status.success() && stderr(&out).contains(expect), "{model} + {backbone}: {}", stderr(&out));
     }
 }
+
+/// Refused before any work, naming the option: an output path under a regular file, a
+/// thread count below 1, option values that would give broken results, an option given twice.
+#[test]
+fn bad_options_are_refused_at_once_naming_the_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("afile");
+    std::fs::write(&file, "x").unwrap();
+    let under_file = file.join("sub");
+    let under = under_file.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["train", "--model", "static", "--train-samples", "64", "--eval-samples", "16", "--epochs", "1", "--out", under], "--out"),
+        (vec!["attack", "--model", "gated", "--attack", "fgsm", "--n", "8", "--save-examples", under, "--json"], "--save-examples"),
+        (vec!["train-denoiser", "--train-samples", "16", "--epochs", "1", "--out", under], "--out"),
+        (vec!["train", "--model", "static", "--threads", "0", "--out", under], "--threads 0"),
+        (vec!["train", "--model", "static", "--train-samples", "0", "--out", under], "--train-samples 0"),
+        (vec!["train-denoiser", "--noise-sigma", "nan", "--out", under], "--noise-sigma"),
+        (vec!["train-denoiser", "--epochs", "0", "--out", under], "--epochs 0"),
+        (vec!["train-denoiser", "--attack-set", "steps=3", "--out", under], "--attack-set without --attack"),
+        (vec!["eval", "--model", "sdn", "--threshold", "1.5", "--n", "8"], "0 < q ≤ 1"),
+        (vec!["attack", "--model", "static", "--attack", "pgd-linf", "--eps", "0.1", "--set", "eps=0.2", "--n", "8"], "both given"),
+        (vec!["attack", "--model", "static", "--attack", "pgd-linf", "--set", "steps=3", "--set", "steps=4", "--n", "8"], "given twice"),
+        (vec!["attack", "--model", "static", "--attack", "fgsm", "--defense-set", "bits=4", "--n", "8"], "--defense-set without --defense"),
+        (vec!["attack", "--model", "sdn", "--attack", "deepsloth", "--set", "variant=\"universal\"", "--n", "8"], "variant"),
+        (vec!["attack", "--model", "static", "--attack", "apgd-t", "--set", "targets=0", "--n", "8"], "targeted attack: expected targets ≥ 1"),
+    ];
+    for (args, says) in cases {
+        let t0 = std::time::Instant::now();
+        let out = dynrobust(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: expected `{says}` in: {err}");
+        assert!(!err.contains("panicked") && !err.contains("Exception raised"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+        // refused before training or attacking: a few seconds at most even on a slow machine
+        assert!(t0.elapsed().as_secs() < 60, "{args:?}: refused only after {:?}", t0.elapsed());
+    }
+}
+
+/// A data set whose labels do not fit the model (11 class folders on a 10-class net) is refused
+/// by name in `eval` and `attack`, not failed inside libtorch's cross-entropy.
+#[test]
+fn labels_beyond_the_models_classes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for class in 0..11 {
+        let dir = tmp.path().join(format!("c{class:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        image::GrayImage::from_fn(28, 28, |x, _| image::Luma([(x * 9) as u8 ^ class as u8])).save(dir.join("0.png")).unwrap();
+    }
+    let spec = format!("folder:{}", tmp.path().display());
+    for cmd in [vec!["eval", "--model", "static", "--data", &spec, "--no-latency"], vec!["attack", "--model", "static", "--attack", "pgd-linf", "--steps", "2", "--n", "11", "--data", &spec]] {
+        let out = dynrobust(&cmd);
+        let err = stderr(&out);
+        assert!(!out.status.success() && err.contains("label 10") && err.contains("10 classes"), "{cmd:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// A training-time defense's checkpoint must be of the attacked model's family and made by
+/// that recipe, or another model would be attacked under the defense's name.
+#[test]
+fn a_training_time_defense_checkpoint_of_another_model_is_refused() {
+    let args = |ckpt: &str| vec!["attack".to_string(), "--model".into(), "gated".into(), "--attack".into(), "fgsm".into(), "--n".into(), "8".into(), "--defense".into(), "pgd-at".into(), "--defense-set".into(), format!("checkpoint={ckpt}")];
+    for (ckpt, says) in [("sdn-pgd-at", "early-exit model"), ("gated", "not a `pgd-at` checkpoint")] {
+        let a = args(ckpt);
+        let out = dynrobust(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!out.status.success() && stderr(&out).contains(says), "{ckpt}: {}", stderr(&out));
+    }
+}

@@ -254,7 +254,7 @@ fn a_checkpoint_changed_under_a_finished_cell_stops_the_run_until_it_is_rerun() 
     let dir = scratch("stale");
     let (model, defended) = (dir.join("model"), dir.join("defended"));
     copy_checkpoint("static", &model);
-    copy_checkpoint("static", &defended);
+    copy_checkpoint("static-pgd-at", &defended);
     let study = dir.join("two.toml");
     let text = format!(
         "name = \"two\"\ndata = \"fashion-mnist\"\nn = 8\nbatch = 8\neps = [\"8/255\"]\nmodels = [\"{}\"]\n\n[[attacks]]\nname = \"fgsm\"\n\n\

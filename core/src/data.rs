@@ -187,6 +187,10 @@ impl DataSource {
             DataSource::Mnist => (0.1307, 0.3081),
         }
     }
+    /// Images in the shipped test split (both sets have 10,000).
+    pub fn test_size(self) -> usize {
+        10_000
+    }
     /// Directories searched, in order, when no directory is given.
     pub fn search_dirs(self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
@@ -239,7 +243,7 @@ impl DataSource {
             }
         };
         Err(Error::DataMissing(format!(
-            "{} not found (looked in: {}); {how}, or pass --data-dir DIR",
+            "{} not found (looked in: {}); {how}, or point --data-dir DIR (train, eval, attack) or DYNROBUST_DATA_DIR=DIR (any command: DIR/<name>) at it",
             self.name(),
             tried.join(", ")
         )))
@@ -265,7 +269,8 @@ pub enum DataSpec {
     Npy(PathBuf),
 }
 
-const DATA_SPEC_FORMS: &str =
+/// The forms [`DataSpec::parse`] accepts, for error messages.
+pub const DATA_SPEC_FORMS: &str =
     "fashion-mnist, mnist, cifar10-bin:DIR (CIFAR-10 binary batches), folder:DIR (one subfolder \
      of images per class) or npy:DIR ({train,test}_{images,labels}.npy)";
 
@@ -301,6 +306,24 @@ impl DataSpec {
             DataSpec::Cifar10Bin(dir) => format!("cifar10-bin:{}", dir.display()),
             DataSpec::Folder(dir) => format!("folder:{}", dir.display()),
             DataSpec::Npy(dir) => format!("npy:{}", dir.display()),
+        }
+    }
+
+    /// The directory of a `cifar10-bin:`, `folder:` or `npy:` set (`None` for a shipped one).
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            DataSpec::Named(_) => None,
+            DataSpec::Cifar10Bin(dir) | DataSpec::Folder(dir) | DataSpec::Npy(dir) => Some(dir),
+        }
+    }
+
+    /// The same form on another directory (a shipped set is returned as it is).
+    pub fn with_dir(&self, dir: PathBuf) -> DataSpec {
+        match self {
+            DataSpec::Named(source) => DataSpec::Named(*source),
+            DataSpec::Cifar10Bin(_) => DataSpec::Cifar10Bin(dir),
+            DataSpec::Folder(_) => DataSpec::Folder(dir),
+            DataSpec::Npy(_) => DataSpec::Npy(dir),
         }
     }
 

@@ -31,8 +31,8 @@ pub enum Error {
     #[error("model {model}: {problem}")]
     Model { model: String, problem: String },
 
-    /// An error raised by libtorch.
-    #[error("torch: {0}")]
+    /// An error raised by libtorch (shown without its C++ stack, see [`libtorch_message`]).
+    #[error("torch: {}", libtorch_message(&.0.to_string()))]
     Torch(#[from] tch::TchError),
 
     /// An I/O error on a named path.
@@ -72,5 +72,34 @@ impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+}
+
+/// libtorch's own message without what follows it for C++ developers: the text from
+/// `Exception raised from …` on (the source location and the stack frames) is cut, as is the
+/// `Internal torch error: ` prefix tch puts in front. Text that is not libtorch's passes
+/// through unchanged.
+pub fn libtorch_message(text: &str) -> String {
+    let head = match text.find("Exception raised from") {
+        Some(at) => &text[..at],
+        None => text,
+    };
+    // a panic's text holds the error's Debug form, where the newline before the cut is `\\n`
+    let head = head.trim_end();
+    let head = head.strip_suffix("\\n").unwrap_or(head);
+    head.replace("Internal torch error: ", "").trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::libtorch_message;
+
+    #[test]
+    fn libtorch_text_loses_its_cxx_stack() {
+        let raw = "Internal torch error: PytorchStreamReader failed reading zip archive: not a ZIP archive\nException raised from valid at inline_container.cc:242 (most recent call first):\nframe #0: c10::Error::Error(...)";
+        assert_eq!(libtorch_message(raw), "PytorchStreamReader failed reading zip archive: not a ZIP archive");
+        let panic = r#"called `Result::unwrap()` on an `Err` value: Torch("Target 100 is out of bounds.\nException raised from operator() at LossNLL.cpp:200 (most recent call first):\nframe #0"#;
+        assert_eq!(libtorch_message(panic), r#"called `Result::unwrap()` on an `Err` value: Torch("Target 100 is out of bounds."#);
+        assert_eq!(libtorch_message("field `n`: expected ≥ 1"), "field `n`: expected ≥ 1");
     }
 }

@@ -100,6 +100,16 @@ pub enum Family {
 }
 
 impl Family {
+    /// The family's name without its parameters: `static`, `early-exit`, `gated` (AIG) or
+    /// `recurrent-gated` (SkipNet).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Family::Static => "static",
+            Family::EarlyExit { .. } => "early-exit",
+            Family::Gated { recurrent: false, .. } => "gated",
+            Family::Gated { recurrent: true, .. } => "recurrent-gated",
+        }
+    }
     /// True for models with gates.
     pub fn has_gates(&self) -> bool {
         matches!(self, Family::Gated { .. })
@@ -195,4 +205,23 @@ pub fn macs_from_executed(executed: &Tensor, units: &[Unit]) -> Tensor {
 /// Per-sample cost `[B]`: MACs over the static twin's MACs.
 pub fn cost_of(trace: &Trace, model: &(impl DynamicModel + ?Sized)) -> Tensor {
     trace.macs.shallow_clone() / model.static_macs() as f64
+}
+
+/// Checks that `labels` fit a model with `classes` outputs (`0..classes`), so a data set with
+/// more classes than the model (or a checkpoint trained on another data set) is refused by
+/// name instead of failing inside libtorch's cross-entropy or counting silently as wrong.
+pub fn check_labels_fit(labels: &Tensor, classes: i64, model: &str) -> crate::Result<()> {
+    if labels.numel() == 0 {
+        return Ok(());
+    }
+    let (low, high) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
+    if low < 0 || high >= classes {
+        let bad = if low < 0 { low } else { high };
+        let at = labels.eq(bad).nonzero().int64_value(&[0, 0]);
+        return Err(crate::Error::Model {
+            model: model.to_string(),
+            problem: format!("label {bad} (image {at}) is out of range: the model has {classes} classes, so labels must be 0..={}; is this the data set it was trained on?", classes - 1),
+        });
+    }
+    Ok(())
 }

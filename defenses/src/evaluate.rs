@@ -69,9 +69,11 @@ pub fn run_defended(
             };
             (Box::new(net), through_squeezer)
         }
-        DefenseSpec::Trained { checkpoint, .. } => {
+        DefenseSpec::Trained { checkpoint, recipe } => {
             let dir = dynrobust_models::checkpoint::resolve(checkpoint)?;
-            let trained = AnyModel::Native(dynrobust_models::checkpoint::load(&dir, data.images.device())?.0);
+            let (trained, sidecar) = dynrobust_models::checkpoint::load(&dir, data.images.device())?;
+            check_trained_defense(&net, &trained, &sidecar, recipe, &dir)?;
+            let trained = AnyModel::Native(trained);
             let oblivious = (mode == Adaptivity::Oblivious).then(|| Box::new(net) as Box<dyn DynamicModel>);
             (Box::new(trained), oblivious)
         }
@@ -205,4 +207,19 @@ fn describe(defense: &DefenseSpec) -> Result<(String, String, Value)> {
         }
         DefenseSpec::Trained { recipe, checkpoint } => (recipe.clone(), recipe.clone(), json!({ "checkpoint": checkpoint })),
     })
+}
+
+/// A training-time defense's checkpoint must be the attacked model's family, made by that
+/// recipe (`dynrobust defend --recipe R` writes it into the sidecar's command), or the cell
+/// would silently attack another model, or an undefended one under the defense's name.
+fn check_trained_defense(victim: &AnyModel, trained: &dynrobust_models::Net, sidecar: &dynrobust_models::checkpoint::Sidecar, recipe: &str, dir: &std::path::Path) -> Result<()> {
+    let (theirs, ours) = (trained.family().kind_name(), victim.family().kind_name());
+    if theirs != ours {
+        return Err(Error::checkpoint(dir, format!("the `{recipe}` checkpoint is a {theirs} model, the attacked model {} is {ours}: pass the checkpoint made from it", victim.name())));
+    }
+    let command = &sidecar.training.command;
+    if !command.split_whitespace().collect::<Vec<_>>().windows(2).any(|w| w == ["--recipe", recipe]) {
+        return Err(Error::checkpoint(dir, format!("not a `{recipe}` checkpoint: its sidecar says it was trained by `{command}` (expected `dynrobust defend --recipe {recipe} …`)")));
+    }
+    Ok(())
 }

@@ -62,7 +62,7 @@ impl Worker {
     fn data(&mut self, name: &str, split: Split) -> Result<&Dataset> {
         let key = (name.to_string(), matches!(split, Split::Train));
         if !self.data.contains_key(&key) {
-            let set = DataSpec::parse(name)?.load(split, None)?.to_device(self.device);
+            let set = located_data(name)?.load(split, None)?.to_device(self.device);
             self.data.insert(key.clone(), set);
         }
         Ok(&self.data[&key])
@@ -281,6 +281,28 @@ impl VariantTrain {
         if self.per_class_draw.is_some() && self.per_class.is_none() {
             return Err(Error::config("per_class_draw", "needs `per_class` (the images per class to draw)"));
         }
+        if let Some(e) = self.epochs.filter(|&e| e < 1) {
+            return Err(Error::config("epochs", format!("{e}: expected ≥ 1")));
+        }
+        if let Some(k) = self.per_class.filter(|&k| k < 1) {
+            return Err(Error::config("per_class", format!("{k}: expected ≥ 1")));
+        }
+        if let Some(lr) = self.lr {
+            dynrobust_core::attack::check_positive("lr", lr)?;
+        }
+        match (self.model.as_str(), self.threshold, self.target_rate) {
+            (m, Some(_), _) if m != "sdn" => return Err(Error::config("threshold", format!("applies to an sdn, not to `{m}`"))),
+            (m, _, Some(_)) if m != "gated" && m != "skipnet" => return Err(Error::config("target_rate", format!("applies to gated and skipnet, not to `{m}`"))),
+            _ => {}
+        }
+        if let Some(mechanism) = Mechanism::family(&self.model, self.threshold, self.target_rate) {
+            ModelConfig::resnet14n(mechanism, 0.5, 0.5)?; // the mechanism's own checks (q in (0, 1], t in [0, 1])
+        }
+        if let Some(data) = &self.data {
+            if let Some(dir) = located_data(data)?.dir().filter(|d| !d.exists()) {
+                return Err(Error::config("data", format!("`{data}`: no directory {}", dir.display())));
+            }
+        }
         Ok(())
     }
 }
@@ -350,7 +372,7 @@ fn train_variant(name: &str, table: &Value, data: &str, dir: &Path) -> Result<()
     let v: VariantTrain = serde_json::from_value(table.clone()).map_err(|e| Error::config(&field, e.to_string()))?;
     let mechanism = Mechanism::family(&v.model, v.threshold, v.target_rate)
         .ok_or_else(|| Error::config(format!("{field}.model"), format!("`{}`: expected static, sdn, gated or skipnet", v.model)))?;
-    let source = DataSpec::parse(v.data.as_deref().unwrap_or(data))?;
+    let source = located_data(v.data.as_deref().unwrap_or(data))?;
     let mut train_set = source.load(Split::Train, None)?;
     let config = config_for_data(mechanism.clone(), &source, &train_set)?;
     v.check()?;
@@ -419,4 +441,14 @@ pub fn seed_randomised(name: &str, params: &mut Value, seed: u64) {
         }
         _ => {}
     }
+}
+
+/// A study's data set, its directory (if any) found like a path-named checkpoint: as written,
+/// else under the project root ([`dynrobust_models::checkpoint::locate_path`]).
+fn located_data(name: &str) -> Result<DataSpec> {
+    let spec = DataSpec::parse(name)?;
+    Ok(match spec.dir().and_then(|d| dynrobust_models::checkpoint::locate_path(&d.display().to_string())) {
+        Some(found) => spec.with_dir(found),
+        None => spec,
+    })
 }

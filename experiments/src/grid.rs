@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
 
-use dynrobust_core::data::DataSource;
+use dynrobust_core::data::{DataSource, DataSpec, DATA_SPEC_FORMS};
 use dynrobust_core::Result;
 use dynrobust_models::checkpoint::{canonical_path_name, locate_path};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
@@ -233,11 +233,19 @@ impl Cx<'_> {
         if name.is_empty() {
             return Err(self.err(&raw.name.span(), "`name` must not be empty"));
         }
-        let data = DataSource::parse(raw.data.get_ref())
-            .map_err(|_| self.err(&raw.data.span(), format!("`data` = {:?}: expected one of: fashion-mnist, mnist", raw.data.get_ref())))?;
+        // it becomes the default output directory runs/<name>: one plain path component
+        if name.starts_with('.') || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(self.err(&raw.name.span(), format!("`name` = {name:?}: expected a plain name (letters, digits, `-`, `_`, `.`; not starting with `.`): it becomes the output directory runs/<name>")));
+        }
+        let data = self.data_name(&raw.data)?;
         let n = *raw.n.get_ref();
         if n == 0 {
             return Err(self.err(&raw.n.span(), "`n` must be at least 1"));
+        }
+        if let Some(size) = DataSpec::parse(&data).ok().and_then(|s| s.source()).map(DataSource::test_size) {
+            if n > size {
+                return Err(self.err(&raw.n.span(), format!("`n` = {n}: the {data} test split has only {size} images")));
+            }
         }
         let batch = raw.batch.as_ref().map_or(Ok(128), |b| match *b.get_ref() {
             0 => Err(self.err(&b.span(), "`batch` must be at least 1")),
@@ -248,7 +256,19 @@ impl Cx<'_> {
             Some(list) => self.eps_list("eps", list)?,
             None => vec![None],
         };
-        Ok(Base { name, data: data.name().to_string(), n, batch, seeds, eps })
+        Ok(Base { name, data, n, batch, seeds, eps })
+    }
+
+    /// The study's data set in its one spelling: a shipped set by name, a `cifar10-bin:`,
+    /// `folder:` or `npy:` directory canonicalised like a checkpoint path (project-relative
+    /// inside the checkout, else absolute), so cells read it from any working directory.
+    fn data_name(&self, raw: &Spanned<String>) -> Result<String> {
+        let written = raw.get_ref();
+        let spec = DataSpec::parse(written).map_err(|_| self.err(&raw.span(), format!("`data` = {written:?}: expected one of: {DATA_SPEC_FORMS}")))?;
+        let Some(dir) = spec.dir() else { return Ok(spec.name()) };
+        let canonical = canonical_path_name(&dir.display().to_string())
+            .ok_or_else(|| self.err(&raw.span(), format!("`data` = {written:?}: no directory {}", dir.display())))?;
+        Ok(spec.with_dir(canonical.into()).name())
     }
 
     fn seeds(&self, raw: &RawStudy) -> Result<Vec<u64>> {
@@ -366,6 +386,15 @@ impl Cx<'_> {
             t => t.as_ref().map(|t| *t.get_ref()),
         };
         let base = self.variant_base(name, v)?;
+        let family = match &v.train {
+            Some(t) => t.get_ref().get("model").and_then(|m| m.as_str()).map(str::to_string),
+            None => dynrobust_models::checkpoint::resolve(&base).ok().and_then(|dir| dynrobust_models::checkpoint::read_sidecar(&dir).ok()).map(|s| s.architecture.mechanism.kind_name().to_string()),
+        };
+        if let Some(family) = family.filter(|f| f != "sdn") {
+            if let Some((key, span)) = v.threshold.as_ref().map(|t| ("threshold", t.span())).or(v.exits.as_ref().map(|e| ("exits", e.span()))) {
+                return Err(self.err(&span, format!("variant `{name}`: `{key}` applies to early-exit (sdn) models; `{base}` is a {family} model")));
+            }
+        }
         let train = v.train.as_ref().map(|t| self.table(t, &format!("variant `{name}`: train"))).transpose()?;
         if let (Some(t), Some(json)) = (&v.train, &train) {
             // the table's keys and types now, not when the runner gets to training it

@@ -310,9 +310,10 @@ impl<E: Executor> Shared<'_, E> {
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
+    let text = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(non-string panic payload)".to_string())
+        .unwrap_or_else(|| "(non-string panic payload)".to_string());
+    dynrobust_core::error::libtorch_message(&text)
 }

@@ -66,10 +66,16 @@ pub fn slurm_script(
     s += "#SBATCH --ntasks=1\n";
     s += &format!("#SBATCH --cpus-per-task={cpus}\n");
     if let Some(p) = partition {
-        s += &format!("#SBATCH --partition={}\n", sanitize(p));
+        if p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.,".contains(c)) {
+            return Err(Error::config("partition", format!("`{p}`: expected a Slurm partition name (letters, digits, `-_.`; several separated by `,`)")));
+        }
+        s += &format!("#SBATCH --partition={p}\n");
     }
     if let Some(t) = time {
-        s += &format!("#SBATCH --time={}\n", sanitize(t));
+        if !is_slurm_time(t) {
+            return Err(Error::config("time", format!("`{t}`: expected a Slurm time limit: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")));
+        }
+        s += &format!("#SBATCH --time={t}\n");
     }
     s += &format!("#SBATCH --output={}\n", quote_sbatch(&out_dir.join("slurm-%A_%a.log")));
     s += "# Each task runs one shard; all write into the same directory (one file per cell).\n";
@@ -149,5 +155,39 @@ mod tests {
         assert!(s.contains("#SBATCH --output=out/slurm-%A_%a.log\n"));
         assert!(slurm_script(Path::new("q.toml"), Path::new("o"), 0, None, None, 1, Path::new("b")).is_err());
         assert!(slurm_script(Path::new("q.toml"), Path::new("o"), 1, None, None, 0, Path::new("b")).is_err());
+    }
+}
+
+/// Whether `t` is one of sbatch's `--time` forms (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM,
+/// D-HH:MM:SS), with minutes and seconds below 60, so a typo fails here rather than at submit.
+fn is_slurm_time(t: &str) -> bool {
+    let number = |s: &str| !s.is_empty() && s.len() <= 6 && s.bytes().all(|b| b.is_ascii_digit());
+    let below_60 = |s: &str| number(s) && s.len() <= 2 && s.parse::<u32>().is_ok_and(|v| v < 60);
+    let (days, clock) = match t.split_once('-') {
+        Some((d, rest)) if number(d) => (true, rest),
+        Some(_) => return false,
+        None => (false, t),
+    };
+    let parts: Vec<&str> = clock.split(':').collect();
+    match (days, parts.as_slice()) {
+        (false, [m]) => number(m),
+        (false, [m, s]) => number(m) && below_60(s),
+        (_, [h, m, s]) => number(h) && below_60(m) && below_60(s),
+        (true, [h]) => number(h),
+        (true, [h, m]) => number(h) && below_60(m),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn slurm_time_forms() {
+        for ok in ["30", "30:00", "1:30:00", "2-0", "2-12:30", "2-12:30:15", "0:59"] {
+            assert!(super::is_slurm_time(ok), "{ok}");
+        }
+        for bad in ["abc", "25:99", "", "1:2:3:4", "-5", "1h", "2-", "1:60:00"] {
+            assert!(!super::is_slurm_time(bad), "{bad}");
+        }
     }
 }

@@ -153,6 +153,10 @@ impl Store {
         if stored.id != id {
             return Err(Error::data(&path, format!("holds cell `{}`, not `{id}`", stored.id)));
         }
+        if let Some(why) = record_problem(&stored, self.per_sample_csv(id)?.as_deref()) {
+            let hint = format!("`dynrobust run` on this directory moves it to {} and computes the cell again", self.corrupt_dir().display());
+            return Err(Error::data(&path, format!("damaged cell record: {why}; {hint}")));
+        }
         Ok(stored)
     }
 
@@ -226,7 +230,11 @@ impl Store {
         if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
             return Ok(Some(format!("not JSON: {e}")));
         }
-        Ok((!self.has_per_sample_csv(id)).then(|| "its per-sample CSV is missing".to_string()))
+        let Some(csv) = self.per_sample_csv(id)? else { return Ok(Some("its per-sample CSV is missing".to_string())) };
+        Ok(match serde_json::from_str::<StoredCell>(&text) {
+            Ok(stored) => record_problem(&stored, Some(&csv)),
+            Err(_) => None, // another schema: load refuses it with the reason
+        })
     }
 
     /// `DIR/cells/stale`: where [`Store::retire`] moves results.
@@ -249,6 +257,69 @@ impl Store {
 
     fn csv_path(&self, id: &str) -> PathBuf {
         self.cells_dir().join(format!("{id}.csv"))
+    }
+}
+
+/// What is wrong with a stored cell that parses — edited or damaged outside dynrobust — or
+/// `None`: its id must be its config's hash; the headline metrics must be present and in range
+/// (accuracies and rates in [0, 1] or null, costs ≥ 0 or null, `n` ≥ 1); its per-sample CSV
+/// (when given) must have a header, rows with the header's field count, and — when it has an
+/// `index` column — one row per image of `n`.
+fn record_problem(stored: &StoredCell, csv: Option<&str>) -> Option<String> {
+    let hashed = stored.cell.id();
+    if hashed != stored.id {
+        return Some(format!("its config hashes to `{hashed}`, not its id `{}` (the config was edited)", stored.id));
+    }
+    let r = &stored.record;
+    let in_range = |key: &str, ok: fn(f64) -> bool, what: &str| -> Option<String> {
+        match r.get(key) {
+            None => Some(format!("field record.{key} is missing")),
+            Some(serde_json::Value::Null) => None,
+            Some(v) => match v.as_f64() {
+                Some(x) if ok(x) => None,
+                _ => Some(format!("field record.{key} = {v}: expected {what}")),
+            },
+        }
+    };
+    let unit = |x: f64| (0.0..=1.0).contains(&x);
+    let cost = |x: f64| x.is_finite() && x >= 0.0;
+    for (key, ok, what) in [("clean_acc", unit as fn(f64) -> bool, "a number in [0, 1]"), ("adv_acc", unit, "a number in [0, 1]"), ("clean_cost", cost, "a number ≥ 0"), ("adv_cost", cost, "a number ≥ 0")] {
+        if let Some(why) = in_range(key, ok, what) {
+            return Some(why);
+        }
+    }
+    if let Some(v) = r.get("fooled_rate").filter(|v| !v.is_null()) {
+        if !v.as_f64().is_some_and(unit) {
+            return Some(format!("field record.fooled_rate = {v}: expected a number in [0, 1]"));
+        }
+    }
+    let n = match r.get("n") {
+        None => None,
+        Some(v) => match v.as_u64().filter(|&n| n >= 1) {
+            Some(n) => Some(n),
+            None => return Some(format!("field record.n = {v}: expected a whole number ≥ 1")),
+        },
+    };
+    csv.and_then(|text| csv_problem(text, n))
+}
+
+/// What is wrong with a per-sample CSV, or `None` (see [`record_problem`]).
+fn csv_problem(text: &str, n: Option<u64>) -> Option<String> {
+    let mut lines = text.lines().filter(|l| !l.is_empty());
+    let Some(header) = lines.next() else { return Some("its per-sample CSV is empty".into()) };
+    let columns: Vec<&str> = header.split(',').collect();
+    let mut rows = 0u64;
+    for (i, line) in lines.enumerate() {
+        let fields = line.split(',').count();
+        if fields != columns.len() {
+            return Some(format!("its per-sample CSV's line {} has {fields} fields, its header {}", i + 2, columns.len()));
+        }
+        rows += 1;
+    }
+    match (n, columns.contains(&"index")) {
+        (Some(n), true) if rows != n => Some(format!("its per-sample CSV has {rows} rows for n = {n} images")),
+        _ if rows == 0 => Some("its per-sample CSV has no rows".into()),
+        _ => None,
     }
 }
 

@@ -189,6 +189,37 @@ fn a_corrupt_record_is_reported_by_file() {
     assert!(kept.contains(&"{ not json".to_string()), "{kept:?}");
 }
 
+/// Records that still parse but were edited or damaged outside dynrobust: `load` (report,
+/// merge) refuses each naming the file and the field, and a rerun sets them aside (kept) and
+/// computes them again.
+#[test]
+fn an_edited_record_or_damaged_csv_is_refused_then_recomputed() {
+    let study = small_study();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SMALL, false).unwrap();
+    let cells = &study.cells[..4];
+    run_cells(&Fake::default(), cells, &store, 1, false).unwrap();
+    let json = |i: usize| store.cells_dir().join(format!("{}.json", cells[i].id));
+    let edit = |i: usize, f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(json(i)).unwrap()).unwrap();
+        f(&mut v);
+        fs::write(json(i), v.to_string()).unwrap();
+    };
+    edit(0, &|v| v["record"]["adv_acc"] = serde_json::json!(7.5));
+    edit(1, &|v| v["cell"]["n"] = serde_json::json!(17));
+    edit(2, &|v| v["record"]["clean_cost"] = serde_json::json!("high"));
+    fs::write(store.cells_dir().join(format!("{}.csv", cells[3].id)), "sample,clean_correct,adv_correct\n0,true\n").unwrap();
+    for (i, says) in [(0, "record.adv_acc = 7.5"), (1, "hashes to"), (2, "record.clean_cost = \"high\""), (3, "line 2 has 2 fields")] {
+        let err = store.load(&cells[i].id).unwrap_err().to_string();
+        assert!(err.contains(&json(i).display().to_string()) && err.contains(says) && err.contains("cells/corrupt"), "{err}");
+    }
+    assert!(store.load_all().is_err());
+    let summary = run_cells(&Fake::default(), cells, &store, 1, false).unwrap();
+    assert_eq!((summary.skipped, summary.finished), (0, 4));
+    assert_eq!(store.load_all().unwrap().len(), 4);
+    assert_eq!(fs::read_dir(store.corrupt_dir()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json")).count(), 4);
+}
+
 #[test]
 fn a_different_study_is_refused_unless_forced() {
     let dir = tempfile::tempdir().unwrap();

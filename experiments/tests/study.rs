@@ -212,6 +212,17 @@ fn malformed() -> Vec<(String, &'static str, &'static str)> {
         (format!("eps = [\"8/255\"]\n{base}[[include]]\neps = \"eight\"\n"), "9:7", "include.eps"),
         (format!("{base}[[overrides]]\nmatch = {{ attack = \"ilfo\" }}\nparams = {{ steps = 1 }}\n"), "8:20", "overrides.match.attack"),
         (format!("{base}surrogates = [\"self\", \"resnet\"]\n"), "7:23", "attacks.surrogates"),
+        (base.replace("name = \"x\"", "name = \"../x\""), "1:8", "plain name"),
+        (base.replace("name = \"x\"", "name = \"/tmp/x\""), "1:8", "runs/<name>"),
+        (base.replace("n = 4", "n = 10001"), "3:5", "only 10000 images"),
+        (format!("{base}[[variants]]\nname = \"v\"\nbase = \"gated\"\nthreshold = 0.5\n"), "10:13", "`gated` is a gated model"),
+        (format!("{base}[[variants]]\nname = \"v\"\nbase = \"skipnet\"\nexits = [1, 2]\n"), "10:9", "`exits` applies to early-exit"),
+        (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", epochs = 0 }}\n"), "9:9", "epochs"),
+        (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", lr = -1.0 }}\n"), "9:9", "lr"),
+        (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", target_rate = 5.0 }}\n"), "9:9", "target_rate"),
+        (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", threshold = 0.5 }}\n"), "9:9", "applies to an sdn"),
+        (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", data = \"npy:/nonexistent\" }}\n"), "9:9", "no directory"),
+        (base.replace("\"mnist\"", "\"npy:/nonexistent/dir\""), "2:8", "no directory /nonexistent/dir"),
     ]
 }
 

@@ -129,7 +129,32 @@ fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         return Err(Error::checkpoint(path, "weights file not found"));
     }
     let tensors = Tensor::read_safetensors(path).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    for (name, t) in &tensors {
+        check_weights(path, name, t)?;
+    }
     Ok(tensors.into_iter().collect())
+}
+
+/// A weight must be a float tensor with finite values; batch-norm running variances must not
+/// be negative (the square root of one is NaN). Damaged files otherwise load and quietly give
+/// 0 % accuracy.
+fn check_weights(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    let kind = t.kind();
+    if !matches!(kind, tch::Kind::Float | tch::Kind::Double | tch::Kind::Half | tch::Kind::BFloat16) {
+        // an int64 count (e.g. batch norm's `num_batches_tracked`) is not a weight dynrobust reads
+        if name.ends_with("num_batches_tracked") {
+            return Ok(());
+        }
+        return Err(Error::checkpoint(path, format!("tensor `{name}` has dtype {kind:?}: expected a float tensor")));
+    }
+    let bad = t.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]);
+    if bad > 0 {
+        return Err(Error::checkpoint(path, format!("tensor `{name}` holds {bad} non-finite value(s) (NaN or ±inf)")));
+    }
+    if name.ends_with("running_var") && t.numel() > 0 && t.min().double_value(&[]) < 0.0 {
+        return Err(Error::checkpoint(path, format!("tensor `{name}` holds a negative variance")));
+    }
+    Ok(())
 }
 
 /// Loads every variable of `net` from a safetensors file; every name must be present with the

@@ -137,9 +137,7 @@ impl ModelConfig {
             return Err(Error::config("std", "expected positive values"));
         }
         match self.mechanism {
-            Mechanism::Sdn { threshold } if !(threshold > 0.0 && threshold.is_finite()) => {
-                Err(Error::config("mechanism.threshold", format!("{threshold}: expected a finite value > 0")))
-            }
+            Mechanism::Sdn { threshold } if !(threshold > 0.0 && threshold <= 1.0) => Err(Error::config("mechanism.threshold", threshold_problem(threshold))),
             Mechanism::Gated { target_rate } | Mechanism::Skipnet { target_rate }
                 if !(0.0..=1.0).contains(&target_rate) =>
             {
@@ -153,4 +151,10 @@ impl ModelConfig {
     pub fn blocks(&self) -> usize {
         (self.widths.len() as i64 * self.blocks_per_stage) as usize
     }
+}
+
+/// What is wrong with an SDN exit threshold outside (0, 1]: a max-softmax is at most 1, so a
+/// larger q would never let a sample exit — the static twin (`--twin`) is that model.
+pub fn threshold_problem(q: f64) -> String {
+    format!("{q}: expected 0 < q ≤ 1 (a max-softmax never exceeds 1; for no early exit at all use the static twin, --twin)")
 }

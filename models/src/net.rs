@@ -167,10 +167,10 @@ impl Net {
     /// Overrides the SDN exit threshold q (error for models without exits).
     pub fn set_threshold(&mut self, q: f64) -> Result<()> {
         if !matches!(self.mech, Mech::Exits(_)) {
-            return Err(Error::Model { model: self.name(), problem: "--threshold applies only to early-exit (sdn) models".into() });
+            return Err(Error::Model { model: self.name(), problem: "an exit threshold applies only to early-exit (sdn) models".into() });
         }
-        if q.is_nan() || q <= 0.0 {
-            return Err(Error::config("threshold", format!("{q}: expected a value > 0")));
+        if !(q > 0.0 && q <= 1.0) {
+            return Err(Error::config("threshold", crate::config::threshold_problem(q)));
         }
         self.threshold = q;
         Ok(())

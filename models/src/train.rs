@@ -228,6 +228,7 @@ pub fn optimise(
     label: &str,
     mut batch_loss: impl FnMut(&Net, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<TrainReport> {
+    dynrobust_core::check_labels_fit(&data.labels, net.config().classes, &net.name())?;
     tch::manual_seed(schedule.seed as i64);
     on_live_weights(net, |net| {
         let ic_only = matches!(net.config().mechanism, Mechanism::Sdn { .. });
@@ -353,6 +354,7 @@ pub fn evaluate(model: &dyn DynamicModel, data: &Dataset, batch: i64) -> Result<
     let mut gates: Vec<Vec<Tensor>> = Vec::new();
     for (x, y) in data.batches(batch) {
         let trace = model.forward_trace(&x, Pass::Sparse)?;
+        dynrobust_core::check_labels_fit(&y, trace.logits.size()[1], &model.name())?;
         correct += metrics::correct(&trace.logits, &y).sum(Kind::Int64).int64_value(&[]);
         cost_sum += cost_of(&trace, model).sum(Kind::Double).double_value(&[]);
         if let Some(e) = trace.exit_index {

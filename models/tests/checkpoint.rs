@@ -192,3 +192,24 @@ fn the_committed_sdn_carries_the_static_backbone_bit_for_bit() {
     let extra: Vec<&String> = sdn.keys().filter(|k| !backbone.iter().any(|(n, _)| n == *k)).collect();
     assert!(!extra.is_empty() && extra.iter().all(|k| k.starts_with("exits.")), "{extra:?}");
 }
+
+/// Weights that would load and quietly score 0 %: a NaN, a negative batch-norm variance, an
+/// integer tensor. Each is refused naming the file and the tensor.
+#[test]
+fn damaged_weights_are_refused_naming_the_tensor() {
+    let src = checkpoint::committed_dir("static");
+    let tensors = tch::Tensor::read_safetensors(src.join("model.safetensors")).unwrap();
+    let damaged = |name: &str, f: &dyn Fn(&tch::Tensor) -> tch::Tensor| {
+        let dir = common::scratch(&format!("damaged-{}", name.replace('.', "-")));
+        std::fs::copy(src.join("model.json"), dir.join("model.json")).unwrap();
+        let out: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), if n == name { f(t) } else { t.shallow_clone() })).collect();
+        tch::Tensor::write_safetensors(&out, dir.join("model.safetensors")).unwrap();
+        checkpoint::load(&dir, Device::Cpu).map(|_| ()).unwrap_err().to_string()
+    };
+    let err = damaged("head.weight", &|t| t.fill(f64::NAN));
+    assert!(err.contains("model.safetensors") && err.contains("`head.weight`") && err.contains("non-finite"), "{err}");
+    let err = damaged("stem.bn.running_var", &|t| -t);
+    assert!(err.contains("`stem.bn.running_var`") && err.contains("negative variance"), "{err}");
+    let err = damaged("head.bias", &|t| t.to_kind(tch::Kind::Int64));
+    assert!(err.contains("`head.bias`") && err.contains("Int64"), "{err}");
+}

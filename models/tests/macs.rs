@@ -115,7 +115,7 @@ fn per_exit_cost_of_the_sdn_by_hand() {
     }
     // and a pass's per-sample MACs use the same accounting: every sample forced to the head
     let mut all_head = net;
-    all_head.set_threshold(1.5).unwrap(); // no softmax reaches 1.5: nobody exits early
+    all_head.set_threshold(1.0).unwrap(); // a near-uniform softmax of random weights never reaches 1: nobody exits early
     let x = tch::Tensor::rand([4, 1, 28, 28], (tch::Kind::Float, tch::Device::Cpu));
     for pass in [Pass::Dense, Pass::Sparse] {
         let t = all_head.forward_trace(&x, pass).unwrap();
