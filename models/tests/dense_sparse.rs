@@ -46,7 +46,7 @@ fn passes_agree_on_512_test_images_for_every_committed_model() {
 fn sdn_passes_agree_at_every_threshold() {
     let data = common::test_images(512);
     let mut sdn = common::committed("sdn");
-    for q in [0.5, 0.8, 0.9, 0.99, 1.5] {
+    for q in [0.5, 0.8, 0.9, 0.99, 1.0] {
         sdn.set_threshold(q).unwrap();
         assert_passes_agree(&sdn, &data.images, &format!("sdn q={q}"));
     }
