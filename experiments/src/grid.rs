@@ -388,7 +388,7 @@ impl Cx<'_> {
         let base = self.variant_base(name, v)?;
         let family = match &v.train {
             Some(t) => t.get_ref().get("model").and_then(|m| m.as_str()).map(str::to_string),
-            None => dynrobust_models::checkpoint::resolve(&base).ok().and_then(|dir| dynrobust_models::checkpoint::read_sidecar(&dir).ok()).map(|s| s.architecture.mechanism.kind_name().to_string()),
+            None => self.family_of(&base),
         };
         if let Some(family) = family.filter(|f| f != "sdn") {
             if let Some((key, span)) = v.threshold.as_ref().map(|t| ("threshold", t.span())).or(v.exits.as_ref().map(|e| ("exits", e.span()))) {
@@ -411,6 +411,14 @@ impl Cx<'_> {
             blocks
         });
         Ok(ModelRef { name: name.to_string(), base, threshold, exits, train, twin })
+    }
+
+    /// The family (`static`, `sdn`, `gated`, `skipnet`) of a checkpoint named by `base`, from
+    /// its sidecar; `None` when that cannot be read here (a TorchScript file, a variant still
+    /// to be trained).
+    fn family_of(&self, base: &str) -> Option<String> {
+        let dir = dynrobust_models::checkpoint::resolve(base).ok()?;
+        Some(dynrobust_models::checkpoint::read_sidecar(&dir).ok()?.architecture.mechanism.kind_name().to_string())
     }
 
     /// `base`, else `train.model`; either must be a registry model (or a directory for `base`).
@@ -606,6 +614,25 @@ impl Cx<'_> {
     /// attack it meets adaptively needs one (ILFO's faithful box has none).
     fn check_pairs(&self, raw: &RawStudy, configs: &[CellConfig]) -> Result<()> {
         use dynrobust_defenses::registry::DefenseSpec;
+        let span_of = |label: &str| {
+            let entry = raw.defenses.iter().flat_map(|l| l.get_ref()).map(|d| d.get_ref()).find(|d| d.label.as_ref().unwrap_or(&d.name).get_ref() == label);
+            entry.map_or(0..0, RawDefense::params_span)
+        };
+        for c in configs {
+            // a training-time defense's checkpoint, with `{model}` filled in, must exist
+            if let Ok(DefenseSpec::Trained { checkpoint: path, .. }) = DefenseSpec::parse(&c.defense.name, &c.defense.params) {
+                let filled = path.replace("{model}", &c.model.base);
+                if dynrobust_models::checkpoint::resolve(&filled).is_err() {
+                    let why = format!("defense `{}`: checkpoint `{path}` for model `{}` is `{filled}`, which is no checkpoint (`{{model}}` is the only placeholder)", c.defense.label, c.model.name);
+                    return Err(self.err(&span_of(&c.defense.label), why));
+                }
+            }
+            // a compute budget caps gates or exits: a static model has neither
+            if c.defense.name == "budget" && self.family_of(&c.model.base).as_deref() == Some("static") && c.model.train.is_none() {
+                let why = format!("defense `{}` (a compute budget) meets model `{}`, which is static: nothing to cap; add [[exclude]] with model = \"{}\" and defense = \"{}\"", c.defense.label, c.model.name, c.model.name, c.defense.label);
+                return Err(self.err(&span_of(&c.defense.label), why));
+            }
+        }
         for c in configs.iter().filter(|c| c.defense.name == "squeeze" && c.defense.mode == Some(DefenseMode::Adaptive)) {
             let Ok(DefenseSpec::Squeeze(cfg)) = DefenseSpec::parse("squeeze", &c.defense.params) else { continue };
             if cfg.attacker != dynrobust_defenses::squeeze::SqueezeAttacker::Penalty || !dynrobust_attacks::registry::names().contains(&c.attack.name.as_str()) {

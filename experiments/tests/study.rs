@@ -215,6 +215,8 @@ fn malformed() -> Vec<(String, &'static str, &'static str)> {
         (base.replace("name = \"x\"", "name = \"../x\""), "1:8", "plain name"),
         (base.replace("name = \"x\"", "name = \"/tmp/x\""), "1:8", "runs/<name>"),
         (base.replace("n = 4", "n = 10001"), "3:5", "only 10000 images"),
+        (format!("{base}[[defenses]]\nname = \"pgd-at\"\nparams = {{ checkpoint = \"models/checkpoints/{{modle}}-pgd-at\" }}\n"), "9:10", "no checkpoint"),
+        (base.replace("[\"sdn\"]", "[\"sdn\", \"static\"]") + "[[defenses]]\nname = \"budget\"\nparams = { max_blocks = 2 }\n", "9:10", "model `static`, which is static"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"gated\"\nthreshold = 0.5\n"), "10:13", "`gated` is a gated model"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"skipnet\"\nexits = [1, 2]\n"), "10:9", "`exits` applies to early-exit"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", epochs = 0 }}\n"), "9:9", "epochs"),
