@@ -168,6 +168,7 @@ pub fn run_attack_on(
     on_batch: &mut dyn FnMut(i64),
 ) -> Result<AttackOutcome> {
     attack.check_model(craft)?;
+    check_budget(attack)?;
     if batch < 1 {
         return Err(dynrobust_core::Error::config("batch", format!("{batch}: expected ≥ 1")));
     }
@@ -300,4 +301,16 @@ fn normalised_square_sum(delta: &Tensor, std: &[f64]) -> Result<f64> {
     let inv: Vec<f64> = std.iter().map(|s| 1.0 / s).collect();
     let scale = crate::tanh_box::per_channel(&inv, delta.device());
     Ok((delta * scale).square().sum(Kind::Double).double_value(&[]))
+}
+
+/// An L∞ budget above 1 spans the whole [0, 1] pixel box: not a perturbation budget, most
+/// likely 8 written for 8/255.
+pub fn check_budget(attack: &dyn Attack) -> Result<()> {
+    match attack.budget() {
+        Some((eps, dynrobust_core::attack::Norm::Linf)) if eps > 1.0 => Err(dynrobust_core::Error::config(
+            "eps",
+            format!("{eps}: an L∞ budget above 1 covers the whole [0, 1] pixel range; expected ≤ 1 (8/255 is written \"8/255\")"),
+        )),
+        _ => Ok(()),
+    }
 }

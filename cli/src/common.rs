@@ -43,9 +43,14 @@ impl DataArgs {
     /// The first `n` images of `split` (all when `None`), refusing an `--n` larger than the
     /// split rather than quietly running fewer images than asked for.
     pub fn load_exactly(&self, split: Split, n: Option<i64>) -> Result<Dataset> {
-        let set = self.load(split, n)?;
+        self.load_exactly_as("--n", split, n)
+    }
+
+    /// [`DataArgs::load_exactly`] with `n` given by the option `flag`.
+    pub fn load_exactly_as(&self, flag: &str, split: Split, n: Option<i64>) -> Result<Dataset> {
+        let set = self.load_as(flag, split, n)?;
         match n {
-            Some(n) if n > set.len() => bail!("--n {n}: {} has only {} images", set.name, set.len()),
+            Some(n) if n > set.len() => bail!("{flag} {n}: {} has only {} images", set.name, set.len()),
             _ => Ok(set),
         }
     }

@@ -39,15 +39,16 @@ pub struct EvalArgs {
     /// Choose the SDN threshold as DeepSloth does: the q in 0.05, 0.10, …, 0.95 of least
     /// mean cost whose accuracy stays within RAD percent (relative) of the final head's
     /// (the paper uses 5 and 15); the evaluation then runs at that q.
-    #[arg(long, value_name = "RAD")]
+    #[arg(long, value_name = "RAD", conflicts_with = "threshold")]
     calibrate_rad: Option<f64>,
     /// Images the calibration sweeps: the first N of the training split (default, so the
     /// evaluated test images play no part in the choice) or the evaluated test images.
     #[arg(long, value_enum, default_value = "train", requires = "calibrate_rad")]
     calibrate_on: CalibrateOn,
-    /// How many training images the calibration sweeps (with `--calibrate-on train`).
-    #[arg(long, default_value_t = 10_000, requires = "calibrate_rad")]
-    calibrate_n: i64,
+    /// How many training images the calibration sweeps (with `--calibrate-on train`)
+    /// [default: 10000].
+    #[arg(long, requires = "calibrate_rad")]
+    calibrate_n: Option<i64>,
 }
 
 /// Where `--calibrate-rad` sweeps its thresholds.
@@ -122,9 +123,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
 fn calibrate(net: &mut dynrobust_models::AnyModel, args: &EvalArgs, test: &dynrobust_core::data::Dataset, rad: f64) -> Result<dynrobust_models::calibrate::Calibration> {
     let train;
     let images = match args.calibrate_on {
+        CalibrateOn::Test if args.calibrate_n.is_some() => anyhow::bail!("--calibrate-n with --calibrate-on test: the sweep runs on the evaluated test images (set their number with --n)"),
         CalibrateOn::Test => test,
         CalibrateOn::Train => {
-            train = args.data.load_as("--calibrate-n", Split::Train, Some(args.calibrate_n)).context("--calibrate-on train")?.to_device(test.images.device());
+            // an explicit count must be there; the default takes up to 10,000
+            let set = match args.calibrate_n {
+                Some(n) => args.data.load_exactly_as("--calibrate-n", Split::Train, Some(n)),
+                None => args.data.load(Split::Train, Some(10_000)),
+            };
+            train = set.context("--calibrate-on train")?.to_device(test.images.device());
             &train
         }
     };

@@ -429,6 +429,9 @@ fn find_idx_file(dir: &Path, name: &str) -> Option<PathBuf> {
 
 /// Loads the IDX image and label files of `split` from `dir` (plain or gzipped).
 pub fn load_idx_dir(dir: &Path, split: Split) -> Result<Dataset> {
+    if dir.is_file() {
+        return Err(Error::data(dir, "is a file: expected the directory holding the IDX files (t10k-images-idx3-ubyte.gz …)"));
+    }
     if !dir.is_dir() {
         return Err(Error::DataMissing(format!(
             "data directory {} does not exist; install Fashion-MNIST with `make data` \

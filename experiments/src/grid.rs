@@ -595,7 +595,9 @@ impl Cx<'_> {
         if !dynrobust_attacks::registry::names().contains(&name) {
             return Ok(());
         }
-        dynrobust_attacks::registry::build(name, params).map(|_| ()).map_err(|e| self.err(span, format!("`{key}` of attack `{name}`: {e}")))
+        dynrobust_attacks::registry::build(name, params)
+            .and_then(|a| dynrobust_attacks::evaluate::check_budget(&*a))
+            .map_err(|e| self.err(span, format!("`{key}` of attack `{name}`: {e}")))
     }
 
     /// As [`Self::check_attack`], for a defense's params (a training-time defense's checkpoint
@@ -625,6 +627,14 @@ impl Cx<'_> {
                 if dynrobust_models::checkpoint::resolve(&filled).is_err() {
                     let why = format!("defense `{}`: checkpoint `{path}` for model `{}` is `{filled}`, which is no checkpoint (`{{model}}` is the only placeholder)", c.defense.label, c.model.name);
                     return Err(self.err(&span_of(&c.defense.label), why));
+                }
+            }
+            // ε comes from the study's lists, so the budget is checked with it here
+            if dynrobust_attacks::registry::names().contains(&c.attack.name.as_str()) {
+                if let Err(e) = dynrobust_attacks::registry::build(&c.attack.name, &c.attack_params()).and_then(|a| dynrobust_attacks::evaluate::check_budget(&*a)) {
+                    let entry = raw.attacks.get_ref().iter().map(|a| a.get_ref()).find(|a| a.label.as_ref().unwrap_or(&a.name).get_ref() == &c.attack.label);
+                    let span = entry.and_then(|a| a.eps.as_ref().map(|e| e.span())).or(raw.eps.as_ref().map(|e| e.span())).unwrap_or(0..0);
+                    return Err(self.err(&span, format!("attack `{}`: {e}", c.attack.label)));
                 }
             }
             // a compute budget caps gates or exits: a static model has neither

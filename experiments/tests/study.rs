@@ -215,6 +215,7 @@ fn malformed() -> Vec<(String, &'static str, &'static str)> {
         (base.replace("name = \"x\"", "name = \"../x\""), "1:8", "plain name"),
         (base.replace("name = \"x\"", "name = \"/tmp/x\""), "1:8", "runs/<name>"),
         (base.replace("n = 4", "n = 10001"), "3:5", "only 10000 images"),
+        (format!("eps = [8]\n{base}"), "1:7", "covers the whole [0, 1] pixel range"),
         (format!("{base}[[defenses]]\nname = \"pgd-at\"\nparams = {{ checkpoint = \"models/checkpoints/{{modle}}-pgd-at\" }}\n"), "9:10", "no checkpoint"),
         (base.replace("[\"sdn\"]", "[\"sdn\", \"static\"]") + "[[defenses]]\nname = \"budget\"\nparams = { max_blocks = 2 }\n", "9:10", "model `static`, which is static"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"gated\"\nthreshold = 0.5\n"), "10:13", "`gated` is a gated model"),

@@ -125,6 +125,9 @@ pub fn load(dir: &Path, device: Device) -> Result<(Net, Sidecar)> {
 }
 
 fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    if path.is_dir() {
+        return Err(Error::checkpoint(path, "is a directory: expected the safetensors weights file"));
+    }
     if !path.is_file() {
         return Err(Error::checkpoint(path, "weights file not found"));
     }

@@ -733,7 +733,10 @@ impl DynamicModel for Net {
         if dims.len() != 4 || dims[1] != c.in_channels || dims[2] != c.image_size || dims[3] != c.image_size {
             return Err(Error::Model {
                 model: self.name(),
-                problem: format!("input shape {dims:?}: expected [B,{},{},{}]", c.in_channels, c.image_size, c.image_size),
+                problem: format!(
+                    "input shape {dims:?}: the model takes [B,{},{},{}] ({} channel(s) of {}×{}); is the data set the one it was trained on?",
+                    c.in_channels, c.image_size, c.image_size, c.in_channels, c.image_size, c.image_size
+                ),
             });
         }
         Ok(match pass {
