@@ -176,8 +176,7 @@ pub fn run_attack_on(
     if n == 0 || labels.size() != [n] {
         return Err(dynrobust_core::Error::config("images", format!("{n} images with labels {:?}: expected at least one image and one label per image", labels.size())));
     }
-    let classes = model.forward_trace(&images.narrow(0, 0, 1), Pass::Sparse)?.logits.size()[1];
-    dynrobust_core::check_labels_fit(labels, classes, &model.name())?;
+    dynrobust_core::check_model_labels(model, images, labels)?;
     let mut acc = Acc { std: model.input_std(), ..Acc::default() };
     let mut advs = Vec::new();
     let mut seconds = 0.0;

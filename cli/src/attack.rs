@@ -196,6 +196,9 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     use dynrobust_defenses::registry::DefenseSpec;
     let name = args.defense.as_deref().unwrap_or("none");
     let spec = DefenseSpec::parse(name, &Value::Object(parse_sets("--defense-set", &args.defense_set)?)).with_context(|| format!("--defense {name}"))?;
+    if args.oblivious && matches!(spec, DefenseSpec::None) {
+        bail!("--oblivious with --defense none: there is no defense to be oblivious of");
+    }
     let mode = if args.oblivious { Adaptivity::Oblivious } else { spec.default_mode() };
     if args.surrogate.is_some() {
         bail!("--surrogate with --defense: run the transfer attack without --defense, or the defended attack without --surrogate");

@@ -40,6 +40,8 @@ pub struct BenchArgs {
 /// the same images, their ratio next to the mean cost) or `dynrobust bench attacks`.
 pub fn run(args: BenchArgs) -> Result<()> {
     args.device.device()?;
+    anyhow::ensure!(args.reps >= 1, "--reps {}: expected ≥ 1", args.reps);
+    anyhow::ensure!(args.n >= 1, "--n {}: expected ≥ 1", args.n);
     match args.what.as_str() {
         "sparse" => sparse(&args),
         "attacks" => attacks(&args),

@@ -33,6 +33,9 @@ impl DataArgs {
             bail!("{flag} {n}: expected ≥ 1");
         }
         let source = DataSpec::parse(&self.data)?;
+        if let (Some(dir), Some(_)) = (&self.data_dir, source.dir()) {
+            bail!("--data-dir {} with --data {}: --data-dir locates a shipped set (fashion-mnist, mnist); {} names its directory itself", dir.display(), self.data, self.data);
+        }
         let set = source.load(split, self.data_dir.as_deref())?;
         Ok(match n {
             Some(n) => set.take(n),

@@ -199,6 +199,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
         crate::common::prepare_attack_fit(&*attack, &args.data)?;
         crate::common::prepare_out_dir("--out", &args.out)?;
         let subset = train.take(args.attack_samples);
+        dynrobust_core::check_model_labels(&victim, &subset.images, &subset.labels)?;
         let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));
         let mut advs = Vec::new();
         for (x, y) in subset.batches(128) {
@@ -245,6 +246,8 @@ fn check_denoiser_args(args: &DenoiserArgs) -> Result<()> {
         anyhow::ensure!(args.attack_samples >= 1, "--attack-samples {}: expected ≥ 1", args.attack_samples);
     } else if !args.attack_set.is_empty() {
         anyhow::bail!("--attack-set without --attack: name the attack whose examples the denoiser trains on");
+    } else if args.attack_model != "sdn" {
+        anyhow::bail!("--attack-model without --attack: name the attack to craft on {}", args.attack_model);
     }
     Ok(())
 }

@@ -72,6 +72,12 @@ pub struct TrainArgs {
 }
 
 fn mechanism(args: &TrainArgs) -> Result<Mechanism> {
+    if args.threshold.is_some() && args.model != "sdn" {
+        bail!("--threshold applies to --model sdn, not {}", args.model);
+    }
+    if args.target_rate.is_some() && !["gated", "skipnet"].contains(&args.model.as_str()) {
+        bail!("--target-rate applies to --model gated or skipnet, not {}", args.model);
+    }
     match Mechanism::family(&args.model, args.threshold, args.target_rate) {
         Some(m) => Ok(m),
         None => bail!("--model `{}`: expected one of static, sdn, gated, skipnet", args.model),
@@ -138,10 +144,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
 fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism, from_static_by_default: bool) -> Result<Option<String>> {
     let default = if from_static_by_default { "static" } else { "none" };
     let init = args.init.clone().unwrap_or_else(|| default.into());
-    if matches!(mechanism, Mechanism::Static) || init == "none" {
+    if matches!(mechanism, Mechanism::Static) {
+        anyhow::ensure!(args.init.is_none(), "--init with --model static: the static model trains from scratch");
+        return Ok(None);
+    }
+    if init == "none" {
         return Ok(None);
     }
     let dir = checkpoint::resolve(&init).with_context(|| format!("--init {init}: the {} model starts from static weights; train `static` first (or pass --init none)", args.model))?;
+    let family = checkpoint::read_sidecar(&dir)?.architecture.mechanism.kind_name();
+    anyhow::ensure!(family == "static", "--init {init}: a {family} checkpoint; the {} model starts from a static checkpoint's weights", args.model);
     let fresh = checkpoint::init_from(net, &dir.join(checkpoint::WEIGHTS_FILE))?;
     eprintln!("initialised from {} ({} new tensors)", dir.display(), fresh.len());
     Ok(Some(crate::common::project_relative(&dir)))

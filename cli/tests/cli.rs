@@ -313,6 +313,13 @@ fn bad_options_are_refused_at_once_naming_the_option() {
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--defense-set", "bits=4", "--n", "8"], "--defense-set without --defense"),
         (vec!["attack", "--model", "sdn", "--attack", "deepsloth", "--set", "variant=\"universal\"", "--n", "8"], "variant"),
         (vec!["attack", "--model", "static", "--attack", "apgd-t", "--set", "targets=0", "--n", "8"], "targeted attack: expected targets ≥ 1"),
+        (vec!["attack", "--model", "static", "--attack", "fgsm", "--eps", "8", "--n", "8"], "L∞ budget above 1"),
+        (vec!["attack", "--model", "static", "--attack", "fgsm", "--defense", "none", "--oblivious", "--n", "8"], "no defense to be oblivious of"),
+        (vec!["train", "--model", "static", "--threshold", "0.5", "--out", under], "--threshold applies to --model sdn"),
+        (vec!["train", "--model", "sdn", "--target-rate", "0.5", "--out", under], "--target-rate applies"),
+        (vec!["train", "--model", "sdn", "--init", "gated", "--train-samples", "32", "--out", under], "a gated checkpoint"),
+        (vec!["eval", "--model", "sdn", "--calibrate-rad", "5", "--calibrate-on", "test", "--calibrate-n", "50", "--n", "8"], "--calibrate-n with --calibrate-on test"),
+        (vec!["bench", "sparse", "--reps", "0"], "--reps 0"),
     ];
     for (args, says) in cases {
         let t0 = std::time::Instant::now();
@@ -350,7 +357,7 @@ fn labels_beyond_the_models_classes_are_refused() {
 #[test]
 fn a_training_time_defense_checkpoint_of_another_model_is_refused() {
     let args = |ckpt: &str| vec!["attack".to_string(), "--model".into(), "gated".into(), "--attack".into(), "fgsm".into(), "--n".into(), "8".into(), "--defense".into(), "pgd-at".into(), "--defense-set".into(), format!("checkpoint={ckpt}")];
-    for (ckpt, says) in [("sdn-pgd-at", "early-exit model"), ("gated", "not a `pgd-at` checkpoint")] {
+    for (ckpt, says) in [("sdn-pgd-at", "family is early-exit"), ("gated", "not a `pgd-at` checkpoint")] {
         let a = args(ckpt);
         let out = dynrobust(&a.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(!out.status.success() && stderr(&out).contains(says), "{ckpt}: {}", stderr(&out));

@@ -221,6 +221,9 @@ impl DataSource {
         Ok(set)
     }
     fn locate(self) -> Result<PathBuf> {
+        if let Some(root) = std::env::var_os("DYNROBUST_DATA_DIR").map(PathBuf::from).filter(|r| !r.is_dir()) {
+            return Err(Error::DataMissing(format!("DYNROBUST_DATA_DIR={}: no such directory (it should hold {}/)", root.display(), self.name())));
+        }
         let dirs = self.search_dirs();
         for dir in &dirs {
             let probe = match self {

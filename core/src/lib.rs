@@ -30,4 +30,4 @@ pub const SOURCE_COMMIT: &str = env!("DYNROBUST_SOURCE_COMMIT");
 /// `0.1.0 (commit 1a2b3c4d5e6f)`: the version with [`SOURCE_COMMIT`], as `dynrobust --version`
 /// prints it.
 pub const VERSION_LINE: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("DYNROBUST_SOURCE_COMMIT"), ")");
-pub use protocol::{check_labels_fit, cost_of, CutTrace, macs_from_executed, static_macs, DynamicModel, Family, Pass, Trace, Unit, UnitKind};
+pub use protocol::{check_labels_fit, check_model_labels, cost_of, CutTrace, macs_from_executed, static_macs, DynamicModel, Family, Pass, Trace, Unit, UnitKind};

@@ -225,3 +225,13 @@ pub fn check_labels_fit(labels: &Tensor, classes: i64, model: &str) -> crate::Re
     }
     Ok(())
 }
+
+/// [`check_labels_fit`] for `model`, its class count read from one probe pass on the first
+/// image (for callers that have not run the model yet).
+pub fn check_model_labels(model: &(impl DynamicModel + ?Sized), images: &Tensor, labels: &Tensor) -> crate::Result<()> {
+    if images.size().first().copied().unwrap_or(0) == 0 {
+        return Ok(());
+    }
+    let classes = tch::no_grad(|| model.forward_trace(&images.narrow(0, 0, 1), Pass::Sparse))?.logits.size()[1];
+    check_labels_fit(labels, classes, &model.name())
+}

@@ -122,6 +122,7 @@ pub fn run_defended(
     };
     let attack: &dyn Attack = wrapped.as_deref().unwrap_or(attack);
     let first = data.images.narrow(0, 0, batch.min(data.len()));
+    dynrobust_core::check_model_labels(&*eval, &data.images, &data.labels)?;
     // the gradient checks look at the model the attack differentiates (adaptive) — for
     // feature squeezing that is the squeezer's view, not the bare model it is evaluated on
     let checked: &dyn DynamicModel = if mode == Adaptivity::Adaptive { craft_model } else { &*eval };
@@ -215,7 +216,7 @@ fn describe(defense: &DefenseSpec) -> Result<(String, String, Value)> {
 fn check_trained_defense(victim: &AnyModel, trained: &dynrobust_models::Net, sidecar: &dynrobust_models::checkpoint::Sidecar, recipe: &str, dir: &std::path::Path) -> Result<()> {
     let (theirs, ours) = (trained.family().kind_name(), victim.family().kind_name());
     if theirs != ours {
-        return Err(Error::checkpoint(dir, format!("the `{recipe}` checkpoint is a {theirs} model, the attacked model {} is {ours}: pass the checkpoint made from it", victim.name())));
+        return Err(Error::checkpoint(dir, format!("the `{recipe}` checkpoint's family is {theirs}, the attacked model {}'s {ours}: pass the checkpoint made from it", victim.name())));
     }
     let command = &sidecar.training.command;
     if !command.split_whitespace().collect::<Vec<_>>().windows(2).any(|w| w == ["--recipe", recipe]) {

@@ -350,7 +350,14 @@ impl Cx<'_> {
         // study is read from, so its cells keep their ids and `merge` works from anywhere
         let found = locate_path(n);
         let script = dynrobust_models::any::is_torchscript(n) && found.as_ref().is_some_and(|p| p.is_file());
-        if script || found.as_ref().is_some_and(|p| p.is_dir()) {
+        if script {
+            return Ok(plain(canonical_path_name(n).unwrap_or_else(|| n.to_string())));
+        }
+        if let Some(dir) = found.filter(|p| p.is_dir()) {
+            // its sidecar now (architecture, mechanism), not in every cell once the run starts
+            if let Err(e) = dynrobust_models::checkpoint::read_sidecar(&dir) {
+                return Err(self.err(&name.span(), format!("`{key}`: model `{n}`: {e}")));
+            }
             return Ok(plain(canonical_path_name(n).unwrap_or_else(|| n.to_string())));
         }
         let mut valid: Vec<&str> = self.registry.models.iter().map(String::as_str).collect();
@@ -380,8 +387,8 @@ impl Cx<'_> {
             }
         }
         let threshold = match &v.threshold {
-            Some(t) if !(0.0..=1.0).contains(t.get_ref()) => {
-                return Err(self.err(&t.span(), format!("variant `{name}`: `threshold` = {} is not in [0, 1]", t.get_ref())))
+            Some(t) if !(*t.get_ref() > 0.0 && *t.get_ref() <= 1.0) => {
+                return Err(self.err(&t.span(), format!("variant `{name}`: `threshold` = {}", dynrobust_models::config::threshold_problem(*t.get_ref()))))
             }
             t => t.as_ref().map(|t| *t.get_ref()),
         };
@@ -417,8 +424,13 @@ impl Cx<'_> {
     /// its sidecar; `None` when that cannot be read here (a TorchScript file, a variant still
     /// to be trained).
     fn family_of(&self, base: &str) -> Option<String> {
+        Some(self.sidecar_of(base)?.architecture.mechanism.kind_name().to_string())
+    }
+
+    /// The sidecar of the checkpoint `base` names (see [`Self::family_of`]).
+    fn sidecar_of(&self, base: &str) -> Option<dynrobust_models::checkpoint::Sidecar> {
         let dir = dynrobust_models::checkpoint::resolve(base).ok()?;
-        Some(dynrobust_models::checkpoint::read_sidecar(&dir).ok()?.architecture.mechanism.kind_name().to_string())
+        dynrobust_models::checkpoint::read_sidecar(&dir).ok()
     }
 
     /// `base`, else `train.model`; either must be a registry model (or a directory for `base`).
@@ -638,8 +650,17 @@ impl Cx<'_> {
                 }
             }
             // a compute budget caps gates or exits: a static model has neither
-            if c.defense.name == "budget" && self.family_of(&c.model.base).as_deref() == Some("static") && c.model.train.is_none() {
-                let why = format!("defense `{}` (a compute budget) meets model `{}`, which is static: nothing to cap; add [[exclude]] with model = \"{}\" and defense = \"{}\"", c.defense.label, c.model.name, c.model.name, c.defense.label);
+            if c.defense.name == "budget" && c.model.train.is_none() {
+                let Some(sidecar) = self.sidecar_of(&c.model.base) else { continue };
+                let blocks = sidecar.architecture.widths.len() as u64 * sidecar.architecture.blocks_per_stage as u64;
+                let max_blocks = c.defense.params.get("max_blocks").and_then(|m| m.as_u64()).unwrap_or(dynrobust_defenses::guards::BudgetConfig::default().max_blocks as u64);
+                let why = if sidecar.architecture.mechanism.kind_name() == "static" {
+                    format!("defense `{}` (a compute budget) meets model `{}`, which is static: nothing to cap; add [[exclude]] with model = \"{}\" and defense = \"{}\"", c.defense.label, c.model.name, c.model.name, c.defense.label)
+                } else if max_blocks > blocks {
+                    format!("defense `{}`: `max_blocks` = {max_blocks}, but model `{}` has {blocks} blocks: expected 0..={blocks}", c.defense.label, c.model.name)
+                } else {
+                    continue;
+                };
                 return Err(self.err(&span_of(&c.defense.label), why));
             }
         }

@@ -293,6 +293,7 @@ impl<E: Executor> Shared<'_, E> {
     }
 
     fn fail(&self, cell: &Cell, error: String) {
+        let error = dynrobust_core::error::libtorch_message(&error);
         self.say(format!("cell {} failed ({}): {error}", cell.id, cell.config.summary()));
         let failure = CellFailure { id: cell.id.clone(), cell: cell.config.summary(), error };
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).push(failure);

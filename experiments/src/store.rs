@@ -64,7 +64,7 @@ impl Store {
                 return Err(Error::data(
                     &copy,
                     "holds a different study than the one being run; use another output directory, \
-                     or force to replace the copy (finished cells are kept: ids name experiments)",
+                     or pass --force to replace the copy (finished cells are kept: ids name experiments)",
                 ))
             }
             Ok(_) => write_atomic(&copy, study_text.as_bytes())?,
@@ -103,7 +103,10 @@ impl Store {
     /// The stored copy of the study file.
     pub fn study_text(&self) -> Result<String> {
         let p = self.study_path();
-        fs::read_to_string(&p).map_err(|e| Error::io(&p, e))
+        fs::read_to_string(&p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::data(&p, "missing: `dynrobust run` keeps the study's copy there, which merge needs to know the cells a run should have"),
+            _ => Error::io(&p, e),
+        })
     }
 
     /// Ids of finished cells (those with a JSON file). Ignores temporary files, deleting stale ones.

@@ -81,7 +81,7 @@ impl ScriptModel {
         // between requiring gradients (attack steps) and not (evaluation): measured DeepSloth on
         // 128 images through the scripted `sdn`, 67 s with it, 9.1 s without (native: 9.6 s).
         tch::jit::set_profiling_mode(false);
-        let mut module = CModule::load_on_device(path, device).map_err(|e| Error::checkpoint(path, format!("not a loadable TorchScript module: {e}")))?;
+        let mut module = CModule::load_on_device(path, device).map_err(|e| Error::checkpoint(path, format!("not a loadable TorchScript module: {}", dynrobust_core::error::libtorch_message(&e.to_string()))))?;
         module.f_set_eval()?;
         for (_, p) in module.named_parameters()? {
             let _ = p.set_requires_grad(false);
