@@ -29,12 +29,13 @@ ensure_python() {
 }
 
 cmd_tools() {
-  if ! command -v "${CARGO:-cargo}" >/dev/null; then
+  local cargo_cmd=${CARGO:-cargo}
+  if ! command -v "${cargo_cmd%% *}" >/dev/null; then
     say "error: cargo not found. dynrobust needs Rust >= 1.89 (Debian 12's packaged cargo is older):"
     say "       install it with rustup (https://rustup.rs), then open a new shell or run: . \$HOME/.cargo/env"
     exit 1
   fi
-  if command -v c++ >/dev/null || command -v g++ >/dev/null; then
+  if command -v c++ >/dev/null || command -v g++ >/dev/null || command -v clang++ >/dev/null; then
     say "cargo and a C++ compiler present"
     return
   fi

@@ -176,7 +176,7 @@ pub fn run_attack_on(
     if n == 0 || labels.size() != [n] {
         return Err(dynrobust_core::Error::config("images", format!("{n} images with labels {:?}: expected at least one image and one label per image", labels.size())));
     }
-    dynrobust_core::check_model_labels(model, images, labels)?;
+    dynrobust_core::check_model_labels(model, labels)?;
     let mut acc = Acc { std: model.input_std(), ..Acc::default() };
     let mut advs = Vec::new();
     let mut seconds = 0.0;

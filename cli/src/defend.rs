@@ -199,7 +199,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
         crate::common::prepare_attack_fit(&*attack, &args.data)?;
         crate::common::prepare_out_dir("--out", &args.out)?;
         let subset = train.take(args.attack_samples);
-        dynrobust_core::check_model_labels(&victim, &subset.images, &subset.labels)?;
+        dynrobust_core::check_model_labels(&victim, &subset.labels)?;
         let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));
         let mut advs = Vec::new();
         for (x, y) in subset.batches(128) {

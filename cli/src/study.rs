@@ -172,13 +172,16 @@ fn sweep_interrupted_writes(dirs: &[PathBuf]) -> Result<()> {
 fn report_dir(dir: &Path, title: &str) -> Result<()> {
     let store = Store::open_existing(dir)?;
     let mut cells = store.load_all()?;
-    if let Ok(study) = store.study_text().and_then(|text| Study::parse(&text, store.study_path(), &registry())) {
-        let wanted = study.ids();
-        let stored = cells.len();
-        cells.retain(|c| wanted.contains(&c.id));
-        if cells.len() < stored {
-            eprintln!("report: left out {} stored cells that are not in {} (from an earlier study forced over this directory)", stored - cells.len(), store.study_path().display());
+    match store.study_text().and_then(|text| Study::parse(&text, store.study_path(), &registry())) {
+        Ok(study) => {
+            let wanted = study.ids();
+            let stored = cells.len();
+            cells.retain(|c| wanted.contains(&c.id));
+            if cells.len() < stored {
+                eprintln!("report: left out {} stored cells that are not in {} (from an earlier study forced over this directory)", stored - cells.len(), store.study_path().display());
+            }
         }
+        Err(e) => eprintln!("report: WARNING: the stored study does not load here ({e}); reporting every stored cell, including any of an earlier study forced over this directory"),
     }
     warn_stale(dir, &cells);
     let files = write_report(dir, title, &cells)?;

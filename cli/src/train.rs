@@ -145,7 +145,7 @@ fn init_weights(net: &mut Net, args: &TrainArgs, mechanism: &Mechanism, from_sta
     let default = if from_static_by_default { "static" } else { "none" };
     let init = args.init.clone().unwrap_or_else(|| default.into());
     if matches!(mechanism, Mechanism::Static) {
-        anyhow::ensure!(args.init.is_none(), "--init with --model static: the static model trains from scratch");
+        anyhow::ensure!(args.init.as_deref().is_none_or(|i| i == "none"), "--init with --model static: the static model trains from scratch");
         return Ok(None);
     }
     if init == "none" {

@@ -194,7 +194,7 @@ impl DataSource {
     /// Directories searched, in order, when no directory is given.
     pub fn search_dirs(self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
-        if let Ok(root) = std::env::var("DYNROBUST_DATA_DIR") {
+        if let Some(root) = std::env::var_os("DYNROBUST_DATA_DIR").filter(|r| !r.is_empty()) {
             dirs.push(PathBuf::from(root).join(self.name()));
         }
         dirs.push(project_root().join("data").join(self.name()));
@@ -221,7 +221,7 @@ impl DataSource {
         Ok(set)
     }
     fn locate(self) -> Result<PathBuf> {
-        if let Some(root) = std::env::var_os("DYNROBUST_DATA_DIR").map(PathBuf::from).filter(|r| !r.is_dir()) {
+        if let Some(root) = std::env::var_os("DYNROBUST_DATA_DIR").filter(|r| !r.is_empty()).map(PathBuf::from).filter(|r| !r.is_dir()) {
             return Err(Error::DataMissing(format!("DYNROBUST_DATA_DIR={}: no such directory (it should hold {}/)", root.display(), self.name())));
         }
         let dirs = self.search_dirs();

@@ -130,6 +130,13 @@ pub trait DynamicModel {
     fn units(&self) -> &[Unit];
     /// The dynamic mechanism.
     fn family(&self) -> Family;
+    /// Number of classes the model predicts, when it knows without a forward pass (a native
+    /// net from its config, a TorchScript model from its load-time probe); `None` otherwise.
+    /// Used to refuse data whose labels do not fit ([`check_model_labels`]) without running
+    /// the model, so a randomised defense's noise stream is not advanced.
+    fn classes(&self) -> Option<i64> {
+        None
+    }
     /// MACs of the static twin: the backbone units run once.
     fn static_macs(&self) -> u64 {
         static_macs(self.units())
@@ -226,12 +233,11 @@ pub fn check_labels_fit(labels: &Tensor, classes: i64, model: &str) -> crate::Re
     Ok(())
 }
 
-/// [`check_labels_fit`] for `model`, its class count read from one probe pass on the first
-/// image (for callers that have not run the model yet).
-pub fn check_model_labels(model: &(impl DynamicModel + ?Sized), images: &Tensor, labels: &Tensor) -> crate::Result<()> {
-    if images.size().first().copied().unwrap_or(0) == 0 {
-        return Ok(());
+/// [`check_labels_fit`] for `model`, with its [`DynamicModel::classes`]; no check (and no
+/// forward pass) for a model that does not say.
+pub fn check_model_labels(model: &(impl DynamicModel + ?Sized), labels: &Tensor) -> crate::Result<()> {
+    match model.classes() {
+        Some(classes) => check_labels_fit(labels, classes, &model.name()),
+        None => Ok(()),
     }
-    let classes = tch::no_grad(|| model.forward_trace(&images.narrow(0, 0, 1), Pass::Sparse))?.logits.size()[1];
-    check_labels_fit(labels, classes, &model.name())
 }

@@ -84,6 +84,9 @@ impl DynamicModel for Counted<'_> {
     fn static_macs(&self) -> u64 {
         self.inner.static_macs()
     }
+    fn classes(&self) -> Option<i64> {
+        self.inner.classes()
+    }
     fn exit_costs(&self) -> Option<Vec<f64>> {
         self.inner.exit_costs()
     }

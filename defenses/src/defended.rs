@@ -81,6 +81,9 @@ impl<M: DynamicModel> DynamicModel for Defended<M> {
     fn static_macs(&self) -> u64 {
         self.inner.static_macs()
     }
+    fn classes(&self) -> Option<i64> {
+        self.inner.classes()
+    }
     /// The model's exit costs plus the transform's MACs, which every sample pays before its
     /// first exit; DeepSloth's efficacy (normalised by the last exit's cost) therefore counts
     /// the defense's compute as spent before any exit, which lowers clean and attacked efficacy

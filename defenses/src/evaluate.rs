@@ -122,7 +122,7 @@ pub fn run_defended(
     };
     let attack: &dyn Attack = wrapped.as_deref().unwrap_or(attack);
     let first = data.images.narrow(0, 0, batch.min(data.len()));
-    dynrobust_core::check_model_labels(&*eval, &data.images, &data.labels)?;
+    dynrobust_core::check_model_labels(&*eval, &data.labels)?;
     // the gradient checks look at the model the attack differentiates (adaptive) — for
     // feature squeezing that is the squeezer's view, not the bare model it is evaluated on
     let checked: &dyn DynamicModel = if mode == Adaptivity::Adaptive { craft_model } else { &*eval };
@@ -219,7 +219,9 @@ fn check_trained_defense(victim: &AnyModel, trained: &dynrobust_models::Net, sid
         return Err(Error::checkpoint(dir, format!("the `{recipe}` checkpoint's family is {theirs}, the attacked model {}'s {ours}: pass the checkpoint made from it", victim.name())));
     }
     let command = &sidecar.training.command;
-    if !command.split_whitespace().collect::<Vec<_>>().windows(2).any(|w| w == ["--recipe", recipe]) {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let by_recipe = words.windows(2).any(|w| w == ["--recipe", recipe]) || words.contains(&format!("--recipe={recipe}").as_str());
+    if !by_recipe {
         return Err(Error::checkpoint(dir, format!("not a `{recipe}` checkpoint: its sidecar says it was trained by `{command}` (expected `dynrobust defend --recipe {recipe} …`)")));
     }
     Ok(())

@@ -161,6 +161,9 @@ mod tests {
 /// Whether `t` is one of sbatch's `--time` forms (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM,
 /// D-HH:MM:SS), with minutes and seconds below 60, so a typo fails here rather than at submit.
 fn is_slurm_time(t: &str) -> bool {
+    if ["UNLIMITED", "INFINITE"].contains(&t.to_ascii_uppercase().as_str()) {
+        return true;
+    }
     let number = |s: &str| !s.is_empty() && s.len() <= 6 && s.bytes().all(|b| b.is_ascii_digit());
     let below_60 = |s: &str| number(s) && s.len() <= 2 && s.parse::<u32>().is_ok_and(|v| v < 60);
     let (days, clock) = match t.split_once('-') {
@@ -183,7 +186,7 @@ fn is_slurm_time(t: &str) -> bool {
 mod time_tests {
     #[test]
     fn slurm_time_forms() {
-        for ok in ["30", "30:00", "1:30:00", "2-0", "2-12:30", "2-12:30:15", "0:59"] {
+        for ok in ["30", "30:00", "1:30:00", "2-0", "2-12:30", "2-12:30:15", "0:59", "UNLIMITED", "infinite"] {
             assert!(super::is_slurm_time(ok), "{ok}");
         }
         for bad in ["abc", "25:99", "", "1:2:3:4", "-5", "1h", "2-", "1:60:00"] {

@@ -135,6 +135,9 @@ impl DynamicModel for AnyModel {
     fn static_macs(&self) -> u64 {
         self.inner().static_macs()
     }
+    fn classes(&self) -> Option<i64> {
+        self.inner().classes()
+    }
     fn exit_costs(&self) -> Option<Vec<f64>> {
         self.inner().exit_costs()
     }

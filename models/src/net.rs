@@ -749,6 +749,10 @@ impl DynamicModel for Net {
         &self.units
     }
 
+    fn classes(&self) -> Option<i64> {
+        Some(self.config.classes)
+    }
+
     fn exit_costs(&self) -> Option<Vec<f64>> {
         let Mech::Exits(ics) = &self.mech else { return None };
         if self.twin {

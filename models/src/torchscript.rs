@@ -51,6 +51,8 @@ pub struct ScriptModel {
     has_sparse: bool,
     exit_costs: Option<Vec<f64>>,
     warnings: Vec<String>,
+    /// The logits' width on the load-time probe.
+    classes: Option<i64>,
 }
 
 impl std::fmt::Debug for ScriptModel {
@@ -88,7 +90,7 @@ impl ScriptModel {
         }
         let has_sparse = module.method_is::<IValue>("forward_sparse", &[IValue::Tensor(probe.narrow(0, 0, 1).to_device(device))]).is_ok();
         let units = read_units(&module, path)?;
-        let mut model = ScriptModel { module, path: path.to_path_buf(), units, family: Family::Static, has_sparse, exit_costs: None, warnings: Vec::new() };
+        let mut model = ScriptModel { module, path: path.to_path_buf(), units, family: Family::Static, has_sparse, exit_costs: None, warnings: Vec::new(), classes: None };
         model.check_protocol(&probe.to_device(device))?;
         Ok(model)
     }
@@ -193,6 +195,7 @@ impl ScriptModel {
     fn check_protocol(&mut self, probe: &Tensor) -> Result<()> {
         let batch = probe.size()[0];
         let out = tch::no_grad(|| self.call(probe, Pass::Dense))?;
+        self.classes = out.logits.size().get(1).copied();
         let named: Vec<(String, &Tensor)> = [("logits".to_string(), &out.logits), ("executed".into(), &out.executed), ("macs".into(), &out.macs)]
             .into_iter()
             .chain(out.exit_logits.iter().enumerate().map(|(i, t)| (format!("exit_logits[{i}]"), t)))
@@ -356,6 +359,10 @@ fn first_line(s: &str) -> &str {
 impl DynamicModel for ScriptModel {
     fn name(&self) -> String {
         self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "torchscript".into())
+    }
+
+    fn classes(&self) -> Option<i64> {
+        self.classes
     }
 
     fn forward_trace(&self, x: &Tensor, pass: Pass) -> Result<Trace> {
