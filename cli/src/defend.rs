@@ -193,13 +193,21 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     let mut net = Denoiser::new(config.clone(), device)?;
     let (mut inputs, mut targets) = (train.images.shallow_clone(), train.images.shallow_clone());
     let mut attacked_with = None;
-    if let Some(name) = &args.attack {
-        let (victim, _, _) = load_checkpoint(&args.attack_model, device)?;
-        let attack = dynrobust_attacks::registry::build(name, &Value::Object(parse_sets("--attack-set", &args.attack_set)?))?;
-        crate::common::prepare_attack_fit(&*attack, &args.data)?;
-        crate::common::prepare_out_dir("--out", &args.out)?;
-        let subset = train.take(args.attack_samples);
-        dynrobust_core::check_model_labels(&victim, &subset.labels)?;
+    // the attack's set-up (quick, and what may be refused), then the output directory, then
+    // the long part: crafting and fitting
+    let crafting = match &args.attack {
+        Some(name) => {
+            let (victim, _, _) = load_checkpoint(&args.attack_model, device)?;
+            let attack = dynrobust_attacks::registry::build(name, &Value::Object(parse_sets("--attack-set", &args.attack_set)?))?;
+            crate::common::prepare_attack_fit(&*attack, &args.data)?;
+            let subset = train.take(args.attack_samples);
+            dynrobust_core::check_model_labels(&victim, &subset.labels)?;
+            Some((name, victim, attack, subset))
+        }
+        None => None,
+    };
+    crate::common::prepare_out_dir("--out", &args.out)?;
+    if let Some((name, victim, attack, subset)) = crafting {
         let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));
         let mut advs = Vec::new();
         for (x, y) in subset.batches(128) {
@@ -211,7 +219,6 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
         targets = Tensor::cat(&[targets, subset.images.shallow_clone()], 0);
         attacked_with = Some(format!("{}:{name}", args.attack_model));
     }
-    crate::common::prepare_out_dir("--out", &args.out)?;
     let start = std::time::Instant::now();
     let final_loss = net.fit(&inputs, &targets, args.epochs, 128, args.lr, args.noise_sigma)?;
     let test_clean_mse = net.clean_mse(&test.images, 256);

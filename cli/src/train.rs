@@ -72,10 +72,11 @@ pub struct TrainArgs {
 }
 
 fn mechanism(args: &TrainArgs) -> Result<Mechanism> {
-    if args.threshold.is_some() && args.model != "sdn" {
+    let takes = Mechanism::parameter_of(&args.model);
+    if args.threshold.is_some() && takes != Some("threshold") {
         bail!("--threshold applies to --model sdn, not {}", args.model);
     }
-    if args.target_rate.is_some() && !["gated", "skipnet"].contains(&args.model.as_str()) {
+    if args.target_rate.is_some() && takes != Some("target_rate") {
         bail!("--target-rate applies to --model gated or skipnet, not {}", args.model);
     }
     match Mechanism::family(&args.model, args.threshold, args.target_rate) {

@@ -194,8 +194,8 @@ impl DataSource {
     /// Directories searched, in order, when no directory is given.
     pub fn search_dirs(self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
-        if let Some(root) = std::env::var_os("DYNROBUST_DATA_DIR").filter(|r| !r.is_empty()) {
-            dirs.push(PathBuf::from(root).join(self.name()));
+        if let Some(root) = data_dir_from_env() {
+            dirs.push(root.join(self.name()));
         }
         dirs.push(project_root().join("data").join(self.name()));
         if self == DataSource::FashionMnist {
@@ -221,7 +221,7 @@ impl DataSource {
         Ok(set)
     }
     fn locate(self) -> Result<PathBuf> {
-        if let Some(root) = std::env::var_os("DYNROBUST_DATA_DIR").filter(|r| !r.is_empty()).map(PathBuf::from).filter(|r| !r.is_dir()) {
+        if let Some(root) = data_dir_from_env().filter(|r| !r.is_dir()) {
             return Err(Error::DataMissing(format!("DYNROBUST_DATA_DIR={}: no such directory (it should hold {}/)", root.display(), self.name())));
         }
         let dirs = self.search_dirs();
@@ -423,6 +423,11 @@ pub fn project_root() -> PathBuf {
 /// Whether `dir` looks like a dynrobust checkout (see [`project_root`]).
 fn is_checkout(dir: &Path) -> bool {
     dir.join("Cargo.toml").is_file() && dir.join("models").join("checkpoints").is_dir()
+}
+
+/// `$DYNROBUST_DATA_DIR` when set and not empty.
+fn data_dir_from_env() -> Option<PathBuf> {
+    std::env::var_os("DYNROBUST_DATA_DIR").filter(|r| !r.is_empty()).map(PathBuf::from)
 }
 
 /// `dir/name` or `dir/name.gz`, whichever exists.

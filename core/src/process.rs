@@ -22,12 +22,7 @@ pub fn default_sigpipe() {
 /// is printed.
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let payload = info.payload();
-        let text = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
+        let text = panic_message(info.payload());
         let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
         eprintln!(
@@ -39,4 +34,14 @@ pub fn install_panic_hook() {
             eprintln!("{trace}");
         }
     }));
+}
+
+/// A panic payload's message (`panic!` gives a `&str` or a `String`), for the hook above and
+/// for the study runner, which catches panics per cell.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(non-string panic payload)".to_string())
 }

@@ -290,13 +290,15 @@ impl VariantTrain {
         if let Some(lr) = self.lr {
             dynrobust_core::attack::check_positive("lr", lr)?;
         }
-        match (self.model.as_str(), self.threshold, self.target_rate) {
-            (m, Some(_), _) if m != "sdn" => return Err(Error::config("threshold", format!("applies to an sdn, not to `{m}`"))),
-            (m, _, Some(_)) if m != "gated" && m != "skipnet" => return Err(Error::config("target_rate", format!("applies to gated and skipnet, not to `{m}`"))),
-            _ => {}
+        let takes = Mechanism::parameter_of(&self.model);
+        if self.threshold.is_some() && takes != Some("threshold") {
+            return Err(Error::config("threshold", format!("applies to an sdn, not to `{}`", self.model)));
+        }
+        if self.target_rate.is_some() && takes != Some("target_rate") {
+            return Err(Error::config("target_rate", format!("applies to gated and skipnet, not to `{}`", self.model)));
         }
         if let Some(mechanism) = Mechanism::family(&self.model, self.threshold, self.target_rate) {
-            ModelConfig::resnet14n(mechanism, 0.5, 0.5)?; // the mechanism's own checks (q in (0, 1], t in [0, 1])
+            mechanism.check()?;
         }
         if let Some(data) = &self.data {
             if let Some(dir) = located_data(data)?.dir().filter(|d| !d.exists()) {

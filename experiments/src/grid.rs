@@ -433,6 +433,19 @@ impl Cx<'_> {
         dynrobust_models::checkpoint::read_sidecar(&dir).ok()
     }
 
+    /// Why a compute budget of `max_blocks` cannot cap cell `c`'s model (a static model, or
+    /// fewer blocks than allowed), judged from its sidecar; `None` when it can, or when the
+    /// model is a variant still to be trained.
+    fn budget_problem(&self, c: &CellConfig, max_blocks: usize) -> Option<String> {
+        let sidecar = c.model.train.is_none().then(|| self.sidecar_of(&c.model.base)).flatten()?;
+        let blocks = sidecar.architecture.blocks();
+        if sidecar.architecture.mechanism.kind_name() == "static" {
+            Some(format!("defense `{}` (a compute budget) meets model `{}`, which is static: nothing to cap; add [[exclude]] with model = \"{}\" and defense = \"{}\"", c.defense.label, c.model.name, c.model.name, c.defense.label))
+        } else {
+            (max_blocks > blocks).then(|| format!("defense `{}`: `max_blocks` = {max_blocks}, but model `{}` has {blocks} blocks: expected 0..={blocks}", c.defense.label, c.model.name))
+        }
+    }
+
     /// `base`, else `train.model`; either must be a registry model (or a directory for `base`).
     fn variant_base(&self, name: &str, v: &RawVariant) -> Result<String> {
         let train_model = v.train.as_ref().and_then(|t| t.get_ref().get("model").map(|m| (t.span(), m)));
@@ -633,8 +646,9 @@ impl Cx<'_> {
             entry.map_or(0..0, RawDefense::params_span)
         };
         for c in configs {
+            let spec = DefenseSpec::parse(&c.defense.name, &c.defense.params);
             // a training-time defense's checkpoint, with `{model}` filled in, must exist
-            if let Ok(DefenseSpec::Trained { checkpoint: path, .. }) = DefenseSpec::parse(&c.defense.name, &c.defense.params) {
+            if let Ok(DefenseSpec::Trained { checkpoint: path, .. }) = &spec {
                 let filled = path.replace("{model}", &c.model.base);
                 if dynrobust_models::checkpoint::resolve(&filled).is_err() {
                     let why = format!("defense `{}`: checkpoint `{path}` for model `{}` is `{filled}`, which is no checkpoint (`{{model}}` is the only placeholder)", c.defense.label, c.model.name);
@@ -649,19 +663,12 @@ impl Cx<'_> {
                     return Err(self.err(&span, format!("attack `{}`: {e}", c.attack.label)));
                 }
             }
-            // a compute budget caps gates or exits: a static model has neither
-            if c.defense.name == "budget" && c.model.train.is_none() {
-                let Some(sidecar) = self.sidecar_of(&c.model.base) else { continue };
-                let blocks = sidecar.architecture.widths.len() as u64 * sidecar.architecture.blocks_per_stage as u64;
-                let max_blocks = c.defense.params.get("max_blocks").and_then(|m| m.as_u64()).unwrap_or(dynrobust_defenses::guards::BudgetConfig::default().max_blocks as u64);
-                let why = if sidecar.architecture.mechanism.kind_name() == "static" {
-                    format!("defense `{}` (a compute budget) meets model `{}`, which is static: nothing to cap; add [[exclude]] with model = \"{}\" and defense = \"{}\"", c.defense.label, c.model.name, c.model.name, c.defense.label)
-                } else if max_blocks > blocks {
-                    format!("defense `{}`: `max_blocks` = {max_blocks}, but model `{}` has {blocks} blocks: expected 0..={blocks}", c.defense.label, c.model.name)
-                } else {
-                    continue;
-                };
-                return Err(self.err(&span_of(&c.defense.label), why));
+            // a compute budget caps gates or exits: a static model has neither, and it can
+            // allow at most the model's blocks
+            if let Ok(DefenseSpec::Budget(cfg)) = &spec {
+                if let Some(why) = self.budget_problem(c, cfg.max_blocks) {
+                    return Err(self.err(&span_of(&c.defense.label), why));
+                }
             }
         }
         for c in configs.iter().filter(|c| c.defense.name == "squeeze" && c.defense.mode == Some(DefenseMode::Adaptive)) {
@@ -671,14 +678,12 @@ impl Cx<'_> {
             }
             let has_ball = dynrobust_attacks::registry::build(&c.attack.name, &c.attack_params()).map(|a| a.budget().is_some()).unwrap_or(true);
             if !has_ball {
-                let entry = raw.defenses.iter().flat_map(|l| l.get_ref()).map(|d| d.get_ref()).find(|d| d.label.as_ref().unwrap_or(&d.name).get_ref() == &c.defense.label);
-                let span = entry.map_or(0..0, RawDefense::params_span);
                 let why = format!(
                     "defense `{label}` (attacker = \"penalty\") meets attack `{attack}`, which has no ε-ball to refine in; add [[exclude]] with attack = \"{attack}\" and defense = \"{label}\", or use attacker = \"best\"",
                     label = c.defense.label,
                     attack = c.attack.label
                 );
-                return Err(self.err(&span, why));
+                return Err(self.err(&span_of(&c.defense.label), why));
             }
         }
         Ok(())

@@ -254,7 +254,7 @@ fn worker_loop<E: Executor>(shared: &Shared<E>) {
                 Err(e) => shared.fail(cell, format!("storing the result failed: {e}")),
             },
             Ok(Err(e)) => shared.fail(cell, e.to_string()),
-            Err(panic) => shared.fail(cell, format!("panicked: {}", panic_text(panic.as_ref()))),
+            Err(panic) => shared.fail(cell, format!("panicked: {}", dynrobust_core::process::panic_message(panic.as_ref()))),
         }
         shared.bar.inc(1);
         if panicked {
@@ -282,11 +282,12 @@ impl<E: Executor> Shared<'_, E> {
         match catch_unwind(AssertUnwindSafe(|| self.exec.worker())) {
             Ok(Ok(w)) => Some(w),
             Ok(Err(e)) => self.worker_failed(e.to_string()),
-            Err(panic) => self.worker_failed(format!("panicked: {}", panic_text(panic.as_ref()))),
+            Err(panic) => self.worker_failed(format!("panicked: {}", dynrobust_core::process::panic_message(panic.as_ref()))),
         }
     }
 
     fn worker_failed(&self, error: String) -> Option<E::Worker> {
+        let error = dynrobust_core::error::libtorch_message(&error);
         self.say(format!("a worker could not start: {error}"));
         self.worker_errors.lock().unwrap_or_else(|p| p.into_inner()).push(error);
         None
@@ -310,11 +311,3 @@ impl<E: Executor> Shared<'_, E> {
     }
 }
 
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(non-string panic payload)".to_string());
-    dynrobust_core::error::libtorch_message(&text)
-}

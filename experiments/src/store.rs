@@ -219,9 +219,10 @@ impl Store {
     }
 
     /// Why a finished cell's files are damaged — its record is not JSON (a cut-off or
-    /// overwritten file) or its per-sample CSV, written before the record, is gone — or `None`.
-    /// A record that is JSON but not of this version's schema (a newer binary's) is not
-    /// damage: it is left for [`Store::load`] to refuse. A file another shard moved meanwhile
+    /// overwritten file), its per-sample CSV, written before the record, is gone, or a record
+    /// of this version's schema fails [`record_problem`] (edited by hand) — or `None`. A
+    /// record that is JSON but not of this version's schema (a newer binary's) is not damage:
+    /// it is left for [`Store::load`] to refuse. A file another shard moved meanwhile
     /// counts as fine.
     fn damage(&self, id: &str) -> Result<Option<String>> {
         let path = self.json_path(id);
@@ -274,10 +275,11 @@ fn record_problem(stored: &StoredCell, csv: Option<&str>) -> Option<String> {
         return Some(format!("its config hashes to `{hashed}`, not its id `{}` (the config was edited)", stored.id));
     }
     let r = &stored.record;
-    let in_range = |key: &str, ok: fn(f64) -> bool, what: &str| -> Option<String> {
+    // null passes: a NaN metric is stored as null
+    let in_range = |key: &str, required: bool, ok: fn(f64) -> bool, what: &str| -> Option<String> {
         match r.get(key) {
-            None => Some(format!("field record.{key} is missing")),
-            Some(serde_json::Value::Null) => None,
+            None if required => Some(format!("field record.{key} is missing")),
+            None | Some(serde_json::Value::Null) => None,
             Some(v) => match v.as_f64() {
                 Some(x) if ok(x) => None,
                 _ => Some(format!("field record.{key} = {v}: expected {what}")),
@@ -286,15 +288,11 @@ fn record_problem(stored: &StoredCell, csv: Option<&str>) -> Option<String> {
     };
     let unit = |x: f64| (0.0..=1.0).contains(&x);
     let cost = |x: f64| x.is_finite() && x >= 0.0;
-    for (key, ok, what) in [("clean_acc", unit as fn(f64) -> bool, "a number in [0, 1]"), ("adv_acc", unit, "a number in [0, 1]"), ("clean_cost", cost, "a number ≥ 0"), ("adv_cost", cost, "a number ≥ 0")] {
-        if let Some(why) = in_range(key, ok, what) {
-            return Some(why);
-        }
-    }
-    if let Some(v) = r.get("fooled_rate").filter(|v| !v.is_null()) {
-        if !v.as_f64().is_some_and(unit) {
-            return Some(format!("field record.fooled_rate = {v}: expected a number in [0, 1]"));
-        }
+    let (rate, at_least_0) = ("a number in [0, 1]", "a number ≥ 0");
+    // (field, required, range check, what it should be)
+    let fields = [("clean_acc", true, unit as fn(f64) -> bool, rate), ("adv_acc", true, unit, rate), ("clean_cost", true, cost, at_least_0), ("adv_cost", true, cost, at_least_0), ("fooled_rate", false, unit, rate)];
+    if let Some(why) = fields.iter().find_map(|&(key, required, ok, what)| in_range(key, required, ok, what)) {
+        return Some(why);
     }
     let n = match r.get("n") {
         None => None,

@@ -226,11 +226,6 @@ pub fn load_committed(name: &str) -> Net {
     load(&committed_dir(name), Device::Cpu).unwrap_or_else(|e| panic!("committed checkpoint `{name}`: {e}")).0
 }
 
-/// Resolves `--model`: a committed checkpoint name or a checkpoint directory path.
-pub fn resolve(model: &str) -> Result<PathBuf> {
-    resolve_named(model)
-}
-
 /// A model named by a path: as written (relative to the working directory), else relative to
 /// the project root ([`dynrobust_core::data::project_root`]) — so a study that names
 /// `models/checkpoints/x` reads the same from any directory. `None` when neither exists.
@@ -270,7 +265,8 @@ fn absolute_lexical(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-fn resolve_named(model: &str) -> Result<PathBuf> {
+/// Resolves `--model`: a committed checkpoint name or a checkpoint directory path.
+pub fn resolve(model: &str) -> Result<PathBuf> {
     let as_path = PathBuf::from(model);
     if let Some(dir) = locate_path(model).filter(|d| d.join(SIDECAR_FILE).is_file()) {
         return Ok(dir);

@@ -45,6 +45,27 @@ impl Mechanism {
         })
     }
 
+    /// The one parameter family `kind` takes: `threshold` for sdn, `target_rate` for gated
+    /// and skipnet, none for static (or an unknown family).
+    pub fn parameter_of(kind: &str) -> Option<&'static str> {
+        match kind {
+            "sdn" => Some("threshold"),
+            "gated" | "skipnet" => Some("target_rate"),
+            _ => None,
+        }
+    }
+
+    /// Checks the parameter's range: q in (0, 1], t in [0, 1]; errors name `mechanism.<field>`.
+    pub fn check(&self) -> Result<()> {
+        match *self {
+            Mechanism::Sdn { threshold } if !(threshold > 0.0 && threshold <= 1.0) => Err(Error::config("mechanism.threshold", threshold_problem(threshold))),
+            Mechanism::Gated { target_rate } | Mechanism::Skipnet { target_rate } if !(0.0..=1.0).contains(&target_rate) => {
+                Err(Error::config("mechanism.target_rate", format!("{target_rate}: expected 0 ≤ t ≤ 1")))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The CLI name of the family.
     pub fn kind_name(&self) -> &'static str {
         match self {
@@ -136,15 +157,8 @@ impl ModelConfig {
         if self.std.iter().any(|&s| s <= 0.0) {
             return Err(Error::config("std", "expected positive values"));
         }
-        match self.mechanism {
-            Mechanism::Sdn { threshold } if !(threshold > 0.0 && threshold <= 1.0) => Err(Error::config("mechanism.threshold", threshold_problem(threshold))),
-            Mechanism::Gated { target_rate } | Mechanism::Skipnet { target_rate }
-                if !(0.0..=1.0).contains(&target_rate) =>
-            {
-                Err(Error::config("mechanism.target_rate", format!("{target_rate}: expected 0 ≤ t ≤ 1")))
-            }
-            _ => Ok(self),
-        }
+        self.mechanism.check()?;
+        Ok(self)
     }
 
     /// Total residual blocks.
