@@ -1,9 +1,16 @@
-//! The TorchScript adapter (`dynrobust_models::torchscript`) against PyTorch itself: `examples/torchscript/make_models.py` (run
-//! with the project's venv at test time) defines, briefly trains, scripts and saves a
-//! SkipNet-style gated model and an SDN-style exit model plus PyTorch's own outputs on a probe
-//! batch. Loaded through [`ScriptModel`], the dense outputs must equal PyTorch's (1e-5), the
-//! sparse pass must agree with the dense one, and an energy attack must raise each model's
-//! cost. `protocol_violations.py` writes modules that each break the protocol one way; each
+//! The TorchScript adapter (`dynrobust_models::torchscript`) against PyTorch itself:
+//! `examples/torchscript/models/` holds a SkipNet-style gated model and an SDN-style exit model
+//! that `examples/torchscript/make_models.py` trained (300 steps, seed 0), scripted and saved,
+//! plus PyTorch's own outputs on a probe batch. They are committed rather than trained at test
+//! time because a short CPU training run is not bit-reproducible across CPU models (the same seed
+//! and 300 steps gave a gated model of 72.85 % on an Intel Xeon and 71.70 % on an AMD EPYC; the
+//! 150-step model this test used to train lowered its cost under faithful ILFO on the EPYC and
+//! raised it on the Xeon), so an attack test on a freshly trained model tested a different model
+//! on each machine. Loaded through
+//! [`ScriptModel`], the dense outputs must equal PyTorch's (1e-5), the sparse pass must agree
+//! with the dense one, and an energy attack must raise each model's cost. The script itself is
+//! still run, briefly (`--train-steps 30`), and its files must equal PyTorch the same way.
+//! `protocol_violations.py` writes modules that each break the protocol one way; each
 //! must give an error (or, for a traced model, a warning) that names the problem.
 
 use std::path::{Path, PathBuf};
@@ -33,9 +40,16 @@ fn built(script: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
-fn models_dir() -> &'static Path {
+/// The committed example models (see `examples/torchscript/models/models.json`).
+fn models_dir() -> PathBuf {
+    project_root().join("examples/torchscript/models")
+}
+
+/// `make_models.py` run at test time with a short training (30 steps, a few seconds; enough for
+/// the gates and exits to vary with the input): what the script writes now.
+fn untrained_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built("make_models.py", &["--train-steps", "150"]))
+    DIR.get_or_init(|| built("make_models.py", &["--train-steps", "30"]))
 }
 
 fn violations_dir() -> &'static Path {
@@ -43,8 +57,9 @@ fn violations_dir() -> &'static Path {
     DIR.get_or_init(|| built("protocol_violations.py", &[]))
 }
 
-fn reference() -> Vec<(String, Tensor)> {
-    Tensor::read_safetensors(models_dir().join("reference.safetensors")).expect("reference.safetensors")
+fn reference(dir: &Path) -> Vec<(String, Tensor)> {
+    let path = dir.join("reference.safetensors");
+    Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn get(reference: &[(String, Tensor)], key: &str) -> Option<Tensor> {
@@ -55,17 +70,32 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
 }
 
+fn load_from(dir: &Path, name: &str, probe: &Tensor) -> ScriptModel {
+    let path = dir.join(format!("{name}.pt"));
+    ScriptModel::load(&path, Device::Cpu, probe).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 fn load(name: &str, probe: &Tensor) -> ScriptModel {
-    ScriptModel::load(&models_dir().join(format!("{name}.pt")), Device::Cpu, probe).unwrap_or_else(|e| panic!("{name}.pt: {e}"))
+    load_from(&models_dir(), name, probe)
 }
 
 #[test]
 fn dense_outputs_equal_pytorch() {
     let _guard = dynrobust_core::testing::torch_lock();
-    let reference = reference();
+    dense_outputs_equal_pytorch_in(&models_dir());
+}
+
+#[test]
+fn the_script_still_writes_models_that_equal_pytorch() {
+    let _guard = dynrobust_core::testing::torch_lock();
+    dense_outputs_equal_pytorch_in(untrained_dir());
+}
+
+fn dense_outputs_equal_pytorch_in(dir: &Path) {
+    let reference = reference(dir);
     let x = get(&reference, "x").expect("probe x");
     for name in ["gated", "sdn"] {
-        let model = load(name, &x);
+        let model = load_from(dir, name, &x);
         assert!(model.warnings().is_empty(), "{name}: {:?}", model.warnings());
         let trace = tch::no_grad(|| model.forward_trace(&x, Pass::Dense)).unwrap();
         let want = |k: &str| get(&reference, &format!("{name}.{k}")).unwrap_or_else(|| panic!("{name}.{k} missing in reference"));

@@ -564,6 +564,19 @@ def summarise(m, kind: str, x: Tensor, y: Tensor) -> dict:
 
 # ----------------------------------------------------------------------------- main
 
+def cpu_name() -> str:
+    """The CPU's model name (a short CPU training run is reproducible on one CPU model, not across them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output directory")
@@ -595,7 +608,8 @@ def main(argv=None) -> None:
     from safetensors.torch import save_file
 
     reference = {"x": probe}
-    report = {"data_dir": data_dir, "seed": args.seed, "torch": torch.__version__, "threads": 2, "models": {}}
+    report = {"data_dir": data_dir, "seed": args.seed, "torch": torch.__version__, "threads": 2, "cpu": cpu_name(),
+              "models": {}}
     for kind in ("gated", "sdn"):
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
