@@ -284,7 +284,10 @@ impl Attack for Apgd {
             0 => None,
             _ => Some(tch::no_grad(|| model.forward_trace(x, Pass::Sparse).map(|t| t.logits.argsort(1, true)))?),
         };
-        let targets = order.as_ref().map_or(1, |o| self.cfg.targets.min(o.size()[1] as usize - 1));
+        let targets = match &order {
+            None => 1,
+            Some(o) => check_target_count(self.cfg.targets, o.size()[1])?,
+        };
         let restarts = self.cfg.restarts;
         // autopgd_base.py's loops: per target class, its restarts; each run attacks only the
         // samples no earlier run fooled, and a sample no run fools keeps the first run's
@@ -324,4 +327,17 @@ mod tests {
         let first = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 0.0]).view([4, 1]);
         assert_eq!(Vec::<bool>::try_from(rose_too_rarely(&first, 2, 3, 0.75)).unwrap(), [false]);
     }
+}
+
+/// `targets` wrong classes to try must exist among the model's `classes` (AutoAttack's 9 is
+/// for 10 classes); more is refused, naming the field, rather than silently clamped.
+pub(crate) fn check_target_count(targets: usize, classes: i64) -> Result<usize> {
+    let most = (classes - 1).max(0) as usize;
+    if targets > most {
+        return Err(Error::config(
+            "targets",
+            format!("{targets}: the model has {classes} classes, so at most {most} wrong classes to target (AutoAttack's presets use 9, for 10 classes)"),
+        ));
+    }
+    Ok(targets)
 }

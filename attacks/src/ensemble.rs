@@ -207,7 +207,7 @@ impl Attack for Ensemble {
         let (xc, yc) = (x.index_select(0, &correct), y.index_select(0, &correct));
         let attacked = in_turn(&xc, self.members.len(), |i, todo| {
             let ys = yc.index_select(0, todo);
-            let adv = self.members[i].perturb(model, &xc.index_select(0, todo), &ys)?.detach();
+            let adv = self.members[i].perturb(model, &xc.index_select(0, todo), &ys).map_err(|e| e.within(&format!("attacks[{i}]")))?.detach();
             let fooled = misclassified(model, &adv, &ys)?;
             self.fooled_by.borrow_mut()[i] += fooled.sum(Kind::Int64).int64_value(&[]);
             Ok((adv, fooled))

@@ -37,7 +37,7 @@ use dynrobust_core::{DynamicModel, Error, Pass, Result, Trace};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::apgd::start_on_sphere;
+use crate::apgd::{check_target_count, start_on_sphere};
 use crate::ensemble::{in_turn, misclassified};
 use crate::losses::ExitLoss;
 
@@ -345,7 +345,7 @@ impl Attack for Fab {
         // only the samples classified correctly are attacked (AutoAttack's `pred`)
         let correct = order.select(1, 0).eq_tensor(y).nonzero().squeeze_dim(1);
         let (xc, yc, order) = (x.index_select(0, &correct), y.index_select(0, &correct), order.index_select(0, &correct));
-        let ranks: Vec<Option<i64>> = match self.cfg.targets.min(order.size()[1] as usize - 1) {
+        let ranks: Vec<Option<i64>> = match check_target_count(self.cfg.targets, order.size()[1])? {
             0 => vec![None],
             n => (1..=n as i64).map(Some).collect(),
         };

@@ -346,3 +346,21 @@ fn the_saved_config_names_the_values_in_force_not_null() {
         assert_eq!(config(name, saved.clone()), saved, "{name}");
     }
 }
+
+/// APGD-T and FAB-T refuse more target classes than the model has wrong classes (they used to
+/// clamp silently while the saved config kept the larger number); 9 on 10 classes runs.
+#[test]
+fn more_targets_than_wrong_classes_are_refused_naming_targets() {
+    let _lock = common::torch_lock();
+    let model = common::committed("static");
+    let data = common::test_images(4);
+    for name in ["apgd-t", "fab-t"] {
+        let too_many = registry::build(name, &json!({"targets": 10, "steps": 1})).unwrap();
+        let err = too_many.perturb(&model, &data.images, &data.labels).expect_err(name);
+        assert_names_field(&err, "targets", name);
+        assert!(err.to_string().contains("10 classes") && err.to_string().contains("at most 9"), "{name}: {err}");
+        let nine = registry::build(name, &json!({"targets": 9, "steps": 1})).unwrap();
+        let adv = nine.perturb(&model, &data.images, &data.labels).unwrap_or_else(|e| panic!("{name} with 9 targets: {e}"));
+        assert_eq!(adv.size(), data.images.size(), "{name}");
+    }
+}

@@ -72,7 +72,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(rad) => Some(calibrate(&mut net, &args, &data, rad)?),
         None => None,
     };
-    let record = evaluate(&net, &data, 256)?;
+    let record = evaluate(&net, &data, 256).map_err(|e| e.for_model(&args.model))?;
     let (lat1, lat128) = if args.no_latency {
         (None, None)
     } else {

@@ -344,10 +344,24 @@ fn labels_beyond_the_models_classes_are_refused() {
         image::GrayImage::from_fn(28, 28, |x, _| image::Luma([(x * 9) as u8 ^ class as u8])).save(dir.join("0.png")).unwrap();
     }
     let spec = format!("folder:{}", tmp.path().display());
-    for cmd in [vec!["eval", "--model", "static", "--data", &spec, "--no-latency"], vec!["attack", "--model", "static", "--attack", "pgd-linf", "--steps", "2", "--n", "11", "--data", &spec]] {
+    // a checkpoint directory the user names by its path: the error names that path too
+    let mine = tempfile::tempdir().unwrap();
+    let my_gated = mine.path().join("my-gated");
+    std::fs::create_dir_all(&my_gated).unwrap();
+    for file in ["model.safetensors", "model.json"] {
+        std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/checkpoints/gated").join(file), my_gated.join(file)).unwrap();
+    }
+    let my_gated = my_gated.to_str().unwrap();
+    for (cmd, named) in [
+        (vec!["eval", "--model", "static", "--data", &spec, "--no-latency"], "static"),
+        (vec!["attack", "--model", "static", "--attack", "pgd-linf", "--steps", "2", "--n", "11", "--data", &spec], "static"),
+        (vec!["eval", "--model", my_gated, "--data", &spec, "--no-latency"], my_gated),
+        (vec!["attack", "--model", my_gated, "--attack", "pgd-linf", "--steps", "2", "--n", "11", "--data", &spec], my_gated),
+    ] {
         let out = dynrobust(&cmd);
         let err = stderr(&out);
         assert!(!out.status.success() && err.contains("label 10") && err.contains("10 classes"), "{cmd:?}: {err}");
+        assert!(err.contains(&format!("model {named}")), "{cmd:?}: the error does not name `{named}`: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
 }

@@ -249,6 +249,46 @@ fn copy_checkpoint(name: &str, to: &Path) {
     }
 }
 
+/// A damaged checkpoint stops a study before any cell runs, with one error that names the
+/// role, the file and the problem, instead of failing every cell that reads it.
+#[test]
+fn a_damaged_checkpoint_stops_the_run_before_any_cell() {
+    let dir = scratch("damaged");
+    let (model, defended) = (dir.join("model"), dir.join("defended"));
+    copy_checkpoint("static", &model);
+    copy_checkpoint("static-pgd-at", &defended);
+    let weights = model.join("model.safetensors");
+    let tensors = tch::Tensor::read_safetensors(&weights).unwrap();
+    let nan: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), if n == "head.weight" { t.fill(f64::NAN) } else { t.shallow_clone() })).collect();
+    tch::Tensor::write_safetensors(&nan, &weights).unwrap();
+    let study = dir.join("four.toml");
+    let text = format!(
+        "name = \"four\"\ndata = \"fashion-mnist\"\nn = 8\nbatch = 8\neps = [\"4/255\", \"8/255\"]\nmodels = [\"{}\"]\n\n[[attacks]]\nname = \"fgsm\"\n\n\
+         [[defenses]]\nname = \"none\"\n\n[[defenses]]\nname = \"pgd-at\"\nparams = {{ checkpoint = \"{}\" }}\n",
+        model.display(),
+        defended.display()
+    );
+    std::fs::write(&study, text).unwrap();
+    let out = dir.join("out");
+    let o = run(&study, &out, &["--no-report"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("`model`") && err.contains("model.safetensors") && err.contains("`head.weight`") && err.contains("non-finite") && err.contains("no cell ran"), "{err}");
+    assert_eq!(err.matches("non-finite").count(), 1, "one error, not one per cell: {err}");
+    assert!(!err.contains("FAILED"), "{err}");
+    assert!(!out.join("cells").exists() || records(&out).is_empty(), "no cell ran");
+
+    // the model repaired, the trained defense's weights cut short: the same, naming the defense
+    copy_checkpoint("static", &model);
+    let defended_weights = defended.join("model.safetensors");
+    let bytes = std::fs::read(&defended_weights).unwrap();
+    std::fs::write(&defended_weights, &bytes[..bytes.len() / 2]).unwrap();
+    let o = run(&study, &out, &["--no-report"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("`defense`") && err.contains("`pgd-at`") && err.contains("not a readable safetensors file"), "{err}");
+    assert!(!out.join("cells").exists() || records(&out).is_empty(), "no cell ran");
+}
+
 #[test]
 fn a_checkpoint_changed_under_a_finished_cell_stops_the_run_until_it_is_rerun() {
     let dir = scratch("stale");

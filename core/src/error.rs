@@ -50,6 +50,28 @@ impl Error {
         Error::Config { field: field.into(), problem: problem.into() }
     }
 
+    /// A model error under the name the user wrote (a path, a study's variant) as well as the
+    /// model's own (its family, e.g. `gated`): `model my-gated (gated): …`. Other errors, and
+    /// model errors already under that name, are left as they are.
+    pub fn for_model(self, written: &str) -> Self {
+        match self {
+            Error::Model { model, problem } if model != written => Error::Model { model: format!("{written} ({model})"), problem },
+            other => other,
+        }
+    }
+
+    /// A safetensors file that could not be read, in words: what went wrong (without the
+    /// safetensors crate's enum names or libtorch's C++ stack) and what the file should be,
+    /// e.g. "the weights `dynrobust train` writes".
+    pub fn unreadable_safetensors(path: impl Into<PathBuf>, expected: &str, e: &tch::TchError) -> Self {
+        let why = match e {
+            tch::TchError::SafeTensorError { err, .. } => safetensors_reason(&format!("{err:?}")).to_string(),
+            tch::TchError::Io(io) => io.to_string(),
+            other => libtorch_message(&other.to_string()),
+        };
+        Error::checkpoint(path, format!("not a readable safetensors file: {why}; expected {expected}"))
+    }
+
     /// This error as one of a nested config's: a config error's field becomes
     /// `prefix.field` (e.g. `steps[1].bits`); other errors are left as they are.
     pub fn within(self, prefix: &str) -> Self {
@@ -72,6 +94,20 @@ impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+}
+
+/// The safetensors crate's error (its Debug form, e.g. `HeaderTooLarge`,
+/// `MetadataIncompleteBuffer`, `InvalidHeaderDeserialization`) in words.
+fn safetensors_reason(debug: &str) -> &'static str {
+    let name = debug.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("");
+    match name {
+        "HeaderTooLarge" | "HeaderTooSmall" | "InvalidHeaderLength" => "the length at the start of the file is not a safetensors header's: truncated or not a safetensors file",
+        "InvalidHeader" | "InvalidHeaderStart" | "InvalidHeaderDeserialization" | "JsonError" => "the header is not the JSON table of tensors",
+        "MetadataIncompleteBuffer" | "InvalidOffset" => "the file is shorter than its header says: truncated",
+        "TensorInvalidInfo" | "InvalidTensorView" | "ValidationOverflow" => "a tensor's shape, dtype and byte range disagree",
+        "IoError" => "the file could not be read",
+        _ => "the header or the data is damaged",
     }
 }
 

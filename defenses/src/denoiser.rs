@@ -157,7 +157,7 @@ impl Denoiser {
             return Err(Error::checkpoint(&weights, "weights file not found"));
         }
         let tensors: std::collections::HashMap<String, Tensor> =
-            Tensor::read_safetensors(&weights).map_err(|e| Error::checkpoint(&weights, e.to_string()))?.into_iter().collect();
+            Tensor::read_safetensors(&weights).map_err(|e| Error::unreadable_safetensors(&weights, "the weights `dynrobust train-denoiser` writes", &e))?.into_iter().collect();
         let mut vars = net.vs.variables();
         for (name, var) in vars.iter_mut() {
             let src = tensors.get(name).ok_or_else(|| Error::checkpoint(&weights, format!("tensor `{name}` is missing")))?;

@@ -172,7 +172,7 @@ impl Executor for RealExecutor {
         let crafting_weights = self.model_path(c.surrogate.as_ref().unwrap_or(&c.model))?.map(|p| checkpoint_digest(&p)).transpose()?;
         let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c, crafting_weights));
         let load = || self.load(&c.model, &probe);
-        let outcome = run_defended(net, &load, &spec, mode, &attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {})?;
+        let outcome = run_defended(net, &load, &spec, mode, &attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {}).map_err(|e| e.for_model(&c.model.name))?;
         let mut record = outcome.record;
         if attack.all_hits() {
             record["seconds"] = json!(attack.cached_seconds());
@@ -201,6 +201,33 @@ impl Executor for RealExecutor {
     }
 
     /// Digests of the model's, the surrogate's and the defense's checkpoints.
+    /// Loads every distinct native checkpoint the cells read (model, surrogate, a trained
+    /// defense's, a denoiser) once; the first that does not load stops the run, naming its role
+    /// and the cell's name for it. TorchScript files are checked when a cell loads them (their
+    /// protocol check needs images).
+    fn preflight(&self, cells: &[&Cell]) -> Result<()> {
+        let mut checked = std::collections::BTreeSet::new();
+        for cell in cells {
+            let c = &cell.config;
+            let roles = [
+                ("model", c.model.name.clone(), self.model_path(&c.model)?),
+                ("surrogate", c.surrogate.as_ref().map_or_else(String::new, |s| s.name.clone()), c.surrogate.as_ref().map(|s| self.model_path(s)).transpose()?.flatten()),
+                ("defense", c.defense.name.clone(), self.defense(cell)?.0.checkpoint_path()?),
+            ];
+            for (role, name, path) in roles {
+                let Some(dir) = path.filter(|p| p.is_dir() && checked.insert(p.clone())) else { continue };
+                let loaded = if dir.join(dynrobust_defenses::denoiser::SIDECAR_FILE).is_file() {
+                    dynrobust_defenses::denoiser::Denoiser::load(&dir, Device::Cpu).map(|_| ())
+                } else {
+                    checkpoint::load(&dir, Device::Cpu).map(|_| ())
+                };
+                let named = if Path::new(&name) == dir { format!("`{name}`") } else { format!("`{name}` ({})", dir.display()) };
+                loaded.map_err(|e| Error::config(role, format!("{named} does not load, so no cell ran: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
         let c = &cell.config;
         let paths = [

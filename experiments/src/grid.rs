@@ -387,7 +387,7 @@ impl Cx<'_> {
             }
         }
         let threshold = match &v.threshold {
-            Some(t) if !(*t.get_ref() > 0.0 && *t.get_ref() <= 1.0) => {
+            Some(t) if dynrobust_models::config::check_threshold("threshold", *t.get_ref()).is_err() => {
                 return Err(self.err(&t.span(), format!("variant `{name}`: `threshold` = {}", dynrobust_models::config::threshold_problem(*t.get_ref()))))
             }
             t => t.as_ref().map(|t| *t.get_ref()),

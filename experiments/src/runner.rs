@@ -59,6 +59,13 @@ pub trait Executor: Sync {
     fn versions(&self) -> BTreeMap<String, String> {
         dynrobust_versions()
     }
+    /// Checks, once and before any cell runs, what the cells to run read (e.g. each distinct
+    /// checkpoint loads and its weights are sound), so a damaged input stops the run with one
+    /// error instead of failing every cell that reads it. By default nothing.
+    fn preflight(&self, cells: &[&Cell]) -> Result<()> {
+        let _ = cells;
+        Ok(())
+    }
     /// A digest of every checkpoint `cell` reads, by role ([`crate::provenance`]), stored with
     /// its result; a finished cell whose inputs have changed since is stale. By default none.
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
@@ -183,6 +190,7 @@ pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: 
     let mut seen = BTreeSet::new();
     let distinct: Vec<&Cell> = cells.iter().filter(|c| seen.insert(c.id.as_str())).collect();
     let todo = largest_first(exec, distinct.iter().copied().filter(|c| !done.contains(&c.id)).collect());
+    exec.preflight(&todo)?;
     let skipped = distinct.len() - todo.len();
     if skipped > 0 {
         eprintln!("skipping {skipped} finished cell(s) of {} in {}", distinct.len(), store.dir().display());

@@ -131,7 +131,7 @@ fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     if !path.is_file() {
         return Err(Error::checkpoint(path, "weights file not found"));
     }
-    let tensors = Tensor::read_safetensors(path).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let tensors = Tensor::read_safetensors(path).map_err(|e| Error::unreadable_safetensors(path, "the weights `dynrobust train` or `dynrobust defend` writes", &e))?;
     for (name, t) in &tensors {
         check_weights(path, name, t)?;
     }

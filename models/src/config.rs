@@ -58,7 +58,7 @@ impl Mechanism {
     /// Checks the parameter's range: q in (0, 1], t in [0, 1]; errors name `mechanism.<field>`.
     pub fn check(&self) -> Result<()> {
         match *self {
-            Mechanism::Sdn { threshold } if !(threshold > 0.0 && threshold <= 1.0) => Err(Error::config("mechanism.threshold", threshold_problem(threshold))),
+            Mechanism::Sdn { threshold } => check_threshold("mechanism.threshold", threshold),
             Mechanism::Gated { target_rate } | Mechanism::Skipnet { target_rate } if !(0.0..=1.0).contains(&target_rate) => {
                 Err(Error::config("mechanism.target_rate", format!("{target_rate}: expected 0 ≤ t ≤ 1")))
             }
@@ -171,4 +171,14 @@ impl ModelConfig {
 /// larger q would never let a sample exit — the static twin (`--twin`) is that model.
 pub fn threshold_problem(q: f64) -> String {
     format!("{q}: expected 0 < q ≤ 1 (a max-softmax never exceeds 1; for no early exit at all use the static twin, --twin)")
+}
+
+/// The one range rule of an SDN exit threshold: q in (0, 1] ([`threshold_problem`] otherwise,
+/// as a config error naming `field`).
+pub fn check_threshold(field: &str, q: f64) -> Result<()> {
+    if q > 0.0 && q <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::config(field, threshold_problem(q)))
+    }
 }

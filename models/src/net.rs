@@ -169,9 +169,7 @@ impl Net {
         if !matches!(self.mech, Mech::Exits(_)) {
             return Err(Error::Model { model: self.name(), problem: "an exit threshold applies only to early-exit (sdn) models".into() });
         }
-        if !(q > 0.0 && q <= 1.0) {
-            return Err(Error::config("threshold", crate::config::threshold_problem(q)));
-        }
+        crate::config::check_threshold("threshold", q)?;
         self.threshold = q;
         Ok(())
     }

@@ -213,3 +213,44 @@ fn damaged_weights_are_refused_naming_the_tensor() {
     let err = damaged("head.bias", &|t| t.to_kind(tch::Kind::Int64));
     assert!(err.contains("`head.bias`") && err.contains("Int64"), "{err}");
 }
+
+/// A weights file that is not safetensors at all, or cut short, is refused in words that name
+/// the file and what it should be, not with the safetensors crate's enum names.
+#[test]
+fn unreadable_weights_files_are_refused_in_words() {
+    let src = checkpoint::committed_dir("static");
+    let whole = std::fs::read(src.join("model.safetensors")).unwrap();
+    for (what, bytes, says) in [
+        ("nonsense", b"nonsense".to_vec(), "not a safetensors header"),
+        ("truncated", whole[..whole.len() / 2].to_vec(), "truncated"),
+    ] {
+        let dir = common::scratch(&format!("unreadable-{what}"));
+        std::fs::copy(src.join("model.json"), dir.join("model.json")).unwrap();
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        let err = checkpoint::load(&dir, Device::Cpu).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors") && err.contains("not a readable safetensors file") && err.contains(says), "{what}: {err}");
+        assert!(err.contains("expected the weights `dynrobust train`"), "{what}: {err}");
+        for internal in ["safetensors error", "HeaderTooLarge", "MetadataIncompleteBuffer", "InvalidHeader", "Exception raised"] {
+            assert!(!err.contains(internal), "{what}: {err}");
+        }
+    }
+}
+
+/// One range rule for the exit threshold q ∈ (0, 1]: the model config and `Net::set_threshold`
+/// agree on every edge, and both errors carry the same explanation.
+#[test]
+fn the_exit_threshold_range_is_the_same_in_the_config_and_on_the_net() {
+    let mut net = Net::new(config(Mechanism::Sdn { threshold: 0.5 }), Device::Cpu).unwrap();
+    for q in [0.0, -0.1, 1.0 + 1e-9, f64::NAN, f64::INFINITY] {
+        let in_config = Mechanism::Sdn { threshold: q }.check().expect_err("config").to_string();
+        let on_net = net.set_threshold(q).expect_err("set_threshold").to_string();
+        let why = dynrobust_models::config::threshold_problem(q);
+        assert!(in_config.contains("mechanism.threshold") && in_config.contains(&why), "{q}: {in_config}");
+        assert!(on_net.contains("threshold") && on_net.contains(&why), "{q}: {on_net}");
+    }
+    for q in [1e-6, 0.5, 1.0] {
+        Mechanism::Sdn { threshold: q }.check().unwrap();
+        net.set_threshold(q).unwrap();
+        assert_eq!(net.threshold(), q);
+    }
+}
