@@ -20,14 +20,15 @@
 //!   fooled yet (`targets = 9`, AutoAttack's standard version).
 //!
 //! The loss is read on the output `loss` names (final head by default, as PGD's);
-//! "fooled" is judged on the deployed prediction, the one accuracy is measured on. Per sample
+//! "fooled" is judged on the deployed prediction (the exit rule's logits, read from the dense
+//! pass; the sparse pass accuracy is measured on makes the same decision). Per sample
 //! it returns the last iterate that fooled the model (AutoAttack's `x_best_adv`) or, for a
 //! sample never fooled, the first run's highest-loss iterate (AutoAttack keeps the clean image there;
 //! the highest-loss point is what a cost measurement on the attacked input should see, and
 //! the accuracy is the same). On a randomised defense the gradient is averaged over the
 //! model's EOT draws, and the loss and "fooled" are read from the last draw, as AutoAttack does.
 
-use dynrobust_core::attack::{check_eps, check_steps, eot_average, input_grad, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_requirements, check_steps, eot_average, input_grad, per_sample_norm, project, steepest, Attack, Goal, Norm, Requirements};
 use dynrobust_core::rng::SeededRng;
 use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
@@ -266,6 +267,14 @@ impl Attack for Apgd {
     fn requirements(&self) -> Requirements {
         Requirements::default()
     }
+    /// Also refuses more `targets` than the model has wrong classes, before any work.
+    fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
+        check_requirements(self, model)?;
+        match (self.cfg.targets, model.classes()) {
+            (targets, Some(classes)) if targets > 0 => check_target_count(targets, classes).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).expect("serialisable")
     }
@@ -301,6 +310,19 @@ impl Attack for Apgd {
     }
 }
 
+/// `targets` wrong classes to try must exist among the model's `classes` (AutoAttack's 9 is
+/// for 10 classes); more is refused, naming the field, rather than silently clamped.
+pub(crate) fn check_target_count(targets: usize, classes: i64) -> Result<usize> {
+    let most = (classes - 1).max(0) as usize;
+    if targets > most {
+        return Err(Error::config(
+            "targets",
+            format!("{targets}: the model has {classes} classes, so at most {most} wrong classes to target (AutoAttack's presets use 9, for 10 classes; for an ensemble on fewer classes list its members by hand, `attacks`, with a smaller `targets`)"),
+        ));
+    }
+    Ok(targets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,17 +349,4 @@ mod tests {
         let first = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 0.0]).view([4, 1]);
         assert_eq!(Vec::<bool>::try_from(rose_too_rarely(&first, 2, 3, 0.75)).unwrap(), [false]);
     }
-}
-
-/// `targets` wrong classes to try must exist among the model's `classes` (AutoAttack's 9 is
-/// for 10 classes); more is refused, naming the field, rather than silently clamped.
-pub(crate) fn check_target_count(targets: usize, classes: i64) -> Result<usize> {
-    let most = (classes - 1).max(0) as usize;
-    if targets > most {
-        return Err(Error::config(
-            "targets",
-            format!("{targets}: the model has {classes} classes, so at most {most} wrong classes to target (AutoAttack's presets use 9, for 10 classes)"),
-        ));
-    }
-    Ok(targets)
 }

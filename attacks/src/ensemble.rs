@@ -8,14 +8,15 @@
 //!
 //! `version` picks AutoAttack's other presets (`autoattack.py`, `set_version`): `plus` —
 //! APGD-CE and APGD-DLR with 5 restarts each, FAB with 5 restarts, Square (5,000 queries),
-//! APGD-T, FAB-T; `rand`, for randomised defenses — APGD-CE and APGD-DLR, with the gradient
-//! averaged over the defense's own EOT draws (AutoAttack fixes 20; here the defense's `eot`
-//! setting decides). `attacks` lists members by hand instead.
+//! APGD-T, FAB-T; `rand`, for randomised defenses — APGD-CE and APGD-DLR. (Every member in
+//! every version averages its gradient over the defense's own EOT draws, its `eot` setting; in
+//! AutoAttack only `rand` does, with 20.) `attacks` lists members by hand instead.
 //!
 //! As in AutoAttack, only the samples classified correctly (deployed prediction, sparse pass)
 //! are attacked; the others come back unchanged. Per attacked sample the output is the first
-//! member's example that fools the deployed model, else the first member's own example (its
-//! highest-loss point).
+//! member's example that fools the deployed model, else the first member's own output for it
+//! (APGD: its highest-loss point — the presets start with APGD-CE; FAB: the clean image;
+//! Square: its lowest-margin point).
 //!
 //! ```toml
 //! [[attacks]]
@@ -27,8 +28,57 @@
 //! label = "autoattack-plus"
 //! params = { version = "plus" }
 //! ```
+//!
+//! # Differences from AutoAttack's code
+//!
+//! Where dynrobust departs on purpose from fra31/auto-attack (`autoattack.py`,
+//! `autopgd_base.py`, `fab_base.py` / `fab_pt.py`, `square.py`); what is not listed follows it.
+//!
+//! - **Never-fooled samples (ensemble):** `run_standard_evaluation` returns the clean image; here
+//!   the first member's own example (in the presets APGD-CE's highest-loss point), so a cost
+//!   measurement on the attacked input sees what the attack reached; the accuracy is the same.
+//! - **Never-fooled samples (APGD):** `perturb` keeps the clean image; here the first run's
+//!   highest-loss iterate, for the same reason. (FAB returns the clean image, as AutoAttack.)
+//! - **Never-fooled samples (Square):** `perturb` returns the clean image; here the lowest-margin
+//!   point, for the same reason (same verdict, other perturbation statistics).
+//! - **EOT (APGD, FAB):** AutoAttack averages APGD's gradient over 20 draws in `rand` only
+//!   (`eot_iter = 20`, else 1) and FAB's never; here both average over the model's
+//!   `eot_samples()` (the defense's `eot`, 1 when deterministic) in every version — FAB its
+//!   logits and gradients — as every adaptive attack here does; `rand` differs only in members.
+//! - **Which logits (APGD, FAB; dynamic models):** AutoAttack attacks and predicts with one
+//!   `forward`; here the presets set `loss = "deployed"` (the exit an early-exit model's rule
+//!   chose, differentiated through the dense pass) and FAB's and the ensemble's verdicts read the
+//!   sparse pass (real skipping), so each attack works on the decision accuracy is measured on.
+//!   Listed by hand, APGD reads the final head by default (`loss = "final"`, as PGD), FAB the
+//!   deployed logits.
+//! - **Hand-listed members (`attacks`):** AutoAttack's `custom` version keeps its constructor's
+//!   settings (APGD and FAB 5 restarts, FAB-T forced to 1, Square `resc_schedule=False`); here
+//!   each member is built like the standalone attack: 1 restart unless set, a `fab-t` keeps its
+//!   `restarts`, and `square` keeps `square.py`'s `rescale_schedule = true` unless set (the
+//!   presets set `false`, as `autoattack.py` does).
+//! - **Too many targets (APGD-T, FAB-T):** AutoAttack's `check_n_classes` only warns, then its
+//!   target indexing fails; here `targets` above the model's wrong classes is a config error
+//!   naming the field (`check_target_count`), not a crash and not a silent clamp.
+//! - **Seeds (APGD, FAB, Square):** AutoAttack re-seeds torch's global generator at every
+//!   `perturb` (from the clock when `seed=None`); here each re-seeds its own SplitMix64
+//!   `SeededRng` from the ensemble's `seed` (0 unless set), so a cell is reproducible whatever runs
+//!   beside it — but one seed does not give AutoAttack's draws.
+//! - **Batches (ensemble):** AutoAttack runs each attack over every still-robust point of the
+//!   data set, re-batched by `bs`; here the whole ensemble runs inside each evaluation batch, its
+//!   members on that batch's still-robust samples (an `Attack` perturbs one batch): the counting
+//!   is the same, but the re-seeded random starts fall on other samples.
+//! - **Norms (ensemble):** AutoAttack runs L∞, L2 and L1 (L1 with `use_largereps`); here every
+//!   member must be an L∞ accuracy attack (Square is L∞ only; APGD and FAB take L2 on their own;
+//!   there is no L1).
+//! - **Samples misclassified clean (APGD, Square on their own):** AutoAttack's `perturb` returns
+//!   them unchanged; standalone here they are attacked like the others (the verdict is the
+//!   same: they count as not robust). FAB, and the ensemble before any member, skip them.
+//! - **Sanity checks (ensemble):** `run_standard_evaluation` logs `checks.py`'s warnings
+//!   (randomised or dynamic defense, probability outputs, Square beating the rest); the ensemble
+//!   logs none: dynrobust raises its sanity flags per result (zero or non-finite gradients) and
+//!   in the report (a gradient-free `square` cell beating a white-box one).
 
-use dynrobust_core::attack::{check_eps, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_requirements, Attack, Goal, Norm, Requirements};
 use dynrobust_core::{DynamicModel, Error, Pass, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -183,6 +233,11 @@ impl Attack for Ensemble {
     fn requirements(&self) -> Requirements {
         Requirements::default()
     }
+    /// Refuses a model any member refuses (before any member runs), naming the member.
+    fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
+        check_requirements(self, model)?;
+        self.members.iter().enumerate().try_for_each(|(i, m)| m.check_model(model).map_err(|e| e.within(&format!("attacks[{i}]"))))
+    }
     fn config_json(&self) -> Value {
         let members: Vec<Value> = self.members.iter().map(|m| json!({ "name": m.name(), "config": m.config_json() })).collect();
         json!({ "eps": self.cfg.eps, "seed": self.cfg.seed, "version": self.cfg.version, "attacks": members })
@@ -240,8 +295,8 @@ impl Attack for Ensemble {
 /// Runs `attempts` attempts one after another, each on the samples of `x` that no earlier one
 /// fooled: `attempt(i, todo)` gets the indices `[T]` of those samples and returns its examples
 /// for them `[T,…]` and which of them fool `[T]` bool. Per sample the result is the first
-/// fooling example, else the first attempt's own (its highest-loss point). The ensemble's
-/// members and APGD's and FAB's targets × restarts run this way.
+/// fooling example, else the first attempt's own (whatever that attempt returns for it). The
+/// ensemble's members and APGD's and FAB's targets × restarts run this way.
 pub(crate) fn in_turn(x: &Tensor, attempts: usize, mut attempt: impl FnMut(usize, &Tensor) -> Result<(Tensor, Tensor)>) -> Result<Tensor> {
     let mut x_out = x.copy();
     let mut fooled = Tensor::zeros([x.size()[0]], (Kind::Bool, x.device()));

@@ -31,7 +31,7 @@
 //! final head instead. On a randomised defense the logits and their gradients are averaged
 //! over the model's EOT draws.
 
-use dynrobust_core::attack::{check_eps, check_positive, check_steps, eot_average, per_sample_norm, Attack, Goal, Norm, Requirements};
+use dynrobust_core::attack::{check_eps, check_positive, check_requirements, check_steps, eot_average, per_sample_norm, Attack, Goal, Norm, Requirements};
 use dynrobust_core::rng::SeededRng;
 use dynrobust_core::{DynamicModel, Error, Pass, Result, Trace};
 use serde::{Deserialize, Serialize};
@@ -325,6 +325,14 @@ impl Attack for Fab {
     }
     fn requirements(&self) -> Requirements {
         Requirements::default()
+    }
+    /// Also refuses more `targets` than the model has wrong classes, before any work.
+    fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
+        check_requirements(self, model)?;
+        match (self.cfg.targets, model.classes()) {
+            (targets, Some(classes)) if targets > 0 => check_target_count(targets, classes).map(|_| ()),
+            _ => Ok(()),
+        }
     }
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).expect("serialisable")

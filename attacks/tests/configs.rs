@@ -359,8 +359,21 @@ fn more_targets_than_wrong_classes_are_refused_naming_targets() {
         let err = too_many.perturb(&model, &data.images, &data.labels).expect_err(name);
         assert_names_field(&err, "targets", name);
         assert!(err.to_string().contains("10 classes") && err.to_string().contains("at most 9"), "{name}: {err}");
+        let before_any_work = too_many.check_model(&model).expect_err(name);
+        assert_names_field(&before_any_work, "targets", name);
         let nine = registry::build(name, &json!({"targets": 9, "steps": 1})).unwrap();
+        nine.check_model(&model).unwrap();
         let adv = nine.perturb(&model, &data.images, &data.labels).unwrap_or_else(|e| panic!("{name} with 9 targets: {e}"));
         assert_eq!(adv.size(), data.images.size(), "{name}");
     }
+    // AutoAttack's standard preset (9 targets) on a 5-class model: refused before any member
+    // runs, naming the member
+    let mut five = dynrobust_models::ModelConfig::resnet14n(dynrobust_models::Mechanism::Static, 0.286, 0.353).unwrap();
+    five.classes = 5;
+    let five = dynrobust_models::Net::new(five, tch::Device::Cpu).unwrap();
+    let ensemble = registry::build("ensemble", &json!({"eps": 8.0 / 255.0})).unwrap();
+    let err = ensemble.check_model(&five).expect_err("standard preset on 5 classes");
+    assert_names_field(&err, "attacks[1].targets", "ensemble");
+    assert!(err.to_string().contains("at most 4"), "{err}");
+    ensemble.check_model(&model).unwrap();
 }

@@ -156,10 +156,10 @@ pub fn run(args: AttackArgs) -> Result<()> {
         Some(s) => Box::new(Transfer::new(inner, Box::new(load_model(s, device, &data.images)?.0))?),
         None => inner,
     };
-    attack.check_model(&victim).map_err(|e| e.for_model(&args.model))?;
+    attack.check_model(&victim)?;
     prepare_attack_fit(&*attack, &args.data)?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}", args.attack, victim.name()));
-    let outcome = run_attack(&victim, &*attack, &data.images, &data.labels, args.batch, &mut |done| bar.set_position(done as u64)).map_err(|e| e.for_model(&args.model))?;
+    let outcome = run_attack(&victim, &*attack, &data.images, &data.labels, args.batch, &mut |done| bar.set_position(done as u64)).map_err(|e| e.for_model(&victim.name(), &args.model))?;
     bar.finish_and_clear();
     let mut record = outcome.record;
     if let Some(s) = &args.surrogate {
@@ -209,11 +209,12 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     // a detector's own `calibration` count of clean training images (as the runner does)
     let calibration = spec.calibration_images().map(|n| args.data.load(Split::Train, Some(n))).transpose()?.map(|d| d.to_device(device));
     let victim = load_victim(&args, device, &data.images)?;
-    attack.check_model(&victim).map_err(|e| e.for_model(&args.model))?;
+    attack.check_model(&victim)?;
     prepare_attack_fit(&*attack, &args.data)?;
     let bar = dynrobust_models::train::progress_bar(data.len() as u64, &format!("{} on {}+{name}", args.attack, victim.name()));
     let load = || load_victim(&args, device, &data.images).map_err(|e| dynrobust_core::Error::config("model", e.to_string()));
-    let outcome = dynrobust_defenses::evaluate::run_defended(victim, &load, &spec, mode, &*attack, &data, calibration.as_ref(), args.batch, &mut |d| bar.set_position(d as u64)).map_err(|e| e.for_model(&args.model))?;
+    let own = victim.name();
+    let outcome = dynrobust_defenses::evaluate::run_defended(victim, &load, &spec, mode, &*attack, &data, calibration.as_ref(), args.batch, &mut |d| bar.set_position(d as u64)).map_err(|e| e.for_model(&own, &args.model))?;
     bar.finish_and_clear();
     let r = &outcome.record;
     let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);

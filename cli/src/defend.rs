@@ -108,7 +108,8 @@ pub fn run(args: DefendArgs) -> Result<()> {
     // checked before the long part, so a bad --out does not throw the training away
     crate::common::prepare_out_dir("--out", &args.out)?;
     eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());
-    let report = defend(&mut net, &train_set, &cfg).map_err(|e| e.for_model(&args.model))?;
+    let own = net.name();
+    let report = defend(&mut net, &train_set, &cfg).map_err(|e| e.for_model(&own, &args.model))?;
     // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)
     net.fold_batch_norm();
     let evaluation = evaluate(&net, &test_set, 256)?;
@@ -201,7 +202,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
             let attack = dynrobust_attacks::registry::build(name, &Value::Object(parse_sets("--attack-set", &args.attack_set)?))?;
             crate::common::prepare_attack_fit(&*attack, &args.data)?;
             let subset = train.take(args.attack_samples);
-            dynrobust_core::check_model_labels(&victim, &subset.labels).map_err(|e| e.for_model(&args.attack_model))?;
+            dynrobust_core::check_model_labels(&victim, &subset.labels).map_err(|e| e.for_model(&victim.name(), &args.attack_model))?;
             Some((name, victim, attack, subset))
         }
         None => None,

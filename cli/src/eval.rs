@@ -64,15 +64,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let data = args.data.load_exactly(Split::Test, args.n)?.to_device(device);
     let (mut net, source) = load_model(&args.model, device, &data.images)?;
     let dir = source.path().to_path_buf();
+    let own = net.name();
+    let named = |e: dynrobust_core::Error| e.for_model(&own, &args.model);
     if let Some(q) = args.threshold {
-        net.set_threshold(q)?;
+        net.set_threshold(q).map_err(named)?;
     }
-    net.set_twin(args.twin)?;
+    net.set_twin(args.twin).map_err(named)?;
     let calibration = match args.calibrate_rad {
         Some(rad) => Some(calibrate(&mut net, &args, &data, rad)?),
         None => None,
     };
-    let record = evaluate(&net, &data, 256).map_err(|e| e.for_model(&args.model))?;
+    let record = evaluate(&net, &data, 256).map_err(named)?;
     let (lat1, lat128) = if args.no_latency {
         (None, None)
     } else {

@@ -273,7 +273,8 @@ fn a_damaged_checkpoint_stops_the_run_before_any_cell() {
     let o = run(&study, &out, &["--no-report"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("`model`") && err.contains("model.safetensors") && err.contains("`head.weight`") && err.contains("non-finite") && err.contains("no cell ran"), "{err}");
+    let named = format!("the study's model `{}`; no cell ran", model.display());
+    assert!(err.contains("model.safetensors") && err.contains("`head.weight`") && err.contains("non-finite") && err.contains(&named), "{err}");
     assert_eq!(err.matches("non-finite").count(), 1, "one error, not one per cell: {err}");
     assert!(!err.contains("FAILED"), "{err}");
     assert!(!out.join("cells").exists() || records(&out).is_empty(), "no cell ran");
@@ -285,7 +286,7 @@ fn a_damaged_checkpoint_stops_the_run_before_any_cell() {
     std::fs::write(&defended_weights, &bytes[..bytes.len() / 2]).unwrap();
     let o = run(&study, &out, &["--no-report"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("`defense`") && err.contains("`pgd-at`") && err.contains("not a readable safetensors file"), "{err}");
+    assert!(!o.status.success() && err.contains("the study's defense `pgd-at`; no cell ran") && err.contains("not a readable safetensors file"), "{err}");
     assert!(!out.join("cells").exists() || records(&out).is_empty(), "no cell ran");
 }
 

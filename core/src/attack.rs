@@ -112,26 +112,30 @@ pub trait Attack {
         None
     }
 
-    /// Refuses models that lack what the attack needs, naming both.
+    /// Refuses models that lack what the attack needs, naming both (by default
+    /// [`check_requirements`]; attacks with more needs add theirs).
     fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
-        let req = self.requirements();
-        let family = model.family();
-        let problem = if req.exits && !family.has_exits() {
-            Some("needs early exits")
-        } else if req.gates && !family.has_gates() {
-            Some("needs gates")
-        } else if req.dynamic && family == Family::Static {
-            Some("needs a dynamic mechanism (gates or exits)")
-        } else {
-            None
-        };
-        match problem {
-            Some(p) => Err(Error::config(
-                "model",
-                format!("attack `{}` {p}, but model `{}` is {}", self.name(), model.name(), family_words(&family)),
-            )),
-            None => Ok(()),
-        }
+        check_requirements(self, model)
+    }
+}
+
+/// Refuses a model that lacks what `attack`'s [`Attack::requirements`] ask for (exits, gates,
+/// any dynamic mechanism), naming both.
+pub fn check_requirements(attack: &(impl Attack + ?Sized), model: &dyn DynamicModel) -> Result<()> {
+    let req = attack.requirements();
+    let family = model.family();
+    let problem = if req.exits && !family.has_exits() {
+        Some("needs early exits")
+    } else if req.gates && !family.has_gates() {
+        Some("needs gates")
+    } else if req.dynamic && family == Family::Static {
+        Some("needs a dynamic mechanism (gates or exits)")
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(Error::config("model", format!("attack `{}` {p}, but model `{}` is {}", attack.name(), model.name(), family_words(&family)))),
+        None => Ok(()),
     }
 }
 

@@ -50,12 +50,14 @@ impl Error {
         Error::Config { field: field.into(), problem: problem.into() }
     }
 
-    /// A model error under the name the user wrote (a path, a study's variant) as well as the
-    /// model's own (its family, e.g. `gated`): `model my-gated (gated): …`. Other errors, and
-    /// model errors already under that name, are left as they are.
-    pub fn for_model(self, written: &str) -> Self {
+    /// A model error about the model named `own` (its [`crate::DynamicModel::name`], e.g. its
+    /// family `gated`) under the name the user wrote as well (a path, a study's variant):
+    /// `model runs/x/my-gated (gated): …`. Errors about other models (a surrogate's), other
+    /// errors, and names that already say what was written (`sdn(twin)` for `sdn`) are left
+    /// as they are.
+    pub fn for_model(self, own: &str, written: &str) -> Self {
         match self {
-            Error::Model { model, problem } if model != written => Error::Model { model: format!("{written} ({model})"), problem },
+            Error::Model { model, problem } if model == own && !own.contains(written) => Error::Model { model: format!("{written} ({model})"), problem },
             other => other,
         }
     }
@@ -65,8 +67,7 @@ impl Error {
     /// e.g. "the weights `dynrobust train` writes".
     pub fn unreadable_safetensors(path: impl Into<PathBuf>, expected: &str, e: &tch::TchError) -> Self {
         let why = match e {
-            tch::TchError::SafeTensorError { err, .. } => safetensors_reason(&format!("{err:?}")).to_string(),
-            tch::TchError::Io(io) => io.to_string(),
+            tch::TchError::SafeTensorError { err, .. } => safetensors_reason(err),
             other => libtorch_message(&other.to_string()),
         };
         Error::checkpoint(path, format!("not a readable safetensors file: {why}; expected {expected}"))
@@ -97,17 +98,18 @@ impl Error {
     }
 }
 
-/// The safetensors crate's error (its Debug form, e.g. `HeaderTooLarge`,
-/// `MetadataIncompleteBuffer`, `InvalidHeaderDeserialization`) in words.
-fn safetensors_reason(debug: &str) -> &'static str {
-    let name = debug.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("");
-    match name {
-        "HeaderTooLarge" | "HeaderTooSmall" | "InvalidHeaderLength" => "the length at the start of the file is not a safetensors header's: truncated or not a safetensors file",
-        "InvalidHeader" | "InvalidHeaderStart" | "InvalidHeaderDeserialization" | "JsonError" => "the header is not the JSON table of tensors",
-        "MetadataIncompleteBuffer" | "InvalidOffset" => "the file is shorter than its header says: truncated",
-        "TensorInvalidInfo" | "InvalidTensorView" | "ValidationOverflow" => "a tensor's shape, dtype and byte range disagree",
-        "IoError" => "the file could not be read",
-        _ => "the header or the data is damaged",
+/// The safetensors crate's error in words.
+fn safetensors_reason(err: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match err {
+        E::HeaderTooLarge | E::HeaderTooSmall | E::InvalidHeaderLength => {
+            "the length at the start of the file is not a safetensors header's: truncated or not a safetensors file".into()
+        }
+        E::InvalidHeader | E::InvalidHeaderStart | E::InvalidHeaderDeserialization | E::JsonError(_) => "the header is not the JSON table of tensors".into(),
+        E::MetadataIncompleteBuffer | E::InvalidOffset(_) => "the file is shorter than its header says: truncated".into(),
+        E::TensorInvalidInfo | E::InvalidTensorView(..) | E::ValidationOverflow => "a tensor's shape, dtype and byte range disagree".into(),
+        E::TensorNotFound(name) => format!("tensor `{name}` is listed but not found"),
+        E::IoError(io) => format!("the file could not be read: {io}"),
     }
 }
 

@@ -102,6 +102,14 @@ fn denoiser_round_trips_its_checkpoint() {
     assert_eq!(side, sidecar);
     let x = images(9, 3, 1).upsample_nearest2d([28, 28], None, None);
     assert!(net.denoise(&x).equal(&loaded.denoise(&x)), "loaded denoiser differs");
+    // non-finite weights are refused naming the tensor
+    let weights = dir.join("denoiser.safetensors");
+    let tensors = Tensor::read_safetensors(&weights).unwrap();
+    let first = tensors[0].0.clone();
+    let nan: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), if *n == first { t.fill(f64::NAN) } else { t.shallow_clone() })).collect();
+    Tensor::write_safetensors(&nan, &weights).unwrap();
+    let err = Denoiser::load(&dir, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("denoiser.safetensors") && err.contains(&format!("`{first}`")) && err.contains("non-finite"), "{err}");
     // a truncated weights file is refused naming the file
     std::fs::write(dir.join("denoiser.safetensors"), b"nonsense").unwrap();
     let err = Denoiser::load(&dir, Device::Cpu).unwrap_err().to_string();

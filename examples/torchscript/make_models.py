@@ -21,8 +21,10 @@ Run from the repository root with the project's venv (after `make setup`):
 
 The script reloads each saved file with torch.jit.load and asserts that forward (dense) and
 forward_sparse (real skipping) agree on the probe batch and that macs == executed @ unit_macs.
+`--reference-from DIR` trains nothing and only writes DIR's models' outputs on the probe batch.
 About 70 s with the default 300 training steps per model on one free CPU core (it uses 2
-threads; less with two idle cores). Results are deterministic for a given --seed.
+threads; less with two idle cores). Results are deterministic for a given --seed on a given CPU
+model (not across CPU models: the kernels' floating-point order differs).
 """
 import argparse
 import gzip
@@ -564,6 +566,35 @@ def summarise(m, kind: str, x: Tensor, y: Tensor) -> dict:
 
 # ----------------------------------------------------------------------------- main
 
+def add_reference(reference: Dict[str, Tensor], kind: str, m, probe: Tensor) -> None:
+    """What the saved module `m`'s forward returns on `probe`, under `kind.key[.i]` names."""
+    with torch.no_grad():
+        out = m.forward(probe)
+    for key, ts in out.items():
+        if key in ("gate_probs", "exit_logits"):
+            for i, t in enumerate(ts):
+                reference[f"{kind}.{key}.{i}"] = t.clone().contiguous()
+        else:
+            reference[f"{kind}.{key}"] = ts[0].clone().contiguous()
+    reference[f"{kind}.unit_macs"] = m.unit_macs().contiguous()
+
+
+def write_reference_only(models_dir: str, data_dir: str, out: str) -> None:
+    """--reference-from: PyTorch's outputs of already saved gated.pt / sdn.pt on the probe batch,
+    computed on this machine (float results of the same file differ slightly across CPU models)."""
+    from safetensors.torch import save_file
+
+    xte, _ = load_split(data_dir, "t10k")
+    probe = as_float(xte[:32]).contiguous()
+    reference = {"x": probe}
+    for kind in ("gated", "sdn"):
+        m = torch.jit.load(os.path.join(models_dir, f"{kind}.pt"))
+        m.eval()
+        add_reference(reference, kind, m, probe)
+    save_file(reference, os.path.join(out, "reference.safetensors"), metadata={"format": "pt", "models": models_dir})
+    print(f"wrote {out}/reference.safetensors from {models_dir}/gated.pt and sdn.pt")
+
+
 def cpu_name() -> str:
     """The CPU's model name (a short CPU training run is reproducible on one CPU model, not across them)."""
     try:
@@ -589,6 +620,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rate-weight", type=float, default=5.0, help="gated: weight of the target-rate penalty")
     ap.add_argument("--entropy-weight", type=float, default=0.1, help="gated: weight of the gate-entropy penalty")
     ap.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (decays linearly to 0)")
+    ap.add_argument("--reference-from", default=None, metavar="DIR",
+                    help="train nothing: write reference.safetensors for DIR's saved gated.pt and sdn.pt")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -598,6 +631,9 @@ def main(argv=None) -> None:
         raise SystemExit("Fashion-MNIST not found in data/fashion-mnist or /usr/share/datasets/fashion-mnist: "
                          "run `make data` or pass --data-dir")
     os.makedirs(args.out, exist_ok=True)
+    if args.reference_from:
+        write_reference_only(args.reference_from, data_dir, args.out)
+        return
     xtr, ytr = load_split(data_dir, "train")
     xte, yte = load_split(data_dir, "t10k")
     x_test, y_test = as_float(xte[:2000]), yte[:2000]
@@ -638,15 +674,7 @@ def main(argv=None) -> None:
         info = summarise(m, kind, x_test, y_test)
         info["training"] = settings
         info["file"] = os.path.basename(path)
-        with torch.no_grad():
-            out = m.forward(probe)
-        for key, ts in out.items():
-            if key in ("gate_probs", "exit_logits"):
-                for i, t in enumerate(ts):
-                    reference[f"{kind}.{key}.{i}"] = t.clone().contiguous()
-            else:
-                reference[f"{kind}.{key}"] = ts[0].clone().contiguous()
-        reference[f"{kind}.unit_macs"] = m.unit_macs().contiguous()
+        add_reference(reference, kind, m, probe)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         report["models"][kind] = info
         line = f"{kind}: accuracy {info['accuracy'] * 100:.2f} % on {x_test.size(0)} test images, " \

@@ -14,7 +14,7 @@ use dynrobust_attacks::transfer::Transfer;
 use dynrobust_core::attack::{prepare_fit, Attack};
 use dynrobust_core::data::{DataSpec, Dataset, Split};
 use dynrobust_core::defense::Adaptivity;
-use dynrobust_core::{Error, Result};
+use dynrobust_core::{DynamicModel, Error, Result};
 use dynrobust_defenses::evaluate::run_defended;
 use dynrobust_defenses::registry::DefenseSpec;
 use dynrobust_models::checkpoint::{self, Sidecar};
@@ -172,7 +172,8 @@ impl Executor for RealExecutor {
         let crafting_weights = self.model_path(c.surrogate.as_ref().unwrap_or(&c.model))?.map(|p| checkpoint_digest(&p)).transpose()?;
         let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c, crafting_weights));
         let load = || self.load(&c.model, &probe);
-        let outcome = run_defended(net, &load, &spec, mode, &attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {}).map_err(|e| e.for_model(&c.model.name))?;
+        let own = net.name();
+        let outcome = run_defended(net, &load, &spec, mode, &attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {}).map_err(|e| e.for_model(&own, &c.model.name))?;
         let mut record = outcome.record;
         if attack.all_hits() {
             record["seconds"] = json!(attack.cached_seconds());
@@ -200,34 +201,30 @@ impl Executor for RealExecutor {
         Ok(CellOutput { record, per_sample_csv: per_sample_csv(&outcome.per_sample) })
     }
 
-    /// Digests of the model's, the surrogate's and the defense's checkpoints.
     /// Loads every distinct native checkpoint the cells read (model, surrogate, a trained
-    /// defense's, a denoiser) once; the first that does not load stops the run, naming its role
-    /// and the cell's name for it. TorchScript files are checked when a cell loads them (their
-    /// protocol check needs images).
+    /// defense's) once; the first that does not load stops the run, naming the file, its role
+    /// and the study's name for it. A denoiser is loaded when the study's defenses are parsed,
+    /// and TorchScript files when a cell loads them (their protocol check needs images).
     fn preflight(&self, cells: &[&Cell]) -> Result<()> {
         let mut checked = std::collections::BTreeSet::new();
         for cell in cells {
             let c = &cell.config;
+            let spec = self.defense(cell)?.0;
+            let trained_defense = if matches!(spec, DefenseSpec::Trained { .. }) { spec.checkpoint_path()? } else { None };
             let roles = [
-                ("model", c.model.name.clone(), self.model_path(&c.model)?),
-                ("surrogate", c.surrogate.as_ref().map_or_else(String::new, |s| s.name.clone()), c.surrogate.as_ref().map(|s| self.model_path(s)).transpose()?.flatten()),
-                ("defense", c.defense.name.clone(), self.defense(cell)?.0.checkpoint_path()?),
+                ("model", c.model.name.as_str(), self.model_path(&c.model)?),
+                ("surrogate", c.surrogate.as_ref().map_or("", |s| s.name.as_str()), c.surrogate.as_ref().map(|s| self.model_path(s)).transpose()?.flatten()),
+                ("defense", c.defense.label.as_str(), trained_defense),
             ];
             for (role, name, path) in roles {
                 let Some(dir) = path.filter(|p| p.is_dir() && checked.insert(p.clone())) else { continue };
-                let loaded = if dir.join(dynrobust_defenses::denoiser::SIDECAR_FILE).is_file() {
-                    dynrobust_defenses::denoiser::Denoiser::load(&dir, Device::Cpu).map(|_| ())
-                } else {
-                    checkpoint::load(&dir, Device::Cpu).map(|_| ())
-                };
-                let named = if Path::new(&name) == dir { format!("`{name}`") } else { format!("`{name}` ({})", dir.display()) };
-                loaded.map_err(|e| Error::config(role, format!("{named} does not load, so no cell ran: {e}")))?;
+                checkpoint::load(&dir, Device::Cpu).map_err(|e| unloadable(e, role, name))?;
             }
         }
         Ok(())
     }
 
+    /// Digests of the model's, the surrogate's and the defense's checkpoints.
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
         let c = &cell.config;
         let paths = [
@@ -242,6 +239,16 @@ impl Executor for RealExecutor {
         let mut versions = crate::runner::dynrobust_versions();
         versions.extend([("tch".to_string(), "0.26.0".to_string()), ("libtorch".to_string(), "2.13.0".to_string())]);
         versions
+    }
+}
+
+/// A checkpoint that does not load, as [`RealExecutor::preflight`] reports it: the loader's
+/// error (naming the file and the problem) with the study's role and name for it.
+fn unloadable(e: Error, role: &str, name: &str) -> Error {
+    let context = format!("the study's {role} `{name}`; no cell ran");
+    match e {
+        Error::Checkpoint { path, problem } => Error::Checkpoint { path, problem: format!("{problem} ({context})") },
+        other => Error::config(role, format!("{context}: {other}")),
     }
 }
 

@@ -177,7 +177,8 @@ pub fn set_aside_damaged(store: &Store) -> Result<()> {
 /// Runs every unfinished cell of `cells` with `workers` threads, storing each result at once
 /// with its [`Executor::inputs`]. Refuses to go on, naming them, when finished cells are stale
 /// (their checkpoints changed since; [`Store::retire`] moves them aside to be run again).
-/// Damaged records are moved aside first ([`set_aside_damaged`]). With `progress`, a progress
+/// Damaged records are moved aside first ([`set_aside_damaged`]), and [`Executor::preflight`]
+/// checks the inputs of the cells to run before any runs. With `progress`, a progress
 /// bar on stderr when it is a terminal, else a line per cell.
 pub fn run_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store, workers: usize, progress: bool) -> Result<RunSummary> {
     let start = Instant::now();
