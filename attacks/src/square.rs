@@ -33,7 +33,8 @@ use tch::{Kind, Tensor};
 pub struct SquareConfig {
     /// L∞ budget ε.
     pub eps: f64,
-    /// Queries (model evaluations per sample) at most; AutoAttack uses 5,000.
+    /// Search steps (model evaluations per sample after the initial stripes point, so at most
+    /// `queries + 1` in all, counted as `square.py` counts them); AutoAttack uses 5,000.
     pub queries: usize,
     /// Initial fraction of the image a window covers (AutoAttack: 0.8).
     pub p_init: f64,
