@@ -249,26 +249,34 @@ fn copy_checkpoint(name: &str, to: &Path) {
     }
 }
 
-/// A damaged checkpoint stops a study before any cell runs, with one error that names the
-/// role, the file and the problem, instead of failing every cell that reads it.
-#[test]
-fn a_damaged_checkpoint_stops_the_run_before_any_cell() {
-    let dir = scratch("damaged");
+/// `DIR/model` (a copy of `static`), `DIR/defended` (of `static-pgd-at`) and `DIR/NAME.toml`:
+/// FGSM at each of `eps` (TOML strings) on the model, undefended and behind `pgd-at` with that
+/// checkpoint. Returns (model, defended, study).
+fn fgsm_study(dir: &Path, name: &str, eps: &str) -> (PathBuf, PathBuf, PathBuf) {
     let (model, defended) = (dir.join("model"), dir.join("defended"));
     copy_checkpoint("static", &model);
     copy_checkpoint("static-pgd-at", &defended);
-    let weights = model.join("model.safetensors");
-    let tensors = tch::Tensor::read_safetensors(&weights).unwrap();
-    let nan: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), if n == "head.weight" { t.fill(f64::NAN) } else { t.shallow_clone() })).collect();
-    tch::Tensor::write_safetensors(&nan, &weights).unwrap();
-    let study = dir.join("four.toml");
+    let study = dir.join(format!("{name}.toml"));
     let text = format!(
-        "name = \"four\"\ndata = \"fashion-mnist\"\nn = 8\nbatch = 8\neps = [\"4/255\", \"8/255\"]\nmodels = [\"{}\"]\n\n[[attacks]]\nname = \"fgsm\"\n\n\
+        "name = \"{name}\"\ndata = \"fashion-mnist\"\nn = 8\nbatch = 8\neps = [{eps}]\nmodels = [\"{}\"]\n\n[[attacks]]\nname = \"fgsm\"\n\n\
          [[defenses]]\nname = \"none\"\n\n[[defenses]]\nname = \"pgd-at\"\nparams = {{ checkpoint = \"{}\" }}\n",
         model.display(),
         defended.display()
     );
     std::fs::write(&study, text).unwrap();
+    (model, defended, study)
+}
+
+/// A damaged checkpoint stops a study before any cell runs, with one error that names the
+/// role, the file and the problem, instead of failing every cell that reads it.
+#[test]
+fn a_damaged_checkpoint_stops_the_run_before_any_cell() {
+    let dir = scratch("damaged");
+    let (model, defended, study) = fgsm_study(&dir, "four", "\"4/255\", \"8/255\"");
+    let weights = model.join("model.safetensors");
+    let tensors = tch::Tensor::read_safetensors(&weights).unwrap();
+    let nan: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), if n == "head.weight" { t.fill(f64::NAN) } else { t.shallow_clone() })).collect();
+    tch::Tensor::write_safetensors(&nan, &weights).unwrap();
     let out = dir.join("out");
     let o = run(&study, &out, &["--no-report"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -293,17 +301,7 @@ fn a_damaged_checkpoint_stops_the_run_before_any_cell() {
 #[test]
 fn a_checkpoint_changed_under_a_finished_cell_stops_the_run_until_it_is_rerun() {
     let dir = scratch("stale");
-    let (model, defended) = (dir.join("model"), dir.join("defended"));
-    copy_checkpoint("static", &model);
-    copy_checkpoint("static-pgd-at", &defended);
-    let study = dir.join("two.toml");
-    let text = format!(
-        "name = \"two\"\ndata = \"fashion-mnist\"\nn = 8\nbatch = 8\neps = [\"8/255\"]\nmodels = [\"{}\"]\n\n[[attacks]]\nname = \"fgsm\"\n\n\
-         [[defenses]]\nname = \"none\"\n\n[[defenses]]\nname = \"pgd-at\"\nparams = {{ checkpoint = \"{}\" }}\n",
-        model.display(),
-        defended.display()
-    );
-    std::fs::write(&study, text).unwrap();
+    let (_, defended, study) = fgsm_study(&dir, "two", "\"8/255\"");
     let out = dir.join("out");
     let o = run(&study, &out, &["--no-report"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
