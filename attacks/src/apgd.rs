@@ -270,10 +270,7 @@ impl Attack for Apgd {
     /// Also refuses more `targets` than the model has wrong classes, before any work.
     fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
         check_requirements(self, model)?;
-        match (self.cfg.targets, model.classes()) {
-            (targets, Some(classes)) if targets > 0 => check_target_count(targets, classes).map(|_| ()),
-            _ => Ok(()),
-        }
+        check_targets_fit(self.cfg.targets, model)
     }
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).expect("serialisable")
@@ -321,6 +318,15 @@ pub(crate) fn check_target_count(targets: usize, classes: i64) -> Result<usize> 
         ));
     }
     Ok(targets)
+}
+
+/// [`check_target_count`] against the class count `model` declares (none: nothing to check
+/// before the run); untargeted runs (`targets = 0`) always fit.
+pub(crate) fn check_targets_fit(targets: usize, model: &dyn DynamicModel) -> Result<()> {
+    match model.classes() {
+        Some(classes) if targets > 0 => check_target_count(targets, classes).map(|_| ()),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use dynrobust_core::{DynamicModel, Error, Pass, Result, Trace};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::apgd::{check_target_count, start_on_sphere};
+use crate::apgd::{check_target_count, check_targets_fit, start_on_sphere};
 use crate::ensemble::{in_turn, misclassified};
 use crate::losses::ExitLoss;
 
@@ -329,10 +329,7 @@ impl Attack for Fab {
     /// Also refuses more `targets` than the model has wrong classes, before any work.
     fn check_model(&self, model: &dyn DynamicModel) -> Result<()> {
         check_requirements(self, model)?;
-        match (self.cfg.targets, model.classes()) {
-            (targets, Some(classes)) if targets > 0 => check_target_count(targets, classes).map(|_| ()),
-            _ => Ok(()),
-        }
+        check_targets_fit(self.cfg.targets, model)
     }
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).expect("serialisable")

@@ -164,9 +164,7 @@ impl Denoiser {
             if src.size() != var.size() {
                 return Err(Error::checkpoint(&weights, format!("tensor `{name}` has shape {:?}, expected {:?}", src.size(), var.size())));
             }
-            if src.is_floating_point() && !bool::try_from(src.isfinite().all()).unwrap_or(false) {
-                return Err(Error::checkpoint(&weights, format!("tensor `{name}` holds non-finite values (NaN or ±∞): the file is damaged or the training diverged")));
-            }
+            dynrobust_models::checkpoint::check_weights(&weights, name, src)?;
             tch::no_grad(|| var.copy_(&src.to_kind(var.kind()).to_device(device)));
         }
         if let Some(extra) = tensors.keys().find(|k| !vars.contains_key(*k)) {

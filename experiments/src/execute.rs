@@ -208,17 +208,9 @@ impl Executor for RealExecutor {
     fn preflight(&self, cells: &[&Cell]) -> Result<()> {
         let mut checked = std::collections::BTreeSet::new();
         for cell in cells {
-            let c = &cell.config;
-            let spec = self.defense(cell)?.0;
-            let trained_defense = if matches!(spec, DefenseSpec::Trained { .. }) { spec.checkpoint_path()? } else { None };
-            let roles = [
-                ("model", c.model.name.as_str(), self.model_path(&c.model)?),
-                ("surrogate", c.surrogate.as_ref().map_or("", |s| s.name.as_str()), c.surrogate.as_ref().map(|s| self.model_path(s)).transpose()?.flatten()),
-                ("defense", c.defense.label.as_str(), trained_defense),
-            ];
-            for (role, name, path) in roles {
-                let Some(dir) = path.filter(|p| p.is_dir() && checked.insert(p.clone())) else { continue };
-                checkpoint::load(&dir, Device::Cpu).map_err(|e| unloadable(e, role, name))?;
+            for read in self.checkpoints_read(cell)? {
+                let Some(dir) = read.path.filter(|p| read.native && p.is_dir() && checked.insert(p.clone())) else { continue };
+                checkpoint::load(&dir, Device::Cpu).map_err(|e| unloadable(e, read.role, &read.name))?;
             }
         }
         Ok(())
@@ -226,19 +218,45 @@ impl Executor for RealExecutor {
 
     /// Digests of the model's, the surrogate's and the defense's checkpoints.
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
-        let c = &cell.config;
-        let paths = [
-            ("model", self.model_path(&c.model)?),
-            ("surrogate", c.surrogate.as_ref().map(|s| self.model_path(s)).transpose()?.flatten()),
-            ("defense", self.defense(cell)?.0.checkpoint_path()?),
-        ];
-        paths.into_iter().filter_map(|(role, path)| path.map(|p| Ok((role.to_string(), checkpoint_digest(&p)?)))).collect()
+        self.checkpoints_read(cell)?
+            .into_iter()
+            .filter_map(|read| read.path.map(|p| Ok((read.role.to_string(), checkpoint_digest(&p)?))))
+            .collect()
     }
 
     fn versions(&self) -> BTreeMap<String, String> {
         let mut versions = crate::runner::dynrobust_versions();
         versions.extend([("tch".to_string(), "0.26.0".to_string()), ("libtorch".to_string(), "2.13.0".to_string())]);
         versions
+    }
+}
+
+/// A checkpoint a cell reads, by role (`model`, `surrogate`, `defense`), under the study's name
+/// for it; `native` when it is a dynrobust checkpoint directory (`checkpoint::load` reads it),
+/// not a denoiser.
+struct CheckpointRead {
+    role: &'static str,
+    name: String,
+    path: Option<PathBuf>,
+    native: bool,
+}
+
+impl RealExecutor {
+    /// The checkpoints `cell` reads: the model's and the surrogate's (paths when they are
+    /// files or directories on disk), and the defense's (a trained defense's or a denoiser).
+    fn checkpoints_read(&self, cell: &Cell) -> Result<[CheckpointRead; 3]> {
+        let c = &cell.config;
+        let spec = self.defense(cell)?.0;
+        Ok([
+            CheckpointRead { role: "model", name: c.model.name.clone(), path: self.model_path(&c.model)?, native: true },
+            CheckpointRead {
+                role: "surrogate",
+                name: c.surrogate.as_ref().map_or_else(String::new, |s| s.name.clone()),
+                path: c.surrogate.as_ref().map(|s| self.model_path(s)).transpose()?.flatten(),
+                native: true,
+            },
+            CheckpointRead { role: "defense", name: c.defense.label.clone(), native: matches!(spec, DefenseSpec::Trained { .. }), path: spec.checkpoint_path()? },
+        ])
     }
 }
 

@@ -140,8 +140,8 @@ fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// A weight must be a float tensor with finite values; batch-norm running variances must not
 /// be negative (the square root of one is NaN). Damaged files otherwise load and quietly give
-/// 0 % accuracy.
-fn check_weights(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+/// 0 % accuracy. (The denoiser's loader applies the same rule.)
+pub fn check_weights(path: &Path, name: &str, t: &Tensor) -> Result<()> {
     let kind = t.kind();
     if !matches!(kind, tch::Kind::Float | tch::Kind::Double | tch::Kind::Half | tch::Kind::BFloat16) {
         // an int64 count (e.g. batch norm's `num_batches_tracked`) is not a weight dynrobust reads
