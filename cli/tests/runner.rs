@@ -298,6 +298,40 @@ fn a_damaged_checkpoint_stops_the_run_before_any_cell() {
     assert!(!out.join("cells").exists() || records(&out).is_empty(), "no cell ran");
 }
 
+/// A cell's id hashes its parameters as the study writes them, so a default changed by a new
+/// build leaves it unchanged; the record's digest of the resolved settings catches it. Here a
+/// record is given the digest an older build with other defaults would have stored.
+#[test]
+fn attack_settings_that_resolve_differently_now_make_a_finished_cell_stale() {
+    use dynrobust_experiments::provenance::{settings_digest, ATTACK_SETTINGS, DEFENSE_SETTINGS};
+    let dir = scratch("settings");
+    let (_, _, study) = fgsm_study(&dir, "settings", "\"8/255\"");
+    let out = dir.join("out");
+    let o = run(&study, &out, &["--no-report"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = records(&out);
+    for record in before.values() {
+        // the digest describes the attack that ran: its stored config, defaults filled in
+        assert_eq!(record["inputs"][ATTACK_SETTINGS].as_str(), Some(settings_digest(&record["record"]["config"]).as_str()), "{record}");
+        assert!(record["inputs"][DEFENSE_SETTINGS].is_string(), "{record}");
+    }
+    let (old_id, _) = before.iter().find(|(_, v)| v["cell"]["defense"]["name"] == "none").unwrap();
+    let path = out.join("cells").join(format!("{old_id}.json"));
+    let mut stored: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    stored["inputs"][ATTACK_SETTINGS] = Value::from("00000000000000ff");
+    std::fs::write(&path, serde_json::to_string_pretty(&stored).unwrap()).unwrap();
+
+    let o = run(&study, &out, &["--no-report"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a cell run with other defaults was skipped silently: {err}");
+    assert!(err.contains("1 finished cell(s)") && err.contains("attack settings (a default of this build differs) 00000000000000ff →") && err.contains(old_id.as_str()), "{err}");
+    let o = run(&study, &out, &["--no-report", "--rerun-stale"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains(&format!("stale: cell {old_id}")) && err.contains("older attack settings"), "{err}");
+    assert_eq!(records(&out), before, "recomputed as it was");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_checkpoint_changed_under_a_finished_cell_stops_the_run_until_it_is_rerun() {
     let dir = scratch("stale");
@@ -326,7 +360,7 @@ fn a_checkpoint_changed_under_a_finished_cell_stops_the_run_until_it_is_rerun() 
 
     let o = dynrobust(&["report", out.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains("warning: 1 cell(s) ran with a checkpoint that has changed") && err.contains(&stale_id), "{err}");
+    assert!(o.status.success() && err.contains("warning: 1 cell(s) ran with a checkpoint or plugin settings that have changed") && err.contains(&stale_id), "{err}");
 
     let o = run(&study, &out, &["--no-report", "--rerun-stale"]);
     let err = String::from_utf8_lossy(&o.stderr);

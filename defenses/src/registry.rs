@@ -233,6 +233,20 @@ impl DefenseSpec {
         })
     }
 
+    /// The defense's settings as it runs, every default filled in (a transform's as built, so a
+    /// denoiser's weights are read): what a stored result is checked against when a default
+    /// changes between builds. `null` for the bare model.
+    pub fn settings(&self) -> Result<serde_json::Value> {
+        Ok(match self {
+            DefenseSpec::None => serde_json::Value::Null,
+            DefenseSpec::Transform { name, params } => build_transform(name, params)?.config_json(),
+            DefenseSpec::Budget(config) => serde_json::to_value(config)?,
+            DefenseSpec::Monitor(config) => serde_json::to_value(config)?,
+            DefenseSpec::Squeeze(config) => serde_json::to_value(config)?,
+            DefenseSpec::Trained { recipe, checkpoint } => serde_json::json!({ "recipe": recipe, "checkpoint": checkpoint }),
+        })
+    }
+
     /// Clean training images a detector calibrates on (`None` for other defenses).
     pub fn calibration_images(&self) -> Option<i64> {
         match self {

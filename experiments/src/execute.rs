@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tch::Device;
 
 use crate::craft_cache::CraftCache;
-use crate::provenance::{checkpoint_digest, Inputs};
+use crate::provenance::{checkpoint_digest, settings_digest, Inputs, ATTACK_SETTINGS, DEFENSE_SETTINGS};
 use crate::runner::{CellOutput, Executor};
 use crate::study::{Cell, DefenseMode, ModelRef, Registry, Study};
 
@@ -112,7 +112,8 @@ impl RealExecutor {
         Ok((spec, mode))
     }
 
-    fn attack(&self, cell: &Cell, probe: &tch::Tensor) -> Result<Box<dyn Attack>> {
+    /// The cell's attack as its config builds it, before a transfer cell wraps it.
+    fn bare_attack(&self, cell: &Cell) -> Result<Box<dyn Attack>> {
         let c = &cell.config;
         let mut params = c.attack_params();
         // the cell's seed drives every attack that has one (random starts), unless the study
@@ -120,7 +121,12 @@ impl RealExecutor {
         if let Some(map) = params.as_object_mut().filter(|_| attacks::has_seed(&c.attack.name)) {
             map.entry("seed").or_insert(json!(c.seed));
         }
-        let inner = attacks::build(&c.attack.name, &params)?;
+        attacks::build(&c.attack.name, &params)
+    }
+
+    fn attack(&self, cell: &Cell, probe: &tch::Tensor) -> Result<Box<dyn Attack>> {
+        let c = &cell.config;
+        let inner = self.bare_attack(cell)?;
         Ok(match &c.surrogate {
             Some(s) => Box::new(Transfer::new(inner, Box::new(self.load(s, probe)?))?),
             None => inner,
@@ -142,8 +148,7 @@ impl Executor for RealExecutor {
     /// variant-dependent default (DeepSloth) counts 30.
     fn work(&self, cell: &Cell) -> f64 {
         let c = &cell.config;
-        let params = if c.attack.params.is_null() { json!({}) } else { c.attack.params.clone() };
-        let config = attacks::build(&c.attack.name, &params).map(|a| a.config_json()).unwrap_or(Value::Null);
+        let config = self.bare_attack(cell).map(|a| a.config_json()).unwrap_or(Value::Null);
         let count = |key: &str| config.get(key).and_then(Value::as_f64);
         let iterations = count("steps").or_else(|| count("iterations")).unwrap_or(if config.get("steps").is_some() { 30.0 } else { 1.0 }) + count("warmup").unwrap_or(0.0);
         let eot = match c.defense.mode {
@@ -170,7 +175,8 @@ impl Executor for RealExecutor {
         prepare_fit(&*attack, |n| Ok(worker.data(&c.data, Split::Train)?.take(n)))?;
         let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
         let crafting_weights = self.model_path(c.surrogate.as_ref().unwrap_or(&c.model))?.map(|p| checkpoint_digest(&p)).transpose()?;
-        let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &craft_identity(c, crafting_weights));
+        let identity = craft_identity(c, crafting_weights, attack.config_json());
+        let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &identity);
         let load = || self.load(&c.model, &probe);
         let own = net.name();
         let outcome = run_defended(net, &load, &spec, mode, &attack, &data, calibration.as_ref(), c.batch as i64, &mut |_| {}).map_err(|e| e.for_model(&own, &c.model.name))?;
@@ -216,12 +222,17 @@ impl Executor for RealExecutor {
         Ok(())
     }
 
-    /// Digests of the model's, the surrogate's and the defense's checkpoints.
+    /// Digests of the model's, the surrogate's and the defense's checkpoints, and of the
+    /// attack's and the defense's settings as this build resolves them (defaults filled in).
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
-        self.checkpoints_read(cell)?
+        let mut inputs = self
+            .checkpoints_read(cell)?
             .into_iter()
             .filter_map(|read| read.path.map(|p| Ok((read.role.to_string(), checkpoint_digest(&p)?))))
-            .collect()
+            .collect::<Result<Inputs>>()?;
+        inputs.insert(ATTACK_SETTINGS.into(), settings_digest(&self.bare_attack(cell)?.config_json()));
+        inputs.insert(DEFENSE_SETTINGS.into(), settings_digest(&self.defense(cell)?.0.settings()?));
+        Ok(inputs)
     }
 
     fn versions(&self) -> BTreeMap<String, String> {
@@ -280,15 +291,16 @@ fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
 }
 
 /// Everything the crafted examples depend on, the crafting model's weights included (a
-/// retrained checkpoint must not be served the old network's examples). A transfer attack
+/// retrained checkpoint must not be served the old network's examples) and the attack's
+/// settings as this build resolves them (nor must a changed default). A transfer attack
 /// crafts on its surrogate whatever the victim and its defense, so its cells share examples
 /// across victims. `random_starts` names how seeded attacks draw their starts (one per batch
 /// since 2026-12-02, [`dynrobust_core::rng::SeededRng::for_batch`]), so a cache written
 /// before is not served to them.
-fn craft_identity(c: &crate::study::CellConfig, crafting_weights: Option<String>) -> Value {
+fn craft_identity(c: &crate::study::CellConfig, crafting_weights: Option<String>, settings: Value) -> Value {
     let crafting_model = c.surrogate.as_ref().unwrap_or(&c.model);
     json!({ "crafting_model": crafting_model, "weights": crafting_weights, "transfer": c.surrogate.is_some(), "attack": c.attack.name,
-            "params": c.attack.params, "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch,
+            "params": c.attack.params, "settings": settings, "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch,
             "random_starts": "per-batch" })
 }
 

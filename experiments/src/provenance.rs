@@ -1,5 +1,5 @@
-//! Which weights a cell was computed with, so that a resumed run notices a checkpoint that
-//! changed under it.
+//! Which weights and which plugin settings a cell was computed with, so that a resumed run
+//! notices a checkpoint, or a default of the build, that changed under it.
 //!
 //! A cell's id names its *configuration* (model name, attack, ε, …), not the weights behind a
 //! name: retraining `models/checkpoints/sdn-pgd-at` and resuming a study would otherwise mix
@@ -13,6 +13,13 @@
 //! gate settings, normalisation). It leaves out the sidecar's training log and evaluation, so
 //! re-evaluating a checkpoint does not make its cells stale. A TorchScript file is digested
 //! whole.
+//!
+//! A cell's id hashes its parameters *as the study writes them*, so a default that changes
+//! between builds (an attack's step size, the ε of a cell that names none) leaves the id as it
+//! was. The inputs therefore also carry a digest of the attack's and the defense's **settings**
+//! as they resolve in this build, defaults filled in ([`settings_digest`] under
+//! [`ATTACK_SETTINGS`] and [`DEFENSE_SETTINGS`]): a finished cell whose settings resolve
+//! differently now is stale like one whose checkpoint changed.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,8 +28,20 @@ use std::path::Path;
 use dynrobust_core::{Error, Result};
 use sha2::{Digest, Sha256};
 
-/// What a cell read, e.g. `{"model": "3f…", "defense": "9a…"}`: role → [`checkpoint_digest`].
+/// What a cell read, e.g. `{"model": "3f…", "defense": "9a…", "attack settings": "c0…"}`:
+/// role → [`checkpoint_digest`], or [`settings_digest`] for the two settings roles.
 pub type Inputs = BTreeMap<String, String>;
+
+/// The role of the digest of the attack's resolved settings ([`settings_digest`]).
+pub const ATTACK_SETTINGS: &str = "attack settings";
+/// The role of the digest of the defense's resolved settings ([`settings_digest`]).
+pub const DEFENSE_SETTINGS: &str = "defense settings";
+
+/// First 16 hex digits of a SHA-256 over a plugin's resolved settings (its `config_json`,
+/// defaults filled in), as canonical JSON text (keys sorted, no whitespace).
+pub fn settings_digest(settings: &serde_json::Value) -> String {
+    Sha256::digest(settings.to_string().as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
 
 /// First 16 hex digits of a SHA-256 over the parts of a checkpoint (a directory, or a
 /// TorchScript file) that change its results: the weights and the sidecars' `architecture`.
@@ -63,15 +82,28 @@ fn architecture_of(file: &Path) -> Result<String> {
     Ok(value.get("architecture").unwrap_or(&value).to_string())
 }
 
-/// One input whose checkpoint differs from the one a stored cell was computed with.
+/// One input whose checkpoint (or resolved settings) differs from the one a stored cell was
+/// computed with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changed {
-    /// The role, e.g. `model`.
+    /// The role, e.g. `model` or [`ATTACK_SETTINGS`].
     pub input: String,
     /// Digest stored with the cell.
     pub stored: String,
-    /// Digest of the checkpoint on disk now.
+    /// Digest of the checkpoint on disk now (of the settings as this build resolves them).
     pub now: String,
+}
+
+impl Changed {
+    /// What changed, in words: `model checkpoint`, or `attack settings (a default of this
+    /// build differs)`.
+    pub fn what(&self) -> String {
+        if self.input == ATTACK_SETTINGS || self.input == DEFENSE_SETTINGS {
+            format!("{} (a default of this build differs)", self.input)
+        } else {
+            format!("{} checkpoint", self.input)
+        }
+    }
 }
 
 /// The inputs recorded in both `stored` and `now` whose digests differ. An input missing from
@@ -100,6 +132,18 @@ mod tests {
         let now = inputs(&[("model", "aa"), ("defense", "b2")]);
         assert_eq!(changed(&stored, &now), vec![Changed { input: "defense".into(), stored: "bb".into(), now: "b2".into() }]);
         assert!(changed(&Inputs::new(), &now).is_empty(), "a cell stored without inputs is not stale");
+    }
+
+    #[test]
+    fn settings_digests_ignore_key_order_and_name_what_changed() {
+        let (a, b) = (serde_json::json!({"steps": 20, "eps": 0.1}), serde_json::json!({"eps": 0.1, "steps": 20}));
+        assert_eq!(settings_digest(&a), settings_digest(&b));
+        assert_ne!(settings_digest(&a), settings_digest(&serde_json::json!({"eps": 0.1, "steps": 10})));
+        assert_eq!(settings_digest(&a).len(), 16);
+        let change = |input: &str| Changed { input: input.into(), stored: "a".into(), now: "b".into() }.what();
+        assert_eq!(change("model"), "model checkpoint");
+        assert_eq!(change(ATTACK_SETTINGS), "attack settings (a default of this build differs)");
+        assert_eq!(change(DEFENSE_SETTINGS), "defense settings (a default of this build differs)");
     }
 
     #[test]

@@ -112,7 +112,7 @@ struct Shared<'a, E: Executor> {
     log_lines: bool,
 }
 
-/// A finished cell computed with a checkpoint that has changed since.
+/// A finished cell computed with a checkpoint, or plugin settings, that have changed since.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StaleCell {
     pub id: String,
@@ -148,7 +148,7 @@ fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
         .iter()
         .take(5)
         .map(|s| {
-            let what: Vec<String> = s.changed.iter().map(|c| format!("{} checkpoint {} → {}", c.input, c.stored, c.now)).collect();
+            let what: Vec<String> = s.changed.iter().map(|c| format!("{} {} → {}", c.what(), c.stored, c.now)).collect();
             format!("  {} ({}): {}", s.id, s.cell, what.join(", "))
         })
         .collect();
@@ -156,8 +156,8 @@ fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
     Error::data(
         store.cells_dir(),
         format!(
-            "{} finished cell(s) were computed with a checkpoint that has changed since:\n{}{more}\n\
-             restore those checkpoints, or recompute the cells (`dynrobust run … --rerun-stale` moves their results to {}, then runs them)",
+            "{} finished cell(s) were computed with a checkpoint or plugin settings that have changed since:\n{}{more}\n\
+             restore those checkpoints (or the build whose defaults they ran with), or recompute the cells (`dynrobust run … --rerun-stale` moves their results to {}, then runs them)",
             stale.len(),
             listed.join("\n"),
             store.stale_dir().display()
@@ -176,7 +176,7 @@ pub fn set_aside_damaged(store: &Store) -> Result<()> {
 
 /// Runs every unfinished cell of `cells` with `workers` threads, storing each result at once
 /// with its [`Executor::inputs`]. Refuses to go on, naming them, when finished cells are stale
-/// (their checkpoints changed since; [`Store::retire`] moves them aside to be run again).
+/// (their checkpoints or settings changed since; [`Store::retire`] moves them aside to be run again).
 /// Damaged records are moved aside first ([`set_aside_damaged`]), and [`Executor::preflight`]
 /// checks the inputs of the cells to run before any runs. With `progress`, a progress
 /// bar on stderr when it is a terminal, else a line per cell.

@@ -1,0 +1,55 @@
+//! A cell's id hashes its parameters as the study writes them; the inputs stored with its result
+//! also carry a digest of the attack's and the defense's settings as the build resolves them,
+//! defaults filled in ([`dynrobust_experiments::provenance`]). Two spellings of one
+//! configuration get two ids but one settings digest; a different value gets another digest.
+
+use dynrobust_experiments::execute::{registry, RealExecutor};
+use dynrobust_experiments::provenance::{ATTACK_SETTINGS, DEFENSE_SETTINGS};
+use dynrobust_experiments::{Executor, Study};
+
+fn one_cell(attack_params: &str, eps: &str, defense: &str) -> dynrobust_experiments::Cell {
+    let text = format!(
+        "name = \"s\"\ndata = \"fashion-mnist\"\nn = 8\nmodels = [\"static\"]\n{eps}\n\
+         [[attacks]]\nname = \"pgd-linf\"\nparams = {{ {attack_params} }}\n[[defenses]]\n{defense}\n"
+    );
+    let study = Study::parse(&text, "s.toml", &registry()).unwrap_or_else(|e| panic!("{text}\n{e}"));
+    assert_eq!(study.cells.len(), 1, "{text}");
+    study.cells.into_iter().next().unwrap()
+}
+
+fn settings(cell: &dynrobust_experiments::Cell) -> (String, String) {
+    let exec = RealExecutor { variants_dir: std::env::temp_dir(), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
+    let inputs = exec.inputs(cell).unwrap();
+    (inputs[ATTACK_SETTINGS].clone(), inputs[DEFENSE_SETTINGS].clone())
+}
+
+#[test]
+fn a_default_written_out_changes_the_id_but_not_the_settings() {
+    let plain = one_cell("", "eps = [\"8/255\"]", "name = \"none\"");
+    let spelled = one_cell("steps = 20, random_start = true", "eps = [\"8/255\"]", "name = \"none\"");
+    let other = one_cell("steps = 10", "eps = [\"8/255\"]", "name = \"none\"");
+    assert_ne!(plain.id, spelled.id, "ids hash the parameters as written");
+    assert_eq!(settings(&plain), settings(&spelled), "PGD's defaults are 20 steps with a random start");
+    assert_ne!(settings(&plain).0, settings(&other).0, "another step count is other settings");
+}
+
+#[test]
+fn the_epsilon_of_a_cell_that_names_none_is_in_its_settings() {
+    let default_eps = one_cell("", "", "name = \"none\"");
+    let same_eps = one_cell("", "eps = [\"8/255\"]", "name = \"none\"");
+    let other_eps = one_cell("", "eps = [\"4/255\"]", "name = \"none\"");
+    assert!(default_eps.config.eps.is_none() && default_eps.id != same_eps.id);
+    assert_eq!(settings(&default_eps).0, settings(&same_eps).0, "PGD's default ε is 8/255");
+    assert_ne!(settings(&default_eps).0, settings(&other_eps).0);
+}
+
+#[test]
+fn a_defense_default_written_out_resolves_to_the_same_settings() {
+    let plain = one_cell("", "eps = [\"8/255\"]", "name = \"median\"");
+    let spelled = one_cell("", "eps = [\"8/255\"]", "name = \"median\"\nparams = { kernel = 3 }");
+    let other = one_cell("", "eps = [\"8/255\"]", "name = \"median\"\nparams = { kernel = 5 }");
+    assert_ne!(plain.id, spelled.id);
+    assert_eq!(settings(&plain).1, settings(&spelled).1, "the median filter's default kernel is 3");
+    assert_ne!(settings(&plain).1, settings(&other).1);
+    assert_ne!(settings(&plain).1, settings(&one_cell("", "eps = [\"8/255\"]", "name = \"none\"")).1);
+}
