@@ -149,12 +149,12 @@ pub fn build_transform_on(name: &str, params: &serde_json::Value, device: tch::D
     })
 }
 
-/// The denoiser checkpoint an input transform reads, if any (a chain's first).
-fn transform_checkpoint(name: &str, params: &serde_json::Value) -> Result<Option<std::path::PathBuf>> {
+/// The denoiser checkpoints an input transform reads (a chain's in step order).
+fn transform_checkpoints(name: &str, params: &serde_json::Value) -> Result<Vec<std::path::PathBuf>> {
     Ok(match name {
-        "denoiser" => Some(project_path(&merged(DenoiserParams::default(), params)?.checkpoint)),
-        "chain" => chain_steps(params)?.iter().map(|s| transform_checkpoint(&s.name, &s.params)).find_map(|p| p.transpose()).transpose()?,
-        _ => None,
+        "denoiser" => vec![project_path(&merged(DenoiserParams::default(), params)?.checkpoint)],
+        "chain" => chain_steps(params)?.iter().map(|s| transform_checkpoints(&s.name, &s.params)).collect::<Result<Vec<_>>>()?.concat(),
+        _ => Vec::new(),
     })
 }
 
@@ -222,14 +222,14 @@ impl DefenseSpec {
         }
     }
 
-    /// The checkpoint a defense reads — a training-time defense's network, a learned
-    /// denoiser (also as a step of a chain: the first one) — resolved as its loader resolves it
-    /// (`None` for the others).
-    pub fn checkpoint_path(&self) -> Result<Option<std::path::PathBuf>> {
+    /// The checkpoints a defense reads — a training-time defense's network, a learned
+    /// denoiser (also each one among the steps of a chain, in step order) — resolved as its
+    /// loader resolves them (none for the others).
+    pub fn checkpoint_paths(&self) -> Result<Vec<std::path::PathBuf>> {
         Ok(match self {
-            DefenseSpec::Trained { checkpoint, .. } => Some(dynrobust_models::checkpoint::resolve(checkpoint)?),
-            DefenseSpec::Transform { name, params } => transform_checkpoint(name, params)?,
-            _ => None,
+            DefenseSpec::Trained { checkpoint, .. } => vec![dynrobust_models::checkpoint::resolve(checkpoint)?],
+            DefenseSpec::Transform { name, params } => transform_checkpoints(name, params)?,
+            _ => Vec::new(),
         })
     }
 

@@ -175,7 +175,7 @@ impl Executor for RealExecutor {
         prepare_fit(&*attack, |n| Ok(worker.data(&c.data, Split::Train)?.take(n)))?;
         let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
         let crafting_weights = self.model_path(c.surrogate.as_ref().unwrap_or(&c.model))?.map(|p| checkpoint_digest(&p)).transpose()?;
-        let identity = craft_identity(c, crafting_weights, attack.config_json());
+        let identity = craft_identity(c, crafting_weights, attack.config_json(), self.device);
         let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &identity);
         let load = || self.load(&c.model, &probe);
         let own = net.name();
@@ -200,6 +200,7 @@ impl Executor for RealExecutor {
             "eps": c.eps.or_else(|| record.get("eps").and_then(Value::as_f64)),
             "steps": dynrobust_core::attack::iterations_in(&record["config"]),
             "defense_label": c.defense.label,
+            "device": format!("{:?}", self.device),
         });
         if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
             r.extend(e.clone());
@@ -214,9 +215,9 @@ impl Executor for RealExecutor {
     fn preflight(&self, cells: &[&Cell]) -> Result<()> {
         let mut checked = std::collections::BTreeSet::new();
         for cell in cells {
-            for read in self.checkpoints_read(cell)? {
+            for read in self.checkpoints_read(cell, &self.defense(cell)?.0)? {
                 let Some(dir) = read.path.filter(|p| read.native && p.is_dir() && checked.insert(p.clone())) else { continue };
-                checkpoint::load(&dir, Device::Cpu).map_err(|e| unloadable(e, read.role, &read.name))?;
+                checkpoint::load(&dir, Device::Cpu).map_err(|e| unloadable(e, &read.role, &read.name))?;
             }
         }
         Ok(())
@@ -225,13 +226,14 @@ impl Executor for RealExecutor {
     /// Digests of the model's, the surrogate's and the defense's checkpoints, and of the
     /// attack's and the defense's settings as this build resolves them (defaults filled in).
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
+        let spec = self.defense(cell)?.0;
         let mut inputs = self
-            .checkpoints_read(cell)?
+            .checkpoints_read(cell, &spec)?
             .into_iter()
-            .filter_map(|read| read.path.map(|p| Ok((read.role.to_string(), checkpoint_digest(&p)?))))
+            .filter_map(|read| read.path.map(|p| Ok((read.role, checkpoint_digest(&p)?))))
             .collect::<Result<Inputs>>()?;
         inputs.insert(ATTACK_SETTINGS.into(), settings_digest(&self.bare_attack(cell)?.config_json()));
-        inputs.insert(DEFENSE_SETTINGS.into(), settings_digest(&self.defense(cell)?.0.settings()?));
+        inputs.insert(DEFENSE_SETTINGS.into(), settings_digest(&spec.settings()?));
         Ok(inputs)
     }
 
@@ -246,7 +248,7 @@ impl Executor for RealExecutor {
 /// for it; `native` when it is a dynrobust checkpoint directory (`checkpoint::load` reads it),
 /// not a denoiser.
 struct CheckpointRead {
-    role: &'static str,
+    role: String,
     name: String,
     path: Option<PathBuf>,
     native: bool,
@@ -254,20 +256,27 @@ struct CheckpointRead {
 
 impl RealExecutor {
     /// The checkpoints `cell` reads: the model's and the surrogate's (paths when they are
-    /// files or directories on disk), and the defense's (a trained defense's or a denoiser).
-    fn checkpoints_read(&self, cell: &Cell) -> Result<[CheckpointRead; 3]> {
+    /// files or directories on disk), and the defense's `spec` (a trained defense's, or each
+    /// denoiser: roles `defense`, `defense 2`, … in step order).
+    fn checkpoints_read(&self, cell: &Cell, spec: &DefenseSpec) -> Result<Vec<CheckpointRead>> {
         let c = &cell.config;
-        let spec = self.defense(cell)?.0;
-        Ok([
-            CheckpointRead { role: "model", name: c.model.name.clone(), path: self.model_path(&c.model)?, native: true },
+        let mut reads = vec![
+            CheckpointRead { role: "model".into(), name: c.model.name.clone(), path: self.model_path(&c.model)?, native: true },
             CheckpointRead {
-                role: "surrogate",
+                role: "surrogate".into(),
                 name: c.surrogate.as_ref().map_or_else(String::new, |s| s.name.clone()),
                 path: c.surrogate.as_ref().map(|s| self.model_path(s)).transpose()?.flatten(),
                 native: true,
             },
-            CheckpointRead { role: "defense", name: c.defense.label.clone(), native: matches!(spec, DefenseSpec::Trained { .. }), path: spec.checkpoint_path()? },
-        ])
+        ];
+        let native = matches!(spec, DefenseSpec::Trained { .. });
+        reads.extend(spec.checkpoint_paths()?.into_iter().enumerate().map(|(i, path)| CheckpointRead {
+            role: if i == 0 { "defense".into() } else { format!("defense {}", i + 1) },
+            name: c.defense.label.clone(),
+            path: Some(path),
+            native,
+        }));
+        Ok(reads)
     }
 }
 
@@ -292,16 +301,18 @@ fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
 
 /// Everything the crafted examples depend on, the crafting model's weights included (a
 /// retrained checkpoint must not be served the old network's examples) and the attack's
-/// settings as this build resolves them (nor must a changed default). A transfer attack
+/// settings as this build resolves them (nor must a changed default), the commit the attack's
+/// code was built from and the device it ran on (a cell computed by another build, or on
+/// another device, crafts its own). A transfer attack
 /// crafts on its surrogate whatever the victim and its defense, so its cells share examples
 /// across victims. `random_starts` names how seeded attacks draw their starts (one per batch
 /// since 2026-12-02, [`dynrobust_core::rng::SeededRng::for_batch`]), so a cache written
 /// before is not served to them.
-fn craft_identity(c: &crate::study::CellConfig, crafting_weights: Option<String>, settings: Value) -> Value {
+fn craft_identity(c: &crate::study::CellConfig, crafting_weights: Option<String>, settings: Value, device: Device) -> Value {
     let crafting_model = c.surrogate.as_ref().unwrap_or(&c.model);
     json!({ "crafting_model": crafting_model, "weights": crafting_weights, "transfer": c.surrogate.is_some(), "attack": c.attack.name,
             "params": c.attack.params, "settings": settings, "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch,
-            "random_starts": "per-batch" })
+            "random_starts": "per-batch", "dynrobust_commit": dynrobust_core::SOURCE_COMMIT, "device": format!("{device:?}") })
 }
 
 /// Per-sample rows: index, costs, correctness, exits.
@@ -390,10 +401,11 @@ pub fn prepare_variants(study: &Study, variants_dir: &Path) -> Result<()> {
                         if !dir.join(checkpoint::SIDECAR_FILE).is_file() {
                             train_variant(&m.name, table, &cell.config.data, &dir)?;
                             let path = dir.join(VARIANT_TABLE_FILE);
-                            crate::store::write_atomic(&path, serde_json::to_string_pretty(table)?.as_bytes())?;
+                            let trained_from = with_data(table, &cell.config.data);
+                            crate::store::write_atomic(&path, serde_json::to_string_pretty(&trained_from)?.as_bytes())?;
                         }
                     }
-                    check_variant_table(&m.name, table, &dir)?;
+                    check_variant_table(&m.name, table, &cell.config.data, &dir)?;
                 }
             }
         }
@@ -404,14 +416,27 @@ pub fn prepare_variants(study: &Study, variants_dir: &Path) -> Result<()> {
 /// The training table a variant was trained from, saved beside its checkpoint.
 const VARIANT_TABLE_FILE: &str = "variant-train.json";
 
-/// Refuses a variant whose training table changed since its checkpoint was trained (a study
-/// edited and forced over the same directory): its cells would otherwise be evaluated on the
-/// old network under new cell ids. Checkpoints from before the table was saved pass.
-fn check_variant_table(name: &str, table: &Value, dir: &Path) -> Result<()> {
+/// A variant's training table with the data set it trains on written in: its own `data`, else
+/// the study's (`study_data`), so a study whose data set changed does not reuse the variant.
+fn with_data(table: &Value, study_data: &str) -> Value {
+    let mut table = table.clone();
+    if let Some(map) = table.as_object_mut() {
+        map.entry("data").or_insert_with(|| json!(study_data));
+    }
+    table
+}
+
+/// Refuses a variant whose training table (with its data set, [`with_data`]) changed since its
+/// checkpoint was trained (a study edited and forced over the same directory): its cells would
+/// otherwise be evaluated on the old network under new cell ids. Checkpoints from before the
+/// table was saved pass, and a table saved before its data set was written in is compared
+/// without it.
+fn check_variant_table(name: &str, table: &Value, study_data: &str, dir: &Path) -> Result<()> {
     let path = dir.join(VARIANT_TABLE_FILE);
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
     let trained: Value = serde_json::from_str(&text).map_err(|e| Error::data(&path, e.to_string()))?;
-    if &trained != table {
+    let table = if trained.get("data").is_some() { with_data(table, study_data) } else { table.clone() };
+    if trained != table {
         return Err(Error::config(
             format!("variants.{name}.train"),
             format!("{table} differs from {trained}, which {} was trained from: rename the variant, or delete that directory to retrain it", dir.display()),

@@ -53,3 +53,16 @@ fn a_defense_default_written_out_resolves_to_the_same_settings() {
     assert_ne!(settings(&plain).1, settings(&other).1);
     assert_ne!(settings(&plain).1, settings(&one_cell("", "eps = [\"8/255\"]", "name = \"none\"")).1);
 }
+
+#[test]
+fn every_denoiser_of_a_chain_is_an_input() {
+    let chain = "name = \"chain\"\nparams = { steps = [{ name = \"denoiser\" }, { name = \"bitdepth\" }, { name = \"denoiser\", params = { checkpoint = \"models/checkpoints/denoiser-adv\" } }] }";
+    let cell = one_cell("", "eps = [\"8/255\"]", chain);
+    let exec = RealExecutor { variants_dir: std::env::temp_dir(), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
+    let inputs = exec.inputs(&cell).unwrap();
+    let single = exec.inputs(&one_cell("", "eps = [\"8/255\"]", "name = \"denoiser\"")).unwrap();
+    let adv = exec.inputs(&one_cell("", "eps = [\"8/255\"]", "name = \"denoiser\"\nparams = { checkpoint = \"models/checkpoints/denoiser-adv\" }")).unwrap();
+    assert_eq!(inputs["defense"], single["defense"], "{inputs:?}");
+    assert_eq!(inputs["defense 2"], adv["defense"], "the second denoiser's weights are digested too: {inputs:?}");
+    assert_ne!(inputs["defense"], inputs["defense 2"]);
+}

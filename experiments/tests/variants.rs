@@ -1,5 +1,5 @@
-//! Study variants: a variant whose training table changed since its checkpoint was trained is
-//! refused (a study edited and forced over the same directory would otherwise evaluate new
+//! Study variants: a variant whose training table (or data set) changed since its checkpoint
+//! was trained is refused (a study edited and forced over the same directory would otherwise evaluate new
 //! cells on the old network); a `twin` variant is the base model's static twin.
 
 use dynrobust_core::{cost_of, DynamicModel, Pass};
@@ -7,8 +7,12 @@ use dynrobust_experiments::execute::{prepare_variants, registry, RealExecutor};
 use dynrobust_experiments::Study;
 
 fn study(epochs: i64) -> Study {
+    study_on("fashion-mnist", epochs)
+}
+
+fn study_on(data: &str, epochs: i64) -> Study {
     let text = format!(
-        "name = \"v\"\ndata = \"fashion-mnist\"\nn = 8\nbatch = 8\nmodels = [\"g\"]\neps = [\"8/255\"]\n\
+        "name = \"v\"\ndata = \"{data}\"\nn = 8\nbatch = 8\nmodels = [\"g\"]\neps = [\"8/255\"]\n\
          [[variants]]\nname = \"g\"\nbase = \"gated\"\ntrain = {{ model = \"gated\", epochs = {epochs} }}\n\
          [[attacks]]\nname = \"fgsm\"\n[[defenses]]\nname = \"none\"\n"
     );
@@ -29,6 +33,12 @@ fn a_variant_trained_from_another_table_is_refused_naming_it() {
     // a checkpoint from before tables were saved is taken as it is
     std::fs::remove_file(variant.join("variant-train.json")).unwrap();
     prepare_variants(&study(2), dir.path()).unwrap();
+    // a table saved with the data set it trained on (the study's, as training writes it):
+    // a study on another data set does not reuse the variant
+    std::fs::write(variant.join("variant-train.json"), r#"{"data": "fashion-mnist", "epochs": 1, "model": "gated"}"#).unwrap();
+    prepare_variants(&study(1), dir.path()).expect("the same table on the same data");
+    let err = prepare_variants(&study_on("mnist", 1), dir.path()).unwrap_err().to_string();
+    assert!(err.contains("variants.g.train") && err.contains("\"data\":\"mnist\"") && err.contains("\"data\":\"fashion-mnist\""), "{err}");
 }
 
 #[test]
