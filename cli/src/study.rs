@@ -81,7 +81,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let variants = out.join("models");
     prepare_variants(&study, &variants)?;
     eprintln!("study {}: {} cells into {} ({} workers × {} libtorch threads)", study.name, cells.len(), out.display(), workers, threads);
-    let exec = RealExecutor { variants_dir: variants, threads_per_worker: threads, device, craft_cache: (!args.no_craft_cache).then(|| out.join("craft-cache")) };
+    let exec = RealExecutor::new(variants, threads, device, (!args.no_craft_cache).then(|| out.join("craft-cache")));
     if args.rerun_stale {
         dynrobust_experiments::runner::set_aside_damaged(&store)?;
         retire_stale(&exec, &cells, &store)?;
@@ -120,7 +120,7 @@ fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) {
 /// An executor that only digests the checkpoints of the cells of the run directory `out` (for
 /// `--dry-run` and the report's warning; it runs nothing).
 fn inspector(out: &Path) -> RealExecutor {
-    RealExecutor { variants_dir: out.join("models"), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None }
+    RealExecutor::new(out.join("models"), 1, tch::Device::Cpu, None)
 }
 
 /// `--dry-run`: every cell with what a run into `out` would do with it — `todo`, `done`

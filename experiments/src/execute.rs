@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tch::Device;
 
 use crate::craft_cache::CraftCache;
-use crate::provenance::{checkpoint_digest, settings_digest, Inputs, ATTACK_SETTINGS, DEFENSE_SETTINGS};
+use crate::provenance::{checkpoint_digest, images_digest, settings_digest, Inputs, ATTACK_SETTINGS, DATA, DEFENSE_SETTINGS};
 use crate::runner::{CellOutput, Executor};
 use crate::study::{Cell, DefenseMode, ModelRef, Registry, Study};
 
@@ -50,6 +50,29 @@ pub struct RealExecutor {
     /// Where crafted examples are shared between cells that craft on the bare model
     /// (`OUT/craft-cache`; `None` turns the cache off). See [`CraftCache`].
     pub craft_cache: Option<PathBuf>,
+    /// [`images_digest`] of the test images by (data set, n), computed once per executor:
+    /// every cell of a run reads the same files.
+    data_digests: std::sync::Mutex<BTreeMap<(String, i64), String>>,
+}
+
+impl RealExecutor {
+    /// An executor whose variants live in `variants_dir`, with `threads_per_worker` libtorch
+    /// threads per worker, models and data on `device`, and crafted examples shared through
+    /// `craft_cache` (`None`: not shared).
+    pub fn new(variants_dir: PathBuf, threads_per_worker: i32, device: Device, craft_cache: Option<PathBuf>) -> Self {
+        RealExecutor { variants_dir, threads_per_worker, device, craft_cache, data_digests: Default::default() }
+    }
+
+    /// [`images_digest`] of the first `n` test images of the data set `name`.
+    fn test_images_digest(&self, name: &str, n: i64) -> Result<String> {
+        let key = (name.to_string(), n);
+        if let Some(digest) = self.data_digests.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(digest.clone());
+        }
+        let digest = images_digest(&located_data(name)?.load(Split::Test, None)?.take(n))?;
+        self.data_digests.lock().unwrap_or_else(|e| e.into_inner()).insert(key, digest.clone());
+        Ok(digest)
+    }
 }
 
 /// Per-thread state: loaded data sets.
@@ -234,6 +257,11 @@ impl Executor for RealExecutor {
             .collect::<Result<Inputs>>()?;
         inputs.insert(ATTACK_SETTINGS.into(), settings_digest(&self.bare_attack(cell)?.config_json()));
         inputs.insert(DEFENSE_SETTINGS.into(), settings_digest(&spec.settings()?));
+        // a data set that does not load is left out: the cell's run says why, and a report
+        // on a machine without it still compares the rest
+        if let Ok(digest) = self.test_images_digest(&cell.config.data, cell.config.n as i64) {
+            inputs.insert(DATA.into(), digest);
+        }
         Ok(inputs)
     }
 

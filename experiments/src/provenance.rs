@@ -19,7 +19,10 @@
 //! was. The inputs therefore also carry a digest of the attack's and the defense's **settings**
 //! as they resolve in this build, defaults filled in ([`settings_digest`] under
 //! [`ATTACK_SETTINGS`] and [`DEFENSE_SETTINGS`]): a finished cell whose settings resolve
-//! differently now is stale like one whose checkpoint changed.
+//! differently now is stale like one whose checkpoint changed. And they carry a digest of the
+//! test images and labels the cell evaluates ([`images_digest`] under [`DATA`]), so a
+//! `folder:` or `npy:` data set edited in place, or another `DYNROBUST_DATA_DIR`, is noticed
+//! too (the training images a detector calibrates on are not digested).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -80,6 +83,27 @@ fn architecture_of(file: &Path) -> Result<String> {
     let text = fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::checkpoint(file, e.to_string()))?;
     Ok(value.get("architecture").unwrap_or(&value).to_string())
+}
+
+/// The role of the digest of the test images and labels a cell evaluates ([`images_digest`]).
+pub const DATA: &str = "data";
+
+/// First 16 hex digits of a SHA-256 over the images (float32, as loaded) and labels (int64)
+/// of `set`, with their shapes: a data set edited in place (a `folder:` or `npy:` directory,
+/// another `DYNROBUST_DATA_DIR`) digests differently.
+pub fn images_digest(set: &dynrobust_core::data::Dataset) -> Result<String> {
+    let bad = |e: tch::TchError| Error::data(&set.name, format!("cannot read its tensors to digest them: {e}"));
+    let mut hasher = Sha256::new();
+    for tensor in [&set.images, &set.labels] {
+        for d in tensor.size() {
+            hasher.update(d.to_le_bytes());
+        }
+    }
+    let images = Vec::<f32>::try_from(set.images.to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).flatten(0, -1)).map_err(bad)?;
+    hasher.update(images.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<u8>>());
+    let labels = Vec::<i64>::try_from(set.labels.to_device(tch::Device::Cpu).to_kind(tch::Kind::Int64)).map_err(bad)?;
+    hasher.update(labels.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>());
+    Ok(hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
 }
 
 /// One input whose checkpoint (or resolved settings) differs from the one a stored cell was

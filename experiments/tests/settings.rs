@@ -2,9 +2,10 @@
 //! also carry a digest of the attack's and the defense's settings as the build resolves them,
 //! defaults filled in ([`dynrobust_experiments::provenance`]). Two spellings of one
 //! configuration get two ids but one settings digest; a different value gets another digest.
+//! The test images a cell evaluates are digested too.
 
 use dynrobust_experiments::execute::{registry, RealExecutor};
-use dynrobust_experiments::provenance::{ATTACK_SETTINGS, DEFENSE_SETTINGS};
+use dynrobust_experiments::provenance::{ATTACK_SETTINGS, DATA, DEFENSE_SETTINGS};
 use dynrobust_experiments::{Executor, Study};
 
 fn one_cell(attack_params: &str, eps: &str, defense: &str) -> dynrobust_experiments::Cell {
@@ -18,7 +19,7 @@ fn one_cell(attack_params: &str, eps: &str, defense: &str) -> dynrobust_experime
 }
 
 fn settings(cell: &dynrobust_experiments::Cell) -> (String, String) {
-    let exec = RealExecutor { variants_dir: std::env::temp_dir(), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
+    let exec = RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None);
     let inputs = exec.inputs(cell).unwrap();
     (inputs[ATTACK_SETTINGS].clone(), inputs[DEFENSE_SETTINGS].clone())
 }
@@ -58,11 +59,42 @@ fn a_defense_default_written_out_resolves_to_the_same_settings() {
 fn every_denoiser_of_a_chain_is_an_input() {
     let chain = "name = \"chain\"\nparams = { steps = [{ name = \"denoiser\" }, { name = \"bitdepth\" }, { name = \"denoiser\", params = { checkpoint = \"models/checkpoints/denoiser-adv\" } }] }";
     let cell = one_cell("", "eps = [\"8/255\"]", chain);
-    let exec = RealExecutor { variants_dir: std::env::temp_dir(), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
+    let exec = RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None);
     let inputs = exec.inputs(&cell).unwrap();
     let single = exec.inputs(&one_cell("", "eps = [\"8/255\"]", "name = \"denoiser\"")).unwrap();
     let adv = exec.inputs(&one_cell("", "eps = [\"8/255\"]", "name = \"denoiser\"\nparams = { checkpoint = \"models/checkpoints/denoiser-adv\" }")).unwrap();
     assert_eq!(inputs["defense"], single["defense"], "{inputs:?}");
     assert_eq!(inputs["defense 2"], adv["defense"], "the second denoiser's weights are digested too: {inputs:?}");
     assert_ne!(inputs["defense"], inputs["defense 2"]);
+}
+
+#[test]
+fn the_test_images_a_cell_evaluates_are_an_input() {
+    use tch::{Kind, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let write = |brightness: f64| {
+        let images = Tensor::arange(8 * 784, (Kind::Float, tch::Device::Cpu)).reshape([8, 1, 28, 28]) / (8.0 * 784.0) * brightness;
+        images.write_npy(dir.path().join("test_images.npy")).unwrap();
+        Tensor::arange(8, (Kind::Int64, tch::Device::Cpu)).remainder(3).write_npy(dir.path().join("test_labels.npy")).unwrap();
+    };
+    let text = |n: usize| {
+        format!(
+            "name = \"d\"\ndata = \"npy:{}\"\nn = {n}\nmodels = [\"static\"]\neps = [\"8/255\"]\n[[attacks]]\nname = \"fgsm\"\n",
+            dir.path().display()
+        )
+    };
+    let cell = |n: usize| Study::parse(&text(n), "d.toml", &registry()).unwrap().cells.remove(0);
+    let digest = |n: usize| RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None).inputs(&cell(n)).unwrap()[DATA].clone();
+    write(1.0);
+    let (all, first_four) = (digest(8), digest(4));
+    assert_eq!(digest(8), all, "the same images digest the same");
+    assert_ne!(all, first_four, "n images are digested, not the file");
+    write(0.5);
+    assert_ne!(digest(8), all, "the data set edited in place");
+    let fmnist = one_cell("", "eps = [\"8/255\"]", "name = \"none\"");
+    assert!(settings_exec().inputs(&fmnist).unwrap().contains_key(DATA), "the shipped set is digested too");
+}
+
+fn settings_exec() -> RealExecutor {
+    RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None)
 }

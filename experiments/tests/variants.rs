@@ -52,7 +52,7 @@ fn a_twin_variant_runs_every_block_of_its_base_and_keeps_the_other_ids() {
     // `twin = false` is left out of the stored config: the plain model's id is as before twins existed
     let stored = serde_json::to_value(plain_ref).unwrap();
     assert!(stored.get("twin").is_none(), "{stored}");
-    let exec = RealExecutor { variants_dir: std::env::temp_dir(), threads_per_worker: 1, device: tch::Device::Cpu, craft_cache: None };
+    let exec = RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None);
     let images = dynrobust_core::data::DataSource::FashionMnist.load(dynrobust_core::data::Split::Test, None).unwrap().take(64).images;
     let cost = |m: &dynrobust_experiments::study::ModelRef| {
         let net = exec.load(m, &images.narrow(0, 0, 1)).unwrap();
