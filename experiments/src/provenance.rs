@@ -119,13 +119,13 @@ pub struct Changed {
 }
 
 impl Changed {
-    /// What changed, in words: `model checkpoint`, or `attack settings (a default of this
-    /// build differs)`.
+    /// What changed, in words: `model checkpoint`, `attack settings (a default of this build
+    /// differs)` or `test images`.
     pub fn what(&self) -> String {
-        if self.input == ATTACK_SETTINGS || self.input == DEFENSE_SETTINGS {
-            format!("{} (a default of this build differs)", self.input)
-        } else {
-            format!("{} checkpoint", self.input)
+        match self.input.as_str() {
+            ATTACK_SETTINGS | DEFENSE_SETTINGS => format!("{} (a default of this build differs)", self.input),
+            DATA => "test images".to_string(),
+            role => format!("{role} checkpoint"),
         }
     }
 }
@@ -168,6 +168,7 @@ mod tests {
         assert_eq!(change("model"), "model checkpoint");
         assert_eq!(change(ATTACK_SETTINGS), "attack settings (a default of this build differs)");
         assert_eq!(change(DEFENSE_SETTINGS), "defense settings (a default of this build differs)");
+        assert_eq!(change(DATA), "test images");
     }
 
     #[test]
