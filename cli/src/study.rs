@@ -32,7 +32,7 @@ pub struct RunArgs {
     /// Print the cells, each with what a run would do with it (todo / done / stale), and exit.
     #[arg(long)]
     dry_run: bool,
-    /// Recompute finished cells whose checkpoints or attack/defense settings changed since they ran (their results move
+    /// Recompute finished cells whose checkpoints, attack/defense settings or test images changed since they ran (their results move
     /// to OUT/cells/stale/); without it such a run stops and names them.
     #[arg(long)]
     rerun_stale: bool,
@@ -100,7 +100,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Says on stderr which stored cells ran with checkpoints or settings that have changed since (the report
+/// Says on stderr which stored cells ran with checkpoints, settings or test images that have changed since (the report
 /// still shows them: they are what was measured, with the weights of that time).
 fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) {
     let exec = inspector(dir);
@@ -108,7 +108,7 @@ fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) {
     if !stale.is_empty() {
         let ids: Vec<&str> = stale.iter().take(5).map(|s| s.id.as_str()).collect();
         eprintln!(
-            "report: warning: {} cell(s) ran with a checkpoint or plugin settings that have changed since ({}{}); `dynrobust run STUDY --out {} --rerun-stale` recomputes them",
+            "report: warning: {} cell(s) ran with a checkpoint, plugin settings or test images that have changed since ({}{}); `dynrobust run STUDY --out {} --rerun-stale` recomputes them",
             stale.len(),
             ids.join(", "),
             if stale.len() > 5 { ", …" } else { "" },
@@ -117,14 +117,15 @@ fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) {
     }
 }
 
-/// An executor that only digests the checkpoints of the cells of the run directory `out` (for
-/// `--dry-run` and the report's warning; it runs nothing).
+/// An executor that only digests the inputs (checkpoints, settings, test images) of the cells
+/// of the run directory `out` (for `--dry-run` and the report's warning; it runs nothing).
 fn inspector(out: &Path) -> RealExecutor {
     RealExecutor::new(out.join("models"), 1, tch::Device::Cpu, None)
 }
 
 /// `--dry-run`: every cell with what a run into `out` would do with it — `todo`, `done`
-/// (skipped), or `stale` (finished with a checkpoint or plugin settings that have changed since).
+/// (skipped), or `stale` (finished with a checkpoint, plugin settings or test images that have
+/// changed since).
 fn dry_run(cells: &[Cell], out: &Path) -> Result<()> {
     let (done, stale) = match Store::open_existing(out) {
         Ok(store) => {
@@ -142,14 +143,14 @@ fn dry_run(cells: &[Cell], out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Moves the finished cells whose checkpoints or settings changed since they ran to `cells/stale/`, so
+/// Moves the finished cells whose checkpoints, settings or test images changed since they ran to `cells/stale/`, so
 /// that the run recomputes them.
 fn retire_stale(exec: &RealExecutor, cells: &[Cell], store: &Store) -> Result<()> {
     let stale = stale_cells(exec, cells, store)?;
     for cell in &stale {
         let moved = store.retire(&cell.id)?;
         let what: Vec<String> = cell.changed.iter().map(|c| c.what()).collect();
-        eprintln!("stale: cell {} ({}) ran with an older {}; its result moved to {}", cell.id, cell.cell, what.join(" and "), moved.display());
+        eprintln!("stale: cell {} ({}): changed since it ran: {}; its result moved to {}", cell.id, cell.cell, what.join(", "), moved.display());
     }
     Ok(())
 }

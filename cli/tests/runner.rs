@@ -324,10 +324,10 @@ fn attack_settings_that_resolve_differently_now_make_a_finished_cell_stale() {
     let o = run(&study, &out, &["--no-report"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a cell run with other defaults was skipped silently: {err}");
-    assert!(err.contains("1 finished cell(s)") && err.contains("attack settings (a default of this build differs) 00000000000000ff →") && err.contains(old_id.as_str()), "{err}");
+    assert!(err.contains("1 finished cell(s)") && err.contains("attack settings 00000000000000ff →") && err.contains("resolves a default differently") && err.contains(old_id.as_str()), "{err}");
     let o = run(&study, &out, &["--no-report", "--rerun-stale"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains(&format!("stale: cell {old_id}")) && err.contains("older attack settings"), "{err}");
+    assert!(o.status.success() && err.contains(&format!("stale: cell {old_id}")) && err.contains("changed since it ran: attack settings;"), "{err}");
     assert_eq!(records(&out), before, "recomputed as it was");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -360,7 +360,7 @@ fn a_checkpoint_changed_under_a_finished_cell_stops_the_run_until_it_is_rerun() 
 
     let o = dynrobust(&["report", out.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains("warning: 1 cell(s) ran with a checkpoint or plugin settings that have changed") && err.contains(&stale_id), "{err}");
+    assert!(o.status.success() && err.contains("warning: 1 cell(s) ran with a checkpoint, plugin settings or test images that have changed") && err.contains(&stale_id), "{err}");
 
     let o = run(&study, &out, &["--no-report", "--rerun-stale"]);
     let err = String::from_utf8_lossy(&o.stderr);

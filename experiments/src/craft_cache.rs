@@ -41,8 +41,9 @@ pub struct CraftCache {
 
 impl CraftCache {
     /// Wraps `inner`, caching in `dir` (`None`: no caching, calls pass through); `identity`
-    /// must name everything the crafted examples depend on (crafting model, attack and its
-    /// config, ε, seed, data, n, batch).
+    /// must name everything the crafted examples depend on (crafting model and its weights,
+    /// attack and its resolved settings, ε, seed, data and a digest of its test images, n,
+    /// batch, build commit, device).
     pub fn new(inner: Box<dyn Attack>, dir: Option<&Path>, identity: &Value) -> Self {
         let digest = Sha256::digest(identity.to_string().as_bytes());
         let key: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();

@@ -14,6 +14,7 @@ use dynrobust_attacks::transfer::Transfer;
 use dynrobust_core::attack::{prepare_fit, Attack};
 use dynrobust_core::data::{DataSpec, Dataset, Split};
 use dynrobust_core::defense::Adaptivity;
+use dynrobust_core::device::device_name;
 use dynrobust_core::{DynamicModel, Error, Result};
 use dynrobust_defenses::evaluate::run_defended;
 use dynrobust_defenses::registry::DefenseSpec;
@@ -198,7 +199,8 @@ impl Executor for RealExecutor {
         prepare_fit(&*attack, |n| Ok(worker.data(&c.data, Split::Train)?.take(n)))?;
         let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
         let crafting_weights = self.model_path(c.surrogate.as_ref().unwrap_or(&c.model))?.map(|p| checkpoint_digest(&p)).transpose()?;
-        let identity = craft_identity(c, crafting_weights, attack.config_json(), self.device);
+        let data_digest = self.test_images_digest(&c.data, c.n as i64)?;
+        let identity = craft_identity(c, crafting_weights, attack.config_json(), &data_digest, self.device);
         let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &identity);
         let load = || self.load(&c.model, &probe);
         let own = net.name();
@@ -223,7 +225,7 @@ impl Executor for RealExecutor {
             "eps": c.eps.or_else(|| record.get("eps").and_then(Value::as_f64)),
             "steps": dynrobust_core::attack::iterations_in(&record["config"]),
             "defense_label": c.defense.label,
-            "device": format!("{:?}", self.device),
+            "device": device_name(self.device),
         });
         if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
             r.extend(e.clone());
@@ -246,8 +248,9 @@ impl Executor for RealExecutor {
         Ok(())
     }
 
-    /// Digests of the model's, the surrogate's and the defense's checkpoints, and of the
-    /// attack's and the defense's settings as this build resolves them (defaults filled in).
+    /// Digests of the model's, the surrogate's and the defense's checkpoints, of the attack's
+    /// and the defense's settings as this build resolves them (defaults filled in), and of the
+    /// test images and labels the cell evaluates.
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
         let spec = self.defense(cell)?.0;
         let mut inputs = self
@@ -329,18 +332,19 @@ fn crafts_on_bare_model(spec: &DefenseSpec, mode: Adaptivity) -> bool {
 
 /// Everything the crafted examples depend on, the crafting model's weights included (a
 /// retrained checkpoint must not be served the old network's examples) and the attack's
-/// settings as this build resolves them (nor must a changed default), the commit the attack's
-/// code was built from and the device it ran on (a cell computed by another build, or on
-/// another device, crafts its own). A transfer attack
+/// settings as this build resolves them (nor must a changed default), the digest of the test
+/// images and labels (a data set edited in place), the commit the attack's code was built from
+/// and the device it ran on (a cell computed by another commit, or on another device, crafts
+/// its own). A transfer attack
 /// crafts on its surrogate whatever the victim and its defense, so its cells share examples
 /// across victims. `random_starts` names how seeded attacks draw their starts (one per batch
 /// since 2026-12-02, [`dynrobust_core::rng::SeededRng::for_batch`]), so a cache written
 /// before is not served to them.
-fn craft_identity(c: &crate::study::CellConfig, crafting_weights: Option<String>, settings: Value, device: Device) -> Value {
+fn craft_identity(c: &crate::study::CellConfig, crafting_weights: Option<String>, settings: Value, data_digest: &str, device: Device) -> Value {
     let crafting_model = c.surrogate.as_ref().unwrap_or(&c.model);
     json!({ "crafting_model": crafting_model, "weights": crafting_weights, "transfer": c.surrogate.is_some(), "attack": c.attack.name,
-            "params": c.attack.params, "settings": settings, "eps": c.eps, "seed": c.seed, "data": c.data, "n": c.n, "batch": c.batch,
-            "random_starts": "per-batch", "dynrobust_commit": dynrobust_core::SOURCE_COMMIT, "device": format!("{device:?}") })
+            "params": c.attack.params, "settings": settings, "eps": c.eps, "seed": c.seed, "data": c.data, "test_images": data_digest, "n": c.n,
+            "batch": c.batch, "random_starts": "per-batch", "dynrobust_commit": dynrobust_core::SOURCE_COMMIT, "device": device_name(device) })
 }
 
 /// Per-sample rows: index, costs, correctness, exits.
@@ -570,4 +574,17 @@ fn located_data(name: &str) -> Result<DataSpec> {
         Some(found) => spec.with_dir(found),
         None => spec,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_table_is_saved_with_the_data_set_it_trains_on() {
+        let table = json!({ "model": "gated", "epochs": 1 });
+        assert_eq!(with_data(&table, "mnist"), json!({ "model": "gated", "epochs": 1, "data": "mnist" }), "the study's data set");
+        let own = json!({ "model": "static", "data": "fashion-mnist" });
+        assert_eq!(with_data(&own, "mnist"), own, "the table's own data set wins");
+    }
 }

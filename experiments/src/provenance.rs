@@ -1,5 +1,5 @@
-//! Which weights and which plugin settings a cell was computed with, so that a resumed run
-//! notices a checkpoint, or a default of the build, that changed under it.
+//! Which weights, plugin settings and test images a cell was computed with, so that a resumed
+//! run notices a checkpoint, a default of the build or a data set that changed under it.
 //!
 //! A cell's id names its *configuration* (model name, attack, ε, …), not the weights behind a
 //! name: retraining `models/checkpoints/sdn-pgd-at` and resuming a study would otherwise mix
@@ -35,6 +35,11 @@ use sha2::{Digest, Sha256};
 /// role → [`checkpoint_digest`], or [`settings_digest`] for the two settings roles.
 pub type Inputs = BTreeMap<String, String>;
 
+/// The first 8 bytes of a SHA-256 as 16 hex digits, the form of every digest here.
+fn short_hex(hasher: Sha256) -> String {
+    hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 /// The role of the digest of the attack's resolved settings ([`settings_digest`]).
 pub const ATTACK_SETTINGS: &str = "attack settings";
 /// The role of the digest of the defense's resolved settings ([`settings_digest`]).
@@ -43,7 +48,9 @@ pub const DEFENSE_SETTINGS: &str = "defense settings";
 /// First 16 hex digits of a SHA-256 over a plugin's resolved settings (its `config_json`,
 /// defaults filled in), as canonical JSON text (keys sorted, no whitespace).
 pub fn settings_digest(settings: &serde_json::Value) -> String {
-    Sha256::digest(settings.to_string().as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+    let mut hasher = Sha256::new();
+    hasher.update(settings.to_string().as_bytes());
+    short_hex(hasher)
 }
 
 /// First 16 hex digits of a SHA-256 over the parts of a checkpoint (a directory, or a
@@ -75,7 +82,7 @@ pub fn checkpoint_digest(path: &Path) -> Result<String> {
             return Err(Error::checkpoint(path, "no *.safetensors or *.json file to digest: not a checkpoint directory"));
         }
     }
-    Ok(hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
+    Ok(short_hex(hasher))
 }
 
 /// The canonical text of a sidecar's `architecture` (the whole file when it has none).
@@ -100,10 +107,12 @@ pub fn images_digest(set: &dynrobust_core::data::Dataset) -> Result<String> {
         }
     }
     let images = Vec::<f32>::try_from(set.images.to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).flatten(0, -1)).map_err(bad)?;
-    hasher.update(images.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<u8>>());
+    for chunk in images.chunks(1 << 16) {
+        hasher.update(chunk.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<u8>>());
+    }
     let labels = Vec::<i64>::try_from(set.labels.to_device(tch::Device::Cpu).to_kind(tch::Kind::Int64)).map_err(bad)?;
     hasher.update(labels.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>());
-    Ok(hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
+    Ok(short_hex(hasher))
 }
 
 /// One input whose checkpoint (or resolved settings) differs from the one a stored cell was
@@ -119,11 +128,10 @@ pub struct Changed {
 }
 
 impl Changed {
-    /// What changed, in words: `model checkpoint`, `attack settings (a default of this build
-    /// differs)` or `test images`.
+    /// What changed, in words: `model checkpoint`, `attack settings` or `test images`.
     pub fn what(&self) -> String {
         match self.input.as_str() {
-            ATTACK_SETTINGS | DEFENSE_SETTINGS => format!("{} (a default of this build differs)", self.input),
+            ATTACK_SETTINGS | DEFENSE_SETTINGS => self.input.clone(),
             DATA => "test images".to_string(),
             role => format!("{role} checkpoint"),
         }
@@ -166,8 +174,8 @@ mod tests {
         assert_eq!(settings_digest(&a).len(), 16);
         let change = |input: &str| Changed { input: input.into(), stored: "a".into(), now: "b".into() }.what();
         assert_eq!(change("model"), "model checkpoint");
-        assert_eq!(change(ATTACK_SETTINGS), "attack settings (a default of this build differs)");
-        assert_eq!(change(DEFENSE_SETTINGS), "defense settings (a default of this build differs)");
+        assert_eq!(change(ATTACK_SETTINGS), "attack settings");
+        assert_eq!(change(DEFENSE_SETTINGS), "defense settings");
         assert_eq!(change(DATA), "test images");
     }
 

@@ -66,8 +66,9 @@ pub trait Executor: Sync {
         let _ = cells;
         Ok(())
     }
-    /// A digest of every checkpoint `cell` reads, by role ([`crate::provenance`]), stored with
-    /// its result; a finished cell whose inputs have changed since is stale. By default none.
+    /// A digest of every checkpoint `cell` reads, of its plugins' resolved settings and of its
+    /// test images, by role ([`crate::provenance`]), stored with its result; a finished cell
+    /// whose inputs have changed since is stale. By default none.
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
         let _ = cell;
         Ok(Inputs::new())
@@ -112,7 +113,8 @@ struct Shared<'a, E: Executor> {
     log_lines: bool,
 }
 
-/// A finished cell computed with a checkpoint, or plugin settings, that have changed since.
+/// A finished cell computed with a checkpoint, plugin settings or test images that have changed
+/// since.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StaleCell {
     pub id: String,
@@ -156,8 +158,8 @@ fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
     Error::data(
         store.cells_dir(),
         format!(
-            "{} finished cell(s) were computed with a checkpoint or plugin settings that have changed since:\n{}{more}\n\
-             restore those checkpoints (or the build whose defaults they ran with), or recompute the cells (`dynrobust run … --rerun-stale` moves their results to {}, then runs them)",
+            "{} finished cell(s) were computed with a checkpoint, plugin settings or test images that have changed since:\n{}{more}\n\
+             (settings change when this build resolves a default differently) restore what changed, or recompute the cells (`dynrobust run … --rerun-stale` moves their results to {}, then runs them)",
             stale.len(),
             listed.join("\n"),
             store.stale_dir().display()
@@ -176,7 +178,7 @@ pub fn set_aside_damaged(store: &Store) -> Result<()> {
 
 /// Runs every unfinished cell of `cells` with `workers` threads, storing each result at once
 /// with its [`Executor::inputs`]. Refuses to go on, naming them, when finished cells are stale
-/// (their checkpoints or settings changed since; [`Store::retire`] moves them aside to be run again).
+/// (their checkpoints, settings or test images changed since; [`Store::retire`] moves them aside to be run again).
 /// Damaged records are moved aside first ([`set_aside_damaged`]), and [`Executor::preflight`]
 /// checks the inputs of the cells to run before any runs. With `progress`, a progress
 /// bar on stderr when it is a terminal, else a line per cell.

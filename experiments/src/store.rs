@@ -4,7 +4,7 @@
 //! DIR/study.toml          copy of the study file; a different study is refused (unless forced)
 //! DIR/cells/<id>.csv      per-sample rows of a finished cell (written first)
 //! DIR/cells/<id>.json     the finished cell: {id, cell, record, versions, finished_at, inputs}
-//! DIR/cells/stale/        results of cells retired because a checkpoint changed (kept, not read)
+//! DIR/cells/stale/        results of cells retired because an input changed (kept, not read)
 //! ```
 //! A cell is finished exactly when its JSON exists. Every file is written to
 //! `<name>.tmp.<host>.<pid>.<nonce>.<n>`, fsynced, renamed into place, and the directory fsynced,
@@ -38,8 +38,9 @@ pub struct StoredCell {
     pub versions: BTreeMap<String, String>,
     /// RFC 3339 UTC time the cell finished.
     pub finished_at: String,
-    /// Digests of the checkpoints it read, by role ([`crate::provenance`]); empty in cells
-    /// stored before they were recorded.
+    /// Digests of the checkpoints it read, its plugins' resolved settings and its test images,
+    /// by role ([`crate::provenance`]); empty in cells stored before they were recorded (and
+    /// without the settings and data roles in cells stored before 2026-12-03).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub inputs: Inputs,
 }

@@ -18,9 +18,12 @@ fn one_cell(attack_params: &str, eps: &str, defense: &str) -> dynrobust_experime
     study.cells.into_iter().next().unwrap()
 }
 
+fn settings_exec() -> RealExecutor {
+    RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None)
+}
+
 fn settings(cell: &dynrobust_experiments::Cell) -> (String, String) {
-    let exec = RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None);
-    let inputs = exec.inputs(cell).unwrap();
+    let inputs = settings_exec().inputs(cell).unwrap();
     (inputs[ATTACK_SETTINGS].clone(), inputs[DEFENSE_SETTINGS].clone())
 }
 
@@ -59,7 +62,7 @@ fn a_defense_default_written_out_resolves_to_the_same_settings() {
 fn every_denoiser_of_a_chain_is_an_input() {
     let chain = "name = \"chain\"\nparams = { steps = [{ name = \"denoiser\" }, { name = \"bitdepth\" }, { name = \"denoiser\", params = { checkpoint = \"models/checkpoints/denoiser-adv\" } }] }";
     let cell = one_cell("", "eps = [\"8/255\"]", chain);
-    let exec = RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None);
+    let exec = settings_exec();
     let inputs = exec.inputs(&cell).unwrap();
     let single = exec.inputs(&one_cell("", "eps = [\"8/255\"]", "name = \"denoiser\"")).unwrap();
     let adv = exec.inputs(&one_cell("", "eps = [\"8/255\"]", "name = \"denoiser\"\nparams = { checkpoint = \"models/checkpoints/denoiser-adv\" }")).unwrap();
@@ -84,7 +87,8 @@ fn the_test_images_a_cell_evaluates_are_an_input() {
         )
     };
     let cell = |n: usize| Study::parse(&text(n), "d.toml", &registry()).unwrap().cells.remove(0);
-    let digest = |n: usize| RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None).inputs(&cell(n)).unwrap()[DATA].clone();
+    // a new executor each time: one executor digests a data set once
+    let digest = |n: usize| settings_exec().inputs(&cell(n)).unwrap()[DATA].clone();
     write(1.0);
     let (all, first_four) = (digest(8), digest(4));
     assert_eq!(digest(8), all, "the same images digest the same");
@@ -93,8 +97,4 @@ fn the_test_images_a_cell_evaluates_are_an_input() {
     assert_ne!(digest(8), all, "the data set edited in place");
     let fmnist = one_cell("", "eps = [\"8/255\"]", "name = \"none\"");
     assert!(settings_exec().inputs(&fmnist).unwrap().contains_key(DATA), "the shipped set is digested too");
-}
-
-fn settings_exec() -> RealExecutor {
-    RealExecutor::new(std::env::temp_dir(), 1, tch::Device::Cpu, None)
 }
