@@ -119,10 +119,46 @@ fn committed_checkpoints_score_what_their_sidecars_say() {
         assert_eq!(eval.accuracy, side.evaluation.accuracy, "{name}: accuracy");
         assert!((eval.mean_cost - side.evaluation.mean_cost).abs() < 1e-9, "{name}: cost");
         assert_eq!(eval.exit_histogram, side.evaluation.exit_histogram, "{name}: exits");
-        // rates of 10,000 decisions are multiples of 1e-4: exact up to float printing
-        let rates = |r: &Option<Vec<f64>>| r.as_ref().map(|v| v.iter().map(|p| (p * 10_000.0).round() as i64).collect::<Vec<_>>());
-        assert_eq!(rates(&eval.gate_rates), rates(&side.evaluation.gate_rates), "{name}: gate rates");
+        // rates of 10,000 decisions are multiples of 1e-4: counts, exact up to float printing
+        let counts = |r: &Option<Vec<f64>>| r.as_ref().map(|v| v.iter().map(|p| (p * 10_000.0).round() as i64).collect::<Vec<_>>()).unwrap_or_default();
+        let (measured, recorded) = (counts(&eval.gate_rates), counts(&side.evaluation.gate_rates));
+        assert_eq!(measured.len(), recorded.len(), "{name}: gates");
+        // a decision whose probability is within rounding of 0.5 may fall either side on another
+        // CPU (its kernels sum in another order), and with it every later decision for that
+        // image: each gate's count may differ from the sidecar's by at most the number of
+        // images with such a decision at that gate or an earlier one, and no more
+        let fragile = images_with_borderline_decisions(&net, &data);
+        for (g, (m, r)) in measured.iter().zip(&recorded).enumerate() {
+            assert!(
+                (m - r).abs() <= fragile[g],
+                "{name}: gate {g} on for {m} images, the sidecar says {r}; {} image(s) with a decision within {GATE_ROUNDING} of 0.5 up to this gate",
+                fragile[g]
+            );
+        }
     }
+}
+
+/// How far from 0.5 a gate probability may lie and still be decided differently on another
+/// CPU. The committed gated model has one such decision in 60,000: gate 0 of one image at
+/// p − 0.5 = +6.0e-8 (one float32 step) fell on the other side on an AMD EPYC host (and with
+/// batch-norm folding), and that image's gate 3 with it. The next-closest decision lies at
+/// 1.8e-5.
+const GATE_ROUNDING: f64 = 1e-6;
+
+/// Per gate g, the images of `data` whose sparse pass has a decision within [`GATE_ROUNDING`]
+/// of 0.5 at gate g or an earlier one.
+fn images_with_borderline_decisions(net: &dynrobust_models::Net, data: &dynrobust_core::data::Dataset) -> Vec<i64> {
+    let mut counts: Vec<i64> = Vec::new();
+    for (x, _) in data.batches(256) {
+        let trace = tch::no_grad(|| net.forward_trace(&x, dynrobust_core::Pass::Sparse).unwrap());
+        counts.resize(trace.gate_probs.len(), 0);
+        let mut fragile = Tensor::zeros([x.size()[0]], (Kind::Bool, Device::Cpu));
+        for (g, p) in trace.gate_probs.iter().enumerate() {
+            fragile = fragile.logical_or(&(p.to_kind(Kind::Double) - 0.5).abs().le(GATE_ROUNDING));
+            counts[g] += fragile.sum(Kind::Int64).int64_value(&[]);
+        }
+    }
+    counts
 }
 
 /// The foundation issue's targets on the full Fashion-MNIST test set.
