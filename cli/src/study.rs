@@ -104,7 +104,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// still shows them: they are what was measured, with the weights of that time).
 fn warn_stale(dir: &Path, cells: &[dynrobust_experiments::StoredCell]) {
     let exec = inspector(dir);
-    let stale: Vec<_> = cells.iter().filter_map(|c| stale_cell(&exec, &Cell { id: c.id.clone(), config: c.cell.clone() }, &c.inputs)).collect();
+    let stale: Vec<_> = cells.iter().filter_map(|c| stale_cell(&exec, &Cell { id: c.id.clone(), config: c.cell.clone() }, c)).collect();
     if !stale.is_empty() {
         let ids: Vec<&str> = stale.iter().take(5).map(|s| s.id.as_str()).collect();
         eprintln!(
@@ -150,7 +150,8 @@ fn retire_stale(exec: &RealExecutor, cells: &[Cell], store: &Store) -> Result<()
     for cell in &stale {
         let moved = store.retire(&cell.id)?;
         let what: Vec<String> = cell.changed.iter().map(|c| c.what()).collect();
-        eprintln!("stale: cell {} ({}): changed since it ran: {}; its result moved to {}", cell.id, cell.cell, what.join(", "), moved.display());
+        let keys = if cell.attack_changes.is_empty() { String::new() } else { format!(" ({})", cell.attack_changes.join(", ")) };
+        eprintln!("stale: cell {} ({}): changed since it ran: {}{keys}; its result moved to {}", cell.id, cell.cell, what.join(", "), moved.display());
     }
     Ok(())
 }

@@ -318,16 +318,18 @@ fn attack_settings_that_resolve_differently_now_make_a_finished_cell_stale() {
     let (old_id, _) = before.iter().find(|(_, v)| v["cell"]["defense"]["name"] == "none").unwrap();
     let path = out.join("cells").join(format!("{old_id}.json"));
     let mut stored: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // as an older build that ran FGSM in 5 steps would have stored it
     stored["inputs"][ATTACK_SETTINGS] = Value::from("00000000000000ff");
+    stored["record"]["config"]["steps"] = Value::from(5);
     std::fs::write(&path, serde_json::to_string_pretty(&stored).unwrap()).unwrap();
 
     let o = run(&study, &out, &["--no-report"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a cell run with other defaults was skipped silently: {err}");
-    assert!(err.contains("1 finished cell(s)") && err.contains("attack settings 00000000000000ff →") && err.contains("resolves a default differently") && err.contains(old_id.as_str()), "{err}");
+    assert!(err.contains("1 finished cell(s)") && err.contains("attack settings 00000000000000ff →") && err.contains("(steps: 5 → 1)") && err.contains("resolves a default differently") && err.contains(old_id.as_str()), "{err}");
     let o = run(&study, &out, &["--no-report", "--rerun-stale"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains(&format!("stale: cell {old_id}")) && err.contains("changed since it ran: attack settings;"), "{err}");
+    assert!(o.status.success() && err.contains(&format!("stale: cell {old_id}")) && err.contains("changed since it ran: attack settings (steps: 5 → 1);"), "{err}");
     assert_eq!(records(&out), before, "recomputed as it was");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use tch::Device;
 
 use crate::craft_cache::CraftCache;
-use crate::provenance::{checkpoint_digest, images_digest, settings_digest, Inputs, ATTACK_SETTINGS, DATA, DEFENSE_SETTINGS};
+use crate::provenance::{changed_keys, checkpoint_digest, images_digest, settings_digest, Inputs, ATTACK_SETTINGS, DATA, DEFENSE_SETTINGS};
 use crate::runner::{CellOutput, Executor};
 use crate::study::{Cell, DefenseMode, ModelRef, Registry, Study};
 
@@ -266,6 +266,14 @@ impl Executor for RealExecutor {
             inputs.insert(DATA.into(), digest);
         }
         Ok(inputs)
+    }
+
+    /// The keys of the attack's stored `config` (a transfer cell's `inner_config`) that this
+    /// build resolves differently.
+    fn attack_settings_changes(&self, cell: &Cell, record: &Value) -> Vec<String> {
+        let Ok(now) = self.bare_attack(cell).map(|a| a.config_json()) else { return Vec::new() };
+        let stored = &record["config"];
+        changed_keys(stored.get("inner_config").unwrap_or(stored), &now)
     }
 
     fn versions(&self) -> BTreeMap<String, String> {

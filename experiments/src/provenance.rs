@@ -138,6 +138,20 @@ impl Changed {
     }
 }
 
+/// The top-level keys whose values differ between the settings objects `old` and `new`, as
+/// `key: old → new` (`none` for a key on one side only), in key order.
+pub fn changed_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let (empty_old, empty_new) = (serde_json::Map::new(), serde_json::Map::new());
+    let old = old.as_object().unwrap_or(&empty_old);
+    let new = new.as_object().unwrap_or(&empty_new);
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let shown = |v: Option<&serde_json::Value>| v.map_or("none".to_string(), |v| v.to_string());
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| format!("{k}: {} → {}", shown(old.get(k)), shown(new.get(k))))
+        .collect()
+}
+
 /// The inputs recorded in both `stored` and `now` whose digests differ. An input missing from
 /// either side cannot be compared and is not reported: cells stored before inputs were
 /// recorded, and variants not trained yet (the runner trains them before any cell runs).
@@ -164,6 +178,14 @@ mod tests {
         let now = inputs(&[("model", "aa"), ("defense", "b2")]);
         assert_eq!(changed(&stored, &now), vec![Changed { input: "defense".into(), stored: "bb".into(), now: "b2".into() }]);
         assert!(changed(&Inputs::new(), &now).is_empty(), "a cell stored without inputs is not stale");
+    }
+
+    #[test]
+    fn changed_keys_name_each_differing_setting() {
+        let old = serde_json::json!({"steps": 20, "eps": 0.1, "lr": 0.01});
+        let new = serde_json::json!({"steps": 30, "eps": 0.1, "momentum": 0.9});
+        assert_eq!(changed_keys(&old, &new), vec!["lr: 0.01 → none", "momentum: none → 0.9", "steps: 20 → 30"]);
+        assert!(changed_keys(&old, &old).is_empty());
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::time::Instant;
 use dynrobust_core::{Error, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::provenance::{changed, Changed, Inputs};
-use crate::store::Store;
+use crate::provenance::{changed, Changed, Inputs, ATTACK_SETTINGS};
+use crate::store::{Store, StoredCell};
 use crate::study::Cell;
 
 /// What an executor returns for one cell.
@@ -73,6 +73,13 @@ pub trait Executor: Sync {
         let _ = cell;
         Ok(Inputs::new())
     }
+    /// For a finished cell whose attack settings resolve differently now, the settings that
+    /// differ between its stored `record` and this build, as `key: old → new`. By default none
+    /// named.
+    fn attack_settings_changes(&self, cell: &Cell, record: &serde_json::Value) -> Vec<String> {
+        let _ = (cell, record);
+        Vec::new()
+    }
 }
 
 /// A cell that did not finish.
@@ -121,6 +128,9 @@ pub struct StaleCell {
     /// [`crate::CellConfig::summary`] of the cell.
     pub cell: String,
     pub changed: Vec<Changed>,
+    /// The attack settings that differ, `key: old → new` ([`Executor::attack_settings_changes`];
+    /// empty when the attack settings did not change or the executor cannot say).
+    pub attack_changes: Vec<String>,
 }
 
 /// The finished cells among `cells` whose stored inputs differ from
@@ -131,17 +141,21 @@ pub fn stale_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store) -> Resu
     let mut seen = BTreeSet::new();
     let mut stale = Vec::new();
     for cell in cells.iter().filter(|c| done.contains(&c.id) && seen.insert(c.id.as_str())) {
-        stale.extend(stale_cell(exec, cell, &store.load(&cell.id)?.inputs));
+        stale.extend(stale_cell(exec, cell, &store.load(&cell.id)?));
     }
     Ok(stale)
 }
 
-/// `cell` as a [`StaleCell`] when the `stored` inputs it ran with differ from
+/// `cell` as a [`StaleCell`] when the inputs its `stored` result ran with differ from
 /// [`Executor::inputs`] now; `None` when they agree or cannot be compared (see
 /// [`stale_cells`]).
-pub fn stale_cell<E: Executor>(exec: &E, cell: &Cell, stored: &Inputs) -> Option<StaleCell> {
-    let changed = changed(stored, &exec.inputs(cell).ok()?);
-    (!changed.is_empty()).then(|| StaleCell { id: cell.id.clone(), cell: cell.config.summary(), changed })
+pub fn stale_cell<E: Executor>(exec: &E, cell: &Cell, stored: &StoredCell) -> Option<StaleCell> {
+    let changed = changed(&stored.inputs, &exec.inputs(cell).ok()?);
+    if changed.is_empty() {
+        return None;
+    }
+    let attack_changes = if changed.iter().any(|c| c.input == ATTACK_SETTINGS) { exec.attack_settings_changes(cell, &stored.record) } else { Vec::new() };
+    Some(StaleCell { id: cell.id.clone(), cell: cell.config.summary(), changed, attack_changes })
 }
 
 /// The error for stale cells: which ones (the first five), what changed, what to do.
@@ -151,7 +165,8 @@ fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
         .take(5)
         .map(|s| {
             let what: Vec<String> = s.changed.iter().map(|c| format!("{} {} → {}", c.what(), c.stored, c.now)).collect();
-            format!("  {} ({}): {}", s.id, s.cell, what.join(", "))
+            let keys = if s.attack_changes.is_empty() { String::new() } else { format!(" ({})", s.attack_changes.join(", ")) };
+            format!("  {} ({}): {}{keys}", s.id, s.cell, what.join(", "))
         })
         .collect();
     let more = if stale.len() > 5 { format!("\n  … and {} more", stale.len() - 5) } else { String::new() };
