@@ -31,8 +31,9 @@ use std::path::Path;
 use dynrobust_core::{Error, Result};
 use sha2::{Digest, Sha256};
 
-/// What a cell read, e.g. `{"model": "3f…", "defense": "9a…", "attack settings": "c0…"}`:
-/// role → [`checkpoint_digest`], or [`settings_digest`] for the two settings roles.
+/// What a cell read, e.g. `{"model": "3f…", "defense": "9a…", "attack settings": "c0…",
+/// "data": "5e…"}`: role → [`checkpoint_digest`], [`settings_digest`] for the two settings
+/// roles, [`images_digest`] for [`DATA`].
 pub type Inputs = BTreeMap<String, String>;
 
 /// The first 8 bytes of a SHA-256 as 16 hex digits, the form of every digest here.
@@ -115,15 +116,16 @@ pub fn images_digest(set: &dynrobust_core::data::Dataset) -> Result<String> {
     Ok(short_hex(hasher))
 }
 
-/// One input whose checkpoint (or resolved settings) differs from the one a stored cell was
-/// computed with.
+/// One input whose checkpoint (or resolved settings, or test images) differs from the one a
+/// stored cell was computed with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changed {
     /// The role, e.g. `model` or [`ATTACK_SETTINGS`].
     pub input: String,
     /// Digest stored with the cell.
     pub stored: String,
-    /// Digest of the checkpoint on disk now (of the settings as this build resolves them).
+    /// Digest of the checkpoint on disk now (of the settings as this build resolves them, of
+    /// the test images as they load now).
     pub now: String,
 }
 
