@@ -299,10 +299,10 @@ fn a_damaged_checkpoint_stops_the_run_before_any_cell() {
 }
 
 /// A cell's id hashes its parameters as the study writes them, so a default changed by a new
-/// build leaves it unchanged; the record's digest of the resolved settings catches it. Here a
-/// record is given the digest an older build with other defaults would have stored.
+/// build leaves it unchanged; the record's digests of the resolved settings catch it. Here two
+/// records are given what an older build with other defaults would have stored.
 #[test]
-fn attack_settings_that_resolve_differently_now_make_a_finished_cell_stale() {
+fn settings_that_resolve_differently_now_make_a_finished_cell_stale() {
     use dynrobust_experiments::provenance::{settings_digest, ATTACK_SETTINGS, DEFENSE_SETTINGS};
     let dir = scratch("settings");
     let (_, _, study) = fgsm_study(&dir, "settings", "\"8/255\"");
@@ -311,26 +311,38 @@ fn attack_settings_that_resolve_differently_now_make_a_finished_cell_stale() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let before = records(&out);
     for record in before.values() {
-        // the digest describes the attack that ran: its stored config, defaults filled in
+        // the digests describe what ran: the stored config and defense settings, defaults filled in
         assert_eq!(record["inputs"][ATTACK_SETTINGS].as_str(), Some(settings_digest(&record["record"]["config"]).as_str()), "{record}");
-        assert!(record["inputs"][DEFENSE_SETTINGS].is_string(), "{record}");
+        assert_eq!(record["inputs"][DEFENSE_SETTINGS].as_str(), Some(settings_digest(&record["record"]["defense_settings"]).as_str()), "{record}");
     }
-    let (old_id, _) = before.iter().find(|(_, v)| v["cell"]["defense"]["name"] == "none").unwrap();
-    let path = out.join("cells").join(format!("{old_id}.json"));
-    let mut stored: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    // as an older build that ran FGSM in 5 steps would have stored it
-    stored["inputs"][ATTACK_SETTINGS] = Value::from("00000000000000ff");
-    stored["record"]["config"]["steps"] = Value::from(5);
-    std::fs::write(&path, serde_json::to_string_pretty(&stored).unwrap()).unwrap();
+    let id_of = |defense: &str| before.iter().find(|(_, v)| v["cell"]["defense"]["name"] == defense).map(|(id, _)| id.clone()).unwrap();
+    let (plain, defended) = (id_of("none"), id_of("pgd-at"));
+    // as an older build would have stored them: FGSM in 5 steps, the defense under another recipe
+    let rewrite = |id: &str, edit: &dyn Fn(&mut Value)| {
+        let path = out.join("cells").join(format!("{id}.json"));
+        let mut stored: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut stored);
+        std::fs::write(&path, serde_json::to_string_pretty(&stored).unwrap()).unwrap();
+    };
+    rewrite(&plain, &|v| {
+        v["inputs"][ATTACK_SETTINGS] = Value::from("00000000000000ff");
+        v["record"]["config"]["steps"] = Value::from(5);
+    });
+    rewrite(&defended, &|v| {
+        v["inputs"][DEFENSE_SETTINGS] = Value::from("00000000000000ee");
+        v["record"]["defense_settings"]["recipe"] = Value::from("old");
+    });
 
     let o = run(&study, &out, &["--no-report"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "a cell run with other defaults was skipped silently: {err}");
-    assert!(err.contains("1 finished cell(s)") && err.contains("attack settings 00000000000000ff →") && err.contains("(steps: 5 → 1)") && err.contains("resolves a default differently") && err.contains(old_id.as_str()), "{err}");
+    assert!(!o.status.success(), "cells run with other settings were skipped silently: {err}");
+    assert!(err.contains("2 finished cell(s)") && err.contains("resolves a default differently") && err.contains(&plain) && err.contains(&defended), "{err}");
+    assert!(err.contains("attack settings 00000000000000ff →") && err.contains("(attack.steps: 5 → 1)"), "{err}");
+    assert!(err.contains("defense settings 00000000000000ee →") && err.contains("(defense.recipe: \"old\" → \"pgd-at\")"), "{err}");
     let o = run(&study, &out, &["--no-report", "--rerun-stale"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains(&format!("stale: cell {old_id}")) && err.contains("changed since it ran: attack settings (steps: 5 → 1);"), "{err}");
-    assert_eq!(records(&out), before, "recomputed as it was");
+    assert!(o.status.success() && err.contains(&format!("stale: cell {plain}")) && err.contains("changed since it ran: attack settings (attack.steps: 5 → 1);"), "{err}");
+    assert_eq!(records(&out), before, "recomputed as they were");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

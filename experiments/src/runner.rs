@@ -16,7 +16,7 @@ use std::time::Instant;
 use dynrobust_core::{Error, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::provenance::{changed, Changed, Inputs, ATTACK_SETTINGS};
+use crate::provenance::{changed, Changed, Inputs, ATTACK_SETTINGS, DEFENSE_SETTINGS};
 use crate::store::{Store, StoredCell};
 use crate::study::Cell;
 
@@ -73,10 +73,10 @@ pub trait Executor: Sync {
         let _ = cell;
         Ok(Inputs::new())
     }
-    /// For a finished cell whose attack settings resolve differently now, the settings that
-    /// differ between its stored `record` and this build, as `key: old → new`. By default none
-    /// named.
-    fn attack_settings_changes(&self, cell: &Cell, record: &serde_json::Value) -> Vec<String> {
+    /// For a finished cell whose attack or defense settings resolve differently now, the
+    /// settings that differ between its stored `record` and this build, as
+    /// `attack.key: old → new` / `defense.key: …`. By default none named.
+    fn settings_changes(&self, cell: &Cell, record: &serde_json::Value) -> Vec<String> {
         let _ = (cell, record);
         Vec::new()
     }
@@ -128,9 +128,9 @@ pub struct StaleCell {
     /// [`crate::CellConfig::summary`] of the cell.
     pub cell: String,
     pub changed: Vec<Changed>,
-    /// The attack settings that differ, `key: old → new` ([`Executor::attack_settings_changes`];
-    /// empty when the attack settings did not change or the executor cannot say).
-    pub attack_changes: Vec<String>,
+    /// The settings that differ, `attack.key: old → new` ([`Executor::settings_changes`]; empty
+    /// when no settings changed or the executor cannot say which).
+    pub settings_changes: Vec<String>,
 }
 
 /// The finished cells among `cells` whose stored inputs differ from
@@ -154,8 +154,9 @@ pub fn stale_cell<E: Executor>(exec: &E, cell: &Cell, stored: &StoredCell) -> Op
     if changed.is_empty() {
         return None;
     }
-    let attack_changes = if changed.iter().any(|c| c.input == ATTACK_SETTINGS) { exec.attack_settings_changes(cell, &stored.record) } else { Vec::new() };
-    Some(StaleCell { id: cell.id.clone(), cell: cell.config.summary(), changed, attack_changes })
+    let settings_changed = changed.iter().any(|c| c.input == ATTACK_SETTINGS || c.input == DEFENSE_SETTINGS);
+    let settings_changes = if settings_changed { exec.settings_changes(cell, &stored.record) } else { Vec::new() };
+    Some(StaleCell { id: cell.id.clone(), cell: cell.config.summary(), changed, settings_changes })
 }
 
 /// The error for stale cells: which ones (the first five), what changed, what to do.
@@ -165,7 +166,7 @@ fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
         .take(5)
         .map(|s| {
             let what: Vec<String> = s.changed.iter().map(|c| format!("{} {} → {}", c.what(), c.stored, c.now)).collect();
-            let keys = if s.attack_changes.is_empty() { String::new() } else { format!(" ({})", s.attack_changes.join(", ")) };
+            let keys = if s.settings_changes.is_empty() { String::new() } else { format!(" ({})", s.settings_changes.join(", ")) };
             format!("  {} ({}): {}{keys}", s.id, s.cell, what.join(", "))
         })
         .collect();
