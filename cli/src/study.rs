@@ -150,8 +150,7 @@ fn retire_stale(exec: &RealExecutor, cells: &[Cell], store: &Store) -> Result<()
     for cell in &stale {
         let moved = store.retire(&cell.id)?;
         let what: Vec<String> = cell.changed.iter().map(|c| c.what()).collect();
-        let keys = if cell.settings_changes.is_empty() { String::new() } else { format!(" ({})", cell.settings_changes.join(", ")) };
-        eprintln!("stale: cell {} ({}): changed since it ran: {}{keys}; its result moved to {}", cell.id, cell.cell, what.join(", "), moved.display());
+        eprintln!("stale: cell {} ({}): changed since it ran: {}{}; its result moved to {}", cell.id, cell.cell, what.join(", "), cell.settings_note(), moved.display());
     }
     Ok(())
 }

@@ -311,13 +311,13 @@ fn settings_that_resolve_differently_now_make_a_finished_cell_stale() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let before = records(&out);
     for record in before.values() {
-        // the digests describe what ran: the stored config and defense settings, defaults filled in
+        // the digests describe what ran: the stored config and defense params, defaults filled in
         assert_eq!(record["inputs"][ATTACK_SETTINGS].as_str(), Some(settings_digest(&record["record"]["config"]).as_str()), "{record}");
-        assert_eq!(record["inputs"][DEFENSE_SETTINGS].as_str(), Some(settings_digest(&record["record"]["defense_settings"]).as_str()), "{record}");
+        assert_eq!(record["inputs"][DEFENSE_SETTINGS].as_str(), Some(settings_digest(&record["record"]["defense_params"]).as_str()), "{record}");
     }
     let id_of = |defense: &str| before.iter().find(|(_, v)| v["cell"]["defense"]["name"] == defense).map(|(id, _)| id.clone()).unwrap();
     let (plain, defended) = (id_of("none"), id_of("pgd-at"));
-    // as an older build would have stored them: FGSM in 5 steps, the defense under another recipe
+    // as an older build would have stored them: FGSM in 5 steps, the defense's checkpoint spelled otherwise
     let rewrite = |id: &str, edit: &dyn Fn(&mut Value)| {
         let path = out.join("cells").join(format!("{id}.json"));
         let mut stored: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -330,7 +330,7 @@ fn settings_that_resolve_differently_now_make_a_finished_cell_stale() {
     });
     rewrite(&defended, &|v| {
         v["inputs"][DEFENSE_SETTINGS] = Value::from("00000000000000ee");
-        v["record"]["defense_settings"]["recipe"] = Value::from("old");
+        v["record"]["defense_params"]["checkpoint"] = Value::from("old");
     });
 
     let o = run(&study, &out, &["--no-report"]);
@@ -338,7 +338,7 @@ fn settings_that_resolve_differently_now_make_a_finished_cell_stale() {
     assert!(!o.status.success(), "cells run with other settings were skipped silently: {err}");
     assert!(err.contains("2 finished cell(s)") && err.contains("resolves a default differently") && err.contains(&plain) && err.contains(&defended), "{err}");
     assert!(err.contains("attack settings 00000000000000ff →") && err.contains("(attack.steps: 5 → 1)"), "{err}");
-    assert!(err.contains("defense settings 00000000000000ee →") && err.contains("(defense.recipe: \"old\" → \"pgd-at\")"), "{err}");
+    assert!(err.contains("defense settings 00000000000000ee →") && err.contains("(defense.checkpoint: \"old\" → \""), "{err}");
     let o = run(&study, &out, &["--no-report", "--rerun-stale"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains(&format!("stale: cell {plain}")) && err.contains("changed since it ran: attack settings (attack.steps: 5 → 1);"), "{err}");

@@ -23,7 +23,7 @@ use tch::Tensor;
 
 use crate::guards::{apply_budget, CostMonitor, DetectionReport};
 use crate::squeeze::{BestOfBoth, PenaltyRefined, SqueezeAttacker, SqueezeDetector};
-use crate::registry::{build_transform, build_transform_on, DefenseSpec};
+use crate::registry::{build_transform_on, DefenseSpec};
 use crate::sanity::gradient_flags;
 use crate::Defended;
 
@@ -77,7 +77,7 @@ pub fn run_defended(
             let oblivious = (mode == Adaptivity::Oblivious).then(|| Box::new(net) as Box<dyn DynamicModel>);
             (Box::new(trained), oblivious)
         }
-        DefenseSpec::Transform { name, params } => {
+        DefenseSpec::Transform { name, params, .. } => {
             let oblivious = (mode == Adaptivity::Oblivious).then(load).transpose()?;
             let transform = build_transform_on(name, params, data.images.device())?;
             (Box::new(Defended::new(net, transform)), oblivious.map(|n| Box::new(n) as Box<dyn DynamicModel>))
@@ -189,14 +189,11 @@ pub fn clean_costs(model: &dyn DynamicModel, data: &Dataset, batch: i64) -> Resu
 }
 
 fn describe(defense: &DefenseSpec) -> Result<(String, String, Value)> {
-    Ok(match defense {
-        DefenseSpec::None => ("none".into(), "none".into(), json!({})),
-        DefenseSpec::Transform { name, params } => {
-            let t = build_transform(name, params)?;
-            (name.clone(), t.label(), t.config_json())
-        }
-        DefenseSpec::Budget(cfg) => ("budget".into(), format!("budget({})", cfg.max_blocks), serde_json::to_value(cfg)?),
-        DefenseSpec::Monitor(cfg) => ("monitor".into(), format!("monitor(p{})", cfg.percentile), serde_json::to_value(cfg)?),
+    let (name, label) = match defense {
+        DefenseSpec::None => ("none".into(), "none".into()),
+        DefenseSpec::Transform { name, label, .. } => (name.clone(), label.clone()),
+        DefenseSpec::Budget(cfg) => ("budget".into(), format!("budget({})", cfg.max_blocks)),
+        DefenseSpec::Monitor(cfg) => ("monitor".into(), format!("monitor(p{})", cfg.percentile)),
         DefenseSpec::Squeeze(cfg) => {
             let attacker = match cfg.attacker {
                 SqueezeAttacker::Eot => "",
@@ -204,10 +201,11 @@ fn describe(defense: &DefenseSpec) -> Result<(String, String, Value)> {
                 SqueezeAttacker::Best => ",best",
                 SqueezeAttacker::Penalty => ",penalty",
             };
-            ("squeeze".into(), format!("squeeze(b{},m{},{:?},p{}{attacker})", cfg.bits, cfg.median, cfg.score, cfg.percentile).to_lowercase(), serde_json::to_value(cfg)?)
+            ("squeeze".into(), format!("squeeze(b{},m{},{:?},p{}{attacker})", cfg.bits, cfg.median, cfg.score, cfg.percentile).to_lowercase())
         }
-        DefenseSpec::Trained { recipe, checkpoint } => (recipe.clone(), recipe.clone(), json!({ "checkpoint": checkpoint })),
-    })
+        DefenseSpec::Trained { recipe, .. } => (recipe.clone(), recipe.clone()),
+    };
+    Ok((name, label, defense.settings()?))
 }
 
 /// A training-time defense's checkpoint must be the attacked model's family, made by that

@@ -177,8 +177,9 @@ fn chain_steps(params: &serde_json::Value) -> Result<Vec<ChainStep>> {
 pub enum DefenseSpec {
     /// The bare model.
     None,
-    /// An input transform (name + params, built per worker).
-    Transform { name: String, params: serde_json::Value },
+    /// An input transform (name + params, built per worker), with the label and the settings
+    /// (`config_json`) of the transform built once when it was parsed.
+    Transform { name: String, params: serde_json::Value, label: String, settings: serde_json::Value },
     /// A budget cap.
     Budget(BudgetConfig),
     /// A cost monitor (detector).
@@ -228,22 +229,22 @@ impl DefenseSpec {
     pub fn checkpoint_paths(&self) -> Result<Vec<std::path::PathBuf>> {
         Ok(match self {
             DefenseSpec::Trained { checkpoint, .. } => vec![dynrobust_models::checkpoint::resolve(checkpoint)?],
-            DefenseSpec::Transform { name, params } => transform_checkpoints(name, params)?,
+            DefenseSpec::Transform { name, params, .. } => transform_checkpoints(name, params)?,
             _ => Vec::new(),
         })
     }
 
-    /// The defense's settings as it runs, every default filled in (a transform's as built, so a
-    /// denoiser's weights are read): what a stored result is checked against when a default
-    /// changes between builds. `null` for the bare model.
+    /// The defense's settings as it runs, every default filled in (a transform's as built when
+    /// it was parsed): a record's `defense_params`, and what a stored result is checked against
+    /// when a default changes between builds. `{}` for the bare model.
     pub fn settings(&self) -> Result<serde_json::Value> {
         Ok(match self {
-            DefenseSpec::None => serde_json::Value::Null,
-            DefenseSpec::Transform { name, params } => build_transform(name, params)?.config_json(),
+            DefenseSpec::None => serde_json::json!({}),
+            DefenseSpec::Transform { settings, .. } => settings.clone(),
             DefenseSpec::Budget(config) => serde_json::to_value(config)?,
             DefenseSpec::Monitor(config) => serde_json::to_value(config)?,
             DefenseSpec::Squeeze(config) => serde_json::to_value(config)?,
-            DefenseSpec::Trained { recipe, checkpoint } => serde_json::json!({ "recipe": recipe, "checkpoint": checkpoint }),
+            DefenseSpec::Trained { checkpoint, .. } => serde_json::json!({ "checkpoint": checkpoint }),
         })
     }
 
@@ -266,8 +267,8 @@ impl DefenseSpec {
                 DefenseSpec::None
             }
             DefenseKind::Transform => {
-                build_transform(name, params)?;
-                DefenseSpec::Transform { name: name.into(), params: params.clone() }
+                let built = build_transform(name, params)?;
+                DefenseSpec::Transform { name: name.into(), params: params.clone(), label: built.label(), settings: built.config_json() }
             }
             DefenseKind::Guard if name == "budget" => DefenseSpec::Budget(merged(BudgetConfig::default(), params)?),
             DefenseKind::Guard if name == "monitor" => DefenseSpec::Monitor(merged(MonitorConfig::default(), params)?.validated()?),

@@ -226,7 +226,6 @@ impl Executor for RealExecutor {
             "steps": dynrobust_core::attack::iterations_in(&record["config"]),
             "defense_label": c.defense.label,
             "device": device_name(self.device),
-            "defense_settings": spec.settings()?,
         });
         if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
             r.extend(e.clone());
@@ -270,7 +269,7 @@ impl Executor for RealExecutor {
     }
 
     /// The keys of the attack's stored `config` (a transfer cell's `inner_config`) and of the
-    /// stored `defense_settings` that this build resolves differently.
+    /// defense's stored `defense_params` that this build resolves differently.
     fn settings_changes(&self, cell: &Cell, record: &Value) -> Vec<String> {
         let prefixed = |side: &str, keys: Vec<String>| keys.into_iter().map(|k| format!("{side}.{k}")).collect::<Vec<_>>();
         let mut changes = Vec::new();
@@ -278,7 +277,7 @@ impl Executor for RealExecutor {
             let stored = &record["config"];
             changes.extend(prefixed("attack", changed_keys(stored.get("inner_config").unwrap_or(stored), &now)));
         }
-        if let (Some(stored), Ok(now)) = (record.get("defense_settings"), self.defense(cell).and_then(|(spec, _)| spec.settings())) {
+        if let (Some(stored), Ok(now)) = (record.get("defense_params"), self.defense(cell).and_then(|(spec, _)| spec.settings())) {
             changes.extend(prefixed("defense", changed_keys(stored, &now)));
         }
         changes

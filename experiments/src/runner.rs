@@ -133,6 +133,18 @@ pub struct StaleCell {
     pub settings_changes: Vec<String>,
 }
 
+impl StaleCell {
+    /// ` (attack.steps: 5 → 1, …)` after a list of what changed, or nothing when no settings
+    /// are named.
+    pub fn settings_note(&self) -> String {
+        if self.settings_changes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.settings_changes.join(", "))
+        }
+    }
+}
+
 /// The finished cells among `cells` whose stored inputs differ from
 /// [`Executor::inputs`] now (see [`crate::provenance::changed`]). A cell whose inputs cannot be
 /// digested now (its checkpoint is gone) cannot be compared and is not reported.
@@ -166,8 +178,7 @@ fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
         .take(5)
         .map(|s| {
             let what: Vec<String> = s.changed.iter().map(|c| format!("{} {} → {}", c.what(), c.stored, c.now)).collect();
-            let keys = if s.settings_changes.is_empty() { String::new() } else { format!(" ({})", s.settings_changes.join(", ")) };
-            format!("  {} ({}): {}{keys}", s.id, s.cell, what.join(", "))
+            format!("  {} ({}): {}{}", s.id, s.cell, what.join(", "), s.settings_note())
         })
         .collect();
     let more = if stale.len() > 5 { format!("\n  … and {} more", stale.len() - 5) } else { String::new() };
