@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 /// Robustness evaluation of dynamic (early-exit, gated) neural networks against energy and
 /// accuracy attacks, side by side with their static twins.
 #[derive(Parser)]
-#[command(name = "dynrobust", version = dynrobust_core::VERSION_LINE, about, long_about = None)]
+#[command(name = "dynrobust", version = VERSION_LINE, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,7 +52,13 @@ enum Command {
     },
 }
 
+/// `0.1.0 (commit 1a2b3c4d5e6f)`, or `0.1.0 (commit 1a2b3c4d5e6f+dirty.0badc0de)` for a build
+/// from uncommitted changes (see `build-support/rpath.rs`): what `dynrobust --version` prints.
+const VERSION_LINE: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("DYNROBUST_BUILD_SOURCE"), ")");
+
 fn main() {
+    // first: every result, sidecar and cache key names this build's source
+    dynrobust_core::set_build_source(env!("DYNROBUST_BUILD_SOURCE"));
     dynrobust_core::process::default_sigpipe();
     dynrobust_core::process::install_panic_hook();
     let cli = Cli::parse();

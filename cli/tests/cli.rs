@@ -11,6 +11,42 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The source `dynrobust --version` names: `(commit X)` → X.
+fn build_source() -> String {
+    let out = dynrobust(&["--version"]);
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    line.split("(commit ").nth(1).and_then(|rest| rest.strip_suffix(')')).unwrap_or_else(|| panic!("no commit in {line:?}")).to_string()
+}
+
+/// `git` in the workspace root: its stdout, if it succeeds.
+fn git(args: &[&str]) -> Option<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new("git").args(args).current_dir(root).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn version_names_the_commit_and_marks_a_build_from_uncommitted_sources() {
+    let source = build_source();
+    let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]).map(|h| h.trim().to_string()) else {
+        return assert_eq!(source, "unknown", "outside a git checkout");
+    };
+    // what goes into the binary (build-support/rpath.rs); the tree is as it was built
+    let mut args = vec!["status", "--porcelain", "--untracked-files=all", "--", "Cargo.toml", "Cargo.lock", "build-support", ".cargo/config.toml"];
+    let crates = ["core", "models", "attacks", "defenses", "experiments", "cli"].map(|c| [format!("{c}/src"), format!("{c}/Cargo.toml")]);
+    args.extend(crates.iter().flatten().map(String::as_str));
+    let dirty = !git(&args).expect("git status").trim().is_empty();
+    match source.strip_prefix(&head) {
+        Some("") => assert!(!dirty, "a build from uncommitted sources must say so: {source}"),
+        Some(mark) => {
+            assert!(dirty, "a clean tree is marked {mark}");
+            let digits = mark.strip_prefix("+dirty.").unwrap_or_else(|| panic!("mark {mark:?}"));
+            assert!(digits.len() == 8 && digits.chars().all(|c| c.is_ascii_hexdigit()), "{mark}");
+        }
+        None => panic!("built from {source}, HEAD is {head}"),
+    }
+}
+
 #[test]
 fn eval_json_prints_one_object_with_the_schema_fields() {
     let out = dynrobust(&["eval", "--model", "sdn", "--n", "200", "--no-latency", "--json"]);
@@ -108,6 +144,7 @@ fn train_writes_a_checkpoint_with_its_sidecar() {
     assert_eq!(side["training"]["train_samples"], 256);
     assert_eq!(side["evaluation"]["n"], 128);
     assert_eq!(side["evaluation"]["gate_rates"].as_array().unwrap().len(), 6);
+    assert_eq!(side["training"]["source_commit"].as_str(), Some(build_source().as_str()), "the sidecar names the binary's source");
     // the new checkpoint loads and evaluates
     let out = dynrobust(&["eval", "--model", dir.to_str().unwrap(), "--n", "64", "--no-latency", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));

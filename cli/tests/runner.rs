@@ -109,7 +109,17 @@ fn reference() -> &'static BTreeMap<String, Value> {
         let o = run(&study_file(&dir), &out, &[]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(out.join("report.md").is_file());
-        records(&out)
+        let records = records(&out);
+        // every cell names the build that computed it: the source `--version` names, the
+        // tch and libtorch it was built with
+        let version = String::from_utf8_lossy(&dynrobust(&["--version"]).stdout).trim().to_string();
+        for cell in records.values() {
+            let versions = &cell["versions"];
+            assert!(version.ends_with(&format!("(commit {})", versions["dynrobust_commit"].as_str().unwrap())), "{versions} vs {version}");
+            assert_eq!(versions["tch"], "0.26.0");
+            assert!(versions["libtorch"].as_str().is_some_and(|v| v == "2.13.0" || v.starts_with("2.13.0+")), "{versions}");
+        }
+        records
     })
 }
 

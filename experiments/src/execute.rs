@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use tch::Device;
 
 use crate::craft_cache::CraftCache;
-use crate::provenance::{changed_keys, checkpoint_digest, images_digest, settings_digest, Inputs, ATTACK_SETTINGS, DATA, DEFENSE_SETTINGS};
+use crate::provenance::{changed_keys, checkpoint_digest, images_digest, settings_digest, Inputs, ATTACK_SETTINGS, DATA, DEFENSE_SETTINGS, TRAINING_DATA};
 use crate::runner::{CellOutput, Executor};
 use crate::study::{Cell, DefenseMode, ModelRef, Registry, Study};
 
@@ -51,9 +51,9 @@ pub struct RealExecutor {
     /// Where crafted examples are shared between cells that craft on the bare model
     /// (`OUT/craft-cache`; `None` turns the cache off). See [`CraftCache`].
     pub craft_cache: Option<PathBuf>,
-    /// [`images_digest`] of the test images by (data set, n), computed once per executor:
-    /// every cell of a run reads the same files.
-    data_digests: std::sync::Mutex<BTreeMap<(String, i64), String>>,
+    /// [`images_digest`] of the first n images of a data set's split by (data set, training
+    /// split?, n), computed once per executor: every cell of a run reads the same files.
+    data_digests: std::sync::Mutex<BTreeMap<(String, bool, i64), String>>,
 }
 
 impl RealExecutor {
@@ -64,13 +64,14 @@ impl RealExecutor {
         RealExecutor { variants_dir, threads_per_worker, device, craft_cache, data_digests: Default::default() }
     }
 
-    /// [`images_digest`] of the first `n` test images of the data set `name`.
-    fn test_images_digest(&self, name: &str, n: i64) -> Result<String> {
-        let key = (name.to_string(), n);
+    /// [`images_digest`] of the first `n` images of the data set `name`'s `split` (all of
+    /// them when it has fewer).
+    fn images_digest(&self, name: &str, split: Split, n: i64) -> Result<String> {
+        let key = (name.to_string(), matches!(split, Split::Train), n);
         if let Some(digest) = self.data_digests.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(digest.clone());
         }
-        let digest = images_digest(&located_data(name)?.load(Split::Test, None)?.take(n))?;
+        let digest = images_digest(&located_data(name)?.load(split, None)?.take(n))?;
         self.data_digests.lock().unwrap_or_else(|e| e.into_inner()).insert(key, digest.clone());
         Ok(digest)
     }
@@ -199,8 +200,12 @@ impl Executor for RealExecutor {
         prepare_fit(&*attack, |n| Ok(worker.data(&c.data, Split::Train)?.take(n)))?;
         let shareable = (c.surrogate.is_some() || crafts_on_bare_model(&spec, mode)) && attack.batch_independent();
         let crafting_weights = self.model_path(c.surrogate.as_ref().unwrap_or(&c.model))?.map(|p| checkpoint_digest(&p)).transpose()?;
-        let data_digest = self.test_images_digest(&c.data, c.n as i64)?;
-        let identity = craft_identity(c, crafting_weights, attack.config_json(), &data_digest, self.device);
+        let data_digest = self.images_digest(&c.data, Split::Test, c.n as i64)?;
+        let mut identity = craft_identity(c, crafting_weights, attack.config_json(), &data_digest, self.device);
+        // an attack fitted on training images crafts other examples when they change
+        if let Some(n) = attack.fit_images() {
+            identity["fit_images"] = json!(self.images_digest(&c.data, Split::Train, n)?);
+        }
         let attack = CraftCache::new(attack, self.craft_cache.as_deref().filter(|_| shareable), &identity);
         let load = || self.load(&c.model, &probe);
         let own = net.name();
@@ -249,23 +254,17 @@ impl Executor for RealExecutor {
     }
 
     /// Digests of the model's, the surrogate's and the defense's checkpoints, of the attack's
-    /// and the defense's settings as this build resolves them (defaults filled in), and of the
-    /// test images and labels the cell evaluates.
+    /// and the defense's settings as this build resolves them (defaults filled in), of the
+    /// test images and labels the cell evaluates, and of the training images a detector
+    /// calibrates on or an attack fits on. The first that cannot be digested is the error.
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
-        let spec = self.defense(cell)?.0;
-        let mut inputs = self
-            .checkpoints_read(cell, &spec)?
-            .into_iter()
-            .filter_map(|read| read.path.map(|p| Ok((read.role, checkpoint_digest(&p)?))))
-            .collect::<Result<Inputs>>()?;
-        inputs.insert(ATTACK_SETTINGS.into(), settings_digest(&self.bare_attack(cell)?.config_json()));
-        inputs.insert(DEFENSE_SETTINGS.into(), settings_digest(&spec.settings()?));
-        // a data set that does not load is left out: the cell's run says why, and a report
-        // on a machine without it still compares the rest
-        if let Ok(digest) = self.test_images_digest(&cell.config.data, cell.config.n as i64) {
-            inputs.insert(DATA.into(), digest);
-        }
-        Ok(inputs)
+        self.digest_inputs(cell, true)
+    }
+
+    /// [`RealExecutor::inputs`] leaving out what cannot be digested now (a checkpoint that is
+    /// gone, a defense this build refuses), so the rest is still compared.
+    fn comparable_inputs(&self, cell: &Cell) -> Inputs {
+        self.digest_inputs(cell, false).unwrap_or_default()
     }
 
     /// The keys of the attack's stored `config` (a transfer cell's `inner_config`) and of the
@@ -285,8 +284,55 @@ impl Executor for RealExecutor {
 
     fn versions(&self) -> BTreeMap<String, String> {
         let mut versions = crate::runner::dynrobust_versions();
-        versions.extend([("tch".to_string(), "0.26.0".to_string()), ("libtorch".to_string(), "2.13.0".to_string())]);
+        versions.extend([("tch".to_string(), dynrobust_core::TCH_VERSION.to_string()), ("libtorch".to_string(), dynrobust_core::LIBTORCH_VERSION.to_string())]);
         versions
+    }
+}
+
+impl RealExecutor {
+    /// The inputs of `cell` ([`Executor::inputs`]); with `strict`, the first that cannot be
+    /// digested is the error, else it is left out. A data set that does not load is always
+    /// left out: the cell's run says why, and a report on a machine without it still compares
+    /// the rest.
+    fn digest_inputs(&self, cell: &Cell, strict: bool) -> Result<Inputs> {
+        let c = &cell.config;
+        let mut inputs = Inputs::new();
+        let mut put = |role: &str, digest: Result<String>| match digest {
+            Ok(digest) => {
+                inputs.insert(role.to_string(), digest);
+                Ok(())
+            }
+            Err(e) if strict => Err(e),
+            Err(_) => Ok(()),
+        };
+        let attack = self.bare_attack(cell);
+        let fit_images = attack.as_ref().ok().and_then(|a| a.fit_images());
+        put(ATTACK_SETTINGS, attack.map(|a| settings_digest(&a.config_json())))?;
+        let mut calibration_images = None;
+        match self.defense(cell) {
+            Ok((spec, _)) => {
+                calibration_images = spec.calibration_images();
+                put(DEFENSE_SETTINGS, spec.settings().map(|s| settings_digest(&s)))?;
+                match self.checkpoints_read(cell, &spec) {
+                    Ok(reads) => {
+                        for (role, path) in reads.into_iter().filter_map(|read| Some((read.role, read.path?))) {
+                            put(&role, checkpoint_digest(&path))?;
+                        }
+                    }
+                    Err(e) => put("model", Err(e))?,
+                }
+            }
+            Err(e) => put(DEFENSE_SETTINGS, Err(e))?,
+        }
+        if let Ok(digest) = self.images_digest(&c.data, Split::Test, c.n as i64) {
+            put(DATA, Ok(digest))?;
+        }
+        if let Some(n) = calibration_images.into_iter().chain(fit_images).max() {
+            if let Ok(digest) = self.images_digest(&c.data, Split::Train, n) {
+                put(TRAINING_DATA, Ok(digest))?;
+            }
+        }
+        Ok(inputs)
     }
 }
 
@@ -359,7 +405,7 @@ fn craft_identity(c: &crate::study::CellConfig, crafting_weights: Option<String>
     let crafting_model = c.surrogate.as_ref().unwrap_or(&c.model);
     json!({ "crafting_model": crafting_model, "weights": crafting_weights, "transfer": c.surrogate.is_some(), "attack": c.attack.name,
             "params": c.attack.params, "settings": settings, "eps": c.eps, "seed": c.seed, "data": c.data, "test_images": data_digest, "n": c.n,
-            "batch": c.batch, "random_starts": "per-batch", "dynrobust_commit": dynrobust_core::SOURCE_COMMIT, "device": device_name(device) })
+            "batch": c.batch, "random_starts": "per-batch", "dynrobust_commit": dynrobust_core::build_source(), "device": device_name(device) })
 }
 
 /// Per-sample rows: index, costs, correctness, exits.

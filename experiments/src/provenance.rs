@@ -22,7 +22,8 @@
 //! differently now is stale like one whose checkpoint changed. And they carry a digest of the
 //! test images and labels the cell evaluates ([`images_digest`] under [`DATA`]), so a
 //! `folder:` or `npy:` data set edited in place, or another `DYNROBUST_DATA_DIR`, is noticed
-//! too (the training images a detector calibrates on are not digested).
+//! too. When a detector calibrates on training images or an attack fits on them (DeepSloth's
+//! universal perturbation), those are digested as well ([`TRAINING_DATA`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -96,6 +97,11 @@ fn architecture_of(file: &Path) -> Result<String> {
 /// The role of the digest of the test images and labels a cell evaluates ([`images_digest`]).
 pub const DATA: &str = "data";
 
+/// The role of the digest of the training images and labels a cell's detector calibrates on
+/// or its attack fits on (the first n of the training split, n the larger of the two counts;
+/// [`images_digest`]).
+pub const TRAINING_DATA: &str = "training data";
+
 /// First 16 hex digits of a SHA-256 over the images (float32, as loaded) and labels (int64)
 /// of `set`, with their shapes: a data set edited in place (a `folder:` or `npy:` directory,
 /// another `DYNROBUST_DATA_DIR`) digests differently.
@@ -130,11 +136,13 @@ pub struct Changed {
 }
 
 impl Changed {
-    /// What changed, in words: `model checkpoint`, `attack settings` or `test images`.
+    /// What changed, in words: `model checkpoint`, `attack settings`, `test images` or
+    /// `training images`.
     pub fn what(&self) -> String {
         match self.input.as_str() {
             ATTACK_SETTINGS | DEFENSE_SETTINGS => self.input.clone(),
             DATA => "test images".to_string(),
+            TRAINING_DATA => "training images".to_string(),
             role => format!("{role} checkpoint"),
         }
     }
@@ -201,6 +209,7 @@ mod tests {
         assert_eq!(change(ATTACK_SETTINGS), "attack settings");
         assert_eq!(change(DEFENSE_SETTINGS), "defense settings");
         assert_eq!(change(DATA), "test images");
+        assert_eq!(change(TRAINING_DATA), "training images");
     }
 
     #[test]

@@ -29,12 +29,13 @@ pub struct CellOutput {
     pub per_sample_csv: String,
 }
 
-/// This crate's version and the commit it was built from ([`dynrobust_core::SOURCE_COMMIT`]):
-/// what every executor stores with its results.
+/// This crate's version and the source it was built from ([`dynrobust_core::build_source`]:
+/// the commit, marked `+dirty.…` for uncommitted changes): what every executor stores with
+/// its results.
 pub fn dynrobust_versions() -> BTreeMap<String, String> {
     BTreeMap::from([
         ("dynrobust".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ("dynrobust_commit".to_string(), dynrobust_core::SOURCE_COMMIT.to_string()),
+        ("dynrobust_commit".to_string(), dynrobust_core::build_source().to_string()),
     ])
 }
 
@@ -54,8 +55,8 @@ pub trait Executor: Sync {
         let _ = cell;
         1.0
     }
-    /// Versions stored with every result; by default this crate's and the commit it was built
-    /// from ([`dynrobust_core::SOURCE_COMMIT`]).
+    /// Versions stored with every result; by default this crate's and the source it was built
+    /// from ([`dynrobust_core::build_source`]).
     fn versions(&self) -> BTreeMap<String, String> {
         dynrobust_versions()
     }
@@ -72,6 +73,12 @@ pub trait Executor: Sync {
     fn inputs(&self, cell: &Cell) -> Result<Inputs> {
         let _ = cell;
         Ok(Inputs::new())
+    }
+    /// What of [`Executor::inputs`] can be digested now, for comparing a finished cell with:
+    /// an input that cannot (its checkpoint is gone) is left out, so the rest is still
+    /// compared. By default all of them, or none when one fails.
+    fn comparable_inputs(&self, cell: &Cell) -> Inputs {
+        self.inputs(cell).unwrap_or_default()
     }
     /// For a finished cell whose attack or defense settings resolve differently now, the
     /// settings that differ between its stored `record` and this build, as
@@ -146,8 +153,8 @@ impl StaleCell {
 }
 
 /// The finished cells among `cells` whose stored inputs differ from
-/// [`Executor::inputs`] now (see [`crate::provenance::changed`]). A cell whose inputs cannot be
-/// digested now (its checkpoint is gone) cannot be compared and is not reported.
+/// [`Executor::comparable_inputs`] now (see [`crate::provenance::changed`]). An input that
+/// cannot be digested now (its checkpoint is gone) is not compared; the others still are.
 pub fn stale_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store) -> Result<Vec<StaleCell>> {
     let done = store.finished_ids()?;
     let mut seen = BTreeSet::new();
@@ -159,10 +166,10 @@ pub fn stale_cells<E: Executor>(exec: &E, cells: &[Cell], store: &Store) -> Resu
 }
 
 /// `cell` as a [`StaleCell`] when the inputs its `stored` result ran with differ from
-/// [`Executor::inputs`] now; `None` when they agree or cannot be compared (see
+/// [`Executor::comparable_inputs`] now; `None` when those that can be compared agree (see
 /// [`stale_cells`]).
 pub fn stale_cell<E: Executor>(exec: &E, cell: &Cell, stored: &StoredCell) -> Option<StaleCell> {
-    let changed = changed(&stored.inputs, &exec.inputs(cell).ok()?);
+    let changed = changed(&stored.inputs, &exec.comparable_inputs(cell));
     if changed.is_empty() {
         return None;
     }

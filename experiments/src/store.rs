@@ -34,7 +34,8 @@ pub struct StoredCell {
     pub cell: CellConfig,
     /// Free-form record from the executor (see the report for the fields it reads).
     pub record: serde_json::Value,
-    /// Software versions that produced it, e.g. `{"dynrobust": "0.1.0", "torch": "2.13.0"}`.
+    /// Software versions that produced it, e.g. `{"dynrobust": "0.1.0", "dynrobust_commit":
+    /// "333026c1a2b3", "tch": "0.26.0", "libtorch": "2.13.0+cu130"}`.
     pub versions: BTreeMap<String, String>,
     /// RFC 3339 UTC time the cell finished.
     pub finished_at: String,

@@ -5,7 +5,7 @@
 //! The test images a cell evaluates are digested too.
 
 use dynrobust_experiments::execute::{registry, RealExecutor};
-use dynrobust_experiments::provenance::{ATTACK_SETTINGS, DATA, DEFENSE_SETTINGS};
+use dynrobust_experiments::provenance::{ATTACK_SETTINGS, DATA, DEFENSE_SETTINGS, TRAINING_DATA};
 use dynrobust_experiments::{Executor, Study};
 
 fn one_cell(attack_params: &str, eps: &str, defense: &str) -> dynrobust_experiments::Cell {
@@ -97,4 +97,59 @@ fn the_test_images_a_cell_evaluates_are_an_input() {
     assert_ne!(digest(8), all, "the data set edited in place");
     let fmnist = one_cell("", "eps = [\"8/255\"]", "name = \"none\"");
     assert!(settings_exec().inputs(&fmnist).unwrap().contains_key(DATA), "the shipped set is digested too");
+}
+
+/// An npy data set in `dir`: 8 images of each split at `brightness` (test, train), labels 0–2.
+fn write_npy_set(dir: &std::path::Path, test_brightness: f64, train_brightness: f64) {
+    use tch::{Kind, Tensor};
+    for (split, brightness) in [("test", test_brightness), ("train", train_brightness)] {
+        let images = Tensor::arange(8 * 784, (Kind::Float, tch::Device::Cpu)).reshape([8, 1, 28, 28]) / (8.0 * 784.0) * brightness;
+        images.write_npy(dir.join(format!("{split}_images.npy"))).unwrap();
+        Tensor::arange(8, (Kind::Int64, tch::Device::Cpu)).remainder(3).write_npy(dir.join(format!("{split}_labels.npy"))).unwrap();
+    }
+}
+
+#[test]
+fn the_training_images_a_detector_calibrates_on_are_an_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |defense: &str| {
+        format!(
+            "name = \"t\"\ndata = \"npy:{}\"\nn = 8\nmodels = [\"static\"]\neps = [\"8/255\"]\n[[attacks]]\nname = \"fgsm\"\n[[defenses]]\n{defense}\n",
+            dir.path().display()
+        )
+    };
+    let cell = |defense: &str| Study::parse(&text(defense), "t.toml", &registry()).unwrap_or_else(|e| panic!("{e}")).cells.remove(0);
+    let squeeze = "name = \"squeeze\"\nparams = { calibration = 10 }";
+    let inputs = |defense: &str| settings_exec().inputs(&cell(defense)).unwrap();
+    write_npy_set(dir.path(), 1.0, 1.0);
+    let calibrated = inputs(squeeze);
+    assert!(calibrated.contains_key(TRAINING_DATA), "{calibrated:?}");
+    assert!(!inputs("name = \"none\"").contains_key(TRAINING_DATA), "an undefended FGSM cell reads no training image");
+    write_npy_set(dir.path(), 1.0, 0.5);
+    let now = inputs(squeeze);
+    assert_ne!(now[TRAINING_DATA], calibrated[TRAINING_DATA], "the training images edited in place");
+    assert_eq!(now[DATA], calibrated[DATA], "the test images did not change");
+}
+
+#[test]
+fn an_input_that_cannot_be_digested_now_leaves_the_others_compared() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/checkpoints/static");
+    for file in ["model.json", "model.safetensors"] {
+        std::fs::copy(committed.join(file), model.join(file)).unwrap();
+    }
+    let text = format!("name = \"g\"\ndata = \"fashion-mnist\"\nn = 8\nmodels = [\"{}\"]\neps = [\"8/255\"]\n[[attacks]]\nname = \"fgsm\"\n", model.display());
+    let cell = Study::parse(&text, "g.toml", &registry()).unwrap().cells.remove(0);
+    let exec = settings_exec();
+    let before = exec.inputs(&cell).unwrap();
+    assert!(before.contains_key("model") && before.contains_key(DATA), "{before:?}");
+    std::fs::remove_dir_all(&model).unwrap();
+    assert!(exec.inputs(&cell).is_err(), "a cell to run needs every input");
+    let comparable = exec.comparable_inputs(&cell);
+    assert!(!comparable.contains_key("model"), "{comparable:?}");
+    for role in [ATTACK_SETTINGS, DEFENSE_SETTINGS, DATA] {
+        assert_eq!(comparable[role], before[role], "{role} is still compared");
+    }
 }

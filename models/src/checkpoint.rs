@@ -48,7 +48,8 @@ pub struct TrainRecord {
     pub command: String,
     /// dynrobust version.
     pub dynrobust_version: String,
-    /// The git commit it was trained with ([`dynrobust_core::SOURCE_COMMIT`]); absent in
+    /// The source it was trained with ([`dynrobust_core::build_source`]: the git commit, marked
+    /// `+dirty.…` when the binary was built from uncommitted changes); absent in
     /// sidecars written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_commit: Option<String>,

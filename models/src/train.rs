@@ -90,7 +90,7 @@ pub fn train_record(data: &Dataset, schedule: &Schedule, report: &TrainReport, l
         final_loss: report.epoch_losses.last().copied().unwrap_or(f64::NAN),
         command,
         dynrobust_version: env!("CARGO_PKG_VERSION").into(),
-        source_commit: Some(dynrobust_core::SOURCE_COMMIT.into()),
+        source_commit: Some(dynrobust_core::build_source().into()),
     }
 }
 
