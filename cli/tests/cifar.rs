@@ -167,4 +167,15 @@ fn mnist_csv_trains_evaluates_and_is_attacked() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["n"], 20, "{v}");
     assert!(v["linf_max"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6, "{v}");
+
+    // DeepSloth's scenario 2: an MNIST surrogate crafts, the committed Fashion-MNIST sdn is
+    // the victim (on its own test images; the surrogate keeps MNIST's normalisation)
+    let out = dynrobust(&["attack", "--model", "sdn", "--attack", "pgd-linf", "--set", "steps=2", "--surrogate", ckpt.to_str().unwrap(), "--n", "16", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["n"], 16, "{v}");
+    assert_eq!(v["attack"], format!("pgd-linf@{}", ckpt.display()), "{v}");
+    assert_eq!(v["model"], "sdn", "{v}");
+    assert!(v["linf_max"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6, "{v}");
+    assert!(v["linf_max"].as_f64().unwrap() > 0.0, "the surrogate's gradient moved the images: {v}");
 }

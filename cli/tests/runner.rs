@@ -70,7 +70,9 @@ fn run(study: &Path, out: &Path, extra: &[&str]) -> Output {
 }
 
 /// Stored records by cell id, without the fields that measure time or depend on scheduling
-/// (`craft_cache`: whether this cell or another one sharing its examples crafted them first).
+/// (`craft_cache`: whether this cell or another one sharing its examples crafted them first),
+/// each with its per-sample CSV under `per_sample_csv` (checked for its header and one row per
+/// image), so runs compare sample by sample too.
 fn records(out: &Path) -> BTreeMap<String, Value> {
     let mut map = BTreeMap::new();
     for entry in std::fs::read_dir(out.join("cells")).unwrap() {
@@ -87,6 +89,13 @@ fn records(out: &Path) -> BTreeMap<String, Value> {
             v["record"].as_object_mut().unwrap().remove(key);
         }
         v.as_object_mut().unwrap().remove("finished_at");
+        let csv = std::fs::read_to_string(out.join("cells").join(format!("{id}.csv"))).unwrap_or_else(|e| panic!("cell {id}: its per-sample CSV: {e}"));
+        let mut rows = csv.lines();
+        assert_eq!(rows.next(), Some("index,clean_cost,adv_cost,clean_correct,adv_correct,clean_exit,adv_exit"), "cell {id}");
+        let indices: Vec<String> = rows.map(|row| row.split(',').next().unwrap().to_string()).collect();
+        let n = v["record"]["n"].as_u64().unwrap_or_else(|| panic!("cell {id}: no n in {}", v["record"]));
+        assert_eq!(indices, (0..n).map(|i| i.to_string()).collect::<Vec<_>>(), "cell {id}: one row per image, in order");
+        v["per_sample_csv"] = Value::String(csv);
         assert!(map.insert(id, v).is_none());
     }
     map

@@ -718,6 +718,45 @@ mod tests {
     }
 
     #[test]
+    fn rq2_compares_the_largest_step_count_and_the_section_holds_each_answer() {
+        let pgd = |model: &str, k: u32, adv_acc: f64, seconds: f64| Row {
+            model: model.into(),
+            label: format!("pgd-k{k}"),
+            goal: "accuracy".into(),
+            clean_acc: Some(0.8),
+            seconds: Some(seconds),
+            ..row("none", None, None, adv_acc, 1.0, 0.0)
+        };
+        // success = (clean − adv) / clean: static 50 % / 100 % at 1 / 20 steps, the dynamic
+        // models (sdn, gated) 25 % / mean(75 %, 85 %) = 80 %
+        let rows = vec![
+            pgd("static", 1, 0.4, 1.0),
+            pgd("static", 20, 0.0, 10.0),
+            pgd("sdn", 1, 0.6, 1.5),
+            pgd("sdn", 20, 0.2, 14.0),
+            pgd("gated", 1, 0.6, 1.5),
+            pgd("gated", 20, 0.12, 16.0),
+        ];
+        let s = rq2(&rows).unwrap();
+        assert!(s.starts_with("**RQ2 (efficiency):** with 20 PGD steps"), "{s}");
+        assert!(s.contains("removes 80.0 % of the dynamic models' accuracy in 15.0 s per cell vs 100.0 % of the static model's in 10.0 s"), "{s}");
+        assert!(s.contains("(1 step: 25.0 % vs 50.0 %)") && s.contains("come less cheaply on the dynamic models"), "{s}");
+        let section = research_questions(&rows);
+        assert!(section.starts_with("## Research questions (arXiv 2308.08709)\n\n- **RQ2"), "{section}");
+        assert_eq!(section.matches("\n- ").count(), 1, "only RQ2's cells are there: {section}");
+        assert!(research_questions(&rows[..0]).is_empty(), "no cells, no section");
+        let mut pooled = rows.clone();
+        pooled.extend([("static", "sdn", 0.3), ("sdn", "static", 0.7)].map(|(model, from, adv_acc)| Row {
+            model: model.into(),
+            label: "pgd".into(),
+            clean_acc: Some(0.8),
+            ..row("none", None, Some(from), adv_acc, 1.0, 0.0)
+        }));
+        let section = research_questions(&pooled);
+        assert!(section.contains("- **RQ1") && section.contains("- **RQ2"), "{section}");
+    }
+
+    #[test]
     fn twins_sit_beside_their_base_model_and_tallies_are_listed_per_member() {
         let cell = |model: &str, twin_of: Option<&str>, adv_acc: f64, clean_cost: f64| Row {
             goal: "accuracy".into(),
