@@ -44,10 +44,10 @@ fn shipped_studies_parse_and_expand() {
     assert!(defenses.cells.iter().all(|c| c.config.n == 1000 && c.config.model.name != "static"));
     assert!(defenses.cells.iter().any(|c| c.config.defense.mode == Some(DefenseMode::Oblivious)));
     let labels: BTreeSet<_> = defenses.cells.iter().map(|c| c.config.defense.label.as_str()).collect();
-    for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "squeeze", "squeeze-fixed-point", "squeeze-penalty", "gate-consistency", "deepsloth-at"] {
+    for label in ["bitdepth-4", "median", "jpeg", "denoiser-adv", "noise-eot4", "budget-4", "monitor", "squeeze", "squeeze-fixed-point", "squeeze-penalty", "gate-consistency", "deepsloth-at", "mixs"] {
         assert!(labels.contains(label), "defenses.toml lacks {label}");
     }
-    assert_eq!(defenses.cells.len(), 275, "defenses.toml grid size changed");
+    assert_eq!(defenses.cells.len(), 278, "defenses.toml grid size changed");
     // the detector-aware attacker: every attack with an ε-ball on every model it targets, never ILFO
     let penalised: Vec<_> = defenses.cells.iter().filter(|c| c.config.defense.label == "squeeze-penalty").collect();
     assert_eq!(penalised.len(), 9, "deepsloth on sdn, gradmdm on gated and skipnet, pgd and mechanism on all three");
