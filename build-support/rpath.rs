@@ -4,12 +4,15 @@
 //! - sets `DYNROBUST_SOURCE_COMMIT` to the git commit of the workspace's checkout (12 hex
 //!   digits; `unknown` outside a git checkout of this workspace or without git);
 //! - in the `dynrobust` binary's crate only, sets `DYNROBUST_BUILD_SOURCE`: that commit, with
-//!   `+dirty.<8 hex digits>` appended when the sources that go into the binary (every crate's
-//!   `src/`, the manifests, `Cargo.lock`, this script) differ from the commit — the digits
-//!   digest which files differ and their contents, so two different edits of one commit never
-//!   share a name. Results, sidecars and the craft cache record this. Only the binary's crate
-//!   watches the sources (a rerun there costs nothing: it recompiles whenever any crate does);
-//!   the library crates keep the bare commit;
+//!   `+dirty.<8 hex digits>` appended when the sources that go into the binary (every workspace
+//!   member's `src/` and manifest, the root manifest, `Cargo.lock`, `build-support/`,
+//!   `.cargo/config.toml`) differ from the commit — the digits digest which files differ and
+//!   their contents, so two different edits of one commit practically never share a name
+//!   (`+dirty.unknown` when git cannot say). Results, sidecars and the craft cache record this.
+//!   Only the binary's crate watches the sources (every source edit recompiles it anyway, so a
+//!   rerun there adds little); the library crates keep the bare commit. Untracked files count
+//!   when they are `*.rs` or `*.toml` (an editor's swap file does not); git's index is not
+//!   watched, so a change of the index alone (`git rm --cached`) shows at the next edit;
 //! - in `dynrobust-core` only, sets `DYNROBUST_TCH_VERSION` (tch's version in `Cargo.lock`)
 //!   and `DYNROBUST_LIBTORCH_VERSION` (the version of the libtorch under `LIBTORCH`, read from
 //!   its `build-version` file or, for a PyTorch wheel, its `version.py`; `unknown` if neither).
@@ -48,37 +51,48 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("a crate directory has a parent").to_path_buf()
 }
 
+/// The workspace's `members`, as the root `Cargo.toml` lists them on its `members = [...]`
+/// line.
+fn workspace_members() -> Vec<String> {
+    let manifest = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap_or_default();
+    let line = manifest.lines().find_map(|l| l.trim().strip_prefix("members")).unwrap_or_default();
+    let list = line.trim_start_matches([' ', '=']).trim().trim_start_matches('[').trim_end_matches(']');
+    list.split(',').map(|m| m.trim().trim_matches('"').to_string()).filter(|m| !m.is_empty()).collect()
+}
+
 /// The paths, relative to the workspace root, whose contents go into the binary.
 fn source_paths() -> Vec<String> {
-    let crates = ["core", "models", "attacks", "defenses", "experiments", "cli"];
-    let mut paths: Vec<String> = crates.iter().flat_map(|c| [format!("{c}/src"), format!("{c}/Cargo.toml")]).collect();
+    let mut paths: Vec<String> = workspace_members().iter().flat_map(|c| [format!("{c}/src"), format!("{c}/Cargo.toml")]).collect();
     paths.extend(["Cargo.toml", "Cargo.lock", "build-support", ".cargo/config.toml"].map(String::from));
     paths
 }
 
-/// `+dirty.<digest>` when `git status` lists a change (a modified, added, deleted or untracked
-/// file) under [`source_paths`]; `None` for a clean tree. Watches those paths and git's index,
-/// so the script reruns when a source is edited, staged or restored.
+/// `+dirty.<digest>` when `git status` lists a change (a modified, added or deleted file, an
+/// untracked `*.rs` or `*.toml`) under [`source_paths`], `+dirty.unknown` when git cannot
+/// tell; `None` for a clean tree. Watches those paths (and `.gitignore`), so the script reruns
+/// when a source is edited, added, removed or restored.
 fn dirty_suffix() -> Option<String> {
     let root = workspace();
     let paths = source_paths();
-    for path in paths.iter().map(|p| root.join(p)).filter(|p| p.exists()) {
+    for path in paths.iter().map(String::as_str).chain([".gitignore"]).map(|p| root.join(p)).filter(|p| p.exists()) {
         println!("cargo:rerun-if-changed={}", path.display());
     }
-    if let Some(index) = git(&["rev-parse", "--git-path", "index"]).map(PathBuf::from) {
-        let index = if index.is_absolute() { index } else { Path::new(env!("CARGO_MANIFEST_DIR")).join(index) };
-        if index.exists() {
-            println!("cargo:rerun-if-changed={}", index.display());
-        }
-    }
-    // --no-optional-locks: a status that refreshed the index would touch the watched index
-    // and make every later build rerun this script
-    // -z entries are `XY path` with no quoting; --no-renames keeps a rename's two paths
-    // from sharing one entry
-    let mut args = vec!["--no-optional-locks", "-C", root.to_str()?, "status", "--porcelain=v1", "-z", "--no-renames", "--untracked-files=all", "--"];
+    // --no-optional-locks: git status must not rewrite the index as a side effect; -z entries
+    // are `XY path` with no quoting; --no-renames keeps a rename's two paths apart
+    let mut args = vec!["--no-optional-locks", "status", "--porcelain=v1", "-z", "--no-renames", "--untracked-files=all", "--"];
     args.extend(paths.iter().map(String::as_str));
-    let status = git_stdout(&args)?;
-    let mut changed: Vec<&str> = status.split('\0').filter_map(|entry| entry.get(3..)).filter(|path| !path.is_empty()).collect();
+    let Some(out) = Command::new("git").args(&args).current_dir(&root).output().ok().filter(|out| out.status.success()) else {
+        println!("cargo:warning=`git status` failed in {}: the binary's source is marked +dirty.unknown", root.display());
+        return Some("+dirty.unknown".into());
+    };
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    let source_file = |path: &str| path.ends_with(".rs") || path.ends_with(".toml");
+    let mut changed: Vec<&str> = status
+        .split('\0')
+        .filter_map(|entry| Some((entry.get(..2)?, entry.get(3..)?)))
+        .filter(|(code, path)| !path.is_empty() && (*code != "??" || source_file(path)))
+        .map(|(_, path)| path)
+        .collect();
     if changed.is_empty() {
         return None;
     }
@@ -126,20 +140,15 @@ fn libtorch_version(dir: &Path) -> Option<String> {
 
 /// `git` in the crate's directory: its trimmed stdout, if it succeeds.
 fn git(args: &[&str]) -> Option<String> {
-    git_stdout(args).map(|out| out.trim().to_string())
-}
-
-/// `git` in the crate's directory: its stdout as it is, if it succeeds.
-fn git_stdout(args: &[&str]) -> Option<String> {
     let out = Command::new("git").args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// HEAD's commit, when the workspace root (the crate's parent) is the top of a git checkout;
 /// asks cargo to rerun when HEAD moves. Only files that exist are watched: cargo reruns a
 /// build script on every build when a watched path is missing.
 fn source_commit() -> Option<String> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.canonicalize().ok()?;
+    let workspace = workspace().canonicalize().ok()?;
     let Some(top) = git(&["rev-parse", "--show-toplevel"]) else {
         if workspace.join(".git").exists() {
             println!("cargo:warning=git cannot read {} (not installed, or another user's checkout?): results will record commit `unknown`", workspace.display());

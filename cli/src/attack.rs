@@ -171,13 +171,22 @@ pub fn run(args: AttackArgs) -> Result<()> {
     }
     // the record first: it is printed even if saving the examples fails
     if args.json {
-        println!("{}", serde_json::to_string(&record)?);
+        println!("{}", serde_json::to_string(&with_data(serde_json::to_value(&record)?, &data.name))?);
     }
     if let Some(dir) = &args.save_examples {
         save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;
         eprintln!("examples    {}/examples.png, x_adv.npy, x_clean.npy", dir.display());
     }
     Ok(())
+}
+
+/// The `--json` record with the images it was measured on (`data`: data set and split, e.g.
+/// `fashion-mnist/test`), as `eval --json` names them.
+fn with_data(mut record: Value, data: &str) -> Value {
+    if let Some(fields) = record.as_object_mut() {
+        fields.insert("data".into(), Value::String(data.to_string()));
+    }
+    record
 }
 
 fn load_victim(args: &AttackArgs, device: tch::Device, probe: &Tensor) -> Result<AnyModel> {
@@ -252,7 +261,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     eprintln!("time        {:.2} s", num("seconds"));
     print_passes(r["forward_passes"].as_f64(), r["gradient_passes"].as_f64());
     if args.json {
-        println!("{}", serde_json::to_string(r)?);
+        println!("{}", serde_json::to_string(&with_data(r.clone(), &data.name))?);
     }
     if let Some(dir) = &args.save_examples {
         save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;

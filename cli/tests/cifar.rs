@@ -165,7 +165,7 @@ fn mnist_csv_trains_evaluates_and_is_attacked() {
     let out = run(&["attack", "--model", ckpt.to_str().unwrap(), "--data", "mnist", "--attack", "fgsm", "--n", "20", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["n"], 20, "{v}");
+    assert_eq!((v["n"].as_i64(), v["data"].as_str()), (Some(20), Some("mnist/test")), "{v}");
     assert!(v["linf_max"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6, "{v}");
 
     // DeepSloth's scenario 2: an MNIST surrogate crafts, the committed Fashion-MNIST sdn is
@@ -173,7 +173,7 @@ fn mnist_csv_trains_evaluates_and_is_attacked() {
     let out = dynrobust(&["attack", "--model", "sdn", "--attack", "pgd-linf", "--set", "steps=2", "--surrogate", ckpt.to_str().unwrap(), "--n", "16", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["n"], 16, "{v}");
+    assert_eq!((v["n"].as_i64(), v["data"].as_str()), (Some(16), Some("fashion-mnist/test")), "{v}");
     assert_eq!(v["attack"], format!("pgd-linf@{}", ckpt.display()), "{v}");
     assert_eq!(v["model"], "sdn", "{v}");
     assert!(v["linf_max"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6, "{v}");

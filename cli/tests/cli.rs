@@ -31,11 +31,18 @@ fn version_names_the_commit_and_marks_a_build_from_uncommitted_sources() {
     let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]).map(|h| h.trim().to_string()) else {
         return assert_eq!(source, "unknown", "outside a git checkout");
     };
-    // what goes into the binary (build-support/rpath.rs); the tree is as it was built
-    let mut args = vec!["status", "--porcelain", "--untracked-files=all", "--", "Cargo.toml", "Cargo.lock", "build-support", ".cargo/config.toml"];
-    let crates = ["core", "models", "attacks", "defenses", "experiments", "cli"].map(|c| [format!("{c}/src"), format!("{c}/Cargo.toml")]);
+    // what goes into the binary (build-support/rpath.rs): every workspace member's sources and
+    // manifest, the build set-up; untracked files only when they are Rust or TOML. The tree is
+    // as it was built.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let manifest: toml::Table = std::fs::read_to_string(root.join("Cargo.toml")).unwrap().parse().unwrap();
+    let members: Vec<&str> = manifest["workspace"]["members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    assert!(members.contains(&"cli") && members.contains(&"core"), "{members:?}");
+    let mut args = vec!["--no-optional-locks", "status", "--porcelain", "-z", "--no-renames", "--untracked-files=all", "--", "Cargo.toml", "Cargo.lock", "build-support", ".cargo/config.toml"];
+    let crates: Vec<[String; 2]> = members.iter().map(|c| [format!("{c}/src"), format!("{c}/Cargo.toml")]).collect();
     args.extend(crates.iter().flatten().map(String::as_str));
-    let dirty = !git(&args).expect("git status").trim().is_empty();
+    let status = git(&args).expect("git status");
+    let dirty = status.split('\0').filter(|e| e.len() > 3).any(|e| !e.starts_with("??") || e.ends_with(".rs") || e.ends_with(".toml"));
     match source.strip_prefix(&head) {
         Some("") => assert!(!dirty, "a build from uncommitted sources must say so: {source}"),
         Some(mark) => {
@@ -187,6 +194,7 @@ fn attack_json_has_the_schema_fields_and_saves_examples() {
         assert!(v.get(field).is_some(), "field {field} missing in {v}");
     }
     assert_eq!(v["n"], 32);
+    assert_eq!(v["data"], "fashion-mnist/test", "the images it was measured on");
     assert_eq!(v["iterations"], 30, "DeepSloth's default 30 iterations (its config leaves `steps` unset)");
     assert!((v["eps"].as_f64().unwrap() - 8.0 / 255.0).abs() < 1e-12);
     assert!(v["linf_max"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6);
@@ -293,6 +301,7 @@ fn a_training_time_defense_is_evaluated_on_its_checkpoint() {
     assert_ne!(defended["clean_cost"], bare["clean_cost"], "the bare model was evaluated");
     let oblivious = json_of(&["--model", "gated", "--defense", "pgd-at", "--defense-set", "checkpoint=gated-pgd-at", "--oblivious"]);
     assert_eq!(oblivious["defense_mode"], "oblivious");
+    assert_eq!(oblivious["data"], "fashion-mnist/test", "a defended record names its images too");
     assert_eq!(oblivious["clean_acc"], direct["clean_acc"], "evaluated on the checkpoint");
     assert_ne!(oblivious["adv_acc"], direct["adv_acc"], "crafted on the bare model, not on the checkpoint");
 }

@@ -245,7 +245,8 @@ impl Executor for RealExecutor {
     fn preflight(&self, cells: &[&Cell]) -> Result<()> {
         let mut checked = std::collections::BTreeSet::new();
         for cell in cells {
-            for read in self.checkpoints_read(cell, &self.defense(cell)?.0)? {
+            for read in self.checkpoints_read(cell, Some(&self.defense(cell)?.0)) {
+                let read = read?;
                 let Some(dir) = read.path.filter(|p| read.native && p.is_dir() && checked.insert(p.clone())) else { continue };
                 checkpoint::load(&dir, Device::Cpu).map_err(|e| unloadable(e, &read.role, &read.name))?;
             }
@@ -307,27 +308,37 @@ impl RealExecutor {
         };
         let attack = self.bare_attack(cell);
         let fit_images = attack.as_ref().ok().and_then(|a| a.fit_images());
+        let attack_resolved = attack.is_ok();
         put(ATTACK_SETTINGS, attack.map(|a| settings_digest(&a.config_json())))?;
-        let mut calibration_images = None;
-        match self.defense(cell) {
-            Ok((spec, _)) => {
-                calibration_images = spec.calibration_images();
+        let spec = self.defense(cell).map(|(spec, _)| spec);
+        let calibration_images = spec.as_ref().ok().and_then(DefenseSpec::calibration_images);
+        let defense_resolved = spec.is_ok();
+        let spec = match spec {
+            Ok(spec) => {
                 put(DEFENSE_SETTINGS, spec.settings().map(|s| settings_digest(&s)))?;
-                match self.checkpoints_read(cell, &spec) {
-                    Ok(reads) => {
-                        for (role, path) in reads.into_iter().filter_map(|read| Some((read.role, read.path?))) {
-                            put(&role, checkpoint_digest(&path))?;
-                        }
-                    }
-                    Err(e) => put("model", Err(e))?,
-                }
+                Some(spec)
             }
-            Err(e) => put(DEFENSE_SETTINGS, Err(e))?,
+            Err(e) => {
+                put(DEFENSE_SETTINGS, Err(e))?;
+                None
+            }
+        };
+        // each checkpoint on its own: one that is gone leaves the others compared
+        for read in self.checkpoints_read(cell, spec.as_ref()) {
+            match read {
+                Ok(CheckpointRead { role, path: Some(path), .. }) => put(&role, checkpoint_digest(&path))?,
+                Ok(_) => {}
+                Err(e) if strict => return Err(e),
+                Err(_) => {}
+            }
         }
         if let Ok(digest) = self.images_digest(&c.data, Split::Test, c.n as i64) {
             put(DATA, Ok(digest))?;
         }
-        if let Some(n) = calibration_images.into_iter().chain(fit_images).max() {
+        // how many training images are read depends on both plugins: with either unresolved,
+        // the count (and so the digest) is not the one the cell ran with
+        let training_images = calibration_images.into_iter().chain(fit_images).max().filter(|_| attack_resolved && defense_resolved);
+        if let Some(n) = training_images {
             if let Ok(digest) = self.images_digest(&c.data, Split::Train, n) {
                 put(TRAINING_DATA, Ok(digest))?;
             }
@@ -347,28 +358,30 @@ struct CheckpointRead {
 }
 
 impl RealExecutor {
-    /// The checkpoints `cell` reads: the model's and the surrogate's (paths when they are
-    /// files or directories on disk), and the defense's `spec` (a trained defense's, or each
+    /// The checkpoints `cell` reads, each on its own (a checkpoint that cannot be located is
+    /// that role's error): the model's and the surrogate's (paths when they are files or
+    /// directories on disk), and the defense's `spec`'s (a trained defense's, or each
     /// denoiser: roles `defense`, `defense 2`, … in step order).
-    fn checkpoints_read(&self, cell: &Cell, spec: &DefenseSpec) -> Result<Vec<CheckpointRead>> {
+    fn checkpoints_read(&self, cell: &Cell, spec: Option<&DefenseSpec>) -> Vec<Result<CheckpointRead>> {
         let c = &cell.config;
         let mut reads = vec![
-            CheckpointRead { role: "model".into(), name: c.model.name.clone(), path: self.model_path(&c.model)?, native: true },
-            CheckpointRead {
+            self.model_path(&c.model).map(|path| CheckpointRead { role: "model".into(), name: c.model.name.clone(), path, native: true }),
+            c.surrogate.as_ref().map(|s| self.model_path(s)).transpose().map(|path| CheckpointRead {
                 role: "surrogate".into(),
                 name: c.surrogate.as_ref().map_or_else(String::new, |s| s.name.clone()),
-                path: c.surrogate.as_ref().map(|s| self.model_path(s)).transpose()?.flatten(),
+                path: path.flatten(),
                 native: true,
-            },
+            }),
         ];
+        let Some(spec) = spec else { return reads };
         let native = matches!(spec, DefenseSpec::Trained { .. });
-        reads.extend(spec.checkpoint_paths()?.into_iter().enumerate().map(|(i, path)| CheckpointRead {
-            role: if i == 0 { "defense".into() } else { format!("defense {}", i + 1) },
-            name: c.defense.label.clone(),
-            path: Some(path),
-            native,
-        }));
-        Ok(reads)
+        match spec.checkpoint_paths() {
+            Ok(paths) => reads.extend(paths.into_iter().enumerate().map(|(i, path)| {
+                Ok(CheckpointRead { role: if i == 0 { "defense".into() } else { format!("defense {}", i + 1) }, name: c.defense.label.clone(), path: Some(path), native })
+            })),
+            Err(e) => reads.push(Err(e)),
+        }
+        reads
     }
 }
 

@@ -129,6 +129,10 @@ fn the_training_images_a_detector_calibrates_on_are_an_input() {
     let now = inputs(squeeze);
     assert_ne!(now[TRAINING_DATA], calibrated[TRAINING_DATA], "the training images edited in place");
     assert_eq!(now[DATA], calibrated[DATA], "the test images did not change");
+    // an attack that fits on training images (DeepSloth's universal perturbation) reads them too
+    let universal = text("name = \"none\"").replace("models = [\"static\"]", "models = [\"sdn\"]").replace("name = \"fgsm\"", "name = \"deepsloth-universal\"");
+    let cell = Study::parse(&universal, "u.toml", &registry()).unwrap_or_else(|e| panic!("{e}")).cells.remove(0);
+    assert_eq!(settings_exec().inputs(&cell).unwrap().get(TRAINING_DATA), Some(&now[TRAINING_DATA]), "all 8 training images, as the squeezer's 10");
 }
 
 #[test]
@@ -140,16 +144,26 @@ fn an_input_that_cannot_be_digested_now_leaves_the_others_compared() {
     for file in ["model.json", "model.safetensors"] {
         std::fs::copy(committed.join(file), model.join(file)).unwrap();
     }
-    let text = format!("name = \"g\"\ndata = \"fashion-mnist\"\nn = 8\nmodels = [\"{}\"]\neps = [\"8/255\"]\n[[attacks]]\nname = \"fgsm\"\n", model.display());
-    let cell = Study::parse(&text, "g.toml", &registry()).unwrap().cells.remove(0);
+    // a transfer cell (model + surrogate) and a defended one (model + the defense's checkpoint)
+    let text = format!(
+        "name = \"g\"\ndata = \"fashion-mnist\"\nn = 8\nmodels = [\"{}\"]\neps = [\"8/255\"]\n\
+         [[attacks]]\nname = \"fgsm\"\nsurrogates = [\"sdn\"]\n[[attacks]]\nname = \"pgd-linf\"\n[[defenses]]\nname = \"none\"\n[[defenses]]\nname = \"pgd-at\"\nparams = {{ checkpoint = \"models/checkpoints/static-pgd-at\" }}\n",
+        model.display()
+    );
+    let cells = Study::parse(&text, "g.toml", &registry()).unwrap_or_else(|e| panic!("{e}")).cells;
+    let transfer = cells.iter().find(|c| c.config.surrogate.is_some() && c.config.defense.name == "none").expect("a transfer cell");
+    let defended = cells.iter().find(|c| c.config.surrogate.is_none() && c.config.defense.name == "pgd-at").expect("a defended cell");
     let exec = settings_exec();
-    let before = exec.inputs(&cell).unwrap();
-    assert!(before.contains_key("model") && before.contains_key(DATA), "{before:?}");
+    let before: Vec<_> = [transfer, defended].map(|c| exec.inputs(c).unwrap()).into();
+    assert!(before[0].contains_key("surrogate") && before[1].contains_key("defense"), "{before:?}");
     std::fs::remove_dir_all(&model).unwrap();
-    assert!(exec.inputs(&cell).is_err(), "a cell to run needs every input");
-    let comparable = exec.comparable_inputs(&cell);
-    assert!(!comparable.contains_key("model"), "{comparable:?}");
-    for role in [ATTACK_SETTINGS, DEFENSE_SETTINGS, DATA] {
-        assert_eq!(comparable[role], before[role], "{role} is still compared");
+    for (cell, before) in [transfer, defended].into_iter().zip(&before) {
+        assert!(exec.inputs(cell).is_err(), "a cell to run needs every input");
+        let comparable = exec.comparable_inputs(cell);
+        assert!(!comparable.contains_key("model"), "{comparable:?}");
+        assert_eq!(comparable.len(), before.len() - 1, "only the model is left out: {comparable:?} vs {before:?}");
+        for (role, digest) in &comparable {
+            assert_eq!(digest, &before[role], "{role} is still compared");
+        }
     }
 }
