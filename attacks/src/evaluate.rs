@@ -83,9 +83,10 @@ impl AttackRecord {
     pub fn outcome_flags(&self) -> Vec<String> {
         let mut flags = Vec::new();
         if self.goal == Goal::Energy && self.adv_cost < self.clean_cost - COST_DROP_FLAG {
+            // the attack's name leads (`ilfo@surrogate` for a transfer attack)
+            let known_cause = if self.attack.starts_with("ilfo") { " (faithful ILFO starts at R(x) ≠ x, the authors' box quirk)" } else { "" };
             flags.push(format!(
-                "the energy attack lowered the mean cost ({:.3} → {:.3}): too few iterations, or a start away from the clean \
-                 input (faithful ILFO starts at R(x) ≠ x, the authors' box quirk)",
+                "the energy attack lowered the mean cost ({:.3} → {:.3}): too few iterations, or a start away from the clean input{known_cause}",
                 self.clean_cost, self.adv_cost
             ));
         }

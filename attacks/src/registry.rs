@@ -2,7 +2,7 @@
 //! plus JSON overrides of the authors' defaults (unknown fields are refused by serde with the
 //! field named; values are validated by each attack's constructor).
 
-use dynrobust_core::attack::Attack;
+use dynrobust_core::attack::{Attack, Norm};
 use dynrobust_core::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -16,6 +16,7 @@ use crate::ilfo::{Ilfo, IlfoConfig};
 use crate::losses::ExitLoss;
 use crate::mechanism::{Mechanism, MechanismConfig, MechanismVariant};
 use crate::pgd::{MiFgsm, MiFgsmConfig, Pgd, PgdConfig};
+use crate::tanh_box::Mode;
 use crate::square::{Square, SquareConfig};
 use crate::transfer::{FeaturePgd, FeaturePgdConfig};
 
@@ -93,10 +94,20 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
             if cfg.steps != 1 || cfg.random_start {
                 return Err(Error::config("steps", "FGSM is one step from the clean point; use pgd-linf for more"));
             }
+            // fields FGSM would otherwise ignore without a word
+            if cfg.norm != Norm::Linf {
+                return Err(Error::config("norm", format!("{:?}: FGSM is the L∞ step (the gradient's sign, of size ε); for L2 use pgd-l2 with steps = 1", cfg.norm)));
+            }
+            if cfg.step_size.is_some() {
+                return Err(Error::config("step_size", "FGSM's step is ε itself; set eps, or use pgd-linf for another step size"));
+            }
+            if cfg.mode != Mode::Faithful {
+                return Err(Error::config("mode", "FGSM has no mode (it applies to PGD-max's random starts only)"));
+            }
             Box::new(Pgd::fgsm(cfg.eps, cfg.loss)?)
         }
-        "pgd-linf" => Box::new(Pgd::new(merged(PgdConfig::default(), overrides)?)?),
-        "pgd-l2" => Box::new(Pgd::new(merged(PgdConfig { norm: dynrobust_core::attack::Norm::L2, eps: 1.0, ..Default::default() }, overrides)?)?),
+        "pgd-linf" => Box::new(Pgd::new(pgd_config(name, Norm::Linf, 8.0 / 255.0, overrides)?)?),
+        "pgd-l2" => Box::new(Pgd::new(pgd_config(name, Norm::L2, 1.0, overrides)?)?),
         "mi-fgsm" => Box::new(MiFgsm::new(merged(MiFgsmConfig::default(), overrides)?)?),
         "square" => Box::new(Square::new(merged(SquareConfig::default(), overrides)?)?),
         "ensemble" => Box::new(Ensemble::new(merged(EnsembleConfig::default(), overrides)?, build)?),
@@ -129,9 +140,20 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
             Box::new(Mechanism::new(cfg)?)
         }
         other => {
-            return Err(Error::config("attack", format!("unknown attack `{other}`; expected one of: {}", names().join(", "))));
+            return Err(Error::config("attack", format!("unknown attack `{other}`{}; expected one of: {}", dynrobust_core::error::did_you_mean(other, names()), names().join(", "))));
         }
     })
+}
+
+/// `pgd-linf`'s or `pgd-l2`'s config: the name sets the norm (and with it the default ε, which
+/// would be meaningless in the other norm), so `overrides` may not switch it.
+fn pgd_config(name: &str, norm: Norm, default_eps: f64, overrides: &serde_json::Value) -> Result<PgdConfig> {
+    let cfg: PgdConfig = merged(PgdConfig { norm, eps: default_eps, ..Default::default() }, overrides)?;
+    if cfg.norm != norm {
+        let other = if norm == Norm::Linf { "pgd-l2" } else { "pgd-linf" };
+        return Err(Error::config("norm", format!("{:?}: `{name}`'s name sets the norm ({norm:?}); use `{other}` for the other one", cfg.norm)));
+    }
+    Ok(cfg)
 }
 
 /// A targeted attack (`targeted_name`) needs `targets ≥ 1`, its untargeted twin `targets = 0`.

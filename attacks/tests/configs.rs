@@ -216,6 +216,13 @@ fn other_bad_values_are_refused_naming_the_field() {
         ("gradmdm", json!({"norm": "l2"}), "norm"),
         ("gradauto", json!({"norm": "l2"}), "norm"),
         ("pgd-linf", json!({"mode": "fixed"}), "mode"),
+        ("fgsm", json!({"norm": "l2"}), "norm"),
+        ("fgsm", json!({"mode": "fixed"}), "mode"),
+        ("fgsm", json!({"step_size": 0.01}), "step_size"),
+        // the name sets the norm, and with it the default ε (1.0 for L2 would be the whole
+        // pixel range in L∞)
+        ("pgd-l2", json!({"norm": "linf"}), "norm"),
+        ("pgd-linf", json!({"norm": "l2"}), "norm"),
     ];
     for (name, o, field) in cases {
         let err = build_err(name, &o);

@@ -511,7 +511,7 @@ fn faithful_ilfo_starts_away_from_the_clean_input_and_the_cost_drop_is_flagged()
     let faithful = run("gated", &*build("ilfo", json!({"steps": 1})), 64);
     assert!(faithful.l2_mean > 1.0, "faithful start L2 {}", faithful.l2_mean);
     assert!(faithful.adv_cost < faithful.clean_cost - COST_DROP_FLAG);
-    assert!(faithful.outcome_flags().iter().any(|f| f.contains("lowered the mean cost")), "{:?}", faithful.outcome_flags());
+    assert!(faithful.outcome_flags().iter().any(|f| f.contains("lowered the mean cost") && f.contains("faithful ILFO starts at R(x)")), "{:?}", faithful.outcome_flags());
     // the fixed mode starts at x itself: nothing to flag
     let fixed = run("gated", &*build("ilfo", json!({"steps": 1, "mode": "fixed"})), 64);
     assert!(fixed.l2_mean < 0.05, "fixed start L2 {}", fixed.l2_mean);

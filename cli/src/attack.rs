@@ -27,7 +27,7 @@ pub struct AttackArgs {
     #[arg(long)]
     attack: String,
     /// Budget ε, e.g. 8/255 or 0.1.
-    #[arg(long, value_parser = parse_fraction)]
+    #[arg(long, value_parser = parse_fraction, allow_hyphen_values = true)]
     eps: Option<f64>,
     /// Iterations (the attack's `steps`; GradMDM's and GradAuto's `iterations`; Square's `queries`).
     #[arg(long)]
@@ -35,7 +35,7 @@ pub struct AttackArgs {
     /// faithful or fixed (GradMDM, GradAuto, ILFO, DeepSloth).
     #[arg(long)]
     mode: Option<String>,
-    /// Budget norm: linf or l2 (PGD family, mechanism, GradMDM fixed).
+    /// Budget norm: linf or l2, for attacks with a `norm` setting (mechanism, GradMDM fixed, APGD, …); pgd-linf and pgd-l2 take only their own.
     #[arg(long)]
     norm: Option<String>,
     /// Accuracy-loss output: final, deployed, avg, max (one pass, worst exit) or maxruns (DeepSloth's PGD-max: one run per exit, best per sample).
@@ -85,6 +85,9 @@ pub fn parse_fraction(s: &str) -> Result<f64, String> {
     let v = match s.split_once('/') {
         Some((a, b)) => {
             let (a, b): (f64, f64) = (a.trim().parse().map_err(|_| format!("`{s}`: not a number"))?, b.trim().parse().map_err(|_| format!("`{s}`: not a number"))?);
+            if b == 0.0 {
+                return Err(format!("`{s}` divides by zero"));
+            }
             a / b
         }
         None => s.trim().parse().map_err(|_| format!("`{s}`: expected a number or a fraction like 8/255"))?,
@@ -129,7 +132,12 @@ pub fn parse_sets(flag: &str, sets: &[String]) -> Result<Map<String, Value>> {
     let mut map = Map::new();
     for kv in sets {
         let Some((k, v)) = kv.split_once('=') else { bail!("{flag} {kv}: expected KEY=VALUE") };
-        let value = serde_json::from_str(v).unwrap_or_else(|_| json!(v));
+        let value = match serde_json::from_str(v) {
+            Ok(value) => value,
+            // ε as `--eps` and study files take it: 8/255
+            Err(_) if k.trim() == "eps" => json!(parse_fraction(v).map_err(|e| anyhow::anyhow!("{flag} eps={v}: {e}"))?),
+            Err(_) => json!(v),
+        };
         if map.insert(k.trim().into(), value).is_some() {
             bail!("{flag} {}=…: given twice", k.trim());
         }
@@ -243,9 +251,14 @@ fn run_defended(args: AttackArgs) -> Result<()> {
         (Adaptivity::Adaptive, false) => "adaptive attack",
     };
     eprintln!("defense     {} ({how})", r["defense_label"].as_str().unwrap_or("?"));
-    eprintln!("attack      {}", args.attack);
+    eprintln!("attack      {} (goal {}, eps {}, norm {})", args.attack, r["goal"].as_str().unwrap_or("?"), eps_text(r["eps"].as_f64()), r["norm"].as_str().unwrap_or("–"));
+    eprintln!("images      {}", r["n"]);
     eprintln!("accuracy    clean {:.2} %  adv {:.2} %", 100.0 * num("clean_acc"), 100.0 * num("adv_acc"));
-    eprintln!("cost        clean {:.4}  adv {:.4}  recovery {:.2} %", num("clean_cost"), num("adv_cost"), 100.0 * num("recovery"));
+    let recovery = if no_saving(num("clean_cost")) { "–".to_string() } else { format!("{:.2} %", 100.0 * num("recovery")) };
+    eprintln!("cost        clean {:.4}  adv {:.4}  recovery {recovery}", num("clean_cost"), num("adv_cost"));
+    if let (Some(l2), Some(linf)) = (r["l2_mean"].as_f64(), r["linf_max"].as_f64()) {
+        eprintln!("perturbation L2 mean {l2:.4}  L∞ max {linf:.5}");
+    }
     if let Some(b) = r.get("budget_bound_cost").and_then(Value::as_f64) {
         eprintln!("budget      worst-case cost bound {b:.4}");
     }
@@ -280,10 +293,11 @@ fn print_tally(tally: Option<&Value>) {
 fn print_table(r: &AttackRecord) {
     let pct = |v: f64| format!("{:.2} %", 100.0 * v);
     eprintln!("model       {}", r.model);
-    eprintln!("attack      {} (goal {:?}, eps {}, norm {})", r.attack, r.goal, r.eps.map_or("–".into(), |e| format!("{e:.4}")), r.norm.map_or("–".into(), |n| format!("{n:?}")));
+    eprintln!("attack      {} (goal {}, eps {}, norm {})", r.attack, serde_name(&r.goal), eps_text(r.eps), r.norm.map_or("–".into(), |n| serde_name(&n)));
     eprintln!("images      {}", r.n);
     eprintln!("accuracy    clean {}  adv {}  fooled {} of the clean-correct", pct(r.clean_acc), pct(r.adv_acc), pct(r.fooled_rate));
-    eprintln!("cost        clean {:.4}  adv {:.4}  recovery {} (equal-weight blocks {})", r.clean_cost, r.adv_cost, pct(r.recovery), pct(r.recovery_blocks));
+    let recovery = if no_saving(r.clean_cost) { "– (clean inputs already cost a full pass: nothing to recover)".to_string() } else { format!("{} (equal-weight blocks {})", pct(r.recovery), pct(r.recovery_blocks)) };
+    eprintln!("cost        clean {:.4}  adv {:.4}  recovery {recovery}", r.clean_cost, r.adv_cost);
     if let (Some(a), Some(b)) = (&r.clean_exit_hist, &r.adv_exit_hist) {
         eprintln!("exits       clean {a:?}\n            adv   {b:?}");
         eprintln!("efficacy    clean {:.4}  adv {:.4}", r.clean_efficacy.unwrap_or(f64::NAN), r.adv_efficacy.unwrap_or(f64::NAN));
@@ -293,16 +307,46 @@ fn print_table(r: &AttackRecord) {
         eprintln!("gate rates  clean [{}]\n            adv   [{}]", f(a), f(b));
     }
     let normalised = r.mse_normalised.map_or(String::new(), |m| format!(" ({m:.2e} in normalised units)"));
-    eprintln!("perturbation L2 mean {:.4}  L∞ max {:.4}  MSE {:.2e}{normalised}", r.l2_mean, r.linf_max, r.mse);
+    eprintln!("perturbation L2 mean {:.4}  L∞ max {:.5}  MSE {:.2e}{normalised}", r.l2_mean, r.linf_max, r.mse);
     print_tally(r.tally.as_ref());
     eprintln!("energy (est.) clean {:.3} µJ  adv {:.3} µJ per image", r.clean_energy_j * 1e6, r.adv_energy_j * 1e6);
     match (&r.rapl_attack_j, &r.rapl_note) {
         (Some(j), _) => eprintln!("RAPL        {j:.3} J spent crafting"),
-        (None, Some(note)) => eprintln!("RAPL        {note}"),
+        (None, Some(note)) => eprintln!("RAPL        {}", note.strip_prefix("RAPL ").unwrap_or(note)),
         _ => {}
     }
-    eprintln!("time        {:.2} s ({} iterations)", r.seconds, r.iterations.map_or("–".into(), |i| i.to_string()));
+    let iterations = match r.iterations {
+        Some(1) => "1 iteration".to_string(),
+        Some(i) => format!("{i} iterations"),
+        None => "iterations –".to_string(),
+    };
+    eprintln!("time        {:.2} s ({iterations})", r.seconds);
     print_passes(r.forward_passes, r.gradient_passes);
+}
+
+/// A value's name as its config and JSON spell it (`energy`, `linf`), not Rust's `Debug`.
+fn serde_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(name)) => name,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+/// ε as a user writes it: `8/255 (0.03137)` for a whole number of grey levels, else to five
+/// decimals (as the L∞ size is printed, so the two compare at a glance).
+fn eps_text(eps: Option<f64>) -> String {
+    match eps {
+        None => "–".into(),
+        Some(e) if e > 0.0 && (e * 255.0 - (e * 255.0).round()).abs() < 1e-9 => format!("{}/255 ({e:.5})", (e * 255.0).round()),
+        Some(e) => format!("{e:.5}"),
+    }
+}
+
+/// True when the clean inputs already run the whole network (a static model, a static twin):
+/// recovery is 0/0 there.
+fn no_saving(clean_cost: f64) -> bool {
+    clean_cost >= 1.0 - 1e-9
 }
 
 /// The measured model passes per image (the attack's queries to the model it attacks).

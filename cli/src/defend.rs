@@ -154,8 +154,10 @@ pub struct DenoiserArgs {
     /// Training images (first N of the training split).
     #[arg(long, default_value_t = 20000)]
     train_samples: i64,
+    /// Passes over the training images.
     #[arg(long, default_value_t = 3)]
     epochs: i64,
+    /// Adam learning rate.
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
     /// Hidden channels.
@@ -167,6 +169,7 @@ pub struct DenoiserArgs {
     /// Also train on examples of this attack (registry name) crafted on --attack-model.
     #[arg(long)]
     attack: Option<String>,
+    /// The model --attack crafts its examples on.
     #[arg(long, default_value = "sdn")]
     attack_model: String,
     /// Attack config fields, KEY=VALUE.
@@ -175,6 +178,7 @@ pub struct DenoiserArgs {
     /// How many training images to attack (crafting is the slow part).
     #[arg(long, default_value_t = 2000)]
     attack_samples: i64,
+    /// Seed of the weight initialisation, batch order and noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output directory.

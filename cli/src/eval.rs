@@ -1,6 +1,6 @@
 //! `dynrobust eval` and `dynrobust info`.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynrobust_core::data::Split;
 use dynrobust_core::DynamicModel;
@@ -71,6 +71,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     net.set_twin(args.twin).map_err(named)?;
     let calibration = match args.calibrate_rad {
+        Some(_) if !net.family().has_exits() => bail!("--calibrate-rad sets an early-exit model's threshold; `{}` is {} (no exits)", args.model, net.family().kind_name()),
         Some(rad) => Some(calibrate(&mut net, &args, &data, rad)?),
         None => None,
     };
@@ -166,12 +167,27 @@ pub struct InfoArgs {
 pub fn info(args: InfoArgs) -> Result<()> {
     let probe = args.data.load(Split::Test, Some(8))?.images;
     let (net, source) = load_model(&args.model, tch::Device::Cpu, &probe)?;
-    println!("{} ({}), {:?}, static MACs {}", net.name(), source.path().display(), net.family(), net.static_macs());
+    println!("{} ({}), {}, static MACs {}", net.name(), source.path().display(), family_text(&net.family()), net.static_macs());
+    println!("  {:<22} {:<9} {:>9}", "unit", "kind", "MACs");
     for u in net.units() {
-        println!("  {:<22} {:<9} {:>9}", u.name, format!("{:?}", u.kind), u.macs);
+        println!("  {:<22} {:<9} {:>9}", u.name, format!("{:?}", u.kind).to_lowercase(), u.macs);
     }
     if let ModelSource::Checkpoint { sidecar, .. } = &source {
-        println!("trained: {}", serde_json::to_string(&sidecar.training)?);
+        let t = &sidecar.training;
+        let init = t.init_from.as_deref().map_or(String::new(), |i| format!(", from {i}"));
+        println!("trained on {} ({} images), {} epochs, batch {}, lr {}, seed {}{init}; final loss {:.4}", t.data, t.train_samples, t.epochs, t.batch_size, t.lr, t.seed, t.final_loss);
+        println!("  loss: {}", t.loss);
+        println!("  by: {} (dynrobust {}, commit {})", t.command, t.dynrobust_version, t.source_commit.as_deref().unwrap_or("not recorded"));
     }
     Ok(())
+}
+
+/// A model family in words: `early exits (6 internal classifiers, threshold q = 0.8)`.
+fn family_text(family: &dynrobust_core::Family) -> String {
+    use dynrobust_core::Family;
+    match family {
+        Family::Static => "static (no gates, no exits)".into(),
+        Family::EarlyExit { threshold, exits } => format!("early exits ({exits} internal classifiers, threshold q = {threshold})"),
+        Family::Gated { gates, recurrent } => format!("gated ({gates} {} gates)", if *recurrent { "recurrent (SkipNet)" } else { "per-block (ConvNet-AIG)" }),
+    }
 }

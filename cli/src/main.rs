@@ -67,8 +67,18 @@ fn main() {
     if let Err(e) = dispatch(cli.command) {
         // anyhow's own report, each cause with libtorch's C++ stack cut away
         let mut causes = e.chain().map(|c| dynrobust_core::error::libtorch_message(&c.to_string()));
-        eprintln!("Error: {}", causes.next().unwrap_or_default());
-        let rest: Vec<String> = causes.collect();
+        let first = causes.next().unwrap_or_default();
+        eprintln!("Error: {first}");
+        // a cause its message already quotes (`path: No such file …` then `No such file …`) is
+        // not repeated
+        let mut said = first;
+        let rest: Vec<String> = causes
+            .filter(|c| {
+                let repeated = said.contains(c.as_str());
+                said = c.clone();
+                !repeated
+            })
+            .collect();
         if !rest.is_empty() {
             eprintln!("\nCaused by:");
             for (i, c) in rest.iter().enumerate() {

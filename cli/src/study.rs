@@ -65,7 +65,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         None => study.cells.clone(),
     };
     if args.dry_run {
-        return dry_run(&cells, &out);
+        return dry_run(&cells, &out, (!args.force).then_some(study.source.as_str()));
     }
     let store = Store::open(&out, &study.source, args.force)?;
     let variant_dirs = std::fs::read_dir(out.join("models")).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir());
@@ -125,10 +125,14 @@ fn inspector(out: &Path) -> RealExecutor {
 
 /// `--dry-run`: every cell with what a run into `out` would do with it — `todo`, `done`
 /// (skipped), or `stale` (finished with a checkpoint, plugin settings or test images that have
-/// changed since).
-fn dry_run(cells: &[Cell], out: &Path) -> Result<()> {
+/// changed since). With `study_text` (no `--force`), first refuses as the run would when `out`
+/// holds a different study.
+fn dry_run(cells: &[Cell], out: &Path, study_text: Option<&str>) -> Result<()> {
     let (done, stale) = match Store::open_existing(out) {
         Ok(store) => {
+            if let Some(text) = study_text {
+                store.check_study(text).context("the run would stop")?;
+            }
             let stale: std::collections::BTreeSet<String> = stale_cells(&inspector(out), cells, &store)?.into_iter().map(|s| s.id).collect();
             (store.finished_ids()?, stale)
         }
@@ -240,11 +244,13 @@ pub struct SlurmArgs {
     /// Array tasks (shards).
     #[arg(long)]
     tasks: usize,
+    /// Slurm partition to submit to (`#SBATCH --partition`; default: the cluster's).
     #[arg(long)]
     partition: Option<String>,
     /// Time limit per task, e.g. 02:00:00.
     #[arg(long)]
     time: Option<String>,
+    /// CPUs per task (`#SBATCH --cpus-per-task`; each task's workers and libtorch threads).
     #[arg(long, default_value_t = 2)]
     cpus: usize,
     /// Output directory shared by all tasks (default: runs/<study name>).

@@ -179,6 +179,7 @@ fn info_lists_units_with_macs() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("static MACs 5074368"), "{text}");
     assert!(text.contains("gate5") && text.contains("block2.shortcut"), "{text}");
+    assert!(text.contains("gated (5 recurrent (SkipNet) gates)") && text.contains("trained on fashion-mnist/train"), "in words, not Rust's Debug: {text}");
 }
 
 #[test]
@@ -338,6 +339,19 @@ fn defend_with_a_backbone_trains_the_sdns_classifiers_on_the_static_checkpoints_
 /// Refused before any work, naming the option: an output path under a regular file, a
 /// thread count below 1, option values that would give broken results, an option given twice.
 #[test]
+fn set_takes_eps_as_a_fraction_as_eps_does() {
+    let eps_of = |args: &[&str]| {
+        let mut all = vec!["attack", "--model", "static", "--attack", "fgsm", "--n", "8", "--json"];
+        all.extend_from_slice(args);
+        let out = dynrobust(&all);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["eps"].as_f64().unwrap()
+    };
+    assert_eq!(eps_of(&["--set", "eps=4/255"]), 4.0 / 255.0);
+    assert_eq!(eps_of(&["--eps", "4/255"]), 4.0 / 255.0);
+}
+
+#[test]
 fn bad_options_are_refused_at_once_naming_the_option() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("afile");
@@ -366,6 +380,12 @@ fn bad_options_are_refused_at_once_naming_the_option() {
         (vec!["train", "--model", "sdn", "--init", "gated", "--train-samples", "32", "--out", under], "a gated checkpoint"),
         (vec!["eval", "--model", "sdn", "--calibrate-rad", "5", "--calibrate-on", "test", "--calibrate-n", "50", "--n", "8"], "--calibrate-n with --calibrate-on test"),
         (vec!["bench", "sparse", "--reps", "0"], "--reps 0"),
+        (vec!["eval", "--model", "gated", "--calibrate-rad", "5", "--n", "8", "--no-latency"], "--calibrate-rad sets an early-exit model's threshold; `gated` is gated"),
+        (vec!["attack", "--model", "static", "--attack", "fgsm", "--eps", "-0.1", "--n", "8"], "expected a finite value ≥ 0"),
+        (vec!["attack", "--model", "static", "--attack", "fgsm", "--eps", "8/0", "--n", "8"], "`8/0` divides by zero"),
+        (vec!["attack", "--model", "static", "--attack", "fgsm", "--set", "eps=8/0", "--n", "8"], "--set eps=8/0: `8/0` divides by zero"),
+        (vec!["attack", "--model", "static", "--attack", "fgsm", "--norm", "l2", "--n", "8"], "FGSM is the L∞ step"),
+        (vec!["attack", "--model", "static", "--attack", "pgd-l2", "--norm", "linf", "--n", "8"], "`pgd-l2`'s name sets the norm"),
     ];
     for (args, says) in cases {
         let t0 = std::time::Instant::now();

@@ -23,8 +23,9 @@ pub enum Error {
     #[error("checkpoint {}: {problem}", path.display())]
     Checkpoint { path: PathBuf, problem: String },
 
-    /// A configuration value is invalid; `field` is the dotted path of the offending field.
-    #[error("invalid config: field `{field}`: {problem}")]
+    /// A configuration value is invalid; `field` is the dotted path of the offending field, or
+    /// for a study file the `FILE:LINE:COLUMN` it sits at (shown as a compiler shows one).
+    #[error("{}", config_message(field, problem))]
     Config { field: String, problem: String },
 
     /// A model was asked for something it cannot do (e.g. exits on a gated model).
@@ -42,6 +43,46 @@ pub enum Error {
     /// A JSON (de)serialisation error.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+/// ` (did you mean `deepsloth`?)` when one of `candidates` is within a couple of typos of
+/// `name` (edit distance ≤ 2, and less than half the name), else empty: appended to an
+/// "unknown name" message.
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let here = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(here + 1);
+                prev = here;
+            }
+        }
+        row[b.len()]
+    };
+    let limit = 2.min(name.chars().count().saturating_sub(1) / 2);
+    candidates
+        .into_iter()
+        .map(|c| (distance(name, c), c))
+        .filter(|(d, _)| *d > 0 && *d <= limit.max(1))
+        .min()
+        .map_or(String::new(), |(_, c)| format!(" (did you mean `{c}`?)"))
+}
+
+/// `invalid config: field `steps`: …`, or `study.toml:5:1: …` when the field is a place in a
+/// file (`FILE:LINE:COLUMN`).
+fn config_message(field: &str, problem: &str) -> String {
+    let mut parts = field.rsplitn(3, ':');
+    let (column, line, file) = (parts.next(), parts.next(), parts.next());
+    let is_number = |s: Option<&str>| s.is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+    if is_number(column) && is_number(line) && file.is_some_and(|f| !f.is_empty()) {
+        format!("{field}: {problem}")
+    } else {
+        format!("invalid config: field `{field}`: {problem}")
+    }
 }
 
 impl Error {
@@ -130,7 +171,26 @@ pub fn libtorch_message(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::libtorch_message;
+    use super::{libtorch_message, Error};
+
+    #[test]
+    fn a_near_miss_name_is_suggested() {
+        let names = ["deepsloth", "deepsloth-l2", "gradmdm", "sdn", "static"];
+        assert_eq!(super::did_you_mean("deepslot", names), " (did you mean `deepsloth`?)");
+        assert_eq!(super::did_you_mean("sdnn", names), " (did you mean `sdn`?)");
+        assert_eq!(super::did_you_mean("gradmd", names), " (did you mean `gradmdm`?)");
+        assert_eq!(super::did_you_mean("xyz", names), "", "nothing close");
+        assert_eq!(super::did_you_mean("sdn", names), "", "an exact name needs no suggestion");
+    }
+
+    #[test]
+    fn a_config_error_in_a_study_file_reads_as_its_place() {
+        let at = Error::config("runs/my study.toml:5:1", "unknown field `workers`").to_string();
+        assert_eq!(at, "runs/my study.toml:5:1: unknown field `workers`");
+        let field = Error::config("steps[1].bits", "expected 1–8").to_string();
+        assert_eq!(field, "invalid config: field `steps[1].bits`: expected 1–8");
+        assert!(Error::config("a:b", "x").to_string().starts_with("invalid config: field `a:b`"));
+    }
 
     #[test]
     fn libtorch_text_loses_its_cxx_stack() {

@@ -46,7 +46,7 @@ pub fn kind(name: &str) -> Result<DefenseKind> {
         .iter()
         .find(|d| d.0 == name)
         .map(|d| d.1)
-        .ok_or_else(|| Error::config("defense", format!("unknown defense `{name}`; expected one of: {}", names().join(", "))))
+        .ok_or_else(|| Error::config("defense", format!("unknown defense `{name}`{}; expected one of: {}", dynrobust_core::error::did_you_mean(name, names()), names().join(", "))))
 }
 
 /// True for the detectors (`monitor`, `squeeze`): they flag inputs and leave the model as it

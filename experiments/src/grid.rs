@@ -364,7 +364,11 @@ impl Cx<'_> {
         valid.extend(variants.keys().map(String::as_str).filter(|v| !self.registry.models.iter().any(|m| m == v)));
         Err(self.err(
             &name.span(),
-            format!("`{key}`: unknown model `{n}`; expected one of: {} (or an existing checkpoint directory or TorchScript .pt file)", valid.join(", ")),
+            format!(
+                "`{key}`: unknown model `{n}`{}; expected one of: {} (or an existing checkpoint directory or TorchScript .pt file)",
+                dynrobust_core::error::did_you_mean(n, valid.iter().copied()),
+                valid.join(", ")
+            ),
         ))
     }
 
@@ -468,7 +472,8 @@ impl Cx<'_> {
         if valid.iter().any(|v| v == n) {
             return Ok(n.clone());
         }
-        Err(self.err(&name.span(), format!("`{key}`: unknown {kind} `{n}`; expected one of: {}", valid.join(", "))))
+        let hint = dynrobust_core::error::did_you_mean(n, valid.iter().map(String::as_str));
+        Err(self.err(&name.span(), format!("`{key}`: unknown {kind} `{n}`{hint}; expected one of: {}", valid.join(", "))))
     }
 
     fn label(&self, label: &Option<Spanned<String>>, name: &Spanned<String>, seen: &mut BTreeSet<String>, key: &str) -> Result<String> {

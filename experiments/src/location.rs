@@ -32,7 +32,8 @@ impl<'a> Source<'a> {
         let span = e.span().unwrap_or(0..0);
         let line = self.line_at(span.start);
         let msg = e.message().trim_end();
-        if line.is_empty() {
+        // a missing key has no line of its own: toml points at the table that lacks it
+        if line.is_empty() || msg.starts_with("missing field") {
             self.error(&span, msg.to_string())
         } else {
             self.error(&span, format!("{msg} (in `{line}`)"))

@@ -59,6 +59,8 @@ pub(crate) struct Row {
     pub(crate) adv_cost: Option<f64>,
     pub(crate) recovery: Option<f64>,
     pub(crate) seconds: Option<f64>,
+    /// Images the cell evaluated.
+    pub(crate) n: Option<f64>,
     /// Model passes per attacked image while crafting: with a gradient, and all of them.
     pub(crate) gradient_passes: Option<f64>,
     pub(crate) forward_passes: Option<f64>,
@@ -143,6 +145,7 @@ impl Row {
             adv_cost: num(r, "adv_cost"),
             recovery: num(r, "recovery"),
             seconds: num(r, "seconds"),
+            n: num(r, "n"),
             gradient_passes: num(r, "gradient_passes"),
             forward_passes: num(r, "forward_passes"),
             clean_exit_hist: nums(r, "clean_exit_hist"),
@@ -375,19 +378,20 @@ fn count_text(v: f64) -> String {
 
 fn summary_table(rows: &[Row]) -> String {
     let mut md = String::from("## All cells\n\n");
-    md += "| | model | defense | mode | attack | surrogate | ε | clean acc % | adv acc % | clean cost | adv cost | recovery % | s | passes / img | flags |\n";
-    md += "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n";
+    md += "| ⚠ | model | defense | mode | attack | surrogate | ε | n | clean acc % | adv acc % | clean cost | adv cost | recovery % | s | passes / img | flags |\n";
+    md += "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
     for r in rows {
         let mark = if r.flags.is_empty() { "" } else { "⚠" };
         let _ = writeln!(
             md,
-            "| {mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.model,
             r.defense,
             r.mode.as_deref().unwrap_or("–"),
             r.label,
             r.surrogate.as_deref().unwrap_or("–"),
             eps_text(r.eps),
+            fixed(r.n, 0),
             pct(r.clean_acc),
             pct(r.adv_acc),
             fixed(r.clean_cost, 3),

@@ -54,26 +54,49 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) `dir` for running the study whose file text is `study_text`.
-    /// Refuses a directory holding a different study unless `force` (which replaces the copy).
+    /// Refuses a directory holding a different study unless `force` (which replaces the copy);
+    /// see [`Store::check_study`]. A copy that differs in comments, layout or `description`
+    /// only is the same study, and is replaced by the new text.
     pub fn open(dir: impl AsRef<Path>, study_text: &str, force: bool) -> Result<Store> {
         let store = Store { dir: dir.as_ref().to_path_buf() };
         let cells = store.cells_dir();
         fs::create_dir_all(&cells).map_err(|e| Error::io(&cells, e))?;
         let copy = store.study_path();
+        if !force {
+            store.check_study(study_text)?;
+        }
         match fs::read_to_string(&copy) {
             Ok(old) if old == study_text => {}
-            Ok(_) if !force => {
-                return Err(Error::data(
-                    &copy,
-                    "holds a different study than the one being run; use another output directory, \
-                     or pass --force to replace the copy (finished cells are kept: ids name experiments)",
-                ))
-            }
             Ok(_) => write_atomic(&copy, study_text.as_bytes())?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_atomic(&copy, study_text.as_bytes())?,
             Err(e) => return Err(Error::io(&copy, e)),
         }
         Ok(store)
+    }
+
+    /// Refuses when the directory holds a different study than `study_text` (what [`Store::open`]
+    /// without `force` refuses; `--dry-run` asks it too), naming the top-level keys that differ.
+    /// Two texts are the same study when they parse to the same TOML apart from `description`:
+    /// comments, layout and the description do not change a cell.
+    pub fn check_study(&self, study_text: &str) -> Result<()> {
+        let copy = self.study_path();
+        let old = match fs::read_to_string(&copy) {
+            Ok(old) => old,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(&copy, e)),
+        };
+        let differing = differing_study_keys(&old, study_text);
+        if differing.is_empty() {
+            return Ok(());
+        }
+        Err(Error::data(
+            &copy,
+            format!(
+                "holds a different study than the one being run (they differ in: {}); use another output directory, \
+                 or pass --force to replace the copy (finished cells are kept: ids name experiments)",
+                differing.join(", ")
+            ),
+        ))
     }
 
     /// Opens an existing result directory for reading (merge, report).
@@ -350,6 +373,20 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The top-level keys whose values differ between two study texts, parsed as TOML and with
+/// `description` left out (empty: the same study); `the file itself` when either does not
+/// parse.
+fn differing_study_keys(old: &str, new: &str) -> Vec<String> {
+    let (Ok(mut old), Ok(mut new)) = (old.parse::<toml::Table>(), new.parse::<toml::Table>()) else {
+        return if old == new { Vec::new() } else { vec!["the file itself (one copy is not valid TOML)".into()] };
+    };
+    for table in [&mut old, &mut new] {
+        table.remove("description");
+    }
+    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter().filter(|k| old.get(*k) != new.get(*k)).map(|k| format!("`{k}`")).collect()
 }
 
 #[cfg(test)]

@@ -121,12 +121,11 @@ pub(crate) fn worst_case_table(dir: &Path, rows: &[Row]) -> String {
         let mode = mode.unwrap_or_else(|| "–".into());
         let _ = writeln!(lines, "| {model} | {defense} | {mode} | {} | {acc_cells} | {cost_cells} |", eps_text(eps.map(f64::from_bits)));
     }
+    let mut md = String::from("## Worst case over attacks (per sample)\n\n");
     if lines.is_empty() {
-        return String::new();
+        return md + "_Skipped: it needs two or more white-box attacks on the same model, defense, mode and ε._\n\n";
     }
-    let mut md = String::from(
-        "## Worst case over attacks (per sample)\n\nAutoAttack's way of counting: a sample is robust only if it resists every accuracy attack run on it, and the compute an attacker forces on it is the largest any energy attack reached there (white-box cells of the same model, defense, mode and ε; seeds averaged). Robust accuracy in %; cost in MACs / static MACs; recovery of the worst case in %.\n\n",
-    );
+    md += "AutoAttack's way of counting: a sample is robust only if it resists every accuracy attack run on it, and the compute an attacker forces on it is the largest any energy attack reached there (white-box cells of the same model, defense, mode and ε; seeds averaged). Robust accuracy in %; cost in MACs / static MACs; recovery of the worst case in %.\n\n";
     md += "| model | defense | mode | ε | accuracy attacks | best single: robust acc | worst case: robust acc | energy attacks | best single: cost | worst case: cost | worst-case recovery |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
     md + &lines + "\n"
 }

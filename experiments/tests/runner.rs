@@ -228,7 +228,12 @@ fn a_different_study_is_refused_unless_forced() {
     Store::open(dir.path(), SMALL, false).expect("the same study reopens");
     let other = SMALL.replace("n = 8", "n = 9");
     let err = Store::open(dir.path(), &other, false).unwrap_err().to_string();
-    assert!(err.contains("study.toml") && err.contains("different study"), "{err}");
+    assert!(err.contains("study.toml") && err.contains("different study") && err.contains("they differ in: `n`"), "{err}");
+    assert_eq!(Store::open_existing(dir.path()).unwrap().check_study(&other).unwrap_err().to_string(), err, "what --dry-run asks");
+    // a comment, the layout or the description change no cell: the same study, its copy updated
+    let annotated = format!("# tried again on Tuesday\ndescription = \"notes\"\n{}", SMALL.replace(" = ", "   =   "));
+    let store = Store::open(dir.path(), &annotated, false).expect("the same study, annotated");
+    assert_eq!(store.study_text().unwrap(), annotated);
     let store = Store::open(dir.path(), &other, true).unwrap();
     assert_eq!(store.study_text().unwrap(), other);
 }

@@ -235,8 +235,9 @@ fn malformed_studies_are_located_and_name_the_key() {
     for (text, line_column, key) in malformed() {
         let err = Study::parse(&text, "experiments/bad.toml", &registry).expect_err(&text).to_string();
         eprintln!("{err}");
-        let at = format!("experiments/bad.toml:{line_column}`");
-        assert!(err.contains(&at), "expected `{at}` in: {err}\n--- study:\n{text}");
+        // the place opens the message, as a compiler's does
+        let at = format!("experiments/bad.toml:{line_column}: ");
+        assert!(err.starts_with(&at), "expected `{at}` at the start of: {err}\n--- study:\n{text}");
         assert!(err.contains(key), "expected `{key}` in: {err}\n--- study:\n{text}");
     }
 }

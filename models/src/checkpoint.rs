@@ -276,11 +276,16 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     if committed.join(SIDECAR_FILE).is_file() {
         return Ok(committed);
     }
+    if as_path.is_dir() {
+        return Err(Error::checkpoint(&as_path, format!("a directory without {SIDECAR_FILE}: not a dynrobust checkpoint (expected model.safetensors and model.json, as `dynrobust train` writes)")));
+    }
+    let committed_names: Vec<String> = std::fs::read_dir(committed_dir("")).into_iter().flatten().flatten().filter(|e| e.path().join(SIDECAR_FILE).is_file()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     Err(Error::checkpoint(
         &as_path,
         format!(
-            "no checkpoint `{model}`: expected a committed model name (static, sdn, gated, skipnet, in {}) \
+            "no checkpoint `{model}`{}: expected a committed model name (static, sdn, gated, skipnet, in {}) \
              or a directory holding model.safetensors and model.json",
+            dynrobust_core::error::did_you_mean(model, committed_names.iter().map(String::as_str)),
             committed_dir("").display()
         ),
     ))
