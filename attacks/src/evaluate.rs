@@ -84,7 +84,9 @@ impl AttackRecord {
         let mut flags = Vec::new();
         if self.goal == Goal::Energy && self.adv_cost < self.clean_cost - COST_DROP_FLAG {
             // the attack's name leads (`ilfo@surrogate` for a transfer attack)
-            let known_cause = if self.attack.starts_with("ilfo") { " (faithful ILFO starts at R(x) ≠ x, the authors' box quirk)" } else { "" };
+            let config = self.config.get("inner_config").unwrap_or(&self.config);
+            let faithful_ilfo = self.attack.starts_with("ilfo") && config.get("mode").and_then(|m| m.as_str()) == Some("faithful");
+            let known_cause = if faithful_ilfo { " (faithful ILFO starts at R(x) ≠ x, the authors' box quirk)" } else { "" };
             flags.push(format!(
                 "the energy attack lowered the mean cost ({:.3} → {:.3}): too few iterations, or a start away from the clean input{known_cause}",
                 self.clean_cost, self.adv_cost

@@ -27,7 +27,7 @@ pub struct AttackArgs {
     #[arg(long)]
     attack: String,
     /// Budget ε, e.g. 8/255 or 0.1.
-    #[arg(long, value_parser = parse_fraction, allow_hyphen_values = true)]
+    #[arg(long, value_parser = parse_fraction, allow_negative_numbers = true)]
     eps: Option<f64>,
     /// Iterations (the attack's `steps`; GradMDM's and GradAuto's `iterations`; Square's `queries`).
     #[arg(long)]
@@ -41,7 +41,8 @@ pub struct AttackArgs {
     /// Accuracy-loss output: final, deployed, avg, max (one pass, worst exit) or maxruns (DeepSloth's PGD-max: one run per exit, best per sample).
     #[arg(long)]
     loss: Option<String>,
-    /// Any other config field, as KEY=VALUE (VALUE parsed as JSON, else taken as a string).
+    /// Any other config field, as KEY=VALUE (VALUE parsed as JSON, else taken as a string; `eps`
+    /// also as a fraction like 8/255). `dynrobust list attacks NAME` lists the fields.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Craft on this surrogate model instead (transfer attack); the victim is only queried.
@@ -126,8 +127,8 @@ fn overrides(args: &AttackArgs) -> Result<Value> {
     Ok(Value::Object(map))
 }
 
-/// Parses the `KEY=VALUE` options of `flag` (VALUE as JSON, else as a string); a key given
-/// twice is refused.
+/// Parses the `KEY=VALUE` options of `flag` (VALUE as JSON, else as a string; `eps` also as a
+/// fraction like 8/255); a key given twice is refused.
 pub fn parse_sets(flag: &str, sets: &[String]) -> Result<Map<String, Value>> {
     let mut map = Map::new();
     for kv in sets {
@@ -254,7 +255,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     eprintln!("attack      {} (goal {}, eps {}, norm {})", args.attack, r["goal"].as_str().unwrap_or("?"), eps_text(r["eps"].as_f64()), r["norm"].as_str().unwrap_or("–"));
     eprintln!("images      {}", r["n"]);
     eprintln!("accuracy    clean {:.2} %  adv {:.2} %", 100.0 * num("clean_acc"), 100.0 * num("adv_acc"));
-    let recovery = if no_saving(num("clean_cost")) { "–".to_string() } else { format!("{:.2} %", 100.0 * num("recovery")) };
+    let recovery = if dynrobust_core::metrics::saves_nothing(num("clean_cost")) { "–".to_string() } else { format!("{:.2} %", 100.0 * num("recovery")) };
     eprintln!("cost        clean {:.4}  adv {:.4}  recovery {recovery}", num("clean_cost"), num("adv_cost"));
     if let (Some(l2), Some(linf)) = (r["l2_mean"].as_f64(), r["linf_max"].as_f64()) {
         eprintln!("perturbation L2 mean {l2:.4}  L∞ max {linf:.5}");
@@ -296,7 +297,7 @@ fn print_table(r: &AttackRecord) {
     eprintln!("attack      {} (goal {}, eps {}, norm {})", r.attack, serde_name(&r.goal), eps_text(r.eps), r.norm.map_or("–".into(), |n| serde_name(&n)));
     eprintln!("images      {}", r.n);
     eprintln!("accuracy    clean {}  adv {}  fooled {} of the clean-correct", pct(r.clean_acc), pct(r.adv_acc), pct(r.fooled_rate));
-    let recovery = if no_saving(r.clean_cost) { "– (clean inputs already cost a full pass: nothing to recover)".to_string() } else { format!("{} (equal-weight blocks {})", pct(r.recovery), pct(r.recovery_blocks)) };
+    let recovery = if dynrobust_core::metrics::saves_nothing(r.clean_cost) { "– (clean inputs already cost a full pass: nothing to recover)".to_string() } else { format!("{} (equal-weight blocks {})", pct(r.recovery), pct(r.recovery_blocks)) };
     eprintln!("cost        clean {:.4}  adv {:.4}  recovery {recovery}", r.clean_cost, r.adv_cost);
     if let (Some(a), Some(b)) = (&r.clean_exit_hist, &r.adv_exit_hist) {
         eprintln!("exits       clean {a:?}\n            adv   {b:?}");
@@ -333,21 +334,17 @@ fn serde_name<T: serde::Serialize>(value: &T) -> String {
     }
 }
 
-/// ε as a user writes it: `8/255 (0.03137)` for a whole number of grey levels, else to five
-/// decimals (as the L∞ size is printed, so the two compare at a glance).
+/// ε as a study writes it, with five decimals beside a fraction (`8/255 (0.03137)`; the L∞
+/// size is printed to five too, so the two compare at a glance).
 fn eps_text(eps: Option<f64>) -> String {
-    match eps {
+    match eps.map(|e| (e, dynrobust_experiments::study::format_eps(e))) {
         None => "–".into(),
-        Some(e) if e > 0.0 && (e * 255.0 - (e * 255.0).round()).abs() < 1e-9 => format!("{}/255 ({e:.5})", (e * 255.0).round()),
-        Some(e) => format!("{e:.5}"),
+        Some((e, written)) if written.contains('/') => format!("{written} ({e:.5})"),
+        Some((e, _)) => format!("{e:.5}"),
     }
 }
 
-/// True when the clean inputs already run the whole network (a static model, a static twin):
-/// recovery is 0/0 there.
-fn no_saving(clean_cost: f64) -> bool {
-    clean_cost >= 1.0 - 1e-9
-}
+
 
 /// The measured model passes per image (the attack's queries to the model it attacks).
 fn print_passes(forward: Option<f64>, gradient: Option<f64>) {

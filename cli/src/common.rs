@@ -113,7 +113,10 @@ pub fn load_checkpoint(model: &str, device: Device) -> Result<(dynrobust_models:
 }
 
 /// `dynrobust list WHAT`.
-pub fn list(what: &str) -> Result<()> {
+pub fn list(what: &str, name: Option<&str>) -> Result<()> {
+    if let Some(name) = name {
+        return list_settings(what, name);
+    }
     match what {
         "models" => {
             for (name, about) in [
@@ -140,6 +143,24 @@ pub fn list(what: &str) -> Result<()> {
             }
         }
         other => bail!("unknown list `{other}`: expected models, attacks or defenses"),
+    }
+    Ok(())
+}
+
+/// `dynrobust list attacks NAME` / `list defenses NAME`: the plugin's settings with every
+/// default filled in, one `key = value` line each (an unset optional one as a comment).
+fn list_settings(what: &str, name: &str) -> Result<()> {
+    let settings = match what {
+        "attacks" => dynrobust_attacks::registry::build(name, &serde_json::json!({}))?.config_json(),
+        "defenses" => dynrobust_defenses::registry::DefenseSpec::parse(name, &serde_json::json!({}))?.settings()?,
+        other => bail!("`list {other} {name}`: settings are listed for attacks and defenses only"),
+    };
+    println!("# {name}: settings and their defaults, values in JSON notation (change them with --set KEY=VALUE or a study's params)");
+    for (key, value) in settings.as_object().into_iter().flatten() {
+        match value {
+            serde_json::Value::Null => println!("# {key}: unset (optional)"),
+            other => println!("{key} = {other}"),
+        }
     }
     Ok(())
 }

@@ -49,6 +49,9 @@ enum Command {
     List {
         /// models | attacks | defenses
         what: String,
+        /// With `attacks` or `defenses`: print this one's settings with their defaults (what
+        /// `--set` / `--defense-set` and a study's `params` may change).
+        name: Option<String>,
     },
 }
 
@@ -102,6 +105,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::TrainDenoiser(a) => defend::train_denoiser(a),
         Command::Info(a) => eval::info(a),
         Command::Bench(a) => bench::run(a),
-        Command::List { what } => common::list(&what),
+        Command::List { what, name } => common::list(&what, name.as_deref()),
     }
 }

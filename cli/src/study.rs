@@ -128,11 +128,11 @@ fn inspector(out: &Path) -> RealExecutor {
 /// changed since). With `study_text` (no `--force`), first refuses as the run would when `out`
 /// holds a different study.
 fn dry_run(cells: &[Cell], out: &Path, study_text: Option<&str>) -> Result<()> {
+    if let Some(text) = study_text {
+        Store::at(out).check_study(text).context("the run would stop")?;
+    }
     let (done, stale) = match Store::open_existing(out) {
         Ok(store) => {
-            if let Some(text) = study_text {
-                store.check_study(text).context("the run would stop")?;
-            }
             let stale: std::collections::BTreeSet<String> = stale_cells(&inspector(out), cells, &store)?.into_iter().map(|s| s.id).collect();
             (store.finished_ids()?, stale)
         }

@@ -336,8 +336,55 @@ fn defend_with_a_backbone_trains_the_sdns_classifiers_on_the_static_checkpoints_
     }
 }
 
-/// Refused before any work, naming the option: an output path under a regular file, a
-/// thread count below 1, option values that would give broken results, an option given twice.
+/// Study mistakes read as their place in the file; `--dry-run` refuses a directory holding
+/// another study as the run would; a cause the message already quotes is said once.
+#[test]
+fn study_mistakes_and_dry_runs_say_what_the_run_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let study = |name: &str, text: &str| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let missing = study("missing.toml", "name = \"t\"\nn = 8\nmodels = [\"static\"]\n[[attacks]]\nname = \"fgsm\"\n");
+    let err = stderr(&dynrobust(&["run", &missing, "--dry-run"]));
+    assert!(err.contains(&format!("{missing}:1:1: missing field `data`")) && !err.contains("(in `"), "{err}");
+    let one = "name = \"t\"\ndata = \"fashion-mnist\"\nn = 8\nmodels = [\"static\"]\n[[attacks]]\nname = \"fgsm\"\n";
+    let other = study("other.toml", &one.replace("n = 8", "n = 9"));
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("study.toml"), one).unwrap();
+    let dry = |extra: &[&str]| {
+        let mut args = vec!["run", other.as_str(), "--out", out.to_str().unwrap(), "--dry-run"];
+        args.extend_from_slice(extra);
+        dynrobust(&args)
+    };
+    let refused = dry(&[]);
+    let err = stderr(&refused);
+    assert!(!refused.status.success() && err.contains("the run would stop") && err.contains("they differ in: `n`"), "{err}");
+    assert!(dry(&["--force"]).status.success(), "--force replaces the copy, so the run would go on");
+    let gone = tmp.path().join("gone");
+    let err = stderr(&dynrobust(&["report", gone.to_str().unwrap()]));
+    assert_eq!(err.matches("no cells/ directory").count(), 1, "said once: {err}");
+}
+
+/// `list attacks NAME` prints the attack's settings with their defaults; a near-miss name is
+/// answered with the right one.
+#[test]
+fn list_names_a_plugins_settings_with_their_defaults() {
+    let out = dynrobust(&["list", "attacks", "pgd-linf"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("steps = 20\n") && text.contains("norm = \"linf\"\n") && text.contains("step_size = 0.0039"), "the step size in force: {text}");
+    let out = dynrobust(&["list", "attacks", "gradauto"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("iterations = 300\n") && text.contains("# eps: unset (optional)"), "{text}");
+    let out = dynrobust(&["list", "defenses", "bitdepth"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("bits = "), "{}", stderr(&out));
+    let out = dynrobust(&["list", "attacks", "pgd-lnif"]);
+    assert!(!out.status.success() && stderr(&out).contains("did you mean `pgd-linf`?"), "{}", stderr(&out));
+}
+
 #[test]
 fn set_takes_eps_as_a_fraction_as_eps_does() {
     let eps_of = |args: &[&str]| {
@@ -351,6 +398,8 @@ fn set_takes_eps_as_a_fraction_as_eps_does() {
     assert_eq!(eps_of(&["--eps", "4/255"]), 4.0 / 255.0);
 }
 
+/// Refused before any work, naming the option: an output path under a regular file, a
+/// thread count below 1, option values that would give broken results, an option given twice.
 #[test]
 fn bad_options_are_refused_at_once_naming_the_option() {
     let tmp = tempfile::tempdir().unwrap();

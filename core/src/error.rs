@@ -46,8 +46,8 @@ pub enum Error {
 }
 
 /// ` (did you mean `deepsloth`?)` when one of `candidates` is within a couple of typos of
-/// `name` (edit distance ≤ 2, and less than half the name), else empty: appended to an
-/// "unknown name" message.
+/// `name`, ignoring case (edit distance ≤ 2 and at most half the name's length less one, but
+/// always 1 allowed), else empty: appended to an "unknown name" message.
 pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
     let distance = |a: &str, b: &str| {
         let b: Vec<char> = b.chars().collect();
@@ -66,8 +66,8 @@ pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str
     let limit = 2.min(name.chars().count().saturating_sub(1) / 2);
     candidates
         .into_iter()
-        .map(|c| (distance(name, c), c))
-        .filter(|(d, _)| *d > 0 && *d <= limit.max(1))
+        .map(|c| (distance(&name.to_lowercase(), &c.to_lowercase()), c))
+        .filter(|(d, c)| *d <= limit.max(1) && *c != name)
         .min()
         .map_or(String::new(), |(_, c)| format!(" (did you mean `{c}`?)"))
 }
@@ -180,6 +180,7 @@ mod tests {
         assert_eq!(super::did_you_mean("sdnn", names), " (did you mean `sdn`?)");
         assert_eq!(super::did_you_mean("gradmd", names), " (did you mean `gradmdm`?)");
         assert_eq!(super::did_you_mean("xyz", names), "", "nothing close");
+        assert_eq!(super::did_you_mean("DeepSloth", names), " (did you mean `deepsloth`?)", "case aside");
         assert_eq!(super::did_you_mean("sdn", names), "", "an exact name needs no suggestion");
     }
 

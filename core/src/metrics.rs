@@ -18,12 +18,20 @@ pub fn correct(logits: &Tensor, labels: &Tensor) -> Tensor {
     logits.argmax(-1, false).eq_tensor(labels)
 }
 
-/// Share of the saved compute the attacker recovered; 0 when the clean cost is already 1.
+/// True when the clean inputs already cost a full static pass (a static model, a static twin):
+/// there is no saving to recover, so recovery is 0/0 — reported as 0 in records, shown as
+/// "–" in text and tables.
+pub fn saves_nothing(clean_cost: f64) -> bool {
+    clean_cost >= 1.0 - 1e-9
+}
+
+/// Share of the saved compute the attacker recovered; 0 when the clean cost is already 1
+/// ([`saves_nothing`]).
 /// Costs are MACs over the static twin's, gates and internal classifiers included, so an
 /// attack that makes a model dearer than its static twin (every exit head run, then the final
 /// one) recovers more than 100 %. [`block_recovery`] is the equal-weight block count variant.
 pub fn recovery(clean_cost: f64, adv_cost: f64) -> f64 {
-    if clean_cost >= 1.0 {
+    if saves_nothing(clean_cost) {
         0.0
     } else {
         (adv_cost - clean_cost) / (1.0 - clean_cost)

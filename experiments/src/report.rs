@@ -396,7 +396,7 @@ fn summary_table(rows: &[Row]) -> String {
             pct(r.adv_acc),
             fixed(r.clean_cost, 3),
             fixed(r.adv_cost, 3),
-            pct(r.recovery),
+            pct(r.recovery.filter(|_| !r.clean_cost.is_some_and(dynrobust_core::metrics::saves_nothing))),
             fixed(r.seconds, 1),
             passes_text(r.gradient_passes, r.forward_passes),
             if r.flags.is_empty() { "–".to_string() } else { format!("{} (see below)", r.flags.len()) }

@@ -81,6 +81,7 @@ impl Store {
     pub fn check_study(&self, study_text: &str) -> Result<()> {
         let copy = self.study_path();
         let old = match fs::read_to_string(&copy) {
+            Ok(old) if old == study_text => return Ok(()),
             Ok(old) => old,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io(&copy, e)),
@@ -97,6 +98,12 @@ impl Store {
                 differing.join(", ")
             ),
         ))
+    }
+
+    /// The result directory `dir` as it is, unchecked and unchanged (for questions that do not
+    /// need `cells/`, such as [`Store::check_study`]).
+    pub fn at(dir: impl AsRef<Path>) -> Store {
+        Store { dir: dir.as_ref().to_path_buf() }
     }
 
     /// Opens an existing result directory for reading (merge, report).

@@ -87,7 +87,8 @@ fn combine(cells: &[(&Row, Samples)], acc: &mut Side, energy: &mut Side, clean_c
     }
 }
 
-/// The section, or an empty string when no group has two attacks of one kind.
+/// The section; when no group has two attacks of one kind, its heading with why it is
+/// skipped.
 pub(crate) fn worst_case_table(dir: &Path, rows: &[Row]) -> String {
     let mut groups: BTreeMap<GroupKey, BTreeMap<u64, Vec<&Row>>> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.surrogate.is_none() && r.detector.is_none() && !crate::findings::is_detector(r)) {
@@ -109,7 +110,7 @@ pub(crate) fn worst_case_table(dir: &Path, rows: &[Row]) -> String {
             continue;
         }
         let clean = (!clean_cost.is_empty()).then(|| clean_cost.iter().sum::<f64>() / clean_cost.len() as f64);
-        let recovery = |cost: f64| clean.filter(|&c| c < 1.0 - 1e-9).map(|c| (cost - c) / (1.0 - c));
+        let recovery = |cost: f64| clean.filter(|&c| !dynrobust_core::metrics::saves_nothing(c)).map(|c| (cost - c) / (1.0 - c));
         let acc_cells = match &accuracy {
             Some((n, label, best, worst)) => format!("{n} | {} ({label}) | **{}**", pct(Some(*best)), pct(Some(*worst))),
             None => "– | – | –".into(),
@@ -123,7 +124,7 @@ pub(crate) fn worst_case_table(dir: &Path, rows: &[Row]) -> String {
     }
     let mut md = String::from("## Worst case over attacks (per sample)\n\n");
     if lines.is_empty() {
-        return md + "_Skipped: it needs two or more white-box attacks on the same model, defense, mode and ε._\n\n";
+        return md + "_Skipped: it needs two or more accuracy attacks, or two or more energy attacks, run white-box on the same model, defense, mode and ε, with their per-sample CSVs._\n\n";
     }
     md += "AutoAttack's way of counting: a sample is robust only if it resists every accuracy attack run on it, and the compute an attacker forces on it is the largest any energy attack reached there (white-box cells of the same model, defense, mode and ε; seeds averaged). Robust accuracy in %; cost in MACs / static MACs; recovery of the worst case in %.\n\n";
     md += "| model | defense | mode | ε | accuracy attacks | best single: robust acc | worst case: robust acc | energy attacks | best single: cost | worst case: cost | worst-case recovery |\n|---|---|---|---|---|---|---|---|---|---|---|\n";

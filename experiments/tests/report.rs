@@ -162,7 +162,7 @@ fn plots_without_data_are_skipped_and_said_so() {
     // ε and n unknown here: the record lacks them
     assert!(md.contains("| static | none | – | ilfo | – | – | – | 50.0 | – |"), "{md}");
     assert!(md.contains("| ⚠ | model | defense | mode | attack | surrogate | ε | n |"), "{md}");
-    assert!(md.contains("## Worst case over attacks (per sample)\n\n_Skipped: it needs two or more white-box attacks"), "{md}");
+    assert!(md.contains("## Worst case over attacks (per sample)\n\n_Skipped: it needs two or more accuracy attacks, or two or more energy attacks"), "{md}");
     assert!(!md.contains("## Defenses"));
     assert!(files.skipped.len() >= 4, "{:?}", files.skipped);
 }
