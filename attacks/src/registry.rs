@@ -96,7 +96,7 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
             }
             // fields FGSM would otherwise ignore without a word
             if cfg.norm != Norm::Linf {
-                return Err(Error::config("norm", format!("{}: FGSM is the L∞ step (the gradient's sign, of size ε); for L2 use pgd-l2 with steps = 1", norm_name(cfg.norm))));
+                return Err(Error::config("norm", format!("{}: FGSM is the L∞ step (the gradient's sign, of size ε); for L2 use pgd-l2 with steps = 1", cfg.norm)));
             }
             if cfg.step_size.is_some() {
                 return Err(Error::config("step_size", "FGSM's step is ε itself; set eps, or use pgd-linf for another step size"));
@@ -151,14 +151,9 @@ fn pgd_config(name: &str, norm: Norm, default_eps: f64, overrides: &serde_json::
     let cfg: PgdConfig = merged(PgdConfig { norm, eps: default_eps, ..Default::default() }, overrides)?;
     if cfg.norm != norm {
         let other = if norm == Norm::Linf { "pgd-l2" } else { "pgd-linf" };
-        return Err(Error::config("norm", format!("{}: `{name}`'s name sets the norm ({}); use `{other}` for the other one", norm_name(cfg.norm), norm_name(norm))));
+        return Err(Error::config("norm", format!("{}: `{name}`'s name sets the norm ({norm}); use `{other}` for the other one", cfg.norm)));
     }
     Ok(cfg)
-}
-
-/// A norm as configs spell it (`linf`, `l2`).
-fn norm_name(norm: Norm) -> String {
-    serde_json::to_value(norm).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| format!("{norm:?}"))
 }
 
 /// A targeted attack (`targeted_name`) needs `targets ≥ 1`, its untargeted twin `targets = 0`.

@@ -294,7 +294,7 @@ fn print_tally(tally: Option<&Value>) {
 fn print_table(r: &AttackRecord) {
     let pct = |v: f64| format!("{:.2} %", 100.0 * v);
     eprintln!("model       {}", r.model);
-    eprintln!("attack      {} (goal {}, eps {}, norm {})", r.attack, serde_name(&r.goal), eps_text(r.eps), r.norm.map_or("–".into(), |n| serde_name(&n)));
+    eprintln!("attack      {} (goal {}, eps {}, norm {})", r.attack, r.goal, eps_text(r.eps), r.norm.map_or("–".into(), |n| n.to_string()));
     eprintln!("images      {}", r.n);
     eprintln!("accuracy    clean {}  adv {}  fooled {} of the clean-correct", pct(r.clean_acc), pct(r.adv_acc), pct(r.fooled_rate));
     let recovery = if dynrobust_core::metrics::saves_nothing(r.clean_cost) { "– (clean inputs already cost a full pass: nothing to recover)".to_string() } else { format!("{} (equal-weight blocks {})", pct(r.recovery), pct(r.recovery_blocks)) };
@@ -323,15 +323,6 @@ fn print_table(r: &AttackRecord) {
     };
     eprintln!("time        {:.2} s ({iterations})", r.seconds);
     print_passes(r.forward_passes, r.gradient_passes);
-}
-
-/// A value's name as its config and JSON spell it (`energy`, `linf`), not Rust's `Debug`.
-fn serde_name<T: serde::Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(Value::String(name)) => name,
-        Ok(other) => other.to_string(),
-        Err(_) => "?".into(),
-    }
 }
 
 /// ε as a study writes it, with five decimals beside a fraction (`8/255 (0.03137)`; the L∞

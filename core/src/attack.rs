@@ -61,6 +61,27 @@ impl Norm {
     }
 }
 
+/// `linf` / `l2`: the name configs and records use.
+impl std::fmt::Display for Norm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Norm::Linf => "linf",
+            Norm::L2 => "l2",
+        })
+    }
+}
+
+/// `energy` / `accuracy` / `both`: the name records use.
+impl std::fmt::Display for Goal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Goal::Energy => "energy",
+            Goal::Accuracy => "accuracy",
+            Goal::Both => "both",
+        })
+    }
+}
+
 /// A white-box or transfer attack.
 pub trait Attack {
     /// The registry name, e.g. `deepsloth`.
@@ -306,4 +327,20 @@ macro_rules! delegate_attack {
     (@one $inner:ident take_tally) => {
         fn take_tally(&self) -> ::std::option::Option<::serde_json::Value> { self.$inner.take_tally() }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Goal, Norm};
+
+    #[test]
+    fn norms_and_goals_display_as_configs_spell_them() {
+        let serde_name = |v: serde_json::Value| v.as_str().unwrap().to_string();
+        for norm in [Norm::Linf, Norm::L2] {
+            assert_eq!(norm.to_string(), serde_name(serde_json::to_value(norm).unwrap()));
+        }
+        for goal in [Goal::Energy, Goal::Accuracy, Goal::Both] {
+            assert_eq!(goal.to_string(), serde_name(serde_json::to_value(goal).unwrap()));
+        }
+    }
 }

@@ -307,12 +307,14 @@ impl RealExecutor {
             Err(_) => Ok(()),
         };
         let attack = self.bare_attack(cell);
-        let fit_images = attack.as_ref().ok().and_then(|a| a.fit_images());
-        let attack_resolved = attack.is_ok();
-        put(ATTACK_SETTINGS, attack.map(|a| settings_digest(&a.config_json())))?;
         let spec = self.defense(cell).map(|(spec, _)| spec);
-        let calibration_images = spec.as_ref().ok().and_then(DefenseSpec::calibration_images);
-        let defense_resolved = spec.is_ok();
+        // how many training images are read depends on both plugins: with either unresolved,
+        // the count (and so the digest) is not the one the cell ran with
+        let training_images = match (&attack, &spec) {
+            (Ok(attack), Ok(spec)) => spec.calibration_images().into_iter().chain(attack.fit_images()).max(),
+            _ => None,
+        };
+        put(ATTACK_SETTINGS, attack.map(|a| settings_digest(&a.config_json())))?;
         let spec = match spec {
             Ok(spec) => {
                 put(DEFENSE_SETTINGS, spec.settings().map(|s| settings_digest(&s)))?;
@@ -335,9 +337,6 @@ impl RealExecutor {
         if let Ok(digest) = self.images_digest(&c.data, Split::Test, c.n as i64) {
             put(DATA, Ok(digest))?;
         }
-        // how many training images are read depends on both plugins: with either unresolved,
-        // the count (and so the digest) is not the one the cell ran with
-        let training_images = calibration_images.into_iter().chain(fit_images).max().filter(|_| attack_resolved && defense_resolved);
         if let Some(n) = training_images {
             if let Ok(digest) = self.images_digest(&c.data, Split::Train, n) {
                 put(TRAINING_DATA, Ok(digest))?;

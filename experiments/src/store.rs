@@ -58,7 +58,7 @@ impl Store {
     /// see [`Store::check_study`]. A copy that differs in comments, layout or `description`
     /// only is the same study, and is replaced by the new text.
     pub fn open(dir: impl AsRef<Path>, study_text: &str, force: bool) -> Result<Store> {
-        let store = Store { dir: dir.as_ref().to_path_buf() };
+        let store = Store::at(dir);
         let cells = store.cells_dir();
         fs::create_dir_all(&cells).map_err(|e| Error::io(&cells, e))?;
         let copy = store.study_path();
@@ -108,7 +108,7 @@ impl Store {
 
     /// Opens an existing result directory for reading (merge, report).
     pub fn open_existing(dir: impl AsRef<Path>) -> Result<Store> {
-        let store = Store { dir: dir.as_ref().to_path_buf() };
+        let store = Store::at(dir);
         let cells = store.cells_dir();
         if !cells.is_dir() {
             let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no cells/ directory: not a dynrobust result directory");
