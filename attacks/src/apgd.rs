@@ -38,7 +38,7 @@ use crate::ensemble::in_turn;
 use crate::losses::{ce_per_sample, dlr_per_sample, dlr_targeted_per_sample, output_loss_per_sample, ExitLoss};
 
 /// The loss APGD ascends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ApgdLoss {
     /// Cross-entropy (APGD-CE).
@@ -49,7 +49,7 @@ pub enum ApgdLoss {
 }
 
 /// Config of APGD (`apgd-ce`, `apgd-dlr`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApgdConfig {
     /// Budget ε (pixel units, images in [0,1]).

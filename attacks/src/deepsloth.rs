@@ -72,7 +72,7 @@ fn first_of_each_class(images: &Tensor, labels: &Tensor, per_class: i64) -> (Ten
 }
 
 /// Which DeepSloth variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Variant {
     /// Per-sample L∞.
@@ -97,7 +97,7 @@ impl Variant {
 }
 
 /// Which images the universal perturbation is fitted on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FitOn {
     /// Training images handed over before the attack (the authors' code).
@@ -107,7 +107,7 @@ pub enum FitOn {
 }
 
 /// DeepSloth's config; defaults are the authors' per-sample L∞ settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeepSlothConfig {
     /// linf, l2, universal, class-universal or l2-universal.

@@ -87,7 +87,7 @@ use tch::{Kind, Tensor};
 
 /// One member: a registry attack name and its overrides (its `eps` and `seed` are the
 /// ensemble's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Member {
     pub name: String,
@@ -96,7 +96,7 @@ pub struct Member {
 }
 
 /// AutoAttack's presets (`autoattack.py`, `set_version`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Version {
     /// APGD-CE, APGD-T, FAB-T, Square (5,000 queries).
@@ -139,7 +139,7 @@ impl Version {
 }
 
 /// Config of the ensemble.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnsembleConfig {
     /// L∞ budget ε, shared by every member.

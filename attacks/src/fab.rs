@@ -42,7 +42,7 @@ use crate::ensemble::{in_turn, misclassified};
 use crate::losses::ExitLoss;
 
 /// Config of FAB (`fab`) and FAB-T (`fab-t`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FabConfig {
     /// Budget ε (pixel units): a sample counts as fooled only if its closest adversarial

@@ -33,7 +33,7 @@ use crate::tanh_box::{check_normalisation, optimise_modifier, Mode, Normalisatio
 pub const GRADMDM_FAITHFUL_BOUNDS: ([f64; 3], [f64; 3]) = ([-2.4291, -2.4183, -2.2214], [2.5141, 2.5968, 2.7537]);
 
 /// GradMDM's config; defaults are the authors' (SkipNet SP exponents).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct GradMdmConfig {
     /// faithful (authors' box and bounds) or fixed (true bounds, w₀ = R⁻¹(x); with `eps` the
@@ -330,7 +330,7 @@ fn gradmdm_box(norm_in: &Normalisation, mode: Mode, eps: Option<f64>, norm: Norm
 }
 
 /// GradAuto's config (Pan et al., ECCV 2022); defaults are the authors'.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct GradAutoConfig {
     /// faithful or fixed box (as GradMDM).

@@ -24,7 +24,7 @@ use crate::tanh_box::{check_normalisation, Adam, Mode, Normalisation, TanhBox};
 pub const ILFO_FAITHFUL_BOUNDS: (f64, f64) = (-2.22, 2.5);
 
 /// ILFO's config; defaults are the authors'.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct IlfoConfig {
     /// faithful or fixed.

@@ -73,7 +73,7 @@ pub fn gate_matrix(trace: &Trace) -> Result<Tensor> {
 }
 
 /// Which output an accuracy loss reads (DeepSloth's PGD, PGD-avg, PGD-max).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ExitLoss {
     /// The final head (DeepSloth's PGD).

@@ -24,7 +24,7 @@ use crate::losses::{accuracy_loss_per_sample, uniform_ce_per_sample, ExitLoss};
 use crate::pgd::{ascend, random_start};
 
 /// Joint or stealthy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MechanismVariant {
     /// Misclassify and raise compute.
@@ -34,7 +34,7 @@ pub enum MechanismVariant {
 }
 
 /// Config of the dynamic-mechanism attack.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct MechanismConfig {
     /// joint or stealthy.

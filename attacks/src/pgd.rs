@@ -21,7 +21,7 @@ use crate::losses::{accuracy_loss_per_sample, per_output_ce, ExitLoss};
 use crate::tanh_box::Mode;
 
 /// Config of PGD (L∞ or L2) and its one-step special case FGSM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PgdConfig {
     /// Budget ε (pixel units, images in [0,1]).
@@ -203,7 +203,7 @@ impl Attack for Pgd {
 }
 
 /// Config of MI-FGSM (momentum iterative FGSM, L∞).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MiFgsmConfig {
     /// L∞ budget ε.

@@ -3,7 +3,9 @@
 //! field named; values are validated by each attack's constructor).
 
 use dynrobust_core::attack::{Attack, Norm};
+use dynrobust_core::settings_doc::{setting_docs as docs, SettingDoc};
 use dynrobust_core::{Error, Result};
+use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -141,6 +143,29 @@ pub fn build(name: &str, overrides: &serde_json::Value) -> Result<Box<dyn Attack
         }
         other => {
             return Err(Error::config("attack", format!("unknown attack `{other}`{}; expected one of: {}", dynrobust_core::error::did_you_mean(other, names()), names().join(", "))));
+        }
+    })
+}
+
+/// What each setting of attack `name` means (its config's doc comments; see
+/// [`dynrobust_core::settings_doc`]).
+pub fn setting_docs(name: &str) -> Result<BTreeMap<String, SettingDoc>> {
+    Ok(match name {
+        "deepsloth" | "deepsloth-l2" | "deepsloth-universal" | "deepsloth-class-universal" | "deepsloth-l2-universal" => docs::<DeepSlothConfig>(),
+        "gradmdm" => docs::<GradMdmConfig>(),
+        "gradauto" => docs::<GradAutoConfig>(),
+        "ilfo" => docs::<IlfoConfig>(),
+        "fgsm" | "pgd-linf" | "pgd-l2" => docs::<PgdConfig>(),
+        "mi-fgsm" => docs::<MiFgsmConfig>(),
+        "square" => docs::<SquareConfig>(),
+        "ensemble" => docs::<EnsembleConfig>(),
+        "apgd-ce" | "apgd-dlr" | "apgd-t" => docs::<ApgdConfig>(),
+        "fab" | "fab-t" => docs::<FabConfig>(),
+        "feature-pgd" => docs::<FeaturePgdConfig>(),
+        "mechanism" | "mechanism-stealthy" => docs::<MechanismConfig>(),
+        other => {
+            build(other, &serde_json::json!({}))?; // an unknown name: the registry's error, with suggestions
+            return Err(Error::config("attack", format!("`{other}` has no settings docs (add its config to `setting_docs`)")));
         }
     })
 }

@@ -44,7 +44,7 @@ impl Attack for Transfer {
 }
 
 /// Config of the feature-level PGD.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FeaturePgdConfig {
     /// L∞ budget.

@@ -384,3 +384,29 @@ fn more_targets_than_wrong_classes_are_refused_naming_targets() {
     assert!(err.to_string().contains("at most 4"), "{err}");
     ensemble.check_model(&model).unwrap();
 }
+
+/// Every setting of every attack is documented (what `dynrobust list attacks NAME` prints):
+/// the docs name exactly the keys of the config the attack is built with, each with a
+/// description, and an enum-valued setting lists its values, the default among them.
+#[test]
+fn every_attack_setting_is_documented() {
+    for name in registry::names() {
+        let settings = registry::build(name, &json!({})).unwrap().config_json();
+        let docs = registry::setting_docs(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let keys: Vec<&String> = settings.as_object().unwrap().keys().collect();
+        assert_eq!(docs.keys().collect::<Vec<_>>(), keys, "{name}: documented settings differ from the config's");
+        for (key, doc) in &docs {
+            assert!(doc.description.len() > 8, "{name}.{key}: no doc comment ({:?})", doc.description);
+            let default = &settings[key];
+            if !doc.choices.is_empty() && !default.is_null() {
+                assert!(doc.choices.iter().any(|(value, _)| *value == default.to_string()), "{name}.{key}: default {default} not among {:?}", doc.choices);
+            }
+        }
+    }
+}
+
+#[test]
+fn setting_docs_of_an_unknown_attack_suggest_the_name() {
+    let msg = registry::setting_docs("gradmd").unwrap_err().to_string();
+    assert!(msg.contains("unknown attack `gradmd`") && msg.contains("gradmdm"), "{msg}");
+}

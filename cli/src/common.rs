@@ -148,21 +148,75 @@ pub fn list(what: &str, name: Option<&str>) -> Result<()> {
 }
 
 /// `dynrobust list attacks NAME` / `list defenses NAME`: the plugin's settings with every
-/// default filled in, one `key = value` line each (an unset optional one as a comment).
+/// default filled in, one `key = value` line each (an unset optional one, or a required one
+/// with no default, as a comment), each after what it means and, for a setting with named
+/// values, the values it takes.
 fn list_settings(what: &str, name: &str) -> Result<()> {
-    let settings = match what {
-        "attacks" => dynrobust_attacks::registry::build(name, &serde_json::json!({}))?.config_json(),
-        "defenses" => dynrobust_defenses::registry::DefenseSpec::parse(name, &serde_json::json!({}))?.settings()?,
+    let (docs, defaults) = match what {
+        "attacks" => (dynrobust_attacks::registry::setting_docs(name)?, dynrobust_attacks::registry::build(name, &serde_json::json!({})).map(|a| a.config_json())),
+        "defenses" => (dynrobust_defenses::registry::setting_docs(name)?, dynrobust_defenses::registry::DefenseSpec::parse(name, &serde_json::json!({})).and_then(|d| d.settings())),
         other => bail!("`list {other} {name}`: settings are listed for attacks and defenses only"),
     };
+    // with no defaults for its required settings a plugin cannot be built from `{}`
+    let defaults = match defaults {
+        Ok(settings) => settings,
+        Err(_) if docs.values().any(|d| d.required) => serde_json::json!({}),
+        Err(e) => return Err(e.into()),
+    };
+    let defaults = defaults.as_object().cloned().unwrap_or_default();
     println!("# {name}: settings and their defaults, values in JSON notation (change them with --set KEY=VALUE or a study's params)");
-    for (key, value) in settings.as_object().into_iter().flatten() {
-        match value {
-            serde_json::Value::Null => println!("# {key}: unset (optional)"),
-            other => println!("{key} = {other}"),
+    let doc_only = docs.keys().filter(|key| !defaults.contains_key(*key));
+    for key in defaults.keys().chain(doc_only) {
+        println!();
+        match docs.get(key) {
+            Some(doc) => print_setting_doc(doc),
+            None => print_comment("(reported with the results; not a setting)"),
+        }
+        match defaults.get(key) {
+            Some(serde_json::Value::Null) => println!("# {key}: unset (optional)"),
+            Some(value) => println!("{key} = {value}"),
+            None if docs.get(key).is_some_and(|d| d.required) => println!("# {key}: required (no default)"),
+            None => println!("# {key}: at its default (left out of the results while unchanged)"),
         }
     }
     Ok(())
+}
+
+/// A setting's meaning and, when it has named values, the values.
+fn print_setting_doc(doc: &dynrobust_core::settings_doc::SettingDoc) {
+    print_comment(&doc.description);
+    if !doc.choices.is_empty() {
+        let choices = doc.choices.iter().map(|(value, about)| if about.is_empty() { value.clone() } else { format!("{value} ({})", lowercase_first(about.trim_end_matches('.'))) });
+        print_comment(&format!("one of: {}", choices.collect::<Vec<_>>().join("; ")));
+    }
+}
+
+/// `text` with its first letter lower-cased when a lower-case letter follows it (`Bugs` →
+/// `bugs`; `APGD`, `L1` and `L∞` stay), to read as a parenthesis.
+fn lowercase_first(text: &str) -> String {
+    let mut chars = text.chars();
+    match (chars.next(), chars.next()) {
+        (Some(first), Some(second)) if first.is_uppercase() && second.is_lowercase() => first.to_lowercase().chain(text.chars().skip(1)).collect(),
+        _ => text.to_string(),
+    }
+}
+
+/// `text` as `# ` comment lines of at most about 96 characters.
+fn print_comment(text: &str) {
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + word.chars().count() > 94 {
+            println!("# {line}");
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        println!("# {line}");
+    }
 }
 
 /// The command line as a sidecar records it: `dynrobust` and the arguments (not the path the

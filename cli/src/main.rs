@@ -49,8 +49,9 @@ enum Command {
     List {
         /// models | attacks | defenses
         what: String,
-        /// With `attacks` or `defenses`: print this one's settings with their defaults (what
-        /// `--set` / `--defense-set` and a study's `params` may change).
+        /// With `attacks` or `defenses`: print this one's settings — what each means, the
+        /// values it takes, its default (what `--set` / `--defense-set` and a study's `params`
+        /// may change).
         name: Option<String>,
     },
 }

@@ -368,8 +368,9 @@ fn study_mistakes_and_dry_runs_say_what_the_run_would() {
     assert_eq!(err.matches("no cells/ directory").count(), 1, "said once: {err}");
 }
 
-/// `list attacks NAME` prints the attack's settings with their defaults; a near-miss name is
-/// answered with the right one.
+/// `list attacks NAME` prints the attack's settings with their defaults, each after what it
+/// means (and a named-value setting's values); a defense with a required setting lists it; a
+/// near-miss name is answered with the right one.
 #[test]
 fn list_names_a_plugins_settings_with_their_defaults() {
     let out = dynrobust(&["list", "attacks", "pgd-linf"]);
@@ -381,6 +382,13 @@ fn list_names_a_plugins_settings_with_their_defaults() {
     assert!(text.contains("iterations = 300\n") && text.contains("# eps: unset (optional)"), "{text}");
     let out = dynrobust(&["list", "defenses", "bitdepth"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("bits = "), "{}", stderr(&out));
+    let out = dynrobust(&["list", "attacks", "gradmdm"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("# Adam iterations.\niterations = 100\n"), "the doc comment above its setting: {text}");
+    assert!(text.contains("\n# one of: \"faithful\" (as the authors' code does it); \"fixed\" (bugs fixed:"), "mode's values: {text}");
+    let out = dynrobust(&["list", "defenses", "pgd-at"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("# checkpoint: required (no default)"), "{}", String::from_utf8_lossy(&out.stdout));
     let out = dynrobust(&["list", "attacks", "pgd-lnif"]);
     assert!(!out.status.success() && stderr(&out).contains("did you mean `pgd-linf`?"), "{}", stderr(&out));
 }

@@ -33,7 +33,7 @@ pub struct Requirements {
 }
 
 /// Lp norm of a perturbation budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Norm {
     /// L∞ (max absolute pixel change).

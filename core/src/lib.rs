@@ -18,6 +18,7 @@ pub mod process;
 pub mod protocol;
 pub mod queries;
 pub mod rng;
+pub mod settings_doc;
 pub mod testing;
 
 pub use error::{Error, Result};

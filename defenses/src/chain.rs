@@ -23,19 +23,22 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 /// One step of a chain: a registry transform name and its params.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChainStep {
+    /// An input transform's registry name (`dynrobust list defenses`; not `none` or `chain`).
     pub name: String,
+    /// Its params, as the transform alone takes them (default: its defaults).
     #[serde(default)]
     pub params: serde_json::Value,
 }
 
 /// Params of the `chain` defense.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChainParams {
-    /// The transforms, first applied first (at least two).
+    /// The transforms, first applied first (at least two): `[{ name, params }, …]`, e.g.
+    /// `[{ name = "bitdepth", params = { bits = 4 } }, { name = "denoiser" }]`.
     pub steps: Vec<ChainStep>,
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 /// Config of the budget cap.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
     /// Residual branches allowed per sample (checked against the model's block count when applied).
@@ -37,7 +37,7 @@ pub fn apply_budget(net: &mut dynrobust_models::Net, cfg: &BudgetConfig) -> Resu
 }
 
 /// Config of the cost monitor.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorConfig {
     /// Percentile of the clean cost distribution above which an input is flagged, in (0, 100).

@@ -3,7 +3,9 @@
 //! validated by each constructor).
 
 use dynrobust_core::defense::{Adaptivity, DefenseKind, InputTransform};
+use dynrobust_core::settings_doc::{setting_docs as docs, SettingDoc};
 use dynrobust_core::{Error, Result};
+use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +42,28 @@ pub fn names() -> Vec<&'static str> {
     DEFENSES.iter().map(|d| d.0).collect()
 }
 
+/// What each setting of defense `name` means (its config's doc comments; see
+/// [`dynrobust_core::settings_doc`]).
+pub fn setting_docs(name: &str) -> Result<BTreeMap<String, SettingDoc>> {
+    Ok(match name {
+        "none" => BTreeMap::new(),
+        "bitdepth" => docs::<BitDepthConfig>(),
+        "median" => docs::<MedianConfig>(),
+        "blur" => docs::<BlurConfig>(),
+        "jpeg" => docs::<JpegConfig>(),
+        "noise" => docs::<NoiseConfig>(),
+        "denoiser" => docs::<DenoiserParams>(),
+        "chain" => docs::<ChainParams>(),
+        "budget" => docs::<BudgetConfig>(),
+        "monitor" => docs::<MonitorConfig>(),
+        "squeeze" => docs::<SqueezeConfig>(),
+        other => match kind(other)? {
+            DefenseKind::Training => docs::<TrainedParams>(),
+            _ => return Err(Error::config("defense", format!("`{other}` has no settings docs (add its config to `setting_docs`)"))),
+        },
+    })
+}
+
 /// The kind of defense `name`, or an error listing the valid names.
 pub fn kind(name: &str) -> Result<DefenseKind> {
     DEFENSES
@@ -56,7 +80,7 @@ pub fn is_detector(name: &str) -> bool {
 }
 
 /// Params of the denoiser defense.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DenoiserParams {
     /// Denoiser directory (`denoiser.safetensors` + `denoiser.json`).
@@ -70,9 +94,11 @@ impl Default for DenoiserParams {
 }
 
 /// Params of a training-time defense used in a study: the checkpoint it produced.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainedParams {
+    /// The checkpoint `dynrobust defend --recipe NAME` wrote: a directory, or the name of a
+    /// committed one (`gated-slowdown-at`; in a study `{model}-slowdown-at` names the cell's).
     pub checkpoint: String,
 }
 

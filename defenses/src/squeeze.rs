@@ -66,7 +66,7 @@ use crate::guards::DetectionReport;
 use crate::transforms::{BitDepth, BitDepthConfig, Median, MedianConfig};
 
 /// What the squeezing detector compares between `x` and its squeezed copies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SqueezeScore {
     /// L1 distance of the softmax outputs (Xu et al.), in [0, 2].
@@ -78,7 +78,7 @@ pub enum SqueezeScore {
 }
 
 /// How the adaptive attacker goes about a squeezing detector.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum SqueezeAttacker {
     /// Average the attack's objective over the input and its squeezed copies
@@ -114,7 +114,7 @@ impl SqueezeAttacker {
 }
 
 /// Config of the feature-squeezing detector.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SqueezeConfig {
     /// Bits per pixel of the bit-depth squeezer, 1..=8; 0 leaves it out.

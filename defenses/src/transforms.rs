@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 /// Bit-depth reduction `x' = round(x·(2^b − 1))/(2^b − 1)`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BitDepthConfig {
     /// Bits per pixel, 1..=8.
@@ -70,7 +70,7 @@ impl InputTransform for BitDepth {
 }
 
 /// k×k median filter per channel with reflect padding.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MedianConfig {
     /// Window side: 2 (feature squeezing's 2×2, Xu et al. NDSS 2018) or odd 3..=7.
@@ -144,7 +144,7 @@ impl InputTransform for Median {
 }
 
 /// Gaussian blur.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BlurConfig {
     /// Standard deviation in pixels, (0, 5].
@@ -202,7 +202,7 @@ impl InputTransform for Blur {
 }
 
 /// JPEG re-encoding.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JpegConfig {
     /// Quality 1..=100.
@@ -279,7 +279,7 @@ impl InputTransform for Jpeg {
 }
 
 /// Additive Gaussian noise.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoiseConfig {
     /// Standard deviation, (0, 1].

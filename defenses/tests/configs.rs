@@ -69,3 +69,41 @@ fn a_denoiser_checkpoint_may_be_named_like_the_committed_checkpoints() {
     let err = build_transform("denoiser", &json!({ "checkpoint": "no-such-denoiser" })).err().unwrap().to_string();
     assert!(err.contains("no-such-denoiser"), "{err}");
 }
+
+/// Every setting of every defense is documented (what `dynrobust list defenses NAME` prints):
+/// each documented setting has a description; what the defense reports as its settings is
+/// documented, except the denoiser's `architecture` (read from its checkpoint, not a setting);
+/// a defense that cannot be built from no params has a required setting; an enum-valued
+/// setting lists its values, the default among them.
+#[test]
+fn every_defense_setting_is_documented() {
+    let _torch = torch_lock();
+    for name in dynrobust_defenses::registry::names() {
+        let docs = dynrobust_defenses::registry::setting_docs(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (key, doc) in &docs {
+            assert!(doc.description.len() > 8, "{name}.{key}: no doc comment ({:?})", doc.description);
+        }
+        let settings = match DefenseSpec::parse(name, &json!({})) {
+            Ok(spec) => spec.settings().unwrap(),
+            Err(e) => {
+                assert!(docs.values().any(|d| d.required), "{name}: not built from no params ({e}) yet nothing is required");
+                continue;
+            }
+        };
+        for (key, default) in settings.as_object().unwrap() {
+            if name == "denoiser" && key == "architecture" {
+                continue;
+            }
+            let doc = docs.get(key).unwrap_or_else(|| panic!("{name}.{key}: reported but not documented"));
+            if !doc.choices.is_empty() && !default.is_null() {
+                assert!(doc.choices.iter().any(|(value, _)| *value == default.to_string()), "{name}.{key}: default {default} not among {:?}", doc.choices);
+            }
+        }
+    }
+}
+
+#[test]
+fn setting_docs_of_an_unknown_defense_suggest_the_name() {
+    let msg = dynrobust_defenses::registry::setting_docs("squeze").unwrap_err().to_string();
+    assert!(msg.contains("unknown defense `squeze`") && msg.contains("squeeze"), "{msg}");
+}

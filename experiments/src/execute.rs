@@ -52,8 +52,10 @@ pub struct RealExecutor {
     /// (`OUT/craft-cache`; `None` turns the cache off). See [`CraftCache`].
     pub craft_cache: Option<PathBuf>,
     /// [`images_digest`] of the first n images of a data set's split by (data set, training
-    /// split?, n), computed once per executor: every cell of a run reads the same files.
-    data_digests: std::sync::Mutex<BTreeMap<(String, bool, i64), String>>,
+    /// split?, n), computed once per executor: every cell of a run reads the same files. Each
+    /// entry has a lock of its own, held while it is computed, so two workers asking for the
+    /// same digest load the split once and different digests do not wait for each other.
+    data_digests: DigestTable,
 }
 
 impl RealExecutor {
@@ -68,14 +70,20 @@ impl RealExecutor {
     /// them when it has fewer).
     fn images_digest(&self, name: &str, split: Split, n: i64) -> Result<String> {
         let key = (name.to_string(), matches!(split, Split::Train), n);
-        if let Some(digest) = self.data_digests.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        let entry = self.data_digests.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone();
+        let mut slot = entry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(digest) = slot.as_ref() {
             return Ok(digest.clone());
         }
         let digest = images_digest(&located_data(name)?.load(split, None)?.take(n))?;
-        self.data_digests.lock().unwrap_or_else(|e| e.into_inner()).insert(key, digest.clone());
+        *slot = Some(digest.clone());
         Ok(digest)
     }
 }
+
+/// Digests by (data set, training split?, n), each behind its own lock (see
+/// [`RealExecutor::images_digest`]).
+type DigestTable = std::sync::Mutex<BTreeMap<(String, bool, i64), std::sync::Arc<std::sync::Mutex<Option<String>>>>>;
 
 /// Per-thread state: loaded data sets.
 pub struct Worker {
