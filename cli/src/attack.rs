@@ -151,9 +151,8 @@ pub fn run(args: AttackArgs) -> Result<()> {
     if args.defense.is_none() && (args.oblivious || !args.defense_set.is_empty()) {
         bail!("{} without --defense: name the defense it applies to", if args.oblivious { "--oblivious" } else { "--defense-set" });
     }
-    if let Some(dir) = &args.save_examples {
-        prepare_out_dir("--save-examples", dir)?;
-    }
+    // held to the end: a failed attack leaves no empty directory behind
+    let _created = args.save_examples.as_deref().map(|dir| prepare_out_dir("--save-examples", dir)).transpose()?;
     if args.defense.is_some() {
         return run_defended(args);
     }

@@ -234,13 +234,45 @@ pub fn project_relative(dir: &Path) -> String {
 
 /// Makes sure `dir` can hold the command's output before any work starts: creates it (and its
 /// parents), or fails naming `flag` and the path when a file is in the way, so a typo in an
-/// output path does not throw away a finished training run or attack.
-pub fn prepare_out_dir(flag: &str, dir: &Path) -> Result<()> {
+/// output path does not throw away a finished training run or attack. Keep the returned guard
+/// until the output is written: if the command fails first, the directories it created are
+/// removed again while they are still empty (nothing of the user's is touched).
+pub fn prepare_out_dir(flag: &str, dir: &Path) -> Result<CreatedDirs> {
     if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
         bail!("{flag} {}: {} is a file, expected a directory (or a path that does not exist yet)", dir.display(), file.display());
     }
+    let created: Vec<PathBuf> = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
     std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}: cannot create the directory", dir.display()))?;
-    Ok(())
+    Ok(CreatedDirs(created))
+}
+
+/// Refuses to write a checkpoint over the one `dir` already holds (its `sidecar` file is
+/// there) unless `force`: a retrained committed checkpoint would silently make every study
+/// cell stored with it stale, and another run's model would be lost.
+pub fn refuse_overwrite(flag: &str, dir: &Path, sidecar: &str, force: bool) -> Result<()> {
+    if force || !dir.join(sidecar).is_file() {
+        return Ok(());
+    }
+    let committed = dir.canonicalize().ok().zip(dynrobust_models::checkpoint::committed_dir("").canonicalize().ok()).is_some_and(|(d, root)| d.starts_with(root));
+    bail!(
+        "{flag} {}: already holds a checkpoint ({sidecar}){}; pass --force to replace it, or another {flag}",
+        dir.display(),
+        if committed { ", one of the committed ones that the demo, the tests and stored study cells use" } else { "" }
+    )
+}
+
+/// The directories [`prepare_out_dir`] created, deepest first; on drop, removed while empty.
+#[must_use = "the output directory is removed again when the guard drops while it is empty"]
+pub struct CreatedDirs(Vec<PathBuf>);
+
+impl Drop for CreatedDirs {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            if std::fs::remove_dir(dir).is_err() {
+                break; // not empty (the output is there) or gone: leave it and its parents
+            }
+        }
+    }
 }
 
 /// Sets libtorch's intra-op thread count, refusing a count below 1 (libtorch would abort).

@@ -60,6 +60,9 @@ pub struct DefendArgs {
     /// Output checkpoint directory.
     #[arg(long)]
     out: PathBuf,
+    /// Replace the checkpoint already in --out (without it that is refused).
+    #[arg(long)]
+    force: bool,
     /// SDN only: first replace the backbone and final head with those of this static
     /// checkpoint (DeepSloth's stage 1, e.g. one made by `defend --model static --recipe
     /// pgd-at`), then train the internal classifiers on it (stage 2).
@@ -74,6 +77,7 @@ pub struct DefendArgs {
 pub fn run(args: DefendArgs) -> Result<()> {
     crate::common::set_threads(args.threads)?;
     let recipe = Recipe::parse(&args.recipe)?;
+    crate::common::refuse_overwrite("--out", &args.out, dynrobust_models::checkpoint::SIDECAR_FILE, args.force)?;
     let device = args.device.device()?;
     let (mut net, base, dir) = load_checkpoint(&args.model, device)?;
     let mut init_from = project_relative(&dir);
@@ -103,11 +107,14 @@ pub fn run(args: DefendArgs) -> Result<()> {
         map.extend(extra);
     }
     let cfg = cfg.validated()?;
+    // what `defend` would refuse, before the data is loaded and --out created
+    dynrobust_defenses::training::crafting_attack(&net, &cfg).map_err(|e| e.for_model(&net.name(), &args.model))?;
     let train_set = args.data.load(Split::Train, None)?.per_class(args.per_class)?.to_device(device);
     let test_set = args.data.load_as("--eval-samples", Split::Test, Some(args.eval_samples))?.to_device(device);
     // checked before the long part, so a bad --out does not throw the training away
-    crate::common::prepare_out_dir("--out", &args.out)?;
-    eprintln!("defending {} with {:?} on {} images ({} × {} on {})", args.model, recipe, train_set.len(), cfg.epochs, cfg.attack, net.name());
+    let _created = crate::common::prepare_out_dir("--out", &args.out)?;
+    let epochs = if cfg.epochs == 1 { "1 epoch".to_string() } else { format!("{} epochs", cfg.epochs) };
+    eprintln!("defending {} with {recipe} on {} images ({epochs}, training examples by {} on {})", args.model, train_set.len(), cfg.attack, net.name());
     let own = net.name();
     let report = defend(&mut net, &train_set, &cfg).map_err(|e| e.for_model(&own, &args.model))?;
     // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)
@@ -181,9 +188,13 @@ pub struct DenoiserArgs {
     /// Seed of the weight initialisation, batch order and noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output directory.
-    #[arg(long, default_value = "models/checkpoints/denoiser")]
-    out: PathBuf,
+    /// Output directory (default: the committed `models/checkpoints/denoiser` of the project).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Replace the denoiser already in --out (without it that is refused, the committed one
+    /// included).
+    #[arg(long)]
+    force: bool,
 }
 
 /// Runs `dynrobust train-denoiser`.
@@ -191,6 +202,8 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     tch::manual_seed(args.seed as i64);
     let device = args.device.device()?;
     check_denoiser_args(&args)?;
+    let out = args.out.clone().unwrap_or_else(|| checkpoint::committed_dir("denoiser"));
+    crate::common::refuse_overwrite("--out", &out, dynrobust_defenses::denoiser::SIDECAR_FILE, args.force)?;
     let train = args.data.load_as("--train-samples", Split::Train, Some(args.train_samples))?.to_device(device);
     let test = args.data.load(Split::Test, Some(1000))?.to_device(device);
     let dims = train.images.size();
@@ -211,7 +224,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
         }
         None => None,
     };
-    crate::common::prepare_out_dir("--out", &args.out)?;
+    let _created = crate::common::prepare_out_dir("--out", &out)?;
     if let Some((name, victim, attack, subset)) = crafting {
         let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));
         let mut advs = Vec::new();
@@ -243,8 +256,8 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
         },
         test_clean_mse,
     };
-    net.save(&sidecar, &args.out)?;
-    eprintln!("wrote {} (train MSE {final_loss:.2e}, clean test MSE {test_clean_mse:.2e}, {} MACs/image)", args.out.display(), net.macs());
+    net.save(&sidecar, &out)?;
+    eprintln!("wrote {} (train MSE {final_loss:.2e}, clean test MSE {test_clean_mse:.2e}, {} MACs/image)", out.display(), net.macs());
     Ok(())
 }
 

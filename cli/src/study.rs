@@ -67,15 +67,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.dry_run {
         return dry_run(&cells, &out, (!args.force).then_some(study.source.as_str()));
     }
+    if args.workers == Some(0) {
+        anyhow::bail!("--workers 0: expected ≥ 1");
+    }
     let store = Store::open(&out, &study.source, args.force)?;
     let variant_dirs = std::fs::read_dir(out.join("models")).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir());
     sweep_interrupted_writes(&[store.cells_dir(), out.join("craft-cache")].into_iter().chain(variant_dirs).collect::<Vec<_>>())?;
     // inside a Slurm task, the CPUs Slurm granted it; else the machine's
     let slurm_cpus = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&c| c > 0);
     let cores = slurm_cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if args.workers == Some(0) {
-        anyhow::bail!("--workers 0: expected ≥ 1");
-    }
     let workers = args.workers.unwrap_or(cores.min(2));
     let threads = (cores / workers).max(1) as i32;
     let variants = out.join("models");
@@ -268,11 +268,11 @@ pub fn slurm(args: SlurmArgs) -> Result<()> {
         anyhow::bail!("--tasks {}: the study has {} cells, so at most {} tasks would have work", args.tasks, study.cells.len(), study.cells.len());
     }
     let out = std::path::absolute(out_dir(&study, &args.out))?;
-    crate::common::prepare_out_dir("--out", &out)?;
     let study_path = std::path::absolute(&args.study)?;
     let binary = std::env::current_exe()?;
+    // the script first: it checks --tasks, --time and --cpus before anything is created
     let text = slurm_script(&study_path, &out, args.tasks, args.partition.as_deref(), args.time.as_deref(), args.cpus, &binary)?;
-    std::fs::create_dir_all(&out)?;
+    let _created = crate::common::prepare_out_dir("--out", &out)?;
     let script = args.script.unwrap_or_else(|| out.join("slurm.sh"));
     std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
     eprintln!("wrote {} ({} cells in {} tasks); submit with: sbatch {}", script.display(), study.cells.len(), args.tasks, script.display());

@@ -69,6 +69,10 @@ pub struct TrainArgs {
     /// libtorch intra-op threads (default: libtorch's choice).
     #[arg(long)]
     threads: Option<i32>,
+    /// Replace the checkpoint already in the output directory (without it that is refused,
+    /// the committed ones included).
+    #[arg(long)]
+    force: bool,
 }
 
 fn mechanism(args: &TrainArgs) -> Result<Mechanism> {
@@ -96,6 +100,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, DataSpec::Named(dynrobust_core::data::DataSource::FashionMnist)) => checkpoint::committed_dir(&args.model),
         (None, _) => bail!("--out DIR is required when training on {} (the committed checkpoints are Fashion-MNIST models)", source.name()),
     };
+    crate::common::refuse_overwrite("--out", &out, checkpoint::SIDECAR_FILE, args.force)?;
     let mut train_set = args.data.load_as("--train-samples", Split::Train, args.train_samples)?;
     if let Some(k) = args.per_class {
         anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");
@@ -118,7 +123,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let subset = args.per_class.is_some() || args.train_samples.is_some();
     let init_from = init_weights(&mut net, &args, &mechanism, may_start_from_committed_static(&config, &source, subset))?;
     // checked before the long part, so a bad --out does not throw the training away
-    crate::common::prepare_out_dir("--out", &out)?;
+    let _created = crate::common::prepare_out_dir("--out", &out)?;
     eprintln!("training {} on {} ({} images), {} epochs, seed {}", args.model, train_set.name, train_set.len(), cfg.epochs, cfg.seed);
     let (report, loss) = train_family(&mut net, &train_set, &cfg, init_from.is_some())?;
     // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)

@@ -500,3 +500,55 @@ fn a_training_time_defense_checkpoint_of_another_model_is_refused() {
         assert!(!out.status.success() && stderr(&out).contains(says), "{ckpt}: {}", stderr(&out));
     }
 }
+
+/// A command refused after it has made its output directory removes it again (it was empty);
+/// the checks a command can make before loading anything come before the directory.
+#[test]
+fn refused_commands_leave_no_output_directory_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("s.toml");
+    std::fs::write(&study, "name = \"t\"\ndata = \"fashion-mnist\"\nn = 8\nmodels = [\"static\"]\n[[attacks]]\nname = \"fgsm\"\n").unwrap();
+    let out = tmp.path().join("new/deeper");
+    let out_arg = out.to_str().unwrap();
+    let study_arg = study.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["defend", "--model", "static", "--recipe", "gate-consistency", "--out", out_arg], "`gate-consistency` does not apply to a `static` model"),
+        (vec!["defend", "--model", "static", "--recipe", "pgd-at", "--attack", "deepslooth", "--out", out_arg], "did you mean `deepsloth`?"),
+        (vec!["run", study_arg, "--workers", "0", "--out", out_arg], "--workers 0"),
+        (vec!["slurm", study_arg, "--tasks", "0", "--out", out_arg], "`tasks`"),
+        (vec!["slurm", study_arg, "--tasks", "1", "--time", "2h", "--out", out_arg], "`time`"),
+        (vec!["attack", "--model", "static", "--attack", "fgsm", "--n", "8", "--set", "steps=2", "--save-examples", out_arg], "FGSM is one step"),
+    ];
+    for (args, expected) in cases {
+        let output = dynrobust(&args);
+        assert!(!output.status.success() && stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+        assert!(!tmp.path().join("new").exists(), "{args:?} left {} behind", tmp.path().join("new").display());
+    }
+}
+
+/// `train`, `defend` and `train-denoiser` do not write over a checkpoint (without --out,
+/// `train` and `train-denoiser` would replace a committed one) unless told to with --force.
+#[test]
+fn checkpoints_are_not_overwritten_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let taken = tmp.path().join("taken");
+    std::fs::create_dir_all(&taken).unwrap();
+    std::fs::write(taken.join("model.json"), "{}").unwrap();
+    std::fs::write(taken.join("denoiser.json"), "{}").unwrap();
+    let taken_arg = taken.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["train", "--model", "static", "--per-class", "1"], "one of the committed ones"),
+        (vec!["train-denoiser", "--epochs", "1"], "one of the committed ones"),
+        (vec!["train", "--model", "static", "--per-class", "1", "--out", taken_arg], "already holds a checkpoint (model.json); pass --force"),
+        (vec!["defend", "--model", "static", "--recipe", "pgd-at", "--out", taken_arg], "already holds a checkpoint (model.json); pass --force"),
+        (vec!["train-denoiser", "--epochs", "1", "--out", taken_arg], "already holds a checkpoint (denoiser.json); pass --force"),
+    ];
+    for (args, expected) in cases {
+        let output = dynrobust(&args);
+        assert!(!output.status.success() && stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+    }
+    assert_eq!(std::fs::read_to_string(taken.join("model.json")).unwrap(), "{}", "left as it was");
+    let out = dynrobust(&["train", "--model", "static", "--train-samples", "32", "--eval-samples", "16", "--epochs", "1", "--out", taken_arg, "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(std::fs::read_to_string(taken.join("model.json")).unwrap(), "{}", "--force replaces it");
+}

@@ -60,6 +60,20 @@ pub enum Recipe {
     CostCap,
 }
 
+/// The recipe's name as the CLI and studies spell it (`gate-consistency`).
+impl std::fmt::Display for Recipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Recipe::PgdAt => "pgd-at",
+            Recipe::DeepslothAt => "deepsloth-at",
+            Recipe::Mixs => "mixs",
+            Recipe::SlowdownAt => "slowdown-at",
+            Recipe::GateConsistency => "gate-consistency",
+            Recipe::CostCap => "cost-cap",
+        })
+    }
+}
+
 impl Recipe {
     /// Parses a recipe name.
     pub fn parse(s: &str) -> Result<Self> {
@@ -87,7 +101,7 @@ impl Recipe {
         if ok {
             Ok(())
         } else {
-            Err(Error::config("recipe", format!("{self:?} does not apply to a `{}` model (deepsloth-at, mixs: sdn; slowdown-at, gate-consistency, cost-cap: gated or skipnet)", mechanism.kind_name())))
+            Err(Error::config("recipe", format!("`{self}` does not apply to a `{}` model (deepsloth-at, mixs: sdn; slowdown-at, gate-consistency, cost-cap: gated or skipnet)", mechanism.kind_name())))
         }
     }
 }
@@ -160,9 +174,7 @@ pub struct DefendReport {
 pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<DefendReport> {
     let cfg = cfg.clone().validated()?;
     let mechanism = net.config().mechanism.clone();
-    cfg.recipe.check(&mechanism)?;
-    let attack = dynrobust_attacks::registry::build(&cfg.attack, &cfg.attack_params)?;
-    attack.check_model(net)?;
+    let attack = crafting_attack(net, &cfg)?;
     dynrobust_core::attack::prepare_fit(&*attack, |n| Ok(data.take(n)))?;
     let ic_only = matches!(mechanism, Mechanism::Sdn { .. });
     let schedule = cfg.schedule();
@@ -175,13 +187,23 @@ pub fn defend(net: &mut Net, data: &Dataset, cfg: &DefendConfig) -> Result<Defen
         _ => None,
     };
     let mut batch = 0u64;
-    let run = optimise(net, data, &schedule, &format!("defend {:?}", cfg.recipe), |net, x, y| {
+    let run = optimise(net, data, &schedule, &format!("defend {}", cfg.recipe), |net, x, y| {
         let x_adv = craft(&cfg.attack, cfg.seed, &*attack, batch, (net, x, y))?;
         let x_sloth = sloth.as_ref().map(|(name, a)| craft(name, cfg.seed ^ 0x5105, &**a, batch, (net, x, y))).transpose()?;
         batch += 1;
         Ok(step_loss(net, &mechanism, &cfg, (x, &x_adv, x_sloth.as_ref()), y, ic_only))
     })?;
     Ok(DefendReport { run, schedule, loss: describe(&cfg) })
+}
+
+/// The attack that crafts `cfg`'s training examples for `net`, once the recipe is checked to
+/// apply to `net`'s family and the attack to `net` — what `defend` refuses, so a caller can
+/// check it before loading data or creating an output directory.
+pub fn crafting_attack(net: &Net, cfg: &DefendConfig) -> Result<Box<dyn dynrobust_core::attack::Attack>> {
+    cfg.recipe.check(&net.config().mechanism)?;
+    let attack = dynrobust_attacks::registry::build(&cfg.attack, &cfg.attack_params)?;
+    attack.check_model(net)?;
+    Ok(attack)
 }
 
 /// For an attack with a seeded random start (PGD, DeepSloth, the mechanism attack): a copy
