@@ -26,7 +26,7 @@ use crate::tanh_box::Mode;
 pub struct PgdConfig {
     /// Budget ε (pixel units, images in [0,1]).
     pub eps: f64,
-    /// Norm of the budget.
+    /// Norm of the budget (`pgd-linf` and `pgd-l2` take it from their name; `fgsm` is L∞).
     pub norm: Norm,
     /// Iterations.
     pub steps: usize,

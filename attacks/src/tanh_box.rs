@@ -27,9 +27,9 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// As the authors' code does it.
+    /// As the authors' code does it, quirks included.
     Faithful,
-    /// Bugs fixed: true bounds, `w₀ = R⁻¹(x)`.
+    /// The authors' quirks fixed; the attack's `mode` setting says which.
     Fixed,
 }
 

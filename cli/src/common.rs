@@ -164,7 +164,8 @@ fn list_settings(what: &str, name: &str) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     let defaults = defaults.as_object().cloned().unwrap_or_default();
-    println!("# {name}: settings and their defaults, values in JSON notation (change them with --set KEY=VALUE or a study's params)");
+    let flag = if what == "attacks" { "--set" } else { "--defense-set" };
+    println!("# {name}: settings and their defaults, values in JSON notation (change them with {flag} KEY=VALUE or a study's params)");
     let doc_only = docs.keys().filter(|key| !defaults.contains_key(*key));
     for key in defaults.keys().chain(doc_only) {
         println!();
@@ -191,12 +192,16 @@ fn print_setting_doc(doc: &dynrobust_core::settings_doc::SettingDoc) {
     }
 }
 
-/// `text` with its first letter lower-cased when a lower-case letter follows it (`Bugs` →
-/// `bugs`; `APGD`, `L1` and `L∞` stay), to read as a parenthesis.
+/// `text` with its first letter lower-cased when the rest of its first word is lower-case
+/// letters (`Bugs` → `bugs`; `APGD`, `L1`, `L∞` and `DeepSloth's` stay), to read as a
+/// parenthesis.
 fn lowercase_first(text: &str) -> String {
-    let mut chars = text.chars();
-    match (chars.next(), chars.next()) {
-        (Some(first), Some(second)) if first.is_uppercase() && second.is_lowercase() => first.to_lowercase().chain(text.chars().skip(1)).collect(),
+    let word = text.split_whitespace().next().unwrap_or("");
+    let mut chars = word.chars();
+    let first = chars.next();
+    let rest: Vec<char> = chars.take_while(|c| c.is_alphabetic()).collect();
+    match first {
+        Some(first) if first.is_uppercase() && !rest.is_empty() && rest.iter().all(|c| c.is_lowercase()) => first.to_lowercase().chain(text.chars().skip(1)).collect(),
         _ => text.to_string(),
     }
 }

@@ -385,10 +385,12 @@ fn list_names_a_plugins_settings_with_their_defaults() {
     let out = dynrobust(&["list", "attacks", "gradmdm"]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("# Adam iterations.\niterations = 100\n"), "the doc comment above its setting: {text}");
-    assert!(text.contains("\n# one of: \"faithful\" (as the authors' code does it); \"fixed\" (bugs fixed:"), "mode's values: {text}");
+    assert!(text.contains("\n# one of: \"faithful\" (as the authors' code does it, quirks included); \"fixed\" (the authors'"), "mode's values: {text}");
+    assert!(text.contains("with --set KEY=VALUE"), "{text}");
     let out = dynrobust(&["list", "defenses", "pgd-at"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("# checkpoint: required (no default)"), "{}", String::from_utf8_lossy(&out.stdout));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("# checkpoint: required (no default)") && text.contains("with --defense-set KEY=VALUE"), "{text}");
     let out = dynrobust(&["list", "attacks", "pgd-lnif"]);
     assert!(!out.status.success() && stderr(&out).contains("did you mean `pgd-linf`?"), "{}", stderr(&out));
 }
