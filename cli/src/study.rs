@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynrobust_core::atomic_file::{sweep_stale_temporaries, STALE_TEMPORARY_AGE};
 use dynrobust_experiments::execute::{prepare_variants, registry, RealExecutor};
-use dynrobust_experiments::{merge, parse_shard, run_cells, shard, slurm_script, stale_cell, stale_cells, write_report, Cell, Store, Study};
+use dynrobust_experiments::{merge, parse_shard, run_cells, shard, slurm_script, stale_cell, stale_cells, write_partial_report, write_report, Cell, Store, Study};
 
 /// Options of `dynrobust run`.
 #[derive(Args, Debug)]
@@ -177,9 +177,11 @@ fn sweep_interrupted_writes(dirs: &[PathBuf]) -> Result<()> {
 fn report_dir(dir: &Path, title: &str) -> Result<()> {
     let store = Store::open_existing(dir)?;
     let mut cells = store.load_all()?;
+    let mut planned = None;
     match store.study_text().and_then(|text| Study::parse(&text, store.study_path(), &registry())) {
         Ok(study) => {
             let wanted = study.ids();
+            planned = Some(wanted.len());
             let stored = cells.len();
             cells.retain(|c| wanted.contains(&c.id));
             if cells.len() < stored {
@@ -189,8 +191,11 @@ fn report_dir(dir: &Path, title: &str) -> Result<()> {
         Err(e) => eprintln!("report: WARNING: the stored study does not load here ({e}); reporting every stored cell, including any of an earlier study forced over this directory"),
     }
     warn_stale(dir, &cells);
-    let files = write_report(dir, title, &cells)?;
-    eprintln!("report: {} ({} plots)", files.markdown.display(), files.plots.len());
+    let files = write_partial_report(dir, title, &cells, planned)?;
+    match planned {
+        Some(planned) if planned > cells.len() => eprintln!("report: {} ({} plots) — {} of the study's {planned} cells: the run is unfinished", files.markdown.display(), files.plots.len(), cells.len()),
+        _ => eprintln!("report: {} ({} plots)", files.markdown.display(), files.plots.len()),
+    }
     Ok(())
 }
 

@@ -22,7 +22,7 @@ pub mod study;
 mod worst_case;
 
 pub use runner::{run_cells, stale_cell, stale_cells, CellFailure, CellOutput, Executor, RunSummary, StaleCell};
-pub use report::{write_report, ReportFiles};
+pub use report::{write_partial_report, write_report, ReportFiles};
 pub use slurm::{merge, slurm_script};
 pub use store::{Store, StoredCell};
 pub use study::{parse_shard, shard, AttackRef, Cell, CellConfig, DefenseMode, DefenseRef, ModelRef, Registry, Study};

@@ -210,6 +210,12 @@ pub(crate) fn fixed(v: Option<f64>, digits: usize) -> String {
 
 /// Writes the report of `cells` (the stored results of one study) into `dir`.
 pub fn write_report(dir: impl AsRef<Path>, title: &str, cells: &[StoredCell]) -> Result<ReportFiles> {
+    write_partial_report(dir, title, cells, None)
+}
+
+/// [`write_report`] for a study of `planned` cells (when known): a report of fewer says at the
+/// top that the run is unfinished and how many cells are missing.
+pub fn write_partial_report(dir: impl AsRef<Path>, title: &str, cells: &[StoredCell], planned: Option<usize>) -> Result<ReportFiles> {
     let dir = dir.as_ref();
     let plot_dir = dir.join("plots");
     std::fs::create_dir_all(&plot_dir).map_err(|e| Error::io(&plot_dir, e))?;
@@ -228,7 +234,7 @@ pub fn write_report(dir: impl AsRef<Path>, title: &str, cells: &[StoredCell]) ->
     crate::findings::add_cross_cell_flags(&mut rows);
     rows.sort_by(|a, b| row_key(a).partial_cmp(&row_key(b)).unwrap_or(std::cmp::Ordering::Equal));
     let worst_case = crate::worst_case::worst_case_table(dir, &rows);
-    let md = markdown(title, &rows, &code_versions(&sorted), &worst_case, &plot_dir, &mut files)?;
+    let md = markdown(title, (&rows, planned), &code_versions(&sorted), &worst_case, &plot_dir, &mut files)?;
     write_atomic(&files.markdown, md.as_bytes())?;
     Ok(files)
 }
@@ -306,8 +312,16 @@ fn code_versions(cells: &[&StoredCell]) -> String {
     }
 }
 
-fn markdown(title: &str, rows: &[Row], code: &str, worst_case: &str, plot_dir: &Path, files: &mut ReportFiles) -> Result<String> {
-    let mut md = format!("# {title}\n\n{} cells. Raw results: [results.jsonl](results.jsonl), ", rows.len());
+fn markdown(title: &str, (rows, planned): (&[Row], Option<usize>), code: &str, worst_case: &str, plot_dir: &Path, files: &mut ReportFiles) -> Result<String> {
+    let count = match planned {
+        Some(planned) if planned > rows.len() => format!(
+            "**{} of the study's {planned} cells: the run is unfinished** ({} still to compute; the same `dynrobust run` resumes it)",
+            rows.len(),
+            planned - rows.len()
+        ),
+        _ => format!("{} cells", rows.len()),
+    };
+    let mut md = format!("# {title}\n\n{count}. Raw results: [results.jsonl](results.jsonl), ");
     md += "per-sample rows: [per_sample.csv](per_sample.csv).\n\n";
     md += code;
     md += "Accuracy in %, cost in MACs / static MACs, recovery = (adv cost − clean cost) / (1 − clean cost) in %.\n\n";

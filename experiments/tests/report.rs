@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fs;
 
 use common::registry;
-use dynrobust_experiments::{write_report, Cell, Store, StoredCell, Study};
+use dynrobust_experiments::{write_partial_report, write_report, Cell, Store, StoredCell, Study};
 
 const STUDY: &str = r#"
 name = "synthetic"
@@ -244,4 +244,17 @@ fn the_report_names_the_code_version_and_warns_when_cells_mix_them() {
     let md = fs::read_to_string(write_report(dir.path(), "synthetic", &cells).unwrap().markdown).unwrap();
     let expected = format!("**Computed by 3 code versions**: `0123456789ab` ({} cells), `ba9876543210` (2 cells), `not recorded` (1 cell).", n - 3);
     assert!(md.contains(&expected), "{expected}\nnot in\n{md}");
+}
+
+#[test]
+fn a_report_of_an_unfinished_run_says_so_at_the_top() {
+    let study = Study::parse(STUDY, "synthetic.toml", &registry()).unwrap();
+    let cells = stored(&study);
+    let n = cells.len();
+    let dir = tempfile::tempdir().unwrap();
+    let md = fs::read_to_string(write_partial_report(dir.path(), "synthetic", &cells[..n - 3], Some(n)).unwrap().markdown).unwrap();
+    let expected = format!("**{} of the study's {n} cells: the run is unfinished** (3 still to compute;", n - 3);
+    assert!(md.lines().nth(2).is_some_and(|line| line.starts_with(&expected)), "{expected}\nnot the first line of\n{md}");
+    let md = fs::read_to_string(write_partial_report(dir.path(), "synthetic", &cells, Some(n)).unwrap().markdown).unwrap();
+    assert!(md.contains(&format!("\n\n{n} cells. Raw results")) && !md.contains("unfinished"), "{md}");
 }
