@@ -385,11 +385,6 @@ impl Cx<'_> {
         if let (true, Some(t)) = (twin, v.threshold.as_ref().map(|t| t.span()).or(v.exits.as_ref().map(|e| e.span()))) {
             return Err(self.err(&t, format!("variant `{name}`: a static twin has no exits or gates to tune: drop `threshold` / `exits`, or `twin`")));
         }
-        if let Some(e) = &v.exits {
-            if e.get_ref().is_empty() || e.get_ref().iter().any(|&b| b > 63) {
-                return Err(self.err(&e.span(), format!("variant `{name}`: `exits` = {:?}: expected a non-empty list of block indices", e.get_ref())));
-            }
-        }
         let threshold = match &v.threshold {
             Some(t) if dynrobust_models::config::check_threshold("threshold", *t.get_ref()).is_err() => {
                 return Err(self.err(&t.span(), format!("variant `{name}`: `threshold` = {}", dynrobust_models::config::threshold_problem(*t.get_ref()))))
@@ -405,6 +400,9 @@ impl Cx<'_> {
             if let Some((key, span)) = v.threshold.as_ref().map(|t| ("threshold", t.span())).or(v.exits.as_ref().map(|e| ("exits", e.span()))) {
                 return Err(self.err(&span, format!("variant `{name}`: `{key}` applies to early-exit (sdn) models; `{base}` is a {family} model")));
             }
+        }
+        if let Some(e) = &v.exits {
+            self.check_exits(name, &base, e)?;
         }
         let train = v.train.as_ref().map(|t| self.table(t, &format!("variant `{name}`: train"))).transpose()?;
         if let (Some(t), Some(json)) = (&v.train, &train) {
@@ -451,6 +449,20 @@ impl Cx<'_> {
     }
 
     /// `base`, else `train.model`; either must be a registry model (or a directory for `base`).
+    /// A variant's `exits`: block indices, each an exit of `base` when its sidecar can be read
+    /// here (else they are checked when the cells load the model).
+    fn check_exits(&self, name: &str, base: &str, exits: &Spanned<Vec<usize>>) -> Result<()> {
+        let list = exits.get_ref();
+        let positions = self.sidecar_of(base).map(|s| s.architecture.blocks());
+        let problem = match (list.iter().max(), positions) {
+            (None, _) => "expected a non-empty list of block indices".to_string(),
+            (Some(&last), Some(n)) if last >= n => format!("`{base}` has an exit after each of its {n} blocks: expected indices in 0..{n}"),
+            (Some(&last), None) if last > 63 => "expected block indices".to_string(),
+            _ => return Ok(()),
+        };
+        Err(self.err(&exits.span(), format!("variant `{name}`: `exits` = {list:?}: {problem}")))
+    }
+
     fn variant_base(&self, name: &str, v: &RawVariant) -> Result<String> {
         let train_model = v.train.as_ref().and_then(|t| t.get_ref().get("model").map(|m| (t.span(), m)));
         if let Some((span, m)) = &train_model {

@@ -220,6 +220,8 @@ fn malformed() -> Vec<(String, &'static str, &'static str)> {
         (base.replace("[\"sdn\"]", "[\"sdn\", \"static\"]") + "[[defenses]]\nname = \"budget\"\nparams = { max_blocks = 2 }\n", "9:10", "model `static`, which is static"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"gated\"\nthreshold = 0.5\n"), "10:13", "`gated` is a gated model"),
         (format!("{base}[[variants]]\nname = \"v\"\nbase = \"skipnet\"\nexits = [1, 2]\n"), "10:9", "`exits` applies to early-exit"),
+        (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\nexits = [0, 9]\n"), "10:9", "`sdn` has an exit after each of its 6 blocks: expected indices in 0..6"),
+        (format!("{base}[[variants]]\nname = \"v\"\nbase = \"sdn\"\nexits = []\n"), "10:9", "non-empty"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", epochs = 0 }}\n"), "9:9", "epochs"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", lr = -1.0 }}\n"), "9:9", "lr"),
         (format!("{base}[[variants]]\nname = \"v\"\ntrain = {{ model = \"gated\", target_rate = 5.0 }}\n"), "9:9", "target_rate"),
