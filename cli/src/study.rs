@@ -71,6 +71,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         anyhow::bail!("--workers 0: expected ≥ 1");
     }
     let store = Store::open(&out, &study.source, args.force)?;
+    let _run_lock = store.lock_run(args.shard.as_deref().map(parse_shard).transpose()?)?;
     let variant_dirs = std::fs::read_dir(out.join("models")).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir());
     sweep_interrupted_writes(&[store.cells_dir(), out.join("craft-cache")].into_iter().chain(variant_dirs).collect::<Vec<_>>())?;
     // inside a Slurm task, the CPUs Slurm granted it; else the machine's

@@ -74,6 +74,37 @@ impl Store {
         Ok(store)
     }
 
+    /// Claims the directory for one writing run (`shard`: the run's `--shard I/N`, so the
+    /// shards of one study may run at once): an exclusive lock on `.run.lock` (or
+    /// `.run-shard-I-of-N.lock`) that the operating system releases when the process ends, so
+    /// a crashed run leaves nothing to clean up. A second run of the same cells into the same
+    /// directory is refused instead of computing every cell twice. Keep the returned file open
+    /// for the whole run.
+    pub fn lock_run(&self, shard: Option<(usize, usize)>) -> Result<fs::File> {
+        let name = match shard {
+            Some((i, n)) => format!(".run-shard-{i}-of-{n}.lock"),
+            None => ".run.lock".to_string(),
+        };
+        let path = self.dir.join(name);
+        let mut file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                let who = if holder.is_empty() { String::new() } else { format!(" (process {holder})") };
+                return Err(Error::config(
+                    "--out",
+                    format!("{}: another `dynrobust run` is writing into this directory{who}; wait for it to finish, or run into another --out (finished cells are kept either way)", self.dir.display()),
+                ));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        use std::io::Write;
+        file.set_len(0).and_then(|()| write!(file, "{}", std::process::id())).map_err(|e| Error::io(&path, e))?;
+        Ok(file)
+    }
+
     /// Refuses when the directory holds a different study than `study_text` (what [`Store::open`]
     /// without `force` refuses; `--dry-run` asks it too), naming the top-level keys that differ.
     /// Two texts are the same study when they parse to the same TOML apart from `description`:

@@ -104,3 +104,22 @@ fn concurrent_cells_crafting_the_same_batches_all_succeed_and_agree() {
     let leftovers: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.ends_with(".safetensors")).collect();
     assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
 }
+
+/// Two runs of the same cells into one directory: the second is refused while the first holds
+/// the directory (naming the process), the shards of one study lock apart, and the lock is
+/// free again once the first run's lock file is closed.
+#[test]
+fn a_second_run_into_the_same_directory_is_refused_while_the_first_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dynrobust_experiments::Store::open(dir.path(), "name = \"t\"\n", false).unwrap();
+    let first = store.lock_run(None).unwrap();
+    let err = store.lock_run(None).expect_err("a second whole run").to_string();
+    assert!(err.contains("another `dynrobust run` is writing into this directory") && err.contains(&format!("(process {})", std::process::id())), "{err}");
+    let shard_0 = store.lock_run(Some((0, 2))).expect("a shard locks apart");
+    let _shard_1 = store.lock_run(Some((1, 2))).expect("so does the other");
+    assert!(store.lock_run(Some((0, 2))).is_err(), "but not the same shard twice");
+    drop(first);
+    drop(shard_0);
+    store.lock_run(None).expect("free again once the first run ends");
+    store.lock_run(Some((0, 2))).expect("the shard's too");
+}
