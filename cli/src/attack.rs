@@ -30,7 +30,7 @@ pub struct AttackArgs {
     #[arg(long, value_parser = parse_fraction, allow_negative_numbers = true)]
     eps: Option<f64>,
     /// Iterations (the attack's `steps`; GradMDM's and GradAuto's `iterations`; Square's `queries`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     steps: Option<usize>,
     /// faithful or fixed (GradMDM, GradAuto, ILFO, DeepSloth).
     #[arg(long)]
@@ -53,13 +53,13 @@ pub struct AttackArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Attack the first N test images.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     n: i64,
     /// Batch size.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     batch: i64,
     /// Override the victim's SDN threshold q.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threshold: Option<f64>,
     /// Attack the victim's static twin.
     #[arg(long)]

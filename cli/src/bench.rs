@@ -23,10 +23,10 @@ pub struct BenchArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Test images timed.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, allow_negative_numbers = true)]
     n: i64,
     /// Repetitions (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
     reps: usize,
     /// `torchscript`: folder holding `static.pt` and `sdn.pt` written by
     /// `examples/torchscript/export_native.py`.

@@ -30,20 +30,20 @@ pub struct DefendArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Training images per class (the first K of each class of the training split).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, allow_negative_numbers = true)]
     per_class: i64,
     /// Epochs.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     epochs: Option<i64>,
     /// Peak learning rate (default: 1e-3 on an SDN, whose recipes train the internal
     /// classifiers only, as DeepSloth's code does; 5e-4 on the gated models).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Regulariser weight λ.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     weight: Option<f64>,
     /// Gate threshold τ of gate-consistency (on the gate probabilities; default 0.5).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     tau: Option<f64>,
     /// Attack crafting the training examples (default per recipe).
     #[arg(long)]
@@ -52,10 +52,10 @@ pub struct DefendArgs {
     #[arg(long = "attack-set", value_name = "KEY=VALUE")]
     attack_set: Vec<String>,
     /// RNG seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Evaluate on the first N test images.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, allow_negative_numbers = true)]
     eval_samples: i64,
     /// Output checkpoint directory.
     #[arg(long)]
@@ -69,7 +69,7 @@ pub struct DefendArgs {
     #[arg(long, value_name = "DIR")]
     backbone: Option<String>,
     /// libtorch threads.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threads: Option<i32>,
 }
 
@@ -159,19 +159,19 @@ pub struct DenoiserArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Training images (first N of the training split).
-    #[arg(long, default_value_t = 20000)]
+    #[arg(long, default_value_t = 20000, allow_negative_numbers = true)]
     train_samples: i64,
     /// Passes over the training images.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     epochs: i64,
     /// Adam learning rate.
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 3e-3, allow_negative_numbers = true)]
     lr: f64,
     /// Hidden channels.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     hidden: i64,
     /// Std of the Gaussian noise added to training inputs.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     noise_sigma: f64,
     /// Also train on examples of this attack (registry name) crafted on --attack-model.
     #[arg(long)]
@@ -183,10 +183,10 @@ pub struct DenoiserArgs {
     #[arg(long = "attack-set", value_name = "KEY=VALUE")]
     attack_set: Vec<String>,
     /// How many training images to attack (crafting is the slow part).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, allow_negative_numbers = true)]
     attack_samples: i64,
     /// Seed of the weight initialisation, batch order and noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Output directory (default: the committed `models/checkpoints/denoiser` of the project).
     #[arg(long)]

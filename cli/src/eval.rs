@@ -22,10 +22,10 @@ pub struct EvalArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Evaluate on the first N test images (default: all 10,000).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     n: Option<i64>,
     /// Override the SDN exit threshold q.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threshold: Option<f64>,
     /// Evaluate the static twin (gates forced open / no early exit).
     #[arg(long)]
@@ -39,7 +39,7 @@ pub struct EvalArgs {
     /// Choose the SDN threshold as DeepSloth does: the q in 0.05, 0.10, …, 0.95 of least
     /// mean cost whose accuracy stays within RAD percent (relative) of the final head's
     /// (the paper uses 5 and 15); the evaluation then runs at that q.
-    #[arg(long, value_name = "RAD", conflicts_with = "threshold")]
+    #[arg(long, value_name = "RAD", conflicts_with = "threshold", allow_negative_numbers = true)]
     calibrate_rad: Option<f64>,
     /// Images the calibration sweeps: the first N of the training split (default, so the
     /// evaluated test images play no part in the choice) or the evaluated test images.
@@ -47,7 +47,7 @@ pub struct EvalArgs {
     calibrate_on: CalibrateOn,
     /// How many training images the calibration sweeps (with `--calibrate-on train`)
     /// [default: 10000].
-    #[arg(long, requires = "calibrate_rad")]
+    #[arg(long, requires = "calibrate_rad", allow_negative_numbers = true)]
     calibrate_n: Option<i64>,
 }
 

@@ -21,7 +21,7 @@ pub struct RunArgs {
     shard: Option<String>,
     /// Parallel workers (default: 2 when the machine — or the Slurm task, SLURM_CPUS_PER_TASK —
     /// has ≥ 2 cores).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     workers: Option<usize>,
     /// Do not write the report at the end (shards: `dynrobust merge` writes it).
     #[arg(long)]
@@ -248,7 +248,7 @@ pub struct SlurmArgs {
     /// Study file.
     study: PathBuf,
     /// Array tasks (shards).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     tasks: usize,
     /// Slurm partition to submit to (`#SBATCH --partition`; default: the cluster's).
     #[arg(long)]
@@ -257,7 +257,7 @@ pub struct SlurmArgs {
     #[arg(long)]
     time: Option<String>,
     /// CPUs per task (`#SBATCH --cpus-per-task`; each task's workers and libtorch threads).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true)]
     cpus: usize,
     /// Output directory shared by all tasks (default: runs/<study name>).
     #[arg(long)]

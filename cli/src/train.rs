@@ -21,38 +21,38 @@ pub struct TrainArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Epochs (default per family: static 3, sdn 2, gated/skipnet 3).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     epochs: Option<i64>,
     /// Mini-batch size.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     batch_size: i64,
     /// Peak learning rate (default per family).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// RNG seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Use only the first N training images.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     train_samples: Option<i64>,
     /// Use only the first K training images of each class (weak surrogates: 1, 10, 100).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     per_class: Option<i64>,
     /// With --per-class: draw the K images of each class at random with this seed instead of
     /// taking the first K (one independent draw per seed).
-    #[arg(long, requires = "per_class")]
+    #[arg(long, requires = "per_class", allow_negative_numbers = true)]
     per_class_draw: Option<u64>,
     /// Evaluate on the first N test images (default: all).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     eval_samples: Option<i64>,
     /// SDN exit threshold q stored in the checkpoint [default: 0.8, the committed sdn's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threshold: Option<f64>,
     /// Gate target execution rate t [default: the committed checkpoint's, gated 0.5, skipnet 0.6].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     target_rate: Option<f64>,
     /// Weight λ of the target-rate loss (gated, skipnet).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     cost_weight: f64,
     /// Static checkpoint to start from (sdn, gated, skipnet); a name, a directory, or `none` to
     /// train from scratch. Default: the committed `static` when training on the whole
@@ -67,7 +67,7 @@ pub struct TrainArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// libtorch intra-op threads (default: libtorch's choice).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threads: Option<i32>,
     /// Replace the checkpoint already in the output directory (without it that is refused,
     /// the committed ones included).

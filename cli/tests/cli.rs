@@ -441,6 +441,8 @@ fn bad_options_are_refused_at_once_naming_the_option() {
         (vec!["bench", "sparse", "--reps", "0"], "--reps 0"),
         (vec!["eval", "--model", "gated", "--calibrate-rad", "5", "--n", "8", "--no-latency"], "--calibrate-rad sets an early-exit model's threshold; `gated` is gated"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--eps", "-0.1", "--n", "8"], "expected a finite value ≥ 0"),
+        (vec!["attack", "--model", "static", "--attack", "fgsm", "--n", "-5"], "--n -5: expected ≥ 1"),
+        (vec!["attack", "--model", "static", "--attack", "pgd-linf", "--steps", "-2", "--n", "8"], "invalid value '-2' for '--steps <STEPS>'"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--eps", "8/0", "--n", "8"], "`8/0` divides by zero"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--set", "eps=8/0", "--n", "8"], "--set eps=8/0: `8/0` divides by zero"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--norm", "l2", "--n", "8"], "FGSM is the L∞ step"),
