@@ -71,6 +71,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     net.set_twin(args.twin).map_err(named)?;
     let calibration = match args.calibrate_rad {
+        Some(_) if args.twin => bail!("--calibrate-rad sets the exit threshold, and --twin evaluates `{}` with no early exit at all: drop one of them", args.model),
         Some(_) if !net.family().has_exits() => bail!("--calibrate-rad sets an early-exit model's threshold; `{}` is {} (no exits)", args.model, net.family().kind_name()),
         Some(rad) => Some(calibrate(&mut net, &args, &data, rad)?),
         None => None,

@@ -442,6 +442,7 @@ fn bad_options_are_refused_at_once_naming_the_option() {
         (vec!["eval", "--model", "gated", "--calibrate-rad", "5", "--n", "8", "--no-latency"], "--calibrate-rad sets an early-exit model's threshold; `gated` is gated"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--eps", "-0.1", "--n", "8"], "expected a finite value ≥ 0"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--n", "-5"], "--n -5: expected ≥ 1"),
+        (vec!["eval", "--model", "sdn", "--calibrate-rad", "5", "--twin", "--n", "8", "--no-latency"], "--twin evaluates `sdn` with no early exit"),
         (vec!["attack", "--model", "static", "--attack", "pgd-linf", "--steps", "-2", "--n", "8"], "invalid value '-2' for '--steps <STEPS>'"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--eps", "8/0", "--n", "8"], "`8/0` divides by zero"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--set", "eps=8/0", "--n", "8"], "--set eps=8/0: `8/0` divides by zero"),

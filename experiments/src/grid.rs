@@ -141,15 +141,26 @@ impl<'de> Deserialize<'de> for OneOrMany {
         impl<'de> Visitor<'de> for V {
             type Value = OneOrMany;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or a list of strings")
+                f.write_str("a string (an `eps` also a number) or a list of them")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<OneOrMany, E> {
                 Ok(OneOrMany(vec![v.to_string()]))
             }
+            // a number as written in decimal (an `eps = 0.0313725490196` filter; any other key
+            // then names it as a value the study does not have)
+            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<OneOrMany, A::Error> {
                 let mut out = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
-                    out.push(s);
+                while let Some(one) = seq.next_element::<OneOrMany>()? {
+                    match <[String; 1]>::try_from(one.0) {
+                        Ok([value]) => out.push(value),
+                        Err(_) => return Err(de::Error::custom("expected a list of strings or numbers, not of lists")),
+                    }
                 }
                 Ok(OneOrMany(out))
             }

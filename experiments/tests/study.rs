@@ -137,6 +137,11 @@ fn filters_match_eps_in_either_spelling_and_none() {
     // the same filter written as a fraction gives the same grid
     let fraction = text.replace("\"0.031372549019607843\"", "\"8/255\"");
     assert_eq!(Study::parse(&fraction, "e.toml", &registry()).unwrap().cells, s.cells);
+    // and as a TOML number, as the study's own `eps` list may write it
+    let number = text.replace("\"0.031372549019607843\"", "0.031372549019607843");
+    assert_eq!(Study::parse(&number, "e.toml", &registry()).unwrap().cells, s.cells);
+    let alone = format!("{SMALL}\n[[exclude]]\ndefense = \"bitdepth\"\neps = 0.0313725490196\n");
+    assert_eq!(Study::parse(&alone, "e.toml", &registry()).unwrap().cells.len(), s.cells.len() + 3 * 2 * 2, "ILFO's bitdepth cells back");
 }
 
 #[test]
