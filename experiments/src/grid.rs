@@ -190,6 +190,7 @@ pub(crate) fn expand(src: Source, registry: &Registry) -> Result<Expanded> {
         cx.apply_override(o, &axes, &mut configs)?;
     }
     let configs = cx.filter(&raw, &axes, configs)?;
+    cx.check_overrides_survive(&raw, &axes, &configs)?;
     cx.check_pairs(&raw, &configs)?;
     let cells = finish(configs);
     let description = raw.description.unwrap_or_default();
@@ -637,6 +638,18 @@ impl Cx<'_> {
         }
         if matched == 0 {
             return Err(self.err(&raw.matcher.span(), "`overrides.match` matches no cell of the grid (each value exists, but not together): the override would change nothing"));
+        }
+        Ok(())
+    }
+
+    /// Refuses an override whose every matched cell `[[exclude]]` or `[[include]]` removed:
+    /// it would change nothing, most likely not what its author meant.
+    fn check_overrides_survive(&self, raw: &RawStudy, axes: &Axes, configs: &[CellConfig]) -> Result<()> {
+        for o in &raw.overrides {
+            let filter = self.filter_of(&o.get_ref().matcher, axes, "overrides.match")?;
+            if !configs.iter().any(|c| filter.matches(c)) {
+                return Err(self.err(&o.get_ref().matcher.span(), "`overrides.match` matches only cells that `exclude` / `include` remove: the override would change nothing"));
+            }
         }
         Ok(())
     }

@@ -216,6 +216,7 @@ fn malformed() -> Vec<(String, &'static str, &'static str)> {
         (format!("eps = [\"8/255\"]\n{base}[[include]]\neps = \"4/255\"\n"), "9:7", "no eps `4/255`"),
         (format!("eps = [\"8/255\"]\n{base}[[include]]\neps = \"eight\"\n"), "9:7", "include.eps"),
         (format!("{base}[[overrides]]\nmatch = {{ attack = \"ilfo\" }}\nparams = {{ steps = 1 }}\n"), "8:20", "overrides.match.attack"),
+        (format!("{base}[[attacks]]\nname = \"deepsloth\"\n[[overrides]]\nmatch = {{ attack = \"deepsloth\" }}\nparams = {{ steps = 2 }}\n[[exclude]]\nattack = \"deepsloth\"\n"), "10:9", "matches only cells that `exclude` / `include` remove"),
         (format!("{base}surrogates = [\"self\", \"resnet\"]\n"), "7:23", "attacks.surrogates"),
         (base.replace("name = \"x\"", "name = \"../x\""), "1:8", "plain name"),
         (base.replace("name = \"x\"", "name = \"/tmp/x\""), "1:8", "runs/<name>"),
