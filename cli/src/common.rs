@@ -139,7 +139,7 @@ pub fn list(what: &str, name: Option<&str>) -> Result<()> {
         "defenses" => {
             let width = dynrobust_defenses::registry::DEFENSES.iter().map(|(name, _, _)| name.len()).max().unwrap_or(0);
             for (name, kind, about) in dynrobust_defenses::registry::DEFENSES {
-                println!("{name:<width$} {:<10} {about}", format!("{kind:?}").to_lowercase());
+                println!("{name:<width$} {:<10} {about}", kind.to_string());
             }
         }
         other => bail!("unknown list `{other}`: expected models, attacks or defenses"),

@@ -334,13 +334,17 @@ mod tests {
     use super::{Goal, Norm};
 
     #[test]
-    fn norms_and_goals_display_as_configs_spell_them() {
+    fn norms_goals_and_defense_kinds_display_as_configs_spell_them() {
         let serde_name = |v: serde_json::Value| v.as_str().unwrap().to_string();
         for norm in [Norm::Linf, Norm::L2] {
             assert_eq!(norm.to_string(), serde_name(serde_json::to_value(norm).unwrap()));
         }
         for goal in [Goal::Energy, Goal::Accuracy, Goal::Both] {
             assert_eq!(goal.to_string(), serde_name(serde_json::to_value(goal).unwrap()));
+        }
+        use crate::defense::DefenseKind;
+        for kind in [DefenseKind::Transform, DefenseKind::Training, DefenseKind::Guard] {
+            assert_eq!(kind.to_string(), serde_name(serde_json::to_value(kind).unwrap()));
         }
     }
 }

@@ -34,6 +34,17 @@ pub enum DefenseKind {
     Guard,
 }
 
+/// `transform` / `training` / `guard`: as `dynrobust list defenses` and records spell it.
+impl std::fmt::Display for DefenseKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DefenseKind::Transform => "transform",
+            DefenseKind::Training => "training",
+            DefenseKind::Guard => "guard",
+        })
+    }
+}
+
 /// How an adaptive attack's gradient passes through a transform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -169,7 +169,7 @@ pub fn build_transform_on(name: &str, params: &serde_json::Value, device: tch::D
         other => {
             return Err(match kind(other)? {
                 DefenseKind::Transform => Error::config("defense", format!("`{other}` is not an input transform")),
-                k => Error::config("defense", format!("`{other}` is a {k:?} defense, not an input transform")),
+                k => Error::config("defense", format!("`{other}` is a {k} defense, not an input transform")),
             })
         }
     })

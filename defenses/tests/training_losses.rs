@@ -52,3 +52,11 @@ fn adversarial_training_reseeds_random_starts_per_batch() {
         assert!(reseeded_attack(&c, &*a, 1).unwrap().is_none(), "{name}");
     }
 }
+
+#[test]
+fn recipes_display_as_the_cli_spells_them() {
+    use dynrobust_defenses::training::Recipe;
+    for name in ["pgd-at", "deepsloth-at", "mixs", "slowdown-at", "gate-consistency", "cost-cap"] {
+        assert_eq!(Recipe::parse(name).unwrap().to_string(), name);
+    }
+}
