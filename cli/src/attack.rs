@@ -234,7 +234,6 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     let outcome = dynrobust_defenses::evaluate::run_defended(victim, &load, &spec, mode, &*attack, &data, calibration.as_ref(), args.batch, &mut |d| bar.set_position(d as u64)).map_err(|e| e.for_model(&own, &args.model))?;
     bar.finish_and_clear();
     let r = &outcome.record;
-    let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     eprintln!("model       {}", r["model"].as_str().unwrap_or("?"));
     use dynrobust_defenses::squeeze::SqueezeAttacker;
     let attacker = match &spec {
@@ -251,28 +250,20 @@ fn run_defended(args: AttackArgs) -> Result<()> {
         (Adaptivity::Adaptive, false) => "adaptive attack",
     };
     eprintln!("defense     {} ({how})", r["defense_label"].as_str().unwrap_or("?"));
-    eprintln!("attack      {} (goal {}, eps {}, norm {})", args.attack, r["goal"].as_str().unwrap_or("?"), eps_text(r["eps"].as_f64()), r["norm"].as_str().unwrap_or("–"));
-    eprintln!("images      {}", r["n"]);
-    eprintln!("accuracy    clean {:.2} %  adv {:.2} %", 100.0 * num("clean_acc"), 100.0 * num("adv_acc"));
-    let recovery = if dynrobust_core::metrics::saves_nothing(num("clean_cost")) { "–".to_string() } else { format!("{:.2} %", 100.0 * num("recovery")) };
-    eprintln!("cost        clean {:.4}  adv {:.4}  recovery {recovery}", num("clean_cost"), num("adv_cost"));
-    if let (Some(l2), Some(linf)) = (r["l2_mean"].as_f64(), r["linf_max"].as_f64()) {
-        eprintln!("perturbation L2 mean {l2:.4}  L∞ max {linf:.5}");
-    }
+    print_measures(&outcome.attack_record);
     if let Some(b) = r.get("budget_bound_cost").and_then(Value::as_f64) {
         eprintln!("budget      worst-case cost bound {b:.4}");
     }
     if let Some(d) = r.get("detector") {
         let rate = |k: &str| 100.0 * d[k].as_f64().unwrap_or(f64::NAN);
         let passed = d["undetected_adv_cost"].as_f64().map_or("none passed".to_string(), |c| format!("{c:.4}"));
-        eprintln!("detector    {}: flags {:.1} % of attacked inputs, {:.1} % of clean ones (threshold {:.4}); mean cost of the attacked inputs it passes {passed}; misclassified and passed {:.1} %", d["kind"].as_str().unwrap_or("?"), rate("true_positive_rate"), rate("false_positive_rate"), d["threshold"].as_f64().unwrap_or(f64::NAN), rate("undetected_error_rate"));
+        let kind = d["kind"].as_str().unwrap_or("?");
+        let scale = if kind == "monitor" { "a cost" } else { "a squeezing score" };
+        eprintln!("detector    {kind}: flags {:.1} % of attacked inputs, {:.1} % of clean ones (threshold {:.4}, {scale}); mean cost of the attacked inputs it passes {passed}; misclassified and passed {:.1} %", rate("true_positive_rate"), rate("false_positive_rate"), d["threshold"].as_f64().unwrap_or(f64::NAN), rate("undetected_error_rate"));
     }
-    print_tally(r.get("tally"));
     for flag in r["flags"].as_array().into_iter().flatten() {
         eprintln!("WARNING     {}", flag.as_str().unwrap_or("?"));
     }
-    eprintln!("time        {:.2} s", num("seconds"));
-    print_passes(r["forward_passes"].as_f64(), r["gradient_passes"].as_f64());
     if args.json {
         println!("{}", serde_json::to_string(&with_data(r.clone(), &data.name))?);
     }
@@ -291,8 +282,13 @@ fn print_tally(tally: Option<&Value>) {
 }
 
 fn print_table(r: &AttackRecord) {
-    let pct = |v: f64| format!("{:.2} %", 100.0 * v);
     eprintln!("model       {}", r.model);
+    print_measures(r);
+}
+
+/// What an attack did, the lines after the model's (and a defended run's defense line).
+fn print_measures(r: &AttackRecord) {
+    let pct = |v: f64| format!("{:.2} %", 100.0 * v);
     eprintln!("attack      {} (goal {}, eps {}, norm {})", r.attack, r.goal, eps_text(r.eps), r.norm.map_or("–".into(), |n| n.to_string()));
     eprintln!("images      {}", r.n);
     eprintln!("accuracy    clean {}  adv {}  fooled {} of the clean-correct", pct(r.clean_acc), pct(r.adv_acc), pct(r.fooled_rate));

@@ -305,6 +305,12 @@ fn a_training_time_defense_is_evaluated_on_its_checkpoint() {
     assert_eq!(oblivious["data"], "fashion-mnist/test", "a defended record names its images too");
     assert_eq!(oblivious["clean_acc"], direct["clean_acc"], "evaluated on the checkpoint");
     assert_ne!(oblivious["adv_acc"], direct["adv_acc"], "crafted on the bare model, not on the checkpoint");
+    // every defended record names the model as the undefended one does; the defense has its own fields
+    for (defense, label) in [("bitdepth", "bitdepth(b=4)"), ("budget", "budget(3)")] {
+        let record = json_of(&["--model", "gated", "--defense", defense]);
+        assert_eq!((record["model"].as_str(), record["defense_label"].as_str()), (Some("gated"), Some(label)), "{defense}: {record}");
+    }
+    assert_eq!(defended["model"], "gated");
 }
 
 #[test]

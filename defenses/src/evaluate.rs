@@ -34,6 +34,8 @@ pub struct DefendedOutcome {
     /// `flags`, and guard fields (`budget_bound_cost`; `detector`: a detector's
     /// [`DetectionReport`] with its `kind`).
     pub record: Value,
+    /// The attack's measures alone, as an undefended run has them (what `record` starts from).
+    pub attack_record: dynrobust_attacks::evaluate::AttackRecord,
     pub per_sample: PerSample,
     pub x_adv: Tensor,
 }
@@ -59,7 +61,8 @@ pub fn run_defended(
     if batch < 1 {
         return Err(Error::config("batch", format!("{batch}: expected ≥ 1")));
     }
-    let mut extra = json!({ "defense_mode": mode });
+    // the record names the model as an undefended run does; the defense has fields of its own
+    let mut extra = json!({ "defense_mode": mode, "model": net.name() });
     let (eval, craft): (Box<dyn DynamicModel>, Option<Box<dyn DynamicModel>>) = match defense {
         DefenseSpec::None | DefenseSpec::Monitor(_) => (Box::new(net), None),
         DefenseSpec::Squeeze(cfg) => {
@@ -152,7 +155,7 @@ pub fn run_defended(
             r.insert(k.clone(), v.clone());
         }
     }
-    Ok(DefendedOutcome { record, per_sample: outcome.per_sample, x_adv: outcome.x_adv })
+    Ok(DefendedOutcome { record, attack_record: outcome.record, per_sample: outcome.per_sample, x_adv: outcome.x_adv })
 }
 
 /// The clean calibration data a detector needs, or an error naming it.
