@@ -118,6 +118,12 @@ fn overrides(args: &AttackArgs) -> Result<Value> {
             map.insert(key.into(), json!(v.to_ascii_lowercase()));
         }
     }
+    // an option the attack has no setting for would otherwise be refused as a config field
+    let settings = registry::build(&args.attack, &json!({}))?.config_json();
+    if let Some(key) = map.keys().find(|k| settings.get(k.as_str()).is_none()) {
+        let flag = if ["iterations", "queries"].contains(&key.as_str()) { "steps" } else { key.as_str() };
+        bail!("--{flag} does not apply to `{}`: it has no `{key}` setting (what it has: dynrobust list attacks {})", args.attack, args.attack);
+    }
     let sets = parse_sets("--set", &args.set)?;
     // a field given twice, by its own option and by --set, has no obvious winner
     if let Some(key) = sets.keys().find(|k| map.contains_key(*k)) {

@@ -43,7 +43,7 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Print a model's units and their MACs.
     Info(eval::InfoArgs),
-    /// Benchmarks (sparse-pass speed vs cost).
+    /// Benchmarks: sparse-pass speed vs cost, attack time per iteration, TorchScript overhead.
     Bench(bench::BenchArgs),
     /// List what dynrobust knows: models, attacks, defenses.
     List {

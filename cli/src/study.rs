@@ -78,6 +78,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let slurm_cpus = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&c| c > 0);
     let cores = slurm_cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let workers = args.workers.unwrap_or(cores.min(2));
+    if workers > cores {
+        eprintln!("warning: --workers {workers} on {cores} core(s): the workers share the cores (one libtorch thread each), so expect no speed-up over {cores}");
+    }
     let threads = (cores / workers).max(1) as i32;
     let variants = out.join("models");
     prepare_variants(&study, &variants)?;

@@ -448,6 +448,8 @@ fn bad_options_are_refused_at_once_naming_the_option() {
         (vec!["eval", "--model", "gated", "--calibrate-rad", "5", "--n", "8", "--no-latency"], "--calibrate-rad sets an early-exit model's threshold; `gated` is gated"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--eps", "-0.1", "--n", "8"], "expected a finite value ≥ 0"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--n", "-5"], "--n -5: expected ≥ 1"),
+        (vec!["attack", "--model", "static", "--attack", "ensemble", "--steps", "3", "--n", "8"], "--steps does not apply to `ensemble`: it has no `steps` setting"),
+        (vec!["attack", "--model", "static", "--attack", "square", "--loss", "avg", "--n", "8"], "--loss does not apply to `square`"),
         (vec!["eval", "--model", "sdn", "--calibrate-rad", "5", "--twin", "--n", "8", "--no-latency"], "--twin evaluates `sdn` with no early exit"),
         (vec!["attack", "--model", "static", "--attack", "pgd-linf", "--steps", "-2", "--n", "8"], "invalid value '-2' for '--steps <STEPS>'"),
         (vec!["attack", "--model", "static", "--attack", "fgsm", "--eps", "8/0", "--n", "8"], "`8/0` divides by zero"),
