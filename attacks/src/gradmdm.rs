@@ -241,7 +241,7 @@ impl GradMdm {
             };
             return Ok((g_neg, g_acc));
         }
-        let cut = model.forward_cut(x_leaf)?.ok_or_else(|| Error::config("model", format!("GradMDM's gradient adjustment needs a model cut at its gates; `{}` has none", model.name())))?;
+        let cut = model.forward_cut(x_leaf)?.ok_or_else(|| Error::config("model", format!("GradMDM's gradient adjustment cuts the pass at every gate, and `{}` cannot be cut (a TorchScript export or a model behind an input transform exposes only its whole pass; a model without gates has nothing to cut): set adjust = false for the plain gradient", model.name())))?;
         let gates = gate_matrix(&cut.trace)?;
         let masks = gates.gt(0.5).to_kind(Kind::Float).detach();
         let inactive = 1.0 - &masks;

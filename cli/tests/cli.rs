@@ -367,7 +367,7 @@ fn study_mistakes_and_dry_runs_say_what_the_run_would() {
     };
     let refused = dry(&[]);
     let err = stderr(&refused);
-    assert!(!refused.status.success() && err.contains("the run would stop") && err.contains("they differ in: `n`"), "{err}");
+    assert!(!refused.status.success() && err.contains("the run would stop") && err.contains("they differ in: `n` (8 → 9)"), "{err}");
     assert!(dry(&["--force"]).status.success(), "--force replaces the copy, so the run would go on");
     let gone = tmp.path().join("gone");
     let err = stderr(&dynrobust(&["report", gone.to_str().unwrap()]));

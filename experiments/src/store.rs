@@ -423,8 +423,39 @@ fn differing_study_keys(old: &str, new: &str) -> Vec<String> {
     for table in [&mut old, &mut new] {
         table.remove("description");
     }
-    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
-    keys.into_iter().filter(|k| old.get(*k) != new.get(*k)).map(|k| format!("`{k}`")).collect()
+    let mut out = Vec::new();
+    differences("", Some(&toml::Value::Table(old)), Some(&toml::Value::Table(new)), &mut out);
+    out
+}
+
+/// Where two TOML values differ, as `path` (`stored` → `running`) entries, descending into
+/// tables and into lists of the same length (`attacks[0].params.steps` (3 → 4)).
+fn differences(path: &str, stored: Option<&toml::Value>, running: Option<&toml::Value>, out: &mut Vec<String>) {
+    use toml::Value;
+    let at = |key: &str| if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    match (stored, running) {
+        (Some(a), Some(b)) if a == b => {}
+        (Some(Value::Table(a)), Some(Value::Table(b))) => {
+            for key in a.keys().chain(b.keys()).collect::<BTreeSet<_>>() {
+                differences(&at(key), a.get(key), b.get(key), out);
+            }
+        }
+        (Some(Value::Array(a)), Some(Value::Array(b))) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                differences(&format!("{path}[{i}]"), Some(x), Some(y), out);
+            }
+        }
+        (a, b) => {
+            let show = |v: Option<&Value>| match v {
+                None => "absent".to_string(),
+                Some(v) => {
+                    let text = v.to_string();
+                    if text.chars().count() > 40 { format!("{}…", text.chars().take(40).collect::<String>()) } else { text }
+                }
+            };
+            out.push(format!("`{path}` ({} → {})", show(a), show(b)));
+        }
+    }
 }
 
 #[cfg(test)]

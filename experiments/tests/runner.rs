@@ -228,8 +228,13 @@ fn a_different_study_is_refused_unless_forced() {
     Store::open(dir.path(), SMALL, false).expect("the same study reopens");
     let other = SMALL.replace("n = 8", "n = 9");
     let err = Store::open(dir.path(), &other, false).unwrap_err().to_string();
-    assert!(err.contains("study.toml") && err.contains("different study") && err.contains("they differ in: `n`"), "{err}");
+    assert!(err.contains("study.toml") && err.contains("different study") && err.contains("they differ in: `n` (8 → 9)"), "{err}");
     assert_eq!(Store::open_existing(dir.path()).unwrap().check_study(&other).unwrap_err().to_string(), err, "what --dry-run asks");
+    // a nested change is named down to its key
+    let nested = SMALL.replace("params = { steps = 2 }", "params = { steps = 3 }");
+    assert_ne!(nested, SMALL);
+    let err = Store::open(dir.path(), &nested, false).unwrap_err().to_string();
+    assert!(err.contains("they differ in: `attacks[0].params.steps` (2 → 3)"), "{err}");
     // a comment, the layout or the description change no cell: the same study, its copy updated
     let annotated = format!("# tried again on Tuesday\ndescription = \"notes\"\n{}", SMALL.replace(" = ", "   =   "));
     let store = Store::open(dir.path(), &annotated, false).expect("the same study, annotated");
