@@ -76,7 +76,8 @@ pub struct AttackArgs {
     /// Oblivious instead of adaptive: craft on the bare model, then apply the defense.
     #[arg(long)]
     oblivious: bool,
-    /// Save adversarial examples (PNG grid + .npy) into DIR.
+    /// Save the adversarial examples into DIR: `x_adv.npy`, `x_clean.npy`, the labels
+    /// `y.npy`, and `examples.png` (the first 8: clean, adversarial, perturbation ×10).
     #[arg(long, value_name = "DIR")]
     save_examples: Option<PathBuf>,
 }
@@ -188,7 +189,7 @@ pub fn run(args: AttackArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&with_data(serde_json::to_value(&record)?, &data.name))?);
     }
     if let Some(dir) = &args.save_examples {
-        save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;
+        save_examples(dir, &data.images, &outcome.x_adv, &data.labels).with_context(|| format!("saving examples to {}", dir.display()))?;
         eprintln!("examples    {}/examples.png, x_adv.npy, x_clean.npy", dir.display());
     }
     Ok(())
@@ -274,7 +275,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&with_data(r.clone(), &data.name))?);
     }
     if let Some(dir) = &args.save_examples {
-        save_examples(dir, &data.images, &outcome.x_adv).with_context(|| format!("saving examples to {}", dir.display()))?;
+        save_examples(dir, &data.images, &outcome.x_adv, &data.labels).with_context(|| format!("saving examples to {}", dir.display()))?;
     }
     Ok(())
 }
@@ -346,8 +347,8 @@ fn print_passes(forward: Option<f64>, gradient: Option<f64>) {
 }
 
 /// Writes `examples.png` (rows: clean, adversarial, perturbation ×10 around grey) for the
-/// first 8 images, and the full `x_adv.npy` / `x_clean.npy`.
-fn save_examples(dir: &Path, clean: &Tensor, adv: &Tensor) -> Result<()> {
+/// first 8 images, and the full `x_adv.npy` / `x_clean.npy` with their labels `y.npy`.
+fn save_examples(dir: &Path, clean: &Tensor, adv: &Tensor, labels: &Tensor) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let k = clean.size()[0].min(8);
     let row = |t: &Tensor| Tensor::cat(&t.narrow(0, 0, k).unbind(0), 2); // [C,H,k·W]
@@ -356,5 +357,6 @@ fn save_examples(dir: &Path, clean: &Tensor, adv: &Tensor) -> Result<()> {
     tch::vision::image::save(&(grid * 255.0).round().to_kind(Kind::Uint8).to_device(tch::Device::Cpu), dir.join("examples.png"))?;
     adv.to_device(tch::Device::Cpu).write_npy(dir.join("x_adv.npy"))?;
     clean.to_device(tch::Device::Cpu).write_npy(dir.join("x_clean.npy"))?;
+    labels.to_device(tch::Device::Cpu).write_npy(dir.join("y.npy"))?;
     Ok(())
 }

@@ -200,9 +200,11 @@ fn attack_json_has_the_schema_fields_and_saves_examples() {
     assert!((v["eps"].as_f64().unwrap() - 8.0 / 255.0).abs() < 1e-12);
     assert!(v["linf_max"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6);
     assert!(v["adv_cost"].as_f64().unwrap() > v["clean_cost"].as_f64().unwrap(), "DeepSloth raises cost: {v}");
-    for f in ["examples.png", "x_adv.npy", "x_clean.npy"] {
+    for f in ["examples.png", "x_adv.npy", "x_clean.npy", "y.npy"] {
         assert!(dir.join(f).is_file(), "{f} written");
     }
+    let labels = tch::Tensor::read_npy(dir.join("y.npy")).unwrap();
+    assert_eq!(labels.size(), [32], "one label per image");
     let png = std::fs::read(dir.join("examples.png")).unwrap();
     assert_eq!(&png[..4], b"\x89PNG");
 }
