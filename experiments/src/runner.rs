@@ -189,11 +189,13 @@ fn stale_error(store: &Store, stale: &[StaleCell]) -> Error {
         })
         .collect();
     let more = if stale.len() > 5 { format!("\n  … and {} more", stale.len() - 5) } else { String::new() };
+    let settings = stale.iter().any(|s| s.changed.iter().any(|c| c.input == ATTACK_SETTINGS || c.input == DEFENSE_SETTINGS));
+    let why_settings = if settings { "(settings change when this build resolves a default differently) " } else { "" };
     Error::data(
         store.cells_dir(),
         format!(
             "{} finished cell(s) were computed with a checkpoint, plugin settings or test images that have changed since:\n{}{more}\n\
-             (settings change when this build resolves a default differently) restore what changed, or recompute the cells (`dynrobust run … --rerun-stale` moves their results to {}, then runs them)",
+             {why_settings}restore what changed, or recompute the cells (`dynrobust run … --rerun-stale` moves their results to {}, then runs them)",
             stale.len(),
             listed.join("\n"),
             store.stale_dir().display()

@@ -76,6 +76,7 @@ fn cells_of_a_retrained_checkpoint_are_refused_then_rerun_once_retired() {
     let sdn: Vec<&str> = study.cells.iter().filter(|c| c.config.model.name == "sdn").map(|c| c.id.as_str()).collect();
     assert!(err.contains(&format!("{} finished cell(s)", sdn.len())) && err.contains("model checkpoint sdn-v1 → sdn-v2"), "{err}");
     assert!(err.contains(sdn[0]) && err.contains("--rerun-stale") && err.contains("stale"), "{err}");
+    assert!(!err.contains("resolves a default differently"), "only a checkpoint changed, no settings: {err}");
     assert!(!study.cells.iter().filter(|c| c.config.model.name != "sdn").any(|c| err.contains(&c.id)), "only sdn cells are stale: {err}");
     assert_eq!(retrained.runs.load(Ordering::SeqCst), 0);
     assert_eq!(store.finished_ids().unwrap(), study.ids(), "nothing is lost");
