@@ -399,7 +399,8 @@ fn every_attack_setting_is_documented() {
             assert!(doc.description.len() > 8, "{name}.{key}: no doc comment ({:?})", doc.description);
             let default = &settings[key];
             if !doc.choices.is_empty() && !default.is_null() {
-                assert!(doc.choices.iter().any(|(value, _)| *value == default.to_string()), "{name}.{key}: default {default} not among {:?}", doc.choices);
+                let spelled = default.to_string();
+                assert!(doc.choices.iter().any(|(value, _)| *value == spelled), "{name}.{key}: default {default} not among {:?}", doc.choices);
             }
         }
     }

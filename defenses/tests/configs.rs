@@ -96,7 +96,8 @@ fn every_defense_setting_is_documented() {
             }
             let doc = docs.get(key).unwrap_or_else(|| panic!("{name}.{key}: reported but not documented"));
             if !doc.choices.is_empty() && !default.is_null() {
-                assert!(doc.choices.iter().any(|(value, _)| *value == default.to_string()), "{name}.{key}: default {default} not among {:?}", doc.choices);
+                let spelled = default.to_string();
+                assert!(doc.choices.iter().any(|(value, _)| *value == spelled), "{name}.{key}: default {default} not among {:?}", doc.choices);
             }
         }
     }
