@@ -101,18 +101,28 @@ pub fn parse_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The setting `--steps` sets on `attack`: GradMDM's and GradAuto's `iterations`, Square's
+/// `queries`, everyone else's `steps`.
+fn steps_key(attack: &str) -> &'static str {
+    match attack {
+        "gradmdm" | "gradauto" => "iterations",
+        "square" => "queries",
+        _ => "steps",
+    }
+}
+
+/// The option (without `--`) that sets the setting `key` (`iterations` → `steps`).
+fn option_of(key: &str) -> &str {
+    if ["iterations", "queries"].contains(&key) { "steps" } else { key }
+}
+
 fn overrides(args: &AttackArgs) -> Result<Value> {
     let mut map = Map::new();
     if let Some(e) = args.eps {
         map.insert("eps".into(), json!(e));
     }
     if let Some(s) = args.steps {
-        let key = match args.attack.as_str() {
-            "gradmdm" | "gradauto" => "iterations",
-            "square" => "queries",
-            _ => "steps",
-        };
-        map.insert(key.into(), json!(s));
+        map.insert(steps_key(&args.attack).into(), json!(s));
     }
     for (key, v) in [("mode", &args.mode), ("norm", &args.norm), ("loss", &args.loss)] {
         if let Some(v) = v {
@@ -122,13 +132,12 @@ fn overrides(args: &AttackArgs) -> Result<Value> {
     // an option the attack has no setting for would otherwise be refused as a config field
     let settings = registry::build(&args.attack, &json!({}))?.config_json();
     if let Some(key) = map.keys().find(|k| settings.get(k.as_str()).is_none()) {
-        let flag = if ["iterations", "queries"].contains(&key.as_str()) { "steps" } else { key.as_str() };
-        bail!("--{flag} does not apply to `{}`: it has no `{key}` setting (what it has: dynrobust list attacks {})", args.attack, args.attack);
+        bail!("--{} does not apply to `{}`: it has no `{key}` setting (what it has: dynrobust list attacks {})", option_of(key), args.attack, args.attack);
     }
     let sets = parse_sets("--set", &args.set)?;
     // a field given twice, by its own option and by --set, has no obvious winner
     if let Some(key) = sets.keys().find(|k| map.contains_key(*k)) {
-        bail!("--set {key}=… and the option that sets `{key}` (--{}) are both given: keep one", if ["iterations", "queries"].contains(&key.as_str()) { "steps" } else { key.as_str() });
+        bail!("--set {key}=… and the option that sets `{key}` (--{}) are both given: keep one", option_of(key));
     }
     map.extend(sets);
     Ok(Value::Object(map))
@@ -190,7 +199,7 @@ pub fn run(args: AttackArgs) -> Result<()> {
     }
     if let Some(dir) = &args.save_examples {
         save_examples(dir, &data.images, &outcome.x_adv, &data.labels).with_context(|| format!("saving examples to {}", dir.display()))?;
-        eprintln!("examples    {}/examples.png, x_adv.npy, x_clean.npy", dir.display());
+        eprintln!("examples    {}/examples.png, x_adv.npy, x_clean.npy, y.npy", dir.display());
     }
     Ok(())
 }
@@ -276,6 +285,7 @@ fn run_defended(args: AttackArgs) -> Result<()> {
     }
     if let Some(dir) = &args.save_examples {
         save_examples(dir, &data.images, &outcome.x_adv, &data.labels).with_context(|| format!("saving examples to {}", dir.display()))?;
+        eprintln!("examples    {}/examples.png, x_adv.npy, x_clean.npy, y.npy", dir.display());
     }
     Ok(())
 }

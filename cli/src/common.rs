@@ -157,10 +157,11 @@ fn list_settings(what: &str, name: &str) -> Result<()> {
         "defenses" => (dynrobust_defenses::registry::setting_docs(name)?, dynrobust_defenses::registry::DefenseSpec::parse(name, &serde_json::json!({})).and_then(|d| d.settings())),
         other => bail!("`list {other} {name}`: settings are listed for attacks and defenses only"),
     };
-    // with no defaults for its required settings a plugin cannot be built from `{}`
+    // a defense with a setting that has no default cannot be built from `{}`
+    let no_defaults = what == "defenses" && !dynrobust_defenses::registry::has_defaults(name);
     let defaults = match defaults {
         Ok(settings) => settings,
-        Err(_) if docs.values().any(|d| d.required) => serde_json::json!({}),
+        Err(_) if no_defaults => serde_json::json!({}),
         Err(e) => return Err(e.into()),
     };
     let defaults = defaults.as_object().cloned().unwrap_or_default();
@@ -176,7 +177,7 @@ fn list_settings(what: &str, name: &str) -> Result<()> {
         match defaults.get(key) {
             Some(serde_json::Value::Null) => println!("# {key}: unset (optional)"),
             Some(value) => println!("{key} = {value}"),
-            None if docs.get(key).is_some_and(|d| d.required) => println!("# {key}: required (no default)"),
+            None if no_defaults => println!("# {key}: required (no default)"),
             None => println!("# {key}: at its default (left out of the results while unchanged)"),
         }
     }
@@ -266,9 +267,18 @@ pub fn refuse_overwrite(flag: &str, dir: &Path, sidecar: &str, force: bool) -> R
     )
 }
 
-/// The directories [`prepare_out_dir`] created, deepest first; on drop, removed while empty.
+/// The directories [`prepare_out_dir`] created, deepest first; on drop, removed while empty
+/// — unless the command succeeded and said so with [`CreatedDirs::keep`] (an output directory
+/// that is meant to start empty, as `slurm --script elsewhere` leaves it for the tasks' logs).
 #[must_use = "the output directory is removed again when the guard drops while it is empty"]
 pub struct CreatedDirs(Vec<PathBuf>);
+
+impl CreatedDirs {
+    /// The command succeeded: keep the directories, empty or not.
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
 
 impl Drop for CreatedDirs {
     fn drop(&mut self) {

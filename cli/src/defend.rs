@@ -112,7 +112,7 @@ pub fn run(args: DefendArgs) -> Result<()> {
     let train_set = args.data.load(Split::Train, None)?.per_class(args.per_class)?.to_device(device);
     let test_set = args.data.load_as("--eval-samples", Split::Test, Some(args.eval_samples))?.to_device(device);
     // checked before the long part, so a bad --out does not throw the training away
-    let _created = crate::common::prepare_out_dir("--out", &args.out)?;
+    let created = crate::common::prepare_out_dir("--out", &args.out)?;
     let epochs = if cfg.epochs == 1 { "1 epoch".to_string() } else { format!("{} epochs", cfg.epochs) };
     eprintln!("defending {} with {recipe} on {} images ({epochs}, training examples by {} on {})", args.model, train_set.len(), cfg.attack, net.name());
     let own = net.name();
@@ -128,6 +128,7 @@ pub fn run(args: DefendArgs) -> Result<()> {
     };
     checkpoint::save(&net, &sidecar, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
+    created.keep();
     Ok(())
 }
 
@@ -224,7 +225,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
         }
         None => None,
     };
-    let _created = crate::common::prepare_out_dir("--out", &out)?;
+    let created = crate::common::prepare_out_dir("--out", &out)?;
     if let Some((name, victim, attack, subset)) = crafting {
         let bar = dynrobust_models::train::progress_bar(subset.len() as u64, &format!("{name} on {}", victim.name()));
         let mut advs = Vec::new();
@@ -258,6 +259,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     };
     net.save(&sidecar, &out)?;
     eprintln!("wrote {} (train MSE {final_loss:.2e}, clean test MSE {test_clean_mse:.2e}, {} MACs/image)", out.display(), net.macs());
+    created.keep();
     Ok(())
 }
 

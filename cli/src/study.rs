@@ -57,11 +57,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let device = args.device.device()?;
     let study = load_study(&args.study)?;
     let out = out_dir(&study, &args.out);
-    let cells = match &args.shard {
-        Some(s) => {
-            let (i, n) = parse_shard(s)?;
-            shard(&study.cells, i, n)
-        }
+    let shard_spec = args.shard.as_deref().map(parse_shard).transpose()?;
+    let cells = match shard_spec {
+        Some((i, n)) => shard(&study.cells, i, n),
         None => study.cells.clone(),
     };
     if args.dry_run {
@@ -70,8 +68,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.workers == Some(0) {
         anyhow::bail!("--workers 0: expected ≥ 1");
     }
+    // the directory is claimed before anything in it changes (with --force, the study copy)
+    std::fs::create_dir_all(&out).with_context(|| format!("--out {}: cannot create the directory", out.display()))?;
+    let _run_lock = Store::at(&out).lock_run(shard_spec)?;
     let store = Store::open(&out, &study.source, args.force)?;
-    let _run_lock = store.lock_run(args.shard.as_deref().map(parse_shard).transpose()?)?;
     let variant_dirs = std::fs::read_dir(out.join("models")).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir());
     sweep_interrupted_writes(&[store.cells_dir(), out.join("craft-cache")].into_iter().chain(variant_dirs).collect::<Vec<_>>())?;
     // inside a Slurm task, the CPUs Slurm granted it; else the machine's
@@ -281,10 +281,11 @@ pub fn slurm(args: SlurmArgs) -> Result<()> {
     let binary = std::env::current_exe()?;
     // the script first: it checks --tasks, --time and --cpus before anything is created
     let text = slurm_script(&study_path, &out, args.tasks, args.partition.as_deref(), args.time.as_deref(), args.cpus, &binary)?;
-    let _created = crate::common::prepare_out_dir("--out", &out)?;
+    let created = crate::common::prepare_out_dir("--out", &out)?;
     let script = args.script.unwrap_or_else(|| out.join("slurm.sh"));
     std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
     eprintln!("wrote {} ({} cells in {} tasks); submit with: sbatch {}", script.display(), study.cells.len(), args.tasks, script.display());
     eprintln!("then: dynrobust merge {}", out.display());
+    created.keep(); // the tasks write their logs and cells into it
     Ok(())
 }

@@ -123,7 +123,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let subset = args.per_class.is_some() || args.train_samples.is_some();
     let init_from = init_weights(&mut net, &args, &mechanism, may_start_from_committed_static(&config, &source, subset))?;
     // checked before the long part, so a bad --out does not throw the training away
-    let _created = crate::common::prepare_out_dir("--out", &out)?;
+    let created = crate::common::prepare_out_dir("--out", &out)?;
     eprintln!("training {} on {} ({} images), {} epochs, seed {}", args.model, train_set.name, train_set.len(), cfg.epochs, cfg.seed);
     let (report, loss) = train_family(&mut net, &train_set, &cfg, init_from.is_some())?;
     // the sidecar's scores are those of the net as `checkpoint::load` returns it (folded)
@@ -143,6 +143,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     checkpoint::save(&net, &sidecar, &out).with_context(|| format!("writing checkpoint to {}", out.display()))?;
     eprintln!("wrote {} ({} static MACs)", out.display(), net.static_macs());
+    created.keep();
     Ok(())
 }
 

@@ -539,6 +539,11 @@ fn refused_commands_leave_no_output_directory_behind() {
         assert!(!output.status.success() && stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
         assert!(!tmp.path().join("new").exists(), "{args:?} left {} behind", tmp.path().join("new").display());
     }
+    // a command that succeeds keeps its output directory, even one it leaves empty: the Slurm
+    // tasks write their logs into OUT while the script lives elsewhere
+    let script = tmp.path().join("job.sh");
+    let output = dynrobust(&["slurm", study_arg, "--tasks", "1", "--out", out_arg, "--script", script.to_str().unwrap()]);
+    assert!(output.status.success() && script.is_file() && out.is_dir(), "{}", stderr(&output));
 }
 
 /// `train`, `defend` and `train-denoiser` do not write over a checkpoint (without --out,
@@ -552,11 +557,13 @@ fn checkpoints_are_not_overwritten_without_force() {
     std::fs::write(taken.join("denoiser.json"), "{}").unwrap();
     let taken_arg = taken.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["train", "--model", "static", "--per-class", "1"], "one of the committed ones"),
-        (vec!["train-denoiser", "--epochs", "1"], "one of the committed ones"),
-        (vec!["train", "--model", "static", "--per-class", "1", "--out", taken_arg], "already holds a checkpoint (model.json); pass --force"),
-        (vec!["defend", "--model", "static", "--recipe", "pgd-at", "--out", taken_arg], "already holds a checkpoint (model.json); pass --force"),
-        (vec!["train-denoiser", "--epochs", "1", "--out", taken_arg], "already holds a checkpoint (denoiser.json); pass --force"),
+        // each also has a value refused after the overwrite check, so a regression fails
+        // loudly here instead of replacing a committed checkpoint
+        (vec!["train", "--model", "static", "--per-class", "1", "--epochs", "0"], "one of the committed ones"),
+        (vec!["train-denoiser", "--train-samples", "0"], "one of the committed ones"),
+        (vec!["train", "--model", "static", "--per-class", "1", "--epochs", "0", "--out", taken_arg], "already holds a checkpoint (model.json); pass --force"),
+        (vec!["defend", "--model", "static", "--recipe", "pgd-at", "--epochs", "0", "--out", taken_arg], "already holds a checkpoint (model.json); pass --force"),
+        (vec!["train-denoiser", "--train-samples", "0", "--out", taken_arg], "already holds a checkpoint (denoiser.json); pass --force"),
     ];
     for (args, expected) in cases {
         let output = dynrobust(&args);

@@ -16,8 +16,6 @@ pub struct SettingDoc {
     /// The values a setting with named values takes, in JSON notation (`"fixed"`), each with
     /// its doc (empty otherwise).
     pub choices: Vec<(String, String)>,
-    /// True when the setting has no default: a config must give it.
-    pub required: bool,
 }
 
 /// Every top-level setting of config type `T`, by its serialised name.
@@ -26,15 +24,13 @@ pub fn setting_docs<T: schemars::JsonSchema>() -> BTreeMap<String, SettingDoc> {
     let root = schema.as_value();
     let defs = root.get("$defs").cloned().unwrap_or(Value::Null);
     let properties = root.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
-    let required: Vec<&str> = root.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
     properties
         .into_iter()
         .map(|(key, property)| {
             let description = property.get("description").and_then(Value::as_str).map(plain_text).unwrap_or_default();
             let mut choices = Vec::new();
             collect_choices(&property, &defs, &mut choices);
-            let required = required.contains(&key.as_str());
-            (key, SettingDoc { description, choices, required })
+            (key, SettingDoc { description, choices })
         })
         .collect()
 }
@@ -120,7 +116,6 @@ mod tests {
         assert_eq!(docs["step"].description, "Step size, see `Example` and the paper.");
         assert!(docs["step"].choices.is_empty());
         assert_eq!(docs["undocumented"].description, "");
-        assert!(docs["step"].required && !docs["other"].required);
     }
 
     #[test]

@@ -64,6 +64,12 @@ pub fn setting_docs(name: &str) -> Result<BTreeMap<String, SettingDoc>> {
     })
 }
 
+/// False for the defenses that take a setting with no default and so cannot be built from no
+/// params: `chain` (its `steps`) and the training-time ones (their `checkpoint`).
+pub fn has_defaults(name: &str) -> bool {
+    name != "chain" && !matches!(kind(name), Ok(DefenseKind::Training))
+}
+
 /// The kind of defense `name`, or an error listing the valid names.
 pub fn kind(name: &str) -> Result<DefenseKind> {
     DEFENSES

@@ -156,13 +156,35 @@ impl<'de> Deserialize<'de> for OneOrMany {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<OneOrMany, A::Error> {
                 let mut out = Vec::new();
-                while let Some(one) = seq.next_element::<OneOrMany>()? {
-                    match <[String; 1]>::try_from(one.0) {
-                        Ok([value]) => out.push(value),
-                        Err(_) => return Err(de::Error::custom("expected a list of strings or numbers, not of lists")),
-                    }
+                while let Some(Scalar(value)) = seq.next_element::<Scalar>()? {
+                    out.push(value);
                 }
                 Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One value of a filter list: a string, or a number as written in decimal (no list in a list).
+struct Scalar(String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
             }
         }
         d.deserialize_any(V)
@@ -460,7 +482,6 @@ impl Cx<'_> {
         }
     }
 
-    /// `base`, else `train.model`; either must be a registry model (or a directory for `base`).
     /// A variant's `exits`: block indices, each an exit of `base` when its sidecar can be read
     /// here (else they are checked when the cells load the model).
     fn check_exits(&self, name: &str, base: &str, exits: &Spanned<Vec<usize>>) -> Result<()> {
@@ -475,6 +496,7 @@ impl Cx<'_> {
         Err(self.err(&exits.span(), format!("variant `{name}`: `exits` = {list:?}: {problem}")))
     }
 
+    /// `base`, else `train.model`; either must be a registry model (or a directory for `base`).
     fn variant_base(&self, name: &str, v: &RawVariant) -> Result<String> {
         let train_model = v.train.as_ref().and_then(|t| t.get_ref().get("model").map(|m| (t.span(), m)));
         if let Some((span, m)) = &train_model {

@@ -5,6 +5,7 @@
 //! DIR/cells/<id>.csv      per-sample rows of a finished cell (written first)
 //! DIR/cells/<id>.json     the finished cell: {id, cell, record, versions, finished_at, inputs}
 //! DIR/cells/stale/        results of cells retired because an input changed (kept, not read)
+//! DIR/.run.lock           held while a run writes (shards: shared, plus .run-shard-I-of-N.lock)
 //! ```
 //! A cell is finished exactly when its JSON exists. Every file is written to
 //! `<name>.tmp.<host>.<pid>.<nonce>.<n>`, fsynced, renamed into place, and the directory fsynced,
@@ -74,39 +75,66 @@ impl Store {
         Ok(store)
     }
 
-    /// Claims the directory for one writing run (`shard`: the run's `--shard I/N`, so the
-    /// shards of one study may run at once): an exclusive lock on `.run.lock` (or
-    /// `.run-shard-I-of-N.lock`) that the operating system releases when the process ends, so
-    /// a crashed run leaves nothing to clean up. A second run of the same cells into the same
-    /// directory is refused instead of computing every cell twice. Keep the returned file open
-    /// for the whole run.
-    pub fn lock_run(&self, shard: Option<(usize, usize)>) -> Result<fs::File> {
-        let name = match shard {
-            Some((i, n)) => format!(".run-shard-{i}-of-{n}.lock"),
-            None => ".run.lock".to_string(),
-        };
-        let path = self.dir.join(name);
-        let mut file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        match file.try_lock() {
+    /// Claims the directory for one writing run before it changes anything there: a whole run
+    /// takes `.run.lock` exclusively; a shard (`--shard I/N`) takes it shared, so the shards of
+    /// one Slurm array run side by side, and `.run-shard-I-of-N.lock` exclusively. So a second
+    /// whole run, a whole run beside shards, or the same shard twice is refused instead of
+    /// computing cells twice. The operating system drops the locks when the process ends (a
+    /// crashed run leaves nothing to clean up); on a file system without locks (some cluster
+    /// mounts) the run goes on unlocked, with a warning. Keep the returned value for the whole
+    /// run.
+    pub fn lock_run(&self, shard: Option<(usize, usize)>) -> Result<RunLock> {
+        let whole = self.dir.join(".run.lock");
+        let mut held = Vec::new();
+        match shard {
+            None => held.extend(self.lock_file(&whole, false)?),
+            Some((i, n)) => {
+                held.extend(self.lock_file(&whole, true)?);
+                held.extend(self.lock_file(&self.dir.join(format!(".run-shard-{i}-of-{n}.lock")), false)?);
+            }
+        }
+        Ok(RunLock { _files: held })
+    }
+
+    /// Locks `path` (shared or exclusive) and, when exclusive, writes `host:pid` into it for
+    /// the next run's message; `None` where the file system has no locks.
+    fn lock_file(&self, path: &Path, shared: bool) -> Result<Option<fs::File>> {
+        let mut file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path).map_err(|e| Error::io(path, e))?;
+        let attempt = if shared { file.try_lock_shared() } else { file.try_lock() };
+        match attempt {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                let holder = fs::read_to_string(&path).unwrap_or_default();
-                let holder = holder.trim();
-                let who = if holder.is_empty() { String::new() } else { format!(" (process {holder})") };
+                // an exclusive holder wrote its name into the file; shards hold `.run.lock`
+                // shared (a shared lock still succeeds then) and leave it naming an older run
+                let held_by_shards = !shared && fs::File::open(path).is_ok_and(|f| f.try_lock_shared().is_ok());
+                let holder = if held_by_shards { String::new() } else { fs::read_to_string(path).unwrap_or_default() };
+                let who = match holder.trim() {
+                    _ if held_by_shards => " (shards of a Slurm array)".to_string(),
+                    "" => String::new(),
+                    holder => format!(" (process {holder})"),
+                };
                 return Err(Error::config(
                     "--out",
-                    format!("{}: another `dynrobust run` is writing into this directory{who}; wait for it to finish, or run into another --out (finished cells are kept either way)", self.dir.display()),
+                    format!("{}: another `dynrobust run` of these cells is writing into this directory{who}; wait for it to finish, or run into another --out (finished cells are kept either way)", self.dir.display()),
                 ));
             }
-            Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+            Err(fs::TryLockError::Error(e)) if lock_unsupported(&e) => {
+                eprintln!("warning: {}: the file system does not lock files ({e}); running without the guard against a second run into the same directory", path.display());
+                return Ok(None);
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(path, e)),
         }
-        use std::io::Write;
-        file.set_len(0).and_then(|()| write!(file, "{}", std::process::id())).map_err(|e| Error::io(&path, e))?;
-        Ok(file)
+        if !shared {
+            use std::io::Write;
+            let host = fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "?".into());
+            file.set_len(0).and_then(|()| write!(file, "{host}:{}", std::process::id())).map_err(|e| Error::io(path, e))?;
+        }
+        Ok(Some(file))
     }
 
     /// Refuses when the directory holds a different study than `study_text` (what [`Store::open`]
-    /// without `force` refuses; `--dry-run` asks it too), naming the top-level keys that differ.
+    /// without `force` refuses; `--dry-run` asks it too), naming the keys that differ, nested
+    /// ones by their path (`attacks[0].params.steps`), with both values.
     /// Two texts are the same study when they parse to the same TOML apart from `description`:
     /// comments, layout and the description do not change a cell.
     pub fn check_study(&self, study_text: &str) -> Result<()> {
@@ -413,9 +441,18 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// The top-level keys whose values differ between two study texts, parsed as TOML and with
-/// `description` left out (empty: the same study); `the file itself` when either does not
-/// parse.
+/// The locks of one run ([`Store::lock_run`]), released when dropped or when the process ends.
+pub struct RunLock {
+    _files: Vec<fs::File>,
+}
+
+/// True for the errors of a file system that has no file locks (ENOLCK, ENOSYS, EOPNOTSUPP).
+fn lock_unsupported(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error().is_some_and(|code| [37, 38, 95].contains(&code))
+}
+
+/// Where two study texts differ ([`differences`]), parsed as TOML and with `description` left
+/// out (empty: the same study); `the file itself` when either does not parse.
 fn differing_study_keys(old: &str, new: &str) -> Vec<String> {
     let (Ok(mut old), Ok(mut new)) = (old.parse::<toml::Table>(), new.parse::<toml::Table>()) else {
         return if old == new { Vec::new() } else { vec!["the file itself (one copy is not valid TOML)".into()] };

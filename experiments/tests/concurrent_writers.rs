@@ -105,21 +105,24 @@ fn concurrent_cells_crafting_the_same_batches_all_succeed_and_agree() {
     assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
 }
 
-/// Two runs of the same cells into one directory: the second is refused while the first holds
-/// the directory (naming the process), the shards of one study lock apart, and the lock is
-/// free again once the first run's lock file is closed.
+/// Two runs of the same cells into one directory: a second whole run, or a shard beside a
+/// whole run, is refused while the first holds the directory (naming the host and process);
+/// the shards of one study run side by side, but not the same shard twice nor a whole run
+/// beside them; the locks are free again once their holders are dropped.
 #[test]
 fn a_second_run_into_the_same_directory_is_refused_while_the_first_runs() {
     let dir = tempfile::tempdir().unwrap();
     let store = dynrobust_experiments::Store::open(dir.path(), "name = \"t\"\n", false).unwrap();
-    let first = store.lock_run(None).unwrap();
-    let err = store.lock_run(None).expect_err("a second whole run").to_string();
-    assert!(err.contains("another `dynrobust run` is writing into this directory") && err.contains(&format!("(process {})", std::process::id())), "{err}");
-    let shard_0 = store.lock_run(Some((0, 2))).expect("a shard locks apart");
-    let _shard_1 = store.lock_run(Some((1, 2))).expect("so does the other");
-    assert!(store.lock_run(Some((0, 2))).is_err(), "but not the same shard twice");
-    drop(first);
-    drop(shard_0);
-    store.lock_run(None).expect("free again once the first run ends");
-    store.lock_run(Some((0, 2))).expect("the shard's too");
+    let whole = store.lock_run(None).unwrap();
+    let err = store.lock_run(None).err().expect("a second whole run").to_string();
+    assert!(err.contains("another `dynrobust run` of these cells is writing into this directory") && err.contains(&format!(":{})", std::process::id())), "{err}");
+    assert!(store.lock_run(Some((0, 2))).is_err(), "a shard beside the whole run");
+    drop(whole);
+    let shard_0 = store.lock_run(Some((0, 2))).expect("a shard");
+    let shard_1 = store.lock_run(Some((1, 2))).expect("the other shard beside it");
+    assert!(store.lock_run(Some((0, 2))).is_err(), "not the same shard twice");
+    let err = store.lock_run(None).err().expect("not a whole run beside the shards").to_string();
+    assert!(err.contains("(shards of a Slurm array)"), "{err}");
+    drop((shard_0, shard_1));
+    store.lock_run(None).expect("free again once the shards end");
 }

@@ -212,6 +212,7 @@ fn malformed() -> Vec<(String, &'static str, &'static str)> {
         (format!("{base}[[exclude]]\nmodel = \"sdn\"\n"), "7:1", "exclude"),
         (format!("{base}[[include]]\nmodle = \"sdn\"\n"), "8:1", "modle"),
         (format!("{base}[[include]]\nmodel = \"gated\"\n"), "8:9", "include.model"),
+        (format!("{base}[[include]]\nmodel = [[\"sdn\"]]\n"), "8:10", "a string or a number"),
         (format!("{base}[[include]]\n"), "7:1", "include"),
         (format!("eps = [\"8/255\"]\n{base}[[include]]\neps = \"4/255\"\n"), "9:7", "no eps `4/255`"),
         (format!("eps = [\"8/255\"]\n{base}[[include]]\neps = \"eight\"\n"), "9:7", "include.eps"),
