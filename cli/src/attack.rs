@@ -80,6 +80,10 @@ pub struct AttackArgs {
     /// `y.npy`, and `examples.png` (the first 8: clean, adversarial, perturbation ×10).
     #[arg(long, value_name = "DIR")]
     save_examples: Option<PathBuf>,
+    /// Replace the examples already in the --save-examples directory (without it that is
+    /// refused).
+    #[arg(long)]
+    force: bool,
 }
 
 /// Parses `8/255`, `0.1` or `1e-2`.
@@ -166,6 +170,11 @@ pub fn parse_sets(flag: &str, sets: &[String]) -> Result<Map<String, Value>> {
 pub fn run(args: AttackArgs) -> Result<()> {
     if args.defense.is_none() && (args.oblivious || !args.defense_set.is_empty()) {
         bail!("{} without --defense: name the defense it applies to", if args.oblivious { "--oblivious" } else { "--defense-set" });
+    }
+    if let Some(dir) = &args.save_examples {
+        crate::common::refuse_overwrite("--save-examples", dir, ("x_adv.npy", "saved examples"), args.force)?;
+    } else if args.force {
+        bail!("--force without --save-examples: nothing would be replaced");
     }
     // held to the end: a failed attack leaves no empty directory behind
     let _created = args.save_examples.as_deref().map(|dir| prepare_out_dir("--save-examples", dir)).transpose()?;

@@ -252,16 +252,16 @@ pub fn prepare_out_dir(flag: &str, dir: &Path) -> Result<CreatedDirs> {
     Ok(CreatedDirs(created))
 }
 
-/// Refuses to write a checkpoint over the one `dir` already holds (its `sidecar` file is
-/// there) unless `force`: a retrained committed checkpoint would silently make every study
-/// cell stored with it stale, and another run's model would be lost.
-pub fn refuse_overwrite(flag: &str, dir: &Path, sidecar: &str, force: bool) -> Result<()> {
-    if force || !dir.join(sidecar).is_file() {
+/// Refuses to write over the `holds` (`a checkpoint`, `saved examples`) that `dir` already
+/// has (its `marker` file is there) unless `force`: a retrained committed checkpoint would silently
+/// make every study cell stored with it stale, and another run's model would be lost.
+pub fn refuse_overwrite(flag: &str, dir: &Path, (marker, holds): (&str, &str), force: bool) -> Result<()> {
+    if force || !dir.join(marker).is_file() {
         return Ok(());
     }
     let committed = dir.canonicalize().ok().zip(dynrobust_models::checkpoint::committed_dir("").canonicalize().ok()).is_some_and(|(d, root)| d.starts_with(root));
     bail!(
-        "{flag} {}: already holds a checkpoint ({sidecar}){}; pass --force to replace it, or another {flag}",
+        "{flag} {}: already holds {holds} ({marker}){}; pass --force to replace it, or another {flag}",
         dir.display(),
         if committed { ", one of the committed ones that the demo, the tests and stored study cells use" } else { "" }
     )

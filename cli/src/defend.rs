@@ -77,7 +77,7 @@ pub struct DefendArgs {
 pub fn run(args: DefendArgs) -> Result<()> {
     crate::common::set_threads(args.threads)?;
     let recipe = Recipe::parse(&args.recipe)?;
-    crate::common::refuse_overwrite("--out", &args.out, dynrobust_models::checkpoint::SIDECAR_FILE, args.force)?;
+    crate::common::refuse_overwrite("--out", &args.out, (dynrobust_models::checkpoint::SIDECAR_FILE, "a checkpoint"), args.force)?;
     let device = args.device.device()?;
     let (mut net, base, dir) = load_checkpoint(&args.model, device)?;
     let mut init_from = project_relative(&dir);
@@ -204,7 +204,7 @@ pub fn train_denoiser(args: DenoiserArgs) -> Result<()> {
     let device = args.device.device()?;
     check_denoiser_args(&args)?;
     let out = args.out.clone().unwrap_or_else(|| checkpoint::committed_dir("denoiser"));
-    crate::common::refuse_overwrite("--out", &out, dynrobust_defenses::denoiser::SIDECAR_FILE, args.force)?;
+    crate::common::refuse_overwrite("--out", &out, (dynrobust_defenses::denoiser::SIDECAR_FILE, "a checkpoint"), args.force)?;
     let train = args.data.load_as("--train-samples", Split::Train, Some(args.train_samples))?.to_device(device);
     let test = args.data.load(Split::Test, Some(1000))?.to_device(device);
     let dims = train.images.size();

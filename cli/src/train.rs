@@ -100,7 +100,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, DataSpec::Named(dynrobust_core::data::DataSource::FashionMnist)) => checkpoint::committed_dir(&args.model),
         (None, _) => bail!("--out DIR is required when training on {} (the committed checkpoints are Fashion-MNIST models)", source.name()),
     };
-    crate::common::refuse_overwrite("--out", &out, checkpoint::SIDECAR_FILE, args.force)?;
+    crate::common::refuse_overwrite("--out", &out, (checkpoint::SIDECAR_FILE, "a checkpoint"), args.force)?;
     let mut train_set = args.data.load_as("--train-samples", Split::Train, args.train_samples)?;
     if let Some(k) = args.per_class {
         anyhow::ensure!(k >= 1, "--per-class {k}: expected ≥ 1");

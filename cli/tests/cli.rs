@@ -547,7 +547,8 @@ fn refused_commands_leave_no_output_directory_behind() {
 }
 
 /// `train`, `defend` and `train-denoiser` do not write over a checkpoint (without --out,
-/// `train` and `train-denoiser` would replace a committed one) unless told to with --force.
+/// `train` and `train-denoiser` would replace a committed one), nor `attack --save-examples`
+/// over saved examples, unless told to with --force.
 #[test]
 fn checkpoints_are_not_overwritten_without_force() {
     let tmp = tempfile::tempdir().unwrap();
@@ -570,6 +571,14 @@ fn checkpoints_are_not_overwritten_without_force() {
         assert!(!output.status.success() && stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
     }
     assert_eq!(std::fs::read_to_string(taken.join("model.json")).unwrap(), "{}", "left as it was");
+    // saved examples likewise
+    std::fs::write(taken.join("x_adv.npy"), "x").unwrap();
+    let out = dynrobust(&["attack", "--model", "static", "--attack", "fgsm", "--n", "8", "--save-examples", taken_arg]);
+    assert!(!out.status.success() && stderr(&out).contains("already holds saved examples (x_adv.npy); pass --force"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(taken.join("x_adv.npy")).unwrap(), "x", "left as it was");
+    let out = dynrobust(&["attack", "--model", "static", "--attack", "fgsm", "--n", "8", "--save-examples", taken_arg, "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(std::fs::read(taken.join("x_adv.npy")).unwrap(), b"x", "--force replaces them");
     let out = dynrobust(&["train", "--model", "static", "--train-samples", "32", "--eval-samples", "16", "--epochs", "1", "--out", taken_arg, "--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_ne!(std::fs::read_to_string(taken.join("model.json")).unwrap(), "{}", "--force replaces it");
