@@ -356,8 +356,6 @@ fn eps_text(eps: Option<f64>) -> String {
     }
 }
 
-
-
 /// The measured model passes per image (the attack's queries to the model it attacks).
 fn print_passes(forward: Option<f64>, gradient: Option<f64>) {
     if let (Some(forward), Some(gradient)) = (forward, gradient) {

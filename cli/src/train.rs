@@ -85,7 +85,7 @@ fn mechanism(args: &TrainArgs) -> Result<Mechanism> {
     }
     match Mechanism::family(&args.model, args.threshold, args.target_rate) {
         Some(m) => Ok(m),
-        None => bail!("--model `{}`{}: expected one of static, sdn, gated, skipnet", args.model, dynrobust_core::error::did_you_mean(&args.model, ["static", "sdn", "gated", "skipnet"])),
+        None => bail!("--model `{}`{}: expected one of {}", args.model, dynrobust_core::error::did_you_mean(&args.model, Mechanism::FAMILIES), Mechanism::FAMILIES.join(", ")),
     }
 }
 

@@ -33,7 +33,7 @@ use crate::study::{Cell, DefenseMode, ModelRef, Registry, Study};
 /// Plugin names for study validation, from the crates.
 pub fn registry() -> Registry {
     Registry {
-        models: ["static", "sdn", "gated", "skipnet"].iter().map(|s| s.to_string()).collect(),
+        models: dynrobust_models::Mechanism::FAMILIES.iter().map(|s| s.to_string()).collect(),
         attacks: attacks::names().iter().map(|s| s.to_string()).collect(),
         defenses: dynrobust_defenses::registry::names().iter().map(|s| s.to_string()).collect(),
         eps_free: vec!["ilfo".into()],

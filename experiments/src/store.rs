@@ -126,7 +126,7 @@ impl Store {
         }
         if !shared {
             use std::io::Write;
-            let host = fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "?".into());
+            let host = dynrobust_core::atomic_file::host_tag();
             file.set_len(0).and_then(|()| write!(file, "{host}:{}", std::process::id())).map_err(|e| Error::io(path, e))?;
         }
         Ok(Some(file))
@@ -448,7 +448,7 @@ pub struct RunLock {
 
 /// True for the errors of a file system that has no file locks (ENOLCK, ENOSYS, EOPNOTSUPP).
 fn lock_unsupported(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error().is_some_and(|code| [37, 38, 95].contains(&code))
+    e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error().is_some_and(|code| [libc::ENOLCK, libc::ENOSYS, libc::EOPNOTSUPP].contains(&code))
 }
 
 /// Where two study texts differ ([`differences`]), parsed as TOML and with `description` left

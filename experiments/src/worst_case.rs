@@ -110,7 +110,7 @@ pub(crate) fn worst_case_table(dir: &Path, rows: &[Row]) -> String {
             continue;
         }
         let clean = (!clean_cost.is_empty()).then(|| clean_cost.iter().sum::<f64>() / clean_cost.len() as f64);
-        let recovery = |cost: f64| clean.filter(|&c| !dynrobust_core::metrics::saves_nothing(c)).map(|c| (cost - c) / (1.0 - c));
+        let recovery = |cost: f64| clean.filter(|&c| !dynrobust_core::metrics::saves_nothing(c)).map(|c| dynrobust_core::metrics::recovery(c, cost));
         let acc_cells = match &accuracy {
             Some((n, label, best, worst)) => format!("{n} | {} ({label}) | **{}**", pct(Some(*best)), pct(Some(*worst))),
             None => "– | – | –".into(),

@@ -30,6 +30,9 @@ pub enum Mechanism {
 }
 
 impl Mechanism {
+    /// The families [`Mechanism::family`] knows, by name.
+    pub const FAMILIES: [&'static str; 4] = ["static", "sdn", "gated", "skipnet"];
+
     /// The family named `kind` (`static`, `sdn`, `gated`, `skipnet`) with its parameter, or
     /// when that is `None` the value the committed checkpoint of that family was trained with
     /// (sdn q = 0.8, gated t = 0.5, skipnet t = 0.6), so `dynrobust train --model M` and a
